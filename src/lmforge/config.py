@@ -1,0 +1,217 @@
+"""Typed configs (pydantic), loaded from YAML plus dotted command-line overrides.
+
+`load_config(PretrainConfig, "configs/tiny.yaml", ["train.lr=1e-3"])` validates every key and
+value; an unknown key names the closest valid one, a wrong type names the key and the value.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from lmforge.errors import ConfigError
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# Family defaults; any field given explicitly wins over its family's default.
+MODEL_FAMILIES: dict[str, dict[str, Any]] = {
+    "gpt2": dict(position="learned", norm="layernorm", mlp="gelu", activation="gelu_tanh",
+                 attn_bias=True, mlp_bias=True, tie_embeddings=True, norm_eps=1e-5),
+    "llama": dict(position="rope", norm="rmsnorm", mlp="swiglu", activation="silu",
+                  attn_bias=False, mlp_bias=False, tie_embeddings=False, norm_eps=1e-5),
+}
+
+
+class ModelConfig(StrictModel):
+    """A decoder-only Transformer; `family` fills in GPT-2 or Llama defaults."""
+
+    family: Literal["gpt2", "llama", "custom"] = "gpt2"
+    vocab_size: int = 1024
+    max_seq_len: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None  # None = n_head (MHA); 1 = MQA; in between = GQA
+    d_model: int = 128
+    d_ff: int | None = None  # None = 4*d_model (gelu) or the Llama rule (swiglu)
+    position: Literal["learned", "sinusoidal", "rope", "alibi", "none"] = "learned"
+    rope_theta: float = 10000.0
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    norm_placement: Literal["pre", "post"] = "pre"
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    activation: Literal["gelu", "gelu_tanh", "silu", "relu"] = "gelu_tanh"
+    attn_bias: bool = True
+    mlp_bias: bool = True
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_family(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("family") in MODEL_FAMILIES:
+            return {**MODEL_FAMILIES[data["family"]], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ModelConfig:
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={self.kv_heads}")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"rope needs an even head dim, got d_model/n_head={self.head_dim}")
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.mlp == "swiglu":  # Llama: 2/3 of 4d, rounded up to a multiple of 32
+            return -(-int(8 * self.d_model / 3) // 32) * 32
+        return 4 * self.d_model
+
+
+class TrainConfig(StrictModel):
+    """The shared training loop's settings (every training stage uses these)."""
+
+    out_dir: str = "runs/pretrain"
+    seed: int = 1337
+    batch_size: int = 16
+    seq_len: int | None = None  # None = model.max_seq_len
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: Literal["fp32", "bf16"] = "fp32"
+    device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    tensorboard: bool = False
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "save_every", "log_every",
+                     "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr={self.min_lr} must not exceed lr={self.lr}")
+        return self
+
+
+class DataConfig(StrictModel):
+    dir: str = "runs/data"  # token shards written by `lmforge data prepare`
+
+
+class PretrainConfig(StrictModel):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: '{key}' is not a section")
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`["train.lr=1e-3", "--model.n_layer", "4"]` -> [("train.lr", 0.001), ("model.n_layer", 4)]."""
+    pairs, i = [], 0
+    while i < len(overrides):
+        item = overrides[i].removeprefix("--")
+        if "=" in item:
+            key, raw = item.split("=", 1)
+        elif i + 1 < len(overrides):
+            key, raw = item, overrides[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"override '{overrides[i]}' has no value; write it as --{item}=VALUE")
+        pairs.append((key, yaml.safe_load(raw) if raw != "" else "")) 
+        i += 1
+    return pairs
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys += _valid_keys(field.annotation, prefix + name + ".")
+    return keys
+
+
+def _friendly(err: ValidationError, cls: type[BaseModel], source: str) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(key, _valid_keys(cls), n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            lines.append(f"unknown key '{key}' in {source}{hint}")
+        else:
+            where = f"'{key}'" if key else "config"
+            lines.append(f"{where} in {source}: {e['msg']} (got {e.get('input')!r})")
+    return ConfigError("\n".join(lines))
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Build `cls` from a YAML file (optional) and dotted overrides, with clear errors."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        source = str(path)
+    pairs = parse_overrides(overrides or [])
+    for key, value in pairs:
+        _set_dotted(tree, key, value)
+    if pairs:
+        source += " + command-line overrides"
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as err:
+        raise _friendly(err, cls, source) from None
+
+
+def dump_config(config: BaseModel) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

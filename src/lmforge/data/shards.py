@@ -1,0 +1,227 @@
+"""Tokenize a corpus once into flat binary token files (`train.bin`, `val.bin`) plus `index.json`.
+
+Documents are tokenized in chunks (HF `tokenizers` uses every core), each followed by EOS, and
+streamed to disk, so memory stays bounded by one chunk whatever the corpus size. Each document
+goes to train or validation by a seeded hash of its index: the split is reproducible and needs no
+pass over the data in advance. Files are written under temporary names and renamed at the end;
+`index.json` is written last, so a directory with an index is always complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from tqdm import tqdm
+
+from lmforge.data.readers import read_documents
+from lmforge.errors import DataError
+from lmforge.io import atomic_write_text, fsync_dir
+from lmforge.tokenizer import Tokenizer
+
+INDEX_FILE = "index.json"
+SPLITS = ("train", "val")
+_PREPARE_HINT = "run `lmforge data prepare` to create it"
+
+
+@dataclass
+class ShardIndex:
+    """What `index.json` records about a prepared directory (`directory` is where it was loaded from)."""
+
+    directory: Path
+    dtype: str
+    vocab_size: int
+    eos_id: int
+    num_tokens: dict[str, int]
+    num_documents: dict[str, int]
+    skipped_lines: int
+    sources: list[str]
+    text_field: str
+    seed: int
+    val_fraction: float
+
+    def to_json(self) -> str:
+        fields = dataclasses.asdict(self)
+        del fields["directory"]
+        return json.dumps(fields, indent=2) + "\n"
+
+    def tokens(self, split: str) -> np.ndarray:
+        """A read-only memmap of one split's token ids (an empty array for an empty split)."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        path = self.directory / f"{split}.bin"
+        if not path.is_file():
+            raise DataError(f"token file not found: {path}; {_PREPARE_HINT}")
+        dtype = np.dtype(self.dtype)
+        count = self.num_tokens[split]
+        size = path.stat().st_size
+        if size != count * dtype.itemsize:
+            raise DataError(
+                f"{path} has {size} bytes but {self.directory / INDEX_FILE} says {count} {self.dtype} "
+                f"tokens; the directory is corrupt, {_PREPARE_HINT} again"
+            )
+        if count == 0:
+            empty = np.empty(0, dtype=dtype)
+            empty.flags.writeable = False
+            return empty
+        return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+
+
+def load_shards(directory: str | Path) -> ShardIndex:
+    """Read `directory/index.json` written by `prepare_shards`."""
+    directory = Path(directory)
+    path = directory / INDEX_FILE
+    if not path.is_file():
+        raise DataError(f"shard index not found: {path}; {_PREPARE_HINT}")
+    try:
+        fields = json.loads(path.read_text(encoding="utf-8"))
+        return ShardIndex(directory=directory, **fields)
+    except (ValueError, TypeError) as e:
+        raise DataError(f"{path} is not a valid shard index ({e}); {_PREPARE_HINT} again") from e
+
+
+def split_scores(seed: int, doc_ids: np.ndarray) -> np.ndarray:
+    """A uniform [0, 1) score per document, a pure function of (seed, id) (splitmix64 hash)."""
+    with np.errstate(over="ignore"):
+        x = doc_ids.astype(np.uint64) + np.uint64(seed % 2**64) * np.uint64(0x9E3779B97F4A7C15)
+        for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+            x = (x ^ (x >> np.uint64(shift))) * np.uint64(mult)
+        x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+class _SplitWriter:
+    """Writes documents to per-split files, making sure neither split ends up needlessly empty.
+
+    While one split has no documents yet, the other holds back its document closest to the split
+    boundary (instead of writing it), so at the end that document can still move across.
+    """
+
+    def __init__(self, files: dict[str, BinaryIO], val_fraction: float):
+        self.files = files
+        self.val_fraction = val_fraction
+        self.docs = dict.fromkeys(SPLITS, 0)
+        self.tokens = dict.fromkeys(SPLITS, 0)
+        self.held: dict[str, tuple[float, np.ndarray]] = {}
+
+    def _write(self, split: str, doc: np.ndarray) -> None:
+        self.files[split].write(doc.tobytes())
+        self.docs[split] += 1
+        self.tokens[split] += len(doc)
+
+    def add(self, split: str, score: float, doc: np.ndarray) -> None:
+        other = "val" if split == "train" else "train"
+        if other in self.held:  # the other split now has a document of its own: release it
+            self._write(other, self.held.pop(other)[1])
+        if self.docs[other] > 0:
+            self._write(split, doc)
+            return
+        # Train keeps the lowest-scoring document (the most val-like); val keeps the highest.
+        held = self.held.get(split)
+        if held is None or (score < held[0] if split == "train" else score > held[0]):
+            if held is not None:
+                self._write(split, held[1])
+            self.held[split] = (score, doc)
+        else:
+            self._write(split, doc)
+
+    def finish(self) -> None:
+        """Place the held-back document: in the empty split if it may go there, else back home."""
+        if "val" in self.held:  # train is empty: training needs data, so val gives one up
+            self._write("train", self.held.pop("val")[1])
+        elif "train" in self.held:
+            can_move = self.val_fraction > 0 and self.docs["train"] >= 1
+            self._write("val" if can_move else "train", self.held.pop("train")[1])
+
+
+def prepare_shards(
+    paths: Sequence[str | Path],
+    tokenizer: Tokenizer,
+    out_dir: str | Path,
+    *,
+    text_field: str = "text",
+    val_fraction: float = 0.01,
+    seed: int = 0,
+    skip_bad_lines: bool = False,
+    batch_docs: int = 1024,
+    progress: bool = True,
+) -> ShardIndex:
+    """Tokenize the documents in `paths` into `out_dir/{train,val}.bin` + `index.json` + `tokenizer.json`."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if batch_docs < 1:
+        raise ValueError(f"batch_docs must be >= 1, got {batch_docs}")
+    eos_id = tokenizer.eos_id
+    if eos_id is None:
+        raise DataError(
+            "the tokenizer has no end-of-sequence token; train one with `lmforge tokenizer train`"
+        )
+    stream = read_documents(paths, text_field=text_field, skip_bad_lines=skip_bad_lines)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / INDEX_FILE).unlink(missing_ok=True)  # the directory is incomplete until we finish
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
+    tmp_paths = {split: out_dir / f".{split}.bin.tmp" for split in SPLITS}
+    try:
+        with open(tmp_paths["train"], "wb") as ftrain, open(tmp_paths["val"], "wb") as fval:
+            writer = _SplitWriter({"train": ftrain, "val": fval}, val_fraction)
+            with tqdm(desc="tokenizing", unit="doc", disable=not progress) as bar:
+                chunk: list[str] = []
+                for doc in stream:
+                    chunk.append(doc)
+                    if len(chunk) == batch_docs:
+                        _write_chunk(chunk, stream.documents - len(chunk), tokenizer, writer, dtype, seed)
+                        bar.update(len(chunk))
+                        chunk = []
+                if chunk:
+                    _write_chunk(chunk, stream.documents - len(chunk), tokenizer, writer, dtype, seed)
+                    bar.update(len(chunk))
+            writer.finish()
+            for f in (ftrain, fval):
+                f.flush()
+                os.fsync(f.fileno())
+        sources = ", ".join(str(p) for p in stream.paths)
+        if stream.documents == 0:
+            raise DataError(f"no documents in {sources} (skipped {stream.skipped} bad lines)")
+        if sum(writer.tokens.values()) == stream.documents:  # nothing but the EOS after each document
+            raise DataError(f"no tokens in {sources}: all {stream.documents} documents are empty")
+        for split in SPLITS:
+            os.replace(tmp_paths[split], out_dir / f"{split}.bin")
+        fsync_dir(out_dir)
+    finally:
+        for path in tmp_paths.values():
+            path.unlink(missing_ok=True)
+    tokenizer.save(out_dir)
+    index = ShardIndex(
+        directory=out_dir,
+        dtype=dtype.name,
+        vocab_size=tokenizer.vocab_size,
+        eos_id=eos_id,
+        num_tokens=dict(writer.tokens),
+        num_documents=dict(writer.docs),
+        skipped_lines=stream.skipped,
+        sources=[str(p) for p in stream.paths],
+        text_field=text_field,
+        seed=seed,
+        val_fraction=val_fraction,
+    )
+    atomic_write_text(out_dir / INDEX_FILE, index.to_json())
+    return index
+
+
+def _write_chunk(
+    docs: list[str], first_id: int, tokenizer: Tokenizer, writer: _SplitWriter, dtype: np.dtype, seed: int
+) -> None:
+    """Tokenize one chunk of documents and hand each (with EOS appended) to its split."""
+    encoded = tokenizer.encode_batch(docs)
+    scores = split_scores(seed, np.arange(first_id, first_id + len(docs)))
+    is_val = scores < writer.val_fraction
+    eos = [tokenizer.eos_id]
+    for ids, score, val in zip(encoded, scores.tolist(), is_val.tolist(), strict=True):
+        writer.add("val" if val else "train", score, np.array(ids + eos, dtype=dtype))

@@ -1,0 +1,21 @@
+"""Errors a user can cause and fix; the CLI prints their message without a traceback."""
+
+
+class LmforgeError(Exception):
+    """An error the user can fix; the CLI prints its message without a traceback."""
+
+
+class DataError(LmforgeError, ValueError):
+    """Bad input data: the message names the file and line."""
+
+
+class ConfigError(LmforgeError, ValueError):
+    """A bad config file or override: the message names the key and the fix."""
+
+
+class CheckpointError(LmforgeError):
+    """A missing or corrupt checkpoint: the message names the file."""
+
+
+class TrainingError(LmforgeError):
+    """Training cannot go on (e.g. a NaN loss): the message names the step."""

@@ -1,0 +1,171 @@
+"""Autoregressive generation: greedy, temperature, top-k, top-p (nucleus), stop strings, streaming.
+
+With `use_cache=True` the prompt is run once (prefill) and each new token costs one forward
+of a single position over the preallocated KV cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lmforge.errors import LmforgeError
+from lmforge.model.decoder import DecoderLM
+from lmforge.tokenizer import Tokenizer
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None
+    stop: Sequence[str] = field(default_factory=tuple)
+    stop_at_eos: bool = True
+    use_cache: bool = True
+    truncate_prompt: bool = False  # keep the prompt's last tokens when it exceeds the context
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise LmforgeError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise LmforgeError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise LmforgeError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise LmforgeError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    """Set logits outside the top-k and outside the smallest set with mass >= top_p to -inf."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the mass before it already reaches top_p (the first token always stays)
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def next_token(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> Tensor:
+    """Pick the next token ids [B] from last-position logits [B, V]."""
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _fit_prompt(ids: list[int], context: int, cfg: SamplingConfig) -> list[int]:
+    if not ids:
+        raise LmforgeError("the prompt is empty; give at least one token (e.g. the BOS token)")
+    room = context - cfg.max_new_tokens
+    if room < 1:
+        raise LmforgeError(
+            f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the {context}-token context window"
+        )
+    if len(ids) > room:
+        if not cfg.truncate_prompt:
+            raise LmforgeError(
+                f"the prompt has {len(ids)} tokens; with max_new_tokens={cfg.max_new_tokens} it must fit "
+                f"{room} tokens of the {context}-token context window: shorten it, lower max_new_tokens, "
+                "or pass --truncate-prompt to keep its last tokens"
+            )
+        ids = ids[-room:]
+    return ids
+
+
+@torch.inference_mode()
+def generate_ids(
+    model: DecoderLM,
+    prompt_ids: Sequence[int],
+    cfg: SamplingConfig,
+    eos_id: int | None = None,
+    on_token: Callable[[int], bool | None] | None = None,
+) -> list[int]:
+    """Generate up to cfg.max_new_tokens ids after `prompt_ids`; returns only the new ids.
+
+    `on_token(id)` is called for each new token; returning True stops generation."""
+    cfg.validate()
+    ids = _fit_prompt(list(prompt_ids), model.cfg.max_seq_len, cfg)
+    device = model.tok_emb.weight.device
+    generator = None
+    if cfg.seed is not None and cfg.temperature > 0:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    seq = torch.tensor([ids], device=device)
+    cache = model.new_cache(1, len(ids) + cfg.max_new_tokens) if cfg.use_cache else None
+    logits = model(seq, cache=cache)[:, -1]
+    new: list[int] = []
+    for _ in range(cfg.max_new_tokens):
+        token = next_token(logits, cfg, generator)
+        tid = int(token)
+        if cfg.stop_at_eos and eos_id is not None and tid == eos_id:
+            break
+        new.append(tid)
+        if on_token is not None and on_token(tid):
+            break
+        if len(new) == cfg.max_new_tokens:
+            break
+        if cache is not None:
+            logits = model(token.view(1, 1), cache=cache)[:, -1]
+        else:
+            seq = torch.cat([seq, token.view(1, 1)], dim=1)
+            logits = model(seq)[:, -1]
+    return new
+
+
+class _StopStreamer:
+    """Turns new token ids into text deltas, holding back text that may begin a stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], emit: Callable[[str], None] | None):
+        self.tokenizer, self.stop, self.emit = tokenizer, list(stop), emit
+        self.ids: list[int] = []
+        self.text, self.sent, self.stopped = "", 0, False
+
+    def __call__(self, tid: int) -> bool:
+        self.ids.append(tid)
+        self.text = self.tokenizer.decode(self.ids)
+        hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[: min(hits)], True
+        self._flush(final=self.stopped)
+        return self.stopped
+
+    def _flush(self, final: bool) -> None:
+        end = len(self.text)
+        if not final:
+            if self.text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
+                end -= 1
+            for s in self.stop:  # hold back a suffix that could grow into a stop string
+                for k in range(min(len(s) - 1, end), 0, -1):
+                    if self.text[:end].endswith(s[:k]):
+                        end -= k
+                        break
+        if self.emit is not None and end > self.sent:
+            self.emit(self.text[self.sent:end])
+            self.sent = end
+
+    def finish(self) -> str:
+        self._flush(final=True)
+        return self.text
+
+
+def generate(
+    model: DecoderLM,
+    tokenizer: Tokenizer,
+    prompt: str,
+    cfg: SamplingConfig | None = None,
+    stream: Callable[[str], None] | None = None,
+) -> str:
+    """Generate a text continuation of `prompt`; `stream(delta)` receives text as it is produced."""
+    cfg = cfg or SamplingConfig()
+    streamer = _StopStreamer(tokenizer, cfg.stop, stream)
+    generate_ids(model, tokenizer.encode(prompt), cfg, tokenizer.eos_id, on_token=streamer)
+    return streamer.finish()

@@ -1,0 +1,133 @@
+"""The decoder-only language model: GPT-2 and Llama families from one config.
+
+`DecoderLM(cfg)(input_ids)` returns logits [batch, time, vocab]. Pass a `KVCache` (from
+`model.new_cache`) to decode incrementally: the cache remembers how many positions it holds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from lmforge.config import ModelConfig
+from lmforge.model.layers import (
+    MLP,
+    Attention,
+    KVCache,
+    alibi_slopes,
+    attention_bias,
+    make_norm,
+    rope_tables,
+    sinusoidal_table,
+)
+
+
+class Block(nn.Module):
+    """One Transformer layer; pre-norm x + f(norm(x)) or post-norm norm(x + f(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.pre_norm = cfg.norm_placement == "pre"
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, layer: int, offset: int, rope, bias, cache: KVCache | None) -> Tensor:
+        if self.pre_norm:
+            x = x + self.drop(self.attn(self.attn_norm(x), layer, offset, rope, bias, cache))
+            return x + self.drop(self.mlp(self.mlp_norm(x)))
+        x = self.attn_norm(x + self.drop(self.attn(x, layer, offset, rope, bias, cache)))
+        return self.mlp_norm(x + self.drop(self.mlp(x)))
+
+
+class DecoderLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.position == "learned":
+            self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        elif cfg.position == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
+        elif cfg.position == "rope":
+            cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        elif cfg.position == "alibi":
+            self.register_buffer("alibi", alibi_slopes(cfg.n_head), persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        # Post-norm blocks already end in a norm; pre-norm needs one before the head.
+        self.final_norm = make_norm(cfg) if cfg.norm_placement == "pre" else nn.Identity()
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layer)."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "norm" in name:
+                nn.init.ones_(p)
+            elif name.endswith(("attn.o.weight", "mlp.down.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        ref = self.tok_emb.weight
+        return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, ref.device, dtype or ref.dtype)
+
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
+        cfg = self.cfg
+        T = input_ids.shape[1]
+        offset = cache.length if cache is not None else 0
+        if cfg.position == "learned" and offset + T > cfg.max_seq_len:
+            raise ValueError(
+                f"sequence of {offset + T} tokens exceeds the {cfg.max_seq_len} learned positions; "
+                "shorten the prompt or truncate it explicitly"
+            )
+        x = self.tok_emb(input_ids)
+        rope = bias = None
+        if cfg.position == "learned":
+            x = x + self.pos_emb.weight[offset:offset + T]
+        elif cfg.position == "sinusoidal":
+            if offset + T > self.pos_table.shape[0]:  # extrapolating past the training length
+                self.pos_table = sinusoidal_table(offset + T, cfg.d_model).to(x.device)
+            x = x + self.pos_table[offset:offset + T].to(x.dtype)
+        elif cfg.position == "rope":
+            rope = self._rope(offset, T)
+        if cfg.position == "alibi" or (offset > 0 and T > 1):
+            bias = attention_bias(T, offset + T, offset, self.alibi if cfg.position == "alibi" else None, x.device)
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, i, offset, rope, bias, cache)
+        if cache is not None:
+            cache.length = offset + T
+        return self.lm_head(self.final_norm(x))
+
+    def _rope(self, offset: int, T: int) -> tuple[Tensor, Tensor]:
+        if offset + T > self.rope_cos.shape[0]:  # extrapolating past the training length (e.g. a study)
+            cos, sin = rope_tables(offset + T, self.cfg.head_dim, self.cfg.rope_theta)
+            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+        return self.rope_cos[offset:offset + T], self.rope_sin[offset:offset + T]
+
+    # -- accounting -----------------------------------------------------------------------------
+    def num_params(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token, 6*N_matmul + 12*L*d*T (Chowdhery et al. 2022, app. B).
+
+        N_matmul counts every weight used in a matrix multiply (the head included, the
+        embedding lookups excluded); forward alone is a third of this."""
+        cfg, T = self.cfg, seq_len or self.cfg.max_seq_len
+        n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6 * n_matmul + 12 * cfg.n_layer * cfg.d_model * T

@@ -1,0 +1,335 @@
+"""Hugging Face interop: import GPT-2 / Llama checkpoints into `DecoderLM`, export back.
+
+`load_hf(dir)` reads a `save_pretrained` directory (config.json + safetensors, sharded or not)
+and returns a model whose fp32 logits match transformers'; `export_hf(model, tok, dir)` writes
+one that `AutoModelForCausalLM.from_pretrained` loads with the same logits. Any HF setting lmforge
+cannot honour (or any lmforge setting HF cannot express) is a `ConfigError` naming the field.
+Weights are loaded as float32. Dropout is a training choice: it is exported, never imported.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from lmforge.config import ModelConfig
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.io import atomic_write, atomic_write_text
+from lmforge.model.decoder import DecoderLM
+from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
+
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama")
+CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+# HF activation name -> lmforge activation ("gelu_new" is the tanh approximation, as GPT-2 uses).
+_ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                "silu": "silu", "swish": "silu", "relu": "relu"}
+_ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu", "relu": "relu"}
+
+# Weight names: HF (without its "transformer."/"model." prefix) <-> lmforge.
+_PREFIX = {"gpt2": "transformer.", "llama": "model."}
+_GLOBAL = {
+    "gpt2": {"wte.weight": "tok_emb.weight", "wpe.weight": "pos_emb.weight",
+             "ln_f.weight": "final_norm.weight", "ln_f.bias": "final_norm.bias"},
+    "llama": {"embed_tokens.weight": "tok_emb.weight", "norm.weight": "final_norm.weight"},
+}
+_LAYER = {  # per-layer module renames; GPT-2's fused c_attn is split/joined separately
+    "gpt2": {"ln_1": "attn_norm", "ln_2": "mlp_norm", "attn.c_proj": "attn.o",
+             "mlp.c_fc": "mlp.up", "mlp.c_proj": "mlp.down"},
+    "llama": {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm",
+              "self_attn.q_proj": "attn.q", "self_attn.k_proj": "attn.k", "self_attn.v_proj": "attn.v",
+              "self_attn.o_proj": "attn.o", "mlp.gate_proj": "mlp.gate", "mlp.up_proj": "mlp.up",
+              "mlp.down_proj": "mlp.down"},
+}
+_HF_LAYER_RE = re.compile(r"(?:h|layers)\.(\d+)\.(.+)\.(weight|bias)")
+_LM_LAYER_RE = re.compile(r"blocks\.(\d+)\.(.+)\.(weight|bias)")
+# Buffers older checkpoints saved (GPT-2's causal mask, Llama's inv_freq): not weights.
+_IGNORED_RE = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)|layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """True for a directory whose config.json names a `model_type` (a `save_pretrained` dir)."""
+    config = Path(path) / CONFIG_FILE
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "model_type" in data
+
+
+def _field(hf: dict[str, Any], key: str) -> Any:
+    if hf.get(key) is None:
+        raise ConfigError(f"HF config has no '{key}'")
+    return hf[key]
+
+
+def _require(hf: dict[str, Any], key: str, expected: Any, default: Any) -> None:
+    value = hf.get(key, default)
+    if value != expected:
+        raise ConfigError(f"HF config {key}={value!r} is not supported by lmforge (needs {key}={expected!r})")
+
+
+def _activation(hf: dict[str, Any], key: str, default: str) -> str:
+    name = hf.get(key) or default
+    if name not in _ACT_FROM_HF:
+        raise ConfigError(f"HF config {key}={name!r} is not supported; lmforge supports {sorted(_ACT_FROM_HF)}")
+    return _ACT_FROM_HF[name]
+
+
+def _gpt2_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    _require(hf, "scale_attn_weights", True, True)
+    _require(hf, "scale_attn_by_inverse_layer_idx", False, False)
+    _require(hf, "add_cross_attention", False, False)
+    d_model = _field(hf, "n_embd")
+    return dict(
+        family="gpt2", vocab_size=_field(hf, "vocab_size"), max_seq_len=_field(hf, "n_positions"),
+        n_layer=_field(hf, "n_layer"), n_head=_field(hf, "n_head"), d_model=d_model,
+        d_ff=hf.get("n_inner") or 4 * d_model, position="learned", norm="layernorm",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5), norm_placement="pre", mlp="gelu",
+        activation=_activation(hf, "activation_function", "gelu_new"), attn_bias=True, mlp_bias=True,
+        tie_embeddings=hf.get("tie_word_embeddings", True), init_std=hf.get("initializer_range", 0.02),
+    )
+
+
+def _rope_theta(hf: dict[str, Any]) -> float:
+    """RoPE base from `rope_parameters` (transformers 5) or `rope_theta` (4.x); scaling is refused."""
+    for key in ("rope_scaling", "rope_parameters"):
+        params = hf.get(key) or {}
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type != "default":
+            raise ConfigError(f"HF config {key}.rope_type={rope_type!r} is not supported (only 'default' RoPE)")
+        factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+        if factor != 1.0:
+            raise ConfigError(f"HF config partial_rotary_factor={factor!r} is not supported (needs 1.0)")
+    params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _llama_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    d_model, n_head = _field(hf, "hidden_size"), _field(hf, "num_attention_heads")
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and head_dim * n_head != d_model:
+        raise ConfigError(f"HF config head_dim={head_dim} is not supported: lmforge needs "
+                          f"hidden_size/num_attention_heads = {d_model}/{n_head}")
+    return dict(
+        family="llama", vocab_size=_field(hf, "vocab_size"),
+        max_seq_len=hf.get("max_position_embeddings", 2048), n_layer=_field(hf, "num_hidden_layers"),
+        n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head, d_model=d_model,
+        d_ff=_field(hf, "intermediate_size"), position="rope", rope_theta=_rope_theta(hf), norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6), norm_placement="pre", mlp="swiglu",
+        activation=_activation(hf, "hidden_act", "silu"), attn_bias=hf.get("attention_bias", False),
+        mlp_bias=hf.get("mlp_bias", False), tie_embeddings=hf.get("tie_word_embeddings", False),
+        init_std=hf.get("initializer_range", 0.02),
+    )
+
+
+def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
+    """The `ModelConfig` equivalent to an HF gpt2/llama config.json dict."""
+    model_type = hf_config.get("model_type")
+    if model_type == "gpt2":
+        fields = _gpt2_fields(hf_config)
+    elif model_type == "llama":
+        fields = _llama_fields(hf_config)
+    else:
+        raise ConfigError(f"HF model_type={model_type!r} is not supported; supported: {list(SUPPORTED_MODEL_TYPES)}")
+    try:
+        return ModelConfig(**fields)
+    except ValidationError as err:
+        raise ConfigError(f"HF {model_type} config is not a valid lmforge model: {err}") from None
+
+
+def _hf_model_type(cfg: ModelConfig) -> str:
+    """gpt2 for learned positions, llama for RoPE; raise if any other field does not fit."""
+    if cfg.norm_placement != "pre":
+        raise ConfigError(f"norm_placement={cfg.norm_placement!r} cannot be exported: HF gpt2/llama are pre-norm")
+    if cfg.position == "learned":
+        model_type, needs = "gpt2", dict(norm="layernorm", mlp="gelu", attn_bias=True, mlp_bias=True)
+    elif cfg.position == "rope":
+        model_type, needs = "llama", dict(norm="rmsnorm", mlp="swiglu")
+    else:
+        raise ConfigError(f"position={cfg.position!r} cannot be exported: HF gpt2 needs 'learned', llama 'rope'")
+    for key, expected in needs.items():
+        if getattr(cfg, key) != expected:
+            raise ConfigError(f"{key}={getattr(cfg, key)!r} cannot be exported as HF {model_type} "
+                              f"(which needs {key}={expected!r})")
+    if model_type == "gpt2" and cfg.kv_heads != cfg.n_head:
+        raise ConfigError(f"n_kv_head={cfg.n_kv_head} cannot be exported as HF gpt2 (no grouped-query attention)")
+    return model_type
+
+
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The HF config.json dict for `cfg` (model fields only; export_hf adds dtype and token ids)."""
+    model_type = _hf_model_type(cfg)
+    common = dict(model_type=model_type, vocab_size=cfg.vocab_size, initializer_range=cfg.init_std,
+                  tie_word_embeddings=cfg.tie_embeddings)
+    if model_type == "gpt2":
+        return dict(
+            architectures=["GPT2LMHeadModel"], **common, n_positions=cfg.max_seq_len, n_embd=cfg.d_model,
+            n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.ff_dim,
+            activation_function=_ACT_TO_HF[cfg.activation], layer_norm_epsilon=cfg.norm_eps,
+            resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+            scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, add_cross_attention=False,
+        )
+    return dict(
+        architectures=["LlamaForCausalLM"], **common, hidden_size=cfg.d_model,
+        intermediate_size=cfg.ff_dim, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim, hidden_act=_ACT_TO_HF[cfg.activation],
+        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        attention_bias=cfg.attn_bias, mlp_bias=cfg.mlp_bias, attention_dropout=cfg.dropout,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_weights(path: Path) -> dict[str, Tensor]:
+    files = [path / WEIGHTS_FILE]
+    if not files[0].is_file():
+        index = path / INDEX_FILE
+        if not index.is_file():
+            raise CheckpointError(f"{path}: no {WEIGHTS_FILE} or {INDEX_FILE} (only safetensors are supported)")
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [path / name for name in sorted(set(weight_map.values()))]
+    weights: dict[str, Tensor] = {}
+    for file in files:
+        try:
+            weights.update(load_file(file))
+        except (OSError, SafetensorError) as err:
+            raise CheckpointError(f"{file}: cannot read safetensors weights: {err}") from None
+    return weights
+
+
+def _from_hf_names(model_type: str, weights: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """HF tensors -> lmforge state dict, plus each lmforge key's HF source name (for errors)."""
+    state: dict[str, Tensor] = {}
+    source: dict[str, str] = {}
+
+    def put(key: str, tensor: Tensor, name: str) -> None:
+        state[key], source[key] = tensor, name
+
+    for name, tensor in weights.items():
+        key = name.removeprefix(_PREFIX[model_type])
+        if name == "lm_head.weight":
+            put("lm_head.weight", tensor, name)
+        elif key in _GLOBAL[model_type]:
+            put(_GLOBAL[model_type][key], tensor, name)
+        elif _IGNORED_RE.fullmatch(key):
+            continue
+        elif (m := _HF_LAYER_RE.fullmatch(key)) is None:
+            put(name, tensor, name)  # unknown: reported as unexpected
+        elif model_type == "gpt2" and m[2] == "attn.c_attn":  # Conv1D [in, 3*out] packing q|k|v
+            packed = tensor.t() if m[3] == "weight" else tensor
+            for part, chunk in zip("qkv", packed.chunk(3, dim=0), strict=True):
+                put(f"blocks.{m[1]}.attn.{part}.{m[3]}", chunk, name)
+        elif m[2] in _LAYER[model_type]:
+            conv1d = model_type == "gpt2" and m[3] == "weight" and m[2] not in ("ln_1", "ln_2")
+            put(f"blocks.{m[1]}.{_LAYER[model_type][m[2]]}.{m[3]}", tensor.t() if conv1d else tensor, name)
+        else:
+            put(name, tensor, name)
+    return state, source
+
+
+def _to_hf_names(model: DecoderLM, model_type: str) -> dict[str, Tensor]:
+    """lmforge state dict -> HF tensors (contiguous fp32 on CPU; a tied head is written once)."""
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
+    prefix = _PREFIX[model_type]
+    global_names = {lm: hf for hf, lm in _GLOBAL[model_type].items()}
+    layer_names = {lm: hf for hf, lm in _LAYER[model_type].items()}
+    hf_layer = "h" if model_type == "gpt2" else "layers"
+    out: dict[str, Tensor] = {}
+    for key, tensor in state.items():
+        if key == "lm_head.weight":
+            if not model.cfg.tie_embeddings:
+                out[key] = tensor
+        elif key in global_names:
+            out[prefix + global_names[key]] = tensor
+        elif (m := _LM_LAYER_RE.fullmatch(key)) is None:
+            raise CheckpointError(f"no HF {model_type} name for lmforge weight '{key}'")
+        elif model_type == "gpt2" and m[2] in ("attn.q", "attn.k", "attn.v"):
+            if m[2] == "attn.q":
+                packed = torch.cat([state[f"blocks.{m[1]}.attn.{p}.{m[3]}"] for p in "qkv"], dim=0)
+                out[f"{prefix}h.{m[1]}.attn.c_attn.{m[3]}"] = packed.t() if m[3] == "weight" else packed
+        else:
+            hf_module = layer_names[m[2]]
+            conv1d = model_type == "gpt2" and m[3] == "weight" and m[2] not in ("attn_norm", "mlp_norm")
+            out[f"{prefix}{hf_layer}.{m[1]}.{hf_module}.{m[3]}"] = tensor.t() if conv1d else tensor
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Load / export
+# ---------------------------------------------------------------------------------------------
+
+
+def load_hf(path: str | Path) -> tuple[DecoderLM, Tokenizer | None]:
+    """Load an HF gpt2/llama directory as an eval-mode `DecoderLM` (+ its tokenizer.json, if any)."""
+    path = Path(path)
+    if not is_hf_dir(path):
+        raise CheckpointError(f"{path}: not a Hugging Face model directory (no {CONFIG_FILE} with model_type)")
+    hf_config = json.loads((path / CONFIG_FILE).read_text())
+    cfg = config_from_hf(hf_config)
+    state, source = _from_hf_names(hf_config["model_type"], _read_weights(path))
+    model = DecoderLM(cfg)
+    expected = model.state_dict()
+    if cfg.tie_embeddings:  # transformers ties the head to the embedding, ignoring any saved head
+        state.pop("lm_head.weight", None)
+        if "tok_emb.weight" in state:
+            state["lm_head.weight"] = state["tok_emb.weight"]
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted({source[k] for k in state.keys() - expected.keys()})
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match config.json; missing (lmforge names): {missing}; "
+                              f"unexpected (checkpoint names): {unexpected}")
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise CheckpointError(f"{path}: {source[key]} has shape {tuple(tensor.shape)}, "
+                                  f"config.json implies {tuple(expected[key].shape)} for {key}")
+    model.load_state_dict(state, strict=True)
+    tokenizer = Tokenizer.from_file(path) if (path / TOKENIZER_FILE).is_file() else None
+    return model.eval(), tokenizer
+
+
+def export_hf(model: DecoderLM, tokenizer: Tokenizer | None, path: str | Path) -> Path:
+    """Write `path` as an HF `save_pretrained` dir (float32); config.json is written last."""
+    path = Path(path)
+    cfg = model.cfg
+    hf_config = config_to_hf(cfg)
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                          f"{cfg.vocab_size}")
+    weights = _to_hf_names(model, hf_config["model_type"])
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write(path / WEIGHTS_FILE, lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
+    ids = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if tokenizer is None:  # a stale tokenizer from an earlier export would otherwise be picked up
+        for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
+            (path / name).unlink(missing_ok=True)
+    else:
+        tokenizer.save(path)
+        ids = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+        tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
+                      "clean_up_tokenization_spaces": False}
+        for role in ("bos", "eos", "pad"):
+            if ids[f"{role}_token_id"] is not None:
+                tok_config[f"{role}_token"] = tokenizer.backend.id_to_token(ids[f"{role}_token_id"])
+        atomic_write_text(path / TOKENIZER_CONFIG_FILE, json.dumps(tok_config, indent=2) + "\n")
+    hf_config.update(ids, dtype="float32", torch_dtype="float32")
+    atomic_write_text(path / CONFIG_FILE, json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    return path

@@ -1,0 +1,217 @@
+"""The one training loop every training stage uses: a stage supplies batches and a loss.
+
+`batch_at(i)` must return the i-th micro-batch of a deterministic stream (a pure function of i):
+together with the saved optimizer and RNG state, that is what makes `resume=True` continue a
+killed run to bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+from tqdm.auto import tqdm
+
+from lmforge.checkpoint import (
+    LATEST_FILE,
+    load_weights,
+    read_training_state,
+    resolve_checkpoint,
+    write_training_checkpoint,
+)
+from lmforge.config import TrainConfig
+from lmforge.errors import CheckpointError, TrainingError
+from lmforge.io import atomic_write_text
+from lmforge.tokenizer import Tokenizer
+
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrainResult:
+    step: int
+    train_loss: float
+    val_loss: float | None
+    tokens_per_s: float
+    checkpoint: Path
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast context (fp32 master weights), or a no-op for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at cfg.max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices and embeddings only, never on biases or norm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loss_fn: LossFn, batches: Iterable[Batch], device: torch.device,
+             precision: str) -> float:
+    """Mean loss over `batches` in eval mode (the model's mode is restored after)."""
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for batch in batches:
+        with autocast(device, precision):
+            total += loss_fn(model, {k: v.to(device) for k, v in batch.items()}).item()
+        n += 1
+    model.train(was_training)
+    if n == 0:
+        raise TrainingError("validation produced no batches; check the validation split")
+    return total / n
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl; on resume, records past the checkpoint's step are dropped."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None, tensorboard: bool):
+        self.path = run_dir / METRICS_FILE
+        if resume_step is not None and self.path.exists():
+            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip()
+                    and json.loads(ln).get("step", 0) <= resume_step]
+            atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
+        elif resume_step is None:
+            self.path.write_text("")
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise TrainingError("train.tensorboard=true needs TensorBoard: pip install tensorboard") from None
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def train(
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    batch_at: Callable[[int], Batch],
+    loss_fn: LossFn,
+    *,
+    run_config: BaseModel,
+    tokenizer: Tokenizer | None = None,
+    val_batches: Callable[[], Iterable[Batch]] | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Train `model` for cfg.max_steps optimizer steps, checkpointing into cfg.out_dir.
+
+    `run_config` is saved as config.yaml in every checkpoint (it must have a `model` section
+    so the checkpoint loads with `lmforge.load`)."""
+    run_dir = Path(cfg.out_dir)
+    device = resolve_device(cfg.device)
+    model.to(device).train()
+    optimizer = build_optimizer(model, cfg)
+    start_step, tokens_seen, resumed_from = 0, 0, None
+    if resume:
+        if not (run_dir / LATEST_FILE).is_file():
+            raise CheckpointError(f"--resume: no checkpoint in {run_dir} (missing {run_dir / LATEST_FILE})")
+        ckpt = resolve_checkpoint(run_dir)
+        state, opt_state, rng = read_training_state(ckpt)  # validates every file before changing anything
+        load_weights(model, ckpt)
+        optimizer.load_state_dict(opt_state)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        start_step, tokens_seen, resumed_from = state["step"], state["tokens_seen"], ckpt
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(run_dir, start_step if resume else None, cfg.tensorboard)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def checkpoint(step: int) -> Path:
+        return write_training_checkpoint(run_dir, step, model, tokenizer, run_config, optimizer,
+                                         {"tokens_seen": tokens_seen}, cfg.keep_checkpoints)
+
+    last_ckpt = resumed_from or checkpoint(0)
+    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not cfg.progress, desc="train", unit="step")
+    loss_value, val_loss, tokens_per_s = float("nan"), None, 0.0
+    window_tokens, window_time = 0, 0.0  # throughput counts training steps only, not eval or saving
+    for step in range(start_step, cfg.max_steps):
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch_at(step * cfg.grad_accum + micro).items()}
+            with autocast(device, cfg.precision):
+                loss = loss_fn(model, batch)
+            if not torch.isfinite(loss):
+                metrics.close()
+                raise TrainingError(
+                    f"loss became {loss.item()} at step {step + 1}; stopped. The last good checkpoint, "
+                    f"{last_ckpt}, is intact: lower train.lr, raise train.warmup_steps, or check the data."
+                )
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item()
+            window_tokens += batch["input_ids"].numel()
+            tokens_seen += batch["input_ids"].numel()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        window_time += time.perf_counter() - t0
+        done, loss_value = step + 1, loss_sum / cfg.grad_accum
+        bar.update(1)
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            tokens_per_s = window_tokens / max(window_time, 1e-9)
+            metrics.log({"step": done, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                         "tokens": tokens_seen, "tokens_per_s": tokens_per_s})
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+            window_tokens, window_time = 0, 0.0
+        if val_batches is not None and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+            val_loss = evaluate(model, loss_fn, val_batches(), device, cfg.precision)
+            val_ppl = math.exp(min(val_loss, 50.0))
+            metrics.log({"step": done, "val_loss": val_loss, "val_ppl": val_ppl})
+            bar.write(f"step {done}: val loss {val_loss:.4f}, perplexity {val_ppl:.2f}")
+        if done % cfg.save_every == 0 or done == cfg.max_steps:
+            last_ckpt = checkpoint(done)
+    bar.close()
+    metrics.close()
+    return TrainResult(cfg.max_steps, loss_value, val_loss, tokens_per_s, last_ckpt)
