@@ -164,7 +164,7 @@ def test_split_scores_uniform() -> None:
     assert not np.array_equal(scores, split_scores(8, np.arange(20000)))
 
 
-@pytest.mark.parametrize("n_docs", [1, 2, 3])
+@pytest.mark.parametrize("n_docs", [2, 3])
 def test_split_never_needlessly_empty(tmp_path: Path, tok: Tokenizer, n_docs: int) -> None:
     docs = make_docs(n_docs)
     src = write_jsonl(tmp_path / "in.jsonl", docs)
@@ -182,6 +182,19 @@ def test_split_never_needlessly_empty(tmp_path: Path, tok: Tokenizer, n_docs: in
                 assert got_val == [docs[scores.argmin()]]
             if scores.max() < frac:  # all fell in val: the most train-like doc moved to train
                 assert docs[scores.argmax()] not in got_val
+
+
+def test_single_document_holds_out_its_tail(tmp_path: Path, tok: Tokenizer) -> None:
+    """One document (e.g. a single .txt file): validation is the last val_fraction of its tokens."""
+    doc = " ".join(make_docs(40))
+    src = tmp_path / "one.txt"
+    src.write_text(doc)
+    index = prepare_shards([src], tok, tmp_path / "o", val_fraction=0.1, progress=False)
+    train, val = index.tokens("train").tolist(), index.tokens("val").tolist()
+    assert train + val == tok.encode(doc) + [tok.eos_id]
+    assert abs(len(val) - 0.1 * len(train + val)) <= 1
+    alone = prepare_shards([src], tok, tmp_path / "o0", val_fraction=0.0, progress=False)
+    assert alone.num_tokens == {"train": len(train + val), "val": 0}
 
 
 def test_val_fraction_zero_and_dtype(tmp_path: Path, tok: Tokenizer) -> None:
@@ -227,10 +240,11 @@ def test_prepare_tinyshakespeare(tmp_path: Path) -> None:
     tok = train_tokenizer([text[:100_000]], vocab_size=400, show_progress=False)
     index = prepare_shards([SHAKESPEARE], tok, tmp_path / "o", progress=False)
     n_tokens = len(tok.encode(text)) + 1
-    assert index.num_tokens == {"train": n_tokens, "val": 0}  # one .txt file is one document
-    assert index.num_documents == {"train": 1, "val": 0}
-    train = index.tokens("train")
-    assert len(train) == n_tokens and train[-1] == tok.eos_id
+    # one .txt file is one document: its last 1% of tokens is the validation split
+    assert sum(index.num_tokens.values()) == n_tokens
+    assert index.num_tokens["val"] == n_tokens - round(n_tokens * 0.99)
+    train, val = index.tokens("train"), index.tokens("val")
+    assert val[-1] == tok.eos_id
     assert tok.decode(train[:200].tolist()) == tok.decode(tok.encode(text)[:200])
 
 

@@ -28,7 +28,8 @@ from lmforge.data.synthetic import (
 )
 
 SMALL = WorldConfig(seed=3, n_documents=2000, n_eval=50)
-REASONING_EVALS = ("arithmetic", "last_letter", "coin_flip", "arithmetic_ood", "last_letter_ood", "coin_flip_ood")
+REASONING_EVALS = ("arithmetic", "last_letter", "coin_flip",
+                   "arithmetic_ood", "last_letter_ood", "coin_flip_ood")
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,8 @@ def solve_coin(question: str) -> tuple[str, int]:
 
 
 def check_equations(text: str) -> list[tuple[int, str, int, int]]:
-    equations = [(int(a), op, int(b), int(c)) for a, op, b, c in re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)", text)]
+    found = re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)", text)
+    equations = [(int(a), op, int(b), int(c)) for a, op, b, c in found]
     for a, op, b, c in equations:
         assert {"+": a + b, "-": a - b, "*": a * b}[op] == c, text
     return equations
@@ -110,12 +112,13 @@ def test_same_seed_same_output_different_seed_differs() -> None:
 
 
 def test_output_does_not_depend_on_hash_seed() -> None:
-    code = ("import hashlib, json; from lmforge.data.synthetic import *; c = WorldConfig(seed=5, n_documents=500, "
-            "n_eval=20); e = {k: [vars(x) for x in v] for k, v in eval_sets(c).items()}; "
+    code = ("import hashlib, json; from lmforge.data.synthetic import *; "
+            "c = WorldConfig(seed=5, n_documents=500, n_eval=20); "
+            "e = {k: [vars(x) for x in v] for k, v in eval_sets(c).items()}; "
             "print(hashlib.sha256(json.dumps([pretraining_documents(c), e]).encode()).hexdigest())")
     digests = {subprocess.run([sys.executable, "-c", code], env={"PYTHONHASHSEED": str(h)}, check=True,
                               capture_output=True, text=True).stdout for h in (1, 2)}
-    assert len(digests) == 1
+    assert len(digests) == 1 and len(digests.pop().strip()) == 64
 
 
 def test_names_are_letters_only_capitalised_and_unique(default_world: World) -> None:
@@ -246,11 +249,13 @@ def test_fact_and_dictionary_eval_answers(evals: dict[str, list[EvalExample]], d
     }
     training = {doc for _, doc in labelled}
     for e in evals["facts"]:
-        answers = [table[m.group(1)] for pattern, table in lookups.items() if (m := re.search(pattern, e.prompt))]
+        matches = [(m, table) for pattern, table in lookups.items() if (m := re.search(pattern, e.prompt))]
+        answers = [table[m.group(1)] for m, table in matches]
         assert answers == [e.answer]
         assert f"{e.prompt} The answer is {e.answer}." in training  # recall of a fact seen in training
     for e in evals["dictionary"]:
-        lang, english = re.fullmatch(r'Question: In (\w+), what is the word for "(\w+)"\?\nAnswer:', e.prompt).groups()
+        pattern = r'Question: In (\w+), what is the word for "(\w+)"\?\nAnswer:'
+        lang, english = re.fullmatch(pattern, e.prompt).groups()
         assert w.lexicon[lang][english] == e.answer
 
 

@@ -133,11 +133,18 @@ class _SplitWriter:
 
     def finish(self) -> None:
         """Place the held-back document: in the empty split if it may go there, else back home."""
-        if "val" in self.held:  # train is empty: training needs data, so val gives one up
-            self._write("train", self.held.pop("val")[1])
-        elif "train" in self.held:
-            can_move = self.val_fraction > 0 and self.docs["train"] >= 1
-            self._write("val" if can_move else "train", self.held.pop("train")[1])
+        if not self.held:
+            return
+        home, (_, doc) = self.held.popitem()
+        if self.docs["train"] == self.docs["val"] == 0 and self.val_fraction > 0 and len(doc) >= 4:
+            # The only document (e.g. one .txt file): hold out its last val_fraction of tokens.
+            cut = min(len(doc) - 1, max(1, round(len(doc) * (1 - self.val_fraction))))
+            self._write("train", doc[:cut])
+            self._write("val", doc[cut:])
+        elif home == "val":  # train is empty: training needs data, so val gives one up
+            self._write("train", doc)
+        else:
+            self._write("val" if self.val_fraction > 0 and self.docs["train"] >= 1 else "train", doc)
 
 
 def prepare_shards(

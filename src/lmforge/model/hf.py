@@ -86,7 +86,7 @@ def _require(hf: dict[str, Any], key: str, expected: Any, default: Any) -> None:
 def _activation(hf: dict[str, Any], key: str, default: str) -> str:
     name = hf.get(key) or default
     if name not in _ACT_FROM_HF:
-        raise ConfigError(f"HF config {key}={name!r} is not supported; lmforge supports {sorted(_ACT_FROM_HF)}")
+        raise ConfigError(f"HF config {key}={name!r} is not supported; supported: {sorted(_ACT_FROM_HF)}")
     return _ACT_FROM_HF[name]
 
 
@@ -111,7 +111,7 @@ def _rope_theta(hf: dict[str, Any]) -> float:
         params = hf.get(key) or {}
         rope_type = params.get("rope_type", params.get("type", "default"))
         if rope_type != "default":
-            raise ConfigError(f"HF config {key}.rope_type={rope_type!r} is not supported (only 'default' RoPE)")
+            raise ConfigError(f"HF config {key}.rope_type={rope_type!r} is not supported (only 'default')")
         factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
         if factor != 1.0:
             raise ConfigError(f"HF config partial_rotary_factor={factor!r} is not supported (needs 1.0)")
@@ -145,7 +145,7 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
     elif model_type == "llama":
         fields = _llama_fields(hf_config)
     else:
-        raise ConfigError(f"HF model_type={model_type!r} is not supported; supported: {list(SUPPORTED_MODEL_TYPES)}")
+        raise ConfigError(f"HF model_type={model_type!r} unsupported (supported: {SUPPORTED_MODEL_TYPES})")
     try:
         return ModelConfig(**fields)
     except ValidationError as err:
@@ -155,19 +155,19 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
 def _hf_model_type(cfg: ModelConfig) -> str:
     """gpt2 for learned positions, llama for RoPE; raise if any other field does not fit."""
     if cfg.norm_placement != "pre":
-        raise ConfigError(f"norm_placement={cfg.norm_placement!r} cannot be exported: HF gpt2/llama are pre-norm")
+        raise ConfigError(f"norm_placement={cfg.norm_placement!r} cannot be exported: HF models are pre-norm")
     if cfg.position == "learned":
         model_type, needs = "gpt2", dict(norm="layernorm", mlp="gelu", attn_bias=True, mlp_bias=True)
     elif cfg.position == "rope":
         model_type, needs = "llama", dict(norm="rmsnorm", mlp="swiglu")
     else:
-        raise ConfigError(f"position={cfg.position!r} cannot be exported: HF gpt2 needs 'learned', llama 'rope'")
+        raise ConfigError(f"position={cfg.position!r} cannot be exported (gpt2 is 'learned', llama 'rope')")
     for key, expected in needs.items():
         if getattr(cfg, key) != expected:
             raise ConfigError(f"{key}={getattr(cfg, key)!r} cannot be exported as HF {model_type} "
                               f"(which needs {key}={expected!r})")
     if model_type == "gpt2" and cfg.kv_heads != cfg.n_head:
-        raise ConfigError(f"n_kv_head={cfg.n_kv_head} cannot be exported as HF gpt2 (no grouped-query attention)")
+        raise ConfigError(f"n_kv_head={cfg.n_kv_head} cannot be exported as HF gpt2 (it has no GQA/MQA)")
     return model_type
 
 
@@ -204,7 +204,7 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
     if not files[0].is_file():
         index = path / INDEX_FILE
         if not index.is_file():
-            raise CheckpointError(f"{path}: no {WEIGHTS_FILE} or {INDEX_FILE} (only safetensors are supported)")
+            raise CheckpointError(f"{path}: no {WEIGHTS_FILE} or {INDEX_FILE} (safetensors only)")
         weight_map = json.loads(index.read_text())["weight_map"]
         files = [path / name for name in sorted(set(weight_map.values()))]
     weights: dict[str, Tensor] = {}
@@ -282,7 +282,7 @@ def load_hf(path: str | Path) -> tuple[DecoderLM, Tokenizer | None]:
     """Load an HF gpt2/llama directory as an eval-mode `DecoderLM` (+ its tokenizer.json, if any)."""
     path = Path(path)
     if not is_hf_dir(path):
-        raise CheckpointError(f"{path}: not a Hugging Face model directory (no {CONFIG_FILE} with model_type)")
+        raise CheckpointError(f"{path}: not a Hugging Face model dir (no {CONFIG_FILE} with a model_type)")
     hf_config = json.loads((path / CONFIG_FILE).read_text())
     cfg = config_from_hf(hf_config)
     state, source = _from_hf_names(hf_config["model_type"], _read_weights(path))
@@ -295,8 +295,8 @@ def load_hf(path: str | Path) -> tuple[DecoderLM, Tokenizer | None]:
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted({source[k] for k in state.keys() - expected.keys()})
     if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not match config.json; missing (lmforge names): {missing}; "
-                              f"unexpected (checkpoint names): {unexpected}")
+        raise CheckpointError(f"{path}: weights do not match config.json; missing (lmforge names): "
+                              f"{missing}; unexpected (checkpoint names): {unexpected}")
     for key, tensor in state.items():
         if tensor.shape != expected[key].shape:
             raise CheckpointError(f"{path}: {source[key]} has shape {tuple(tensor.shape)}, "
@@ -323,7 +323,8 @@ def export_hf(model: DecoderLM, tokenizer: Tokenizer | None, path: str | Path) -
             (path / name).unlink(missing_ok=True)
     else:
         tokenizer.save(path)
-        ids = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+        ids = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                   pad_token_id=tokenizer.pad_id)
         tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
                       "clean_up_tokenization_spaces": False}
         for role in ("bos", "eos", "pad"):
