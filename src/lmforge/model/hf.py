@@ -205,7 +205,10 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
         index = path / INDEX_FILE
         if not index.is_file():
             raise CheckpointError(f"{path}: no {WEIGHTS_FILE} or {INDEX_FILE} (safetensors only)")
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{index}: not a safetensors index ({err!r})") from None
         files = [path / name for name in sorted(set(weight_map.values()))]
     weights: dict[str, Tensor] = {}
     for file in files:

@@ -1,0 +1,250 @@
+"""Shared helpers for lmforge's benchmarks: machine description, measured peaks, timing, and
+the same-weights (transformers, lmforge) model pair.
+
+The pair is built without downloads: a transformers GPT2LMHeadModel / LlamaForCausalLM is
+created from a seeded random init (every parameter slightly perturbed, so biases and norm
+gains are not all 0/1 and every weight mapping matters), saved with `save_pretrained`, and
+loaded into lmforge with `lmforge.model.hf.load_hf`. Both therefore hold identical weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+# ---------------------------------------------------------------------------------------------
+# Machine
+# ---------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line() -> str:
+    """One line: CPU model, usable cores, ISA level, torch/transformers versions, threads, load."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 0
+    try:
+        import transformers
+
+        tf = f"transformers {transformers.__version__}"
+    except ImportError:
+        tf = "transformers n/a"
+    try:
+        load = "load {:.2f}/{:.2f}".format(*os.getloadavg()[:2])
+    except OSError:
+        load = "load n/a"
+    isa = torch.backends.cpu.get_cpu_capability()
+    return (f"{cpu_model()} | {cores} cores ({isa}) | torch {torch.__version__} | {tf} | "
+            f"{torch.get_num_threads()} threads | {load} (1/5 min)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    times: list[float]  # seconds per call
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def best(self) -> float:
+        return min(self.times)
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median: how noisy the repeats were."""
+        return (max(self.times) - min(self.times)) / self.median if self.median > 0 else 0.0
+
+
+def time_it(fn: Callable[[], object], warmup: int = 1, repeats: int = 5) -> Timing:
+    """Run fn `warmup` times untimed, then `repeats` times timed (seconds per call)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return Timing(times)
+
+
+def time_alternating(fns: dict[str, Callable[[], object]], warmup: int = 1, rounds: int = 5,
+                     calls_per_round: int = 1) -> dict[str, Timing]:
+    """Time several functions in interleaved rounds (the order rotates every round), so slow drifts
+    in machine load hit every contender alike. Returns seconds per call for each round."""
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            t0 = time.perf_counter()
+            for _ in range(calls_per_round):
+                fns[name]()
+            times[name].append((time.perf_counter() - t0) / calls_per_round)
+    return {name: Timing(t) for name, t in times.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Measured peaks
+# ---------------------------------------------------------------------------------------------
+
+
+def matmul_peak_gflops(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048), repeats: int = 3) -> float:
+    """Best GFLOP/s over a few square matmuls (2 n^3 FLOPs each) in `dtype`."""
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n).to(dtype)
+        b = torch.randn(n, n).to(dtype)
+        t = time_it(lambda a=a, b=b: torch.mm(a, b), warmup=1, repeats=repeats)
+        best = max(best, 2 * n**3 / t.best / 1e9)
+    return best
+
+
+def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
+    """Read bandwidth in GB/s: median time of `x.sum()` over a `megabytes` fp32 tensor."""
+    x = torch.ones(megabytes * 2**20 // 4)
+    t = time_it(lambda: x.sum(), warmup=1, repeats=repeats)
+    return x.numel() * 4 / t.median / 1e9
+
+
+# ---------------------------------------------------------------------------------------------
+# Model specs and the same-weights pair
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str = "gpt2"  # gpt2 | llama
+    vocab_size: int = 2048
+    max_seq_len: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    n_kv_head: int | None = None  # llama only; None = n_head
+
+    def describe(self) -> str:
+        kv = f", kv_heads {self.n_kv_head}" if self.family == "llama" and self.n_kv_head else ""
+        return (f"{self.family}: vocab {self.vocab_size}, ctx {self.max_seq_len}, {self.n_layer} layers, "
+                f"{self.n_head} heads{kv}, d_model {self.d_model}")
+
+
+SIZES = {
+    "demo": ModelSpec(),
+    "gpt2-small": ModelSpec(vocab_size=50257, max_seq_len=1024, n_layer=12, n_head=12, d_model=768),
+}
+
+
+def add_model_args(parser: argparse.ArgumentParser, default_size: str = "demo") -> None:
+    g = parser.add_argument_group("model (a size preset; any explicit field overrides it)")
+    g.add_argument("--size", choices=sorted(SIZES), default=default_size,
+                   help=f"size preset (default: {default_size}); demo = vocab 2048, ctx 256, 4 layers, "
+                        "4 heads, d_model 128; gpt2-small = vocab 50257, ctx 1024, 12 layers, 12 heads, d 768")
+    g.add_argument("--family", choices=["gpt2", "llama"], default="gpt2",
+                   help="architecture: gpt2 (learned positions, LayerNorm, GELU, tied head; HF "
+                        "GPT2LMHeadModel) or llama (RoPE, RMSNorm, SwiGLU; HF LlamaForCausalLM) (default: gpt2)")
+    g.add_argument("--vocab", type=int, help="vocabulary size (overrides the preset)")
+    g.add_argument("--ctx", type=int, help="context length / max positions (overrides the preset)")
+    g.add_argument("--layers", type=int, help="number of layers (overrides the preset)")
+    g.add_argument("--heads", type=int, help="number of attention heads (overrides the preset)")
+    g.add_argument("--d-model", type=int, help="model width (overrides the preset)")
+    g.add_argument("--kv-heads", type=int,
+                   help="llama only: key/value heads for grouped-query attention (default: = heads)")
+
+
+def spec_from_args(args: argparse.Namespace) -> ModelSpec:
+    spec = replace(SIZES[args.size], family=args.family)
+    overrides = dict(vocab_size=args.vocab, max_seq_len=args.ctx, n_layer=args.layers, n_head=args.heads,
+                     d_model=args.d_model, n_kv_head=args.kv_heads)
+    spec = replace(spec, **{k: v for k, v in overrides.items() if v is not None})
+    if spec.n_kv_head is not None and spec.family != "llama":
+        raise SystemExit("--kv-heads needs --family llama (HF GPT-2 has no grouped-query attention)")
+    return spec
+
+
+def hf_model(spec: ModelSpec) -> nn.Module:
+    """A randomly initialised transformers model for `spec` (dropout off, no special tokens)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    ids = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if spec.family == "gpt2":
+        cfg = GPT2Config(vocab_size=spec.vocab_size, n_positions=spec.max_seq_len, n_embd=spec.d_model,
+                         n_layer=spec.n_layer, n_head=spec.n_head, activation_function="gelu_new",
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
+        return GPT2LMHeadModel(cfg)
+    ff = -(-int(8 * spec.d_model / 3) // 32) * 32  # lmforge's (and the usual) Llama d_ff rule
+    cfg = LlamaConfig(vocab_size=spec.vocab_size, hidden_size=spec.d_model, intermediate_size=ff,
+                      num_hidden_layers=spec.n_layer, num_attention_heads=spec.n_head,
+                      num_key_value_heads=spec.n_kv_head or spec.n_head, head_dim=spec.d_model // spec.n_head,
+                      max_position_embeddings=spec.max_seq_len, tie_word_embeddings=False,
+                      attention_dropout=0.0, **ids)
+    return LlamaForCausalLM(cfg)
+
+
+def build_pair(spec: ModelSpec, seed: int = 0, jitter: float = 0.02) -> tuple[nn.Module, nn.Module]:
+    """(transformers model, lmforge DecoderLM) with identical fp32 weights, both in eval mode."""
+    from transformers.utils import logging as hf_logging
+
+    from lmforge.model.hf import load_hf
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    hf = hf_model(spec).float()
+    if jitter:
+        with torch.no_grad():
+            for p in hf.parameters():
+                p.add_(torch.randn_like(p) * jitter)
+    hf.eval()
+    with tempfile.TemporaryDirectory(prefix="lmforge-bench-") as tmp:
+        hf.save_pretrained(tmp, safe_serialization=True)
+        lm, _ = load_hf(tmp)
+    return hf, lm.float().eval()
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
+
+
+def decode_weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights one decode step must read: every parameter except embedding tables that
+    are only indexed (a single row each), counting a tied embedding/head once (the head reads it)."""
+    read_fully = {}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    used_by_linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    for p in model.parameters():
+        if id(p) in embeddings and id(p) not in used_by_linear:
+            continue
+        read_fully[id(p)] = p.numel() * p.element_size()
+    return sum(read_fully.values())
+
+
+def fmt_rate(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:,.1f}"

@@ -1,0 +1,148 @@
+"""Training throughput: lmforge vs transformers on the same architecture, weights and batch.
+
+One training step = forward, next-token cross-entropy, backward, gradient clipping and an AdamW
+step (lmforge's `build_optimizer`, foreach=True), exactly as `lmforge.train.trainer.train` does it;
+transformers gets the same loss function on its logits and the same optimizer. All contenders
+live in one process and are timed in interleaved rounds (rotating order) so load drifts on a
+shared machine hit them alike. MFU = model.flops_per_token(seq) x tokens/s divided by the square
+matmul peak measured in this run (fp32 peak for fp32 rows, bf16 peak for bf16 rows).
+
+    python benchmarks/train_throughput.py                 # GPT-2 demo size, batch 16 x 256
+    python benchmarks/train_throughput.py --family llama  # Llama (RoPE, RMSNorm, SwiGLU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from lmforge.config import TrainConfig  # noqa: E402
+from lmforge.train.objectives import causal_lm_loss  # noqa: E402
+from lmforge.train.trainer import autocast, build_optimizer  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Training tokens/s (forward + backward + clip + AdamW step) of lmforge vs transformers "
+                    "with identical weights and batch, fp32 and bf16 autocast, plus MFU against the "
+                    "matmul peak measured in the same run.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_model_args(p)
+    p.add_argument("--batch", type=int, default=16, help="sequences per step")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the model's context)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="interleaved timing rounds; the reported rate is the median over rounds")
+    p.add_argument("--steps", type=int, default=2, help="training steps per contender per round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed training steps per contender first")
+    p.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast contenders")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile(lmforge model) in fp32 (compilation is excluded from timing)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads value (default: leave torch's default)")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights and the batch")
+    return p.parse_args(argv)
+
+
+def make_step(model: torch.nn.Module, loss_fn, batch: dict[str, torch.Tensor], precision: str):
+    """A closure running one full training step; returns the loss as a float."""
+    opt = build_optimizer(model, TrainConfig())
+    params = [p for g in opt.param_groups for p in g["params"]]
+
+    def step() -> float:
+        with autocast(CPU, precision):
+            loss = loss_fn(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def hf_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The same objective as `causal_lm_loss`, on transformers' logits (labels already shifted)."""
+    logits = model(input_ids=batch["input_ids"]).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten())
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = common.spec_from_args(args)
+    seq = args.seq or spec.max_seq_len
+    if seq > spec.max_seq_len:
+        raise SystemExit(f"--seq {seq} exceeds the model's context {spec.max_seq_len}")
+
+    hf, lm = common.build_pair(spec, seed=args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    data = torch.randint(0, spec.vocab_size, (args.batch, seq + 1), generator=g)
+    batch = {"input_ids": data[:, :-1].contiguous(), "labels": data[:, 1:].contiguous()}
+    tokens = batch["input_ids"].numel()
+
+    # Fairness check: the same loss on the same batch (eval mode, fp32, before any step).
+    with torch.no_grad():
+        loss_hf, loss_lm = hf_loss(hf, batch).item(), causal_lm_loss(lm, batch).item()
+    diff = abs(loss_hf - loss_lm)
+    print(f"loss check: transformers {loss_hf:.6f}  lmforge {loss_lm:.6f}  |diff| {diff:.2e} "
+          f"({'OK' if diff < 1e-4 else 'MISMATCH'})")
+    if diff >= 1e-4:
+        raise SystemExit("the two models disagree on the loss; the comparison would not be fair")
+
+    peak = {"fp32": common.matmul_peak_gflops(torch.float32), "bf16": common.matmul_peak_gflops(torch.bfloat16)}
+    hf.train()
+    lm.train()
+    contenders = {
+        ("transformers", "fp32"): make_step(hf, hf_loss, batch, "fp32"),
+        ("lmforge", "fp32"): make_step(lm, causal_lm_loss, batch, "fp32"),
+    }
+    if not args.no_bf16:
+        contenders[("lmforge", "bf16")] = make_step(lm, causal_lm_loss, batch, "bf16")
+        contenders[("transformers", "bf16")] = make_step(hf, hf_loss, batch, "bf16")
+    if args.compile:
+        compiled = torch.compile(lm)
+        contenders[("lmforge+compile", "fp32")] = make_step(compiled, causal_lm_loss, batch, "fp32")
+
+    fns = {f"{name} {prec}": fn for (name, prec), fn in contenders.items()}
+    timings = common.time_alternating(fns, warmup=args.warmup, rounds=args.rounds, calls_per_round=args.steps)
+    flops_tok = lm.flops_per_token(seq)
+
+    n = common.num_params(lm)
+    print(f"\ntrain throughput | {spec.describe()} | {n / 1e6:.2f}M params | batch {args.batch} x {seq} "
+          f"= {tokens} tokens/step | {args.rounds} rounds x {args.steps} steps (median)")
+    print(f"matmul peak (measured): fp32 {peak['fp32']:,.0f} GFLOP/s, bf16 {peak['bf16']:,.0f} GFLOP/s | "
+          f"flops/token {flops_tok / 1e6:.2f} M (6N + 12LdT)")
+    hdr = f"{'contender':<26}{'tokens/s':>10}{'ms/step':>10}{'vs HF fp32':>12}{'MFU':>8}{'spread':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    base = tokens / timings["transformers fp32"].median
+    for (name, prec), _ in contenders.items():
+        t = timings[f"{name} {prec}"]
+        rate = tokens / t.median
+        mfu = flops_tok * rate / (peak[prec] * 1e9)
+        label = f"{name} {prec}" + (" autocast" if prec == "bf16" else "")
+        print(f"{label:<26}{common.fmt_rate(rate):>10}{t.median * 1e3:>10.1f}{rate / base:>11.2f}x"
+              f"{mfu:>8.1%}{t.spread:>8.0%}")
+    print(f"machine: {common.machine_line()}")
+    lm_fp32 = tokens / timings["lmforge fp32"].median
+    verdict = [f"lmforge fp32 / HF fp32 = {lm_fp32 / base:.2f}x (target >= 1.0: "
+               f"{'met' if lm_fp32 >= base else 'MISSED'})"]
+    if not args.no_bf16:
+        lm_bf16 = tokens / timings["lmforge bf16"].median
+        verdict.append(f"lmforge bf16 / HF fp32 = {lm_bf16 / base:.2f}x (goal >= 2.0: "
+                       f"{'met' if lm_bf16 >= 2 * base else 'MISSED'})")
+    print("targets: " + "; ".join(verdict))
+
+
+if __name__ == "__main__":
+    main()
