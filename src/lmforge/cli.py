@@ -42,8 +42,9 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
 
     index = prepare_shards(args.input, Tokenizer.from_file(args.tokenizer), args.out, text_field=args.text_field,
                            val_fraction=args.val_fraction, seed=args.seed, skip_bad_lines=args.skip_bad_lines)
+    skipped = f"; skipped {index.skipped_lines} bad lines" if index.skipped_lines else ""
     print(f"wrote {index.num_tokens['train']:,} train and {index.num_tokens['val']:,} validation tokens "
-          f"({index.dtype}) to {args.out}" + (f"; skipped {index.skipped_lines} bad lines" if index.skipped_lines else ""))
+          f"({index.dtype}) to {args.out}{skipped}")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:

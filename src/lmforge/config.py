@@ -159,7 +159,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
             i += 1
         else:
             raise ConfigError(f"override '{overrides[i]}' has no value; write it as --{item}=VALUE")
-        pairs.append((key, yaml.safe_load(raw) if raw != "" else "")) 
+        pairs.append((key, yaml.safe_load(raw) if raw != "" else ""))
         i += 1
     return pairs
 

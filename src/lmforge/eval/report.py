@@ -64,9 +64,9 @@ def plot_loss_curve(metrics_path: str | Path, out_png: Path, title: str = "pretr
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    series = {"train": tuple(zip(*train))}
+    series = {"train": tuple(zip(*train, strict=False))}
     if val:
-        series["validation"] = tuple(zip(*val))
+        series["validation"] = tuple(zip(*val, strict=False))
     return plot_series(out_png, title, "optimizer step", "cross-entropy (nats/token)", series)
 
 

@@ -1,0 +1,216 @@
+"""The shared training loop: exact resume after SIGKILL, NaN handling, resume errors, schedule."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import lmforge
+from lmforge.config import ModelConfig, PretrainConfig, TrainConfig, load_config
+from lmforge.data.batches import PackedBatches
+from lmforge.data.shards import prepare_shards
+from lmforge.errors import CheckpointError, TrainingError
+from lmforge.model.decoder import DecoderLM
+from lmforge.tokenizer import train_tokenizer
+from lmforge.train.objectives import causal_lm_loss
+from lmforge.train.pretrain import pretrain
+from lmforge.train.trainer import build_optimizer, lr_at, train
+
+WORDS = "the a king queen sword castle river moon ship wind stone fire bread gold".split()
+
+
+@pytest.fixture(scope="module")
+def shards_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) + "." for _ in range(600)]
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    tok = train_tokenizer(docs, vocab_size=400, show_progress=False)
+    prepare_shards([root / "corpus.jsonl"], tok, root / "shards", val_fraction=0.05, progress=False)
+    return root / "shards"
+
+
+def write_config(path: Path, shards: Path, out: Path, **train) -> Path:
+    cfg = {
+        "model": {"vocab_size": 400, "max_seq_len": 32, "n_layer": 2, "n_head": 2, "d_model": 32, "dropout": 0.1},
+        "data": {"dir": str(shards)},
+        "train": {"out_dir": str(out), "batch_size": 4, "max_steps": 40, "warmup_steps": 5, "save_every": 3,
+                  "eval_every": 10, "eval_batches": 2, "log_every": 1, "progress": False, **train},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    latest = (run_dir / "latest").read_text().strip()
+    return load_file(str(run_dir / latest / "model.safetensors"))
+
+
+def run_cli(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "lmforge.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_identical(tmp_path: Path, shards_dir: Path) -> None:
+    """A run killed with SIGKILL at random moments and resumed ends with the exact fp32 weights,
+    optimizer state and metrics of an unbroken run (dropout on, so RNG state matters too)."""
+    ref_cfg = write_config(tmp_path / "ref.yaml", shards_dir, tmp_path / "ref")
+    proc = run_cli("pretrain", "--config", str(ref_cfg))
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    reference = final_weights(tmp_path / "ref")
+
+    cfg = write_config(tmp_path / "run.yaml", shards_dir, tmp_path / "run")
+    rng = random.Random(1)
+    kills = 0
+    resume: tuple[str, ...] = ()
+    for _attempt in range(8):
+        proc = run_cli("pretrain", "--config", str(cfg), *resume)
+        # wait until training is under way (a checkpoint exists), then kill at a random moment
+        deadline = time.time() + 60
+        while not (tmp_path / "run" / "latest").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.4))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            resume = ("--resume",)
+        else:
+            assert proc.returncode == 0, proc.stderr.read()
+            break
+    else:
+        proc = run_cli("pretrain", "--config", str(cfg), "--resume")
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    assert kills >= 1, "the run finished before it could be killed; the test did not test resume"
+    resumed = final_weights(tmp_path / "run")
+    assert resumed.keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(resumed[name], reference[name]), name
+    ref_metrics = (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()
+    run_metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in lines]
+    assert strip(run_metrics) == strip(ref_metrics)
+
+
+def small_setup(shards_dir: Path, out: Path, **train) -> tuple[DecoderLM, TrainConfig, PackedBatches, PretrainConfig]:
+    config = load_config(PretrainConfig, None, [f"data.dir={shards_dir}", f"train.out_dir={out}",
+                                                "model.vocab_size=400", "model.max_seq_len=32",
+                                                "model.n_layer=1", "model.n_head=2", "model.d_model=16",
+                                                "train.progress=false", "train.batch_size=2"]
+                         + [f"train.{k}={v}" for k, v in train.items()])
+    from lmforge.data.shards import load_shards
+
+    batches = PackedBatches(load_shards(shards_dir).tokens("train"), 32, 2, seed=0)
+    torch.manual_seed(0)
+    return DecoderLM(config.model), config.train, batches, config
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path: Path, shards_dir: Path) -> None:
+    model, tcfg, batches, config = small_setup(shards_dir, tmp_path / "run", max_steps=20, save_every=5)
+    calls = {"n": 0}
+
+    def poisoned_loss(m: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        calls["n"] += 1
+        loss = causal_lm_loss(m, batch)
+        return loss * float("nan") if calls["n"] == 13 else loss
+
+    with pytest.raises(TrainingError, match=r"at step 13.*step_00000010.*intact"):
+        train(model, tcfg, batches.batch, poisoned_loss, run_config=config)
+    assert (tmp_path / "run" / "latest").read_text().strip() == "checkpoints/step_00000010"
+    good, _ = lmforge.load(tmp_path / "run")  # loads cleanly, and holds finite weights
+    assert all(torch.isfinite(p).all() for p in good.parameters())
+
+
+def test_resume_errors_leave_everything_untouched(tmp_path: Path, shards_dir: Path) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        model, tcfg, batches, config = small_setup(shards_dir, run, max_steps=4, save_every=2)
+        train(model, tcfg, batches.batch, causal_lm_loss, run_config=config, resume=True)
+    model, tcfg, batches, config = small_setup(shards_dir, run, max_steps=4, save_every=2)
+    train(model, tcfg, batches.batch, causal_lm_loss, run_config=config)
+    ckpt = run / (run / "latest").read_text().strip()
+    snapshot = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+    for victim, damage in [("optimizer.pt", "truncate"), ("model.safetensors", "truncate"),
+                           ("trainer_state.json", "truncate"), ("rng.pt", "delete"), ("model.safetensors", "delete")]:
+        path = ckpt / victim
+        original = path.read_bytes()
+        if damage == "truncate":
+            path.write_bytes(original[: len(original) // 2])
+        else:
+            path.unlink()
+        damaged = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+        model, tcfg, batches, config = small_setup(shards_dir, run, max_steps=8, save_every=2)
+        with pytest.raises(CheckpointError, match=victim.replace(".", r"\.")):
+            train(model, tcfg, batches.batch, causal_lm_loss, run_config=config, resume=True)
+        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == damaged, "resume wrote files"
+        path.write_bytes(original)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == snapshot
+
+
+def test_interrupted_checkpoint_write_never_becomes_latest(tmp_path: Path, shards_dir: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash while a checkpoint is being written leaves `latest` on the previous, whole one."""
+    import lmforge.checkpoint as ckpt_mod
+
+    model, tcfg, batches, config = small_setup(shards_dir, tmp_path / "run", max_steps=6, save_every=2)
+    real_save = ckpt_mod.torch.save
+    calls = {"n": 0}
+
+    def crashing_save(obj, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:  # optimizer.pt of the third checkpoint (step 0, 2, 4: two saves each)
+            Path(path).write_bytes(b"partial")
+            raise KeyboardInterrupt("simulated crash")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, tcfg, batches.batch, causal_lm_loss, run_config=config)
+    monkeypatch.undo()
+    assert (tmp_path / "run" / "latest").read_text().strip() == "checkpoints/step_00000002"
+    model, tcfg, batches, config = small_setup(shards_dir, tmp_path / "run", max_steps=6, save_every=2)
+    result = train(model, tcfg, batches.batch, causal_lm_loss, run_config=config, resume=True)
+    assert result.step == 6 and not list((tmp_path / "run" / "checkpoints").glob(".*tmp"))
+
+
+def test_pretrain_writes_metrics_checkpoints_and_loads(tmp_path: Path, shards_dir: Path) -> None:
+    cfg = load_config(PretrainConfig, write_config(tmp_path / "c.yaml", shards_dir, tmp_path / "run",
+                                                   max_steps=12, save_every=4, eval_every=6, log_every=2))
+    result = pretrain(cfg)
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8, 10, 12]
+    assert [r["step"] for r in records if "val_loss" in r] == [6, 12]
+    assert all(math.isclose(r["val_ppl"], math.exp(r["val_loss"]), rel_tol=1e-9) for r in records if "val_loss" in r)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000008", "step_00000012"]
+    assert result.val_loss is not None and result.val_loss < math.log(400)  # learned something
+    model, tok = lmforge.load(tmp_path / "run")
+    assert tok is not None and tok.vocab_size == 400 and not model.training
+
+
+def test_schedule_and_weight_decay_groups() -> None:
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(60, cfg) == pytest.approx(0.5 * (1e-3 + 1e-4))
+    assert lr_at(110, cfg) == pytest.approx(1e-4)
+    lrs = [lr_at(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+    model = DecoderLM(ModelConfig(vocab_size=50, n_layer=1, n_head=2, d_model=8, max_seq_len=8))
+    decay, no_decay = build_optimizer(model, cfg).param_groups
+    assert decay["weight_decay"] == cfg.weight_decay and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params()
