@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lmforge.errors import ConfigError
 
@@ -33,13 +33,13 @@ class ModelConfig(StrictModel):
     """A decoder-only Transformer; `family` fills in GPT-2 or Llama defaults."""
 
     family: Literal["gpt2", "llama", "custom"] = "gpt2"
-    vocab_size: int = 1024
-    max_seq_len: int = 256
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int | None = None  # None = n_head (MHA); 1 = MQA; in between = GQA
-    d_model: int = 128
-    d_ff: int | None = None  # None = 4*d_model (gelu) or the Llama rule (swiglu)
+    vocab_size: int = Field(1024, ge=1)
+    max_seq_len: int = Field(256, ge=1)
+    n_layer: int = Field(4, ge=1)
+    n_head: int = Field(4, ge=1)
+    n_kv_head: int | None = Field(None, ge=1)  # None = n_head (MHA); 1 = MQA; in between = GQA
+    d_model: int = Field(128, ge=1)
+    d_ff: int | None = Field(None, ge=1)  # None = 4*d_model (gelu) or the Llama rule (swiglu)
     position: Literal["learned", "sinusoidal", "rope", "alibi", "none"] = "learned"
     rope_theta: float = 10000.0
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
@@ -50,7 +50,7 @@ class ModelConfig(StrictModel):
     attn_bias: bool = True
     mlp_bias: bool = True
     tie_embeddings: bool = True
-    dropout: float = 0.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
     init_std: float = 0.02
 
     @model_validator(mode="before")
@@ -148,7 +148,9 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """`["train.lr=1e-3", "--model.n_layer", "4"]` -> [("train.lr", 0.001), ("model.n_layer", 4)]."""
+    """`["train.lr=0.001", "--model.n_layer", "4"]` -> [("train.lr", 0.001), ("model.n_layer", 4)].
+
+    Values are YAML scalars; pydantic then converts them to each field's type (so "1e-3" works too)."""
     pairs, i = [], 0
     while i < len(overrides):
         item = overrides[i].removeprefix("--")

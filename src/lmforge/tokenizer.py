@@ -37,9 +37,6 @@ class Tokenizer:
     """A thin, typed wrapper over `tokenizers.Tokenizer` exposing the ids lmforge needs."""
 
     def __init__(self, backend: HFTokenizer):
-        # Text is text: a literal "<|eos|>" in a document or prompt is not the EOS token. Stages
-        # that need special tokens insert their ids (token_id) directly.
-        backend.encode_special_tokens = True
         self.backend = backend
 
     # -- construction -------------------------------------------------------------------------

@@ -38,6 +38,8 @@ class SamplingConfig:
             raise LmforgeError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise LmforgeError(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(s == "" for s in self.stop):
+            raise LmforgeError("stop strings must not be empty")
 
 
 def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
