@@ -88,18 +88,18 @@ def write_training_checkpoint(
     config: BaseModel,
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
+    rng: dict[str, list[torch.Tensor]],
     keep: int,
 ) -> Path:
-    """Write checkpoints/step_N atomically, point `latest` at it, prune all but `keep` newest."""
+    """Write checkpoints/step_N atomically, point `latest` at it, prune all but `keep` newest.
+
+    `rng` holds each process's RNG states in rank order (one entry in a single-process run)."""
     ckpt_root = run_dir / "checkpoints"
     final = ckpt_root / f"step_{step:08d}"
     tmp = ckpt_root / f".step_{step:08d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     write_model_files(tmp, model, tokenizer, config)
     torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, tmp / RNG_FILE)
     (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=1))
     publish_dir(tmp, final)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from lmforge.checkpoint import (
@@ -31,6 +32,7 @@ from lmforge.config import TrainConfig
 from lmforge.errors import CheckpointError, TrainingError
 from lmforge.io import atomic_write_text
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.distributed import gather_objects, init_distributed, mean_across_ranks
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
@@ -147,6 +149,9 @@ def train(
     so the checkpoint loads with `lmforge.load`)."""
     run_dir = Path(cfg.out_dir)
     device = resolve_device(cfg.device)
+    ctx = init_distributed(device)
+    if ctx.enabled and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
     model.to(device).train()
     optimizer = build_optimizer(model, cfg)
     start_step, tokens_seen, resumed_from = 0, 0, None
@@ -155,22 +160,42 @@ def train(
             raise CheckpointError(f"--resume: no checkpoint in {run_dir} (missing {run_dir / LATEST_FILE})")
         ckpt = resolve_checkpoint(run_dir)
         state, opt_state, rng = read_training_state(ckpt)  # validates every file before changing anything
+        if len(rng["torch"]) != ctx.world_size:
+            raise CheckpointError(f"{ckpt} was written by {len(rng['torch'])} processes; resume it with as many "
+                                  f"(this run has {ctx.world_size}) so the result stays exact")
         load_weights(model, ckpt)
         optimizer.load_state_dict(opt_state)
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        torch.set_rng_state(rng["torch"][ctx.rank])
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"][ctx.rank], device)
         start_step, tokens_seen, resumed_from = state["step"], state["tokens_seen"], ckpt
-    run_dir.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(run_dir, start_step if resume else None, cfg.tensorboard)
+    elif ctx.enabled:
+        torch.manual_seed(cfg.seed + 1 + ctx.rank)  # each rank its own dropout noise
+    ddp_model = DistributedDataParallel(model) if ctx.enabled else model
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(run_dir, start_step if resume else None, cfg.tensorboard) if ctx.is_main else None
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
     def checkpoint(step: int) -> Path:
-        return write_training_checkpoint(run_dir, step, model, tokenizer, run_config, optimizer,
-                                         {"tokens_seen": tokens_seen}, cfg.keep_checkpoints)
+        rng = {"torch": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        states = gather_objects(rng, ctx)  # collective: every rank takes part
+        ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
+        if ctx.is_main:
+            ckpt = write_training_checkpoint(
+                run_dir, step, model, tokenizer, run_config, optimizer, {"tokens_seen": tokens_seen},
+                {key: [s[key] for s in states] for key in rng}, cfg.keep_checkpoints)
+        return ckpt
+
+    def log(record: dict[str, Any]) -> None:
+        if metrics is not None:
+            metrics.log(record)
 
     last_ckpt = resumed_from or checkpoint(0)
-    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not cfg.progress, desc="train", unit="step")
+    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not (cfg.progress and ctx.is_main),
+               desc="train", unit="step")
     loss_value, val_loss, tokens_per_s = float("nan"), None, 0.0
     window_tokens, window_time = 0, 0.0  # throughput counts training steps only, not eval or saving
     for step in range(start_step, cfg.max_steps):
@@ -178,40 +203,48 @@ def train(
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch_at(step * cfg.grad_accum + micro).items()}
-            with autocast(device, cfg.precision):
-                loss = loss_fn(model, batch)
-            if not torch.isfinite(loss):
+            index = (step * cfg.grad_accum + micro) * ctx.world_size + ctx.rank
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch_at(index).items()}
+            # under DDP, gradients are all-reduced on the last micro-batch only
+            sync = nullcontext() if micro == cfg.grad_accum - 1 or not ctx.enabled else ddp_model.no_sync()
+            with sync:
+                with autocast(device, cfg.precision):
+                    loss = loss_fn(ddp_model, batch)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+            window_tokens += batch["input_ids"].numel() * ctx.world_size
+            tokens_seen += batch["input_ids"].numel() * ctx.world_size
+        loss_value = mean_across_ranks(loss_sum / cfg.grad_accum, ctx).item()
+        if not math.isfinite(loss_value):
+            if metrics is not None:
                 metrics.close()
-                raise TrainingError(
-                    f"loss became {loss.item()} at step {step + 1}; stopped. The last good checkpoint, "
-                    f"{last_ckpt}, is intact: lower train.lr, raise train.warmup_steps, or check the data."
-                )
-            (loss / cfg.grad_accum).backward()
-            loss_sum += loss.item()
-            window_tokens += batch["input_ids"].numel()
-            tokens_seen += batch["input_ids"].numel()
+            raise TrainingError(
+                f"loss became {loss_value} at step {step + 1}; stopped. The last good checkpoint, "
+                f"{last_ckpt}, is intact: lower train.lr, raise train.warmup_steps, or check the data."
+            )
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         window_time += time.perf_counter() - t0
-        done, loss_value = step + 1, loss_sum / cfg.grad_accum
+        done = step + 1
         bar.update(1)
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             tokens_per_s = window_tokens / max(window_time, 1e-9)
-            metrics.log({"step": done, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                         "tokens": tokens_seen, "tokens_per_s": tokens_per_s})
+            log({"step": done, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                 "tokens": tokens_seen, "tokens_per_s": tokens_per_s})
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_s:,.0f}")
             window_tokens, window_time = 0, 0.0
         if val_batches is not None and (done % cfg.eval_every == 0 or done == cfg.max_steps):
             val_loss = evaluate(model, loss_fn, val_batches(), device, cfg.precision)
             val_ppl = math.exp(min(val_loss, 50.0))
-            metrics.log({"step": done, "val_loss": val_loss, "val_ppl": val_ppl})
-            bar.write(f"step {done}: val loss {val_loss:.4f}, perplexity {val_ppl:.2f}")
+            log({"step": done, "val_loss": val_loss, "val_ppl": val_ppl})
+            if ctx.is_main:
+                bar.write(f"step {done}: val loss {val_loss:.4f}, perplexity {val_ppl:.2f}")
         if done % cfg.save_every == 0 or done == cfg.max_steps:
             last_ckpt = checkpoint(done)
     bar.close()
-    metrics.close()
+    if metrics is not None:
+        metrics.close()
     return TrainResult(cfg.max_steps, loss_value, val_loss, tokens_per_s, last_ckpt)
