@@ -54,8 +54,50 @@ def machine_line() -> str:
     except OSError:
         load = "load n/a"
     isa = torch.backends.cpu.get_cpu_capability()
-    return (f"{cpu_model()} | {cores} cores ({isa}) | torch {torch.__version__} | {tf} | "
-            f"{torch.get_num_threads()} threads | {load} (1/5 min)")
+    return (
+        f"{cpu_model()} | {cores} cores ({isa}) | torch {torch.__version__} | {tf} | "
+        f"{torch.get_num_threads()} threads | {load} (1/5 min)"
+    )
+
+
+def _busy_seconds() -> float | None:
+    """CPU-seconds all processes have spent busy since boot (/proc/stat), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """Measures how many cores *other* processes kept busy while the benchmark ran: on a shared
+    machine this is the main source of noise (a busy core stalls every multi-threaded op)."""
+
+    def __enter__(self) -> OtherLoad:
+        self.busy0, self.self0, self.wall0 = _busy_seconds(), _self_seconds(), time.perf_counter()
+        self.cores: float | None = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy1 = _busy_seconds()
+        if busy1 is None or self.busy0 is None:
+            return
+        wall = time.perf_counter() - self.wall0
+        other = (busy1 - self.busy0) - (_self_seconds() - self.self0)
+        self.cores = max(0.0, other / wall) if wall > 0 else 0.0
+
+    def describe(self) -> str:
+        if self.cores is None:
+            return "other processes' load: unknown"
+        warn = " (the machine was shared: expect noisy numbers)" if self.cores > 0.2 else ""
+        return f"other processes kept {self.cores:.2f} cores busy during the timing{warn}"
+
+
+def _self_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,8 +135,9 @@ def time_it(fn: Callable[[], object], warmup: int = 1, repeats: int = 5) -> Timi
     return Timing(times)
 
 
-def time_alternating(fns: dict[str, Callable[[], object]], warmup: int = 1, rounds: int = 5,
-                     calls_per_round: int = 1) -> dict[str, Timing]:
+def time_alternating(
+    fns: dict[str, Callable[[], object]], warmup: int = 1, rounds: int = 5, calls_per_round: int = 1
+) -> dict[str, Timing]:
     """Time several functions in interleaved rounds (the order rotates every round), so slow drifts
     in machine load hit every contender alike. Returns seconds per call for each round."""
     names = list(fns)
@@ -128,11 +171,11 @@ def matmul_peak_gflops(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048)
     return best
 
 
-def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
-    """Read bandwidth in GB/s: median time of `x.sum()` over a `megabytes` fp32 tensor."""
+def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 7) -> float:
+    """Read bandwidth in GB/s: best time of `x.sum()` over a `megabytes` fp32 tensor."""
     x = torch.ones(megabytes * 2**20 // 4)
     t = time_it(lambda: x.sum(), warmup=1, repeats=repeats)
-    return x.numel() * 4 / t.median / 1e9
+    return x.numel() * 4 / t.best / 1e9  # a bound: the best repeat
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,8 +195,10 @@ class ModelSpec:
 
     def describe(self) -> str:
         kv = f", kv_heads {self.n_kv_head}" if self.family == "llama" and self.n_kv_head else ""
-        return (f"{self.family}: vocab {self.vocab_size}, ctx {self.max_seq_len}, {self.n_layer} layers, "
-                f"{self.n_head} heads{kv}, d_model {self.d_model}")
+        return (
+            f"{self.family}: vocab {self.vocab_size}, ctx {self.max_seq_len}, {self.n_layer} layers, "
+            f"{self.n_head} heads{kv}, d_model {self.d_model}"
+        )
 
 
 SIZES = {
@@ -164,25 +209,42 @@ SIZES = {
 
 def add_model_args(parser: argparse.ArgumentParser, default_size: str = "demo") -> None:
     g = parser.add_argument_group("model (a size preset; any explicit field overrides it)")
-    g.add_argument("--size", choices=sorted(SIZES), default=default_size,
-                   help=f"size preset (default: {default_size}); demo = vocab 2048, ctx 256, 4 layers, "
-                        "4 heads, d_model 128; gpt2-small = vocab 50257, ctx 1024, 12 layers, 12 heads, d 768")
-    g.add_argument("--family", choices=["gpt2", "llama"], default="gpt2",
-                   help="architecture: gpt2 (learned positions, LayerNorm, GELU, tied head; HF "
-                        "GPT2LMHeadModel) or llama (RoPE, RMSNorm, SwiGLU; HF LlamaForCausalLM) (default: gpt2)")
+    g.add_argument(
+        "--size",
+        choices=sorted(SIZES),
+        default=default_size,
+        help=f"size preset (default: {default_size}); demo = vocab 2048, ctx 256, 4 layers, "
+        "4 heads, d_model 128; gpt2-small = vocab 50257, ctx 1024, 12 layers, 12 heads, d 768",
+    )
+    g.add_argument(
+        "--family",
+        choices=["gpt2", "llama"],
+        default="gpt2",
+        help="architecture: gpt2 (learned positions, LayerNorm, GELU, tied head; HF "
+        "GPT2LMHeadModel) or llama (RoPE, RMSNorm, SwiGLU; HF LlamaForCausalLM) (default: gpt2)",
+    )
     g.add_argument("--vocab", type=int, help="vocabulary size (overrides the preset)")
     g.add_argument("--ctx", type=int, help="context length / max positions (overrides the preset)")
     g.add_argument("--layers", type=int, help="number of layers (overrides the preset)")
     g.add_argument("--heads", type=int, help="number of attention heads (overrides the preset)")
     g.add_argument("--d-model", type=int, help="model width (overrides the preset)")
-    g.add_argument("--kv-heads", type=int,
-                   help="llama only: key/value heads for grouped-query attention (default: = heads)")
+    g.add_argument(
+        "--kv-heads",
+        type=int,
+        help="llama only: key/value heads for grouped-query attention (default: = heads)",
+    )
 
 
 def spec_from_args(args: argparse.Namespace) -> ModelSpec:
     spec = replace(SIZES[args.size], family=args.family)
-    overrides = dict(vocab_size=args.vocab, max_seq_len=args.ctx, n_layer=args.layers, n_head=args.heads,
-                     d_model=args.d_model, n_kv_head=args.kv_heads)
+    overrides = dict(
+        vocab_size=args.vocab,
+        max_seq_len=args.ctx,
+        n_layer=args.layers,
+        n_head=args.heads,
+        d_model=args.d_model,
+        n_kv_head=args.kv_heads,
+    )
     spec = replace(spec, **{k: v for k, v in overrides.items() if v is not None})
     if spec.n_kv_head is not None and spec.family != "llama":
         raise SystemExit("--kv-heads needs --family llama (HF GPT-2 has no grouped-query attention)")
@@ -195,16 +257,33 @@ def hf_model(spec: ModelSpec) -> nn.Module:
 
     ids = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
     if spec.family == "gpt2":
-        cfg = GPT2Config(vocab_size=spec.vocab_size, n_positions=spec.max_seq_len, n_embd=spec.d_model,
-                         n_layer=spec.n_layer, n_head=spec.n_head, activation_function="gelu_new",
-                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
+        cfg = GPT2Config(
+            vocab_size=spec.vocab_size,
+            n_positions=spec.max_seq_len,
+            n_embd=spec.d_model,
+            n_layer=spec.n_layer,
+            n_head=spec.n_head,
+            activation_function="gelu_new",
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **ids,
+        )
         return GPT2LMHeadModel(cfg)
     ff = -(-int(8 * spec.d_model / 3) // 32) * 32  # lmforge's (and the usual) Llama d_ff rule
-    cfg = LlamaConfig(vocab_size=spec.vocab_size, hidden_size=spec.d_model, intermediate_size=ff,
-                      num_hidden_layers=spec.n_layer, num_attention_heads=spec.n_head,
-                      num_key_value_heads=spec.n_kv_head or spec.n_head, head_dim=spec.d_model // spec.n_head,
-                      max_position_embeddings=spec.max_seq_len, tie_word_embeddings=False,
-                      attention_dropout=0.0, **ids)
+    cfg = LlamaConfig(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.d_model,
+        intermediate_size=ff,
+        num_hidden_layers=spec.n_layer,
+        num_attention_heads=spec.n_head,
+        num_key_value_heads=spec.n_kv_head or spec.n_head,
+        head_dim=spec.d_model // spec.n_head,
+        max_position_embeddings=spec.max_seq_len,
+        tie_word_embeddings=False,
+        attention_dropout=0.0,
+        **ids,
+    )
     return LlamaForCausalLM(cfg)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -22,7 +23,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-
 from lmforge.config import TrainConfig  # noqa: E402
 from lmforge.train.objectives import causal_lm_loss  # noqa: E402
 from lmforge.train.trainer import autocast, build_optimizer  # noqa: E402
@@ -33,22 +33,42 @@ CPU = torch.device("cpu")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Training tokens/s (forward + backward + clip + AdamW step) of lmforge vs transformers "
-                    "with identical weights and batch, fp32 and bf16 autocast, plus MFU against the "
-                    "matmul peak measured in the same run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "with identical weights and batch, fp32 and bf16 autocast, plus MFU against the "
+        "matmul peak measured in the same run.",
+    )
     common.add_model_args(p)
-    p.add_argument("--batch", type=int, default=16, help="sequences per step")
+    p.add_argument("--batch", type=int, default=16, help="sequences per step (default: 16)")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the model's context)")
-    p.add_argument("--rounds", type=int, default=5,
-                   help="interleaved timing rounds; the reported rate is the median over rounds")
-    p.add_argument("--steps", type=int, default=2, help="training steps per contender per round")
-    p.add_argument("--warmup", type=int, default=2, help="untimed training steps per contender first")
-    p.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast contenders")
-    p.add_argument("--compile", action="store_true",
-                   help="also time torch.compile(lmforge model) in fp32 (compilation is excluded from timing)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads value (default: leave torch's default)")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights and the batch")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=7,
+        help="interleaved timing rounds; the reported rate is the median over rounds (default: 7)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=1,
+        help="training steps timed together per contender per round (default: 1)",
+    )
+    p.add_argument(
+        "--warmup", type=int, default=1, help="untimed training steps per contender first (default: 1)"
+    )
+    p.add_argument(
+        "--no-bf16", action="store_true", help="skip the two bf16 autocast contenders (faster run)"
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time torch.compile(lmforge model), fp32 and bf16; the compile time is printed, not timed",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads value (default: leave torch's default, one per core)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for the weights and the batch (default: 0)")
     return p.parse_args(argv)
 
 
@@ -94,12 +114,17 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         loss_hf, loss_lm = hf_loss(hf, batch).item(), causal_lm_loss(lm, batch).item()
     diff = abs(loss_hf - loss_lm)
-    print(f"loss check: transformers {loss_hf:.6f}  lmforge {loss_lm:.6f}  |diff| {diff:.2e} "
-          f"({'OK' if diff < 1e-4 else 'MISMATCH'})")
+    print(
+        f"loss check: transformers {loss_hf:.6f}  lmforge {loss_lm:.6f}  |diff| {diff:.2e} "
+        f"({'OK' if diff < 1e-4 else 'MISMATCH'}) | transformers attention: {hf.config._attn_implementation}"
+    )
     if diff >= 1e-4:
         raise SystemExit("the two models disagree on the loss; the comparison would not be fair")
 
-    peak = {"fp32": common.matmul_peak_gflops(torch.float32), "bf16": common.matmul_peak_gflops(torch.bfloat16)}
+    peak = {
+        "fp32": common.matmul_peak_gflops(torch.float32),
+        "bf16": common.matmul_peak_gflops(torch.bfloat16),
+    }
     hf.train()
     lm.train()
     contenders = {
@@ -109,20 +134,33 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_bf16:
         contenders[("lmforge", "bf16")] = make_step(lm, causal_lm_loss, batch, "bf16")
         contenders[("transformers", "bf16")] = make_step(hf, hf_loss, batch, "bf16")
+    compile_s: dict[str, float] = {}
     if args.compile:
         compiled = torch.compile(lm)
-        contenders[("lmforge+compile", "fp32")] = make_step(compiled, causal_lm_loss, batch, "fp32")
+        for prec in ("fp32",) if args.no_bf16 else ("fp32", "bf16"):
+            step = make_step(compiled, causal_lm_loss, batch, prec)
+            t0 = time.perf_counter()
+            step()  # compiles (not timed below)
+            compile_s[prec] = time.perf_counter() - t0
+            contenders[("lmforge+compile", prec)] = step
 
     fns = {f"{name} {prec}": fn for (name, prec), fn in contenders.items()}
-    timings = common.time_alternating(fns, warmup=args.warmup, rounds=args.rounds, calls_per_round=args.steps)
+    with common.OtherLoad() as load:
+        timings = common.time_alternating(
+            fns, warmup=args.warmup, rounds=args.rounds, calls_per_round=args.steps
+        )
     flops_tok = lm.flops_per_token(seq)
 
     n = common.num_params(lm)
-    print(f"\ntrain throughput | {spec.describe()} | {n / 1e6:.2f}M params | batch {args.batch} x {seq} "
-          f"= {tokens} tokens/step | {args.rounds} rounds x {args.steps} steps (median)")
-    print(f"matmul peak (measured): fp32 {peak['fp32']:,.0f} GFLOP/s, bf16 {peak['bf16']:,.0f} GFLOP/s | "
-          f"flops/token {flops_tok / 1e6:.2f} M (6N + 12LdT)")
-    hdr = f"{'contender':<26}{'tokens/s':>10}{'ms/step':>10}{'vs HF fp32':>12}{'MFU':>8}{'spread':>8}"
+    print(
+        f"\ntrain throughput | {spec.describe()} | {n / 1e6:.2f}M params | batch {args.batch} x {seq} "
+        f"= {tokens} tokens/step | {args.rounds} rounds x {args.steps} steps (median)"
+    )
+    print(
+        f"matmul peak (measured): fp32 {peak['fp32']:,.0f} GFLOP/s, bf16 {peak['bf16']:,.0f} GFLOP/s | "
+        f"flops/token {flops_tok / 1e6:.2f} M (6N + 12LdT)"
+    )
+    hdr = f"{'contender':<30}{'tokens/s':>10}{'ms/step':>10}{'vs HF fp32':>12}{'MFU':>8}{'spread':>8}"
     print(hdr)
     print("-" * len(hdr))
     base = tokens / timings["transformers fp32"].median
@@ -131,16 +169,29 @@ def main(argv: list[str] | None = None) -> None:
         rate = tokens / t.median
         mfu = flops_tok * rate / (peak[prec] * 1e9)
         label = f"{name} {prec}" + (" autocast" if prec == "bf16" else "")
-        print(f"{label:<26}{common.fmt_rate(rate):>10}{t.median * 1e3:>10.1f}{rate / base:>11.2f}x"
-              f"{mfu:>8.1%}{t.spread:>8.0%}")
+        print(
+            f"{label:<30}{common.fmt_rate(rate):>10}{t.median * 1e3:>10.1f}{rate / base:>11.2f}x"
+            f"{mfu:>8.1%}{t.spread:>8.0%}"
+        )
+    print("MFU: against the measured peak of the row's precision; spread: (max - min) / median over rounds")
+    if compile_s:
+        print(
+            "torch.compile: first step (compilation) "
+            + ", ".join(f"{p} {t:.1f} s" for p, t in compile_s.items())
+        )
     print(f"machine: {common.machine_line()}")
+    print(load.describe())
     lm_fp32 = tokens / timings["lmforge fp32"].median
-    verdict = [f"lmforge fp32 / HF fp32 = {lm_fp32 / base:.2f}x (target >= 1.0: "
-               f"{'met' if lm_fp32 >= base else 'MISSED'})"]
+    verdict = [
+        f"lmforge fp32 / HF fp32 = {lm_fp32 / base:.2f}x (target >= 1.0: "
+        f"{'met' if lm_fp32 >= base else 'MISSED'})"
+    ]
     if not args.no_bf16:
         lm_bf16 = tokens / timings["lmforge bf16"].median
-        verdict.append(f"lmforge bf16 / HF fp32 = {lm_bf16 / base:.2f}x (goal >= 2.0: "
-                       f"{'met' if lm_bf16 >= 2 * base else 'MISSED'})")
+        verdict.append(
+            f"lmforge bf16 / HF fp32 = {lm_bf16 / base:.2f}x (goal >= 2.0: "
+            f"{'met' if lm_bf16 >= 2 * base else 'MISSED'})"
+        )
     print("targets: " + "; ".join(verdict))
 
 

@@ -214,3 +214,19 @@ def test_schedule_and_weight_decay_groups() -> None:
     assert decay["weight_decay"] == cfg.weight_decay and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params()
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path: Path, shards_dir: Path) -> None:
+    """train.compile=true (torch.compile of the forward) reaches the same weights as eager (atol 1e-5)."""
+    from torch._dynamo.utils import counters
+
+    weights, graphs = {}, {}
+    for flag in ("false", "true"):
+        counters.clear()
+        model, tcfg, batches, config = small_setup(shards_dir, tmp_path / flag, max_steps=3, compile=flag)
+        train(model, tcfg, batches.batch, causal_lm_loss, run_config=config)
+        weights[flag], graphs[flag] = model.state_dict(), counters["stats"]["unique_graphs"]
+    assert graphs == {"false": 0, "true": graphs["true"]} and graphs["true"] >= 1  # compiled only when asked
+    for name, tensor in weights["false"].items():
+        assert torch.allclose(tensor, weights["true"][name], atol=1e-5), name

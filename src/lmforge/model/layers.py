@@ -167,13 +167,11 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        if self.n_kv != self.n_head:
-            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
         # A single new token (decode) may see every cached key; a fresh prompt is plain causal.
+        # enable_gqa lets SDPA share each k/v head across its query group without copying.
         is_causal = bias is None and T > 1
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=None if bias is None else bias.to(q.dtype), is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv != self.n_head,
         )
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))

@@ -172,6 +172,7 @@ def train(
     elif ctx.enabled:
         torch.manual_seed(cfg.seed + 1 + ctx.rank)  # each rank its own dropout noise
     ddp_model = DistributedDataParallel(model) if ctx.enabled else model
+    forward_model = torch.compile(ddp_model) if cfg.compile else ddp_model
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(run_dir, start_step if resume else None, cfg.tensorboard) if ctx.is_main else None
@@ -211,7 +212,7 @@ def train(
             sync = nullcontext() if micro == cfg.grad_accum - 1 or not ctx.enabled else ddp_model.no_sync()
             with sync:
                 with autocast(device, cfg.precision):
-                    loss = loss_fn(ddp_model, batch)
+                    loss = loss_fn(forward_model, batch)
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
             window_tokens += batch["input_ids"].numel() * ctx.world_size

@@ -1,0 +1,146 @@
+"""Decode speed at batch 1 with a KV cache: lmforge `generate_ids` vs transformers `generate`.
+
+Both run greedy decoding of the same prompt with identical weights, producing exactly N new
+tokens (lmforge: temperature 0, stop_at_eos False; transformers: do_sample False,
+min_new_tokens = max_new_tokens = N, use_cache True), inside torch.inference_mode(), timed in
+interleaved rounds. tok/s = N / wall time of the whole call (prefill included). The bandwidth
+bound is the memory-read bandwidth measured in this run divided by the weight bytes one decode
+step reads; "of bound" is the achieved fraction of it (at the demo size the weights fit in cache,
+so per-token overhead, not bandwidth, is what limits both).
+
+    python benchmarks/decode_speed.py                     # demo size (GPT-2 family)
+    python benchmarks/decode_speed.py --size gpt2-small   # 124M parameters, random init
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from lmforge.infer.generate import SamplingConfig, generate_ids  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Batch-1 greedy decode tokens/s of lmforge generate_ids vs transformers generate "
+        "(KV cache on both, identical weights and prompt), with the fraction of the "
+        "memory-bandwidth bound measured in the same run.",
+    )
+    common.add_model_args(p)
+    p.add_argument(
+        "--prompt-len", type=int, default=16, help="prompt tokens, random ids from --seed (default: 16)"
+    )
+    p.add_argument(
+        "--new-tokens", type=int, default=128, help="tokens to generate, exactly this many (default: 128)"
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="interleaved timing rounds; the reported rate is the median over rounds (default: 5)",
+    )
+    p.add_argument(
+        "--warmup", type=int, default=1, help="untimed generate calls per contender first (default: 1)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads value (default: leave torch's default, one per core)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for the weights and the prompt (default: 0)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = common.spec_from_args(args)
+    n_new = args.new_tokens
+    if args.prompt_len + n_new > spec.max_seq_len:
+        raise SystemExit(
+            f"prompt {args.prompt_len} + {n_new} new tokens exceed the context {spec.max_seq_len}"
+        )
+
+    hf, lm = common.build_pair(spec, seed=args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    prompt = torch.randint(0, spec.vocab_size, (1, args.prompt_len), generator=g)
+    prompt_ids = prompt[0].tolist()
+    mask = torch.ones_like(prompt)
+    sampling = SamplingConfig(max_new_tokens=n_new, temperature=0.0, stop_at_eos=False)
+
+    def run_lmforge() -> list[int]:
+        with torch.inference_mode():
+            return generate_ids(lm, prompt_ids, sampling, eos_id=None)
+
+    def run_hf() -> list[int]:
+        with torch.inference_mode():
+            out = hf.generate(
+                prompt,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=n_new,
+                min_new_tokens=n_new,
+                use_cache=True,
+                pad_token_id=0,
+            )
+        return out[0, args.prompt_len :].tolist()
+
+    ids_lm, ids_hf = run_lmforge(), run_hf()
+    same = ids_lm == ids_hf
+    first = next((i for i, (a, b) in enumerate(zip(ids_lm, ids_hf, strict=False)) if a != b), None)
+    check = (
+        "identical"
+        if same
+        else f"DIFFERENT (first mismatch at new token {first}; lengths {len(ids_lm)}/{len(ids_hf)})"
+    )
+
+    bandwidth = common.memory_bandwidth_gbs()
+    with common.OtherLoad() as load:
+        timings = common.time_alternating(
+            {"transformers": run_hf, "lmforge": run_lmforge}, warmup=args.warmup, rounds=args.rounds
+        )
+    weight_bytes = common.decode_weight_bytes(lm)
+    bound = bandwidth * 1e9 / weight_bytes  # tokens/s if every step only streamed its weights once
+
+    print(
+        f"\ndecode | {spec.describe()} | {common.num_params(lm) / 1e6:.2f}M params | batch 1, prompt "
+        f"{args.prompt_len}, {n_new} new tokens, greedy, KV cache | {args.rounds} rounds (median)"
+    )
+    print(f"greedy token ids: {check} | transformers attention: {hf.config._attn_implementation}")
+    print(
+        f"memory read bandwidth (measured, x.sum() over 512 MB): {bandwidth:.1f} GB/s | weights read per "
+        f"token: {weight_bytes / 1e6:.1f} MB | bound {common.fmt_rate(bound)} tok/s"
+    )
+    hdr = f"{'contender':<28}{'tok/s':>9}{'ms/token':>10}{'vs HF':>8}{'of bound':>10}{'spread':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    base = n_new / timings["transformers"].median
+    labels = {"transformers": "transformers generate", "lmforge": "lmforge generate_ids"}
+    for name in ("transformers", "lmforge"):
+        t = timings[name]
+        rate = n_new / t.median
+        print(
+            f"{labels[name]:<28}{common.fmt_rate(rate):>9}{t.median / n_new * 1e3:>10.2f}{rate / base:>7.2f}x"
+            f"{rate / bound:>10.1%}{t.spread:>8.0%}"
+        )
+    print("spread: (max - min) / median over rounds")
+    print(f"machine: {common.machine_line()}")
+    print(load.describe())
+    ratio = (n_new / timings["lmforge"].median) / base
+    verdict = "met" if ratio >= 1.5 else "MISSED"
+    print(f"target: lmforge / transformers = {ratio:.2f}x (target >= 1.5: {verdict})")
+    if not same:
+        print(
+            "note: greedy ids differ; with random weights near-tied logits can flip on rounding differences"
+        )
+
+
+if __name__ == "__main__":
+    main()
