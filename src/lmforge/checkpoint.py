@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from safetensors.torch import load_file, save_file
 
-from lmforge.config import ModelConfig, dump_config
+from lmforge.config import AnyModelConfig, dump_config
 from lmforge.errors import CheckpointError
 from lmforge.io import atomic_write_text, fsync_dir
-from lmforge.model.decoder import DecoderLM
+from lmforge.model import build_model, model_config_from_dict
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
 CONFIG_FILE, WEIGHTS_FILE = "config.yaml", "model.safetensors"
@@ -46,7 +46,7 @@ def _unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_model_files(directory: Path, model: DecoderLM, tokenizer: Tokenizer | None, config: BaseModel) -> None:
+def write_model_files(directory: Path, model: torch.nn.Module, tokenizer: Tokenizer | None, config: BaseModel) -> None:
     """Write config.yaml, model.safetensors and tokenizer.json into `directory` (not atomic alone)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_FILE).write_text(dump_config(config))
@@ -67,10 +67,10 @@ def publish_dir(tmp: Path, final: Path) -> None:
 
 
 class _ModelOnly(BaseModel):
-    model: ModelConfig
+    model: AnyModelConfig
 
 
-def save(model: DecoderLM, tokenizer: Tokenizer | None, path: str | Path) -> Path:
+def save(model: torch.nn.Module, tokenizer: Tokenizer | None, path: str | Path) -> Path:
     """Save a model (and tokenizer) as an lmforge checkpoint dir, atomically."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp"
@@ -83,7 +83,7 @@ def save(model: DecoderLM, tokenizer: Tokenizer | None, path: str | Path) -> Pat
 def write_training_checkpoint(
     run_dir: Path,
     step: int,
-    model: DecoderLM,
+    model: torch.nn.Module,
     tokenizer: Tokenizer | None,
     config: BaseModel,
     optimizer: torch.optim.Optimizer,
@@ -154,10 +154,14 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
         raise CheckpointError(f"{f} does not match the model: missing {missing}, unexpected {unexpected}")
 
 
-def load_checkpoint(path: str | Path) -> tuple[DecoderLM, Tokenizer | None]:
+def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, Tokenizer | None]:
     """Load model (eval mode) and tokenizer from an lmforge checkpoint or run dir."""
     ckpt = resolve_checkpoint(path)
-    model = DecoderLM(ModelConfig.model_validate(read_config_tree(ckpt)["model"]))
+    tree = read_config_tree(ckpt)["model"]
+    try:
+        model = build_model(model_config_from_dict(tree))
+    except ValidationError as err:
+        raise CheckpointError(f"{ckpt / CONFIG_FILE}: invalid model section: {err}") from None
     load_weights(model, ckpt)
     tok_file = ckpt / TOKENIZER_FILE
     tokenizer = Tokenizer.from_file(tok_file) if tok_file.is_file() else None

@@ -7,8 +7,9 @@ value; an unknown key names the closest valid one, a wrong type names the key an
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -32,6 +33,7 @@ MODEL_FAMILIES: dict[str, dict[str, Any]] = {
 class ModelConfig(StrictModel):
     """A decoder-only Transformer; `family` fills in GPT-2 or Llama defaults."""
 
+    arch: Literal["decoder"] = "decoder"
     family: Literal["gpt2", "llama", "custom"] = "gpt2"
     vocab_size: int = Field(1024, ge=1)
     max_seq_len: int = Field(256, ge=1)
@@ -129,10 +131,90 @@ class DataConfig(StrictModel):
     dir: str = "runs/data"  # token shards written by `lmforge data prepare`
 
 
+DecoderConfig = ModelConfig
+
+
+class EncoderConfig(StrictModel):
+    """A BERT-style bidirectional encoder: token + segment + learned positions, post-norm, MLM head."""
+
+    arch: Literal["encoder"] = "encoder"
+    vocab_size: int = Field(1024, ge=1)
+    max_seq_len: int = Field(256, ge=1)
+    type_vocab_size: int = Field(2, ge=1)  # segments (sentence A / B)
+    n_layer: int = Field(4, ge=1)
+    n_head: int = Field(4, ge=1)
+    d_model: int = Field(128, ge=1)
+    d_ff: int | None = Field(None, ge=1)  # None = 4*d_model
+    activation: Literal["gelu", "gelu_tanh", "relu", "silu"] = "gelu"
+    norm_eps: float = 1e-12
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    init_std: float = 0.02
+    nsp: bool = False  # next-sentence-prediction head (BERT's second objective), off by default
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> EncoderConfig:
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def ff_dim(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+
+class EncDecConfig(StrictModel):
+    """A T5-style encoder-decoder: RMSNorm without bias, bucketed relative position bias, no attention scaling."""
+
+    arch: Literal["encdec"] = "encdec"
+    vocab_size: int = Field(1024, ge=1)
+    max_seq_len: int = Field(512, ge=1)  # longest input/target lmforge accepts (relative positions have no table)
+    n_layer: int = Field(2, ge=1)  # encoder layers
+    n_decoder_layer: int | None = Field(None, ge=1)  # None = n_layer
+    n_head: int = Field(4, ge=1)
+    head_dim: int = Field(32, ge=1)  # T5's d_kv: need not be d_model / n_head
+    d_model: int = Field(128, ge=1)
+    d_ff: int = Field(512, ge=1)
+    activation: Literal["relu", "gelu_tanh", "gelu", "silu"] = "relu"
+    gated: bool = False  # T5 v1.1 / Flan-T5 use a gated-GELU MLP
+    relative_buckets: int = Field(32, ge=2)
+    relative_max_distance: int = Field(128, ge=2)
+    norm_eps: float = 1e-6
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    tie_embeddings: bool = True  # tied: decoder output scaled by d_model**-0.5 before the head, as T5 does
+    init_std: float = 1.0  # T5 scales its init per tensor; see EncDecLM.reset_parameters
+    decoder_start_id: int = 2  # T5 starts decoding from the pad token; lmforge's <|pad|> is id 2
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.n_decoder_layer or self.n_layer
+
+
+AnyModelConfig = Annotated[ModelConfig | EncoderConfig | EncDecConfig, Field(discriminator="arch")]
+
+
+def with_default_arch(tree: Any) -> Any:
+    """A model section without `arch` is a decoder (configs written before encoders existed)."""
+    if isinstance(tree, dict) and "arch" not in tree:
+        return {**tree, "arch": "decoder"}
+    return tree
+
+
 class PretrainConfig(StrictModel):
-    model: ModelConfig = ModelConfig()
+    model: AnyModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    objective: Literal["clm", "mlm", "span"] = "clm"  # must fit the architecture: decoder/encoder/encdec
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_arch(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "model" in data:
+            return {**data, "model": with_default_arch(data["model"])}
+        return data
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -167,19 +249,31 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return pairs
 
 
+def _model_classes(annotation: Any) -> list[type[BaseModel]]:
+    """The config classes a field holds: itself, or each member of a (discriminated) union."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [c for arg in typing.get_args(annotation) for c in _model_classes(arg)]
+
+
 def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, field in model.model_fields.items():
         keys.append(prefix + name)
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            keys += _valid_keys(field.annotation, prefix + name + ".")
+        for sub in _model_classes(field.annotation):
+            keys += [k for k in _valid_keys(sub, prefix + name + ".") if k not in keys]
     return keys
+
+
+_ARCH_TAGS = {"decoder", "encoder", "encdec"}
 
 
 def _friendly(err: ValidationError, cls: type[BaseModel], source: str) -> ConfigError:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
+        # a discriminated union puts the chosen arch into the location: model.decoder.n_layer -> model.n_layer
+        loc = [str(p) for i, p in enumerate(e["loc"]) if not (i > 0 and p in _ARCH_TAGS)]
+        key = ".".join(loc)
         if e["type"] == "extra_forbidden":
             close = difflib.get_close_matches(key, _valid_keys(cls), n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else ""

@@ -1,0 +1,35 @@
+"""The three Transformer families, built from their configs.
+
+`build_model(cfg)` picks the class by `cfg.arch`: decoder (GPT-2 / Llama, `decoder.py`),
+encoder (BERT, `encoder.py`), encoder-decoder (T5, `encdec.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import TypeAdapter
+from torch import nn
+
+from lmforge.config import AnyModelConfig, with_default_arch
+
+_ADAPTER: TypeAdapter = TypeAdapter(AnyModelConfig)
+
+
+def model_config_from_dict(tree: dict[str, Any]) -> AnyModelConfig:
+    """Validate a `model:` section (as saved in config.yaml) into its typed config."""
+    return _ADAPTER.validate_python(with_default_arch(tree))
+
+
+def build_model(cfg: AnyModelConfig) -> nn.Module:
+    if cfg.arch == "encoder":
+        from lmforge.model.encoder import EncoderModel
+
+        return EncoderModel(cfg)
+    if cfg.arch == "encdec":
+        from lmforge.model.encdec import EncDecLM
+
+        return EncDecLM(cfg)
+    from lmforge.model.decoder import DecoderLM
+
+    return DecoderLM(cfg)

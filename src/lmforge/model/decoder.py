@@ -30,17 +30,20 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.pre_norm = cfg.norm_placement == "pre"
-        self.attn_norm = make_norm(cfg)
-        self.attn = Attention(cfg)
-        self.mlp_norm = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.attn_bias, cfg.dropout)
+        self.mlp_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg.d_model, cfg.ff_dim, cfg.activation, cfg.mlp == "swiglu", cfg.mlp_bias)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, layer: int, offset: int, rope, bias, cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, layer: int, rope, bias, cache: KVCache | None) -> Tensor:
+        def attend(h: Tensor) -> Tensor:
+            return self.attn(h, bias=bias, causal=True, rope=rope, cache=cache, layer=layer)
+
         if self.pre_norm:
-            x = x + self.drop(self.attn(self.attn_norm(x), layer, offset, rope, bias, cache))
+            x = x + self.drop(attend(self.attn_norm(x)))
             return x + self.drop(self.mlp(self.mlp_norm(x)))
-        x = self.attn_norm(x + self.drop(self.attn(x, layer, offset, rope, bias, cache)))
+        x = self.attn_norm(x + self.drop(attend(x)))
         return self.mlp_norm(x + self.drop(self.mlp(x)))
 
 
@@ -62,7 +65,8 @@ class DecoderLM(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         # Post-norm blocks already end in a norm; pre-norm needs one before the head.
-        self.final_norm = make_norm(cfg) if cfg.norm_placement == "pre" else nn.Identity()
+        pre = cfg.norm_placement == "pre"
+        self.final_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps) if pre else nn.Identity()
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters()
         if cfg.tie_embeddings:
@@ -83,9 +87,16 @@ class DecoderLM(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         ref = self.tok_emb.weight
-        return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, ref.device, dtype or ref.dtype)
+        cfg = self.cfg
+        return KVCache(cfg.n_layer, cfg.kv_heads, cfg.head_dim, batch_size, max_len or cfg.max_seq_len, ref.device,
+                       dtype or ref.dtype)
 
     def forward(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Logits [B, T, vocab]."""
+        return self.lm_head(self.hidden(input_ids, cache))
+
+    def hidden(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Final hidden states [B, T, d_model] (after the final norm): what task heads read."""
         cfg = self.cfg
         T = input_ids.shape[1]
         offset = cache.length if cache is not None else 0
@@ -108,10 +119,10 @@ class DecoderLM(nn.Module):
             bias = attention_bias(T, offset + T, offset, self.alibi if cfg.position == "alibi" else None, x.device)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, i, offset, rope, bias, cache)
+            x = block(x, i, rope, bias, cache)
         if cache is not None:
             cache.length = offset + T
-        return self.lm_head(self.final_norm(x))
+        return self.final_norm(x)
 
     def _rope(self, offset: int, T: int) -> tuple[Tensor, Tensor]:
         if offset + T > self.rope_cos.shape[0]:  # extrapolating past the training length (e.g. a study)

@@ -8,8 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmforge.config import ModelConfig
-
 # ---------------------------------------------------------------------------------------------
 # Norms and MLPs
 # ---------------------------------------------------------------------------------------------
@@ -27,10 +25,9 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
-    if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.d_model, cfg.norm_eps)
-    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """`layernorm` (with bias) or `rmsnorm` (gain only)."""
+    return RMSNorm(dim, eps) if kind == "rmsnorm" else nn.LayerNorm(dim, eps=eps)
 
 
 ACTIVATIONS = {
@@ -42,16 +39,16 @@ ACTIVATIONS = {
 
 
 class MLP(nn.Module):
-    """GELU MLP (GPT-2) or gated SwiGLU (Shazeer 2020, as in Llama): down(act(gate(x)) * up(x))."""
+    """Plain MLP down(act(up(x))) (GPT-2, BERT) or gated down(act(gate(x)) * up(x)) (SwiGLU, Shazeer 2020)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, d_model: int, d_ff: int, activation: str, gated: bool, bias: bool):
         super().__init__()
-        self.gated = cfg.mlp == "swiglu"
-        self.act = ACTIVATIONS[cfg.activation]
-        self.up = nn.Linear(cfg.d_model, cfg.ff_dim, bias=cfg.mlp_bias)
-        if self.gated:
-            self.gate = nn.Linear(cfg.d_model, cfg.ff_dim, bias=cfg.mlp_bias)
-        self.down = nn.Linear(cfg.ff_dim, cfg.d_model, bias=cfg.mlp_bias)
+        self.gated = gated
+        self.act = ACTIVATIONS[activation]
+        self.up = nn.Linear(d_model, d_ff, bias=bias)
+        if gated:
+            self.gate = nn.Linear(d_model, d_ff, bias=bias)
+        self.down = nn.Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gated:
@@ -110,10 +107,11 @@ def alibi_slopes(n_head: int) -> Tensor:
 class KVCache:
     """Preallocated keys/values for every layer: [B, n_kv_head, max_len, head_dim] each."""
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype):
-        shape = (batch_size, cfg.kv_heads, max_len, cfg.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+    def __init__(self, n_layer: int, n_kv_head: int, head_dim: int, batch_size: int, max_len: int,
+                 device: torch.device, dtype: torch.dtype):
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.max_len = max_len
         self.length = 0  # tokens already stored (the same for every row)
 
@@ -137,31 +135,50 @@ def attention_bias(q_len: int, k_len: int, offset: int, slopes: Tensor | None, d
     return bias
 
 
-class Attention(nn.Module):
-    """Multi-head attention with grouped-query heads (Ainslie et al. 2023) via SDPA."""
+def padding_bias(attention_mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """[B, S] mask (1 = attend, 0 = padding) -> additive [B, 1, 1, S] bias."""
+    bias = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+    return bias.masked_fill(attention_mask == 0, float("-inf"))[:, None, None, :]
 
-    def __init__(self, cfg: ModelConfig):
+
+class Attention(nn.Module):
+    """Multi-head attention via SDPA: self- or cross-attention, grouped-query heads (Ainslie et al. 2023).
+
+    `bias` is an additive mask broadcastable to [B, H, T, S] (causal/padding -inf, ALiBi, T5 relative
+    bias); without one, `causal=True` asks SDPA for its built-in causal mask. `scale` defaults to
+    1/sqrt(head_dim) (T5 uses 1.0)."""
+
+    def __init__(self, d_model: int, n_head: int, n_kv_head: int, head_dim: int, bias: bool, dropout: float,
+                 scale: float | None = None):
         super().__init__()
-        self.n_head, self.n_kv, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
-        self.q = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.attn_bias)
-        self.k = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.attn_bias)
-        self.v = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.attn_bias)
-        self.o = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.attn_bias)
-        self.dropout = cfg.dropout
+        self.n_head, self.n_kv, self.head_dim, self.scale = n_head, n_kv_head, head_dim, scale
+        self.q = nn.Linear(d_model, n_head * head_dim, bias=bias)
+        self.k = nn.Linear(d_model, n_kv_head * head_dim, bias=bias)
+        self.v = nn.Linear(d_model, n_kv_head * head_dim, bias=bias)
+        self.o = nn.Linear(n_head * head_dim, d_model, bias=bias)
+        self.dropout = dropout
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values [B, n_kv, S, head_dim] of `x` (computed once for cross-attention)."""
+        B, S, _ = x.shape
+        k = self.k(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
+        return k, v
 
     def forward(
         self,
         x: Tensor,
-        layer: int,
-        offset: int,
-        rope: tuple[Tensor, Tensor] | None,
-        bias: Tensor | None,
-        cache: KVCache | None,
+        *,
+        bias: Tensor | None = None,
+        causal: bool = False,
+        rope: tuple[Tensor, Tensor] | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        kv: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        k, v = self.project_kv(x) if kv is None else kv
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -169,9 +186,8 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k, v)
         # A single new token (decode) may see every cached key; a fresh prompt is plain causal.
         # enable_gqa lets SDPA share each k/v head across its query group without copying.
-        is_causal = bias is None and T > 1
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if bias is None else bias.to(q.dtype), is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv != self.n_head,
+            q, k, v, attn_mask=None if bias is None else bias.to(q.dtype), is_causal=bias is None and causal and T > 1,
+            dropout_p=self.dropout if self.training else 0.0, scale=self.scale, enable_gqa=self.n_kv != self.n_head,
         )
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
