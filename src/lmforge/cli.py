@@ -51,7 +51,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from lmforge.config import PretrainConfig, load_config
     from lmforge.train.pretrain import pretrain
 
-    config = load_config(PretrainConfig, args.config, args.overrides)
+    overrides = args.overrides + ([f"objective={args.objective}"] if args.objective else [])
+    config = load_config(PretrainConfig, args.config, overrides)
     result = pretrain(config, resume=args.resume)
     val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     print(f"done: step {result.step}, train loss {result.train_loss:.4f}{val}; checkpoint {result.checkpoint}")
@@ -124,8 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_prepare)
 
     p = _parser(sub, "pretrain", "pretrain a decoder-only LM (causal LM objective) with the shared trainer",
-                "lmforge pretrain --config configs/tiny.yaml --train.max_steps=2000 --model.n_layer=6")
+                "lmforge pretrain --config configs/tiny.yaml --train.max_steps=2000 --model.n_layer=6\n"
+                "  lmforge pretrain --config configs/bert-tiny.yaml --objective mlm")
     p.add_argument("--config", help="YAML with model/data/train sections (see configs/tiny.yaml)")
+    p.add_argument("--objective", choices=["clm", "mlm", "span"], default=None,
+                   help="clm: causal LM (decoder, GPT); mlm: masked LM (encoder, BERT; set --model.arch=encoder); "
+                        "span: T5 span corruption (encoder-decoder; --model.arch=encdec). Default: the config's")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in train.out_dir (bit-identical to an unbroken run)")
     p.epilog += ("\n\nany config key can be overridden as --section.key=value, e.g. --train.lr=1e-3;"

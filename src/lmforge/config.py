@@ -216,6 +216,19 @@ class PretrainConfig(StrictModel):
             return {**data, "model": with_default_arch(data["model"])}
         return data
 
+    @model_validator(mode="after")
+    def _objective_fits_arch(self) -> PretrainConfig:
+        wanted = OBJECTIVE_ARCH[self.objective]
+        if self.model.arch != wanted:
+            raise ValueError(f"objective '{self.objective}' trains a model.arch '{wanted}', but model.arch is "
+                             f"'{self.model.arch}'; set --model.arch={wanted} or pick the objective of that arch "
+                             f"({', '.join(o for o, a in OBJECTIVE_ARCH.items() if a == self.model.arch)})")
+        return self
+
+
+# causal LM -> decoder (GPT), masked LM -> encoder (BERT), span corruption -> encoder-decoder (T5)
+OBJECTIVE_ARCH = {"clm": "decoder", "mlm": "encoder", "span": "encdec"}
+
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -280,7 +293,9 @@ def _friendly(err: ValidationError, cls: type[BaseModel], source: str) -> Config
             lines.append(f"unknown key '{key}' in {source}{hint}")
         else:
             where = f"'{key}'" if key else "config"
-            lines.append(f"{where} in {source}: {e['msg']} (got {e.get('input')!r})")
+            value = e.get("input")
+            got = "" if isinstance(value, (dict, list)) else f" (got {value!r})"
+            lines.append(f"{where} in {source}: {e['msg'].removeprefix('Value error, ')}{got}")
     return ConfigError("\n".join(lines))
 
 

@@ -61,14 +61,19 @@ _IGNORED_RE = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)|layers\.\d+\.self_at
 # ---------------------------------------------------------------------------------------------
 
 
-def is_hf_dir(path: str | Path) -> bool:
-    """True for a directory whose config.json names a `model_type` (a `save_pretrained` dir)."""
+def hf_model_type(path: str | Path) -> str | None:
+    """The `model_type` in a `save_pretrained` dir's config.json, or None if it is not one."""
     config = Path(path) / CONFIG_FILE
     try:
         data = json.loads(config.read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and "model_type" in data
+        return None
+    return data.get("model_type") if isinstance(data, dict) else None
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """True for a directory whose config.json names a `model_type` (a `save_pretrained` dir)."""
+    return hf_model_type(path) is not None
 
 
 def _field(hf: dict[str, Any], key: str) -> Any:

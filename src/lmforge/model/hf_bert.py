@@ -1,0 +1,280 @@
+"""Hugging Face interop for BERT: import `BertModel` / `BertForMaskedLM` / `BertForSequenceClassification`
+checkpoints into `EncoderModel`, export back.
+
+`load_hf_bert(dir)` reads a `save_pretrained` directory (weight names with or without the `bert.`
+prefix) and returns a model whose fp32 hidden states and MLM logits match transformers'.
+`export_hf_bert(model, tok, dir)` writes one that `BertForMaskedLM.from_pretrained` (or, given a
+classifier, `BertForSequenceClassification`) loads with the same outputs. Any HF setting lmforge
+cannot honour is a `ConfigError` naming the field. Weights are loaded as float32.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from safetensors.torch import save_file
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+from torch import Tensor, nn
+
+from lmforge.config import EncoderConfig
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.io import atomic_write, atomic_write_text
+from lmforge.model.encoder import EncoderModel
+from lmforge.model.hf import (
+    _ACT_TO_HF,
+    CONFIG_FILE,
+    TOKENIZER_CONFIG_FILE,
+    WEIGHTS_FILE,
+    _activation,
+    _field,
+    _read_weights,
+    _require,
+    is_hf_dir,
+)
+from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
+
+VOCAB_FILE = "vocab.txt"
+BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+# HF module (without "bert.") -> lmforge module; per-layer modules below.
+_GLOBAL = {
+    "embeddings.word_embeddings": "tok_emb", "embeddings.position_embeddings": "pos_emb",
+    "embeddings.token_type_embeddings": "type_emb", "embeddings.LayerNorm": "emb_norm", "pooler.dense": "pooler",
+}
+_HEADS = {"cls.predictions.transform.dense": "mlm_dense", "cls.predictions.transform.LayerNorm": "mlm_norm",
+          "cls.seq_relationship": "nsp_head"}
+_LAYER = {"attention.self.query": "attn.q", "attention.self.key": "attn.k", "attention.self.value": "attn.v",
+          "attention.output.dense": "attn.o", "attention.output.LayerNorm": "attn_norm",
+          "intermediate.dense": "mlp.up", "output.dense": "mlp.down", "output.LayerNorm": "mlp_norm"}
+_HF_LAYER_RE = re.compile(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)")
+_LM_LAYER_RE = re.compile(r"blocks\.(\d+)\.(.+)\.(weight|bias)")
+# Buffers some checkpoints saved, and the MLM decoder (tied to the word embeddings; its bias is cls.predictions.bias).
+_IGNORED = {"embeddings.position_ids", "embeddings.token_type_ids", "cls.predictions.decoder.weight"}
+# Heads a checkpoint may lack (a bare BertModel has no MLM head, BertForMaskedLM no pooler): each is all or nothing.
+_OPTIONAL = {"pooler": ("pooler.weight", "pooler.bias"),
+             "MLM head": ("mlm_dense.weight", "mlm_dense.bias", "mlm_norm.weight", "mlm_norm.bias", "mlm_bias"),
+             "NSP head": ("nsp_head.weight", "nsp_head.bias")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------
+
+
+def config_from_hf_bert(hf_config: dict[str, Any]) -> EncoderConfig:
+    """The `EncoderConfig` equivalent to an HF bert config.json dict (no NSP head; `load_hf_bert` adds it)."""
+    if hf_config.get("model_type") != "bert":
+        raise ConfigError(f"HF model_type={hf_config.get('model_type')!r} unsupported (needs 'bert')")
+    _require(hf_config, "position_embedding_type", "absolute", "absolute")
+    _require(hf_config, "is_decoder", False, False)
+    _require(hf_config, "add_cross_attention", False, False)
+    _require(hf_config, "tie_word_embeddings", True, True)  # lmforge's MLM decoder is the word embedding
+    try:
+        return EncoderConfig(
+            vocab_size=_field(hf_config, "vocab_size"), max_seq_len=_field(hf_config, "max_position_embeddings"),
+            type_vocab_size=_field(hf_config, "type_vocab_size"), n_layer=_field(hf_config, "num_hidden_layers"),
+            n_head=_field(hf_config, "num_attention_heads"), d_model=_field(hf_config, "hidden_size"),
+            d_ff=_field(hf_config, "intermediate_size"), activation=_activation(hf_config, "hidden_act", "gelu"),
+            norm_eps=hf_config.get("layer_norm_eps", 1e-12), init_std=hf_config.get("initializer_range", 0.02),
+        )
+    except ValidationError as err:
+        raise ConfigError(f"HF bert config is not a valid lmforge encoder: {err}") from None
+
+
+def config_to_hf_bert(cfg: EncoderConfig) -> dict[str, Any]:
+    """The HF bert config.json dict for `cfg` (model fields only; export_hf_bert adds the rest)."""
+    return dict(
+        model_type="bert", vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head, intermediate_size=cfg.ff_dim, hidden_act=_ACT_TO_HF[cfg.activation],
+        hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
+        max_position_embeddings=cfg.max_seq_len, type_vocab_size=cfg.type_vocab_size,
+        initializer_range=cfg.init_std, layer_norm_eps=cfg.norm_eps, position_embedding_type="absolute",
+        is_decoder=False, add_cross_attention=False, tie_word_embeddings=True,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------------------------
+
+
+def _from_hf_names(weights: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str], dict[str, Tensor]]:
+    """HF tensors -> (lmforge state dict, each key's HF source name, classifier tensors)."""
+    state: dict[str, Tensor] = {}
+    source: dict[str, str] = {}
+    extra: dict[str, Tensor] = {}
+    for name, tensor in weights.items():
+        # Checkpoints converted from the original TF code name LayerNorm parameters gamma/beta.
+        key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", name.removeprefix("bert."))
+        key = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key)
+        module, _, kind = key.rpartition(".")
+        if key in _IGNORED:
+            continue
+        if module == "classifier":
+            extra[key] = tensor
+            continue
+        if key in ("cls.predictions.bias", "cls.predictions.decoder.bias"):  # tied: either name holds it
+            lm = "mlm_bias"
+        elif module in _GLOBAL:
+            lm = f"{_GLOBAL[module]}.{kind}"
+        elif module in _HEADS:
+            lm = f"{_HEADS[module]}.{kind}"
+        elif (m := _HF_LAYER_RE.fullmatch(key)) and m[2] in _LAYER:
+            lm = f"blocks.{m[1]}.{_LAYER[m[2]]}.{m[3]}"
+        else:
+            lm = name  # unknown: reported as unexpected
+        state[lm], source[lm] = tensor, name
+    return state, source, extra
+
+
+def _to_hf_names(model: EncoderModel, pooler: bool, mlm: bool) -> dict[str, Tensor]:
+    """lmforge state dict -> `bert.`-prefixed HF tensors (contiguous fp32 on CPU), with the chosen heads."""
+    layer_names = {lm: hf for hf, lm in _LAYER.items()}
+    global_names = {lm: hf for hf, lm in {**_GLOBAL, **_HEADS}.items()}
+    out: dict[str, Tensor] = {}
+    for key, tensor in model.state_dict().items():
+        module, _, kind = key.rpartition(".")
+        if key == "mlm_bias":
+            hf = "cls.predictions.bias"
+        elif (m := _LM_LAYER_RE.fullmatch(key)) is not None:
+            hf = f"bert.encoder.layer.{m[1]}.{layer_names[m[2]]}.{m[3]}"
+        elif module in global_names:
+            hf = global_names[module] + "." + kind
+            hf = hf if hf.startswith("cls.") else "bert." + hf
+        else:
+            raise CheckpointError(f"no HF bert name for lmforge weight '{key}'")
+        if (module == "pooler" and not pooler) or (hf.startswith("cls.predictions") and not mlm):
+            continue
+        out[hf] = tensor.detach().to("cpu", torch.float32).contiguous()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------
+
+
+def wordpiece_tokenizer(path: str | Path) -> Tokenizer:
+    """BERT's WordPiece tokenizer from a dir's vocab.txt, honouring tokenizer_config.json's `do_lower_case`,
+    `strip_accents` and `tokenize_chinese_chars`; adds [CLS] A [SEP] (B [SEP]) like BertTokenizerFast."""
+    path = Path(path)
+    tok_config_file = path / TOKENIZER_CONFIG_FILE
+    tok_config = json.loads(tok_config_file.read_text()) if tok_config_file.is_file() else {}
+    tokens = (path / VOCAB_FILE).read_text(encoding="utf-8").splitlines()
+    vocab = {token: i for i, token in enumerate(tokens)}
+    for token in ("[UNK]", "[CLS]", "[SEP]"):
+        if token not in vocab:
+            raise CheckpointError(f"{path / VOCAB_FILE}: no {token} token")
+    backend = HFTokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    backend.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=tok_config.get("tokenize_chinese_chars", True),
+        strip_accents=tok_config.get("strip_accents"), lowercase=tok_config.get("do_lower_case", True),
+    )
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    cls, sep = ("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[cls, sep])
+    backend.decoder = decoders.WordPiece(prefix="##")
+    backend.add_special_tokens([t for t in BERT_SPECIAL_TOKENS if t in vocab])
+    return Tokenizer(backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# Load / export
+# ---------------------------------------------------------------------------------------------
+
+
+def load_hf_bert(path: str | Path) -> tuple[EncoderModel, Tokenizer | None, dict[str, Any]]:
+    """Load an HF bert dir as an eval-mode `EncoderModel`, its tokenizer (tokenizer.json, else vocab.txt,
+    else None) and any classifier head: `{"classifier.weight", "classifier.bias", "num_labels"}` or `{}`.
+
+    Heads the checkpoint lacks stay at their init: the MLM head for a bare `BertModel`, the pooler for
+    `BertForMaskedLM`. An NSP head (`cls.seq_relationship`, BertForPreTraining) turns on `cfg.nsp`."""
+    path = Path(path)
+    if not is_hf_dir(path):
+        raise CheckpointError(f"{path}: not a Hugging Face model dir (no {CONFIG_FILE} with a model_type)")
+    cfg = config_from_hf_bert(json.loads((path / CONFIG_FILE).read_text()))
+    state, source, extra = _from_hf_names(_read_weights(path))
+    if "nsp_head.weight" in state:
+        cfg = cfg.model_copy(update={"nsp": True})
+    model = EncoderModel(cfg)
+    expected = model.state_dict()
+    missing = expected.keys() - state.keys()
+    for group in _OPTIONAL.values():
+        if missing.issuperset(group):
+            missing -= set(group)
+    unexpected = sorted({source[k] for k in state.keys() - expected.keys()})
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match config.json; missing (lmforge names): "
+                              f"{sorted(missing)}; unexpected (checkpoint names): {unexpected}")
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise CheckpointError(f"{path}: {source[key]} has shape {tuple(tensor.shape)}, "
+                                  f"config.json implies {tuple(expected[key].shape)} for {key}")
+    model.load_state_dict(state, strict=False)
+    if extra:
+        weight = extra.get("classifier.weight")
+        if weight is None or weight.shape[-1] != cfg.d_model or set(extra) - {"classifier.weight", "classifier.bias"}:
+            raise CheckpointError(f"{path}: classifier head {sorted(extra)} is not a [num_labels, {cfg.d_model}] "
+                                  "linear layer")
+        extra = {k: v.float() for k, v in extra.items()} | {"num_labels": weight.shape[0]}
+    tokenizer = None
+    if (path / TOKENIZER_FILE).is_file():
+        tokenizer = Tokenizer.from_file(path)
+        tokenizer.backend.no_padding()  # a saved fixed-length padding/truncation would silently apply to
+        tokenizer.backend.no_truncation()  # every encode; lmforge pads and truncates explicitly
+    elif (path / VOCAB_FILE).is_file():
+        tokenizer = wordpiece_tokenizer(path)
+    return model.float().eval(), tokenizer, extra
+
+
+def export_hf_bert(model: EncoderModel, tokenizer: Tokenizer | None, path: str | Path,
+                   classifier: nn.Linear | None = None) -> Path:
+    """Write `path` as an HF bert `save_pretrained` dir (float32); config.json is written last.
+
+    Without a classifier: `BertForMaskedLM` (encoder + MLM head), or `BertForPreTraining` (also
+    pooler + NSP head) when `cfg.nsp`. With one: `BertForSequenceClassification` (encoder + pooler
+    + classifier; the MLM head is left out)."""
+    path = Path(path)
+    cfg = model.cfg
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                          f"{cfg.vocab_size}")
+    hf_config = config_to_hf_bert(cfg)
+    if classifier is not None:
+        if classifier.in_features != cfg.d_model or classifier.bias is None:
+            raise ConfigError(f"classifier must be nn.Linear({cfg.d_model}, num_labels) with a bias, got {classifier}")
+        weights = _to_hf_names(model, pooler=True, mlm=False)
+        weights["classifier.weight"] = classifier.weight.detach().to("cpu", torch.float32).contiguous()
+        weights["classifier.bias"] = classifier.bias.detach().to("cpu", torch.float32).contiguous()
+        labels = range(classifier.out_features)
+        hf_config.update(architectures=["BertForSequenceClassification"],
+                         id2label={str(i): f"LABEL_{i}" for i in labels}, label2id={f"LABEL_{i}": i for i in labels})
+    else:
+        weights = _to_hf_names(model, pooler=cfg.nsp, mlm=True)
+        hf_config.update(architectures=["BertForPreTraining" if cfg.nsp else "BertForMaskedLM"])
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write(path / WEIGHTS_FILE, lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
+    pad_id = None
+    if tokenizer is None:  # a stale tokenizer from an earlier export would otherwise be picked up
+        for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, VOCAB_FILE):
+            (path / name).unlink(missing_ok=True)
+    else:
+        tokenizer.save(path)
+        pad_id = tokenizer.pad_id
+        tok_config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast",
+                                      "model_max_length": cfg.max_seq_len, "clean_up_tokenization_spaces": False}
+        for role, token in zip(("pad", "unk", "cls", "sep", "mask"), BERT_SPECIAL_TOKENS, strict=True):
+            if tokenizer.token_id(token) is not None:
+                tok_config[f"{role}_token"] = token
+        atomic_write_text(path / TOKENIZER_CONFIG_FILE, json.dumps(tok_config, indent=2) + "\n")
+    hf_config.update(pad_token_id=pad_id, dtype="float32", torch_dtype="float32")
+    atomic_write_text(path / CONFIG_FILE, json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    return path
+
