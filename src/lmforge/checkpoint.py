@@ -123,7 +123,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def _require(ckpt: Path, name: str) -> Path:
+def require_hf_value(ckpt: Path, name: str) -> Path:
     f = ckpt / name
     if not f.is_file():
         raise CheckpointError(f"checkpoint {ckpt} is missing {name}; it cannot be loaded or resumed from")
@@ -131,7 +131,7 @@ def _require(ckpt: Path, name: str) -> Path:
 
 
 def read_config_tree(ckpt: Path) -> dict[str, Any]:
-    f = _require(ckpt, CONFIG_FILE)
+    f = require_hf_value(ckpt, CONFIG_FILE)
     try:
         tree = yaml.safe_load(f.read_text())
     except yaml.YAMLError as exc:
@@ -142,7 +142,7 @@ def read_config_tree(ckpt: Path) -> dict[str, Any]:
 
 
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    f = _require(ckpt, WEIGHTS_FILE)
+    f = require_hf_value(ckpt, WEIGHTS_FILE)
     try:
         tensors = load_file(str(f))
     except Exception as exc:  # safetensors raises several types for a damaged file
@@ -170,14 +170,14 @@ def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, Tokenizer | None
 
 def read_training_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(trainer state, optimizer state dict, rng states) of a training checkpoint, validated."""
-    f = _require(ckpt, STATE_FILE)
+    f = require_hf_value(ckpt, STATE_FILE)
     try:
         state = json.loads(f.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{f} is corrupt: {exc}") from None
     loaded = []
     for name in (OPTIMIZER_FILE, RNG_FILE):
-        g = _require(ckpt, name)
+        g = require_hf_value(ckpt, name)
         try:
             loaded.append(torch.load(g, weights_only=True, map_location="cpu"))
         except Exception as exc:

@@ -31,6 +31,7 @@ from lmforge.train.trainer import autocast, train
 LENGTH_MULTIPLES = (1, 2, 4)  # evaluation lengths, as multiples of the training length L
 RELATIVE = ("alibi", "rope")
 CANNOT = "cannot extrapolate"
+UNTRAINED = 2.0  # ppl@L above this multiple of the best ppl@L: the scheme did not learn comparably in the budget
 PLOT_FILE = "position_study.png"
 
 
@@ -137,12 +138,17 @@ def _fmt(ppl: float | None) -> str:
 
 
 def _summary(r: StudyResult) -> str:
-    """2-3 sentences on what this run measured, generated from its numbers."""
+    """2-4 sentences on what this run measured, generated from its numbers."""
     short, far = r.lengths[0], r.lengths[-1]
     at_l = {s: p[short] for s, p in r.ppl.items()}
     best = min(at_l, key=at_l.get)
     text = [f"At the training length ({short} tokens) {best} had the lowest validation perplexity ({at_l[best]:.2f})."]
-    growth = {s: p[far] / p[short] for s, p in r.ppl.items() if p[far] is not None}
+    lagging = [s for s in at_l if at_l[s] > UNTRAINED * at_l[best]]
+    if lagging:
+        text.append(", ".join(f"{s} (ppl@{short} {at_l[s]:.2f})" for s in lagging) + f" did not train to within "
+                    f"{UNTRAINED:g}x of the best in this budget, so its length ratio says nothing about extrapolation "
+                    "and is left out below.")
+    growth = {s: p[far] / p[short] for s, p in r.ppl.items() if p[far] is not None and s not in lagging}
     if growth:
         order = sorted(growth, key=growth.get)
         text.append(f"The ratio ppl@{far} / ppl@{short} was lowest for {order[0]} ({at_l[order[0]]:.2f} -> "
@@ -156,8 +162,15 @@ def _summary(r: StudyResult) -> str:
                      "construction")
     if relative and absolute:
         ref = min(absolute, key=growth.get)
-        parts += [f"{s} degraded {'less' if growth[s] < growth[ref] else 'no less'} than {ref}, the best absolute "
-                  f"scheme that can run (x{growth[s]:.2f} vs x{growth[ref]:.2f})" for s in relative]
+        better = [s for s in relative if growth[s] < growth[ref]]
+        worse = [s for s in relative if s not in better]
+        verdicts = []
+        if better:
+            verdicts.append(" and ".join(f"{s} (x{growth[s]:.2f})" for s in better) + " held up better")
+        if worse:
+            verdicts.append(" and ".join(f"{s} (x{growth[s]:.2f})" for s in worse) + " did not")
+        parts.append(f"against {ref}, the best absolute scheme that runs past {short} tokens (x{growth[ref]:.2f}), "
+                     + " while ".join(verdicts))
     if parts:
         text.append("On the claim that relative schemes (ALiBi, RoPE) extrapolate better than absolute positions: "
                     + "; ".join(parts) + ".")

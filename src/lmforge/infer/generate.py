@@ -123,7 +123,7 @@ def generate_ids(
     return new
 
 
-class _StopStreamer:
+class StopStreamer:
     """Turns new token ids into text deltas, holding back text that may begin a stop string."""
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], emit: Callable[[str], None] | None):
@@ -168,6 +168,6 @@ def generate(
 ) -> str:
     """Generate a text continuation of `prompt`; `stream(delta)` receives text as it is produced."""
     cfg = cfg or SamplingConfig()
-    streamer = _StopStreamer(tokenizer, cfg.stop, stream)
+    streamer = StopStreamer(tokenizer, cfg.stop, stream)
     generate_ids(model, tokenizer.encode(prompt), cfg, tokenizer.eos_id, on_token=streamer)
     return streamer.finish()

@@ -31,9 +31,9 @@ CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "mod
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 # HF activation name -> lmforge activation ("gelu_new" is the tanh approximation, as GPT-2 uses).
-_ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                 "silu": "silu", "swish": "silu", "relu": "relu"}
-_ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu", "relu": "relu"}
+ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu", "relu": "relu"}
 
 # Weight names: HF (without its "transformer."/"model." prefix) <-> lmforge.
 _PREFIX = {"gpt2": "transformer.", "llama": "model."}
@@ -76,36 +76,36 @@ def is_hf_dir(path: str | Path) -> bool:
     return hf_model_type(path) is not None
 
 
-def _field(hf: dict[str, Any], key: str) -> Any:
+def hf_field(hf: dict[str, Any], key: str) -> Any:
     if hf.get(key) is None:
         raise ConfigError(f"HF config has no '{key}'")
     return hf[key]
 
 
-def _require(hf: dict[str, Any], key: str, expected: Any, default: Any) -> None:
+def require_hf_value(hf: dict[str, Any], key: str, expected: Any, default: Any) -> None:
     value = hf.get(key, default)
     if value != expected:
         raise ConfigError(f"HF config {key}={value!r} is not supported by lmforge (needs {key}={expected!r})")
 
 
-def _activation(hf: dict[str, Any], key: str, default: str) -> str:
+def hf_activation(hf: dict[str, Any], key: str, default: str) -> str:
     name = hf.get(key) or default
-    if name not in _ACT_FROM_HF:
-        raise ConfigError(f"HF config {key}={name!r} is not supported; supported: {sorted(_ACT_FROM_HF)}")
-    return _ACT_FROM_HF[name]
+    if name not in ACT_FROM_HF:
+        raise ConfigError(f"HF config {key}={name!r} is not supported; supported: {sorted(ACT_FROM_HF)}")
+    return ACT_FROM_HF[name]
 
 
 def _gpt2_fields(hf: dict[str, Any]) -> dict[str, Any]:
-    _require(hf, "scale_attn_weights", True, True)
-    _require(hf, "scale_attn_by_inverse_layer_idx", False, False)
-    _require(hf, "add_cross_attention", False, False)
-    d_model = _field(hf, "n_embd")
+    require_hf_value(hf, "scale_attn_weights", True, True)
+    require_hf_value(hf, "scale_attn_by_inverse_layer_idx", False, False)
+    require_hf_value(hf, "add_cross_attention", False, False)
+    d_model = hf_field(hf, "n_embd")
     return dict(
-        family="gpt2", vocab_size=_field(hf, "vocab_size"), max_seq_len=_field(hf, "n_positions"),
-        n_layer=_field(hf, "n_layer"), n_head=_field(hf, "n_head"), d_model=d_model,
+        family="gpt2", vocab_size=hf_field(hf, "vocab_size"), max_seq_len=hf_field(hf, "n_positions"),
+        n_layer=hf_field(hf, "n_layer"), n_head=hf_field(hf, "n_head"), d_model=d_model,
         d_ff=hf.get("n_inner") or 4 * d_model, position="learned", norm="layernorm",
         norm_eps=hf.get("layer_norm_epsilon", 1e-5), norm_placement="pre", mlp="gelu",
-        activation=_activation(hf, "activation_function", "gelu_new"), attn_bias=True, mlp_bias=True,
+        activation=hf_activation(hf, "activation_function", "gelu_new"), attn_bias=True, mlp_bias=True,
         tie_embeddings=hf.get("tie_word_embeddings", True), init_std=hf.get("initializer_range", 0.02),
     )
 
@@ -125,18 +125,18 @@ def _rope_theta(hf: dict[str, Any]) -> float:
 
 
 def _llama_fields(hf: dict[str, Any]) -> dict[str, Any]:
-    d_model, n_head = _field(hf, "hidden_size"), _field(hf, "num_attention_heads")
+    d_model, n_head = hf_field(hf, "hidden_size"), hf_field(hf, "num_attention_heads")
     head_dim = hf.get("head_dim")
     if head_dim is not None and head_dim * n_head != d_model:
         raise ConfigError(f"HF config head_dim={head_dim} is not supported: lmforge needs "
                           f"hidden_size/num_attention_heads = {d_model}/{n_head}")
     return dict(
-        family="llama", vocab_size=_field(hf, "vocab_size"),
-        max_seq_len=hf.get("max_position_embeddings", 2048), n_layer=_field(hf, "num_hidden_layers"),
+        family="llama", vocab_size=hf_field(hf, "vocab_size"),
+        max_seq_len=hf.get("max_position_embeddings", 2048), n_layer=hf_field(hf, "num_hidden_layers"),
         n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head, d_model=d_model,
-        d_ff=_field(hf, "intermediate_size"), position="rope", rope_theta=_rope_theta(hf), norm="rmsnorm",
+        d_ff=hf_field(hf, "intermediate_size"), position="rope", rope_theta=_rope_theta(hf), norm="rmsnorm",
         norm_eps=hf.get("rms_norm_eps", 1e-6), norm_placement="pre", mlp="swiglu",
-        activation=_activation(hf, "hidden_act", "silu"), attn_bias=hf.get("attention_bias", False),
+        activation=hf_activation(hf, "hidden_act", "silu"), attn_bias=hf.get("attention_bias", False),
         mlp_bias=hf.get("mlp_bias", False), tie_embeddings=hf.get("tie_word_embeddings", False),
         init_std=hf.get("initializer_range", 0.02),
     )
@@ -185,14 +185,14 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         return dict(
             architectures=["GPT2LMHeadModel"], **common, n_positions=cfg.max_seq_len, n_embd=cfg.d_model,
             n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.ff_dim,
-            activation_function=_ACT_TO_HF[cfg.activation], layer_norm_epsilon=cfg.norm_eps,
+            activation_function=ACT_TO_HF[cfg.activation], layer_norm_epsilon=cfg.norm_eps,
             resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
             scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, add_cross_attention=False,
         )
     return dict(
         architectures=["LlamaForCausalLM"], **common, hidden_size=cfg.d_model,
         intermediate_size=cfg.ff_dim, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-        num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim, hidden_act=_ACT_TO_HF[cfg.activation],
+        num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim, hidden_act=ACT_TO_HF[cfg.activation],
         max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         attention_bias=cfg.attn_bias, mlp_bias=cfg.mlp_bias, attention_dropout=cfg.dropout,
@@ -204,7 +204,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_weights(path: Path) -> dict[str, Tensor]:
+def read_hf_weights(path: Path) -> dict[str, Tensor]:
     files = [path / WEIGHTS_FILE]
     if not files[0].is_file():
         index = path / INDEX_FILE
@@ -293,7 +293,7 @@ def load_hf(path: str | Path) -> tuple[DecoderLM, Tokenizer | None]:
         raise CheckpointError(f"{path}: not a Hugging Face model dir (no {CONFIG_FILE} with a model_type)")
     hf_config = json.loads((path / CONFIG_FILE).read_text())
     cfg = config_from_hf(hf_config)
-    state, source = _from_hf_names(hf_config["model_type"], _read_weights(path))
+    state, source = _from_hf_names(hf_config["model_type"], read_hf_weights(path))
     model = DecoderLM(cfg)
     expected = model.state_dict()
     if cfg.tie_embeddings:  # transformers ties the head to the embedding, ignoring any saved head

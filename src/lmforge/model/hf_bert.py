@@ -27,15 +27,15 @@ from lmforge.errors import CheckpointError, ConfigError
 from lmforge.io import atomic_write, atomic_write_text
 from lmforge.model.encoder import EncoderModel
 from lmforge.model.hf import (
-    _ACT_TO_HF,
+    ACT_TO_HF,
     CONFIG_FILE,
     TOKENIZER_CONFIG_FILE,
     WEIGHTS_FILE,
-    _activation,
-    _field,
-    _read_weights,
-    _require,
+    hf_activation,
+    hf_field,
     is_hf_dir,
+    read_hf_weights,
+    require_hf_value,
 )
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -57,9 +57,9 @@ _LM_LAYER_RE = re.compile(r"blocks\.(\d+)\.(.+)\.(weight|bias)")
 # Buffers some checkpoints saved, and the MLM decoder (tied to the word embeddings; its bias is cls.predictions.bias).
 _IGNORED = {"embeddings.position_ids", "embeddings.token_type_ids", "cls.predictions.decoder.weight"}
 # Heads a checkpoint may lack (a bare BertModel has no MLM head, BertForMaskedLM no pooler): each is all or nothing.
-_OPTIONAL = {"pooler": ("pooler.weight", "pooler.bias"),
-             "MLM head": ("mlm_dense.weight", "mlm_dense.bias", "mlm_norm.weight", "mlm_norm.bias", "mlm_bias"),
-             "NSP head": ("nsp_head.weight", "nsp_head.bias")}
+_OPTIONAL = (("pooler.weight", "pooler.bias"),
+             ("mlm_dense.weight", "mlm_dense.bias", "mlm_norm.weight", "mlm_norm.bias", "mlm_bias"),
+             ("nsp_head.weight", "nsp_head.bias"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,16 +71,16 @@ def config_from_hf_bert(hf_config: dict[str, Any]) -> EncoderConfig:
     """The `EncoderConfig` equivalent to an HF bert config.json dict (no NSP head; `load_hf_bert` adds it)."""
     if hf_config.get("model_type") != "bert":
         raise ConfigError(f"HF model_type={hf_config.get('model_type')!r} unsupported (needs 'bert')")
-    _require(hf_config, "position_embedding_type", "absolute", "absolute")
-    _require(hf_config, "is_decoder", False, False)
-    _require(hf_config, "add_cross_attention", False, False)
-    _require(hf_config, "tie_word_embeddings", True, True)  # lmforge's MLM decoder is the word embedding
+    require_hf_value(hf_config, "position_embedding_type", "absolute", "absolute")
+    require_hf_value(hf_config, "is_decoder", False, False)
+    require_hf_value(hf_config, "add_cross_attention", False, False)
+    require_hf_value(hf_config, "tie_word_embeddings", True, True)  # lmforge's MLM decoder is the word embedding
     try:
         return EncoderConfig(
-            vocab_size=_field(hf_config, "vocab_size"), max_seq_len=_field(hf_config, "max_position_embeddings"),
-            type_vocab_size=_field(hf_config, "type_vocab_size"), n_layer=_field(hf_config, "num_hidden_layers"),
-            n_head=_field(hf_config, "num_attention_heads"), d_model=_field(hf_config, "hidden_size"),
-            d_ff=_field(hf_config, "intermediate_size"), activation=_activation(hf_config, "hidden_act", "gelu"),
+            vocab_size=hf_field(hf_config, "vocab_size"), max_seq_len=hf_field(hf_config, "max_position_embeddings"),
+            type_vocab_size=hf_field(hf_config, "type_vocab_size"), n_layer=hf_field(hf_config, "num_hidden_layers"),
+            n_head=hf_field(hf_config, "num_attention_heads"), d_model=hf_field(hf_config, "hidden_size"),
+            d_ff=hf_field(hf_config, "intermediate_size"), activation=hf_activation(hf_config, "hidden_act", "gelu"),
             norm_eps=hf_config.get("layer_norm_eps", 1e-12), init_std=hf_config.get("initializer_range", 0.02),
         )
     except ValidationError as err:
@@ -91,7 +91,7 @@ def config_to_hf_bert(cfg: EncoderConfig) -> dict[str, Any]:
     """The HF bert config.json dict for `cfg` (model fields only; export_hf_bert adds the rest)."""
     return dict(
         model_type="bert", vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head, intermediate_size=cfg.ff_dim, hidden_act=_ACT_TO_HF[cfg.activation],
+        num_attention_heads=cfg.n_head, intermediate_size=cfg.ff_dim, hidden_act=ACT_TO_HF[cfg.activation],
         hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
         max_position_embeddings=cfg.max_seq_len, type_vocab_size=cfg.type_vocab_size,
         initializer_range=cfg.init_std, layer_norm_eps=cfg.norm_eps, position_embedding_type="absolute",
@@ -195,18 +195,19 @@ def load_hf_bert(path: str | Path) -> tuple[EncoderModel, Tokenizer | None, dict
     else None) and any classifier head: `{"classifier.weight", "classifier.bias", "num_labels"}` or `{}`.
 
     Heads the checkpoint lacks stay at their init: the MLM head for a bare `BertModel`, the pooler for
-    `BertForMaskedLM`. An NSP head (`cls.seq_relationship`, BertForPreTraining) turns on `cfg.nsp`."""
+    `BertForMaskedLM`. An NSP head (`cls.seq_relationship`, BertForPreTraining) turns on `cfg.nsp`.
+    Padding/truncation saved in tokenizer.json is cleared: lmforge pads and truncates explicitly."""
     path = Path(path)
     if not is_hf_dir(path):
         raise CheckpointError(f"{path}: not a Hugging Face model dir (no {CONFIG_FILE} with a model_type)")
     cfg = config_from_hf_bert(json.loads((path / CONFIG_FILE).read_text()))
-    state, source, extra = _from_hf_names(_read_weights(path))
+    state, source, extra = _from_hf_names(read_hf_weights(path))
     if "nsp_head.weight" in state:
         cfg = cfg.model_copy(update={"nsp": True})
     model = EncoderModel(cfg)
     expected = model.state_dict()
     missing = expected.keys() - state.keys()
-    for group in _OPTIONAL.values():
+    for group in _OPTIONAL:
         if missing.issuperset(group):
             missing -= set(group)
     unexpected = sorted({source[k] for k in state.keys() - expected.keys()})
@@ -227,11 +228,11 @@ def load_hf_bert(path: str | Path) -> tuple[EncoderModel, Tokenizer | None, dict
     tokenizer = None
     if (path / TOKENIZER_FILE).is_file():
         tokenizer = Tokenizer.from_file(path)
-        tokenizer.backend.no_padding()  # a saved fixed-length padding/truncation would silently apply to
-        tokenizer.backend.no_truncation()  # every encode; lmforge pads and truncates explicitly
+        tokenizer.backend.no_padding()
+        tokenizer.backend.no_truncation()
     elif (path / VOCAB_FILE).is_file():
         tokenizer = wordpiece_tokenizer(path)
-    return model.float().eval(), tokenizer, extra
+    return model.eval(), tokenizer, extra
 
 
 def export_hf_bert(model: EncoderModel, tokenizer: Tokenizer | None, path: str | Path,
@@ -269,6 +270,7 @@ def export_hf_bert(model: EncoderModel, tokenizer: Tokenizer | None, path: str |
         tokenizer.save(path)
         pad_id = tokenizer.pad_id
         tok_config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast",
+                                      "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
                                       "model_max_length": cfg.max_seq_len, "clean_up_tokenization_spaces": False}
         for role, token in zip(("pad", "unk", "cls", "sep", "mask"), BERT_SPECIAL_TOKENS, strict=True):
             if tokenizer.token_id(token) is not None:

@@ -31,29 +31,18 @@ from lmforge.model.hf import (
     CONFIG_FILE,
     TOKENIZER_CONFIG_FILE,
     WEIGHTS_FILE,
-    _field,
-    _read_weights,
-    _require,
+    hf_field,
     is_hf_dir,
+    read_hf_weights,
+    require_hf_value,
 )
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
 # feed_forward_proj's activation -> lmforge's. HF maps "gated-gelu" alone to gelu_new (tanh approximation).
-_ACT_FROM_HF = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+ACT_FROM_HF = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                 "silu": "silu", "swish": "silu"}
-_ACT_TO_HF = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new", "silu": "silu"}
+ACT_TO_HF = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new", "silu": "silu"}
 
-# Per-block module renames: (HF sublayer, module) <-> lmforge; the MLP is layer 1 (encoder) or 2 (decoder).
-_ENC_LAYER = {"layer.0.layer_norm": "attn_norm", "layer.0.SelfAttention.q": "attn.q",
-              "layer.0.SelfAttention.k": "attn.k", "layer.0.SelfAttention.v": "attn.v",
-              "layer.0.SelfAttention.o": "attn.o", "layer.1.layer_norm": "mlp_norm",
-              "layer.1.DenseReluDense.wi": "mlp.up", "layer.1.DenseReluDense.wi_0": "mlp.gate",
-              "layer.1.DenseReluDense.wi_1": "mlp.up", "layer.1.DenseReluDense.wo": "mlp.down"}
-_DEC_LAYER = {**{k.replace("layer.1.", "layer.2."): v for k, v in _ENC_LAYER.items() if k.startswith("layer.1.")},
-              **{k: v for k, v in _ENC_LAYER.items() if k.startswith("layer.0.")},
-              "layer.1.layer_norm": "cross_norm", "layer.1.EncDecAttention.q": "cross_attn.q",
-              "layer.1.EncDecAttention.k": "cross_attn.k", "layer.1.EncDecAttention.v": "cross_attn.v",
-              "layer.1.EncDecAttention.o": "cross_attn.o"}
 _GLOBAL = {"shared.weight": "tok_emb.weight", "lm_head.weight": "lm_head.weight",
            "encoder.final_layer_norm.weight": "encoder.final_norm.weight",
            "decoder.final_layer_norm.weight": "decoder.final_norm.weight",
@@ -77,12 +66,12 @@ def _mlp_fields(hf: dict[str, Any]) -> dict[str, Any]:
     parts = proj.split("-") if isinstance(proj, str) else []
     gated = len(parts) == 2 and parts[0] == "gated"
     act = "gelu_new" if proj == "gated-gelu" else parts[-1] if parts else None
-    if not (len(parts) == 1 or gated) or act not in _ACT_FROM_HF:
+    if not (len(parts) == 1 or gated) or act not in ACT_FROM_HF:
         raise ConfigError(f"HF config feed_forward_proj={proj!r} is not supported; use 'ACT' or 'gated-ACT' "
-                          f"with ACT one of {sorted(_ACT_FROM_HF)}")
+                          f"with ACT one of {sorted(ACT_FROM_HF)}")
     if hf.get("is_gated_act", gated) != gated:
         raise ConfigError(f"HF config is_gated_act={hf['is_gated_act']!r} contradicts feed_forward_proj={proj!r}")
-    return dict(activation=_ACT_FROM_HF[act], gated=gated)
+    return dict(activation=ACT_FROM_HF[act], gated=gated)
 
 
 def scales_decoder_output(hf: dict[str, Any]) -> bool:
@@ -97,15 +86,18 @@ def config_from_hf_t5(hf_config: dict[str, Any]) -> EncDecConfig:
     hf = hf_config
     if hf.get("model_type") != "t5":
         raise ConfigError(f"HF model_type={hf.get('model_type')!r} unsupported (supported: 't5')")
-    _require(hf, "is_encoder_decoder", True, True)
-    start = hf.get("decoder_start_token_id", hf.get("pad_token_id"))
+    require_hf_value(hf, "is_encoder_decoder", True, True)
+    start = hf.get("decoder_start_token_id")
+    start = hf.get("pad_token_id") if start is None else start
     if start is None:
         raise ConfigError("HF config has no 'decoder_start_token_id' (nor a 'pad_token_id' to start from)")
+    n_layer = hf_field(hf, "num_layers")
+    n_decoder_layer = hf.get("num_decoder_layers")
     fields = dict(
-        vocab_size=_field(hf, "vocab_size"), max_seq_len=hf.get("n_positions") or 512,
-        n_layer=_field(hf, "num_layers"), n_decoder_layer=hf.get("num_decoder_layers"),
-        n_head=_field(hf, "num_heads"), head_dim=_field(hf, "d_kv"), d_model=_field(hf, "d_model"),
-        d_ff=_field(hf, "d_ff"), **_mlp_fields(hf),
+        vocab_size=hf_field(hf, "vocab_size"), max_seq_len=hf.get("n_positions") or 512, n_layer=n_layer,
+        n_decoder_layer=None if n_decoder_layer == n_layer else n_decoder_layer,
+        n_head=hf_field(hf, "num_heads"), head_dim=hf_field(hf, "d_kv"), d_model=hf_field(hf, "d_model"),
+        d_ff=hf_field(hf, "d_ff"), **_mlp_fields(hf),
         relative_buckets=hf.get("relative_attention_num_buckets", 32),
         relative_max_distance=hf.get("relative_attention_max_distance", 128),
         norm_eps=hf.get("layer_norm_epsilon", 1e-6), tie_embeddings=scales_decoder_output(hf),
@@ -119,7 +111,7 @@ def config_from_hf_t5(hf_config: dict[str, Any]) -> EncDecConfig:
 
 def config_to_hf_t5(cfg: EncDecConfig) -> dict[str, Any]:
     """The HF config.json dict for `cfg` (export_hf_t5 adds dtype and token ids)."""
-    act = _ACT_TO_HF[cfg.activation]
+    act = ACT_TO_HF[cfg.activation]
     if cfg.gated and cfg.activation == "gelu":
         raise ConfigError("activation='gelu' (exact) with gated=True cannot be exported: HF reads "
                           "feed_forward_proj='gated-gelu' as the tanh approximation (use activation='gelu_tanh')")
@@ -140,8 +132,26 @@ def config_to_hf_t5(cfg: EncDecConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _from_hf_names(weights: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+def _block_names(stack: str, gated: bool) -> dict[str, str]:
+    """HF module names inside one block of `stack` -> lmforge's. T5Block.layer holds the sublayers in order:
+    self-attention, cross-attention (decoder only), MLP (`wi`, or `wi_0` gate and `wi_1` up when gated)."""
+    mlp = "layer.2" if stack == "decoder" else "layer.1"
+    names = {"layer.0.layer_norm": "attn_norm", f"{mlp}.layer_norm": "mlp_norm",
+             f"{mlp}.DenseReluDense.wo": "mlp.down",
+             **{f"layer.0.SelfAttention.{p}": f"attn.{p}" for p in "qkvo"}}
+    if gated:
+        names.update({f"{mlp}.DenseReluDense.wi_0": "mlp.gate", f"{mlp}.DenseReluDense.wi_1": "mlp.up"})
+    else:
+        names[f"{mlp}.DenseReluDense.wi"] = "mlp.up"
+    if stack == "decoder":
+        names.update({"layer.1.layer_norm": "cross_norm",
+                      **{f"layer.1.EncDecAttention.{p}": f"cross_attn.{p}" for p in "qkvo"}})
+    return names
+
+
+def _from_hf_names(weights: dict[str, Tensor], gated: bool) -> tuple[dict[str, Tensor], dict[str, str]]:
     """HF tensors -> lmforge state dict, plus each lmforge key's HF source name (for errors)."""
+    blocks = {stack: _block_names(stack, gated) for stack in ("encoder", "decoder")}
     state: dict[str, Tensor] = {}
     source: dict[str, str] = {}
     for name, tensor in weights.items():
@@ -150,24 +160,23 @@ def _from_hf_names(weights: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[
             key = _GLOBAL[name]
         elif _IGNORED_RE.fullmatch(name):
             continue
-        elif (m := _HF_BLOCK_RE.fullmatch(name)) and m[3] in (_ENC_LAYER if m[1] == "encoder" else _DEC_LAYER):
-            key = f"{m[1]}.blocks.{m[2]}.{(_ENC_LAYER if m[1] == 'encoder' else _DEC_LAYER)[m[3]]}.weight"
+        elif (m := _HF_BLOCK_RE.fullmatch(name)) and m[3] in blocks[m[1]]:
+            key = f"{m[1]}.blocks.{m[2]}.{blocks[m[1]][m[3]]}.weight"
         state[key], source[key] = tensor, name  # an unknown name stays as is: reported as unexpected
     return state, source
 
 
 def _to_hf_names(model: EncDecLM) -> dict[str, Tensor]:
     """lmforge state dict -> HF tensors (contiguous fp32 on CPU)."""
-    cfg = model.cfg
     global_names = {lm: hf for hf, lm in _GLOBAL.items()}
+    blocks = {stack: {lm: hf for hf, lm in _block_names(stack, model.cfg.gated).items()}
+              for stack in ("encoder", "decoder")}
     out: dict[str, Tensor] = {}
     for key, tensor in model.state_dict().items():
         if key in global_names:
             name = global_names[key]
-        elif (m := _LM_BLOCK_RE.fullmatch(key)) is not None:
-            table = _ENC_LAYER if m[1] == "encoder" else _DEC_LAYER
-            names = [hf for hf, lm in table.items() if lm == m[3] and (hf.endswith("wi") != cfg.gated)]
-            name = f"{m[1]}.block.{m[2]}.{names[0]}.weight"
+        elif (m := _LM_BLOCK_RE.fullmatch(key)) is not None and m[3] in blocks[m[1]]:
+            name = f"{m[1]}.block.{m[2]}.{blocks[m[1]][m[3]]}.weight"
         else:
             raise CheckpointError(f"no HF t5 name for lmforge weight '{key}'")
         out[name] = tensor.detach().to("cpu", torch.float32).contiguous()
@@ -185,7 +194,7 @@ def load_hf_t5(path: str | Path) -> tuple[EncDecLM, Tokenizer | None]:
     if not is_hf_dir(path):
         raise CheckpointError(f"{path}: not a Hugging Face model dir (no {CONFIG_FILE} with a model_type)")
     cfg = config_from_hf_t5(json.loads((path / CONFIG_FILE).read_text()))
-    state, source = _from_hf_names(_read_weights(path))
+    state, source = _from_hf_names(read_hf_weights(path), cfg.gated)
     head, emb = state.get("lm_head.weight"), state.get("tok_emb.weight")
     if cfg.tie_embeddings:
         if head is not None and emb is not None and not torch.equal(head, emb):

@@ -1,4 +1,8 @@
-"""Training objectives: each maps (model, batch) to a scalar loss for the shared trainer."""
+"""Pretraining objectives: each maps (model, batch) to a scalar loss for the shared trainer.
+
+The model may arrive wrapped (DistributedDataParallel, torch.compile): losses call it, never
+its submodules, so gradient synchronisation and compilation see every forward.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,33 @@ from torch import nn
 IGNORE_INDEX = -100
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over positions whose label is not IGNORE_INDEX (computed in fp32)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Next-token cross-entropy; `labels` are already shifted, IGNORE_INDEX positions carry no loss."""
-    logits = model(batch["input_ids"])
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+    """Next-token prediction (GPT); `labels` are already shifted, IGNORE_INDEX positions carry no loss."""
+    return token_cross_entropy(model(batch["input_ids"]), batch["labels"])
+
+
+def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Masked-token prediction (BERT): loss only on the selected positions (others are IGNORE_INDEX)."""
+    logits = model(batch["input_ids"], batch.get("token_type_ids"), batch.get("attention_mask"))
+    return token_cross_entropy(logits, batch["labels"])
+
+
+def span_corruption_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """T5 span corruption: the decoder, teacher-forced, predicts sentinels and the spans they replaced."""
+    decoder_input_ids = unwrap(model).shift_right(batch["labels"])
+    logits = model(batch["input_ids"], decoder_input_ids, batch["attention_mask"])
+    return token_cross_entropy(logits, batch["labels"])

@@ -1,0 +1,93 @@
+"""Encoder-decoder generation (T5): encode once, then decode token by token.
+
+The encoder runs once per request and each decoder layer's cross-attention keys/values of its output are
+projected once; every step then costs one decoder position over the self-attention KV cache. Token
+choice (greedy, temperature, top-k, top-p) is the decoder-only path's `next_token`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.infer.generate import SamplingConfig, StopStreamer, next_token
+from lmforge.model.encdec import EncDecLM
+from lmforge.tokenizer import Tokenizer
+
+
+def _fit_input(ids: list[int], mask: list[int] | None, limit: int, cfg: SamplingConfig
+               ) -> tuple[list[int], list[int] | None]:
+    if not ids:
+        raise LmforgeError("the input is empty; give at least one token (T5 inputs usually end with EOS)")
+    if mask is not None and len(mask) != len(ids):
+        raise LmforgeError(f"attention_mask has {len(mask)} entries for {len(ids)} input tokens")
+    if cfg.max_new_tokens > limit:
+        raise LmforgeError(f"max_new_tokens={cfg.max_new_tokens} exceeds the decoder's max_seq_len={limit}")
+    if len(ids) > limit:
+        if not cfg.truncate_prompt:
+            raise LmforgeError(f"the input has {len(ids)} tokens, more than max_seq_len={limit}: shorten it, "
+                               "or pass --truncate-prompt to keep its last tokens")
+        ids, mask = ids[-limit:], None if mask is None else mask[-limit:]
+    return ids, mask
+
+
+@torch.inference_mode()
+def generate_encdec(
+    model: EncDecLM,
+    input_ids: Sequence[int],
+    cfg: SamplingConfig,
+    eos_id: int | None = None,
+    attention_mask: Sequence[int] | None = None,
+    on_token: Callable[[int], bool | None] | None = None,
+) -> list[int]:
+    """Generate up to cfg.max_new_tokens target ids for the input `input_ids` (without the decoder start id).
+
+    `attention_mask` (1 = token, 0 = padding) is for an input that carries padding. `on_token(id)` is
+    called for each new token; returning True stops generation."""
+    cfg.validate()
+    ids, mask = _fit_input(list(input_ids), None if attention_mask is None else list(attention_mask),
+                           model.cfg.max_seq_len, cfg)
+    device = model.tok_emb.weight.device
+    generator = None
+    if cfg.seed is not None and cfg.temperature > 0:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    enc_mask = None if mask is None else torch.tensor([mask], device=device)
+    encoder_hidden = model.encode(torch.tensor([ids], device=device), enc_mask)
+    cross_kv = model.cross_kv(encoder_hidden)
+    cache = model.new_cache(1, cfg.max_new_tokens) if cfg.use_cache else None
+    seq = torch.tensor([[model.cfg.decoder_start_id]], device=device)
+
+    def step(tokens: torch.Tensor) -> torch.Tensor:
+        return model.decode(tokens, encoder_hidden, enc_mask, cache=cache, cross_kv=cross_kv)[:, -1]
+
+    logits = step(seq)
+    new: list[int] = []
+    for _ in range(cfg.max_new_tokens):
+        token = next_token(logits, cfg, generator)
+        tid = int(token)
+        if cfg.stop_at_eos and eos_id is not None and tid == eos_id:
+            break
+        new.append(tid)
+        if (on_token is not None and on_token(tid)) or len(new) == cfg.max_new_tokens:
+            break
+        seq = torch.cat([seq, token.view(1, 1)], dim=1)
+        logits = step(token.view(1, 1) if cache is not None else seq)
+    return new
+
+
+def generate_text2text(
+    model: EncDecLM,
+    tokenizer: Tokenizer,
+    text: str,
+    cfg: SamplingConfig | None = None,
+    stream: Callable[[str], None] | None = None,
+) -> str:
+    """The output text for input `text` (EOS appended, as T5 inputs end); `stream(delta)` receives it as made."""
+    cfg = cfg or SamplingConfig()
+    eos = tokenizer.eos_id
+    ids = tokenizer.encode(text) + ([eos] if eos is not None else [])
+    streamer = StopStreamer(tokenizer, cfg.stop, stream)
+    generate_encdec(model, ids, cfg, eos, on_token=streamer)
+    return streamer.finish()
