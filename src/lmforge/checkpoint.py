@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from lmforge.config import AnyModelConfig, dump_config
 from lmforge.errors import CheckpointError
 from lmforge.io import atomic_write_text, fsync_dir
-from lmforge.model import build_model, model_config_from_dict
+from lmforge.model import HEAD_TASKS, build_model, build_task_model, model_config_from_dict
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
 CONFIG_FILE, WEIGHTS_FILE = "config.yaml", "model.safetensors"
@@ -148,7 +148,7 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
     except Exception as exc:  # safetensors raises several types for a damaged file
         raise CheckpointError(f"{f} is corrupt or truncated: {exc}") from None
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    tied = {"lm_head.weight"} if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings else set()
+    tied = set(model.state_dict()) - set(_unique_state_dict(model))  # stored once, under the first name
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise CheckpointError(f"{f} does not match the model: missing {missing}, unexpected {unexpected}")
@@ -157,11 +157,13 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
 def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, Tokenizer | None]:
     """Load model (eval mode) and tokenizer from an lmforge checkpoint or run dir."""
     ckpt = resolve_checkpoint(path)
-    tree = read_config_tree(ckpt)["model"]
+    tree = read_config_tree(ckpt)
     try:
-        model = build_model(model_config_from_dict(tree))
+        model = build_model(model_config_from_dict(tree["model"]))
     except ValidationError as err:
         raise CheckpointError(f"{ckpt / CONFIG_FILE}: invalid model section: {err}") from None
+    if tree.get("task") in HEAD_TASKS:  # a fine-tuned task model: backbone + head
+        model = build_task_model(tree["task"], model, tree.get("num_labels"))
     load_weights(model, ckpt)
     tok_file = ckpt / TOKENIZER_FILE
     tokenizer = Tokenizer.from_file(tok_file) if tok_file.is_file() else None

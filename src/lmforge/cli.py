@@ -58,6 +58,23 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     print(f"done: step {result.step}, train loss {result.train_loss:.4f}{val}; checkpoint {result.checkpoint}")
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from lmforge.config import FinetuneConfig, load_config
+    from lmforge.train.finetune import finetune
+
+    flags = {"task": args.task, "base": args.base, "train_file": args.train_file, "eval_file": args.eval_file,
+             "max_len": args.max_len}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    overrides += (["from_scratch=true"] if args.from_scratch else []) + (["truncate=true"] if args.truncate else [])
+    if args.labels:
+        overrides.append(f"labels=[{','.join(args.labels)}]")
+    config = load_config(FinetuneConfig, args.config, overrides + args.overrides)
+    result = finetune(config, resume=args.resume)
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()) or "no --eval-file given"
+    print(f"done: step {result.train.step}, train loss {result.train.train_loss:.4f}; eval: {scores}; "
+          f"checkpoint {result.train.checkpoint}")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     import lmforge
     from lmforge.infer.generate import SamplingConfig, generate
@@ -136,6 +153,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.epilog += ("\n\nany config key can be overridden as --section.key=value, e.g. --train.lr=1e-3;"
                  "\nsections: model (architecture), data (dir of prepared shards), train (loop settings)")
     p.set_defaults(func=cmd_pretrain, accepts_overrides=True)
+
+    p = _parser(sub, "finetune", "fine-tune a pretrained model on a labelled task with a task head",
+                "lmforge finetune --task classify --base runs/bert-tiny --train-file sentiment_train.jsonl "
+                "--eval-file sentiment_test.jsonl --train.max_steps=300")
+    p.add_argument("--task", choices=["classify", "tokens", "span", "text2text"], default=None,
+                   help="classify: {text,label} lines; tokens: {tokens,tags} (NER-style); span: extractive QA "
+                        "{context,question,answer,answer_start}; text2text: {input,target} (T5 or decoder)")
+    p.add_argument("--base", help="pretrained model: lmforge run/checkpoint dir or Hugging Face dir")
+    p.add_argument("--train-file", help="JSONL training data in the task's format")
+    p.add_argument("--eval-file", help="JSONL held-out data; its accuracy/exact match is printed and logged")
+    p.add_argument("--labels", nargs="+", help="the label set (default: every label in --train-file)")
+    p.add_argument("--max-len", type=int, help="longest input in tokens (default 128); longer lines are errors")
+    p.add_argument("--truncate", action="store_true", help="cut over-long inputs instead of stopping")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="re-initialise the base's weights (the same architecture untrained: a baseline)")
+    p.add_argument("--config", help="YAML with the same keys (task, base, ..., train: {...})")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
+    p.epilog += "\n\ntraining settings are overridden as --train.key=value, e.g. --train.out_dir=runs/sentiment"
+    p.set_defaults(func=cmd_finetune, accepts_overrides=True)
 
     p = _parser(sub, "generate", "generate text from a checkpoint (lmforge or Hugging Face dir)",
                 'lmforge generate runs/demo/pretrain --prompt "The capital of" --temperature 0.8 --top-p 0.9')

@@ -226,6 +226,22 @@ class PretrainConfig(StrictModel):
         return self
 
 
+class FinetuneConfig(StrictModel):
+    """Task fine-tuning of a pretrained (or, as a baseline, freshly initialised) backbone."""
+
+    task: Literal["classify", "tokens", "span", "text2text"] = "classify"
+    base: str = ""  # lmforge run/checkpoint dir or Hugging Face dir
+    from_scratch: bool = False  # same architecture, random weights: the baseline pretraining is measured against
+    train_file: str = ""
+    eval_file: str | None = None
+    labels: list[str] | None = None  # the label set (default: every label in train_file, sorted)
+    max_len: int = Field(128, ge=2)
+    truncate: bool = False  # cut over-long inputs instead of stopping with file:line
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    train: TrainConfig = TrainConfig(out_dir="runs/finetune", max_steps=300, lr=1e-3, min_lr=1e-4, warmup_steps=20,
+                                     batch_size=16, eval_every=100, save_every=100)
+
+
 # causal LM -> decoder (GPT), masked LM -> encoder (BERT), span corruption -> encoder-decoder (T5)
 OBJECTIVE_ARCH = {"clm": "decoder", "mlm": "encoder", "span": "encdec"}
 

@@ -75,7 +75,7 @@ def select_spans(candidates: Tensor, budgets: Tensor, generator: torch.Generator
     B, T = candidates.shape
     weights = span_p * (1 - span_p) ** torch.arange(max_span, dtype=torch.float64)
     span_ids = np.zeros((B, T), dtype=np.int64)
-    cand = candidates.numpy()
+    cand = candidates.cpu().numpy()
     for row in range(B):
         budget = int(budgets[row])
         if budget == 0:

@@ -33,3 +33,19 @@ def build_model(cfg: AnyModelConfig) -> nn.Module:
     from lmforge.model.decoder import DecoderLM
 
     return DecoderLM(cfg)
+
+
+HEAD_TASKS = ("classify", "tokens", "span")
+
+
+def build_task_model(task: str, backbone: nn.Module, num_labels: int | None = None, dropout: float = 0.1) -> nn.Module:
+    """The backbone with the head a fine-tuning task needs (text2text uses the language model itself)."""
+    from lmforge.model.heads import SequenceClassifier, SpanQAHead, TokenClassifier
+
+    if task == "classify":
+        return SequenceClassifier(backbone, num_labels, dropout)
+    if task == "tokens":
+        return TokenClassifier(backbone, num_labels, dropout)
+    if task == "span":
+        return SpanQAHead(backbone)
+    return backbone

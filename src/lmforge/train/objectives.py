@@ -38,8 +38,9 @@ def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     return token_cross_entropy(logits, batch["labels"])
 
 
-def span_corruption_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """T5 span corruption: the decoder, teacher-forced, predicts sentinels and the spans they replaced."""
+def seq2seq_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Encoder-decoder cross-entropy on `labels` (T5 span corruption: sentinels and the spans they replaced;
+    text-to-text: the target), the decoder teacher-forced on the labels shifted right."""
     decoder_input_ids = unwrap(model).shift_right(batch["labels"])
     logits = model(batch["input_ids"], decoder_input_ids, batch["attention_mask"])
     return token_cross_entropy(logits, batch["labels"])

@@ -19,11 +19,11 @@ from lmforge.data.shards import load_shards
 from lmforge.errors import ConfigError, DataError
 from lmforge.model import build_model
 from lmforge.tokenizer import SENTINELS, Tokenizer
-from lmforge.train.objectives import causal_lm_loss, masked_lm_loss, span_corruption_loss
+from lmforge.train.objectives import causal_lm_loss, masked_lm_loss, seq2seq_loss
 from lmforge.train.trainer import TrainResult, train
 
 Batch = dict[str, torch.Tensor]
-LOSSES = {"clm": causal_lm_loss, "mlm": masked_lm_loss, "span": span_corruption_loss}
+LOSSES = {"clm": causal_lm_loss, "mlm": masked_lm_loss, "span": seq2seq_loss}
 
 
 class BatchSource(Protocol):

@@ -142,11 +142,13 @@ def train(
     tokenizer: Tokenizer | None = None,
     val_batches: Callable[[], Iterable[Batch]] | None = None,
     resume: bool = False,
+    perplexity: bool = True,
 ) -> TrainResult:
     """Train `model` for cfg.max_steps optimizer steps, checkpointing into cfg.out_dir.
 
     `run_config` is saved as config.yaml in every checkpoint (it must have a `model` section
-    so the checkpoint loads with `lmforge.load`)."""
+    so the checkpoint loads with `lmforge.load`). `perplexity` adds exp(val loss) to the log:
+    meaningful for language-model losses only."""
     run_dir = Path(cfg.out_dir)
     device = resolve_device(cfg.device)
     ctx = init_distributed(device)
@@ -239,10 +241,13 @@ def train(
             window_tokens, window_time = 0, 0.0
         if val_batches is not None and (done % cfg.eval_every == 0 or done == cfg.max_steps):
             val_loss = evaluate(model, loss_fn, val_batches(), device, cfg.precision)
-            val_ppl = math.exp(min(val_loss, 50.0))
-            log({"step": done, "val_loss": val_loss, "val_ppl": val_ppl})
+            record = {"step": done, "val_loss": val_loss}
+            if perplexity:  # a language-model loss (nats per token)
+                record["val_ppl"] = math.exp(min(val_loss, 50.0))
+            log(record)
             if ctx.is_main:
-                bar.write(f"step {done}: val loss {val_loss:.4f}, perplexity {val_ppl:.2f}")
+                ppl = f", perplexity {record['val_ppl']:.2f}" if perplexity else ""
+                bar.write(f"step {done}: val loss {val_loss:.4f}{ppl}")
         if done % cfg.save_every == 0 or done == cfg.max_steps:
             last_ckpt = checkpoint(done)
     bar.close()
