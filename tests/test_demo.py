@@ -18,10 +18,14 @@ def test_demo_quick_writes_a_report_computed_in_the_run(tmp_path: Path) -> None:
     out, report = tmp_path / "runs", tmp_path / "report"
     assert main(["demo", "--quick", "--out-dir", str(out), "--report-dir", str(report)]) == 0
     text = (report / "README.md").read_text()
-    for heading in ("## Pretraining", "## Held-out task accuracy", "## Samples"):
+    for heading in ("## Pretraining (decoder, causal LM)", "## Held-out task accuracy", "## Samples",
+                    "## Encoder and encoder-decoder pretraining", "## Fine-tuning: MLM-pretrained encoder",
+                    "## Position encodings past the training length"):
         assert heading in text
-    png = report / "pretrain_loss.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    for name in ("pretrain_loss.png", "families_loss.png", "position_study.png"):
+        png = report / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
+        assert f"]({name})" in text
 
     # the numbers in the report are the ones the run logged
     records = [json.loads(x) for x in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
@@ -31,6 +35,16 @@ def test_demo_quick_writes_a_report_computed_in_the_run(tmp_path: Path) -> None:
     steps = int(re.search(r"\| optimizer steps \| ([\d,]+) x", text).group(1).replace(",", ""))
     assert steps == max(r["step"] for r in records)
     assert re.search(r"\| facts \| \d+\.\d% \| \d+ \|", text)
+
+    # the fine-tuning table shows the accuracies the two runs logged
+    def logged(run: str) -> float:
+        lines = (out / run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x) for x in lines if "eval_accuracy" in x][-1]["eval_accuracy"]
+
+    scratch, tuned = logged("finetune-sentiment-scratch"), logged("finetune-sentiment-pretrained")
+    assert f"| sentiment of reviews | {scratch:.1%} | {tuned:.1%} | {tuned - scratch:+.1%} |" in text
+    for objective in ("mlm", "span"):  # each family's run dir loads as its architecture
+        assert lmforge.load(out / objective)[0].cfg.arch == {"mlm": "encoder", "span": "encdec"}[objective]
 
     model, tokenizer = lmforge.load(out / "pretrain")
     assert tokenizer is not None and model.cfg.vocab_size >= tokenizer.vocab_size
