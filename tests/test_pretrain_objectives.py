@@ -50,6 +50,9 @@ def test_objective_trains_its_architecture_and_loads(tmp_path: Path, shards: Pat
     assert [r["step"] for r in records if "val_loss" in r] == [15, 30]
     model, tok = lmforge.load(out)
     assert isinstance(model, cls) and tok is not None and tok.vocab_size == 500
+    # `lmforge generate` runs T5 as text-to-text and refuses an encoder with a clear message
+    assert main(["generate", str(out), "--prompt", "capital: Velmora", "--max-new-tokens", "3"]) == (
+        0 if objective == "span" else 2)
 
 
 def test_mlm_batches_mask_only_what_they_score(shards: Path) -> None:

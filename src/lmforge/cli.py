@@ -82,6 +82,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     model, tokenizer = lmforge.load(args.checkpoint)
     if tokenizer is None:
         raise LmforgeError(f"{args.checkpoint} has no tokenizer.json; generation from text needs one")
+    arch = getattr(getattr(model, "cfg", None), "arch", None)
+    if arch not in ("decoder", "encdec"):
+        raise LmforgeError(f"{args.checkpoint} holds an {arch or type(model).__name__} model, which does not generate "
+                           "text; use a decoder (GPT, Llama) or an encoder-decoder (T5)")
+    if arch == "encdec":  # T5: the prompt is the encoder's input, the output a new text
+        from lmforge.infer.generate_encdec import generate_text2text as generate
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, seed=args.seed, stop=args.stop, use_cache=not args.no_cache,
                          truncate_prompt=args.truncate_prompt)
@@ -89,7 +95,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
             cfg.seed = None if args.seed is None else args.seed + i
-        sys.stdout.write(args.prompt)
+        if arch == "decoder":
+            sys.stdout.write(args.prompt)
         stream = None if args.no_stream else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
         text = generate(model, tokenizer, args.prompt, cfg, stream=stream)
         print(text if args.no_stream else "")
