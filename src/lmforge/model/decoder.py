@@ -112,7 +112,9 @@ class DecoderLM(nn.Module):
         elif cfg.position == "sinusoidal":
             if offset + T > self.pos_table.shape[0]:  # extrapolating past the training length
                 self.pos_table = sinusoidal_table(offset + T, cfg.d_model).to(x.device)
-            x = x + self.pos_table[offset:offset + T].to(x.dtype)
+            # Vaswani et al. 2017 sec. 3.4: embeddings x sqrt(d_model), or the unit-amplitude
+            # sin/cos would drown N(0, 0.02) token embeddings
+            x = x * math.sqrt(cfg.d_model) + self.pos_table[offset:offset + T].to(x.dtype)
         elif cfg.position == "rope":
             rope = self._rope(offset, T)
         if cfg.position == "alibi" or (offset > 0 and T > 1):
