@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmforge.errors import ConfigError, LmforgeError
@@ -58,21 +60,134 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     print(f"done: step {result.step}, train loss {result.train_loss:.4f}{val}; checkpoint {result.checkpoint}")
 
 
-def cmd_finetune(args: argparse.Namespace) -> None:
-    from lmforge.config import FinetuneConfig, load_config
-    from lmforge.train.finetune import finetune
+# ---- config-driven stages: flags map onto config keys, then `load_config` validates everything ---------------
 
-    flags = {"task": args.task, "base": args.base, "train_file": args.train_file, "eval_file": args.eval_file,
-             "max_len": args.max_len}
-    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
-    overrides += (["from_scratch=true"] if args.from_scratch else []) + (["truncate=true"] if args.truncate else [])
-    if args.labels:
-        overrides.append(f"labels=[{','.join(args.labels)}]")
-    config = load_config(FinetuneConfig, args.config, overrides + args.overrides)
-    result = finetune(config, resume=args.resume)
-    scores = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()) or "no --eval-file given"
-    print(f"done: step {result.train.step}, train loss {result.train.train_loss:.4f}; eval: {scores}; "
-          f"checkpoint {result.train.checkpoint}")
+
+@dataclass(frozen=True)
+class Flag:
+    """A command-line flag that sets one config key (`--train-file X` -> `train_file=X`)."""
+
+    name: str
+    help: str
+    options: dict = field(default_factory=dict)  # extra add_argument options (type, choices, action, nargs)
+
+    @property
+    def key(self) -> str:
+        return self.name.removeprefix("--").replace("-", "_")
+
+
+@dataclass(frozen=True)
+class Stage:
+    config: str  # "module:Class" of the stage's pydantic config
+    run: str  # "module:function(config, resume) -> result"
+    flags: tuple[Flag, ...]
+
+
+def _import(path: str):
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _describe(result: object) -> str:
+    """One line for any stage's result: TrainResult, (TrainResult, metrics), or an object with .train/.metrics."""
+    metrics: dict = {}
+    if isinstance(result, tuple):
+        result, metrics = result
+    metrics = getattr(result, "metrics", None) or metrics
+    if hasattr(result, "rewards") and result.rewards:
+        metrics = {**metrics, "mean reward (last round)": result.rewards[-1]}
+    train = getattr(result, "train", result)
+    scores = "".join(f", {k} {v:.4f}" for k, v in metrics.items())
+    return f"done: step {train.step}, train loss {train.train_loss:.4f}{scores}; checkpoint {train.checkpoint}"
+
+
+def cmd_stage(args: argparse.Namespace) -> None:
+    from lmforge.config import load_config
+
+    stage: Stage = args.stage
+    overrides = []
+    for flag in stage.flags:
+        value = getattr(args, flag.key)
+        if value is None or value is False:
+            continue
+        if value is True:
+            value = "true"
+        elif isinstance(value, list):
+            value = "[" + ",".join(map(str, value)) + "]"
+        overrides.append(f"{flag.key}={value}")
+    config = load_config(_import(stage.config), args.config, overrides + args.overrides)
+    print(_describe(_import(stage.run)(config, resume=args.resume)))
+
+
+def _stage_parser(sub, name: str, help: str, example: str, stage: Stage) -> None:
+    p = _parser(sub, name, help, example)
+    for flag in stage.flags:
+        p.add_argument(flag.name, help=flag.help, **flag.options)
+    p.add_argument("--config", help="YAML with the same keys (flags win over it; --train.* overrides win over both)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
+    p.epilog += ("\n\nany config key can be overridden as --key.sub=value, e.g. --train.max_steps=500 "
+                 "--train.out_dir=runs/x --train.lr=1e-4")
+    p.set_defaults(func=cmd_stage, stage=stage, accepts_overrides=True)
+
+
+BASE = Flag("--base", "the starting model: lmforge run/checkpoint dir or Hugging Face dir")
+TRAIN_FILE = Flag("--train-file", "JSONL training data")
+EVAL_FILE = Flag("--eval-file", "JSONL held-out data, scored after training")
+TEMPLATE = Flag("--template", "chat template: lmforge | llama2 | alpaca | hf (the base dir's Jinja template)")
+MAX_LEN = Flag("--max-len", "longest rendered example in tokens; longer lines are errors", {"type": int})
+SKIP = Flag("--skip-bad-lines", "skip (and count) bad JSONL lines instead of stopping", {"action": "store_true"})
+RL_FLAGS = (Flag("--policy", "the SFT checkpoint the policy and the frozen reference start from"),
+            Flag("--reward", "'verifier' (the synthetic tasks' checker) or a reward-model checkpoint dir"),
+            Flag("--prompts", "JSONL of {prompt, meta} lines (meta feeds the verifier)"),
+            TEMPLATE, Flag("--max-new-tokens", "response length limit", {"type": int}),
+            Flag("--temperature", "sampling temperature of the rollouts", {"type": float}))
+STAGES = {
+    "finetune": ("fine-tune a pretrained model on a labelled task with a task head",
+                 "lmforge finetune --task classify --base runs/bert-tiny --train-file sentiment_train.jsonl "
+                 "--eval-file sentiment_test.jsonl --train.max_steps=300",
+                 Stage("lmforge.config:FinetuneConfig", "lmforge.train.finetune:finetune", (
+                     Flag("--task", "classify: {text,label} lines; tokens: {tokens,tags} (NER-style); span: "
+                          "extractive QA {context,question,answer,answer_start}; text2text: {input,target}",
+                          {"choices": ["classify", "tokens", "span", "text2text"]}),
+                     BASE, TRAIN_FILE, EVAL_FILE,
+                     Flag("--labels", "the label set (default: every label in --train-file)", {"nargs": "+"}),
+                     MAX_LEN, Flag("--truncate", "cut over-long inputs instead of stopping", {"action": "store_true"}),
+                     Flag("--from-scratch", "re-initialise the base's weights (same architecture, untrained: a "
+                          "baseline)", {"action": "store_true"})))),
+    "sft": ("supervised fine-tuning on conversations (loss on assistant tokens only)",
+            "lmforge sft --base runs/demo/pretrain --train-file sft_train.jsonl --template lmforge",
+            Stage("lmforge.train.sft:SFTConfig", "lmforge.train.sft:sft",
+                  (BASE, TRAIN_FILE, EVAL_FILE, TEMPLATE, MAX_LEN, SKIP))),
+    "reward": ("train a reward model (decoder + scalar head, Bradley-Terry loss) on preference pairs",
+               "lmforge reward --base runs/sft --train-file prefs_train.jsonl --eval-file prefs_eval.jsonl",
+               Stage("lmforge.train.reward:RewardConfig", "lmforge.train.reward:train_reward_model",
+                     (BASE, TRAIN_FILE, EVAL_FILE, TEMPLATE, MAX_LEN, SKIP))),
+    "dpo": ("direct preference optimisation (DPO, or IPO with --kind ipo) against a frozen reference",
+            "lmforge dpo --base runs/sft --train-file prefs_train.jsonl --eval-file prefs_eval.jsonl --beta 0.1",
+            Stage("lmforge.train.dpo:DPOConfig", "lmforge.train.dpo:train_dpo", (
+                BASE, TRAIN_FILE, EVAL_FILE, Flag("--beta", "KL strength (IPO: margin 1/(2 beta))", {"type": float}),
+                Flag("--kind", "sigmoid = DPO, ipo = IPO", {"choices": ["sigmoid", "ipo"]}),
+                TEMPLATE, MAX_LEN, SKIP))),
+    "ppo": ("RLHF with PPO: value head, per-token KL penalty to the reference, GAE, clipped losses",
+            "lmforge ppo --policy runs/sft --reward verifier --prompts prompts_train.jsonl --train.max_steps=100",
+            Stage("lmforge.train.rl:PPOConfig", "lmforge.train.rl:train_ppo", (
+                *RL_FLAGS, Flag("--kl-coef", "per-token KL penalty coefficient", {"type": float}),
+                Flag("--adaptive-kl", "adapt the KL coefficient towards --target-kl", {"action": "store_true"}),
+                Flag("--target-kl", "target KL (nats per response) of the adaptive controller", {"type": float})))),
+    "grpo": ("GRPO: G samples per prompt, group-normalised advantages, KL to the reference, verifier reward",
+             "lmforge grpo --policy runs/sft --prompts prompts_train.jsonl --group-size 8 --train.max_steps=100",
+             Stage("lmforge.train.rl:GRPOConfig", "lmforge.train.rl:train_grpo", (
+                 *RL_FLAGS, Flag("--group-size", "samples per prompt (G)", {"type": int}),
+                 Flag("--beta", "KL coefficient", {"type": float})))),
+    "distill": ("knowledge distillation: a student learns the teacher's softened distribution and the labels",
+                "lmforge distill --teacher runs/demo/pretrain --student_model.n_layer=2 "
+                "--data.dir=runs/demo/data/shards",
+                Stage("lmforge.train.distill:DistillConfig", "lmforge.train.distill:distill", (
+                    Flag("--teacher", "the teacher checkpoint (shares the student's tokenizer)"),
+                    Flag("--student", "a student checkpoint (or build one with --student_model.KEY=VALUE)"),
+                    Flag("--temperature", "softmax temperature tau (soft loss scaled by tau^2)", {"type": float}),
+                    Flag("--alpha", "weight of the soft loss; 1 - alpha on the hard labels", {"type": float})))),
+}
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -161,24 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "\nsections: model (architecture), data (dir of prepared shards), train (loop settings)")
     p.set_defaults(func=cmd_pretrain, accepts_overrides=True)
 
-    p = _parser(sub, "finetune", "fine-tune a pretrained model on a labelled task with a task head",
-                "lmforge finetune --task classify --base runs/bert-tiny --train-file sentiment_train.jsonl "
-                "--eval-file sentiment_test.jsonl --train.max_steps=300")
-    p.add_argument("--task", choices=["classify", "tokens", "span", "text2text"], default=None,
-                   help="classify: {text,label} lines; tokens: {tokens,tags} (NER-style); span: extractive QA "
-                        "{context,question,answer,answer_start}; text2text: {input,target} (T5 or decoder)")
-    p.add_argument("--base", help="pretrained model: lmforge run/checkpoint dir or Hugging Face dir")
-    p.add_argument("--train-file", help="JSONL training data in the task's format")
-    p.add_argument("--eval-file", help="JSONL held-out data; its accuracy/exact match is printed and logged")
-    p.add_argument("--labels", nargs="+", help="the label set (default: every label in --train-file)")
-    p.add_argument("--max-len", type=int, help="longest input in tokens (default 128); longer lines are errors")
-    p.add_argument("--truncate", action="store_true", help="cut over-long inputs instead of stopping")
-    p.add_argument("--from-scratch", action="store_true",
-                   help="re-initialise the base's weights (the same architecture untrained: a baseline)")
-    p.add_argument("--config", help="YAML with the same keys (task, base, ..., train: {...})")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
-    p.epilog += "\n\ntraining settings are overridden as --train.key=value, e.g. --train.out_dir=runs/sentiment"
-    p.set_defaults(func=cmd_finetune, accepts_overrides=True)
+    for name, (help_text, example, stage) in STAGES.items():
+        _stage_parser(sub, name, help_text, example, stage)
 
     p = _parser(sub, "generate", "generate text from a checkpoint (lmforge or Hugging Face dir)",
                 'lmforge generate runs/demo/pretrain --prompt "The capital of" --temperature 0.8 --top-p 0.9')

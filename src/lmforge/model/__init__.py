@@ -35,7 +35,7 @@ def build_model(cfg: AnyModelConfig) -> nn.Module:
     return DecoderLM(cfg)
 
 
-HEAD_TASKS = ("classify", "tokens", "span")
+HEAD_TASKS = ("classify", "tokens", "span", "reward")
 
 
 def build_task_model(task: str, backbone: nn.Module, num_labels: int | None = None, dropout: float = 0.1) -> nn.Module:
@@ -48,4 +48,8 @@ def build_task_model(task: str, backbone: nn.Module, num_labels: int | None = No
         return TokenClassifier(backbone, num_labels, dropout)
     if task == "span":
         return SpanQAHead(backbone)
+    if task == "reward":
+        from lmforge.train.reward import build_reward_model
+
+        return build_reward_model(backbone)
     return backbone

@@ -1,0 +1,183 @@
+"""Direct preference optimisation (Rafailov et al. 2023) and IPO (Azar et al. 2023) on preference pairs.
+
+The reference policy is the starting policy, frozen. Its log-probabilities never change, so they are computed
+once, before training, by a frozen copy run over the whole dataset under inference mode (the copy is freed
+before the first step, and on `resume` they are recomputed from config.base, the same numbers). Each training
+batch carries them as `ref_chosen_logps` / `ref_rejected_logps`; the loss needs only the policy's forward.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field
+from torch import Tensor, nn
+
+from lmforge.config import AnyModelConfig, StrictModel, TrainConfig
+from lmforge.errors import ConfigError
+from lmforge.train.distributed import init_distributed
+from lmforge.train.logprobs import sequence_logprob
+from lmforge.train.reward import (
+    Batch,
+    PairMetrics,
+    append_metrics,
+    first_batches,
+    load_decoder,
+    ordered_batches,
+    pad_id_of,
+    pair_batch,
+    pair_reader,
+    pair_rows,
+    require_fits,
+)
+from lmforge.train.trainer import METRICS_FILE, TrainResult, autocast, resolve_device, train
+
+Kind = Literal["sigmoid", "ipo"]
+
+
+class DPOConfig(StrictModel):
+    """Preference optimisation of config.base on {prompt, chosen, rejected} JSONL pairs."""
+
+    base: str = ""  # the starting policy and reference: a decoder, usually the SFT model
+    train_file: str = ""
+    eval_file: str | None = None  # held-out pairs: implicit-reward accuracy and margin are reported on them
+    beta: float = Field(0.1, gt=0.0)  # DPO: KL strength; IPO: the target log-ratio margin is 1/(2*beta)
+    kind: Kind = "sigmoid"  # sigmoid = DPO (Rafailov et al. eq. 7); ipo = Azar et al. eq. 17
+    template: str = "lmforge"
+    max_len: int = Field(256, ge=2)
+    skip_bad_lines: bool = False
+    train: TrainConfig = TrainConfig(out_dir="runs/dpo", max_steps=200, lr=1e-4, min_lr=1e-5, warmup_steps=20,
+                                     batch_size=8, weight_decay=0.0, eval_every=50, save_every=100)
+
+
+class DPOCheckpointConfig(BaseModel):
+    """config.yaml of a DPO-trained policy: a plain decoder, as `lmforge.load` rebuilds it."""
+
+    model: AnyModelConfig
+    dpo: DPOConfig
+
+
+def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+             ref_rejected_logps: Tensor, beta: float, kind: Kind = "sigmoid") -> tuple[Tensor, Tensor, Tensor]:
+    """(mean loss, chosen rewards [B], rejected rewards [B]) from per-sequence summed log-probs log pi(y|x).
+
+    With h = log pi(y_c|x)/pi_ref(y_c|x) - log pi(y_r|x)/pi_ref(y_r|x):
+    sigmoid: -log sigma(beta * h) (Rafailov et al. 2023, eq. 7);
+    ipo: (h - 1/(2*beta))^2 (Azar et al. 2023, eq. 17), on summed log-probs as in the paper (some libraries
+    average them per token instead, which changes the scale of h and so the meaning of beta).
+    The implicit rewards beta * log pi/pi_ref (Rafailov et al. sec. 5) are detached: they are for logging."""
+    chosen_ratio = policy_chosen_logps.float() - ref_chosen_logps.float()
+    rejected_ratio = policy_rejected_logps.float() - ref_rejected_logps.float()
+    h = chosen_ratio - rejected_ratio
+    if kind == "sigmoid":
+        losses = -F.logsigmoid(beta * h)
+    elif kind == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss kind {kind!r}; expected 'sigmoid' or 'ipo'")
+    return losses.mean(), beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def dpo_batch_loss(model: nn.Module, batch: Batch, *, beta: float, kind: Kind = "sigmoid",
+                   metrics: PairMetrics | None = None) -> Tensor:
+    """The trainer's loss: one policy forward over the stacked pairs (`input_ids`, `response_mask`: chosen rows,
+    then rejected) against the precomputed `ref_chosen_logps` / `ref_rejected_logps`."""
+    chosen, rejected = sequence_logprob(model, batch["input_ids"], batch["response_mask"]).chunk(2)
+    loss, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, batch["ref_chosen_logps"],
+                                                      batch["ref_rejected_logps"], beta, kind)
+    if metrics is not None:
+        metrics.record(chosen_rewards, rejected_rewards)
+    return loss
+
+
+def frozen_copy(policy: nn.Module) -> nn.Module:
+    """The reference policy: a copy of the starting policy, in eval mode, without gradients."""
+    return copy.deepcopy(policy).eval().requires_grad_(False)
+
+
+def reference_logps(reference: nn.Module, batches: Iterable[Batch], precision: str = "fp32") -> Tensor:
+    """log pi_ref(y|x) of every pair in `batches` (stacked layout), in order: [N, 2] (chosen, rejected), fp32 on the
+    CPU. Run under the training precision, so that policy and reference start from identical numbers."""
+    device = next(reference.parameters()).device
+    out = []
+    for batch in batches:
+        with torch.inference_mode(), autocast(device, precision):
+            logps = sequence_logprob(reference, batch["input_ids"].to(device), batch["response_mask"].to(device))
+            out.append(torch.stack(logps.float().chunk(2), dim=1).cpu())
+    return torch.cat(out)  # outside inference mode: a normal tensor the training batches can index
+
+
+def with_reference(batch: Batch, ref: Tensor) -> Batch:
+    """`batch` plus its pairs' reference log-probs ([B, 2] rows of `reference_logps`)."""
+    return {**batch, "ref_chosen_logps": ref[:, 0], "ref_rejected_logps": ref[:, 1]}
+
+
+@torch.inference_mode()
+def preference_metrics(model: nn.Module, batches: Iterable[Batch], beta: float, precision: str = "fp32"
+                       ) -> dict[str, float]:
+    """Held-out implicit-reward accuracy (chosen reward > rejected) and mean margin, under the precision the
+    reference log-probs were computed in (the model's mode is restored after)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = total = 0
+    margin = 0.0
+    for batch in batches:
+        with autocast(device, precision):
+            policy = sequence_logprob(model, batch["input_ids"].to(device), batch["response_mask"].to(device))
+        chosen, rejected = policy.float().cpu().chunk(2)
+        diff = beta * ((chosen - batch["ref_chosen_logps"]) - (rejected - batch["ref_rejected_logps"]))
+        correct += int((diff > 0).sum())
+        margin += float(diff.sum())
+        total += len(diff)
+    model.train(was_training)
+    return {"reward_accuracy": correct / max(total, 1), "reward_margin": margin / max(total, 1)}
+
+
+def train_dpo(config: DPOConfig, resume: bool = False) -> tuple[TrainResult, dict[str, float]]:
+    """DPO/IPO-train config.base on config.train_file; (train result, held-out metrics on config.eval_file)."""
+    if not config.base or not config.train_file:
+        raise ConfigError("DPO needs a starting policy (--base DIR) and preference pairs (--train-file FILE)")
+    policy, tokenizer = load_decoder(config.base, "DPO")
+    require_fits(policy, config.base, config.max_len, config.max_len)  # log-probs read all but the last token
+    for module in policy.modules():  # dropout would make pi/pi_ref differ on identical weights
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    pad_id, tcfg = pad_id_of(tokenizer), config.train
+    read = pair_reader(config, tokenizer)
+    examples = read(config.train_file)
+    eval_batches = list(ordered_batches(read(config.eval_file), tcfg.batch_size, pad_id)) if config.eval_file else []
+
+    device = resolve_device(tcfg.device)
+    ctx = init_distributed(device)  # as the trainer will (idempotent): each rank scores the data on its own GPU
+    if ctx.enabled and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+    reference = frozen_copy(policy).to(device)  # one pass over every pair, then freed
+    ref_train = reference_logps(reference, ordered_batches(examples, tcfg.batch_size, pad_id), tcfg.precision)
+    if eval_batches:
+        ref_eval = reference_logps(reference, eval_batches, tcfg.precision)
+        eval_batches = [with_reference(b, r) for b, r in zip(eval_batches, ref_eval.split(tcfg.batch_size),
+                                                             strict=True)]
+    del reference
+    metrics = PairMetrics(tcfg)
+
+    def batch_at(index: int) -> Batch:
+        metrics.at(index)
+        rows = pair_rows(len(examples), tcfg.batch_size, tcfg.seed, index)
+        return with_reference(pair_batch(examples, rows, pad_id), ref_train[rows])
+
+    loss_fn = partial(dpo_batch_loss, beta=config.beta, kind=config.kind, metrics=metrics)
+    val = first_batches(eval_batches, tcfg.eval_batches) if eval_batches else None
+    result = train(policy, tcfg, batch_at, loss_fn, run_config=DPOCheckpointConfig(model=policy.cfg, dpo=config),
+                   tokenizer=tokenizer, val_batches=val, resume=resume, perplexity=False)
+    scores = preference_metrics(policy, eval_batches, config.beta, tcfg.precision) if eval_batches else {}
+    if scores:
+        append_metrics(Path(tcfg.out_dir) / METRICS_FILE, {"step": result.step,
+                                                           **{f"eval_{k}": v for k, v in scores.items()}})
+    return result, scores

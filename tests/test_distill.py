@@ -1,0 +1,160 @@
+"""Knowledge distillation: the loss against Hinton et al.'s formula, the tau^2 scaling, the frozen teacher,
+tokenizer checks and a short run."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmforge
+from lmforge.config import DataConfig, ModelConfig, PretrainConfig, TrainConfig
+from lmforge.data.shards import prepare_shards
+from lmforge.errors import ConfigError
+from lmforge.model.decoder import DecoderLM
+from lmforge.tokenizer import train_tokenizer
+from lmforge.train.distill import DistillConfig, distill, distill_loss_fn, distillation_loss
+from lmforge.train.objectives import IGNORE_INDEX, causal_lm_loss, token_cross_entropy
+from lmforge.train.trainer import train
+
+WORDS = "the a king queen sword castle river moon ship wind stone fire bread gold".split()
+VOCAB = 400
+
+
+def tiny(vocab_size: int = VOCAB, **kw) -> ModelConfig:
+    return ModelConfig(vocab_size=vocab_size, max_seq_len=32, n_layer=1, n_head=2, d_model=32, **kw)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Shards + a briefly pretrained teacher (vocab padded to 416 rows) sharing a 400-token tokenizer, and a
+    second tokenizer that differs."""
+    root = tmp_path_factory.mktemp("distill")
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) + "." for _ in range(400)]
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    tok = train_tokenizer(docs, vocab_size=VOCAB, show_progress=False)
+    other = train_tokenizer([d.upper() for d in docs], vocab_size=VOCAB, show_progress=False)
+    prepare_shards([root / "corpus.jsonl"], tok, root / "shards", val_fraction=0.05, progress=False)
+    from lmforge.data.batches import PackedBatches
+    from lmforge.data.shards import load_shards
+
+    torch.manual_seed(0)
+    teacher = DecoderLM(tiny(416))
+    batches = PackedBatches(load_shards(root / "shards").tokens("train"), 32, 8, seed=0)
+    cfg = TrainConfig(out_dir=str(root / "teacher_run"), batch_size=8, max_steps=60, lr=1e-2, min_lr=1e-3,
+                      warmup_steps=5, save_every=60, device="cpu", progress=False)
+    train(teacher, cfg, batches.batch, causal_lm_loss, run_config=PretrainConfig(model=tiny(416), train=cfg))
+    lmforge.save(teacher, tok, root / "teacher")
+    lmforge.save(DecoderLM(tiny()), other, root / "other_student")
+    return {"root": root, "shards": root / "shards", "teacher": root / "teacher",
+            "other_student": root / "other_student"}
+
+
+def soft_ce_by_hand(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
+    """-sum_v p_T(v) log p_S(v) per position, written out (float64)."""
+    zs, zt = student.double() / tau, teacher.double() / tau
+    p_t = zt.exp() / zt.exp().sum(-1, keepdim=True)
+    log_p_s = zs - zs.exp().sum(-1, keepdim=True).log()
+    return -(p_t * log_p_s).sum(-1)
+
+
+def test_distillation_loss_matches_the_formula() -> None:
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11, generator=g) * 3, torch.randn(2, 5, 11, generator=g) * 3
+    labels = torch.randint(0, 11, (2, 5), generator=g)
+    labels[0, :2] = IGNORE_INDEX
+    keep = labels != IGNORE_INDEX
+    for tau, alpha in [(1.0, 0.5), (2.0, 0.7), (4.0, 1.0), (0.5, 0.2)]:
+        soft = soft_ce_by_hand(student, teacher, tau)[keep].mean()
+        log_p = student.double() - student.double().exp().sum(-1, keepdim=True).log()
+        hard = -log_p.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)[keep].mean()
+        expected = alpha * tau**2 * soft + (1 - alpha) * hard
+        got = distillation_loss(student, teacher, labels, tau, alpha)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-5), (tau, alpha)
+
+
+def test_alpha_zero_is_pure_hard_cross_entropy() -> None:
+    g = torch.Generator().manual_seed(1)
+    student = torch.randn(3, 4, 9, generator=g)
+    labels = torch.randint(0, 9, (3, 4), generator=g)
+    labels[2, 3] = IGNORE_INDEX
+    hard = token_cross_entropy(student, labels)
+    for teacher in (torch.randn(3, 4, 9, generator=g), torch.randn(3, 4, 9, generator=g) * 10):
+        assert distillation_loss(student, teacher, labels, 3.0, 0.0).item() == pytest.approx(hard.item(), rel=1e-6)
+
+
+def test_tau_squared_keeps_the_soft_gradient_scale_independent_of_tau() -> None:
+    """Soft-target gradients scale as 1/tau^2 (Hinton et al. sec. 2.1); the tau^2 factor cancels that."""
+    g = torch.Generator().manual_seed(2)
+    teacher = torch.randn(4, 8, 16, generator=g)
+    labels = torch.randint(0, 16, (4, 8), generator=g)
+    norms = {}
+    for tau in (4.0, 8.0, 16.0):
+        student = torch.randn(4, 8, 16, generator=torch.Generator().manual_seed(3)).requires_grad_()
+        distillation_loss(student, teacher, labels, tau, alpha=1.0).backward()
+        norms[tau] = student.grad.norm().item()
+        unscaled = student.detach().clone().requires_grad_()  # the soft term alone shrinks as 1/tau^2
+        soft_ce_by_hand(unscaled, teacher, tau).mean().backward()
+        assert unscaled.grad.norm().item() * tau**2 == pytest.approx(norms[tau], rel=1e-5)
+    assert norms[8.0] / norms[4.0] == pytest.approx(1.0, abs=0.1)
+    assert norms[16.0] / norms[4.0] == pytest.approx(1.0, abs=0.1)
+
+
+def test_the_teacher_gets_no_gradients_and_padding_rows_are_cut() -> None:
+    torch.manual_seed(0)
+    teacher, student = DecoderLM(tiny(72)), DecoderLM(tiny(64))  # 64 real tokens; the teacher has 8 padding rows
+    ids = torch.randint(0, 64, (2, 9))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    loss = distill_loss_fn(teacher, 2.0, 0.5, vocab_size=64)(student, batch)
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+    with pytest.raises(ValueError, match="tokenizer"):  # unsliced logits of different widths
+        distillation_loss(student(batch["input_ids"]), teacher(batch["input_ids"]), batch["labels"], 2.0, 0.5)
+
+
+def test_different_tokenizers_are_a_config_error_naming_both(world: dict[str, Path], tmp_path: Path) -> None:
+    cfg = DistillConfig(teacher=str(world["teacher"]), student=str(world["other_student"]),
+                        data=DataConfig(dir=str(world["shards"])),
+                        train=TrainConfig(out_dir=str(tmp_path), max_steps=1, device="cpu", progress=False))
+    with pytest.raises(ConfigError) as err:
+        distill(cfg)
+    assert str(world["teacher"] / "tokenizer.json") in str(err.value)
+    assert str(world["other_student"] / "tokenizer.json") in str(err.value)
+    # the shards must have been tokenized with the teacher's tokenizer too
+    with pytest.raises(ConfigError) as err:
+        distill(DistillConfig(teacher=str(world["other_student"]), student_model=tiny(), data=cfg.data))
+    assert str(world["other_student"] / "tokenizer.json") in str(err.value)
+    assert str(world["shards"] / "tokenizer.json") in str(err.value)
+    with pytest.raises(ConfigError, match="exactly one student"):
+        distill(DistillConfig(teacher=str(world["teacher"]), student=str(world["teacher"]), student_model=tiny(),
+                              data=cfg.data))
+
+
+def test_a_short_distillation_run_lowers_the_students_loss(world: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "student"
+    cfg = DistillConfig(teacher=str(world["teacher"]), student_model=tiny(), data=DataConfig(dir=str(world["shards"])),
+                        temperature=2.0, alpha=0.5,
+                        train=TrainConfig(out_dir=str(out), batch_size=8, max_steps=30, lr=1e-2, min_lr=1e-3,
+                                          warmup_steps=3, log_every=1, eval_every=30, save_every=30, device="cpu",
+                                          progress=False))
+    result = distill(cfg)
+    losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(losses) == 30
+    # the soft term includes the teacher's entropy (times alpha tau^2), a floor the loss cannot go below
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 2.0, losses
+    assert result.val_loss is not None and result.val_loss < losses[0] - 2.0
+    student, tok = lmforge.load(out)
+    assert isinstance(student, DecoderLM) and student.cfg == tiny() and tok.vocab_size == VOCAB
