@@ -230,3 +230,13 @@ def test_compiled_training_matches_eager(tmp_path: Path, shards_dir: Path) -> No
     assert graphs == {"false": 0, "true": graphs["true"]} and graphs["true"] >= 1  # compiled only when asked
     for name, tensor in weights["false"].items():
         assert torch.allclose(tensor, weights["true"][name], atol=1e-5), name
+
+
+def test_fresh_run_into_an_existing_run_dir_is_refused(tmp_path: Path, shards_dir: Path) -> None:
+    model, tcfg, batches, config = small_setup(shards_dir, tmp_path / "run", max_steps=4, save_every=2)
+    train(model, tcfg, batches.batch, causal_lm_loss, run_config=config)
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    model, tcfg, batches, config = small_setup(shards_dir, tmp_path / "run", max_steps=2, save_every=1)
+    with pytest.raises(CheckpointError, match="already holds a run.*--resume"):
+        train(model, tcfg, batches.batch, causal_lm_loss, run_config=config)
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before

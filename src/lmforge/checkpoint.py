@@ -104,8 +104,8 @@ def write_training_checkpoint(
     (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=1))
     publish_dir(tmp, final)
     atomic_write_text(run_dir / LATEST_FILE, final.relative_to(run_dir).as_posix() + "\n")
-    for old in sorted(ckpt_root.glob("step_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    for old in [d for d in sorted(ckpt_root.glob("step_*")) if d.name < final.name][: -keep + 1 or None]:
+        shutil.rmtree(old, ignore_errors=True)  # older than this one, beyond the `keep` newest
     return final
 
 

@@ -238,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pretraining time budget in minutes (default: 4, or 0.5 with --quick)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto measures fp32 and bf16 training speed first and uses the faster (default: auto)")
-    p.add_argument("--out-dir", default="runs/demo", help="where data, tokenizer and checkpoints go")
+    p.add_argument("--out-dir", default="runs/demo",
+                   help="scratch dir for data, tokenizer and checkpoints (replaced on each demo run)")
     p.add_argument("--report-dir", default="report", help="where README.md and plots go (default: report)")
     p.set_defaults(func=cmd_demo)
 

@@ -1,13 +1,15 @@
 """`lmforge demo`: the lifecycle end to end on the synthetic world, ending in report/README.md.
 
 world -> tokenizer -> token shards, then one module per stage, each returning its report sections:
-`decoder` (GPT pretraining on a time budget, task accuracy, samples), `families` (BERT masked-LM and
+`decoder` (GPT pretraining on a time budget, task accuracy, samples), `alignment` (SFT, reward model,
+DPO, PPO, GRPO, distillation), `families` (BERT masked-LM and
 T5 span-corruption pretraining, and pretrained-vs-scratch fine-tuning), `positions` (the
 positional-encoding study). Every number in the report is computed by this run.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,10 @@ class DemoPlan:
     position_steps: int  # per scheme in the positional-encoding study
     position_model: dict[str, int] = field(default_factory=dict)
     position_len: int = 64
+    instruct_examples: tuple[int, int, int] = (1000, 400, 100)  # SFT conversations, preference pairs, eval prompts
+    post_steps: dict[str, int] = field(default_factory=dict)  # sft, reward, dpo, rl, distill
+    rl_prompts: int = 16  # prompts per PPO round (GRPO: a quarter of them, 4 samples each)
+    student: dict[str, int] = field(default_factory=dict)  # the distillation student's size
     samples: tuple[str, ...] = ("Question: What is the capital of", "One morning,", "Question: A coin is heads up.")
 
 
@@ -45,12 +51,14 @@ def demo_plan(quick: bool, minutes: float | None) -> DemoPlan:
     if quick:
         return DemoPlan(
             world=WorldConfig(seed=0, n_documents=2000, n_eval=8), vocab_size=512,
-            decoder=ModelConfig(family="gpt2", vocab_size=512, max_seq_len=128, n_layer=2, n_head=2, d_model=64),
+            decoder=ModelConfig(family="gpt2", vocab_size=512, max_seq_len=256, n_layer=2, n_head=2, d_model=64),
             batch_size=8, minutes=0.3 if minutes is None else minutes, eval_per_task=4,
             encoder=EncoderConfig(vocab_size=512, max_seq_len=128, n_layer=1, n_head=2, d_model=64),
             encdec=EncDecConfig(vocab_size=512, n_layer=1, n_head=2, head_dim=32, d_model=64, d_ff=128),
             family_steps=20, finetune_steps=20, task_examples=(100, 40), position_steps=10,
-            position_model=dict(n_layer=1, n_head=2, d_model=32), position_len=32)
+            position_model=dict(n_layer=1, n_head=2, d_model=32), position_len=32,
+            instruct_examples=(100, 40, 8), post_steps=dict(sft=20, reward=10, dpo=10, rl=3, distill=10),
+            rl_prompts=4, student=dict(n_layer=1, n_head=2, d_model=32))
     return DemoPlan(
         world=WorldConfig(seed=0), vocab_size=1024,
         decoder=ModelConfig(family="gpt2", vocab_size=1024, max_seq_len=256, n_layer=4, n_head=6, d_model=192),
@@ -58,7 +66,9 @@ def demo_plan(quick: bool, minutes: float | None) -> DemoPlan:
         encoder=EncoderConfig(vocab_size=1024, max_seq_len=128, n_layer=4, n_head=4, d_model=128),
         encdec=EncDecConfig(vocab_size=1024, n_layer=3, n_head=4, head_dim=32, d_model=128, d_ff=512),
         family_steps=400, finetune_steps=300, task_examples=(600, 300), position_steps=300,
-        position_model=dict(n_layer=2, n_head=4, d_model=128), position_len=64)
+        position_model=dict(n_layer=2, n_head=4, d_model=128), position_len=64,
+        instruct_examples=(1500, 600, 100), post_steps=dict(sft=300, reward=150, dpo=100, rl=40, distill=300),
+        rl_prompts=16, student=dict(n_layer=2, n_head=4, d_model=96))
 
 
 @dataclass
@@ -81,18 +91,22 @@ def prepare_world(plan: DemoPlan, data_dir: Path) -> DemoData:
 
 def run_demo(out_dir: Path, report_dir: Path, quick: bool = False, minutes: float | None = None,
              precision: str = "auto") -> Path:
-    from lmforge.demo import decoder, families, positions
+    from lmforge.demo import alignment, decoder, families, positions
 
     plan = demo_plan(quick, minutes)
     t_start = time.perf_counter()
+    if out_dir.exists():  # the demo's own scratch dir: each run starts it afresh
+        shutil.rmtree(out_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    print("[1/4] the synthetic world: corpus, tokenizer, token shards")
+    print("[1/5] the synthetic world: corpus, tokenizer, token shards")
     data = prepare_world(plan, out_dir / "data")
-    print("[2/4] decoder (GPT) pretraining, task accuracy, samples")
+    print("[2/5] decoder (GPT) pretraining, task accuracy, samples")
     sections = decoder.run(plan, data, out_dir, report_dir, precision)
-    print("[3/4] encoder (BERT, masked LM) and encoder-decoder (T5, span corruption); fine-tuning")
+    print("[3/5] post-training: SFT, reward model, DPO, PPO, GRPO; distillation")
+    sections += alignment.run(plan, data, out_dir, report_dir)
+    print("[4/5] encoder (BERT, masked LM) and encoder-decoder (T5, span corruption); fine-tuning")
     sections += families.run(plan, data, out_dir, report_dir)
-    print("[4/4] positional-encoding study")
+    print("[5/5] positional-encoding study")
     sections += positions.run(plan, data, out_dir, report_dir)
     intro = (f"Written by `lmforge demo{' --quick' if quick else ''}` on {time.strftime('%Y-%m-%d %H:%M')} in "
              f"{time.perf_counter() - t_start:.0f} s. Machine: {machine_description()}. "

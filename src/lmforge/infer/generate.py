@@ -6,7 +6,7 @@ of a single position over the preallocated KV cache.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -89,13 +89,15 @@ def generate_ids(
     model: DecoderLM,
     prompt_ids: Sequence[int],
     cfg: SamplingConfig,
-    eos_id: int | None = None,
+    eos_id: int | Collection[int] | None = None,
     on_token: Callable[[int], bool | None] | None = None,
 ) -> list[int]:
     """Generate up to cfg.max_new_tokens ids after `prompt_ids`; returns only the new ids.
 
+    Generation stops at `eos_id` (one id, or several: e.g. a chat template's end-of-turn and EOS).
     `on_token(id)` is called for each new token; returning True stops generation."""
     cfg.validate()
+    stop_ids = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
     ids = _fit_prompt(list(prompt_ids), model.cfg.max_seq_len, cfg)
     device = model.tok_emb.weight.device
     generator = None
@@ -108,7 +110,7 @@ def generate_ids(
     for _ in range(cfg.max_new_tokens):
         token = next_token(logits, cfg, generator)
         tid = int(token)
-        if cfg.stop_at_eos and eos_id is not None and tid == eos_id:
+        if cfg.stop_at_eos and tid in stop_ids:
             break
         new.append(tid)
         if on_token is not None and on_token(tid):

@@ -70,11 +70,14 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Te
 
 def distill_loss_fn(teacher: nn.Module, temperature: float, alpha: float, vocab_size: int) -> LossFn:
     """The trainer's loss on packed LM batches (`input_ids`, `labels`); the frozen teacher follows the batch's
-    device (the trainer moves only the student)."""
+    device (the trainer moves only the student). In eval mode (validation) it is the student's plain
+    cross-entropy, so validation losses compare across temperatures and alphas, and with no teacher at all."""
     teacher.eval().requires_grad_(False)
 
     def loss(model: nn.Module, batch: Batch) -> Tensor:
         ids = batch["input_ids"]
+        if not model.training:
+            return token_cross_entropy(model(ids)[..., :vocab_size], batch["labels"])
         if next(teacher.parameters()).device != ids.device:
             teacher.to(ids.device)
         with torch.inference_mode():

@@ -43,6 +43,9 @@ def sft(config: SFTConfig, resume: bool = False) -> TrainResult:
         raise ConfigError(f"{config.base} has no tokenizer.json; SFT on text needs one")
     if model.cfg.arch != "decoder":
         raise ConfigError(f"sft trains a decoder (GPT/Llama); {config.base} is an {model.cfg.arch}")
+    if config.max_len > model.cfg.max_seq_len:  # rows hold up to max_len + 1 tokens; the model reads max_len
+        raise ConfigError(f"--max-len {config.max_len} exceeds the context of {config.base} "
+                          f"({model.cfg.max_seq_len} tokens); use --max-len {model.cfg.max_seq_len} or less")
     template = get_chat_template(config.template, tokenizer, config.base)
     data = read_sft(config.train_file, tokenizer, template, config.max_len, skip_bad_lines=config.skip_bad_lines)
     if data.skipped:

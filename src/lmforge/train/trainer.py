@@ -157,6 +157,9 @@ def train(
     model.to(device).train()
     optimizer = build_optimizer(model, cfg)
     start_step, tokens_seen, resumed_from = 0, 0, None
+    if not resume and (run_dir / LATEST_FILE).is_file():
+        raise CheckpointError(f"{run_dir} already holds a run (latest: {(run_dir / LATEST_FILE).read_text().strip()});"
+                              " pass --resume to continue it, or pick another train.out_dir (nothing was changed)")
     if resume:
         if not (run_dir / LATEST_FILE).is_file():
             raise CheckpointError(f"--resume: no checkpoint in {run_dir} (missing {run_dir / LATEST_FILE})")

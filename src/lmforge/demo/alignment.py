@@ -1,0 +1,108 @@
+"""Demo stage: post-training. SFT from the pretrained decoder, then a reward model, DPO, PPO and GRPO
+from the SFT model, each scored on the same held-out instructions; and distillation of the pretrained
+decoder into a smaller student, against the same student trained without a teacher."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import lmforge
+from lmforge.config import DataConfig, ModelConfig, TrainConfig
+from lmforge.data.chat import get_chat_template
+from lmforge.data.instructions import write_instruction_data
+from lmforge.data.sft import read_prompts
+from lmforge.eval.instruct import instruct_scores
+from lmforge.eval.report import Section, markdown_table, plot_series, read_metrics
+from lmforge.train.distill import DistillConfig, distill
+from lmforge.train.dpo import DPOConfig, train_dpo
+from lmforge.train.reward import RewardConfig, train_reward_model
+from lmforge.train.rl import GRPOConfig, PPOConfig, train_grpo, train_ppo
+from lmforge.train.sft import SFTConfig, sft
+
+if TYPE_CHECKING:
+    from lmforge.demo import DemoData, DemoPlan
+
+
+def _train_cfg(out: Path, steps: int, lr: float, batch_size: int = 16, **extra) -> TrainConfig:
+    return TrainConfig(out_dir=str(out), max_steps=steps, lr=lr, min_lr=lr / 10, warmup_steps=max(1, steps // 10),
+                       batch_size=batch_size, eval_every=max(1, steps // 4), save_every=steps,
+                       log_every=max(1, steps // 20), progress=False, **extra)
+
+
+def run(plan: DemoPlan, data: DemoData, out_dir: Path, report_dir: Path) -> list[Section]:
+    files = write_instruction_data(plan.world, out_dir / "data" / "instructions", *plan.instruct_examples)
+    steps = plan.post_steps
+    runs = out_dir / "post"
+    ctx = plan.decoder.max_seq_len  # every stage's examples must fit the decoder's context
+    sft(SFTConfig(base=str(out_dir / "pretrain"), train_file=str(files["sft_train"]), max_len=ctx,
+                  train=_train_cfg(runs / "sft", steps["sft"], 1e-3)))
+    sft_dir = runs / "sft"
+    _, reward_metrics = train_reward_model(RewardConfig(
+        base=str(sft_dir), train_file=str(files["prefs_train"]), eval_file=str(files["prefs_eval"]), max_len=ctx - 1,
+        train=_train_cfg(runs / "reward", steps["reward"], 5e-4)))
+    _, dpo_metrics = train_dpo(DPOConfig(
+        base=str(sft_dir), train_file=str(files["prefs_train"]), eval_file=str(files["prefs_eval"]), max_len=ctx,
+        train=_train_cfg(runs / "dpo", steps["dpo"], 1e-4, batch_size=8, weight_decay=0.0)))
+    rl_train = dict(weight_decay=0.0)
+    rollouts = dict(policy=str(sft_dir), reward="verifier", prompts=str(files["prompts_train"]), max_new_tokens=48,
+                    max_prompt_len=ctx - 48, minibatch_size=plan.rl_prompts)
+    ppo = train_ppo(PPOConfig(**rollouts, prompts_per_round=plan.rl_prompts,
+                              train=_train_cfg(runs / "ppo", steps["rl"], 5e-5, **rl_train)))
+    grpo = train_grpo(GRPOConfig(**rollouts, prompts_per_round=max(1, plan.rl_prompts // 4), group_size=4,
+                                 train=_train_cfg(runs / "grpo", steps["rl"], 5e-5, **rl_train)))
+
+    reference, tokenizer = lmforge.load(sft_dir)
+    template = get_chat_template("lmforge", tokenizer)
+    prompts = read_prompts(files["prompts_eval"], tokenizer, template, ctx - 48).examples
+    models = {"base (pretrained)": out_dir / "pretrain", "SFT": sft_dir, "DPO": runs / "dpo", "PPO": ppo.policy_dir,
+              "GRPO": grpo.policy_dir}
+    rows = []
+    for name, path in models.items():
+        model, _ = lmforge.load(path)
+        s = instruct_scores(model, template, prompts, reference=None if name == "SFT" else reference)
+        rows.append((name, f"{s.accuracy:.1%}", f"{s.reward:.3f}", "0 (reference)" if s.kl is None else f"{s.kl:.2f}"))
+
+    curves = {}
+    for name, path in (("PPO", runs / "ppo"), ("GRPO", runs / "grpo")):
+        points = [(r["step"], r["reward"]) for r in read_metrics(path / "metrics.jsonl") if "reward" in r]
+        if points:
+            curves[name] = tuple(zip(*points, strict=True))
+    plot_series(report_dir / "rl_reward.png", "verifier reward of the rollouts", "optimizer step",
+                "mean reward per round", curves)
+
+    distilled = _distill_pair(plan, data, out_dir)
+    n_sft, n_pref, n_eval = plan.instruct_examples
+    return [
+        Section("Post-training: SFT, reward model, DPO, PPO, GRPO", "\n".join([
+            f"From the pretrained decoder: SFT on {n_sft} synthetic conversations ({steps['sft']} steps); then, each "
+            f"from the SFT model, a reward model and DPO on {n_pref} preference pairs, PPO and GRPO with the "
+            f"programmatic verifier as reward ({steps['rl']} steps each). Scored on {len(prompts)} held-out "
+            "instructions: accuracy = share of greedy replies the verifier gives 1.0 (right answer in the asked "
+            "format), reward = its mean score (0.5 for a right answer in the wrong format), KL = sequence-level "
+            "KL from the SFT model in nats per reply, estimated on sampled replies.", "",
+            markdown_table(["model", "instruction accuracy", "verifier reward", "KL from SFT"], rows), "",
+            f"Reward model: held-out pairwise accuracy {reward_metrics['pairwise_accuracy']:.1%}. "
+            f"DPO: held-out implicit-reward accuracy {dpo_metrics['reward_accuracy']:.1%}, "
+            f"margin {dpo_metrics['reward_margin']:.3f}.",
+        ]), images=["rl_reward.png"] if curves else []),
+        Section("Distillation", "\n".join([
+            f"A {distilled['student']} student trained {plan.post_steps['distill']} steps on the same shards, with "
+            f"the pretrained decoder as teacher (soft targets at temperature 2, alpha 0.5) and without it "
+            "(alpha 0: labels only, everything else identical).", "",
+            markdown_table(["student", "validation loss", "validation perplexity"], distilled["rows"]),
+        ])),
+    ]
+
+
+def _distill_pair(plan: DemoPlan, data: DemoData, out_dir: Path) -> dict:
+    student = ModelConfig(**{**plan.decoder.model_dump(), **plan.student})
+    rows = []
+    for name, alpha in (("with the teacher (alpha 0.5)", 0.5), ("without a teacher (alpha 0)", 0.0)):
+        run_dir = out_dir / "post" / f"distill-alpha{alpha:g}"
+        result = distill(DistillConfig(teacher=str(out_dir / "pretrain"), student_model=student, alpha=alpha,
+                                       temperature=2.0, data=DataConfig(dir=str(data.shards_dir)),
+                                       train=_train_cfg(run_dir, plan.post_steps["distill"], 3e-3, eval_batches=8)))
+        rows.append((name, f"{result.val_loss:.4f}", f"{math.exp(result.val_loss):.2f}"))
+    return {"rows": rows, "student": f"{student.n_layer}-layer, d_model {student.d_model}"}

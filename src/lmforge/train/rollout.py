@@ -1,0 +1,215 @@
+"""Rollouts for RL fine-tuning: batched sampling of several responses to one prompt, and scalar rewards.
+
+A rollout batch is right-padded `input_ids` [N, T] (prompt, response, padding) with a `response_mask`
+[N, T] that is True exactly on the tokens the policy wrote, the closing stop token (EOS or a chat template's
+end of turn) included, as SFT's assistant mask marks it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.errors import LmforgeError
+from lmforge.infer.generate import SamplingConfig, next_token
+from lmforge.model.decoder import DecoderLM
+from lmforge.model.heads import last_token_index
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.logprobs import token_logprobs
+from lmforge.train.trainer import METRICS_FILE, Batch
+
+Prompt = tuple[list[int], dict[str, Any]]  # prompt token ids, task metadata for the verifier
+# reward of one sample: (prompt ids, response ids as written (closing stop token included), metadata) -> float
+RewardFn = Callable[[list[int], list[int], dict[str, Any]], float]
+
+
+def _seed(*parts: int) -> int:
+    """A seed derived from several integers (e.g. the run's seed and a round index)."""
+    return int(np.random.default_rng(list(parts)).integers(2**62))
+
+
+@torch.inference_mode()
+def sample_responses(policy: DecoderLM, prompt_ids: Sequence[int], n: int, sampling: SamplingConfig,
+                     eos_id: int | Sequence[int] | None) -> tuple[Tensor, Tensor]:
+    """Sample `n` responses to one prompt in a batch over the KV cache: (ids [n, T], response_mask [n, T]).
+
+    Each row stops at its first `eos_id` (one id or several stop ids; kept, and masked in); positions after
+    it hold padding, masked out. T is the prompt length plus the longest response. `sampling.seed` makes the
+    draw reproducible; stop strings are not applied."""
+    sampling.validate()
+    prompt = list(prompt_ids)
+    if not prompt:
+        raise LmforgeError("the prompt is empty; give at least one token (e.g. the BOS token)")
+    P, max_new = len(prompt), sampling.max_new_tokens
+    if P + max_new > policy.cfg.max_seq_len:
+        raise LmforgeError(f"a {P}-token prompt plus max_new_tokens={max_new} exceeds the "
+                           f"{policy.cfg.max_seq_len}-token context; shorten the prompts or lower max_new_tokens")
+    device = policy.tok_emb.weight.device
+    generator = None
+    if sampling.seed is not None and sampling.temperature > 0:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    stops = torch.tensor([] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id),
+                         dtype=torch.long, device=device)
+    pad = int(stops[0]) if len(stops) else 0
+    ids = torch.full((n, P + max_new), pad, dtype=torch.long, device=device)
+    ids[:, :P] = torch.tensor(prompt, device=device)
+    mask = torch.zeros(n, P + max_new, dtype=torch.bool, device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    cache = policy.new_cache(n, P + max_new)
+    logits = policy(ids[:, :P], cache=cache)[:, -1]
+    for t in range(max_new):
+        token = next_token(logits, sampling, generator).masked_fill(done, pad)
+        ids[:, P + t], mask[:, P + t] = token, ~done
+        if sampling.stop_at_eos:
+            done = done | torch.isin(token, stops)
+        if bool(done.all()) or t + 1 == max_new:
+            break
+        logits = policy(token[:, None], cache=cache)[:, -1]
+    end = P + t + 1
+    return ids[:, :end], mask[:, :end]
+
+
+def right_pad(rows: Sequence[tuple[Tensor, Tensor]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Stack (ids [n_i, T_i], mask [n_i, T_i]) blocks into one right-padded batch [sum n_i, max T_i]."""
+    T = max(ids.shape[1] for ids, _ in rows)
+    ids = torch.cat([F.pad(i, (0, T - i.shape[1]), value=pad_id) for i, _ in rows])
+    mask = torch.cat([F.pad(m, (0, T - m.shape[1]), value=False) for _, m in rows])
+    return ids, mask
+
+
+def collect_rollouts(policy: DecoderLM, prompts: Sequence[Prompt], n: int, sampling: SamplingConfig,
+                     eos_id: int | Sequence[int] | None, pad_id: int,
+                     reward_fn: RewardFn) -> tuple[Tensor, Tensor, Tensor]:
+    """`n` samples of each prompt (rows grouped by prompt) and their rewards: (ids, response_mask, scores [N]).
+
+    Prompt k is sampled with seed = f(sampling.seed, k), so a round is reproducible from one seed."""
+    rows, scores = [], []
+    for k, (prompt, meta) in enumerate(prompts):
+        seed = None if sampling.seed is None else _seed(sampling.seed, k)
+        ids, mask = sample_responses(policy, prompt, n, dataclasses.replace(sampling, seed=seed), eos_id)
+        rows.append((ids, mask))
+        scores += [float(reward_fn(prompt, i[m].tolist(), meta)) for i, m in zip(ids, mask, strict=True)]
+    ids, mask = right_pad(rows, pad_id)
+    return ids, mask, torch.tensor(scores, device=ids.device)
+
+
+def verifier_reward(tokenizer: Tokenizer) -> RewardFn:
+    """Reward = `lmforge.data.instructions.verify(meta, response text)` in [0, 1] (a programmatic check); the
+    text is decoded without special tokens (the closing end of turn)."""
+    from lmforge.data.instructions import verify
+
+    def reward(prompt: list[int], response: list[int], meta: dict[str, Any]) -> float:
+        return float(verify(meta, tokenizer.decode(response, skip_special_tokens=True)))
+
+    return reward
+
+
+def reward_model_reward(reward_model: nn.Module) -> RewardFn:
+    """Reward = a trained reward model's score of prompt + response (Ouyang et al. 2022, sec. 3.5); the closing
+    stop token is part of the response, as in the rendered pairs the reward model was trained on."""
+
+    @torch.inference_mode()
+    def reward(prompt: list[int], response: list[int], meta: dict[str, Any]) -> float:
+        device = next(reward_model.parameters()).device
+        ids = torch.tensor([prompt + response], device=device)
+        return float(reward_model(ids, torch.ones_like(ids))[0])
+
+    return reward
+
+
+# -- the shared trainer glue: rounds of rollouts served as minibatches ----------------------------------
+class StepLog:
+    """RL metrics appended to out_dir/metrics.jsonl once per optimizer step (mean over its micro-batches),
+    merged with the statistics of the rollout round the step trains on."""
+
+    def __init__(self, out_dir: str, grad_accum: int):
+        self.path, self.grad_accum = Path(out_dir) / METRICS_FILE, grad_accum
+        self.index, self.round, self.sums = 0, {}, {}
+
+    def add(self, values: dict[str, Tensor | float]) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+        if self.index % self.grad_accum == self.grad_accum - 1:
+            record = {"step": self.index // self.grad_accum + 1, **self.round,
+                      **{k: v / self.grad_accum for k, v in self.sums.items()}}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.sums = {}
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Run a block with `model` in eval mode (no dropout), restoring its mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The reference policy: a copy of `model` in eval mode without gradients."""
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+@torch.inference_mode()
+def forward_logps(model: torch.nn.Module, ids: Tensor, temperature: float, chunk: int) -> tuple[Tensor, Tensor | None]:
+    """Per-token log-probs [B, T-1] of ids[:, 1:] (logits / temperature), and values [B, T-1] when the model
+    has a value head; in chunks of `chunk` rows."""
+    logps, values = [], []
+    for rows in ids.split(chunk):
+        out = model(rows[:, :-1])
+        logits, value = out if isinstance(out, tuple) else (out, None)
+        logps.append(token_logprobs(logits.float() / temperature, rows[:, 1:]))
+        values.append(value)
+    return torch.cat(logps), None if values[0] is None else torch.cat(values).float()
+
+
+def rollout_round(policy: DecoderLM, prompts: Sequence[Prompt], reward_fn: RewardFn, round_idx: int, *,
+                  prompts_per_round: int, n: int, max_new_tokens: int, temperature: float, seed: int,
+                  eos_id: int | Sequence[int] | None, pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Round `round_idx`: a seeded draw of `prompts_per_round` prompts, `n` samples each from the policy in
+    eval mode, and their rewards: (ids, response_mask, scores)."""
+    rng = np.random.default_rng([seed, round_idx])
+    chosen = rng.choice(len(prompts), size=min(prompts_per_round, len(prompts)), replace=False)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=_seed(seed, round_idx))
+    with eval_mode(policy):
+        return collect_rollouts(policy, [prompts[i] for i in chosen], n, sampling, eos_id, pad_id, reward_fn)
+
+
+def minibatch_stream(make_round: Callable[[int], Batch], rows: int, minibatch_size: int, epochs: int, seed: int,
+                     log: StepLog) -> Callable[[int], Batch]:
+    """batch_at(i) for train(): a new round from make_round(r) whenever i enters round r, then `epochs`
+    shuffled passes over its rows in minibatches (trimmed to their longest sequence)."""
+    per_epoch = math.ceil(rows / minibatch_size)
+    state: dict[str, Any] = {"round": None}
+
+    def batch_at(index: int) -> Batch:
+        round_idx, k = divmod(index, per_epoch * epochs)
+        if state["round"] != round_idx:
+            state["round"], state["data"] = round_idx, {key: v.clone() for key, v in make_round(round_idx).items()}
+        epoch, j = divmod(k, per_epoch)
+        order = torch.randperm(rows, generator=torch.Generator().manual_seed(_seed(seed, round_idx, epoch)))
+        data = state["data"]
+        pick = order[j * minibatch_size:(j + 1) * minibatch_size].to(data["input_ids"].device)
+        T = data["input_ids"].shape[1]
+        end = int(last_token_index(data["response_mask"][pick]).max()) + 1
+        log.index = index
+        return {key: v[pick][:, :end - (v.shape[1] < T)] if v.dim() == 2 else v[pick] for key, v in data.items()}
+
+    return batch_at
