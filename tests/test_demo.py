@@ -20,7 +20,8 @@ def test_demo_quick_writes_a_report_computed_in_the_run(tmp_path: Path) -> None:
     text = (report / "README.md").read_text()
     for heading in ("## Pretraining (decoder, causal LM)", "## Held-out task accuracy", "## Samples",
                     "## Encoder and encoder-decoder pretraining", "## Fine-tuning: MLM-pretrained encoder",
-                    "## Position encodings past the training length"):
+                    "## Position encodings past the training length", "## Post-training: SFT, reward model",
+                    "## Distillation"):
         assert heading in text
     for name in ("pretrain_loss.png", "families_loss.png", "position_study.png"):
         png = report / name
@@ -43,6 +44,14 @@ def test_demo_quick_writes_a_report_computed_in_the_run(tmp_path: Path) -> None:
 
     scratch, tuned = logged("finetune-sentiment-scratch"), logged("finetune-sentiment-pretrained")
     assert f"| sentiment of reviews | {scratch:.1%} | {tuned:.1%} | {tuned - scratch:+.1%} |" in text
+    reward = [json.loads(x) for x in (out / "post" / "reward" / "metrics.jsonl").read_text().splitlines()]
+    accuracy = [r["eval_pairwise_accuracy"] for r in reward if "eval_pairwise_accuracy" in r][-1]
+    assert f"held-out pairwise accuracy {accuracy:.1%}" in text
+    for row in ("| base (pretrained) |", "| SFT |", "| DPO |", "| PPO |", "| GRPO |", "| with the teacher",
+                "| without a teacher"):
+        assert row in text
+    for policy in ("dpo", "ppo/policy", "grpo/policy"):  # every aligned policy loads as a decoder
+        assert lmforge.load(out / "post" / policy)[0].cfg.arch == "decoder"
     for objective in ("mlm", "span"):  # each family's run dir loads as its architecture
         assert lmforge.load(out / objective)[0].cfg.arch == {"mlm": "encoder", "span": "encdec"}[objective]
 

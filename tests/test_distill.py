@@ -28,12 +28,7 @@ def tiny(vocab_size: int = VOCAB, **kw) -> ModelConfig:
     return ModelConfig(vocab_size=vocab_size, max_seq_len=32, n_layer=1, n_head=2, d_model=32, **kw)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

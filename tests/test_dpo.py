@@ -41,12 +41,7 @@ REF_CHOSEN = [-11.0, -41.0, -2.0, -7.25, -100.0]
 REF_REJECTED = [-11.5, -41.5, -4.0, -8.0, -100.0]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def by_hand(beta: float, kind: str) -> float:

@@ -24,13 +24,7 @@ from lmforge.tokenizer import SENTINELS, Tokenizer, train_tokenizer
 VOCAB = 120
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other jobs for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(**kw) -> EncDecConfig:

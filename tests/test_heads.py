@@ -16,12 +16,7 @@ from lmforge.train.task_losses import classification_loss, span_qa_loss, token_c
 V, PAD = 64, 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def backbone(arch: str) -> nn.Module:

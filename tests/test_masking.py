@@ -29,12 +29,7 @@ SPECIAL = list(range(len(SPECIAL_TOKENS)))
 TOKEN_IDS = dict(mask_id=MASK_ID, cls_id=CLS_ID, sep_id=SEP_ID, pad_id=PAD_ID, vocab_size=VOCAB, special_ids=SPECIAL)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bert_rows(B: int, T: int, seed: int = 0) -> torch.Tensor:

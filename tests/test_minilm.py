@@ -34,13 +34,7 @@ def model_dir():
     return embedding_model_dir()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The machine's cores are shared; one thread avoids oversubscription slowdowns."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -38,12 +38,7 @@ PAD = 0
 GOOD, BAD = range(10, 20), range(20, 30)  # chosen responses use GOOD tokens, rejected ones BAD tokens
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic_pairs(n: int, seed: int) -> dict[str, torch.Tensor]:

@@ -39,12 +39,7 @@ from lmforge.train.rollout import collect_rollouts, reward_model_reward, sample_
 VOCAB, EOS, TARGET = 32, 0, 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_policy(seed: int = 0) -> DecoderLM:

@@ -8,7 +8,6 @@ batch carries them as `ref_chosen_logps` / `ref_rejected_logps`; the loss needs 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
@@ -22,7 +21,7 @@ from torch import Tensor, nn
 from lmforge.config import AnyModelConfig, StrictModel, TrainConfig
 from lmforge.errors import ConfigError
 from lmforge.train.distributed import init_distributed
-from lmforge.train.logprobs import sequence_logprob
+from lmforge.train.logprobs import frozen_copy, sequence_logprob
 from lmforge.train.reward import (
     Batch,
     PairMetrics,
@@ -94,11 +93,6 @@ def dpo_batch_loss(model: nn.Module, batch: Batch, *, beta: float, kind: Kind = 
     if metrics is not None:
         metrics.record(chosen_rewards, rejected_rewards)
     return loss
-
-
-def frozen_copy(policy: nn.Module) -> nn.Module:
-    """The reference policy: a copy of the starting policy, in eval mode, without gradients."""
-    return copy.deepcopy(policy).eval().requires_grad_(False)
 
 
 def reference_logps(reference: nn.Module, batches: Iterable[Batch], precision: str = "fp32") -> Tensor:

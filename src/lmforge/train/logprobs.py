@@ -1,6 +1,9 @@
-"""Log-probabilities of given tokens under a causal LM: what DPO, PPO, GRPO and the KL terms share."""
+"""Log-probabilities of given tokens under a causal LM, and the frozen reference they are compared with:
+what DPO, PPO, GRPO and the KL terms share."""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -23,3 +26,8 @@ def response_logprobs(model: nn.Module, input_ids: Tensor, response_mask: Tensor
 def sequence_logprob(model: nn.Module, input_ids: Tensor, response_mask: Tensor) -> Tensor:
     """Sum of the response tokens' log-probs, one number per row [B] (log pi(y | x))."""
     return response_logprobs(model, input_ids, response_mask).sum(-1)
+
+
+def frozen_copy(policy: nn.Module) -> nn.Module:
+    """The reference policy: a copy of the starting policy, in eval mode, without gradients."""
+    return copy.deepcopy(policy).eval().requires_grad_(False)

@@ -32,14 +32,13 @@ from lmforge.errors import ConfigError
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.heads import last_token_index
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.logprobs import token_logprobs
+from lmforge.train.logprobs import frozen_copy, token_logprobs
 from lmforge.train.rollout import (
     Prompt,
     RewardFn,
     StepLog,
     eval_mode,
     forward_logps,
-    frozen_copy,
     minibatch_stream,
     reward_model_reward,
     rollout_round,

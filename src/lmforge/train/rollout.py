@@ -8,7 +8,6 @@ end of turn) included, as SFT's assistant mask marks it.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import math
@@ -157,14 +156,6 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
-
-
-def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """The reference policy: a copy of `model` in eval mode without gradients."""
-    ref = copy.deepcopy(model).eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref
 
 
 @torch.inference_mode()
