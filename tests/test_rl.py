@@ -359,3 +359,15 @@ def test_stage_rejects_prompts_and_replies_longer_than_the_context(stage_files: 
         train_grpo(config)
     with pytest.raises(ConfigError, match="--policy"):
         train_ppo(PPOConfig(prompts=str(stage_files["prompts"])))
+
+
+def test_reward_model_with_another_tokenizer_is_refused(stage_files: dict[str, Path], tmp_path: Path) -> None:
+    other = train_tokenizer(["a different corpus entirely, with other merges"] * 30, vocab_size=400,
+                            show_progress=False)
+    reward_model, _ = lmforge.load(stage_files["rm"])
+    write_model_files(tmp_path / "rm", reward_model, other,
+                      RewardCheckpointConfig(model=reward_model.backbone.cfg, reward=RewardConfig()))
+    config = PPOConfig(policy=str(stage_files["sft"]), reward=str(tmp_path / "rm"), prompts=str(stage_files["prompts"]),
+                       max_prompt_len=40, max_new_tokens=6)
+    with pytest.raises(ConfigError, match=r"reward model scoring this policy needs one tokenizer.*sft.*rm"):
+        train_ppo(config)

@@ -93,6 +93,18 @@ class Tokenizer:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
+def require_same_vocab(a: Tokenizer, a_path: str | Path, b: Tokenizer, b_path: str | Path, why: str) -> None:
+    """ConfigError naming both files when two tokenizers' vocabularies (token -> id) differ; `why` says who needs
+    them equal (e.g. "distillation", "a reward model scoring this policy")."""
+    from lmforge.errors import ConfigError
+
+    vocab_a, vocab_b = a.backend.get_vocab(with_added_tokens=True), b.backend.get_vocab(with_added_tokens=True)
+    if vocab_a != vocab_b:
+        differ = len(set(vocab_a.items()) ^ set(vocab_b.items()))
+        raise ConfigError(f"{why} needs one tokenizer, but {a_path} ({len(vocab_a)} tokens) and {b_path} "
+                          f"({len(vocab_b)} tokens) differ in {differ} token->id entries")
+
+
 def train_tokenizer(
     texts: Iterable[str],
     vocab_size: int,

@@ -22,7 +22,7 @@ from lmforge.data.batches import PackedBatches
 from lmforge.data.shards import load_shards
 from lmforge.errors import ConfigError
 from lmforge.model.decoder import DecoderLM
-from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
+from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer, require_same_vocab
 from lmforge.train.objectives import IGNORE_INDEX, token_cross_entropy
 from lmforge.train.reward import load_decoder
 from lmforge.train.trainer import LossFn, TrainResult, train
@@ -91,15 +91,6 @@ def tokenizer_path(path: str | Path) -> Path:
     return resolve_checkpoint(path) / TOKENIZER_FILE
 
 
-def require_same_vocab(a: Tokenizer, a_path: Path, b: Tokenizer, b_path: Path) -> None:
-    """ConfigError naming both files when the two tokenizers' vocabularies (token -> id) differ."""
-    vocab_a, vocab_b = a.backend.get_vocab(with_added_tokens=True), b.backend.get_vocab(with_added_tokens=True)
-    if vocab_a != vocab_b:
-        differ = len(set(vocab_a.items()) ^ set(vocab_b.items()))
-        raise ConfigError(f"distillation needs one tokenizer, but {a_path} ({len(vocab_a)} tokens) and {b_path} "
-                          f"({len(vocab_b)} tokens) differ in {differ} token->id entries")
-
-
 def _val_batches(tokens: np.ndarray, seq_len: int, cfg: TrainConfig) -> Callable[[], Iterator[Batch]] | None:
     """The first train.eval_batches batches of the validation split, in order (None if it is too small)."""
     windows = len(tokens) // (seq_len + 1)
@@ -119,12 +110,12 @@ def distill(config: DistillConfig, resume: bool = False) -> TrainResult:
                           "architecture (--student_model.n_layer=... and the other model keys)")
     teacher, tokenizer = load_decoder(config.teacher, "distillation")
     data_tokenizer = Tokenizer.from_file(config.data.dir)
-    require_same_vocab(tokenizer, tokenizer_path(config.teacher), data_tokenizer,
+    require_same_vocab(tokenizer, tokenizer_path(config.teacher), data_tokenizer, "distillation",
                        Path(config.data.dir) / TOKENIZER_FILE)
     tcfg = config.train
     if config.student:
         student, student_tokenizer = load_decoder(config.student, "distillation")
-        require_same_vocab(tokenizer, tokenizer_path(config.teacher), student_tokenizer,
+        require_same_vocab(tokenizer, tokenizer_path(config.teacher), student_tokenizer, "distillation",
                            tokenizer_path(config.student))
     else:
         torch.manual_seed(tcfg.seed)

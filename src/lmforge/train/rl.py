@@ -340,6 +340,7 @@ def load_rl_inputs(cfg: PPOConfig | GRPOConfig, stage: str) -> tuple[DecoderLM, 
     the chat template's generation prompt and replies stop at its stop ids (end of turn, EOS)."""
     from lmforge.data.chat import get_chat_template
     from lmforge.data.sft import read_prompts
+    from lmforge.tokenizer import require_same_vocab
     from lmforge.train.reward import RewardModel, load_decoder
 
     if not cfg.policy or not cfg.prompts:
@@ -355,10 +356,13 @@ def load_rl_inputs(cfg: PPOConfig | GRPOConfig, stage: str) -> tuple[DecoderLM, 
     if cfg.reward == "verifier":
         reward_fn = verifier_reward(tokenizer)
     else:
-        reward_model, _ = lmforge.load(cfg.reward)
+        reward_model, reward_tokenizer = lmforge.load(cfg.reward)
         if not isinstance(reward_model, RewardModel):
             raise ConfigError(f"--reward must be 'verifier' or a reward-model checkpoint; {cfg.reward} holds a "
                               f"{type(reward_model).__name__}")
+        if reward_tokenizer is None:
+            raise ConfigError(f"{cfg.reward} has no tokenizer.json; it cannot be checked against the policy's")
+        require_same_vocab(tokenizer, cfg.policy, reward_tokenizer, cfg.reward, "a reward model scoring this policy")
         reward_fn = reward_model_reward(reward_model.to(resolve_device(cfg.train.device)).eval())
     return policy, tokenizer, prompts, reward_fn, template.stop_ids
 
