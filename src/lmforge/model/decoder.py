@@ -71,6 +71,7 @@ class DecoderLM(nn.Module):
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.embed_hook: nn.Module | None = None  # prompt tuning: [B, T, d] -> [B, n_virtual + T, d]
 
     def reset_parameters(self) -> None:
         """GPT-2 init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layer)."""
@@ -88,8 +89,9 @@ class DecoderLM(nn.Module):
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         ref = self.tok_emb.weight
         cfg = self.cfg
-        return KVCache(cfg.n_layer, cfg.kv_heads, cfg.head_dim, batch_size, max_len or cfg.max_seq_len, ref.device,
-                       dtype or ref.dtype)
+        virtual = self.embed_hook.n_virtual if self.embed_hook is not None else 0
+        return KVCache(cfg.n_layer, cfg.kv_heads, cfg.head_dim, batch_size, (max_len or cfg.max_seq_len) + virtual,
+                       ref.device, dtype or ref.dtype)
 
     def forward(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
         """Logits [B, T, vocab]."""
@@ -98,14 +100,17 @@ class DecoderLM(nn.Module):
     def hidden(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
         """Final hidden states [B, T, d_model] (after the final norm): what task heads read."""
         cfg = self.cfg
-        T = input_ids.shape[1]
         offset = cache.length if cache is not None else 0
+        x = self.tok_emb(input_ids)
+        if self.embed_hook is not None and offset == 0:  # soft prompt in front of a fresh sequence, not each step
+            x = self.embed_hook(x)
+        virtual = x.shape[1] - input_ids.shape[1]
+        T = x.shape[1]
         if cfg.position == "learned" and offset + T > cfg.max_seq_len:
             raise ValueError(
                 f"sequence of {offset + T} tokens exceeds the {cfg.max_seq_len} learned positions; "
                 "shorten the prompt or truncate it explicitly"
             )
-        x = self.tok_emb(input_ids)
         rope = bias = None
         if cfg.position == "learned":
             x = x + self.pos_emb.weight[offset:offset + T]
@@ -124,7 +129,7 @@ class DecoderLM(nn.Module):
             x = block(x, i, rope, bias, cache)
         if cache is not None:
             cache.length = offset + T
-        return self.final_norm(x)
+        return self.final_norm(x[:, virtual:])
 
     def _rope(self, offset: int, T: int) -> tuple[Tensor, Tensor]:
         if offset + T > self.rope_cos.shape[0]:  # extrapolating past the training length (e.g. a study)

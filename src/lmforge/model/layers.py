@@ -157,6 +157,7 @@ class Attention(nn.Module):
         self.v = nn.Linear(d_model, n_kv_head * head_dim, bias=bias)
         self.o = nn.Linear(n_head * head_dim, d_model, bias=bias)
         self.dropout = dropout
+        self.prefix: nn.Module | None = None  # prefix tuning: prefix() -> (k, v) [1|B, n_kv, P, head_dim]
 
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values [B, n_kv, S, head_dim] of `x` (computed once for cross-attention)."""
@@ -184,6 +185,14 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
+        if self.prefix is not None:  # Li & Liang 2021: P learned key/value slots in front, seen by every query
+            pk, pv = self.prefix()
+            if bias is None and causal and T > 1:  # SDPA's is_causal would align its diagonal to the prefix
+                bias = attention_bias(T, k.shape[2], k.shape[2] - T, None, x.device)
+            k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
+            v = torch.cat([pv.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
+            if bias is not None:
+                bias = F.pad(bias, (pk.shape[2], 0))
         # A single new token (decode) may see every cached key; a fresh prompt is plain causal.
         # enable_gqa lets SDPA share each k/v head across its query group without copying.
         y = F.scaled_dot_product_attention(

@@ -1,0 +1,569 @@
+"""Low-rank adapters on a frozen model: LoRA, DoRA, PiSSA and QLoRA, with Hugging Face peft export.
+
+LoRA (Hu et al. 2021, eq. 3): y = W0 x + b + s * B A dropout(x), s = alpha / r; A is kaiming-uniform (as peft
+and loralib), B = 0, so training starts exactly at the base model. Several named adapters may sit on one base;
+`set_active` picks which contribute and with what weight: y = base(x) + sum_i w_i * delta_i(x).
+
+Target patterns (`LoRAConfig.targets`) select Linear layers by their module names. A pattern selects a layer when
+the layer's name, or the name of a module containing it, equals the pattern, ends with "." + pattern, or matches
+it as an fnmatch wildcard: "attn.q" is every block's query projection, "mlp" is every mlp.up/gate/down, "attn"
+all four attention projections, "blocks.0.*" every Linear of the first block.
+
+Export (`export_peft`) writes the adapter in peft's format and, in its `base/` subdir, the HF model (`export_hf`)
+it applies to (a separate dir: transformers would load an adapter_config.json found beside the weights). GPT-2
+fuses q/k/v into one `c_attn`: the three LoRAs become one exact LoRA of rank 3r on it, A stacked and B
+block-diagonal (a missing part gets a zero block, and under DoRA the magnitude ||W0||_c that leaves it unchanged).
+PiSSA exports as peft converts it on save (`path_initial_model_for_weight_conversion`): a rank-2r LoRA [A | A0],
+[B | -B0] on the original base W_res + s B0 A0. QLoRA exports as LoRA on the dequantised NF4 base it was trained
+against (so the pair reproduces the model; on the unquantised checkpoint it differs by the NF4 error).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+from collections import Counter
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from lmforge.config import StrictModel
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.io import atomic_write, atomic_write_text
+from lmforge.model.decoder import DecoderLM
+from lmforge.model.hf import _LAYER, _PREFIX, config_to_hf, export_hf
+from lmforge.tokenizer import Tokenizer
+
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
+PEFT_WEIGHTS, PEFT_CONFIG, BASE_DIR = "adapter_model.safetensors", "adapter_config.json", "base"
+ADAPTER_KINDS = ("lora_A", "lora_B", "lora_magnitude", "pissa_A0", "pissa_B0")
+
+
+class LoRAConfig(StrictModel):
+    """One adapter: rank, alpha (scaling s = alpha / r), dropout on the adapter's input, target patterns (see the
+    module docstring; add "mlp" for mlp.up/gate/down), the method, and QLoRA's NF4 block size and double quant."""
+
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    targets: list[str] = Field(default_factory=lambda: ["attn.q", "attn.k", "attn.v", "attn.o"], min_length=1)
+    method: Literal["lora", "dora", "pissa", "qlora"] = "lora"
+    qlora_group_size: int = Field(64, ge=2, multiple_of=2)
+    qlora_double_quant: bool = False
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+# ---------------------------------------------------------------------------------------------
+# NF4 (Dettmers et al. 2023, sec. 3)
+# ---------------------------------------------------------------------------------------------
+
+
+def _nf4_levels() -> Tensor:
+    """The 16 NF4 levels: N(0, 1) quantiles, 8 positive and 7 negative plus an exact zero, scaled to [-1, 1]
+    (QLoRA eq. 4 as bitsandbytes' create_normal_map builds it, offset 0.9677083)."""
+    pos = torch.special.ndtri(torch.linspace(0.9677083, 0.5, 9, dtype=torch.float64)[:-1])
+    neg = -torch.special.ndtri(torch.linspace(0.9677083, 0.5, 8, dtype=torch.float64)[:-1])
+    levels = torch.cat([neg, torch.zeros(1, dtype=torch.float64), pos]).sort().values
+    return (levels / levels.max()).float()
+
+
+NF4 = _nf4_levels()
+_TINY = torch.finfo(torch.float32).tiny
+
+
+@functools.cache
+def _nf4_on(device: torch.device) -> Tensor:
+    return NF4.to(device)  # once per device, not a host-to-device copy per forward
+
+
+def nf4_quantize(w: Tensor, group_size: int = 64) -> tuple[Tensor, Tensor, torch.Size]:
+    """Block-wise NF4: each run of `group_size` values (row-major, zero-padded at the end) is divided by its absmax
+    and rounded to the nearest NF4 level. Returns (uint8 codes, two per byte, low nibble first; fp32 absmax per
+    group; the original shape)."""
+    if group_size < 2 or group_size % 2:
+        raise ConfigError(f"qlora_group_size must be an even number >= 2, got {group_size}")
+    flat = w.detach().float().flatten()
+    groups = F.pad(flat, (0, -flat.numel() % group_size)).view(-1, group_size)
+    scales = groups.abs().amax(dim=1)
+    levels = _nf4_on(w.device)
+    codes = torch.bucketize(groups / scales.clamp_min(_TINY)[:, None], (levels[1:] + levels[:-1]) / 2).flatten()
+    codes = codes.to(torch.uint8)
+    return codes[0::2] | (codes[1::2] << 4), scales, w.shape
+
+
+def nf4_dequantize(packed: Tensor, scales: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
+    """Inverse of `nf4_quantize` (up to the rounding): level[code] * absmax of the code's group, fp32."""
+    codes = torch.stack([packed & 15, packed >> 4], dim=-1).flatten().long()
+    values = _nf4_on(packed.device)[codes].view(scales.numel(), -1) * scales.float()[:, None]
+    return values.flatten()[: math.prod(shape)].view(shape)
+
+
+def quantize_scales(scales: Tensor, block: int = 256) -> tuple[Tensor, Tensor, Tensor]:
+    """Double quantisation (QLoRA sec. 3): the fp32 group absmaxes, less their mean, as int8 with one fp32 absmax
+    per `block` of them (the paper uses 8-bit floats; linear int8 here). Returns (codes, block absmax, mean)."""
+    mean = scales.mean()
+    centred = F.pad(scales - mean, (0, -scales.numel() % block)).view(-1, block)
+    absmax = centred.abs().amax(dim=1)
+    codes = torch.round(centred / absmax.clamp_min(_TINY)[:, None] * 127).to(torch.int8)
+    return codes.flatten()[: scales.numel()], absmax, mean
+
+
+def dequantize_scales(codes: Tensor, absmax: Tensor, mean: Tensor, block: int = 256) -> Tensor:
+    padded = F.pad(codes.float(), (0, -codes.numel() % block)).view(-1, block)
+    return (padded * (absmax[:, None] / 127)).flatten()[: codes.numel()] + mean
+
+
+# ---------------------------------------------------------------------------------------------
+# The adapted layer
+# ---------------------------------------------------------------------------------------------
+
+
+def _row_norm(weight: Tensor, delta: Tensor) -> Tensor:
+    """DoRA's ||W0 + s B A||_c (Liu et al. 2024, eq. 5): one norm per output feature, over the input dimension,
+    as peft computes it (its `get_weight_norm`, dim=1 of the [out, in] weight)."""
+    return torch.linalg.norm(weight + delta, dim=1)
+
+
+class LoRALinear(nn.Module):
+    """A frozen base Linear (fp, or NF4 codes for QLoRA) with named low-rank adapters on top."""
+
+    def __init__(self, base: nn.Linear, quantize: bool = False, group_size: int = 64, double_quant: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.quantized, self.double_quant = quantize, quantize and double_quant
+        self.bias = None if base.bias is None else nn.Parameter(base.bias.detach(), requires_grad=False)
+        if quantize:
+            packed, scales, _ = nf4_quantize(base.weight, group_size)
+            self.register_buffer("weight_nf4", packed)
+            if double_quant:
+                for key, t in zip(("scale_codes", "scale_absmax", "scale_mean"), quantize_scales(scales), strict=True):
+                    self.register_buffer(key, t)
+            else:
+                self.register_buffer("weight_scales", scales)
+        else:
+            self.weight = nn.Parameter(base.weight.detach(), requires_grad=False)
+        for kind in ADAPTER_KINDS:
+            setattr(self, kind, nn.ParameterDict())
+        self.cfgs: dict[str, LoRAConfig] = {}
+        self.active: list[tuple[str, float]] = []
+        self.unmerged_weight: Tensor | None = None  # W0 while merged, restored bit-for-bit by unmerge
+
+    def extra_repr(self) -> str:
+        adapters = {n: c.method for n, c in self.cfgs.items()}
+        return (f"in_features={self.in_features}, out_features={self.out_features}, nf4={self.quantized}, "
+                f"adapters={adapters}, active={self.active}")
+
+    def base_weight(self) -> Tensor:
+        """The frozen base weight [out, in] this layer computes with (NF4 dequantised on the fly for QLoRA)."""
+        if not self.quantized:
+            return self.weight
+        scales = (dequantize_scales(self.scale_codes, self.scale_absmax, self.scale_mean) if self.double_quant
+                  else self.weight_scales)
+        return nf4_dequantize(self.weight_nf4, scales, (self.out_features, self.in_features))
+
+    def original_weight(self) -> Tensor:
+        """The weight without any adapter: the base, plus the principal part a PiSSA adapter took out of it."""
+        weight = self.unmerged_weight if self.unmerged_weight is not None else self.base_weight()
+        for name in self.pissa_A0:
+            weight = weight + (self.cfgs[name].scaling * self.pissa_B0[name]) @ self.pissa_A0[name]
+        return weight.detach()
+
+    @property
+    def base_nbytes(self) -> int:
+        """Bytes the frozen base weight occupies (codes + scales for QLoRA)."""
+        names = [n for n, _ in self.named_buffers(recurse=False)] if self.quantized else ["weight"]
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
+
+    def check_adapter(self, name: str, cfg: LoRAConfig) -> None:
+        if not name.isidentifier():
+            raise ConfigError(f"adapter name {name!r} must be a Python identifier (letters, digits, underscores)")
+        if name in self.cfgs:
+            raise ConfigError(f"adapter '{name}' already exists on this layer")
+        if self.unmerged_weight is not None:
+            raise ConfigError("unmerge the layer before adding an adapter")
+        if cfg.method == "qlora" and not self.quantized:
+            raise ConfigError("method 'qlora' needs an NF4 base, but this layer was wrapped unquantised")
+        if cfg.method == "pissa" and (self.quantized or self.cfgs):
+            raise ConfigError("PiSSA replaces the base weight by its residual, so it must be the only adapter on "
+                              "an unquantised layer")
+        if any(c.method == "pissa" for c in self.cfgs.values()):
+            raise ConfigError("this layer holds a PiSSA adapter (its base is a residual): no other adapter fits")
+
+    @torch.no_grad()
+    def add_adapter(self, name: str, cfg: LoRAConfig, weights: dict[str, Tensor] | None = None) -> None:
+        """Add adapter `name` initialised per `cfg.method`, or from `weights` (kind -> tensor, e.g. a saved file).
+
+        PiSSA (Meng et al. 2024): B = U_r sqrt(S_r / s), A = sqrt(S_r / s) V_r^T so s B A is W0's top-r part, and
+        the base becomes the frozen residual W0 - s B A. DoRA's magnitude starts at ||W0 + s B A||_c."""
+        self.check_adapter(name, cfg)
+        weight, r, s = self.base_weight().detach(), cfg.r, cfg.scaling
+        if cfg.method == "pissa" and weights is None:
+            U, S, Vh = torch.linalg.svd(weight.float(), full_matrices=False)
+            root = (S[:r] / s).sqrt()
+            A, B = (root[:, None] * Vh[:r]).to(weight.dtype), (U[:, :r] * root).to(weight.dtype)
+        else:
+            A = nn.init.kaiming_uniform_(weight.new_empty(r, self.in_features), a=math.sqrt(5))
+            B = weight.new_zeros(self.out_features, r)
+        init = {"lora_A": A, "lora_B": B}
+        if cfg.method == "pissa":
+            init |= {"pissa_A0": A.clone(), "pissa_B0": B.clone()}
+        if cfg.method == "dora":
+            init["lora_magnitude"] = _row_norm(weight, s * B @ A)
+        for kind, value in init.items():
+            value = value if weights is None else weights[kind].to(weight)
+            getattr(self, kind)[name] = nn.Parameter(value.clone(), requires_grad=not kind.startswith("pissa"))
+        self.cfgs[name] = cfg
+        if cfg.method == "pissa":
+            self.weight.data = weight - (s * self.pissa_B0[name]) @ self.pissa_A0[name]
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [getattr(self, k)[name] for k in ("lora_A", "lora_B", "lora_magnitude") if name in getattr(self, k)]
+
+    def set_active(self, names: list[str], weights: list[float] | None = None) -> None:
+        """Adapters that contribute to forward, each scaled by its weight (default 1): hot-swap and mixing."""
+        if self.unmerged_weight is not None:
+            raise ConfigError("unmerge the layer before changing its active adapters")
+        unknown = [n for n in names if n not in self.cfgs]
+        if unknown:
+            raise ConfigError(f"unknown adapter(s) {unknown}; this layer has {sorted(self.cfgs)}")
+        weights = [1.0] * len(names) if weights is None else weights
+        if len(weights) != len(names):
+            raise ConfigError(f"{len(names)} adapters but {len(weights)} weights")
+        self.active = list(zip(names, weights, strict=True))
+
+    def _scale(self, name: str, weight: Tensor) -> Tensor:
+        """DoRA's m / ||W0 + s B A||_c, the norm detached from the graph (Liu et al. 2024 sec. 4.3, as peft)."""
+        cfg = self.cfgs[name]
+        with torch.no_grad():
+            norm = _row_norm(weight, cfg.scaling * self.lora_B[name] @ self.lora_A[name])
+        return self.lora_magnitude[name] / norm
+
+    def delta_weight(self, name: str, weight: Tensor) -> Tensor:
+        """What adapter `name` adds to the weight: s B A, or for DoRA (g - 1) W0 + g s B A with g = m / norm."""
+        lora = self.cfgs[name].scaling * self.lora_B[name] @ self.lora_A[name]
+        if name not in self.lora_magnitude:
+            return lora
+        g = self._scale(name, weight)[:, None]
+        return (g - 1) * weight + g * lora
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.base_weight()
+        base = F.linear(x, weight, self.bias)
+        if self.unmerged_weight is not None:
+            return base
+        out = base
+        for name, w in self.active:
+            cfg = self.cfgs[name]
+            xd = F.dropout(x, cfg.dropout, self.training) if cfg.dropout > 0 else x
+            delta = cfg.scaling * F.linear(F.linear(xd, self.lora_A[name]), self.lora_B[name])
+            if name in self.lora_magnitude:  # peft's DoRA forward: (g - 1) W0 x + g s B A x
+                if xd is not x:
+                    plain = F.linear(xd, weight)
+                else:
+                    plain = base if self.bias is None else base - self.bias
+                g = self._scale(name, weight)
+                delta = (g - 1) * plain + g * delta
+            out = out + w * delta
+        return out
+
+    @torch.no_grad()
+    def merged_weight(self) -> Tensor:
+        """Base weight with every active adapter folded in, fp32 for a QLoRA base."""
+        weight = self.base_weight().detach()
+        merged = weight.clone()
+        for name, w in self.active:
+            merged += w * self.delta_weight(name, weight)
+        return merged
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the active adapters into the base weight; forward is then one plain matmul."""
+        if self.quantized:
+            raise ConfigError("a QLoRA layer cannot fold adapters into its NF4 codes; merge_lora dequantises it")
+        if self.unmerged_weight is None:
+            merged = self.merged_weight()
+            self.unmerged_weight, self.weight.data = self.weight.data, merged
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.unmerged_weight is not None:
+            self.weight.data, self.unmerged_weight = self.unmerged_weight, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Model surgery
+# ---------------------------------------------------------------------------------------------
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _matches(name: str, pattern: str) -> bool:
+    parts = name.split(".")
+    prefixes = (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return any(p.endswith("." + pattern) or fnmatchcase(p, pattern) for p in prefixes)
+
+
+def _select(model: nn.Module, cfg: LoRAConfig) -> dict[str, nn.Linear | LoRALinear]:
+    """The Linear (or already adapted) layers `cfg.targets` select, in model order, checked for `cfg`."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear | LoRALinear)}
+    chosen = {n: m for n, m in layers.items() if any(_matches(n, p) for p in cfg.targets)}
+    for pattern in cfg.targets:
+        if not any(_matches(n, pattern) for n in layers):
+            existing = sorted({re.sub(r"\.\d+\.", ".*.", n) for n in layers})
+            raise ConfigError(f"LoRA target '{pattern}' matches no Linear layer; the model's Linear layers are: "
+                              f"{', '.join(existing)}")
+    counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    for name, m in chosen.items():
+        if cfg.r > min(m.in_features, m.out_features):
+            raise ConfigError(f"LoRA rank r={cfg.r} exceeds min(d_in, d_out) = min({m.in_features}, "
+                              f"{m.out_features}) of layer '{name}'")
+        if isinstance(m, nn.Linear) and counts[id(m.weight)] > 1:
+            raise ConfigError(f"layer '{name}' shares its weight with another (tied embeddings); an adapter would "
+                              "change both, so leave it out of targets")
+    return chosen
+
+
+def _apply(model: nn.Module, cfg: LoRAConfig, adapter_name: str,
+           weights: dict[str, dict[str, Tensor]] | None) -> list[str]:
+    if not adapter_name.isidentifier():
+        raise ConfigError(f"adapter name {adapter_name!r} must be a Python identifier (letters, digits, underscores)")
+    chosen = _select(model, cfg)
+    for m in chosen.values():
+        if isinstance(m, LoRALinear):
+            m.check_adapter(adapter_name, cfg)
+    model.requires_grad_(False)
+    for name, m in chosen.items():
+        layer = m if isinstance(m, LoRALinear) else LoRALinear(m, cfg.method == "qlora", cfg.qlora_group_size,
+                                                               cfg.qlora_double_quant)
+        layer.add_adapter(adapter_name, cfg, None if weights is None else weights[name])
+        layer.set_active([adapter_name])
+        for p in layer.adapter_parameters(adapter_name):
+            p.requires_grad_(True)
+        if layer is not m:
+            model.set_submodule(name, layer)
+    return list(chosen)
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig, adapter_name: str = "default") -> list[str]:
+    """Add adapter `adapter_name` to every layer `cfg.targets` selects (wrapping plain Linears), make it the only
+    active one there, and freeze every parameter but its own. Returns the adapted layer names."""
+    return _apply(model, cfg, adapter_name, None)
+
+
+def set_adapter(model: nn.Module, names: list[str], weights: list[float] | None = None) -> None:
+    """Activate `names` (with `weights`) on every LoRA layer that has them all; others get no adapter."""
+    for layer in lora_layers(model).values():
+        present = all(n in layer.cfgs for n in names)
+        layer.set_active(names if present else [], weights if present else None)
+
+
+def trainable_summary(model: nn.Module) -> tuple[int, int, float]:
+    """(trainable parameters, total parameters, percent trainable); NF4 base weights count as parameters, and so
+    do PiSSA's frozen copies of its initial A0, B0."""
+    params = list(model.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
+    total += sum(m.in_features * m.out_features for m in lora_layers(model).values() if m.quantized)
+    return trainable, total, 100.0 * trainable / max(total, 1)
+
+
+def base_nbytes(model: nn.Module) -> int:
+    """Bytes of the frozen base weights under LoRA layers (NF4 codes + scales for QLoRA)."""
+    return sum(m.base_nbytes for m in lora_layers(model).values())
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Replace every LoRA layer by a plain Linear holding its merged weight (active adapters, weighted; a QLoRA
+    base is dequantised to fp32). The result is an ordinary model: every parameter is trainable again."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ConfigError("the model has no LoRA layers to merge")
+    for name, layer in layers.items():
+        weight = layer.weight.detach() if layer.unmerged_weight is not None else layer.merged_weight()
+        linear = nn.utils.skip_init(nn.Linear, layer.in_features, layer.out_features, bias=layer.bias is not None,
+                                    device=weight.device, dtype=weight.dtype)
+        linear.weight.copy_(weight)
+        if layer.bias is not None:
+            linear.bias.copy_(layer.bias)
+        model.set_submodule(name, linear)
+    return model.requires_grad_(True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading (lmforge format)
+# ---------------------------------------------------------------------------------------------
+
+
+def _adapter_layers(model: nn.Module, adapter_name: str, cfg: LoRAConfig | None = None) -> dict[str, LoRALinear]:
+    layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.cfgs}
+    if not layers:
+        raise ConfigError(f"the model has no adapter named '{adapter_name}'")
+    for name, layer in layers.items():
+        if cfg is not None and layer.cfgs[adapter_name] != cfg:
+            raise ConfigError(f"adapter '{adapter_name}' on '{name}' was built with {layer.cfgs[adapter_name]!r}, "
+                              f"not the given {cfg!r}")
+    return layers
+
+
+def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
+    """The adapter's tensors keyed `<layer>.<kind>` (kind: lora_A/B, lora_magnitude for DoRA, pissa_A0/B0)."""
+    return {f"{name}.{kind}": getattr(layer, kind)[adapter_name].detach().cpu().contiguous()
+            for name, layer in _adapter_layers(model, adapter_name).items()
+            for kind in ADAPTER_KINDS if adapter_name in getattr(layer, kind)}
+
+
+def save_adapter(model: nn.Module, path: str | Path, cfg: LoRAConfig, adapter_name: str = "default") -> Path:
+    """Write adapter.safetensors, then adapter_config.json, each atomically (the config marks a complete save)."""
+    path = Path(path)
+    _adapter_layers(model, adapter_name, cfg)
+    tensors = lora_state_dict(model, adapter_name)
+    atomic_write(path / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    config = {"format": "lmforge-lora", "config": cfg.model_dump(mode="json")}
+    atomic_write_text(path / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
+    return path
+
+
+def _expected_shapes(name: str, m: nn.Linear | LoRALinear, cfg: LoRAConfig) -> dict[str, tuple[int, ...]]:
+    shapes = {"lora_A": (cfg.r, m.in_features), "lora_B": (m.out_features, cfg.r)}
+    if cfg.method == "dora":
+        shapes["lora_magnitude"] = (m.out_features,)
+    if cfg.method == "pissa":
+        shapes |= {"pissa_A0": shapes["lora_A"], "pissa_B0": shapes["lora_B"]}
+    return {f"{name}.{kind}": shape for kind, shape in shapes.items()}
+
+
+def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> LoRAConfig:
+    """Add a saved adapter to `model` (its base); everything is checked before the model is touched."""
+    path = Path(path)
+    config_file, weights_file = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
+    try:
+        data = json.loads(config_file.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{config_file}: cannot read the adapter config ({err})") from None
+    if not isinstance(data, dict) or data.get("format") != "lmforge-lora":
+        hint = " (a Hugging Face peft adapter: load it with peft)" if isinstance(data, dict) and "peft_type" in data \
+            else ""
+        raise CheckpointError(f"{config_file}: not an lmforge adapter{hint}")
+    try:
+        cfg = LoRAConfig.model_validate(data.get("config"))
+        tensors = load_file(str(weights_file))
+    except ValidationError as err:
+        raise CheckpointError(f"{config_file}: invalid adapter config: {err}") from None
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"{weights_file}: cannot read adapter weights: {err}") from None
+    try:
+        chosen = _select(model, cfg)
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: the adapter does not fit this model: {err}") from None
+    expected = {k: v for name, m in chosen.items() for k, v in _expected_shapes(name, m, cfg).items()}
+    missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
+    if missing or unexpected:
+        raise CheckpointError(f"{weights_file} does not fit this model: missing {missing}, unexpected {unexpected}")
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            raise CheckpointError(f"{weights_file}: tensor '{key}' has shape {tuple(tensors[key].shape)}, but this "
+                                  f"model needs {shape}")
+    weights = {name: {k.rsplit(".", 1)[1]: tensors[k] for k in _expected_shapes(name, m, cfg)}
+               for name, m in chosen.items()}
+    _apply(model, cfg, adapter_name, weights)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face peft export
+# ---------------------------------------------------------------------------------------------
+
+
+def _hf_module(name: str, model_type: str) -> str:
+    """lmforge Linear name -> HF module name (GPT-2's q/k/v all map to the fused c_attn)."""
+    if name == "lm_head":
+        return name
+    block, sub = re.fullmatch(r"blocks\.(\d+)\.(.+)", name).groups()
+    if model_type == "gpt2" and sub in ("attn.q", "attn.k", "attn.v"):
+        sub = "attn.c_attn"
+    else:
+        sub = {lm: hf for hf, lm in _LAYER[model_type].items()}[sub]
+    return f"{_PREFIX[model_type]}{'h' if model_type == 'gpt2' else 'layers'}.{block}.{sub}"
+
+
+def _original_weight(module: nn.Module) -> Tensor:
+    return module.original_weight() if isinstance(module, LoRALinear) else module.weight.detach()
+
+
+def _peft_factors(layer: LoRALinear, name: str) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(A, B, magnitude) of adapter `name` as a LoRA on the original base; PiSSA becomes [A|A0], [B|-B0]."""
+    A, B = layer.lora_A[name].detach(), layer.lora_B[name].detach()
+    if name in layer.pissa_A0:
+        A, B = torch.cat([A, layer.pissa_A0[name]]), torch.cat([B, -layer.pissa_B0[name]], dim=1)
+    magnitude = layer.lora_magnitude[name].detach() if name in layer.lora_magnitude else None
+    return A, B, magnitude
+
+
+def export_peft(model: DecoderLM, tokenizer: Tokenizer | None, path: str | Path, cfg: LoRAConfig,
+                adapter_name: str = "default") -> Path:
+    """Write adapter_model.safetensors + adapter_config.json in peft's format into `path` and the HF model they
+    apply to into `path/base`, so `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path / "base"),
+    path)` (or `AutoPeftModelForCausalLM.from_pretrained(path)`) gives lmforge's logits. The adapter is exported
+    alone, with weight 1; see the module docstring for GPT-2, PiSSA and QLoRA."""
+    path = Path(path)
+    layers = _adapter_layers(model, adapter_name, cfg)
+    model_type = config_to_hf(model.cfg)["model_type"]
+    base = DecoderLM(model.cfg)
+    state = {k: v for k, v in model.state_dict().items() if k in base.state_dict()}
+    state |= {f"{n}.weight": m.original_weight() for n, m in lora_layers(model).items()}
+    base.load_state_dict(state)
+    export_hf(base, tokenizer, path / BASE_DIR)
+
+    parts: dict[str, dict[str, tuple[Tensor, Tensor, Tensor | None]]] = {}
+    for name, layer in layers.items():
+        parts.setdefault(_hf_module(name, model_type), {})[name] = _peft_factors(layer, adapter_name)
+    tensors: dict[str, Tensor] = {}
+    ranks: dict[str, int] = {}
+    for hf_name, factors in parts.items():
+        if hf_name.endswith("attn.c_attn"):  # one exact LoRA for the fused q|k|v: A stacked, B block-diagonal
+            prefix = next(iter(factors)).rsplit(".", 1)[0]
+            triples = []
+            for p in "qkv":
+                if f"{prefix}.{p}" in factors:
+                    triples.append(factors[f"{prefix}.{p}"])
+                else:  # untouched part: no rank, and the magnitude that leaves DoRA's rows unchanged
+                    w = _original_weight(model.get_submodule(f"{prefix}.{p}"))
+                    triples.append((w.new_zeros(0, w.shape[1]), w.new_zeros(w.shape[0], 0),
+                                    torch.linalg.norm(w, dim=1)))
+            A, B = torch.cat([t[0] for t in triples]), torch.block_diag(*[t[1] for t in triples])
+            magnitude = torch.cat([t[2] for t in triples]) if cfg.method == "dora" else None
+        else:
+            (A, B, magnitude), = factors.values()
+        key = f"base_model.model.{hf_name}"
+        tensors |= {f"{key}.lora_A.weight": A, f"{key}.lora_B.weight": B}
+        if magnitude is not None:
+            tensors[f"{key}.lora_magnitude_vector"] = magnitude
+        ranks[hf_name] = A.shape[0]
+    r, _ = Counter(ranks.values()).most_common(1)[0]
+    pattern = {re.escape(n): k for n, k in ranks.items() if k != r}
+    peft_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str((path / BASE_DIR).resolve()),
+        "r": r, "lora_alpha": cfg.scaling * r, "lora_dropout": cfg.dropout, "target_modules": sorted(ranks),
+        "rank_pattern": pattern, "alpha_pattern": {n: cfg.scaling * k for n, k in pattern.items()},
+        "use_dora": cfg.method == "dora", "fan_in_fan_out": model_type == "gpt2", "bias": "none",
+        "use_rslora": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+    }
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+    atomic_write(path / PEFT_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write_text(path / PEFT_CONFIG, json.dumps(peft_config, indent=2) + "\n")
+    return path

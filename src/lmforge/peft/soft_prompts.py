@@ -1,0 +1,121 @@
+"""Soft prompts: prefix tuning (Li & Liang 2021) and prompt tuning (Lester et al. 2021).
+
+Prefix tuning gives every layer's attention P learned key/value slots that every query sees. They carry no
+position (no RoPE rotation, no learned position) and live outside the KV cache, so the tokens keep the
+positions of the base model and cached decoding is unchanged. Prompt tuning prepends P learned input
+embeddings to a fresh sequence (positions 0..P-1); the model drops them from its outputs, so logits stay
+[B, T, vocab] aligned with input_ids.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.errors import ConfigError
+from lmforge.model.decoder import DecoderLM
+from lmforge.model.layers import Attention
+
+if TYPE_CHECKING:
+    from lmforge.peft.config import PeftConfig
+
+
+class PrefixTuning(nn.Module):
+    """Key/value prefixes [n_layer, 2, n_kv, P, head_dim], stored directly or reparameterised.
+
+    Reparameterised (Li & Liang 2021, sec. 4.3, for stable training): P_theta[i] = MLP(P'_theta[i]), with P'
+    an embedding of P tokens and the MLP Linear -> tanh -> Linear to every layer's keys and values. `fold`
+    replaces the MLP by the prefixes it computes, as the paper does after training."""
+
+    def __init__(self, n_layer: int, n_kv: int, head_dim: int, length: int, d_model: int, std: float,
+                 reparam_hidden: int | None):
+        super().__init__()
+        self.shape = (n_layer, 2, n_kv, length, head_dim)
+        if reparam_hidden is None:
+            self.prefix = nn.Parameter(torch.randn(self.shape) * std)
+            self.embed = self.mlp = None
+        else:
+            self.prefix = None
+            self.embed = nn.Embedding(length, d_model)
+            self.mlp = nn.Sequential(nn.Linear(d_model, reparam_hidden), nn.Tanh(),
+                                     nn.Linear(reparam_hidden, n_layer * 2 * n_kv * head_dim))
+
+    def kv(self, layer: int) -> tuple[Tensor, Tensor]:
+        """Layer `layer`'s keys and values, each [1, n_kv, P, head_dim]."""
+        if self.mlp is None:
+            k, v = self.prefix[layer]
+            return k[None], v[None]
+        _, _, n_kv, length, head_dim = self.shape
+        width = 2 * n_kv * head_dim  # only this layer's rows of the output projection
+        out = self.mlp[2]
+        rows = slice(layer * width, (layer + 1) * width)
+        h = F.linear(self.mlp[1](self.mlp[0](self.embed.weight)), out.weight[rows], out.bias[rows])
+        k, v = h.view(length, 2, n_kv, head_dim).permute(1, 2, 0, 3)
+        return k[None], v[None]
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Replace the reparameterisation by the plain prefixes it produces (outputs unchanged)."""
+        if self.mlp is None:
+            return
+        table = torch.stack([torch.cat(self.kv(i)) for i in range(self.shape[0])])
+        self.prefix = nn.Parameter(table)
+        self.embed = self.mlp = None
+
+
+class LayerPrefix(nn.Module):
+    """One attention layer's view of the shared `PrefixTuning` (the `Attention.prefix` hook)."""
+
+    def __init__(self, tuning: PrefixTuning, layer: int):
+        super().__init__()
+        object.__setattr__(self, "tuning", tuning)  # registered once, on the model, not under every layer
+        self.layer = layer
+
+    def forward(self) -> tuple[Tensor, Tensor]:
+        return self.tuning.kv(self.layer)
+
+
+class SoftPrompt(nn.Module):
+    """P learned input embeddings prepended to the tokens' (Lester et al. 2021); the `DecoderLM.embed_hook`."""
+
+    def __init__(self, init: Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(init.clone())
+        self.n_virtual = init.shape[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([self.weight.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
+
+
+def apply_prefix(model: nn.Module, cfg: PeftConfig) -> PrefixTuning:
+    """Freeze the model and give every block's attention `cfg.prefix_len` learned key/value slots
+    (reparameterised through an MLP of width `cfg.reparam_hidden` when `cfg.reparam`)."""
+    attns = [block.attn for block in model.blocks]
+    if not all(isinstance(a, Attention) for a in attns):
+        raise ConfigError("prefix tuning needs each block's attention unwrapped; apply it to a plain model")
+    model.requires_grad_(False)
+    ref = model.tok_emb.weight
+    tuning = PrefixTuning(len(attns), attns[0].n_kv, attns[0].head_dim, cfg.prefix_len, model.cfg.d_model,
+                          model.cfg.init_std, cfg.reparam_hidden if cfg.reparam else None)
+    model.prefix_tuning = tuning.to(device=ref.device, dtype=ref.dtype)
+    for i, attn in enumerate(attns):
+        attn.prefix = LayerPrefix(tuning, i)
+    return tuning
+
+
+def apply_prompt(model: nn.Module, cfg: PeftConfig) -> SoftPrompt:
+    """Freeze the model and prepend `cfg.prompt_len` soft prompt embeddings, initialised from the embeddings of
+    random vocabulary tokens (Lester et al. 2021, sec. 3)."""
+    if not isinstance(model, DecoderLM):
+        raise ConfigError(f"prompt tuning needs a decoder language model, got {type(model).__name__}; "
+                          "use prefix tuning or an adapter instead")
+    if model.cfg.position == "learned" and cfg.prompt_len >= model.cfg.max_seq_len:
+        raise ConfigError(f"prompt_len={cfg.prompt_len} leaves no room for tokens in the model's "
+                          f"{model.cfg.max_seq_len} learned positions; lower it")
+    model.requires_grad_(False)
+    ids = torch.randint(model.cfg.vocab_size, (cfg.prompt_len,), device=model.tok_emb.weight.device)
+    model.embed_hook = SoftPrompt(model.tok_emb.weight.detach()[ids])
+    return model.embed_hook
