@@ -25,7 +25,6 @@ import json
 import math
 import re
 from collections import Counter
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Literal
 
@@ -41,6 +40,7 @@ from lmforge.errors import CheckpointError, ConfigError
 from lmforge.io import atomic_write, atomic_write_text
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.hf import _LAYER, _PREFIX, config_to_hf, export_hf
+from lmforge.peft.select import matches
 from lmforge.tokenizer import Tokenizer
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
@@ -311,18 +311,12 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def _matches(name: str, pattern: str) -> bool:
-    parts = name.split(".")
-    prefixes = (".".join(parts[:i]) for i in range(1, len(parts) + 1))
-    return any(p.endswith("." + pattern) or fnmatchcase(p, pattern) for p in prefixes)
-
-
 def _select(model: nn.Module, cfg: LoRAConfig) -> dict[str, nn.Linear | LoRALinear]:
     """The Linear (or already adapted) layers `cfg.targets` select, in model order, checked for `cfg`."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear | LoRALinear)}
-    chosen = {n: m for n, m in layers.items() if any(_matches(n, p) for p in cfg.targets)}
+    chosen = {n: m for n, m in layers.items() if any(matches(n, p) for p in cfg.targets)}
     for pattern in cfg.targets:
-        if not any(_matches(n, pattern) for n in layers):
+        if not any(matches(n, pattern) for n in layers):
             existing = sorted({re.sub(r"\.\d+\.", ".*.", n) for n in layers})
             raise ConfigError(f"LoRA target '{pattern}' matches no Linear layer; the model's Linear layers are: "
                               f"{', '.join(existing)}")
