@@ -164,6 +164,11 @@ def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, Tokenizer | None
         raise CheckpointError(f"{ckpt / CONFIG_FILE}: invalid model section: {err}") from None
     if tree.get("task") in HEAD_TASKS:  # a fine-tuned task model: backbone + head
         model = build_task_model(tree["task"], model, tree.get("num_labels"))
+    if tree.get("peft"):  # parameter-efficient weights: rebuild the same modules before loading them
+        from lmforge.config import PeftConfig
+        from lmforge.peft.config import apply_peft_to_task_model
+
+        apply_peft_to_task_model(model, PeftConfig.model_validate(tree["peft"]))
     load_weights(model, ckpt)
     tok_file = ckpt / TOKENIZER_FILE
     tokenizer = Tokenizer.from_file(tok_file) if tok_file.is_file() else None

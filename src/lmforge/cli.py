@@ -70,10 +70,15 @@ class Flag:
     name: str
     help: str
     options: dict = field(default_factory=dict)  # extra add_argument options (type, choices, action, nargs)
+    config_key: str | None = None  # default: the flag's name with dashes as underscores
+
+    @property
+    def dest(self) -> str:  # argparse's attribute name
+        return self.name.removeprefix("--").replace("-", "_")
 
     @property
     def key(self) -> str:
-        return self.name.removeprefix("--").replace("-", "_")
+        return self.config_key or self.dest
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,7 @@ def cmd_stage(args: argparse.Namespace) -> None:
     stage: Stage = args.stage
     overrides = []
     for flag in stage.flags:
-        value = getattr(args, flag.key)
+        value = getattr(args, flag.dest)
         if value is None or value is False:
             continue
         if value is True:
@@ -136,6 +141,9 @@ EVAL_FILE = Flag("--eval-file", "JSONL held-out data, scored after training")
 TEMPLATE = Flag("--template", "chat template: lmforge | llama2 | alpaca | hf (the base dir's Jinja template)")
 MAX_LEN = Flag("--max-len", "longest rendered example in tokens; longer lines are errors", {"type": int})
 SKIP = Flag("--skip-bad-lines", "skip (and count) bad JSONL lines instead of stopping", {"action": "store_true"})
+PEFT = Flag("--peft", "parameter-efficient method (hyperparameters as --peft.r=16 --peft.targets=[attn.q,mlp] ...)",
+            {"choices": ["lora", "dora", "pissa", "qlora", "adapter", "parallel-adapter", "prefix", "prompt", "bitfit",
+                         "topk", "svd-diag"]}, config_key="peft.method")
 RL_FLAGS = (Flag("--policy", "the SFT checkpoint the policy and the frozen reference start from"),
             Flag("--reward", "'verifier' (the synthetic tasks' checker) or a reward-model checkpoint dir"),
             Flag("--prompts", "JSONL of {prompt, meta} lines (meta feeds the verifier)"),
@@ -153,11 +161,11 @@ STAGES = {
                      Flag("--labels", "the label set (default: every label in --train-file)", {"nargs": "+"}),
                      MAX_LEN, Flag("--truncate", "cut over-long inputs instead of stopping", {"action": "store_true"}),
                      Flag("--from-scratch", "re-initialise the base's weights (same architecture, untrained: a "
-                          "baseline)", {"action": "store_true"})))),
+                          "baseline)", {"action": "store_true"}), PEFT))),
     "sft": ("supervised fine-tuning on conversations (loss on assistant tokens only)",
             "lmforge sft --base runs/demo/pretrain --train-file sft_train.jsonl --template lmforge",
             Stage("lmforge.train.sft:SFTConfig", "lmforge.train.sft:sft",
-                  (BASE, TRAIN_FILE, EVAL_FILE, TEMPLATE, MAX_LEN, SKIP))),
+                  (BASE, TRAIN_FILE, EVAL_FILE, TEMPLATE, MAX_LEN, SKIP, PEFT))),
     "reward": ("train a reward model (decoder + scalar head, Bradley-Terry loss) on preference pairs",
                "lmforge reward --base runs/sft --train-file prefs_train.jsonl --eval-file prefs_eval.jsonl",
                Stage("lmforge.train.reward:RewardConfig", "lmforge.train.reward:train_reward_model",
@@ -215,6 +223,25 @@ def cmd_generate(args: argparse.Namespace) -> None:
         stream = None if args.no_stream else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
         text = generate(model, tokenizer, args.prompt, cfg, stream=stream)
         print(text if args.no_stream else "")
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    import lmforge
+    from lmforge.checkpoint import read_config_tree, resolve_checkpoint
+    from lmforge.config import PeftConfig
+    from lmforge.peft.config import merge_peft
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    tree = read_config_tree(ckpt)
+    if not tree.get("peft"):
+        raise LmforgeError(f"{ckpt} was not trained with --peft; there is nothing to merge")
+    if tree.get("task"):
+        raise LmforgeError(f"{ckpt} is a '{tree['task']}' task model; merge folds language-model adapters "
+                           "(sft, text2text); keep the task model as it is")
+    model, tokenizer = lmforge.load(ckpt)
+    model = merge_peft(model, PeftConfig.model_validate(tree["peft"]))
+    path = (lmforge.export_hf if args.hf else lmforge.save)(model, tokenizer, args.out)
+    print(f"merged {tree['peft']['method']} into the base weights -> {path}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -279,6 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, (help_text, example, stage) in STAGES.items():
         _stage_parser(sub, name, help_text, example, stage)
+
+    p = _parser(sub, "merge", "fold a mergeable PEFT method (LoRA family, SVD-diagonal) into plain base weights",
+                "lmforge merge runs/sft-lora --out runs/sft-merged")
+    p.add_argument("checkpoint", help="run or checkpoint dir trained with --peft")
+    p.add_argument("--out", required=True, help="where to write the merged model")
+    p.add_argument("--hf", action="store_true", help="write a Hugging Face dir instead of an lmforge checkpoint")
+    p.set_defaults(func=cmd_merge)
 
     p = _parser(sub, "generate", "generate text from a checkpoint (lmforge or Hugging Face dir)",
                 'lmforge generate runs/demo/pretrain --prompt "The capital of" --temperature 0.8 --top-p 0.9')

@@ -226,6 +226,32 @@ class PretrainConfig(StrictModel):
         return self
 
 
+class PeftConfig(StrictModel):
+    """The method and its hyperparameters; each method reads only its own fields."""
+
+    method: Literal["lora", "dora", "pissa", "qlora", "adapter", "parallel-adapter", "prefix", "prompt", "bitfit",
+                    "topk", "svd-diag"] = "lora"
+    # LoRA family and svd-diag: the Linear layers to adapt, by name pattern ("attn.q": every block's query
+    # projection; "mlp": every Linear inside an mlp; fnmatch wildcards such as "blocks.0.*")
+    targets: list[str] = Field(default_factory=lambda: ["attn.q", "attn.k", "attn.v", "attn.o"], min_length=1)
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    qlora_group_size: int = Field(64, ge=2, multiple_of=2)
+    qlora_double_quant: bool = False
+    # adapters (Houlsby et al. 2019; parallel: He et al. 2022, whose scale s = 4)
+    bottleneck: int = Field(16, ge=1)
+    adapter_activation: Literal["relu", "gelu", "gelu_tanh", "silu"] = "relu"
+    adapter_scale: float = 4.0
+    # prefix tuning (Li & Liang 2021) and prompt tuning (Lester et al. 2021)
+    prefix_len: int = Field(10, ge=1)
+    reparam: bool = True  # train the prefixes through an MLP (fold it away after training)
+    reparam_hidden: int = Field(512, ge=1)
+    prompt_len: int = Field(20, ge=1)
+    # top-k layers
+    top_k: int = Field(1, ge=1)
+
+
 class FinetuneConfig(StrictModel):
     """Task fine-tuning of a pretrained (or, as a baseline, freshly initialised) backbone."""
 
@@ -238,6 +264,7 @@ class FinetuneConfig(StrictModel):
     max_len: int = Field(128, ge=2)
     truncate: bool = False  # cut over-long inputs instead of stopping with file:line
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    peft: PeftConfig | None = None  # parameter-efficient fine-tuning of the backbone (the task head always trains)
     train: TrainConfig = TrainConfig(out_dir="runs/finetune", max_steps=300, lr=1e-3, min_lr=1e-4, warmup_steps=20,
                                      batch_size=16, eval_every=100, save_every=100)
 

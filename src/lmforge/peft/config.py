@@ -8,12 +8,10 @@ weights; methods that add computation the base weights cannot express raise a Co
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
-from pydantic import Field
 from torch import nn
 
-from lmforge.config import StrictModel
+from lmforge.config import PeftConfig
 from lmforge.errors import ConfigError
 from lmforge.peft.adapters import apply_adapters
 from lmforge.peft.select import apply_bitfit, apply_svd_diag, apply_topk, merge_svd_diag
@@ -29,32 +27,6 @@ NOT_MERGEABLE = {
               "express; nothing to fold",
     "prompt": "prompt tuning prepends learned input embeddings, which no base weight can express; nothing to fold",
 }
-
-
-class PeftConfig(StrictModel):
-    """The method and its hyperparameters; each method reads only its own fields."""
-
-    method: Literal["lora", "dora", "pissa", "qlora", "adapter", "parallel-adapter", "prefix", "prompt", "bitfit",
-                    "topk", "svd-diag"] = "lora"
-    # LoRA family and svd-diag: the Linear layers to adapt, by name pattern ("attn.q": every block's query
-    # projection; "mlp": every Linear inside an mlp; fnmatch wildcards such as "blocks.0.*")
-    targets: list[str] = Field(default_factory=lambda: ["attn.q", "attn.k", "attn.v", "attn.o"], min_length=1)
-    r: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    qlora_group_size: int = Field(64, ge=2, multiple_of=2)
-    qlora_double_quant: bool = False
-    # adapters (Houlsby et al. 2019; parallel: He et al. 2022, whose scale s = 4)
-    bottleneck: int = Field(16, ge=1)
-    adapter_activation: Literal["relu", "gelu", "gelu_tanh", "silu"] = "relu"
-    adapter_scale: float = 4.0
-    # prefix tuning (Li & Liang 2021) and prompt tuning (Lester et al. 2021)
-    prefix_len: int = Field(10, ge=1)
-    reparam: bool = True  # train the prefixes through an MLP (fold it away after training)
-    reparam_hidden: int = Field(512, ge=1)
-    prompt_len: int = Field(20, ge=1)
-    # top-k layers
-    top_k: int = Field(1, ge=1)
 
 
 @dataclass
@@ -91,6 +63,20 @@ def apply_peft(model: nn.Module, cfg: PeftConfig) -> PeftSummary:
         apply_svd_diag(model, cfg.targets)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())  # shared (tied) tensors counted once
+    return PeftSummary(trainable, total, 100.0 * trainable / total, cfg.method)
+
+
+def apply_peft_to_task_model(model: nn.Module, cfg: PeftConfig) -> PeftSummary:
+    """PEFT on a task model's backbone (its freshly initialised head keeps training), or on the model itself."""
+    backbone = getattr(model, "backbone", model)
+    summary = apply_peft(backbone, cfg)
+    if backbone is model:
+        return summary
+    for name, p in model.named_parameters():
+        if not name.startswith("backbone."):
+            p.requires_grad_(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = summary.total + sum(p.numel() for n, p in model.named_parameters() if not n.startswith("backbone."))
     return PeftSummary(trainable, total, 100.0 * trainable / total, cfg.method)
 
 

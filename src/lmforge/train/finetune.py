@@ -16,13 +16,14 @@ import torch
 from pydantic import BaseModel
 
 import lmforge
-from lmforge.config import AnyModelConfig, FinetuneConfig
+from lmforge.config import AnyModelConfig, FinetuneConfig, PeftConfig
 from lmforge.data import task_data
 from lmforge.errors import ConfigError
 from lmforge.infer.generate import SamplingConfig, generate_ids
 from lmforge.infer.generate_encdec import generate_encdec
 from lmforge.model import build_model, build_task_model
 from lmforge.model.heads import best_span
+from lmforge.peft.config import apply_peft_to_task_model
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.objectives import IGNORE_INDEX, causal_lm_loss, seq2seq_loss
 from lmforge.train.task_losses import classification_loss, span_qa_loss, token_classification_loss
@@ -36,6 +37,7 @@ class TaskCheckpointConfig(BaseModel):
 
     model: AnyModelConfig
     task: str
+    peft: PeftConfig | None = None
     labels: list[str] | None = None
     num_labels: int | None = None
     finetune: FinetuneConfig
@@ -148,7 +150,9 @@ def finetune(config: FinetuneConfig, resume: bool = False) -> FinetuneResult:
         eval_examples, _ = read_examples(config, config.eval_file, tokenizer, arch, labels)
     torch.manual_seed(config.train.seed)
     model = build_task_model(config.task, backbone, len(labels) if labels else None, config.dropout)
-    run_config = TaskCheckpointConfig(model=backbone.cfg, task=config.task, labels=labels,
+    if config.peft is not None:
+        print(apply_peft_to_task_model(model, config.peft))
+    run_config = TaskCheckpointConfig(model=backbone.cfg, task=config.task, peft=config.peft, labels=labels,
                                       num_labels=len(labels) if labels else None, finetune=config)
     batch_at = shuffled_batches(examples, config.train.batch_size, config.train.seed, pad_id)
     val = None

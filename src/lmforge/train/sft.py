@@ -9,10 +9,11 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 import lmforge
-from lmforge.config import AnyModelConfig, StrictModel, TrainConfig
+from lmforge.config import AnyModelConfig, PeftConfig, StrictModel, TrainConfig
 from lmforge.data.chat import get_chat_template
 from lmforge.data.sft import read_sft
 from lmforge.errors import ConfigError
+from lmforge.peft.config import apply_peft
 from lmforge.train.finetune import shuffled_batches
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.trainer import TrainResult, train
@@ -25,12 +26,14 @@ class SFTConfig(StrictModel):
     template: str = "lmforge"  # lmforge | llama2 | alpaca | hf (the base dir's tokenizer_config.json)
     max_len: int = 256
     skip_bad_lines: bool = False
+    peft: PeftConfig | None = None  # parameter-efficient SFT (LoRA, QLoRA, adapters, prefix, ...)
     train: TrainConfig = TrainConfig(out_dir="runs/sft", max_steps=300, lr=1e-3, min_lr=1e-4, warmup_steps=20,
                                      batch_size=16, eval_every=100, save_every=100)
 
 
 class SFTCheckpointConfig(BaseModel):
     model: AnyModelConfig
+    peft: PeftConfig | None = None
     sft: SFTConfig
 
 
@@ -61,7 +64,9 @@ def sft(config: SFTConfig, resume: bool = False) -> TrainResult:
         def val() -> list:
             return [val_batch]
 
+    if config.peft is not None:
+        print(apply_peft(model, config.peft))
     model.train()
-    run_config = SFTCheckpointConfig(model=model.cfg, sft=config)
+    run_config = SFTCheckpointConfig(model=model.cfg, peft=config.peft, sft=config)
     return train(model, config.train, batch_at, causal_lm_loss, run_config=run_config, tokenizer=tokenizer,
                  val_batches=val, resume=resume)
