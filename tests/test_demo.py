@@ -21,9 +21,9 @@ def test_demo_quick_writes_a_report_computed_in_the_run(tmp_path: Path) -> None:
     for heading in ("## Pretraining (decoder, causal LM)", "## Held-out task accuracy", "## Samples",
                     "## Encoder and encoder-decoder pretraining", "## Fine-tuning: MLM-pretrained encoder",
                     "## Position encodings past the training length", "## Post-training: SFT, reward model",
-                    "## Distillation"):
+                    "## Distillation", "## Parameter-efficient fine-tuning"):
         assert heading in text
-    for name in ("pretrain_loss.png", "families_loss.png", "position_study.png"):
+    for name in ("pretrain_loss.png", "families_loss.png", "position_study.png", "lora_vs_pissa.png"):
         png = report / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
         assert f"]({name})" in text
@@ -50,6 +50,8 @@ def test_demo_quick_writes_a_report_computed_in_the_run(tmp_path: Path) -> None:
     for row in ("| base (pretrained) |", "| SFT |", "| DPO |", "| PPO |", "| GRPO |", "| with the teacher",
                 "| without a teacher"):
         assert row in text
+    for method in ("full", "lora", "qlora", "prefix", "svd-diag"):  # one row per method, every run reloads
+        assert f"| {method} |" in text and lmforge.load(out / "peft" / method)[0].cfg.arch == "decoder"
     for policy in ("dpo", "ppo/policy", "grpo/policy"):  # every aligned policy loads as a decoder
         assert lmforge.load(out / "post" / policy)[0].cfg.arch == "decoder"
     for objective in ("mlm", "span"):  # each family's run dir loads as its architecture

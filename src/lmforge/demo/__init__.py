@@ -2,7 +2,7 @@
 
 world -> tokenizer -> token shards, then one module per stage, each returning its report sections:
 `decoder` (GPT pretraining on a time budget, task accuracy, samples), `alignment` (SFT, reward model,
-DPO, PPO, GRPO, distillation), `families` (BERT masked-LM and
+DPO, PPO, GRPO, distillation), `peft` (every PEFT method vs full fine-tuning), `families` (BERT masked-LM and
 T5 span-corruption pretraining, and pretrained-vs-scratch fine-tuning), `positions` (the
 positional-encoding study). Every number in the report is computed by this run.
 """
@@ -44,6 +44,7 @@ class DemoPlan:
     post_steps: dict[str, int] = field(default_factory=dict)  # sft, reward, dpo, rl, distill
     rl_prompts: int = 16  # prompts per PPO round (GRPO: a quarter of them, 4 samples each)
     student: dict[str, int] = field(default_factory=dict)  # the distillation student's size
+    peft_eval: int = 50  # held-out instructions scoring each PEFT method
     samples: tuple[str, ...] = ("Question: What is the capital of", "One morning,", "Question: A coin is heads up.")
 
 
@@ -57,7 +58,8 @@ def demo_plan(quick: bool, minutes: float | None) -> DemoPlan:
             encdec=EncDecConfig(vocab_size=512, n_layer=1, n_head=2, head_dim=32, d_model=64, d_ff=128),
             family_steps=20, finetune_steps=20, task_examples=(100, 40), position_steps=10,
             position_model=dict(n_layer=1, n_head=2, d_model=32), position_len=32,
-            instruct_examples=(100, 40, 8), post_steps=dict(sft=20, reward=10, dpo=10, rl=3, distill=10),
+            instruct_examples=(100, 40, 8), peft_eval=4,
+            post_steps=dict(sft=20, reward=10, dpo=10, rl=3, distill=10, peft=6),
             rl_prompts=4, student=dict(n_layer=1, n_head=2, d_model=32))
     return DemoPlan(
         world=WorldConfig(seed=0), vocab_size=1024,
@@ -67,7 +69,7 @@ def demo_plan(quick: bool, minutes: float | None) -> DemoPlan:
         encdec=EncDecConfig(vocab_size=1024, n_layer=3, n_head=4, head_dim=32, d_model=128, d_ff=512),
         family_steps=400, finetune_steps=300, task_examples=(600, 300), position_steps=300,
         position_model=dict(n_layer=2, n_head=4, d_model=128), position_len=64,
-        instruct_examples=(1500, 600, 100), post_steps=dict(sft=300, reward=150, dpo=100, rl=40, distill=300),
+        instruct_examples=(1500, 600, 100), post_steps=dict(sft=300, reward=150, dpo=100, rl=40, distill=300, peft=100),
         rl_prompts=16, student=dict(n_layer=2, n_head=4, d_model=96))
 
 
@@ -91,22 +93,24 @@ def prepare_world(plan: DemoPlan, data_dir: Path) -> DemoData:
 
 def run_demo(out_dir: Path, report_dir: Path, quick: bool = False, minutes: float | None = None,
              precision: str = "auto") -> Path:
-    from lmforge.demo import alignment, decoder, families, positions
+    from lmforge.demo import alignment, decoder, families, peft, positions
 
     plan = demo_plan(quick, minutes)
     t_start = time.perf_counter()
     if out_dir.exists():  # the demo's own scratch dir: each run starts it afresh
         shutil.rmtree(out_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    print("[1/5] the synthetic world: corpus, tokenizer, token shards")
+    print("[1/6] the synthetic world: corpus, tokenizer, token shards")
     data = prepare_world(plan, out_dir / "data")
-    print("[2/5] decoder (GPT) pretraining, task accuracy, samples")
+    print("[2/6] decoder (GPT) pretraining, task accuracy, samples")
     sections = decoder.run(plan, data, out_dir, report_dir, precision)
-    print("[3/5] post-training: SFT, reward model, DPO, PPO, GRPO; distillation")
+    print("[3/6] post-training: SFT, reward model, DPO, PPO, GRPO; distillation")
     sections += alignment.run(plan, data, out_dir, report_dir)
-    print("[4/5] encoder (BERT, masked LM) and encoder-decoder (T5, span corruption); fine-tuning")
+    print("[4/6] parameter-efficient fine-tuning: every method vs full fine-tuning")
+    sections += peft.run(plan, data, out_dir, report_dir)
+    print("[5/6] encoder (BERT, masked LM) and encoder-decoder (T5, span corruption); fine-tuning")
     sections += families.run(plan, data, out_dir, report_dir)
-    print("[5/5] positional-encoding study")
+    print("[6/6] positional-encoding study")
     sections += positions.run(plan, data, out_dir, report_dir)
     intro = (f"Written by `lmforge demo{' --quick' if quick else ''}` on {time.strftime('%Y-%m-%d %H:%M')} in "
              f"{time.perf_counter() - t_start:.0f} s. Machine: {machine_description()}. "
