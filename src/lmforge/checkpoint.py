@@ -169,6 +169,10 @@ def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, Tokenizer | None
         from lmforge.peft.config import apply_peft_to_task_model
 
         apply_peft_to_task_model(model, PeftConfig.model_validate(tree["peft"]))
+    if tree.get("quant"):  # weight-only int8/int4: QuantLinear shells before their codes are loaded
+        from lmforge.infer.quant import apply_quant_from_config
+
+        apply_quant_from_config(model, tree)
     load_weights(model, ckpt)
     tok_file = ckpt / TOKENIZER_FILE
     tokenizer = Tokenizer.from_file(tok_file) if tok_file.is_file() else None

@@ -244,6 +244,14 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(f"merged {tree['peft']['method']} into the base weights -> {path}")
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from lmforge.infer.quantize_stage import quantize_checkpoint
+
+    path, report = quantize_checkpoint(args.checkpoint, args.out, args.bits, args.group_size)
+    print(f"int{args.bits}: {len(report['modules'])} Linear layers, {report['bytes_before']:,} -> "
+          f"{report['bytes_after']:,} bytes ({report['bytes_before'] / report['bytes_after']:.2f}x smaller) -> {path}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from lmforge.demo import run_demo
 
@@ -313,6 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="where to write the merged model")
     p.add_argument("--hf", action="store_true", help="write a Hugging Face dir instead of an lmforge checkpoint")
     p.set_defaults(func=cmd_merge)
+
+    p = _parser(sub, "quantize", "weight-only int8 (per output channel) or int4 (group-wise) min-max quantisation",
+                "lmforge quantize runs/demo/pretrain --bits 4 --out runs/demo-int4")
+    p.add_argument("checkpoint", help="lmforge checkpoint/run dir or Hugging Face dir (a decoder)")
+    p.add_argument("--bits", type=int, choices=[8, 4], default=8, help="8 (per channel) or 4 (group-wise); default 8")
+    p.add_argument("--group-size", type=int, default=64, help="int4 group along the input dim (default: 64)")
+    p.add_argument("--out", required=True, help="where to write the quantised checkpoint (loads with lmforge.load)")
+    p.set_defaults(func=cmd_quantize)
 
     p = _parser(sub, "generate", "generate text from a checkpoint (lmforge or Hugging Face dir)",
                 'lmforge generate runs/demo/pretrain --prompt "The capital of" --temperature 0.8 --top-p 0.9')

@@ -1,0 +1,45 @@
+"""`lmforge quantize`: an lmforge checkpoint with int8 / packed-int4 weights (see `lmforge.infer.quant`).
+
+The written config.yaml holds `model:` and `quant:`; a loader builds the fp32 model, swaps in empty QuantLinear shells
+(`apply_quant_from_config`) and then loads model.safetensors, whose Linear weights are uint8 codes + fp32 scales +
+uint8 zero points. Written into a temp dir and renamed into place, like every checkpoint; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from lmforge.checkpoint import (
+    publish_dir,
+    write_model_files,
+)
+from lmforge.config import AnyModelConfig, StrictModel
+from lmforge.errors import ConfigError
+from lmforge.infer.quant import QuantConfig, quant_config, quantize_model
+from lmforge.peft.lora import LoRALinear
+
+
+class QuantizedCheckpointConfig(StrictModel):
+    model: AnyModelConfig
+    quant: QuantConfig
+
+
+def quantize_checkpoint(src: str | Path, out: str | Path, bits: int = 8, group_size: int = 64) -> tuple[Path, dict]:
+    """Load `src` (lmforge or HF dir), quantise its Linears, write an lmforge checkpoint at `out` atomically.
+    Returns (out, the quantize_model report)."""
+    import lmforge
+
+    cfg = quant_config(bits, group_size)
+    model, tokenizer = lmforge.load(src)
+    if not hasattr(model, "blocks") or getattr(model.cfg, "arch", "decoder") != "decoder":
+        raise ConfigError(f"{src}: quantize supports decoder LMs; this is a {type(model).__name__}")
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ConfigError(f"{src} carries PEFT adapters; merge them first, then quantize the merged checkpoint")
+    report = quantize_model(model, cfg)
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_model_files(tmp, model, tokenizer, QuantizedCheckpointConfig(model=model.cfg, quant=cfg))
+    publish_dir(tmp, out)
+    return out, report
