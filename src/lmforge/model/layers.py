@@ -122,6 +122,11 @@ class KVCache:
         self.values[layer][:, :, self.length:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def reorder(self, rows: Tensor) -> None:
+        """Make row i a copy of old row rows[i] in every layer (beam search's survivor reordering)."""
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+
 
 def attention_bias(q_len: int, k_len: int, offset: int, slopes: Tensor | None, device: torch.device) -> Tensor:
     """Additive [H|1, q_len, k_len] bias: causal mask (query i sits at position offset+i),

@@ -1,0 +1,74 @@
+"""Beam search (e.g. Graves 2012; Wu et al. 2016 for the length penalty) with transformers' semantics.
+
+Each step keeps the best `num_beams` unfinished hypotheses by summed log-probability. A candidate that
+ends in EOS and ranks among the top `num_beams` of the step joins the finished set with score
+sum_logprob / generated_len ** length_penalty (EOS counted); at `max_new_tokens` the top candidates all
+finish. Search stops early (transformers' `early_stopping=False` heuristic) once `num_beams` hypotheses
+are finished and the best running one, scored at its current length, cannot beat the worst of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.model.decoder import DecoderLM
+
+
+@torch.inference_mode()
+def beam_search(
+    model: DecoderLM,
+    prompt_ids: Sequence[int],
+    num_beams: int,
+    max_new_tokens: int,
+    eos_id: int | None = None,
+    length_penalty: float = 1.0,
+    num_return: int = 1,
+) -> list[tuple[list[int], float]]:
+    """The `num_return` best hypotheses as (new ids without the EOS token, score), best first."""
+    if num_beams < 1:
+        raise LmforgeError(f"num_beams must be >= 1, got {num_beams}")
+    if not 1 <= num_return <= num_beams:
+        raise LmforgeError(f"num_return must be in [1, num_beams={num_beams}], got {num_return}")
+    if max_new_tokens < 1:
+        raise LmforgeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not prompt_ids:
+        raise LmforgeError("the prompt is empty; give at least one token (e.g. the BOS token)")
+    context = model.cfg.max_seq_len
+    if len(prompt_ids) + max_new_tokens > context:
+        raise LmforgeError(f"a {len(prompt_ids)}-token prompt plus max_new_tokens={max_new_tokens} exceeds "
+                           f"the {context}-token context window")
+    device = model.tok_emb.weight.device
+    vocab = model.cfg.vocab_size
+    cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
+    logits = model(torch.tensor([list(prompt_ids)], device=device), cache=cache)[:, -1]
+    tokens = torch.empty(1, 0, dtype=torch.long, device=device)  # generated ids of the running beams
+    scores = torch.zeros(1, device=device)  # their summed log-probs
+    finished: list[tuple[float, list[int]]] = []  # (score, ids incl. EOS), best first, at most num_beams
+    for step in range(max_new_tokens):
+        gen_len = step + 1
+        last = gen_len == max_new_tokens
+        flat = (logits.float().log_softmax(dim=-1) + scores[:, None]).flatten()
+        top_scores, top_idx = flat.topk(min(2 * num_beams, flat.numel()))
+        rows, toks = top_idx // vocab, top_idx % vocab
+        keep: list[int] = []
+        for rank in range(len(top_idx)):
+            ends = last or int(toks[rank]) == eos_id
+            if ends and rank < num_beams:
+                ids = tokens[rows[rank]].tolist() + [int(toks[rank])]
+                finished.append((float(top_scores[rank]) / gen_len ** length_penalty, ids))
+            elif not ends and len(keep) < num_beams:
+                keep.append(rank)
+        finished = sorted(finished, key=lambda f: -f[0])[:num_beams]
+        if not keep:
+            break
+        sel = torch.tensor(keep, device=device)
+        tokens = torch.cat([tokens[rows[sel]], toks[sel, None]], dim=1)
+        scores = top_scores[sel]
+        if len(finished) == num_beams and float(scores[0]) / gen_len ** length_penalty <= finished[-1][0]:
+            break
+        cache.reorder(rows[sel])
+        logits = model(toks[sel, None], cache=cache)[:, -1]
+    return [(ids[:-1] if ids[-1] == eos_id else ids, score) for score, ids in finished[:num_return]]

@@ -1,0 +1,128 @@
+"""Speculative decoding (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding";
+Chen et al. 2023, "Accelerating LLM Decoding with Speculative Sampling").
+
+A small draft model proposes m tokens; the target scores all of them in one forward. Draft token d_i is
+accepted with probability min(1, p(d_i) / q(d_i)); at the first rejection a token is drawn from
+norm(max(0, p - q)) and the round ends; if all m are accepted a bonus token is drawn from the target's next
+distribution. The output is distributed exactly as sampling from the target alone. With temperature 0 a
+draft token is accepted iff it is the target's argmax, so the output equals the target's greedy output.
+Both KV caches are static, so rolling back a rejected suffix is just setting `cache.length`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lmforge.errors import LmforgeError
+from lmforge.infer.generate import SamplingConfig, _fit_prompt, filter_logits
+from lmforge.model.decoder import DecoderLM
+
+
+@dataclass
+class SpeculativeStats:
+    proposed: int = 0  # draft tokens proposed
+    accepted: int = 0  # draft tokens the target accepted
+    target_forwards: int = 0  # including the prefill
+    draft_forwards: int = 0
+    plain_forwards: int = 0  # target forwards plain decoding needs for the same output (one per sampled token)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def forwards_saved(self) -> int:
+        return self.plain_forwards - self.target_forwards
+
+
+def _probs(logits: Tensor, cfg: SamplingConfig) -> Tensor:
+    """The sampling distribution [..., V] after temperature, top-k and top-p."""
+    return filter_logits(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p).softmax(dim=-1)
+
+
+def _sample(probs: Tensor, generator: torch.Generator | None) -> int:
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.inference_mode()
+def speculative_generate(
+    target: DecoderLM,
+    draft: DecoderLM,
+    prompt_ids: Sequence[int],
+    cfg: SamplingConfig,
+    num_draft: int = 4,
+    eos_id: int | Collection[int] | None = None,
+) -> tuple[list[int], SpeculativeStats]:
+    """Generate up to cfg.max_new_tokens ids after `prompt_ids` (only the new ids, EOS excluded) and stats."""
+    cfg.validate()
+    if draft.cfg.vocab_size != target.cfg.vocab_size:
+        raise LmforgeError(f"the draft's vocab_size={draft.cfg.vocab_size} differs from the target's "
+                           f"{target.cfg.vocab_size}; both models must share one tokenizer")
+    if num_draft < 1:
+        raise LmforgeError(f"num_draft must be >= 1, got {num_draft}")
+    stop_ids = ({eos_id} if isinstance(eos_id, int) else set(eos_id or ())) if cfg.stop_at_eos else set()
+    seq = _fit_prompt(list(prompt_ids), min(target.cfg.max_seq_len, draft.cfg.max_seq_len), cfg)
+    device = target.tok_emb.weight.device
+    greedy = cfg.temperature == 0
+    generator = None
+    if cfg.seed is not None and not greedy:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    budget = len(seq) + cfg.max_new_tokens
+    t_cache, d_cache = target.new_cache(1, budget), draft.new_cache(1, budget)
+    stats = SpeculativeStats()
+    new: list[int] = []
+    # invariant between rounds: each cache holds a prefix of seq[:-1]
+    while True:
+        m = min(num_draft, cfg.max_new_tokens - len(new) - 1)
+        proposal: list[int] = []
+        q: list[Tensor] = []
+        for _ in range(m):
+            fed = (seq + proposal)[d_cache.length:]
+            logits = draft(torch.tensor([fed], device=device), cache=d_cache)[0, -1]
+            stats.draft_forwards += 1
+            if greedy:
+                proposal.append(int(logits.argmax()))
+            else:
+                q.append(_probs(logits, cfg))
+                proposal.append(_sample(q[-1], generator))
+        base = len(seq) - 1
+        logits = target(torch.tensor([seq[t_cache.length:] + proposal], device=device), cache=t_cache)[0]
+        logits = logits[-(m + 1):]
+        stats.target_forwards += 1
+        stats.proposed += m
+        k = 0
+        if greedy:
+            choice = logits.argmax(dim=-1).tolist()
+            while k < m and proposal[k] == choice[k]:
+                k += 1
+            token = choice[k]
+        else:
+            p = _probs(logits, cfg)
+            token = -1
+            while k < m:
+                d = proposal[k]
+                u = torch.rand((), generator=generator, device=device)
+                if u * q[k][d] < p[k, d]:
+                    k += 1
+                    continue
+                token = _sample((p[k] - q[k]).clamp(min=0), generator)
+                break
+            if token < 0:
+                token = _sample(p[m], generator)
+        stats.accepted += k
+        committed = proposal[:k] + [token]
+        # roll back past the rejected draft tokens: seq[:base + 1 + k] stays cached
+        t_cache.length = base + 1 + k
+        d_cache.length = min(d_cache.length, base + 1 + k)
+        for tid in committed:
+            stats.plain_forwards += 1
+            if tid in stop_ids:
+                return new, stats
+            new.append(tid)
+            seq.append(tid)
+            if len(new) == cfg.max_new_tokens:
+                return new, stats
