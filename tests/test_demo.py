@@ -21,7 +21,8 @@ def test_demo_quick_writes_a_report_computed_in_the_run(tmp_path: Path) -> None:
     for heading in ("## Pretraining (decoder, causal LM)", "## Held-out task accuracy", "## Samples",
                     "## Encoder and encoder-decoder pretraining", "## Fine-tuning: MLM-pretrained encoder",
                     "## Position encodings past the training length", "## Post-training: SFT, reward model",
-                    "## Distillation", "## Parameter-efficient fine-tuning"):
+                    "## Distillation", "## Parameter-efficient fine-tuning", "## Weight-only quantisation",
+                    "## Speculative decoding"):
         assert heading in text
     for name in ("pretrain_loss.png", "families_loss.png", "position_study.png", "lora_vs_pissa.png"):
         png = report / name
@@ -50,6 +51,11 @@ def test_demo_quick_writes_a_report_computed_in_the_run(tmp_path: Path) -> None:
     for row in ("| base (pretrained) |", "| SFT |", "| DPO |", "| PPO |", "| GRPO |", "| with the teacher",
                 "| without a teacher"):
         assert row in text
+    speculative = re.search(r"\| outputs identical to plain greedy decoding \| (\d+) of (\d+) \|", text)
+    assert speculative and speculative.group(1) == speculative.group(2)
+    for bits in (8, 4):  # quantised checkpoints load and are smaller than the fp32 weights
+        assert (out / f"int{bits}" / "model.safetensors").stat().st_size < (
+            out / "pretrain" / (out / "pretrain" / "latest").read_text().strip() / "model.safetensors").stat().st_size
     for method in ("full", "lora", "qlora", "prefix", "svd-diag"):  # one row per method, every run reloads
         assert f"| {method} |" in text and lmforge.load(out / "peft" / method)[0].cfg.arch == "decoder"
     for policy in ("dpo", "ppo/policy", "grpo/policy"):  # every aligned policy loads as a decoder

@@ -214,6 +214,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, seed=args.seed, stop=args.stop, use_cache=not args.no_cache,
                          truncate_prompt=args.truncate_prompt)
+    if args.num_beams < 1:
+        raise LmforgeError(f"--num-beams must be >= 1, got {args.num_beams}")
+    if args.num_beams > 1 or args.draft:
+        if arch != "decoder":
+            raise LmforgeError("--num-beams and --draft work with decoders (GPT, Llama)")
+        print(args.prompt + _search(args, model, tokenizer, cfg))
+        return
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
@@ -250,6 +257,27 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     path, report = quantize_checkpoint(args.checkpoint, args.out, args.bits, args.group_size)
     print(f"int{args.bits}: {len(report['modules'])} Linear layers, {report['bytes_before']:,} -> "
           f"{report['bytes_after']:,} bytes ({report['bytes_before'] / report['bytes_after']:.2f}x smaller) -> {path}")
+
+
+def _search(args: argparse.Namespace, model, tokenizer, cfg) -> str:
+    """Beam search (the best of --num-beams hypotheses) or speculative decoding with a --draft model."""
+    import lmforge
+
+    ids = tokenizer.encode(args.prompt)
+    if args.num_beams > 1:
+        from lmforge.infer.beam import beam_search
+
+        (best, score), *_ = beam_search(model, ids, args.num_beams, args.max_new_tokens, tokenizer.eos_id,
+                                        length_penalty=args.length_penalty)
+        print(f"[beam search, {args.num_beams} beams: score {score:.4f}]", file=sys.stderr)
+        return tokenizer.decode(best)
+    from lmforge.infer.speculative import speculative_generate
+
+    draft, _ = lmforge.load(args.draft)
+    out, stats = speculative_generate(model, draft, ids, cfg, num_draft=args.num_draft, eos_id=tokenizer.eos_id)
+    print(f"[speculative: {stats.accepted}/{stats.proposed} draft tokens accepted, {stats.target_forwards} target "
+          f"forwards instead of {stats.plain_forwards}]", file=sys.stderr)
+    return tokenizer.decode(out)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -345,6 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of as it comes")
     p.add_argument("--truncate-prompt", action="store_true",
                    help="keep the prompt's last tokens if it does not fit the context window")
+    p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (1 = off)")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log p / length^this (default 1)")
+    p.add_argument("--draft", help="a smaller decoder with the same vocabulary: speculative decoding (same output "
+                                   "distribution as the target alone)")
+    p.add_argument("--num-draft", type=int, default=4, help="tokens the draft proposes per round (default 4)")
     p.set_defaults(func=cmd_generate)
     return parser
 

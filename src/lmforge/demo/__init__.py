@@ -1,7 +1,8 @@
 """`lmforge demo`: the lifecycle end to end on the synthetic world, ending in report/README.md.
 
 world -> tokenizer -> token shards, then one module per stage, each returning its report sections:
-`decoder` (GPT pretraining on a time budget, task accuracy, samples), `alignment` (SFT, reward model,
+`decoder` (GPT pretraining on a time budget, task accuracy, samples), `inference` (quantisation,
+speculative decoding), `alignment` (SFT, reward model,
 DPO, PPO, GRPO, distillation), `peft` (every PEFT method vs full fine-tuning), `families` (BERT masked-LM and
 T5 span-corruption pretraining, and pretrained-vs-scratch fine-tuning), `positions` (the
 positional-encoding study). Every number in the report is computed by this run.
@@ -45,6 +46,7 @@ class DemoPlan:
     rl_prompts: int = 16  # prompts per PPO round (GRPO: a quarter of them, 4 samples each)
     student: dict[str, int] = field(default_factory=dict)  # the distillation student's size
     peft_eval: int = 50  # held-out instructions scoring each PEFT method
+    speculative_tokens: int = 64
     samples: tuple[str, ...] = ("Question: What is the capital of", "One morning,", "Question: A coin is heads up.")
 
 
@@ -93,24 +95,26 @@ def prepare_world(plan: DemoPlan, data_dir: Path) -> DemoData:
 
 def run_demo(out_dir: Path, report_dir: Path, quick: bool = False, minutes: float | None = None,
              precision: str = "auto") -> Path:
-    from lmforge.demo import alignment, decoder, families, peft, positions
+    from lmforge.demo import alignment, decoder, families, inference, peft, positions
 
     plan = demo_plan(quick, minutes)
     t_start = time.perf_counter()
     if out_dir.exists():  # the demo's own scratch dir: each run starts it afresh
         shutil.rmtree(out_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    print("[1/6] the synthetic world: corpus, tokenizer, token shards")
+    print("[1/7] the synthetic world: corpus, tokenizer, token shards")
     data = prepare_world(plan, out_dir / "data")
-    print("[2/6] decoder (GPT) pretraining, task accuracy, samples")
+    print("[2/7] decoder (GPT) pretraining, task accuracy, samples")
     sections = decoder.run(plan, data, out_dir, report_dir, precision)
-    print("[3/6] post-training: SFT, reward model, DPO, PPO, GRPO; distillation")
+    print("[3/7] post-training: SFT, reward model, DPO, PPO, GRPO; distillation")
     sections += alignment.run(plan, data, out_dir, report_dir)
-    print("[4/6] parameter-efficient fine-tuning: every method vs full fine-tuning")
+    print("[4/7] inference: quantisation, speculative decoding (the distilled student drafts)")
+    sections += inference.run(plan, data, out_dir, report_dir)
+    print("[5/7] parameter-efficient fine-tuning: every method vs full fine-tuning")
     sections += peft.run(plan, data, out_dir, report_dir)
-    print("[5/6] encoder (BERT, masked LM) and encoder-decoder (T5, span corruption); fine-tuning")
+    print("[6/7] encoder (BERT, masked LM) and encoder-decoder (T5, span corruption); fine-tuning")
     sections += families.run(plan, data, out_dir, report_dir)
-    print("[6/6] positional-encoding study")
+    print("[7/7] positional-encoding study")
     sections += positions.run(plan, data, out_dir, report_dir)
     intro = (f"Written by `lmforge demo{' --quick' if quick else ''}` on {time.strftime('%Y-%m-%d %H:%M')} in "
              f"{time.perf_counter() - t_start:.0f} s. Machine: {machine_description()}. "
