@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,25 @@ def hf_model_type(path: str | Path) -> str | None:
     except (OSError, ValueError):
         return None
     return data.get("model_type") if isinstance(data, dict) else None
+
+
+def check_hf_weights(path: Path, state: dict[str, Tensor], source: dict[str, str], expected: Iterable[str],
+                     optional: Iterable[Iterable[str]] = ()) -> None:
+    """CheckpointError naming what is missing (lmforge names) or unexpected (checkpoint names), or a tensor
+    whose shape config.json does not imply. A whole `optional` group (e.g. a BERT head) may be missing."""
+    shapes = {k: tuple(v.shape) for k, v in expected.items()} if isinstance(expected, dict) else None
+    missing = set(expected) - state.keys()
+    for group in optional:
+        if missing.issuperset(group):
+            missing -= set(group)
+    unexpected = sorted({source[k] for k in state.keys() - set(expected)})
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match config.json; missing (lmforge names): "
+                              f"{sorted(missing)}; unexpected (checkpoint names): {unexpected}")
+    for key, tensor in state.items():
+        if shapes is not None and tuple(tensor.shape) != shapes[key]:
+            raise CheckpointError(f"{path}: {source[key]} has shape {tuple(tensor.shape)}, "
+                                  f"config.json implies {shapes[key]} for {key}")
 
 
 def is_hf_dir(path: str | Path) -> bool:
@@ -300,15 +320,7 @@ def load_hf(path: str | Path) -> tuple[DecoderLM, Tokenizer | None]:
         state.pop("lm_head.weight", None)
         if "tok_emb.weight" in state:
             state["lm_head.weight"] = state["tok_emb.weight"]
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted({source[k] for k in state.keys() - expected.keys()})
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not match config.json; missing (lmforge names): "
-                              f"{missing}; unexpected (checkpoint names): {unexpected}")
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
-            raise CheckpointError(f"{path}: {source[key]} has shape {tuple(tensor.shape)}, "
-                                  f"config.json implies {tuple(expected[key].shape)} for {key}")
+    check_hf_weights(path, state, source, expected)
     model.load_state_dict(state, strict=True)
     tokenizer = Tokenizer.from_file(path) if (path / TOKENIZER_FILE).is_file() else None
     return model.eval(), tokenizer

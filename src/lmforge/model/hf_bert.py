@@ -31,6 +31,7 @@ from lmforge.model.hf import (
     CONFIG_FILE,
     TOKENIZER_CONFIG_FILE,
     WEIGHTS_FILE,
+    check_hf_weights,
     hf_activation,
     hf_field,
     is_hf_dir,
@@ -206,18 +207,7 @@ def load_hf_bert(path: str | Path) -> tuple[EncoderModel, Tokenizer | None, dict
         cfg = cfg.model_copy(update={"nsp": True})
     model = EncoderModel(cfg)
     expected = model.state_dict()
-    missing = expected.keys() - state.keys()
-    for group in _OPTIONAL:
-        if missing.issuperset(group):
-            missing -= set(group)
-    unexpected = sorted({source[k] for k in state.keys() - expected.keys()})
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not match config.json; missing (lmforge names): "
-                              f"{sorted(missing)}; unexpected (checkpoint names): {unexpected}")
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
-            raise CheckpointError(f"{path}: {source[key]} has shape {tuple(tensor.shape)}, "
-                                  f"config.json implies {tuple(expected[key].shape)} for {key}")
+    check_hf_weights(path, state, source, expected, optional=_OPTIONAL)
     model.load_state_dict(state, strict=False)
     if extra:
         weight = extra.get("classifier.weight")

@@ -31,6 +31,7 @@ from lmforge.model.hf import (
     CONFIG_FILE,
     TOKENIZER_CONFIG_FILE,
     WEIGHTS_FILE,
+    check_hf_weights,
     hf_field,
     is_hf_dir,
     read_hf_weights,
@@ -206,15 +207,7 @@ def load_hf_t5(path: str | Path) -> tuple[EncDecLM, Tokenizer | None]:
         state["lm_head.weight"], source["lm_head.weight"] = emb.clone(), "shared.weight"
     model = EncDecLM(cfg)
     expected = model.state_dict()
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted({source[k] for k in state.keys() - expected.keys()})
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not match config.json; missing (lmforge names): "
-                              f"{missing}; unexpected (checkpoint names): {unexpected}")
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
-            raise CheckpointError(f"{path}: {source[key]} has shape {tuple(tensor.shape)}, "
-                                  f"config.json implies {tuple(expected[key].shape)} for {key}")
+    check_hf_weights(path, state, source, expected)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     tokenizer = Tokenizer.from_file(path) if (path / TOKENIZER_FILE).is_file() else None
     return model.eval(), tokenizer
