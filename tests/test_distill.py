@@ -118,13 +118,17 @@ def test_the_teacher_gets_no_gradients_and_padding_rows_are_cut() -> None:
     assert all(p.grad is not None for p in student.parameters())
     with pytest.raises(ValueError, match="tokenizer"):  # unsliced logits of different widths
         distillation_loss(student(batch["input_ids"]), teacher(batch["input_ids"]), batch["labels"], 2.0, 0.5)
+    student.eval()  # validation: the student's plain cross-entropy, comparable across alphas and temperatures
+    with torch.no_grad():
+        plain = torch.nn.functional.cross_entropy(student(batch["input_ids"]).flatten(0, 1), batch["labels"].flatten())
+        assert distill_loss_fn(teacher, 2.0, 0.5, vocab_size=64)(student, batch).item() == pytest.approx(plain.item())
 
 
 def test_different_tokenizers_are_a_config_error_naming_both(world: dict[str, Path], tmp_path: Path) -> None:
     cfg = DistillConfig(teacher=str(world["teacher"]), student=str(world["other_student"]),
                         data=DataConfig(dir=str(world["shards"])),
                         train=TrainConfig(out_dir=str(tmp_path), max_steps=1, device="cpu", progress=False))
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(ConfigError, match="^distillation needs one tokenizer") as err:
         distill(cfg)
     assert str(world["teacher"] / "tokenizer.json") in str(err.value)
     assert str(world["other_student"] / "tokenizer.json") in str(err.value)

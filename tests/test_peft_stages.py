@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import lmforge
 from lmforge.cli import main
 from lmforge.config import EncoderConfig, ModelConfig
 from lmforge.data.instructions import write_instruction_data
+from lmforge.data.shards import prepare_shards
 from lmforge.data.synthetic import WorldConfig, pretraining_documents
 from lmforge.data.synthetic_tasks import write_task_data
 from lmforge.model import build_model
@@ -77,3 +79,25 @@ def test_finetune_with_lora_trains_the_head_and_the_adapters(world: dict[str, Pa
     assert torch.equal(model.backbone.tok_emb.weight, base.tok_emb.weight)  # the backbone stayed frozen
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: non-zero means it trained
+
+
+@pytest.mark.parametrize("stage", ["reward", "dpo", "grpo", "ppo", "distill"])
+def test_every_post_training_stage_accepts_peft(world: dict[str, Path], tmp_path: Path, stage: str) -> None:
+    """LoRA through each post-training stage: the adapters are in the result, which reloads with lmforge.load."""
+    out = tmp_path / stage
+    common = ["--peft", "lora", "--train.max_steps=2", f"--train.out_dir={out}", "--train.progress=false"]
+    if stage in ("reward", "dpo"):
+        args = [stage, "--base", str(world["llama"]), "--train-file", str(world["prefs_train"]), "--max-len", "200"]
+    elif stage in ("ppo", "grpo"):
+        args = [stage, "--policy", str(world["llama"]), "--prompts", str(world["prompts_train"]), "--max-new-tokens",
+                "4", "--prompts_per_round=2", "--minibatch_size=2"] + (["--group-size=2"] if stage == "grpo" else [])
+    else:  # a LoRA student (a copy of the base) learning from the base as teacher, on token shards
+        docs = tmp_path / "docs.jsonl"
+        texts = pretraining_documents(WorldConfig(n_documents=200))
+        docs.write_text("".join(json.dumps({"text": d}) + "\n" for d in texts))
+        prepare_shards([docs], lmforge.load(world["llama"])[1], tmp_path / "shards", progress=False)
+        args = ["distill", "--teacher", str(world["llama"]), "--student", str(world["llama"]),
+                f"--data.dir={tmp_path / 'shards'}", "--train.seq_len=32"]
+    assert main(args + common) == 0
+    loaded, _ = lmforge.load(out / "policy" if stage in ("ppo", "grpo") else out)
+    assert any("lora_A" in n for n, _ in loaded.named_parameters())

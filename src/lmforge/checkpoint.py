@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from safetensors.torch import load_file, save_file
 
-from lmforge.config import AnyModelConfig, dump_config
+from lmforge.config import AnyModelConfig, PeftConfig, dump_config
 from lmforge.errors import CheckpointError
 from lmforge.io import atomic_write_text, fsync_dir
 from lmforge.model import HEAD_TASKS, build_model, build_task_model, model_config_from_dict
@@ -68,14 +68,17 @@ def publish_dir(tmp: Path, final: Path) -> None:
 
 class _ModelOnly(BaseModel):
     model: AnyModelConfig
+    peft: PeftConfig | None = None
 
 
-def save(model: torch.nn.Module, tokenizer: Tokenizer | None, path: str | Path) -> Path:
-    """Save a model (and tokenizer) as an lmforge checkpoint dir, atomically."""
+def save(model: torch.nn.Module, tokenizer: Tokenizer | None, path: str | Path,
+         peft: PeftConfig | None = None) -> Path:
+    """Save a model (and tokenizer) as an lmforge checkpoint dir, atomically; `peft` records the method a
+    parameter-efficient model carries, so that loading rebuilds it."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_model_files(tmp, model, tokenizer, _ModelOnly(model=model.cfg))
+    write_model_files(tmp, model, tokenizer, _ModelOnly(model=model.cfg, peft=peft))
     publish_dir(tmp, path)
     return path
 

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.errors import LmforgeError
 
 
 def _parser(sub, name: str, help: str, example: str) -> argparse.ArgumentParser:
@@ -148,7 +148,7 @@ RL_FLAGS = (Flag("--policy", "the SFT checkpoint the policy and the frozen refer
             Flag("--reward", "'verifier' (the synthetic tasks' checker) or a reward-model checkpoint dir"),
             Flag("--prompts", "JSONL of {prompt, meta} lines (meta feeds the verifier)"),
             TEMPLATE, Flag("--max-new-tokens", "response length limit", {"type": int}),
-            Flag("--temperature", "sampling temperature of the rollouts", {"type": float}))
+            Flag("--temperature", "sampling temperature of the rollouts", {"type": float}), PEFT)
 STAGES = {
     "finetune": ("fine-tune a pretrained model on a labelled task with a task head",
                  "lmforge finetune --task classify --base runs/bert-tiny --train-file sentiment_train.jsonl "
@@ -169,13 +169,13 @@ STAGES = {
     "reward": ("train a reward model (decoder + scalar head, Bradley-Terry loss) on preference pairs",
                "lmforge reward --base runs/sft --train-file prefs_train.jsonl --eval-file prefs_eval.jsonl",
                Stage("lmforge.train.reward:RewardConfig", "lmforge.train.reward:train_reward_model",
-                     (BASE, TRAIN_FILE, EVAL_FILE, TEMPLATE, MAX_LEN, SKIP))),
+                     (BASE, TRAIN_FILE, EVAL_FILE, TEMPLATE, MAX_LEN, SKIP, PEFT))),
     "dpo": ("direct preference optimisation (DPO, or IPO with --kind ipo) against a frozen reference",
             "lmforge dpo --base runs/sft --train-file prefs_train.jsonl --eval-file prefs_eval.jsonl --beta 0.1",
             Stage("lmforge.train.dpo:DPOConfig", "lmforge.train.dpo:train_dpo", (
                 BASE, TRAIN_FILE, EVAL_FILE, Flag("--beta", "KL strength (IPO: margin 1/(2 beta))", {"type": float}),
                 Flag("--kind", "sigmoid = DPO, ipo = IPO", {"choices": ["sigmoid", "ipo"]}),
-                TEMPLATE, MAX_LEN, SKIP))),
+                TEMPLATE, MAX_LEN, SKIP, PEFT))),
     "ppo": ("RLHF with PPO: value head, per-token KL penalty to the reference, GAE, clipped losses",
             "lmforge ppo --policy runs/sft --reward verifier --prompts prompts_train.jsonl --train.max_steps=100",
             Stage("lmforge.train.rl:PPOConfig", "lmforge.train.rl:train_ppo", (
@@ -194,7 +194,8 @@ STAGES = {
                     Flag("--teacher", "the teacher checkpoint (shares the student's tokenizer)"),
                     Flag("--student", "a student checkpoint (or build one with --student_model.KEY=VALUE)"),
                     Flag("--temperature", "softmax temperature tau (soft loss scaled by tau^2)", {"type": float}),
-                    Flag("--alpha", "weight of the soft loss; 1 - alpha on the hard labels", {"type": float})))),
+                    Flag("--alpha", "weight of the soft loss; 1 - alpha on the hard labels", {"type": float}),
+                    PEFT))),
 }
 
 
@@ -386,13 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     try:
-        if extra:
-            if not getattr(args, "accepts_overrides", False):
-                parser.error(f"unrecognized arguments: {' '.join(extra)}")
-            bad = [a for a in extra if a.startswith("--") and "." not in a.split("=")[0]]
-            if bad:
-                raise ConfigError(f"unknown option {bad[0]}; config overrides look like --section.key=value")
-        args.overrides = extra
+        if extra and not getattr(args, "accepts_overrides", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = extra  # config keys (--key=value, --section.key=value): load_config validates each
         args.func(args)
     except LmforgeError as exc:
         print(f"lmforge: error: {exc}", file=sys.stderr)

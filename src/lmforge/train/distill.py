@@ -17,11 +17,12 @@ from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
 from lmforge.checkpoint import resolve_checkpoint
-from lmforge.config import DataConfig, ModelConfig, StrictModel, TrainConfig
+from lmforge.config import DataConfig, ModelConfig, PeftConfig, StrictModel, TrainConfig
 from lmforge.data.batches import PackedBatches
 from lmforge.data.shards import load_shards
 from lmforge.errors import ConfigError
 from lmforge.model.decoder import DecoderLM
+from lmforge.peft.config import apply_peft
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer, require_same_vocab
 from lmforge.train.objectives import IGNORE_INDEX, token_cross_entropy
 from lmforge.train.reward import load_decoder
@@ -39,6 +40,7 @@ class DistillConfig(StrictModel):
     data: DataConfig = DataConfig()  # shards prepared with the teacher's tokenizer
     temperature: float = Field(2.0, gt=0.0)
     alpha: float = Field(0.5, ge=0.0, le=1.0)  # weight of the soft (teacher) term; 1 - alpha on the hard labels
+    peft: PeftConfig | None = None  # parameter-efficient training of a student checkpoint
     train: TrainConfig = TrainConfig(out_dir="runs/distill", max_steps=1000, lr=1e-3, min_lr=1e-4)
 
 
@@ -46,6 +48,7 @@ class DistillCheckpointConfig(BaseModel):
     """config.yaml of a distilled student: a plain decoder, as `lmforge.load` rebuilds it."""
 
     model: ModelConfig
+    peft: PeftConfig | None = None
     distill: DistillConfig
 
 
@@ -110,16 +113,18 @@ def distill(config: DistillConfig, resume: bool = False) -> TrainResult:
                           "architecture (--student_model.n_layer=... and the other model keys)")
     teacher, tokenizer = load_decoder(config.teacher, "distillation")
     data_tokenizer = Tokenizer.from_file(config.data.dir)
-    require_same_vocab(tokenizer, tokenizer_path(config.teacher), data_tokenizer, "distillation",
-                       Path(config.data.dir) / TOKENIZER_FILE)
+    require_same_vocab(tokenizer, tokenizer_path(config.teacher), data_tokenizer,
+                       Path(config.data.dir) / TOKENIZER_FILE, "distillation")
     tcfg = config.train
     if config.student:
         student, student_tokenizer = load_decoder(config.student, "distillation")
-        require_same_vocab(tokenizer, tokenizer_path(config.teacher), student_tokenizer, "distillation",
-                           tokenizer_path(config.student))
+        require_same_vocab(tokenizer, tokenizer_path(config.teacher), student_tokenizer,
+                           tokenizer_path(config.student), "distillation")
     else:
         torch.manual_seed(tcfg.seed)
         student = DecoderLM(config.student_model)
+    if config.peft is not None:
+        print(apply_peft(student, config.peft))
     vocab = tokenizer.vocab_size
     seq_len = tcfg.seq_len or student.cfg.max_seq_len
     for name, model in (("teacher", teacher), ("student", student)):
@@ -131,6 +136,5 @@ def distill(config: DistillConfig, resume: bool = False) -> TrainResult:
     shards = load_shards(config.data.dir)
     batches = PackedBatches(shards.tokens("train"), seq_len, tcfg.batch_size, tcfg.seed)
     return train(student, tcfg, batches.batch, distill_loss_fn(teacher, config.temperature, config.alpha, vocab),
-                 run_config=DistillCheckpointConfig(model=student.cfg, distill=config), tokenizer=tokenizer,
-                 val_batches=_val_batches(shards.tokens("val"), seq_len, tcfg), resume=resume,
-                 perplexity=config.alpha == 0)
+                 run_config=DistillCheckpointConfig(model=student.cfg, peft=config.peft, distill=config),
+                 tokenizer=tokenizer, val_batches=_val_batches(shards.tokens("val"), seq_len, tcfg), resume=resume)

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
-from lmforge.config import AnyModelConfig, StrictModel, TrainConfig
+from lmforge.config import AnyModelConfig, PeftConfig, StrictModel, TrainConfig
 from lmforge.errors import ConfigError
+from lmforge.peft.config import apply_peft
 from lmforge.train.distributed import init_distributed
 from lmforge.train.logprobs import frozen_copy, sequence_logprob
 from lmforge.train.reward import (
@@ -51,6 +52,7 @@ class DPOConfig(StrictModel):
     template: str = "lmforge"
     max_len: int = Field(256, ge=2)
     skip_bad_lines: bool = False
+    peft: PeftConfig | None = None  # parameter-efficient DPO (LoRA, ...)
     train: TrainConfig = TrainConfig(out_dir="runs/dpo", max_steps=200, lr=1e-4, min_lr=1e-5, warmup_steps=20,
                                      batch_size=8, weight_decay=0.0, eval_every=50, save_every=100)
 
@@ -59,6 +61,7 @@ class DPOCheckpointConfig(BaseModel):
     """config.yaml of a DPO-trained policy: a plain decoder, as `lmforge.load` rebuilds it."""
 
     model: AnyModelConfig
+    peft: PeftConfig | None = None
     dpo: DPOConfig
 
 
@@ -140,6 +143,8 @@ def train_dpo(config: DPOConfig, resume: bool = False) -> tuple[TrainResult, dic
         raise ConfigError("DPO needs a starting policy (--base DIR) and preference pairs (--train-file FILE)")
     policy, tokenizer = load_decoder(config.base, "DPO")
     require_fits(policy, config.base, config.max_len, config.max_len)  # log-probs read all but the last token
+    if config.peft is not None:  # before the reference copy: the reference is the starting policy, adapters and all
+        print(apply_peft(policy, config.peft))
     for module in policy.modules():  # dropout would make pi/pi_ref differ on identical weights
         if isinstance(module, nn.Dropout):
             module.p = 0.0
@@ -168,7 +173,8 @@ def train_dpo(config: DPOConfig, resume: bool = False) -> tuple[TrainResult, dic
 
     loss_fn = partial(dpo_batch_loss, beta=config.beta, kind=config.kind, metrics=metrics)
     val = first_batches(eval_batches, tcfg.eval_batches) if eval_batches else None
-    result = train(policy, tcfg, batch_at, loss_fn, run_config=DPOCheckpointConfig(model=policy.cfg, dpo=config),
+    run_config = DPOCheckpointConfig(model=policy.cfg, peft=config.peft, dpo=config)
+    result = train(policy, tcfg, batch_at, loss_fn, run_config=run_config,
                    tokenizer=tokenizer, val_batches=val, resume=resume, perplexity=False)
     scores = preference_metrics(policy, eval_batches, config.beta, tcfg.precision) if eval_batches else {}
     if scores:

@@ -21,10 +21,11 @@ from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
 import lmforge
-from lmforge.config import AnyModelConfig, StrictModel, TrainConfig
+from lmforge.config import AnyModelConfig, PeftConfig, StrictModel, TrainConfig
 from lmforge.errors import ConfigError
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.heads import last_token_index
+from lmforge.peft.config import apply_peft_to_task_model
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.trainer import METRICS_FILE, TrainResult, train
 
@@ -40,6 +41,7 @@ class RewardConfig(StrictModel):
     template: str = "lmforge"  # chat template name (`get_chat_template`)
     max_len: int = Field(256, ge=2)
     skip_bad_lines: bool = False
+    peft: PeftConfig | None = None  # parameter-efficient training of the backbone (the score head always trains)
     train: TrainConfig = TrainConfig(out_dir="runs/reward", max_steps=300, lr=5e-4, min_lr=5e-5, warmup_steps=20,
                                      batch_size=16, eval_every=100, save_every=100)
 
@@ -49,6 +51,7 @@ class RewardCheckpointConfig(BaseModel):
 
     model: AnyModelConfig
     task: Literal["reward"] = "reward"
+    peft: PeftConfig | None = None
     reward: RewardConfig
 
 
@@ -245,6 +248,8 @@ def train_reward_model(config: RewardConfig, resume: bool = False) -> tuple[Trai
     eval_examples = read(config.eval_file) if config.eval_file else None
     torch.manual_seed(config.train.seed)
     model = build_reward_model(backbone)
+    if config.peft is not None:
+        print(apply_peft_to_task_model(model, config.peft))
     tcfg = config.train
     metrics = PairMetrics(tcfg)
 
@@ -254,7 +259,7 @@ def train_reward_model(config: RewardConfig, resume: bool = False) -> tuple[Trai
 
     eval_batches = list(ordered_batches(eval_examples, tcfg.batch_size, pad_id)) if eval_examples else None
     val = first_batches(eval_batches, tcfg.eval_batches) if eval_batches else None
-    run_config = RewardCheckpointConfig(model=backbone.cfg, reward=config)
+    run_config = RewardCheckpointConfig(model=backbone.cfg, peft=config.peft, reward=config)
     result = train(model, tcfg, batch_at, partial(reward_pair_loss, metrics=metrics), run_config=run_config,
                    tokenizer=tokenizer, val_batches=val, resume=resume, perplexity=False)
     scores = {"pairwise_accuracy": pairwise_accuracy(model, eval_batches)} if eval_batches else {}

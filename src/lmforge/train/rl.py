@@ -27,10 +27,12 @@ from pydantic import BaseModel, Field
 from torch import Tensor
 
 import lmforge
-from lmforge.config import AnyModelConfig, StrictModel, TrainConfig
+from lmforge.checkpoint import save as save_checkpoint
+from lmforge.config import AnyModelConfig, PeftConfig, StrictModel, TrainConfig
 from lmforge.errors import ConfigError
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.heads import last_token_index
+from lmforge.peft.config import apply_peft
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.logprobs import frozen_copy, token_logprobs
 from lmforge.train.rollout import (
@@ -158,6 +160,7 @@ class PPOConfig(StrictModel):
     template: str = "lmforge"  # chat template the prompts are rendered with (as in SFT)
     max_prompt_len: int = Field(192, ge=2)  # prompts must be shorter; plus max_new_tokens it must fit the context
     skip_bad_lines: bool = False
+    peft: PeftConfig | None = None  # parameter-efficient RL on the policy (the value head always trains)
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(1.0, gt=0)  # log-probs are of the same tempered distribution
     prompts_per_round: int = Field(16, ge=1)
@@ -187,6 +190,7 @@ class GRPOConfig(StrictModel):
     template: str = "lmforge"
     max_prompt_len: int = Field(192, ge=2)
     skip_bad_lines: bool = False
+    peft: PeftConfig | None = None  # parameter-efficient RL on the policy (the value head always trains)
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(1.0, gt=0)
     prompts_per_round: int = Field(4, ge=1)
@@ -204,6 +208,7 @@ class RLRunConfig(BaseModel):
     """config.yaml of an RL run's training checkpoints (the loadable policy is saved to out_dir/policy)."""
 
     model: AnyModelConfig
+    peft: PeftConfig | None = None
     algorithm: Literal["ppo", "grpo"]
     ppo: PPOConfig | None = None
     grpo: GRPOConfig | None = None
@@ -227,9 +232,9 @@ def _single_process() -> None:
         raise ConfigError("PPO and GRPO run in a single process; launch them without torchrun")
 
 
-def _finish(policy: DecoderLM, tokenizer: Tokenizer | None, out_dir: str, result: TrainResult,
+def _finish(policy: DecoderLM, tokenizer: Tokenizer | None, cfg: PPOConfig | GRPOConfig, result: TrainResult,
             rewards: list[float]) -> RLResult:
-    policy_dir = lmforge.save(policy, tokenizer, Path(out_dir) / "policy")
+    policy_dir = save_checkpoint(policy, tokenizer, Path(cfg.train.out_dir) / "policy", peft=cfg.peft)
     return RLResult(result, policy_dir, rewards)
 
 
@@ -283,9 +288,10 @@ def run_ppo(policy: DecoderLM, prompts: Sequence[Prompt], reward_fn: RewardFn, c
 
     rows = min(cfg.prompts_per_round, len(prompts)) * cfg.samples_per_prompt
     batch_at = minibatch_stream(make_round, rows, cfg.minibatch_size, cfg.ppo_epochs, tc.seed, log)
-    result = train(model, tc, batch_at, loss_fn, run_config=RLRunConfig(model=policy.cfg, algorithm="ppo", ppo=cfg),
-                   tokenizer=tokenizer, resume=resume, perplexity=False)
-    return _finish(policy, tokenizer, tc.out_dir, result, rewards)
+    run_config = RLRunConfig(model=policy.cfg, peft=cfg.peft, algorithm="ppo", ppo=cfg)
+    result = train(model, tc, batch_at, loss_fn, run_config=run_config, tokenizer=tokenizer, resume=resume,
+                   perplexity=False)
+    return _finish(policy, tokenizer, cfg, result, rewards)
 
 
 # -- GRPO --------------------------------------------------------------------------------------------------
@@ -328,9 +334,10 @@ def run_grpo(policy: DecoderLM, prompts: Sequence[Prompt], reward_fn: RewardFn, 
 
     rows = min(cfg.prompts_per_round, len(prompts)) * cfg.group_size
     batch_at = minibatch_stream(make_round, rows, cfg.minibatch_size, cfg.ppo_epochs, tc.seed, log)
-    result = train(policy, tc, batch_at, loss_fn, run_config=RLRunConfig(model=policy.cfg, algorithm="grpo", grpo=cfg),
-                   tokenizer=tokenizer, resume=resume, perplexity=False)
-    return _finish(policy, tokenizer, tc.out_dir, result, rewards)
+    run_config = RLRunConfig(model=policy.cfg, peft=cfg.peft, algorithm="grpo", grpo=cfg)
+    result = train(policy, tc, batch_at, loss_fn, run_config=run_config, tokenizer=tokenizer, resume=resume,
+                   perplexity=False)
+    return _finish(policy, tokenizer, cfg, result, rewards)
 
 
 # -- stages: the SFT policy, the prompts and the reward, from files --------------------------------------
@@ -369,6 +376,8 @@ def load_rl_inputs(cfg: PPOConfig | GRPOConfig, stage: str) -> tuple[DecoderLM, 
 
 def _stage(cfg: PPOConfig | GRPOConfig, stage: str, run: Callable[..., RLResult], resume: bool) -> RLResult:
     policy, tokenizer, prompts, reward_fn, stops = load_rl_inputs(cfg, stage)
+    if cfg.peft is not None:  # before the reference copy and the value head: both see the adapted policy
+        print(apply_peft(policy, cfg.peft))
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     return run(policy, prompts, reward_fn, cfg, eos_id=stops, pad_id=pad_id, tokenizer=tokenizer, resume=resume)
 
