@@ -52,6 +52,21 @@ def test_sft_with_peft_trains_only_the_method_and_reloads(world: dict[str, Path]
         assert torch.equal(base_params[name], tuned_params[name]), name
 
 
+def test_a_lora_run_also_writes_its_adapter_alone(world: dict[str, Path], tmp_path: Path) -> None:
+    from lmforge.peft.lora import load_adapter
+
+    assert main(["sft", "--base", str(world["llama"]), "--train-file", str(world["sft_train"]), "--peft", "lora",
+                 "--train.max_steps=4", "--train.lr=1e-2", f"--train.out_dir={tmp_path / 'run'}",
+                 "--train.progress=false"]) == 0
+    assert (tmp_path / "run" / "adapter" / "adapter.safetensors").stat().st_size < 100_000  # adapters only
+    tuned, _ = lmforge.load(tmp_path / "run")
+    base, _ = lmforge.load(world["llama"])
+    load_adapter(base, tmp_path / "run" / "adapter")  # the adapter alone, onto a fresh copy of the base
+    x = torch.randint(0, 500, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(tuned(x), base.eval()(x), atol=1e-6)
+
+
 def test_merge_folds_lora_and_refuses_prefix(world: dict[str, Path], tmp_path: Path) -> None:
     for method in ("lora", "prefix"):
         assert main(["sft", "--base", str(world["llama"]), "--train-file", str(world["sft_train"]), "--peft", method,

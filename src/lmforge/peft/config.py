@@ -8,6 +8,7 @@ weights; methods that add computation the base weights cannot express raise a Co
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -40,14 +41,30 @@ class PeftSummary:
         return f"{self.method}: {self.trainable:,} of {self.total:,} parameters train ({self.percent:.3f}%)"
 
 
+def lora_config(cfg: PeftConfig):
+    """The LoRA family's own config from the switch's."""
+    from lmforge.peft.lora import LoRAConfig
+
+    return LoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets, method=cfg.method,
+                      qlora_group_size=cfg.qlora_group_size, qlora_double_quant=cfg.qlora_double_quant)
+
+
+def save_adapter_files(model: nn.Module, cfg: PeftConfig, run_dir: str | Path) -> Path | None:
+    """A LoRA-family run also gets its adapter alone (run_dir/adapter: adapter.safetensors + adapter_config.json),
+    which `lmforge.peft.lora.load_adapter` puts on any copy of the base."""
+    if cfg.method not in LORA_METHODS:
+        return None
+    from lmforge.peft.lora import save_adapter
+
+    return save_adapter(getattr(model, "backbone", model), Path(run_dir) / "adapter", lora_config(cfg))
+
+
 def apply_peft(model: nn.Module, cfg: PeftConfig) -> PeftSummary:
     """Apply `cfg.method` to `model` in place: base weights frozen, the method's parameters trainable."""
     if cfg.method in LORA_METHODS:
-        from lmforge.peft.lora import LoRAConfig, apply_lora, trainable_summary
+        from lmforge.peft.lora import apply_lora, trainable_summary
 
-        apply_lora(model, LoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
-                                     method=cfg.method, qlora_group_size=cfg.qlora_group_size,
-                                     qlora_double_quant=cfg.qlora_double_quant))
+        apply_lora(model, lora_config(cfg))
         return PeftSummary(*trainable_summary(model), cfg.method)  # counts QLoRA's NF4 base weights too
     if cfg.method in ("adapter", "parallel-adapter"):
         apply_adapters(model, cfg)

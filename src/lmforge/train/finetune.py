@@ -23,7 +23,7 @@ from lmforge.infer.generate import SamplingConfig, generate_ids
 from lmforge.infer.generate_encdec import generate_encdec
 from lmforge.model import build_model, build_task_model
 from lmforge.model.heads import best_span
-from lmforge.peft.config import apply_peft_to_task_model
+from lmforge.peft.config import apply_peft_to_task_model, save_adapter_files
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.objectives import IGNORE_INDEX, causal_lm_loss, seq2seq_loss
 from lmforge.train.task_losses import classification_loss, span_qa_loss, token_classification_loss
@@ -163,6 +163,8 @@ def finetune(config: FinetuneConfig, resume: bool = False) -> FinetuneResult:
             return [val_batch]
     result = train(model, config.train, batch_at, task_loss(config.task, arch), run_config=run_config,
                    tokenizer=tokenizer, val_batches=val, resume=resume, perplexity=config.task == "text2text")
+    if config.peft is not None:
+        save_adapter_files(model, config.peft, config.train.out_dir)
     metrics = evaluate_task(model, tokenizer, config.task, eval_examples, pad_id) if eval_examples else {}
     if metrics:
         with open(Path(config.train.out_dir) / METRICS_FILE, "a") as f:

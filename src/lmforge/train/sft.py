@@ -13,7 +13,7 @@ from lmforge.config import AnyModelConfig, PeftConfig, StrictModel, TrainConfig
 from lmforge.data.chat import get_chat_template
 from lmforge.data.sft import read_sft
 from lmforge.errors import ConfigError
-from lmforge.peft.config import apply_peft
+from lmforge.peft.config import apply_peft, save_adapter_files
 from lmforge.train.finetune import shuffled_batches
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.trainer import TrainResult, train
@@ -68,5 +68,8 @@ def sft(config: SFTConfig, resume: bool = False) -> TrainResult:
         print(apply_peft(model, config.peft))
     model.train()
     run_config = SFTCheckpointConfig(model=model.cfg, peft=config.peft, sft=config)
-    return train(model, config.train, batch_at, causal_lm_loss, run_config=run_config, tokenizer=tokenizer,
-                 val_batches=val, resume=resume)
+    result = train(model, config.train, batch_at, causal_lm_loss, run_config=run_config, tokenizer=tokenizer,
+                   val_batches=val, resume=resume)
+    if config.peft is not None:
+        save_adapter_files(model, config.peft, config.train.out_dir)
+    return result
