@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
@@ -19,6 +20,8 @@ from lmforge.model.layers import (
     alibi_slopes,
     attention_bias,
     make_norm,
+    mask_positions,
+    masked_attention_bias,
     rope_tables,
     sinusoidal_table,
 )
@@ -93,12 +96,16 @@ class DecoderLM(nn.Module):
         return KVCache(cfg.n_layer, cfg.kv_heads, cfg.head_dim, batch_size, (max_len or cfg.max_seq_len) + virtual,
                        ref.device, dtype or ref.dtype)
 
-    def forward(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None, attention_mask: Tensor | None = None) -> Tensor:
         """Logits [B, T, vocab]."""
-        return self.lm_head(self.hidden(input_ids, cache))
+        return self.lm_head(self.hidden(input_ids, cache, attention_mask))
 
-    def hidden(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Final hidden states [B, T, d_model] (after the final norm): what task heads read."""
+    def hidden(self, input_ids: Tensor, cache: KVCache | None = None, attention_mask: Tensor | None = None) -> Tensor:
+        """Final hidden states [B, T, d_model] (after the final norm): what task heads read.
+
+        `attention_mask` [B, S] (1 = real, 0 = padding) covers every token in the cache so far plus the new ones
+        (soft-prompt slots excluded); with it, padding is hidden from attention and each row's positions count
+        its real tokens from 0, so left-padded prompts of different lengths batch together."""
         cfg = self.cfg
         offset = cache.length if cache is not None else 0
         x = self.tok_emb(input_ids)
@@ -106,6 +113,13 @@ class DecoderLM(nn.Module):
             x = self.embed_hook(x)
         virtual = x.shape[1] - input_ids.shape[1]
         T = x.shape[1]
+        if attention_mask is not None:
+            n_virtual = self.embed_hook.n_virtual if self.embed_hook is not None else 0
+            if attention_mask.shape != (x.shape[0], offset + T - n_virtual):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                                 f"{(x.shape[0], offset + T - n_virtual)}: the cached tokens plus the new ones")
+            attention_mask = F.pad(attention_mask, (n_virtual, 0), value=1)
+            return self._hidden_masked(x, virtual, offset, attention_mask, cache)
         if cfg.position == "learned" and offset + T > cfg.max_seq_len:
             raise ValueError(
                 f"sequence of {offset + T} tokens exceeds the {cfg.max_seq_len} learned positions; "
@@ -124,6 +138,32 @@ class DecoderLM(nn.Module):
             rope = self._rope(offset, T)
         if cfg.position == "alibi" or (offset > 0 and T > 1):
             bias = attention_bias(T, offset + T, offset, self.alibi if cfg.position == "alibi" else None, x.device)
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, i, rope, bias, cache)
+        if cache is not None:
+            cache.length = offset + T
+        return self.final_norm(x[:, virtual:])
+
+    def _hidden_masked(self, x: Tensor, virtual: int, offset: int, attention_mask: Tensor,
+                       cache: KVCache | None) -> Tensor:
+        """`hidden` past the embeddings, with per-row positions and a padding bias from `attention_mask`."""
+        cfg = self.cfg
+        T = x.shape[1]
+        if cfg.position == "learned" and offset + T > cfg.max_seq_len:
+            raise ValueError(f"sequence of {offset + T} slots exceeds the {cfg.max_seq_len} learned positions")
+        pos = mask_positions(attention_mask)[:, -T:]
+        rope = None
+        if cfg.position == "learned":
+            x = x + self.pos_emb(pos)
+        elif cfg.position == "sinusoidal":
+            if offset + T > self.pos_table.shape[0]:
+                self.pos_table = sinusoidal_table(offset + T, cfg.d_model).to(x.device)
+            x = x * math.sqrt(cfg.d_model) + self.pos_table[pos].to(x.dtype)
+        elif cfg.position == "rope":
+            cos, sin = self._rope(0, offset + T)
+            rope = cos[pos][:, None], sin[pos][:, None]
+        bias = masked_attention_bias(attention_mask, T, self.alibi if cfg.position == "alibi" else None)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, i, rope, bias, cache)

@@ -140,6 +140,29 @@ def attention_bias(q_len: int, k_len: int, offset: int, slopes: Tensor | None, d
     return bias
 
 
+def mask_positions(attention_mask: Tensor) -> Tensor:
+    """[B, S] mask (1 = real) -> [B, S] position ids counting real tokens from 0 (padding takes its neighbour's)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def masked_attention_bias(attention_mask: Tensor, q_len: int, slopes: Tensor | None) -> Tensor:
+    """Additive [B, H|1, q_len, S] bias for the last q_len of S slots under a [B, S] padding mask (1 = real):
+    causal over slots, padded keys hidden, ALiBi distances counted in each row's real positions.
+
+    A query always sees its own slot, so padding queries attend to something and stay finite."""
+    B, S = attention_mask.shape
+    device = attention_mask.device
+    q_slot = torch.arange(S - q_len, S, device=device)[:, None]
+    k_slot = torch.arange(S, device=device)[None, :]
+    hidden = (k_slot > q_slot)[None] | ((attention_mask[:, None, :] == 0) & (k_slot != q_slot)[None])
+    bias = torch.zeros(B, q_len, S, device=device).masked_fill(hidden, float("-inf"))[:, None]
+    if slopes is not None:
+        pos = mask_positions(attention_mask)
+        distance = (pos[:, -q_len:, None] - pos[:, None, :]).clamp(min=0).float()
+        bias = bias - slopes.to(device)[None, :, None, None] * distance[:, None]
+    return bias
+
+
 def padding_bias(attention_mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """[B, S] mask (1 = attend, 0 = padding) -> additive [B, 1, 1, S] bias."""
     bias = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
