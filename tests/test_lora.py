@@ -17,25 +17,21 @@ from torch import nn
 from lmforge.config import ModelConfig, TrainConfig
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.model.decoder import DecoderLM
+from lmforge.peft.export import export_peft
 from lmforge.peft.lora import (
-    NF4,
     LoRAConfig,
     LoRALinear,
     apply_lora,
     base_nbytes,
-    dequantize_scales,
-    export_peft,
     load_adapter,
     lora_layers,
     lora_state_dict,
     merge_lora,
-    nf4_dequantize,
-    nf4_quantize,
-    quantize_scales,
     save_adapter,
     set_adapter,
     trainable_summary,
 )
+from lmforge.peft.nf4 import NF4, dequantize_scales, nf4_dequantize, nf4_quantize, quantize_scales
 from lmforge.train.trainer import build_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,7 +9,7 @@ the layer's name, or the name of a module containing it, equals the pattern, end
 it as an fnmatch wildcard: "attn.q" is every block's query projection, "mlp" is every mlp.up/gate/down, "attn"
 all four attention projections, "blocks.0.*" every Linear of the first block.
 
-Export (`export_peft`) writes the adapter in peft's format and, in its `base/` subdir, the HF model (`export_hf`)
+Export (`lmforge.peft.export.export_peft`) writes the adapter in peft's format and, in its `base/` subdir, the HF model (`export_hf`)
 it applies to (a separate dir: transformers would load an adapter_config.json found beside the weights). GPT-2
 fuses q/k/v into one `c_attn`: the three LoRAs become one exact LoRA of rank 3r on it, A stacked and B
 block-diagonal (a missing part gets a zero block, and under DoRA the magnitude ||W0||_c that leaves it unchanged).
@@ -20,7 +20,6 @@ against (so the pair reproduces the model; on the unquantised checkpoint it diff
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import re
@@ -38,10 +37,8 @@ from torch import Tensor, nn
 from lmforge.config import StrictModel
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.io import atomic_write, atomic_write_text
-from lmforge.model.decoder import DecoderLM
-from lmforge.model.hf import _LAYER, _PREFIX, config_to_hf, export_hf
+from lmforge.peft.nf4 import dequantize_scales, nf4_dequantize, nf4_quantize, quantize_scales
 from lmforge.peft.select import matches
-from lmforge.tokenizer import Tokenizer
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
 PEFT_WEIGHTS, PEFT_CONFIG, BASE_DIR = "adapter_model.safetensors", "adapter_config.json", "base"
@@ -63,66 +60,6 @@ class LoRAConfig(StrictModel):
     @property
     def scaling(self) -> float:
         return self.alpha / self.r
-
-
-# ---------------------------------------------------------------------------------------------
-# NF4 (Dettmers et al. 2023, sec. 3)
-# ---------------------------------------------------------------------------------------------
-
-
-def _nf4_levels() -> Tensor:
-    """The 16 NF4 levels: N(0, 1) quantiles, 8 positive and 7 negative plus an exact zero, scaled to [-1, 1]
-    (QLoRA eq. 4 as bitsandbytes' create_normal_map builds it, offset 0.9677083)."""
-    pos = torch.special.ndtri(torch.linspace(0.9677083, 0.5, 9, dtype=torch.float64)[:-1])
-    neg = -torch.special.ndtri(torch.linspace(0.9677083, 0.5, 8, dtype=torch.float64)[:-1])
-    levels = torch.cat([neg, torch.zeros(1, dtype=torch.float64), pos]).sort().values
-    return (levels / levels.max()).float()
-
-
-NF4 = _nf4_levels()
-_TINY = torch.finfo(torch.float32).tiny
-
-
-@functools.cache
-def _nf4_on(device: torch.device) -> Tensor:
-    return NF4.to(device)  # once per device, not a host-to-device copy per forward
-
-
-def nf4_quantize(w: Tensor, group_size: int = 64) -> tuple[Tensor, Tensor, torch.Size]:
-    """Block-wise NF4: each run of `group_size` values (row-major, zero-padded at the end) is divided by its absmax
-    and rounded to the nearest NF4 level. Returns (uint8 codes, two per byte, low nibble first; fp32 absmax per
-    group; the original shape)."""
-    if group_size < 2 or group_size % 2:
-        raise ConfigError(f"qlora_group_size must be an even number >= 2, got {group_size}")
-    flat = w.detach().float().flatten()
-    groups = F.pad(flat, (0, -flat.numel() % group_size)).view(-1, group_size)
-    scales = groups.abs().amax(dim=1)
-    levels = _nf4_on(w.device)
-    codes = torch.bucketize(groups / scales.clamp_min(_TINY)[:, None], (levels[1:] + levels[:-1]) / 2).flatten()
-    codes = codes.to(torch.uint8)
-    return codes[0::2] | (codes[1::2] << 4), scales, w.shape
-
-
-def nf4_dequantize(packed: Tensor, scales: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
-    """Inverse of `nf4_quantize` (up to the rounding): level[code] * absmax of the code's group, fp32."""
-    codes = torch.stack([packed & 15, packed >> 4], dim=-1).flatten().long()
-    values = _nf4_on(packed.device)[codes].view(scales.numel(), -1) * scales.float()[:, None]
-    return values.flatten()[: math.prod(shape)].view(shape)
-
-
-def quantize_scales(scales: Tensor, block: int = 256) -> tuple[Tensor, Tensor, Tensor]:
-    """Double quantisation (QLoRA sec. 3): the fp32 group absmaxes, less their mean, as int8 with one fp32 absmax
-    per `block` of them (the paper uses 8-bit floats; linear int8 here). Returns (codes, block absmax, mean)."""
-    mean = scales.mean()
-    centred = F.pad(scales - mean, (0, -scales.numel() % block)).view(-1, block)
-    absmax = centred.abs().amax(dim=1)
-    codes = torch.round(centred / absmax.clamp_min(_TINY)[:, None] * 127).to(torch.int8)
-    return codes.flatten()[: scales.numel()], absmax, mean
-
-
-def dequantize_scales(codes: Tensor, absmax: Tensor, mean: Tensor, block: int = 256) -> Tensor:
-    padded = F.pad(codes.float(), (0, -codes.numel() % block)).view(-1, block)
-    return (padded * (absmax[:, None] / 127)).flatten()[: codes.numel()] + mean
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,7 +340,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 
 
-def _adapter_layers(model: nn.Module, adapter_name: str, cfg: LoRAConfig | None = None) -> dict[str, LoRALinear]:
+def adapter_layers(model: nn.Module, adapter_name: str, cfg: LoRAConfig | None = None) -> dict[str, LoRALinear]:
     layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.cfgs}
     if not layers:
         raise ConfigError(f"the model has no adapter named '{adapter_name}'")
@@ -417,14 +354,14 @@ def _adapter_layers(model: nn.Module, adapter_name: str, cfg: LoRAConfig | None 
 def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
     """The adapter's tensors keyed `<layer>.<kind>` (kind: lora_A/B, lora_magnitude for DoRA, pissa_A0/B0)."""
     return {f"{name}.{kind}": getattr(layer, kind)[adapter_name].detach().cpu().contiguous()
-            for name, layer in _adapter_layers(model, adapter_name).items()
+            for name, layer in adapter_layers(model, adapter_name).items()
             for kind in ADAPTER_KINDS if adapter_name in getattr(layer, kind)}
 
 
 def save_adapter(model: nn.Module, path: str | Path, cfg: LoRAConfig, adapter_name: str = "default") -> Path:
     """Write adapter.safetensors, then adapter_config.json, each atomically (the config marks a complete save)."""
     path = Path(path)
-    _adapter_layers(model, adapter_name, cfg)
+    adapter_layers(model, adapter_name, cfg)
     tensors = lora_state_dict(model, adapter_name)
     atomic_write(path / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     config = {"format": "lmforge-lora", "config": cfg.model_dump(mode="json")}
@@ -476,88 +413,3 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
                for name, m in chosen.items()}
     _apply(model, cfg, adapter_name, weights)
     return cfg
-
-
-# ---------------------------------------------------------------------------------------------
-# Hugging Face peft export
-# ---------------------------------------------------------------------------------------------
-
-
-def _hf_module(name: str, model_type: str) -> str:
-    """lmforge Linear name -> HF module name (GPT-2's q/k/v all map to the fused c_attn)."""
-    if name == "lm_head":
-        return name
-    block, sub = re.fullmatch(r"blocks\.(\d+)\.(.+)", name).groups()
-    if model_type == "gpt2" and sub in ("attn.q", "attn.k", "attn.v"):
-        sub = "attn.c_attn"
-    else:
-        sub = {lm: hf for hf, lm in _LAYER[model_type].items()}[sub]
-    return f"{_PREFIX[model_type]}{'h' if model_type == 'gpt2' else 'layers'}.{block}.{sub}"
-
-
-def _original_weight(module: nn.Module) -> Tensor:
-    return module.original_weight() if isinstance(module, LoRALinear) else module.weight.detach()
-
-
-def _peft_factors(layer: LoRALinear, name: str) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(A, B, magnitude) of adapter `name` as a LoRA on the original base; PiSSA becomes [A|A0], [B|-B0]."""
-    A, B = layer.lora_A[name].detach(), layer.lora_B[name].detach()
-    if name in layer.pissa_A0:
-        A, B = torch.cat([A, layer.pissa_A0[name]]), torch.cat([B, -layer.pissa_B0[name]], dim=1)
-    magnitude = layer.lora_magnitude[name].detach() if name in layer.lora_magnitude else None
-    return A, B, magnitude
-
-
-def export_peft(model: DecoderLM, tokenizer: Tokenizer | None, path: str | Path, cfg: LoRAConfig,
-                adapter_name: str = "default") -> Path:
-    """Write adapter_model.safetensors + adapter_config.json in peft's format into `path` and the HF model they
-    apply to into `path/base`, so `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path / "base"),
-    path)` (or `AutoPeftModelForCausalLM.from_pretrained(path)`) gives lmforge's logits. The adapter is exported
-    alone, with weight 1; see the module docstring for GPT-2, PiSSA and QLoRA."""
-    path = Path(path)
-    layers = _adapter_layers(model, adapter_name, cfg)
-    model_type = config_to_hf(model.cfg)["model_type"]
-    base = DecoderLM(model.cfg)
-    state = {k: v for k, v in model.state_dict().items() if k in base.state_dict()}
-    state |= {f"{n}.weight": m.original_weight() for n, m in lora_layers(model).items()}
-    base.load_state_dict(state)
-    export_hf(base, tokenizer, path / BASE_DIR)
-
-    parts: dict[str, dict[str, tuple[Tensor, Tensor, Tensor | None]]] = {}
-    for name, layer in layers.items():
-        parts.setdefault(_hf_module(name, model_type), {})[name] = _peft_factors(layer, adapter_name)
-    tensors: dict[str, Tensor] = {}
-    ranks: dict[str, int] = {}
-    for hf_name, factors in parts.items():
-        if hf_name.endswith("attn.c_attn"):  # one exact LoRA for the fused q|k|v: A stacked, B block-diagonal
-            prefix = next(iter(factors)).rsplit(".", 1)[0]
-            triples = []
-            for p in "qkv":
-                if f"{prefix}.{p}" in factors:
-                    triples.append(factors[f"{prefix}.{p}"])
-                else:  # untouched part: no rank, and the magnitude that leaves DoRA's rows unchanged
-                    w = _original_weight(model.get_submodule(f"{prefix}.{p}"))
-                    triples.append((w.new_zeros(0, w.shape[1]), w.new_zeros(w.shape[0], 0),
-                                    torch.linalg.norm(w, dim=1)))
-            A, B = torch.cat([t[0] for t in triples]), torch.block_diag(*[t[1] for t in triples])
-            magnitude = torch.cat([t[2] for t in triples]) if cfg.method == "dora" else None
-        else:
-            (A, B, magnitude), = factors.values()
-        key = f"base_model.model.{hf_name}"
-        tensors |= {f"{key}.lora_A.weight": A, f"{key}.lora_B.weight": B}
-        if magnitude is not None:
-            tensors[f"{key}.lora_magnitude_vector"] = magnitude
-        ranks[hf_name] = A.shape[0]
-    r, _ = Counter(ranks.values()).most_common(1)[0]
-    pattern = {re.escape(n): k for n, k in ranks.items() if k != r}
-    peft_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str((path / BASE_DIR).resolve()),
-        "r": r, "lora_alpha": cfg.scaling * r, "lora_dropout": cfg.dropout, "target_modules": sorted(ranks),
-        "rank_pattern": pattern, "alpha_pattern": {n: cfg.scaling * k for n, k in pattern.items()},
-        "use_dora": cfg.method == "dora", "fan_in_fan_out": model_type == "gpt2", "bias": "none",
-        "use_rslora": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
-    }
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
-    atomic_write(path / PEFT_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    atomic_write_text(path / PEFT_CONFIG, json.dumps(peft_config, indent=2) + "\n")
-    return path
