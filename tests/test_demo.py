@@ -22,9 +22,10 @@ def test_demo_quick_writes_a_report_computed_in_the_run(tmp_path: Path) -> None:
                     "## Encoder and encoder-decoder pretraining", "## Fine-tuning: MLM-pretrained encoder",
                     "## Position encodings past the training length", "## Post-training: SFT, reward model",
                     "## Distillation", "## Parameter-efficient fine-tuning", "## Weight-only quantisation",
-                    "## Speculative decoding"):
+                    "## Speculative decoding", "## Decode speed: KV cache vs none"):
         assert heading in text
-    for name in ("pretrain_loss.png", "families_loss.png", "position_study.png", "lora_vs_pissa.png"):
+    for name in ("pretrain_loss.png", "families_loss.png", "position_study.png", "lora_vs_pissa.png",
+                 "kv_cache_scaling.png"):
         png = report / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
         assert f"]({name})" in text

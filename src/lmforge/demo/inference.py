@@ -1,5 +1,6 @@
-"""Demo stage: inference. Weight-only int8/int4 quantisation of the pretrained decoder (size on disk,
-validation perplexity, decode speed) and speculative decoding with the distilled student as the draft."""
+"""Demo stage: inference. Decode speed with and without the KV cache, weight-only int8/int4 quantisation of
+the pretrained decoder (size on disk, validation perplexity, decode speed) and speculative decoding with the
+distilled student as the draft."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import lmforge
 from lmforge.checkpoint import WEIGHTS_FILE, resolve_checkpoint
 from lmforge.data.batches import PackedBatches
 from lmforge.eval.report import Section, markdown_table
+from lmforge.eval.speed import kv_cache_scaling, speed_section
 from lmforge.infer.generate import SamplingConfig, generate_ids
 from lmforge.infer.quantize_stage import quantize_checkpoint
 from lmforge.infer.speculative import speculative_generate
@@ -54,7 +56,8 @@ def run(plan: DemoPlan, data: DemoData, out_dir: Path, report_dir: Path) -> list
         rows.append((f"int{bits}" + (" (group 64)" if bits == 4 else " (per channel)"), f"{size / 2**20:.2f}",
                      f"{fp32_bytes / size:.2f}x", f"{validation_perplexity(model, data, seq_len):.3f}",
                      f"{decode_tokens_per_s(model, prompt):,.0f}"))
-    return [quantisation_section(rows), speculative_section(fp32, out_dir, tokenizer, plan)]
+    speed = speed_section(kv_cache_scaling(fp32, prompt, lengths=(32, 64, 128, 192)), report_dir)
+    return [speed, quantisation_section(rows), speculative_section(fp32, out_dir, tokenizer, plan)]
 
 
 def quantisation_section(rows: list[tuple]) -> Section:
