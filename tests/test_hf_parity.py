@@ -11,6 +11,8 @@ import json
 import pytest
 import torch
 
+from parity_helpers import perturb
+
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import (  # noqa: E402
@@ -37,12 +39,6 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-def _perturb(model: torch.nn.Module) -> None:
-    """Random init leaves biases at 0 and norms at 1; perturb every parameter so each mapping matters."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-
 
 def _gpt2(**kw) -> GPT2LMHeadModel:
     cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=32,
@@ -58,7 +54,7 @@ def _llama(**kw) -> LlamaForCausalLM:
 
 
 def _hf_dir(hf_model, tmp_path, **save_kw):
-    _perturb(hf_model)
+    perturb(hf_model)
     hf_model.eval().save_pretrained(tmp_path, safe_serialization=True, **save_kw)
     return tmp_path
 
@@ -160,7 +156,7 @@ def test_export_loads_in_transformers(case, tmp_path):
     load_hf of the same dir gives the lmforge logits back."""
     cfg = ModelConfig(vocab_size=VOCAB, max_seq_len=32, n_layer=2, n_head=4, d_model=64, **EXPORT_CASES[case])
     model = DecoderLM(cfg).eval()
-    _perturb(model)
+    perturb(model)
     export_hf(model, None, tmp_path)
     hf_model, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info

@@ -12,6 +12,8 @@ import json
 import pytest
 import torch
 
+from parity_helpers import perturb
+
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
@@ -39,12 +41,6 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-def _perturb(model: torch.nn.Module) -> None:
-    """Random init leaves norms at 1; perturb every parameter so each mapping matters."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-
 
 def _t5(**kw) -> T5ForConditionalGeneration:
     cfg = T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=2,
@@ -53,7 +49,7 @@ def _t5(**kw) -> T5ForConditionalGeneration:
 
 
 def _hf_dir(hf_model, tmp_path):
-    _perturb(hf_model)
+    perturb(hf_model)
     hf_model.eval().save_pretrained(tmp_path)
     return tmp_path
 
@@ -141,7 +137,7 @@ def test_export_roundtrip(kw, tmp_path):
     torch.manual_seed(1)
     model = EncDecLM(EncDecConfig(vocab_size=VOCAB, max_seq_len=64, n_layer=2, n_head=4, head_dim=16, d_model=64,
                                   d_ff=128, decoder_start_id=0, **kw)).eval()
-    _perturb(model)
+    perturb(model)
     path = export_hf_t5(model, None, tmp_path / "hf")
     config = json.loads((path / "config.json").read_text())
     assert config["decoder_start_token_id"] == 0 and config["pad_token_id"] == 0
