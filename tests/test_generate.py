@@ -467,3 +467,16 @@ def test_empty_prompt_raises(tok: Tokenizer) -> None:
         generate_ids(model, [], SamplingConfig())
     with pytest.raises(LmforgeError, match="empty"):
         generate(model, tok, "", SamplingConfig())
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_same_greedy_ids() -> None:
+    """SamplingConfig(compile=True) runs the decode step under torch.compile; the output must not change."""
+    from lmforge.infer.generate import _COMPILED
+
+    model = tiny_model("llama-gqa")
+    prompt = [3, 9, 27, 14]
+    eager = generate_ids(model, prompt, SamplingConfig(max_new_tokens=12, temperature=0.0))
+    compiled = generate_ids(model, prompt, SamplingConfig(max_new_tokens=12, temperature=0.0, compile=True))
+    assert compiled == eager and model in _COMPILED
+    assert not any(n.startswith("_") for n, _ in model.named_modules())  # the wrapper is not a submodule

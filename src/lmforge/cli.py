@@ -214,7 +214,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         from lmforge.infer.generate_encdec import generate_text2text as generate
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, seed=args.seed, stop=args.stop, use_cache=not args.no_cache,
-                         truncate_prompt=args.truncate_prompt)
+                         truncate_prompt=args.truncate_prompt, compile=args.compile)
     if args.num_beams < 1:
         raise LmforgeError(f"--num-beams must be >= 1, got {args.num_beams}")
     if args.num_beams > 1 or args.draft:
@@ -374,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of as it comes")
     p.add_argument("--truncate-prompt", action="store_true",
                    help="keep the prompt's last tokens if it does not fit the context window")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (off by default: on 2 CPU cores it measured ~2%% faster "
+                        "after ~9 s of compiling)")
     p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (1 = off)")
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log p / length^this (default 1)")
     p.add_argument("--draft", help="a smaller decoder with the same vocabulary: speculative decoding (same output "

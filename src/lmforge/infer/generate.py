@@ -6,6 +6,7 @@ of a single position over the preallocated KV cache.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
@@ -27,6 +28,9 @@ class SamplingConfig:
     stop: Sequence[str] = field(default_factory=tuple)
     stop_at_eos: bool = True
     use_cache: bool = True
+    # torch.compile the one-token decode step. Measured on 2 CPU cores at the demo size: ~2% faster once
+    # compiled, after ~9 s of compiling, so it is off by default; it can pay for long generations on a GPU.
+    compile: bool = False
     truncate_prompt: bool = False  # keep the prompt's last tokens when it exceeds the context
 
     def validate(self) -> None:
@@ -63,6 +67,17 @@ def next_token(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator |
         return logits.argmax(dim=-1)
     probs = filter_logits(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled_decoder(model: DecoderLM) -> torch.nn.Module:
+    """The model under torch.compile (dynamic shapes: the cache grows each step), compiled once per model and
+    kept outside it (an attribute would register the wrapper as a submodule of the model it wraps)."""
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(model, dynamic=True)
+    return _COMPILED[model]
 
 
 def _fit_prompt(ids: list[int], context: int, cfg: SamplingConfig) -> list[int]:
@@ -106,6 +121,7 @@ def generate_ids(
     seq = torch.tensor([ids], device=device)
     cache = model.new_cache(1, len(ids) + cfg.max_new_tokens) if cfg.use_cache else None
     logits = model(seq, cache=cache)[:, -1]
+    step = compiled_decoder(model) if cfg.compile and cache is not None else model
     new: list[int] = []
     for _ in range(cfg.max_new_tokens):
         token = next_token(logits, cfg, generator)
@@ -118,7 +134,7 @@ def generate_ids(
         if len(new) == cfg.max_new_tokens:
             break
         if cache is not None:
-            logits = model(token.view(1, 1), cache=cache)[:, -1]
+            logits = step(token.view(1, 1), cache=cache)[:, -1]
         else:
             seq = torch.cat([seq, token.view(1, 1)], dim=1)
             logits = model(seq)[:, -1]
