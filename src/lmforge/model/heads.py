@@ -36,8 +36,8 @@ def _linear(d_in: int, d_out: int, std: float) -> nn.Linear:
     return layer
 
 
-class SequenceClassifier(nn.Module):
-    """Sequence classification: logits [B, num_labels] (as HF `BertForSequenceClassification`)."""
+class _Classifier(nn.Module):
+    """Backbone + dropout + a `classifier` Linear: what the sequence and token classifiers share."""
 
     def __init__(self, backbone: nn.Module, num_labels: int, dropout: float = 0.1):
         super().__init__()
@@ -47,6 +47,10 @@ class SequenceClassifier(nn.Module):
         self.num_labels = num_labels
         self.dropout = nn.Dropout(dropout)
         self.classifier = _linear(backbone.cfg.d_model, num_labels, backbone.cfg.init_std)
+
+
+class SequenceClassifier(_Classifier):
+    """Sequence classification: logits [B, num_labels] (as HF `BertForSequenceClassification`)."""
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None) -> Tensor:
@@ -59,17 +63,8 @@ class SequenceClassifier(nn.Module):
         return self.classifier(self.dropout(summary))
 
 
-class TokenClassifier(nn.Module):
+class TokenClassifier(_Classifier):
     """Per-token classification (NER-style tagging): logits [B, T, num_labels]."""
-
-    def __init__(self, backbone: nn.Module, num_labels: int, dropout: float = 0.1):
-        super().__init__()
-        if num_labels < 1:
-            raise ValueError(f"num_labels must be >= 1, got {num_labels}")
-        self.backbone = backbone
-        self.num_labels = num_labels
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = _linear(backbone.cfg.d_model, num_labels, backbone.cfg.init_std)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None) -> Tensor:

@@ -326,14 +326,18 @@ def load_hf(path: str | Path) -> tuple[DecoderLM, Tokenizer | None]:
     return model.eval(), tokenizer
 
 
+def require_tokenizer_fits(tokenizer: Tokenizer | None, vocab_size: int) -> None:
+    """An exported model must have an embedding row for every token of its tokenizer."""
+    if tokenizer is not None and tokenizer.vocab_size > vocab_size:
+        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {vocab_size}")
+
+
 def export_hf(model: DecoderLM, tokenizer: Tokenizer | None, path: str | Path) -> Path:
     """Write `path` as an HF `save_pretrained` dir (float32); config.json is written last."""
     path = Path(path)
     cfg = model.cfg
     hf_config = config_to_hf(cfg)
-    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
-        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                          f"{cfg.vocab_size}")
+    require_tokenizer_fits(tokenizer, cfg.vocab_size)
     weights = _to_hf_names(model, hf_config["model_type"])
     path.mkdir(parents=True, exist_ok=True)
     atomic_write(path / WEIGHTS_FILE, lambda p: save_file(weights, str(p), metadata={"format": "pt"}))

@@ -37,6 +37,7 @@ from lmforge.model.hf import (
     is_hf_dir,
     read_hf_weights,
     require_hf_value,
+    require_tokenizer_fits,
 )
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -234,9 +235,7 @@ def export_hf_bert(model: EncoderModel, tokenizer: Tokenizer | None, path: str |
     + classifier; the MLM head is left out)."""
     path = Path(path)
     cfg = model.cfg
-    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
-        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                          f"{cfg.vocab_size}")
+    require_tokenizer_fits(tokenizer, cfg.vocab_size)
     hf_config = config_to_hf_bert(cfg)
     if classifier is not None:
         if classifier.in_features != cfg.d_model or classifier.bias is None:

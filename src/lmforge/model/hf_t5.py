@@ -36,6 +36,7 @@ from lmforge.model.hf import (
     is_hf_dir,
     read_hf_weights,
     require_hf_value,
+    require_tokenizer_fits,
 )
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -220,9 +221,7 @@ def export_hf_t5(model: EncDecLM, tokenizer: Tokenizer | None, path: str | Path)
     path = Path(path)
     cfg = model.cfg
     hf_config = config_to_hf_t5(cfg)
-    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
-        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                          f"{cfg.vocab_size}")
+    require_tokenizer_fits(tokenizer, cfg.vocab_size)
     weights = _to_hf_names(model)
     path.mkdir(parents=True, exist_ok=True)
     atomic_write(path / WEIGHTS_FILE, lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
