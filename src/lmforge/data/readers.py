@@ -20,6 +20,23 @@ _SKIP_HINT = "fix the line or pass --skip-bad-lines to skip it"
 _PARQUET_BATCH_ROWS = 1024
 
 
+def jsonl_objects(path: Path) -> Iterator[tuple[str, dict | DataError]]:
+    """("file:line", object) for each non-blank JSONL line; a line that is not a JSON object comes as a
+    location-free DataError in place of the object, for the caller to raise or skip."""
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except ValueError as e:  # JSONDecodeError and invalid UTF-8 both land here
+                yield where, DataError(f"invalid JSON ({e})")
+                continue
+            yield where, obj if isinstance(obj, dict) else DataError(
+                f"expected a JSON object, got {type(obj).__name__}")
+
+
 class DocumentStream:
     """An iterable of document strings; `documents` and `skipped` count as it is iterated.
 
@@ -62,28 +79,19 @@ class DocumentStream:
 
     def _read_jsonl(self, path: Path) -> Iterator[str]:
         field = self.text_field
-        with open(path, "rb") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    obj = json.loads(line)
-                except ValueError as e:  # JSONDecodeError and invalid UTF-8 both land here
-                    self._bad(f"{where}: invalid JSON ({e})")
-                    continue
-                if not isinstance(obj, dict):
-                    self._bad(f"{where}: expected a JSON object, got {type(obj).__name__}")
-                    continue
-                if field not in obj:
-                    keys = ", ".join(sorted(obj)[:10]) or "none"
-                    self._bad(f"{where}: missing field {field!r} (keys present: {keys})")
-                    continue
-                text = obj[field]
-                if not isinstance(text, str):
-                    self._bad(f"{where}: field {field!r} is {type(text).__name__}, expected a string")
-                    continue
-                yield text
+        for where, obj in jsonl_objects(path):
+            if isinstance(obj, DataError):
+                self._bad(f"{where}: {obj}")
+                continue
+            if field not in obj:
+                keys = ", ".join(sorted(obj)[:10]) or "none"
+                self._bad(f"{where}: missing field {field!r} (keys present: {keys})")
+                continue
+            text = obj[field]
+            if not isinstance(text, str):
+                self._bad(f"{where}: field {field!r} is {type(text).__name__}, expected a string")
+                continue
+            yield text
 
     def _read_parquet(self, path: Path) -> Iterator[str]:
         field = self.text_field

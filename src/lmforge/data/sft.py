@@ -17,7 +17,6 @@ Every bad line raises ``DataError("file:line: ...; fix it or pass --skip-bad-lin
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 from lmforge.data.chat import ChatTemplate, Message, render_prompt_response
+from lmforge.data.readers import jsonl_objects
 from lmforge.data.task_data import IGNORE_INDEX, collate
 from lmforge.errors import DataError
 from lmforge.tokenizer import Tokenizer
@@ -51,22 +51,15 @@ def _read(path: str | Path, tokenizer: Tokenizer, template: ChatTemplate, skip_b
     if not path.is_file():
         raise DataError(f"file not found: {path}")
     examples, skipped = [], 0
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                try:
-                    obj = json.loads(line)
-                except ValueError as e:  # JSONDecodeError and invalid UTF-8 both land here
-                    raise DataError(f"invalid JSON ({e})") from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"expected a JSON object, got {type(obj).__name__}")
-                examples.append(parse(obj))
-            except DataError as e:
-                if not skip_bad_lines:
-                    raise DataError(f"{path}:{lineno}: {e}; {_SKIP_HINT}") from None
-                skipped += 1
+    for where, obj in jsonl_objects(path):
+        try:
+            if isinstance(obj, DataError):
+                raise obj
+            examples.append(parse(obj))
+        except DataError as e:
+            if not skip_bad_lines:
+                raise DataError(f"{where}: {e}; {_SKIP_HINT}") from None
+            skipped += 1
     if not examples:
         raise DataError(f"{path}: no examples ({'all ' + str(skipped) + ' lines were bad' if skipped else 'empty'})")
     return SFTData(examples, skipped)

@@ -16,12 +16,12 @@ An example is a dict of token-id lists and ints; `collate` pads a list of them i
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
+from lmforge.data.readers import jsonl_objects
 from lmforge.errors import DataError
 from lmforge.tokenizer import CLS, SEP, Tokenizer
 
@@ -35,25 +35,17 @@ def _records(path: Path, fields: dict[str, type | tuple[type, ...]]) -> Iterator
     """(file:line, object) for each non-blank line, with every field in `fields` present and typed."""
     if not path.is_file():
         raise DataError(f"file not found: {path}")
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except ValueError as e:  # JSONDecodeError and invalid UTF-8 both land here
-                raise DataError(f"{where}: invalid JSON ({e})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            for name, kind in fields.items():
-                if name not in obj:
-                    present = ", ".join(sorted(obj)) or "none"
-                    raise DataError(f"{where}: missing field {name!r} (keys present: {present})")
-                if not isinstance(obj[name], kind) or isinstance(obj[name], bool):
-                    raise DataError(f"{where}: field {name!r} has type {type(obj[name]).__name__}, "
-                                    f"expected {getattr(kind, '__name__', 'str or int')}")
-            yield where, obj
+    for where, obj in jsonl_objects(path):
+        if isinstance(obj, DataError):
+            raise DataError(f"{where}: {obj}")
+        for name, kind in fields.items():
+            if name not in obj:
+                present = ", ".join(sorted(obj)) or "none"
+                raise DataError(f"{where}: missing field {name!r} (keys present: {present})")
+            if not isinstance(obj[name], kind) or isinstance(obj[name], bool):
+                raise DataError(f"{where}: field {name!r} has type {type(obj[name]).__name__}, "
+                                f"expected {getattr(kind, '__name__', 'str or int')}")
+        yield where, obj
 
 
 def _read(path: str | Path, fields: dict[str, type | tuple[type, ...]]) -> list[tuple[str, dict]]:
