@@ -46,7 +46,7 @@ def generate_batch(
         ids[i, width - len(r):] = torch.tensor(r, device=device)
         mask[i, width - len(r):] = 1
     cache = model.new_cache(B, width + cfg.max_new_tokens)
-    logits = model(ids, cache=cache, attention_mask=mask)[:, -1]
+    logits = model(ids, cache=cache, attention_mask=mask, keep_last=1)[:, -1]
     new: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     ones = torch.ones((B, 1), dtype=torch.long, device=device)

@@ -43,7 +43,7 @@ def beam_search(
     device = model.tok_emb.weight.device
     vocab = model.cfg.vocab_size
     cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
-    logits = model(torch.tensor([list(prompt_ids)], device=device), cache=cache)[:, -1]
+    logits = model(torch.tensor([list(prompt_ids)], device=device), cache=cache, keep_last=1)[:, -1]
     tokens = torch.empty(1, 0, dtype=torch.long, device=device)  # generated ids of the running beams
     scores = torch.zeros(1, device=device)  # their summed log-probs
     finished: list[tuple[float, list[int]]] = []  # (score, ids incl. EOS), best first, at most num_beams

@@ -120,7 +120,7 @@ def generate_ids(
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
     seq = torch.tensor([ids], device=device)
     cache = model.new_cache(1, len(ids) + cfg.max_new_tokens) if cfg.use_cache else None
-    logits = model(seq, cache=cache)[:, -1]
+    logits = model(seq, cache=cache, keep_last=1)[:, -1]
     step = compiled_decoder(model) if cfg.compile and cache is not None else model
     new: list[int] = []
     for _ in range(cfg.max_new_tokens):
@@ -137,7 +137,7 @@ def generate_ids(
             logits = step(token.view(1, 1), cache=cache)[:, -1]
         else:
             seq = torch.cat([seq, token.view(1, 1)], dim=1)
-            logits = model(seq)[:, -1]
+            logits = model(seq, keep_last=1)[:, -1]
     return new
 
 

@@ -82,7 +82,7 @@ def speculative_generate(
         q: list[Tensor] = []
         for _ in range(m):
             fed = (seq + proposal)[d_cache.length:]
-            logits = draft(torch.tensor([fed], device=device), cache=d_cache)[0, -1]
+            logits = draft(torch.tensor([fed], device=device), cache=d_cache, keep_last=1)[0, -1]
             stats.draft_forwards += 1
             if greedy:
                 proposal.append(int(logits.argmax()))
@@ -90,8 +90,8 @@ def speculative_generate(
                 q.append(_probs(logits, cfg))
                 proposal.append(_sample(q[-1], generator))
         base = len(seq) - 1
-        logits = target(torch.tensor([seq[t_cache.length:] + proposal], device=device), cache=t_cache)[0]
-        logits = logits[-(m + 1):]
+        fed = torch.tensor([seq[t_cache.length:] + proposal], device=device)
+        logits = target(fed, cache=t_cache, keep_last=m + 1)[0]
         stats.target_forwards += 1
         stats.proposed += m
         k = 0

@@ -27,6 +27,10 @@ from lmforge.model.layers import (
 )
 
 
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
 class Block(nn.Module):
     """One Transformer layer; pre-norm x + f(norm(x)) or post-norm norm(x + f(x))."""
 
@@ -43,11 +47,12 @@ class Block(nn.Module):
         def attend(h: Tensor) -> Tensor:
             return self.attn(h, bias=bias, causal=True, rope=rope, cache=cache, layer=layer)
 
+        drop = self.drop if self.training else _identity  # skips two module calls per layer when decoding
         if self.pre_norm:
-            x = x + self.drop(attend(self.attn_norm(x)))
-            return x + self.drop(self.mlp(self.mlp_norm(x)))
-        x = self.attn_norm(x + self.drop(attend(x)))
-        return self.mlp_norm(x + self.drop(self.mlp(x)))
+            x = x + drop(attend(self.attn_norm(x)))
+            return x + drop(self.mlp(self.mlp_norm(x)))
+        x = self.attn_norm(x + drop(attend(x)))
+        return self.mlp_norm(x + drop(self.mlp(x)))
 
 
 class DecoderLM(nn.Module):
@@ -96,9 +101,12 @@ class DecoderLM(nn.Module):
         return KVCache(cfg.n_layer, cfg.kv_heads, cfg.head_dim, batch_size, (max_len or cfg.max_seq_len) + virtual,
                        ref.device, dtype or ref.dtype)
 
-    def forward(self, input_ids: Tensor, cache: KVCache | None = None, attention_mask: Tensor | None = None) -> Tensor:
-        """Logits [B, T, vocab]."""
-        return self.lm_head(self.hidden(input_ids, cache, attention_mask))
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None, attention_mask: Tensor | None = None,
+                keep_last: int = 0) -> Tensor:
+        """Logits [B, T, vocab], or [B, keep_last, vocab] for the last positions only: a prefill needs just the
+        last one, which saves a [T, d_model] x [d_model, vocab] matmul."""
+        h = self.hidden(input_ids, cache, attention_mask)
+        return self.lm_head(h[:, -keep_last:] if keep_last else h)
 
     def hidden(self, input_ids: Tensor, cache: KVCache | None = None, attention_mask: Tensor | None = None) -> Tensor:
         """Final hidden states [B, T, d_model] (after the final norm): what task heads read.

@@ -129,7 +129,7 @@ class Decoder(nn.Module):
         offset = cache.length if cache is not None else 0
         bias = relative_bias(self.rel_bias, T, offset + T, offset, bidirectional=False,
                              max_distance=self.max_distance)
-        bias = bias + attention_bias(T, offset + T, offset, None, x.device)[:, None]
+        bias = bias + attention_bias(T, offset + T, offset, None, x.device)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, i, bias, cross_bias, cross_kv[i], cache)

@@ -66,7 +66,7 @@ def sample_responses(policy: DecoderLM, prompt_ids: Sequence[int], n: int, sampl
     mask = torch.zeros(n, P + max_new, dtype=torch.bool, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     cache = policy.new_cache(n, P + max_new)
-    logits = policy(ids[:, :P], cache=cache)[:, -1]
+    logits = policy(ids[:, :P], cache=cache, keep_last=1)[:, -1]
     for t in range(max_new):
         token = next_token(logits, sampling, generator).masked_fill(done, pad)
         ids[:, P + t], mask[:, P + t] = token, ~done

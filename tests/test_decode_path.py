@@ -1,0 +1,96 @@
+"""The decode fast paths: fused q/k/v projection without autograd, 4-D attention bias (SDPA's fused kernel),
+last-position logits at prefill."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.profiler import profile
+
+from lmforge.config import ModelConfig, PeftConfig
+from lmforge.model.decoder import DecoderLM
+from lmforge.model.layers import alibi_slopes, attention_bias
+from lmforge.peft.config import apply_peft
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def model(family: str = "gpt2", **kw) -> DecoderLM:
+    torch.manual_seed(0)
+    cfg = ModelConfig(family=family, vocab_size=64, max_seq_len=64, n_layer=2, n_head=4, d_model=32, **kw)
+    return DecoderLM(cfg)
+
+
+@pytest.mark.parametrize("family, kw", [("gpt2", {}), ("llama", {"n_kv_head": 2}), ("llama", {"n_kv_head": 1})])
+def test_fused_qkv_matches_separate_projections(family: str, kw: dict) -> None:
+    m = model(family, **kw).eval()
+    x = torch.randint(0, 64, (2, 9))
+    with torch.enable_grad():
+        separate = m(x)  # autograd on: three projections
+    with torch.no_grad():
+        fused = m(x)
+    assert m.blocks[0].attn._fused is not None  # the fused weight was built, so the fused path ran
+    torch.testing.assert_close(fused, separate.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_fused_weight_follows_in_place_updates_and_reloads() -> None:
+    m = model().eval()
+    x = torch.randint(0, 64, (1, 7))
+    with torch.no_grad():
+        before = m(x)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    m.train()
+    m(x).float().pow(2).mean().backward()
+    opt.step()  # in place: bumps the version counter
+    m.eval()
+    with torch.no_grad():
+        after = m(x)
+    with torch.enable_grad():
+        reference = m(x).detach()
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, reference, atol=1e-5, rtol=1e-5)
+    fresh = model()
+    fresh.load_state_dict({k: v + 0.01 for k, v in m.state_dict().items()})  # copy_ into the same storage
+    fresh.eval()
+    with torch.no_grad():
+        fresh(x)  # builds the fused weight
+        fresh.load_state_dict(m.state_dict())
+        torch.testing.assert_close(fresh(x), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_training_gradients_reach_every_projection() -> None:
+    m = model().train()
+    m(torch.randint(0, 64, (2, 8))).sum().backward()
+    for name in ("q", "k", "v"):
+        grad = getattr(m.blocks[0].attn, name).weight.grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_lora_projections_skip_fusion() -> None:
+    m = model()
+    apply_peft(m, PeftConfig(method="lora", r=4, targets=["attn.q", "attn.v"]))
+    with torch.no_grad():
+        m.eval()(torch.randint(0, 64, (1, 5)))
+    assert m.blocks[0].attn._fused is None
+
+
+def test_attention_bias_is_4d_so_sdpa_uses_its_fused_kernel() -> None:
+    bias = attention_bias(5, 25, 20, None, torch.device("cpu"))
+    alibi = attention_bias(5, 25, 20, alibi_slopes(4), torch.device("cpu"))
+    assert bias.shape == (1, 1, 5, 25) and alibi.shape == (1, 4, 5, 25)
+    m = model().eval()
+    cache = m.new_cache(1, 32)
+    with torch.no_grad():
+        m(torch.randint(0, 64, (1, 20)), cache=cache)
+        with profile() as prof:
+            m(torch.randint(0, 64, (1, 5)), cache=cache)  # a verify-style step: 5 new tokens over a cache
+    names = {e.name for e in prof.events()}
+    assert "aten::_scaled_dot_product_attention_math" not in names
+
+
+@pytest.mark.parametrize("keep", [1, 3])
+def test_keep_last_returns_the_last_positions(keep: int) -> None:
+    m = model().eval()
+    x = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, keep_last=keep), m(x)[:, -keep:])
