@@ -201,8 +201,17 @@ class ModelSpec:
         )
 
 
+def _demo_spec() -> ModelSpec:
+    """The decoder `lmforge demo` trains (one source of truth: the demo plan)."""
+    from lmforge.demo import demo_plan
+
+    d = demo_plan(quick=False, minutes=None).decoder
+    return ModelSpec(vocab_size=d.vocab_size, max_seq_len=d.max_seq_len, n_layer=d.n_layer, n_head=d.n_head,
+                     d_model=d.d_model)
+
+
 SIZES = {
-    "demo": ModelSpec(),
+    "demo": _demo_spec(),
     "gpt2-small": ModelSpec(vocab_size=50257, max_seq_len=1024, n_layer=12, n_head=12, d_model=768),
 }
 
@@ -213,8 +222,8 @@ def add_model_args(parser: argparse.ArgumentParser, default_size: str = "demo") 
         "--size",
         choices=sorted(SIZES),
         default=default_size,
-        help=f"size preset (default: {default_size}); demo = vocab 2048, ctx 256, 4 layers, "
-        "4 heads, d_model 128; gpt2-small = vocab 50257, ctx 1024, 12 layers, 12 heads, d 768",
+        help=f"size preset (default: {default_size}); demo = the decoder `lmforge demo` trains "
+        f"({SIZES['demo'].describe()}); gpt2-small = vocab 50257, ctx 1024, 12 layers, 12 heads, d 768",
     )
     g.add_argument(
         "--family",
@@ -314,8 +323,12 @@ def num_params(model: nn.Module) -> int:
 
 def decode_weight_bytes(model: nn.Module) -> int:
     """Bytes of weights one decode step must read: every parameter except embedding tables that
-    are only indexed (a single row each), counting a tied embedding/head once (the head reads it)."""
-    read_fully = {}
+    are only indexed (a single row each), counting a tied embedding/head once (the head reads it),
+    plus the codes, scales and zero points of quantised Linears."""
+    from lmforge.infer.quant import QuantLinear
+
+    read_fully = {id(b): b.numel() * b.element_size() for m in model.modules() if isinstance(m, QuantLinear)
+                  for b in m.buffers()}
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     used_by_linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     for p in model.parameters():

@@ -13,7 +13,7 @@ rounds, medians with spread = (max - min) / median):
    the target as its own draft (the upper bound: every draft token accepted);
 5. int8 / int4 weight-only quantisation vs fp32: decode speed and weight bytes.
 
-The model is the demo-size GPT-2 (vocab 2048, 4 layers, 4 heads, d_model 128) with 1024 + 64 positions so
+The model is the demo's GPT-2 decoder (vocab 1024, 4 layers, 6 heads, d_model 192) with 1024 + 64 positions so
 the 1024-token runs fit (--ctx overrides).
 
     python benchmarks/inference.py
@@ -38,7 +38,7 @@ import common  # noqa: E402
 from lmforge.config import ModelConfig  # noqa: E402
 from lmforge.eval.speed import kv_cache_scaling  # noqa: E402
 from lmforge.infer.generate import SamplingConfig, generate_ids  # noqa: E402
-from lmforge.infer.quant import QuantConfig, QuantLinear, quantize_model  # noqa: E402
+from lmforge.infer.quant import QuantConfig, quantize_model  # noqa: E402
 from lmforge.infer.speculative import speculative_generate  # noqa: E402
 from lmforge.model.decoder import DecoderLM  # noqa: E402
 
@@ -79,13 +79,6 @@ def table(header: list[str], rows: list[list[str]], first: int = 34) -> None:
         print("".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
 
 
-def decode_bytes(model: nn.Module) -> int:
-    """Weight bytes one decode step reads: float parameters (common rule) plus QuantLinear codes and scales."""
-    quant = sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, QuantLinear)
-                for b in m.buffers())
-    return common.decode_weight_bytes(model) + quant
-
-
 def state_bytes(model: nn.Module) -> int:
     seen = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
     return sum(seen.values())
@@ -123,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\ninference | {spec.describe()} | {common.num_params(lm) / 1e6:.2f}M params | greedy | "
           f"{args.rounds} interleaved rounds, medians | spread = (max - min) / median")
     print(f"machine: {common.machine_line()}")
-    fp32_bytes = decode_bytes(lm)
+    fp32_bytes = common.decode_weight_bytes(lm)
     bound = bandwidth * 1e9 / fp32_bytes
     print(f"memory read bandwidth (measured, x.sum() over 512 MB): {bandwidth:.1f} GB/s | fp32 weights read per "
           f"token: {fp32_bytes / 1e6:.2f} MB | bandwidth bound at batch 1: {common.fmt_rate(bound)} tok/s")
@@ -257,11 +250,11 @@ def main(argv: list[str] | None = None) -> None:
     with common.OtherLoad() as load:
         t = common.time_alternating({k: lm_gen(m) for k, m in models.items()}, rounds=args.rounds)
     print(f"\n[5] weight-only quantisation | lmforge generate_ids, batch 1, {n_new} new tokens | int4 group "
-          f"{args.group_size}; QuantLinear dequantises its weight every forward (no fused int kernels)")
+          f"{args.group_size}; decode steps run PyTorch's weight-only int8/int4 CPU kernels (bf16 activations)")
     base = n_new / t["fp32"].median
     rows = []
     for k, m in models.items():
-        rate, dbytes = n_new / t[k].median, decode_bytes(m)
+        rate, dbytes = n_new / t[k].median, common.decode_weight_bytes(m)
         rows.append([k, common.fmt_rate(rate), f"{rate / base:.2f}x", f"{state_bytes(m) / 1e6:.2f}",
                      f"{dbytes / 1e6:.2f}", f"{rate * dbytes / (bandwidth * 1e9):.1%}",
                      "yes" if same[k] else "no", f"{t[k].spread:.0%}"])

@@ -8,7 +8,23 @@ is a valid code and zero is exact,
     w ~ (q - z) * delta,               |w - (q - z) * delta| <= delta / 2.
 
 Codes are stored as uint8 (int4: two per byte along the input dimension, low nibble first), one fp32 delta and one
-uint8 zero point per group. `QuantLinear` dequantises on the fly in `forward`; embeddings and norms stay fp32.
+uint8 zero point per group; embeddings and norms stay fp32.
+
+`QuantLinear.forward` has two paths. Decode-sized inputs on CPU (at most `KERNEL_MAX_ROWS` rows) go through
+PyTorch's weight-only kernels, `torch._weight_int8pack_mm` and `torch._weight_int4pack_mm_for_cpu`, which read the
+codes without materialising an fp32 weight; everything else (prefill, CUDA, shapes the kernels refuse, inputs that
+need gradients, torch.compile) dequantises the weight and calls F.linear. Measured on a 2-core Xeon (AMX,
+AVX512-BF16), one row through a 768 -> 3072 layer: int8 ~80 us, int4 ~70 us, fp32 F.linear ~185 us, dequantise +
+F.linear 1.1-1.6 ms; the kernels lead up to ~64 rows and trail by 128.
+
+The kernels run on bf16 activations (the int8 one is 8x slower on fp32 input), which adds ~2e-3 relative error to
+the quantisation error (~4e-3 int8, ~7e-2 int4 at group 64); scales, zero-point terms and bias are applied in fp32.
+* int8: with signed codes s = q - o, w = delta * (s + o - z), so y = delta * (x @ s.T + sum(x) * (o - z)) + bias.
+  The per-row offset o is the value nearest z that keeps s in int8, so a row of zeros stays exact.
+* int4: the kernel's convention w = (q - 8) * scale + offset gives scale = delta, offset = (8 - z) * delta. It needs
+  out_features % 16 == 0 and group_size in {32, 64, 128, 256}.
+The kernel-side copies are plain attributes (the state dict and file format are unchanged), rebuilt whenever
+`weight_q`, `scale` or `zero` change.
 """
 
 from __future__ import annotations
@@ -81,6 +97,16 @@ def unpack_int4(packed: Tensor) -> Tensor:
 # The layer
 # ---------------------------------------------------------------------------------------------
 
+KERNEL_MAX_ROWS = 16  # at most this many input rows take the weight-only CPU kernels (see the module docstring)
+INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # the only group sizes torch._weight_int4pack_mm_for_cpu takes
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _tensor_key(t: Tensor) -> tuple[int, int]:
+    """Identity and in-place-modification count of a buffer. Inference tensors keep no version counter; a buffer
+    created under torch.inference_mode is keyed on its storage alone."""
+    return t.data_ptr(), (-1 if t.is_inference() else t._version)
+
 
 class QuantLinear(nn.Module):
     """An inference-only Linear holding int8 / packed int4 codes, per-group delta and zero point, fp32 bias.
@@ -100,6 +126,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("scale", torch.ones(groups))
         self.register_buffer("zero", torch.zeros(groups, dtype=torch.uint8))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._kernel_key: tuple | None = None  # plain attributes, not buffers: kept out of the state dict
+        self._kernel_args: tuple[Tensor, ...] | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int) -> QuantLinear:
@@ -124,7 +152,59 @@ class QuantLinear(nn.Module):
         codes = unpack_int4(self.weight_q).view(self.out_features, -1, self.group_size)
         return affine_dequantize(codes, self.scale, self.zero).flatten(1)
 
+    def kernel_supported(self) -> bool:
+        """Whether this layer's shape and format fit the weight-only CPU kernel (the input decides the rest)."""
+        if self.weight_q.device.type != "cpu":
+            return False
+        if self.bits == 8:
+            return hasattr(torch, "_weight_int8pack_mm")
+        return (hasattr(torch, "_weight_int4pack_mm_for_cpu") and self.out_features % 16 == 0
+                and self.group_size in INT4_KERNEL_GROUP_SIZES and self.in_features % self.group_size == 0)
+
+    def _use_kernel(self, x: Tensor) -> bool:
+        return (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
+                and 0 < x.numel() <= KERNEL_MAX_ROWS * x.shape[-1] and not (x.requires_grad and torch.is_grad_enabled())
+                and self.kernel_supported())
+
+    def _kernel_state(self) -> tuple[Tensor, ...]:
+        """The kernel's inputs derived from the buffers, built on first use and rebuilt whenever they change."""
+        key = tuple(_tensor_key(t) for t in (self.weight_q, self.scale, self.zero))
+        if key != self._kernel_key:
+            with torch.no_grad():
+                if self.bits == 8:
+                    # s = q - o per row, o as close to z as keeps s in int8 (128 for a row using all 256 codes)
+                    q = self.weight_q.to(torch.int16)
+                    o = torch.minimum(torch.maximum(self.zero.to(torch.int16), q.amax(1) - 127), q.amin(1) + 128)
+                    signed = (q - o[:, None]).to(torch.int8).contiguous()
+                    ones = torch.ones(self.out_features, dtype=torch.bfloat16)
+                    delta = self.scale.float()
+                    args = (signed, ones, delta, (o - self.zero.to(torch.int16)).float() * delta)
+                else:
+                    codes = unpack_int4(self.weight_q).to(torch.int32).contiguous()  # [out, in] in 0..15
+                    packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+                    offset = (8.0 - self.zero.float()) * self.scale  # w = (q - 8) * delta + (8 - z) * delta
+                    sz = torch.stack([self.scale.float(), offset], dim=-1).transpose(0, 1)  # [in / g, out, 2]
+                    args = (packed, sz.to(torch.bfloat16).contiguous())
+            self._kernel_args, self._kernel_key = args, key
+        return self._kernel_args
+
+    def _kernel_forward(self, x: Tensor) -> Tensor:
+        xb = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        bias = None if self.bias is None else self.bias.float()
+        if self.bits == 8:  # y = delta * (x @ (q - o).T) + (o - z) * delta * sum(x) + bias, in fp32
+            signed, ones, delta, zero_term = self._kernel_state()
+            acc = torch._weight_int8pack_mm(xb, signed, ones)
+            y = torch.mul(acc, delta) if bias is None else torch.addcmul(bias, acc, delta)
+            y.addcmul_(xb.sum(-1, keepdim=True, dtype=torch.float32), zero_term)
+        else:
+            packed, sz = self._kernel_state()
+            y = torch._weight_int4pack_mm_for_cpu(xb, packed, self.group_size, sz)
+            y = y.float() if bias is None else y + bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
     def forward(self, x: Tensor) -> Tensor:
+        if self._use_kernel(x):
+            return self._kernel_forward(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
 
