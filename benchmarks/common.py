@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -20,6 +19,8 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+
+from lmforge.eval.timing import Timing, time_alternating  # noqa: F401  (re-exported for the scripts)
 
 # ---------------------------------------------------------------------------------------------
 # Machine
@@ -105,24 +106,6 @@ def _self_seconds() -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Timing:
-    times: list[float]  # seconds per call
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.times)
-
-    @property
-    def best(self) -> float:
-        return min(self.times)
-
-    @property
-    def spread(self) -> float:
-        """(max - min) / median: how noisy the repeats were."""
-        return (max(self.times) - min(self.times)) / self.median if self.median > 0 else 0.0
-
-
 def time_it(fn: Callable[[], object], warmup: int = 1, repeats: int = 5) -> Timing:
     """Run fn `warmup` times untimed, then `repeats` times timed (seconds per call)."""
     for _ in range(warmup):
@@ -133,26 +116,6 @@ def time_it(fn: Callable[[], object], warmup: int = 1, repeats: int = 5) -> Timi
         fn()
         times.append(time.perf_counter() - t0)
     return Timing(times)
-
-
-def time_alternating(
-    fns: dict[str, Callable[[], object]], warmup: int = 1, rounds: int = 5, calls_per_round: int = 1
-) -> dict[str, Timing]:
-    """Time several functions in interleaved rounds (the order rotates every round), so slow drifts
-    in machine load hit every contender alike. Returns seconds per call for each round."""
-    names = list(fns)
-    for name in names:
-        for _ in range(warmup):
-            fns[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            t0 = time.perf_counter()
-            for _ in range(calls_per_round):
-                fns[name]()
-            times[name].append((time.perf_counter() - t0) / calls_per_round)
-    return {name: Timing(t) for name, t in times.items()}
 
 
 # ---------------------------------------------------------------------------------------------

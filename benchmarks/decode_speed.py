@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from lmforge.eval.versus_hf import hf_greedy  # noqa: E402
 from lmforge.infer.generate import SamplingConfig, generate_ids  # noqa: E402
 from lmforge.infer.quant import QuantConfig, quantize_model  # noqa: E402
 
@@ -102,18 +103,10 @@ def main(argv: list[str] | None = None) -> None:
         quantize_model(q, QuantConfig(bits=bits, group_size=64))
         quantised[f"int{bits}"] = q.eval()
 
+    hf_run = hf_greedy(hf, prompt, mask, n_new)
+
     def run_hf() -> list[int]:
-        with torch.inference_mode():
-            out = hf.generate(
-                prompt,
-                attention_mask=mask,
-                do_sample=False,
-                max_new_tokens=n_new,
-                min_new_tokens=n_new,
-                use_cache=True,
-                pad_token_id=0,
-            )
-        return out[0, args.prompt_len :].tolist()
+        return hf_run()[0, args.prompt_len :].tolist()
 
     ids_lm, ids_hf = run_lmforge(), run_hf()
     same = ids_lm == ids_hf

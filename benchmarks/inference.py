@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from lmforge.config import ModelConfig  # noqa: E402
 from lmforge.eval.speed import kv_cache_scaling  # noqa: E402
+from lmforge.eval.versus_hf import hf_greedy, left_pad  # noqa: E402
 from lmforge.infer.generate import SamplingConfig, generate_ids  # noqa: E402
 from lmforge.infer.quant import QuantConfig, quantize_model  # noqa: E402
 from lmforge.infer.speculative import speculative_generate  # noqa: E402
@@ -106,11 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         return lambda: generate_ids(model, prompt_ids, greedy(n))
 
     def hf_gen(ids: torch.Tensor, mask: torch.Tensor, n: int = n_new) -> Callable[[], torch.Tensor]:
-        def run() -> torch.Tensor:
-            with torch.inference_mode():
-                return hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                                   use_cache=True, pad_token_id=0)
-        return run
+        return hf_greedy(hf, ids, mask, n)
 
     bandwidth = common.memory_bandwidth_gbs()
     print(f"\ninference | {spec.describe()} | {common.num_params(lm) / 1e6:.2f}M params | greedy | "
@@ -126,9 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     fns: dict[str, Callable[[], object]] = {"hf1": hf_gen(prompt, ones), "lm1": lm_gen(lm)}
     lens = [max(1, args.prompt_len - (i * args.prompt_len) // (2 * B)) for i in range(B)]  # ragged, >= half
     prompts = [torch.randint(0, spec.vocab_size, (n,), generator=g).tolist() for n in lens]
-    width = max(lens)
-    padded = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # left padding for HF
-    pmask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    padded, pmask = left_pad(prompts)  # left padding for HF
+    width = padded.shape[1]
     fns["hfB"] = hf_gen(padded, pmask)
     batch_note = ""
     try:

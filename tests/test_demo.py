@@ -22,7 +22,8 @@ def test_demo_quick_writes_a_report_computed_in_the_run(tmp_path: Path) -> None:
                     "## Encoder and encoder-decoder pretraining", "## Fine-tuning: MLM-pretrained encoder",
                     "## Position encodings past the training length", "## Post-training: SFT, reward model",
                     "## Distillation", "## Parameter-efficient fine-tuning", "## Weight-only quantisation",
-                    "## Speculative decoding", "## Decode speed: KV cache vs none"):
+                    "## Speculative decoding", "## Decode speed: KV cache vs none",
+                    "## Decode speed against transformers"):
         assert heading in text
     for name in ("pretrain_loss.png", "families_loss.png", "position_study.png", "lora_vs_pissa.png",
                  "kv_cache_scaling.png"):
@@ -52,6 +53,8 @@ def test_demo_quick_writes_a_report_computed_in_the_run(tmp_path: Path) -> None:
     for row in ("| base (pretrained) |", "| SFT |", "| DPO |", "| PPO |", "| GRPO |", "| with the teacher",
                 "| without a teacher"):
         assert row in text
+    assert "Greedy outputs: identical." in text  # lmforge and transformers decode the same tokens
+    assert re.search(r"\| decode tok/s, batch 1 \| [\d,.]+ \| [\d,.]+ \| \d+\.\d\dx \|", text)
     speculative = re.search(r"\| outputs identical to plain greedy decoding \| (\d+) of (\d+) \|", text)
     assert speculative and speculative.group(1) == speculative.group(2)
     for bits in (8, 4):  # quantised checkpoints load and are smaller than the fp32 weights
