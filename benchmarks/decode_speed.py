@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     quantised = {}
     for bits in args.quant:
         q = copy.deepcopy(lm)
-        quantize_model(q, QuantConfig(bits=bits, group_size=64))
+        quantize_model(q, QuantConfig(bits=bits, group_size=64, tied_embedding=True))
         quantised[f"int{bits}"] = q.eval()
 
     hf_run = hf_greedy(hf, prompt, mask, n_new)
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     print("spread: (max - min) / median over rounds | of bound: against the fp32 weights' bytes")
     for k, q in quantised.items():
         same_q = lmforge_run(q)() == ids_lm
-        print(f"{k}: weight-only, Linears in the blocks quantised (the tied embedding/head stays fp32); "
+        print(f"{k}: weight-only, every Linear and the tied embedding/head quantised (codes stored once); "
               f"{common.decode_weight_bytes(q) / 1e6:.1f} MB float weights + codes read per token; greedy ids "
               f"{'identical to' if same_q else 'differ from'} fp32")
     print(f"machine: {common.machine_line()}")

@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     reports = {}
     for bits in (8, 4):
         q = copy.deepcopy(lm)
-        reports[bits] = quantize_model(q, QuantConfig(bits=bits, group_size=args.group_size))
+        reports[bits] = quantize_model(q, QuantConfig(bits=bits, group_size=args.group_size, tied_embedding=True))
         models[f"int{bits}"] = q.eval()
     same = {k: generate_ids(m, prompt_ids, greedy(n_new)) == plain for k, m in models.items()}
     with common.OtherLoad() as load:
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
                      "yes" if same[k] else "no", f"{t[k].spread:.0%}"])
     table(["weights", "tok/s", "vs fp32", "state MB", "read MB/tok", "of bound", "=fp32 ids", "spread"], rows,
           first=10)
-    print(f"quantised modules: {len(reports[8]['modules'])} Linears (the tied embedding/head stays fp32); "
+    print(f"quantised modules: {len(reports[8]['modules'])} Linears (a tied embedding/head among them, stored once); "
           "'=fp32 ids': greedy output identical to fp32 (rounding may flip near-tied logits)")
     print(load.describe())
 

@@ -255,8 +255,10 @@ def cmd_merge(args: argparse.Namespace) -> None:
 def cmd_quantize(args: argparse.Namespace) -> None:
     from lmforge.infer.quantize_stage import quantize_checkpoint
 
-    path, report = quantize_checkpoint(args.checkpoint, args.out, args.bits, args.group_size)
-    print(f"int{args.bits}: {len(report['modules'])} Linear layers, {report['bytes_before']:,} -> "
+    path, report = quantize_checkpoint(args.checkpoint, args.out, args.bits, args.group_size,
+                                       tied_embedding=not args.keep_fp32_embedding)
+    tied = " (with the tied embedding)" if report["tied_embedding"] else ""
+    print(f"int{args.bits}: {len(report['modules'])} Linear layers{tied}, {report['bytes_before']:,} -> "
           f"{report['bytes_after']:,} bytes ({report['bytes_before'] / report['bytes_after']:.2f}x smaller) -> {path}")
 
 
@@ -357,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, choices=[8, 4], default=8, help="8 (per channel) or 4 (group-wise); default 8")
     p.add_argument("--group-size", type=int, default=64, help="int4 group along the input dim (default: 64)")
     p.add_argument("--out", required=True, help="where to write the quantised checkpoint (loads with lmforge.load)")
+    p.add_argument("--keep-fp32-embedding", action="store_true",
+                   help="leave a head tied to the token embedding (GPT-2) in fp32; by default the tied pair is "
+                        "quantised once, like the other Linears, and the embedding looks its rows up in the codes")
     p.set_defaults(func=cmd_quantize)
 
     p = _parser(sub, "generate", "generate text from a checkpoint (lmforge or Hugging Face dir)",

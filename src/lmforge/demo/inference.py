@@ -69,10 +69,11 @@ def run(plan: DemoPlan, data: DemoData, out_dir: Path, report_dir: Path) -> list
 
 def quantisation_section(rows: list[tuple]) -> Section:
     return Section("Weight-only quantisation", "\n".join([
-        "The pretrained decoder's Linear weights quantised with min-max affine scaling (Delta = (max - min) / "
-        "(2^b - 1)); decode steps run PyTorch's weight-only int8/int4 CPU kernels on bf16 activations, larger "
-        "inputs are dequantised. Embeddings (tied to the head) stay fp32, which caps the whole-file ratio below the "
-        "Linear layers' 4x / ~7x. Perplexity on the validation split; decode speed = greedy, batch 1, 64 new tokens "
+        "The pretrained decoder's Linear weights and its tied token embedding / head (codes stored once, under the "
+        "head) quantised with min-max affine scaling (Delta = (max - min) / (2^b - 1)); decode steps run PyTorch's "
+        "weight-only int8/int4 CPU kernels on bf16 activations, larger inputs are dequantised. The learned "
+        "positions, norms and biases stay fp32. Perplexity on the validation split; decode speed = greedy, batch 1, "
+        "64 new tokens "
         "with the KV cache. At this size the weights sit in cache, so fewer bytes do not make decoding faster "
         "(`benchmarks/decode_speed.py --size gpt2-small` shows where they do).", "",
         markdown_table(["weights", "model.safetensors (MiB)", "smaller than fp32", "validation perplexity",

@@ -36,7 +36,7 @@ def generate_batch(
     stop_ids = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
     rows = [_fit_prompt(list(p), model.cfg.max_seq_len, cfg) for p in prompts]
     B, width = len(rows), max(len(r) for r in rows)
-    device = model.tok_emb.weight.device
+    device = model.device
     generator = None
     if cfg.seed is not None and cfg.temperature > 0:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)

@@ -40,7 +40,7 @@ def beam_search(
     if len(prompt_ids) + max_new_tokens > context:
         raise LmforgeError(f"a {len(prompt_ids)}-token prompt plus max_new_tokens={max_new_tokens} exceeds "
                            f"the {context}-token context window")
-    device = model.tok_emb.weight.device
+    device = model.device
     vocab = model.cfg.vocab_size
     cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
     logits = model(torch.tensor([list(prompt_ids)], device=device), cache=cache, keep_last=1)[:, -1]

@@ -114,7 +114,7 @@ def generate_ids(
     cfg.validate()
     stop_ids = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
     ids = _fit_prompt(list(prompt_ids), model.cfg.max_seq_len, cfg)
-    device = model.tok_emb.weight.device
+    device = model.device
     generator = None
     if cfg.seed is not None and cfg.temperature > 0:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)

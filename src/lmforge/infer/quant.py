@@ -8,7 +8,13 @@ is a valid code and zero is exact,
     w ~ (q - z) * delta,               |w - (q - z) * delta| <= delta / 2.
 
 Codes are stored as uint8 (int4: two per byte along the input dimension, low nibble first), one fp32 delta and one
-uint8 zero point per group; embeddings and norms stay fp32.
+uint8 zero point per group; norms stay fp32, and so does an untied embedding (a lookup reads one row per token).
+
+A head tied to the token embedding (GPT-2 ties them) is one [vocab, d] matrix; with `QuantConfig.tied_embedding` it
+is quantised once, as the head's QuantLinear (int8: one group per token row; int4: groups along d), and `tok_emb`
+becomes a `QuantEmbedding` whose lookup gathers and dequantises the head's rows for the ids. The codes are stored
+once, under `lm_head.*`. Without it the tied pair stays fp32, which on GPT-2 small is ~30% of the weights and the
+largest single read of every decode step.
 
 `QuantLinear.forward` has two paths. Decode-sized inputs on CPU (at most `KERNEL_MAX_ROWS` rows) go through
 PyTorch's weight-only kernels, `torch._weight_int8pack_mm` and `torch._weight_int4pack_mm_for_cpu`, which read the
@@ -22,7 +28,9 @@ the quantisation error (~4e-3 int8, ~7e-2 int4 at group 64); scales, zero-point 
 * int8: with signed codes s = q - o, w = delta * (s + o - z), so y = delta * (x @ s.T + sum(x) * (o - z)) + bias.
   The per-row offset o is the value nearest z that keeps s in int8, so a row of zeros stays exact.
 * int4: the kernel's convention w = (q - 8) * scale + offset gives scale = delta, offset = (8 - z) * delta. It needs
-  out_features % 16 == 0 and group_size in {32, 64, 128, 256}.
+  out_features % 16 == 0 and group_size in {32, 64, 128, 256}; a layer of at least `INT4_PAD_MIN_ROWS` outputs
+  (a 50257-token head) gets up to 15 zero rows padded onto its kernel copy instead of falling back, whose
+  per-step dequantisation would cost over 10x the fp32 matmul there.
 The kernel-side copies are plain attributes (the state dict and file format are unchanged), rebuilt whenever
 `weight_q`, `scale` or `zero` change.
 """
@@ -47,16 +55,20 @@ class QuantConfig(StrictModel):
     bits: int = 8
     group_size: int = Field(64, ge=2)
     targets: list[str] | None = None
+    # Whether a head tied to the token embedding is quantised (once, for both; see the module docstring). False by
+    # default so that a config written before this field existed rebuilds the model it describes: tied pair fp32.
+    tied_embedding: bool = False
 
 
-def quant_config(bits: int = 8, group_size: int = 64, targets: list[str] | None = None) -> QuantConfig:
+def quant_config(bits: int = 8, group_size: int = 64, targets: list[str] | None = None,
+                 tied_embedding: bool = False) -> QuantConfig:
     """A validated QuantConfig, or a ConfigError naming the bad value."""
     if bits not in (4, 8):
         raise ConfigError(f"quant.bits must be 8 or 4, got {bits}")
     if bits == 4 and (group_size < 2 or group_size % 2):
         raise ConfigError(f"quant.group_size must be an even number >= 2 for int4, got {group_size}")
     try:
-        return QuantConfig(bits=bits, group_size=group_size, targets=targets)
+        return QuantConfig(bits=bits, group_size=group_size, targets=targets, tied_embedding=tied_embedding)
     except ValidationError as err:
         raise ConfigError(f"invalid quant config: {err}") from None
 
@@ -99,6 +111,9 @@ def unpack_int4(packed: Tensor) -> Tensor:
 
 KERNEL_MAX_ROWS = 16  # at most this many input rows take the weight-only CPU kernels (see the module docstring)
 INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # the only group sizes torch._weight_int4pack_mm_for_cpu takes
+# int4 layers with out_features % 16 != 0 and at least this many outputs take the kernel on a copy padded to a
+# multiple of 16 (at most 15 / 256 ~ 6% extra rows); smaller ones fall back, which is cheap at that size.
+INT4_PAD_MIN_ROWS = 256
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -158,7 +173,8 @@ class QuantLinear(nn.Module):
             return False
         if self.bits == 8:
             return hasattr(torch, "_weight_int8pack_mm")
-        return (hasattr(torch, "_weight_int4pack_mm_for_cpu") and self.out_features % 16 == 0
+        return (hasattr(torch, "_weight_int4pack_mm_for_cpu")
+                and (self.out_features % 16 == 0 or self.out_features >= INT4_PAD_MIN_ROWS)
                 and self.group_size in INT4_KERNEL_GROUP_SIZES and self.in_features % self.group_size == 0)
 
     def _use_kernel(self, x: Tensor) -> bool:
@@ -180,10 +196,13 @@ class QuantLinear(nn.Module):
                     delta = self.scale.float()
                     args = (signed, ones, delta, (o - self.zero.to(torch.int16)).float() * delta)
                 else:
-                    codes = unpack_int4(self.weight_q).to(torch.int32).contiguous()  # [out, in] in 0..15
-                    packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+                    codes = unpack_int4(self.weight_q).to(torch.int32)  # [out, in] in 0..15
                     offset = (8.0 - self.zero.float()) * self.scale  # w = (q - 8) * delta + (8 - z) * delta
-                    sz = torch.stack([self.scale.float(), offset], dim=-1).transpose(0, 1)  # [in / g, out, 2]
+                    sz = torch.stack([self.scale.float(), offset], dim=-1)  # [out, in / g, 2]
+                    pad = -self.out_features % 16  # rows of zero scale and offset: their outputs are 0, cut off
+                    codes, sz = F.pad(codes, (0, 0, 0, pad), value=8), F.pad(sz, (0, 0, 0, 0, 0, pad))
+                    packed = torch._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+                    sz = sz.transpose(0, 1)  # [in / g, out (+ pad), 2]
                     args = (packed, sz.to(torch.bfloat16).contiguous())
             self._kernel_args, self._kernel_key = args, key
         return self._kernel_args
@@ -198,7 +217,7 @@ class QuantLinear(nn.Module):
             y.addcmul_(xb.sum(-1, keepdim=True, dtype=torch.float32), zero_term)
         else:
             packed, sz = self._kernel_state()
-            y = torch._weight_int4pack_mm_for_cpu(xb, packed, self.group_size, sz)
+            y = torch._weight_int4pack_mm_for_cpu(xb, packed, self.group_size, sz)[:, :self.out_features]
             y = y.float() if bias is None else y + bias
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
@@ -212,23 +231,78 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
 
 
+class QuantEmbedding(nn.Module):
+    """The token embedding of a tied pair whose head is a QuantLinear: `forward(ids)` gathers the head's code rows
+    (and their scale / zero rows) for the ids and dequantises just those, in fp32. It equals
+    `head.dequantized_weight()[ids]` exactly (the same element-wise ops on the same values).
+
+    It owns no tensors. The head is held as a plain attribute, deliberately not as a submodule and its tensors not
+    as buffers: either would put the codes into the state dict a second time (`tok_emb.*` next to `lm_head.*`),
+    `_unique_state_dict` would then store the shared tensors under the first name (`tok_emb`, which comes first), and
+    a submodule would also make `named_modules()` report the head under `tok_emb.` instead of `lm_head`. The state
+    dict, `parameters()`/`buffers()` and `.to()` see the head once, through the model's `lm_head`; the embedding
+    reads its buffers at call time, so a load_state_dict, device move or in-place edit of the head is seen here.
+    Rebinding `model.lm_head` does not retie it (`dequantize_model` rebuilds both)."""
+
+    def __init__(self, head: QuantLinear):
+        super().__init__()
+        object.__setattr__(self, "_head", head)  # bypasses nn.Module.__setattr__, which would register a submodule
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+
+    @property
+    def head(self) -> QuantLinear:
+        return self._head
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype `forward` returns (fp32 unless the scales were cast wider)."""
+        return torch.promote_types(torch.float32, self._head.scale.dtype)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self._head
+        flat = ids.reshape(-1)
+        q, delta, zero = (t.index_select(0, flat) for t in (h.weight_q, h.scale, h.zero))
+        if h.bits == 8:
+            rows = affine_dequantize(q, delta, zero)
+        else:
+            rows = affine_dequantize(unpack_int4(q).view(flat.numel(), -1, h.group_size), delta, zero).flatten(1)
+        return rows.view(*ids.shape, h.in_features)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, bits={self._head.bits}: rows of the tied head's codes, "
+                "stored once under the head")
+
+
 # ---------------------------------------------------------------------------------------------
 # Whole models
 # ---------------------------------------------------------------------------------------------
 
 
 def _state_bytes(model: nn.Module) -> int:
-    """Bytes of the model's state, each shared (tied) tensor counted once."""
+    """Bytes of the model's state, each shared (tied) tensor counted once. A QuantEmbedding holds no state of its
+    own, so a quantised tied pair's codes are counted once, under the head."""
     seen: dict[int, int] = {}
     for t in model.state_dict().values():
         seen[t.data_ptr()] = t.numel() * t.element_size()
     return sum(seen.values())
 
 
-def _targets(model: nn.Module, cfg: QuantConfig) -> list[str]:
-    """Names of the Linear modules `cfg` selects; a head tied to the embedding is never one (it is the embedding)."""
+def _tied_heads(model: nn.Module) -> list[str]:
+    """Names of the Linears whose weight is the token embedding's (GPT-2's head)."""
     emb = getattr(getattr(model, "tok_emb", None), "weight", None)
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight is not emb]
+    if not isinstance(emb, Tensor):
+        return []
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight is emb]
+
+
+def _targets(model: nn.Module, cfg: QuantConfig) -> list[str]:
+    """Names of the Linear modules `cfg` selects. A head tied to the embedding is one only with
+    `cfg.tied_embedding` (quantising it quantises the embedding too); it is never quantised apart from it."""
+    tied = _tied_heads(model)
+    if tied and cfg.tied_embedding and (len(tied) > 1 or not isinstance(model.tok_emb, nn.Embedding)):
+        raise ConfigError(f"quant.tied_embedding: expected one head tied to an nn.Embedding tok_emb, found {tied}")
+    linears = [n for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and (cfg.tied_embedding or n not in tied)]
     if cfg.targets is None:
         return [n for n in linears if n.startswith("blocks.") or n == "lm_head"]
     chosen = [n for n in linears if any(n == t or n.endswith("." + t) for t in cfg.targets)]
@@ -242,24 +316,37 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
+def _swap_in(model: nn.Module, names: list[str], build) -> bool:
+    """Replace each named Linear by `build(linear)`; a tied head's embedding becomes a QuantEmbedding reading the
+    new head. The one structure both quantisation and checkpoint loading build. Returns whether a tied pair was."""
+    tied = [n for n in _tied_heads(model) if n in names]
+    for name in names:
+        _swap(model, name, build(model.get_submodule(name)))
+    if tied:
+        model.tok_emb = QuantEmbedding(model.get_submodule(tied[0]))
+    return bool(tied)
+
+
 def quantize_model(model: nn.Module, cfg: QuantConfig) -> dict[str, Any]:
-    """Replace the targeted Linears by QuantLinears in place. Returns {bits, group_size, modules, bytes_before,
-    bytes_after} (bytes of the whole state, tied tensors once)."""
-    cfg = quant_config(cfg.bits, cfg.group_size, cfg.targets)
+    """Replace the targeted Linears by QuantLinears in place (and, with `cfg.tied_embedding`, a tied embedding by a
+    QuantEmbedding reading the quantised head). Returns {bits, group_size, modules, tied_embedding (whether a tied
+    pair was quantised), bytes_before, bytes_after} (bytes of the whole state, tied tensors once)."""
+    cfg = quant_config(cfg.bits, cfg.group_size, cfg.targets, cfg.tied_embedding)
     before = _state_bytes(model)
     names = _targets(model, cfg)
     for name in names:  # every shape checked before any module is swapped
         if cfg.bits == 4 and model.get_submodule(name).in_features % cfg.group_size:
             raise ConfigError(f"quant.group_size {cfg.group_size} does not divide the input dimension "
                               f"{model.get_submodule(name).in_features} of {name}; choose a divisor of it")
-    for name in names:
-        _swap(model, name, QuantLinear.from_linear(model.get_submodule(name), cfg.bits, cfg.group_size))
+    tied = _swap_in(model, names, lambda lin: QuantLinear.from_linear(lin, cfg.bits, cfg.group_size))
     return {"bits": cfg.bits, "group_size": cfg.group_size if cfg.bits == 4 else None, "modules": names,
-            "bytes_before": before, "bytes_after": _state_bytes(model)}
+            "tied_embedding": tied, "bytes_before": before, "bytes_after": _state_bytes(model)}
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:
-    """Replace every QuantLinear by an fp32 nn.Linear holding its dequantised weight, in place."""
+    """Replace every QuantLinear by an fp32 nn.Linear holding its dequantised weight, in place; a QuantEmbedding
+    becomes an nn.Embedding tied to its head's new Linear again."""
+    linears: dict[int, nn.Linear] = {}
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantLinear):
             linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight_q.device)
@@ -267,15 +354,30 @@ def dequantize_model(model: nn.Module) -> nn.Module:
                 linear.weight.copy_(m.dequantized_weight())
                 if m.bias is not None:
                     linear.bias.copy_(m.bias)
+            linears[id(m)] = linear
             _swap(model, name, linear)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantEmbedding):
+            head = linears.get(id(m.head))
+            weight = head.weight if head is not None else nn.Parameter(m.head.dequantized_weight())
+            emb = nn.Embedding(m.num_embeddings, m.embedding_dim, _weight=weight.detach())
+            emb.weight = weight  # the same Parameter as the head's: tied again
+            _swap(model, name, emb)
     return model
 
 
 def apply_quant_from_config(model: nn.Module, tree: dict[str, Any]) -> None:
-    """Rebuild empty QuantLinear shells for a checkpoint's `quant:` section, so its codes can then be loaded."""
-    q = tree["quant"]
-    cfg = quant_config(q.get("bits", 8), q.get("group_size", 64), q.get("targets"))
-    for name in _targets(model, cfg):
-        lin = model.get_submodule(name)
-        shell = QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, cfg.bits, cfg.group_size)
-        _swap(model, name, shell.to(lin.weight.device))
+    """Rebuild empty QuantLinear shells (and a tied pair's QuantEmbedding) for a checkpoint's `quant:` section, so
+    its codes can then be loaded. A section without `tied_embedding` (written before it existed) leaves the tied
+    pair fp32, as it was quantised."""
+    try:
+        q = QuantConfig.model_validate(tree["quant"])  # its defaults are those of a section that omits a field
+    except ValidationError as err:
+        raise ConfigError(f"invalid quant section: {err}") from None
+    cfg = quant_config(q.bits, q.group_size, q.targets, q.tied_embedding)
+
+    def shell(lin: nn.Linear) -> QuantLinear:
+        layer = QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, cfg.bits, cfg.group_size)
+        return layer.to(lin.weight.device)
+
+    _swap_in(model, _targets(model, cfg), shell)

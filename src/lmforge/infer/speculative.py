@@ -66,7 +66,7 @@ def speculative_generate(
         raise LmforgeError(f"num_draft must be >= 1, got {num_draft}")
     stop_ids = ({eos_id} if isinstance(eos_id, int) else set(eos_id or ())) if cfg.stop_at_eos else set()
     seq = _fit_prompt(list(prompt_ids), min(target.cfg.max_seq_len, draft.cfg.max_seq_len), cfg)
-    device = target.tok_emb.weight.device
+    device = target.device
     greedy = cfg.temperature == 0
     generator = None
     if cfg.seed is not None and not greedy:

@@ -94,12 +94,19 @@ class DecoderLM(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model lives, read off a norm: quantisation swaps the embedding and Linears, never norms."""
+        return self.blocks[0].attn_norm.weight.device
+
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
-        ref = self.tok_emb.weight
+        """A KV cache in the dtype of the activations (the embedding's output)."""
         cfg = self.cfg
+        emb = self.tok_emb
+        dtype = dtype or (emb.weight.dtype if isinstance(emb, nn.Embedding) else emb.dtype)
         virtual = self.embed_hook.n_virtual if self.embed_hook is not None else 0
         return KVCache(cfg.n_layer, cfg.kv_heads, cfg.head_dim, batch_size, (max_len or cfg.max_seq_len) + virtual,
-                       ref.device, dtype or ref.dtype)
+                       self.device, dtype)
 
     def forward(self, input_ids: Tensor, cache: KVCache | None = None, attention_mask: Tensor | None = None,
                 keep_last: int = 0) -> Tensor:

@@ -54,7 +54,7 @@ def sample_responses(policy: DecoderLM, prompt_ids: Sequence[int], n: int, sampl
     if P + max_new > policy.cfg.max_seq_len:
         raise LmforgeError(f"a {P}-token prompt plus max_new_tokens={max_new} exceeds the "
                            f"{policy.cfg.max_seq_len}-token context; shorten the prompts or lower max_new_tokens")
-    device = policy.tok_emb.weight.device
+    device = policy.device
     generator = None
     if sampling.seed is not None and sampling.temperature > 0:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
