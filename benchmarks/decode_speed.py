@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     print(hdr)
     print("-" * len(hdr))
     base = n_new / timings["transformers"].median
+    models = {"transformers": lm, "lmforge": lm, **quantised}  # the weights each contender reads
     labels = {"transformers": "transformers generate", "lmforge": "lmforge generate_ids",
               **{k: f"lmforge generate_ids, {k}" for k in quantised}}
     for name in labels:
@@ -146,9 +147,10 @@ def main(argv: list[str] | None = None) -> None:
         rate = n_new / t.median
         print(
             f"{labels[name]:<28}{common.fmt_rate(rate):>9}{t.median / n_new * 1e3:>10.2f}{rate / base:>7.2f}x"
-            f"{rate / bound:>10.1%}{t.spread:>8.0%}"
+            f"{rate * common.decode_weight_bytes(models[name]) / (bandwidth * 1e9):>10.1%}{t.spread:>8.0%}"
         )
-    print("spread: (max - min) / median over rounds | of bound: against the fp32 weights' bytes")
+    print("spread: (max - min) / median over rounds | of bound: tok/s x the bytes that contender reads per token / "
+          "bandwidth")
     for k, q in quantised.items():
         same_q = lmforge_run(q)() == ids_lm
         print(f"{k}: weight-only, every Linear and the tied embedding/head quantised (codes stored once); "
