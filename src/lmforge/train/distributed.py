@@ -42,6 +42,13 @@ def init_distributed(device: torch.device) -> DistContext:
     return ctx
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group, if this process joined one (PyTorch asks every rank to, once its work is done)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def mean_across_ranks(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     """The mean of a scalar over all ranks (the value itself in a single process)."""
     if not ctx.enabled:
