@@ -179,11 +179,8 @@ def _turns(messages: list[Message], template: str, multi_turn: bool) -> tuple[st
     return system, rest
 
 
-class Llama2Template(_PieceTemplate):
-    """Llama-2-chat: ``BOS[INST] <<SYS>>...<</SYS>>\\n\\nuser [/INST] reply EOS`` per turn (Meta's format). A final
-    user turn always ends with ``[/INST]``, where the reply begins, with or without the generation prompt."""
-
-    name = "llama2"
+class _EosTemplate(_PieceTemplate):
+    """A piece template whose assistant turns end with the tokenizer's EOS, where generation stops."""
 
     def __init__(self, tokenizer: Tokenizer):
         self._eos = _eos(tokenizer, self.name)
@@ -192,6 +189,13 @@ class Llama2Template(_PieceTemplate):
     @property
     def stop_ids(self) -> list[int]:
         return [self._eos]
+
+
+class Llama2Template(_EosTemplate):
+    """Llama-2-chat: ``BOS[INST] <<SYS>>...<</SYS>>\\n\\nuser [/INST] reply EOS`` per turn (Meta's format). A final
+    user turn always ends with ``[/INST]``, where the reply begins, with or without the generation prompt."""
+
+    name = "llama2"
 
     def _pieces(self, messages: list[Message], add_generation_prompt: bool) -> list[_Piece]:
         system, turns = _turns(messages, self.name, multi_turn=True)
@@ -207,19 +211,11 @@ class Llama2Template(_PieceTemplate):
         return pieces
 
 
-class AlpacaTemplate(_PieceTemplate):
+class AlpacaTemplate(_EosTemplate):
     """Stanford Alpaca's single-turn instruction format; a system message replaces the standard preamble. A
     prompt without a reply always ends with ``### Response:\\n``, with or without the generation prompt."""
 
     name = "alpaca"
-
-    def __init__(self, tokenizer: Tokenizer):
-        self._eos = _eos(tokenizer, self.name)
-        super().__init__(tokenizer, [tokenizer.bos_id, self._eos])
-
-    @property
-    def stop_ids(self) -> list[int]:
-        return [self._eos]
 
     def _pieces(self, messages: list[Message], add_generation_prompt: bool) -> list[_Piece]:
         system, turns = _turns(messages, self.name, multi_turn=False)
