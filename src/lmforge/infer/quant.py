@@ -141,6 +141,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("scale", torch.ones(groups))
         self.register_buffer("zero", torch.zeros(groups, dtype=torch.uint8))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._kernel_fits = self._kernel_fits_shape()  # fixed at construction, so not re-checked every forward
         self._kernel_key: tuple | None = None  # plain attributes, not buffers: kept out of the state dict
         self._kernel_args: tuple[Tensor, ...] | None = None
 
@@ -167,15 +168,16 @@ class QuantLinear(nn.Module):
         codes = unpack_int4(self.weight_q).view(self.out_features, -1, self.group_size)
         return affine_dequantize(codes, self.scale, self.zero).flatten(1)
 
-    def kernel_supported(self) -> bool:
-        """Whether this layer's shape and format fit the weight-only CPU kernel (the input decides the rest)."""
-        if self.weight_q.device.type != "cpu":
-            return False
+    def _kernel_fits_shape(self) -> bool:
         if self.bits == 8:
             return hasattr(torch, "_weight_int8pack_mm")
         return (hasattr(torch, "_weight_int4pack_mm_for_cpu")
                 and (self.out_features % 16 == 0 or self.out_features >= INT4_PAD_MIN_ROWS)
                 and self.group_size in INT4_KERNEL_GROUP_SIZES and self.in_features % self.group_size == 0)
+
+    def kernel_supported(self) -> bool:
+        """Whether this layer's shape and format fit the weight-only CPU kernel (the input decides the rest)."""
+        return self._kernel_fits and self.weight_q.device.type == "cpu"
 
     def _use_kernel(self, x: Tensor) -> bool:
         return (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
