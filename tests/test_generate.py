@@ -9,7 +9,7 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
-from lmforge.infer.generate import SamplingConfig, filter_logits, generate, generate_ids, next_token
+from lmforge.infer.generate import SamplingConfig, filter_logits, generate, generate_ids, greedy_ids, next_token
 from lmforge.model.decoder import DecoderLM
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 
@@ -480,3 +480,11 @@ def test_compiled_decode_step_gives_the_same_greedy_ids() -> None:
     compiled = generate_ids(model, prompt, SamplingConfig(max_new_tokens=12, temperature=0.0, compile=True))
     assert compiled == eager and model in _COMPILED
     assert not any(n.startswith("_") for n, _ in model.named_modules())  # the wrapper is not a submodule
+
+
+def test_greedy_ids_is_argmax_with_its_first_maximum_tie_break() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 4, (64, 300), generator=g).float()  # many tied maxima per row
+    assert torch.equal(greedy_ids(logits), logits.argmax(dim=-1))
+    wide = torch.randn(3, 50257, generator=g)
+    assert torch.equal(greedy_ids(wide), wide.argmax(dim=-1))

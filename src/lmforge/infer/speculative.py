@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from lmforge.errors import LmforgeError
-from lmforge.infer.generate import SamplingConfig, _fit_prompt, filter_logits
+from lmforge.infer.generate import SamplingConfig, _fit_prompt, filter_logits, greedy_ids
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.layers import fused_qkv
 
@@ -94,7 +94,7 @@ def speculative_generate(
                 logits = draft(torch.tensor([fed], device=device), cache=d_cache, keep_last=1)[0, -1]
                 stats.draft_forwards += 1
                 if greedy:
-                    proposal.append(int(logits.argmax()))
+                    proposal.append(int(greedy_ids(logits)))
                     if min_confidence > 0 and float(logits.float().softmax(-1)[proposal[-1]]) < min_confidence:
                         break
                 else:
@@ -108,7 +108,7 @@ def speculative_generate(
             stats.proposed += m
             k = 0
             if greedy:
-                choice = logits.argmax(dim=-1).tolist()
+                choice = greedy_ids(logits).tolist()
                 while k < m and proposal[k] == choice[k]:
                     k += 1
                 token = choice[k]
