@@ -39,6 +39,7 @@ from lmforge.config import ModelConfig  # noqa: E402
 from lmforge.eval.speed import kv_cache_scaling  # noqa: E402
 from lmforge.eval.versus_hf import hf_greedy, left_pad  # noqa: E402
 from lmforge.infer.generate import SamplingConfig, generate_ids  # noqa: E402
+from lmforge.infer.layout import column_major_linears  # noqa: E402
 from lmforge.infer.quant import QuantConfig, quantize_model  # noqa: E402
 from lmforge.infer.speculative import speculative_generate  # noqa: E402
 from lmforge.model.decoder import DecoderLM  # noqa: E402
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         spec = replace(spec, max_seq_len=max(spec.max_seq_len, max(args.kv_lengths) + 64, args.prefill_len + 1))
     n_new, B = args.new_tokens, args.batch
     hf, lm = common.build_pair(spec, seed=args.seed)
+    column_major_linears(lm)  # as `lmforge generate` runs it
     g = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, spec.vocab_size, (1, args.prompt_len), generator=g)
     prompt_ids = prompt[0].tolist()

@@ -29,6 +29,7 @@ from lmforge.config import DataConfig, ModelConfig, PretrainConfig, TrainConfig 
 from lmforge.data.synthetic import EVAL_SETS, eval_sets  # noqa: E402
 from lmforge.demo import DemoPlan, demo_plan, prepare_world  # noqa: E402
 from lmforge.infer.generate import SamplingConfig, generate_ids  # noqa: E402
+from lmforge.infer.layout import column_major_linears  # noqa: E402
 from lmforge.infer.speculative import speculative_generate  # noqa: E402
 from lmforge.train.distill import DistillConfig, distill  # noqa: E402
 from lmforge.train.pretrain import pretrain  # noqa: E402
@@ -109,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
                                                args.draft_steps, teacher=target_dir, alpha=args.draft_alpha)
     target, tokenizer = lmforge.load(target_dir)
     draft, _ = lmforge.load(draft_dir)
+    column_major_linears(target)  # as `lmforge generate` runs them
+    column_major_linears(draft)
     ratio = common.num_params(target) / common.num_params(draft)
 
     sets = eval_sets(plan.world)

@@ -203,8 +203,10 @@ STAGES = {
 def cmd_generate(args: argparse.Namespace) -> None:
     import lmforge
     from lmforge.infer.generate import SamplingConfig, generate
+    from lmforge.infer.layout import column_major_linears
 
     model, tokenizer = lmforge.load(args.checkpoint)
+    column_major_linears(model)  # faster small-batch matmuls; generation only reads the weights
     if tokenizer is None:
         raise LmforgeError(f"{args.checkpoint} has no tokenizer.json; generation from text needs one")
     arch = getattr(getattr(model, "cfg", None), "arch", None)
@@ -266,6 +268,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 def _search(args: argparse.Namespace, model, tokenizer, cfg) -> str:
     """Beam search (the best of --num-beams hypotheses) or speculative decoding with a --draft model."""
     import lmforge
+    from lmforge.infer.layout import column_major_linears
 
     ids = tokenizer.encode(args.prompt)
     if args.num_beams > 1:
@@ -278,6 +281,7 @@ def _search(args: argparse.Namespace, model, tokenizer, cfg) -> str:
     from lmforge.infer.speculative import speculative_generate
 
     draft, _ = lmforge.load(args.draft)
+    column_major_linears(draft)
     out, stats = speculative_generate(model, draft, ids, cfg, num_draft=args.num_draft, eos_id=tokenizer.eos_id,
                                       min_confidence=args.draft_min_confidence)
     print(f"[speculative: {stats.accepted}/{stats.proposed} draft tokens accepted, {stats.target_forwards} target "

@@ -18,6 +18,7 @@ from lmforge.eval.report import Section, markdown_table
 from lmforge.eval.speed import kv_cache_scaling, speed_section
 from lmforge.eval.versus_hf import versus_section
 from lmforge.infer.generate import SamplingConfig, generate_ids
+from lmforge.infer.layout import column_major_linears
 from lmforge.infer.quantize_stage import quantize_checkpoint
 from lmforge.infer.speculative import speculative_generate
 from lmforge.train.objectives import causal_lm_loss
@@ -50,6 +51,7 @@ def decode_tokens_per_s(model: torch.nn.Module, prompt: list[int], new_tokens: i
 def run(plan: DemoPlan, data: DemoData, out_dir: Path, report_dir: Path) -> list[Section]:
     base = out_dir / "pretrain"
     fp32, tokenizer = lmforge.load(base)
+    column_major_linears(fp32)  # as `lmforge generate` runs it
     prompt = tokenizer.encode("Question: What is the capital of")
     seq_len = plan.decoder.max_seq_len
     fp32_bytes = (resolve_checkpoint(base) / WEIGHTS_FILE).stat().st_size
@@ -102,6 +104,7 @@ def speculative_section(target: torch.nn.Module, out_dir: Path, tokenizer, plan:
     average (1 - a^(m+1)) / (1 - a) tokens at acceptance rate a (Leviathan et al. 2023, eq. 1)."""
     m = 4
     draft, _ = lmforge.load(out_dir / "post" / "distill-alpha0.5")
+    column_major_linears(draft)
     prompts = PROMPTS[:5]
     cfg = SamplingConfig(max_new_tokens=plan.speculative_tokens, temperature=0.0)
     warm = tokenizer.encode(prompts[0])  # first calls pay one-off allocations: keep them out of the timing

@@ -219,7 +219,11 @@ class Attention(nn.Module):
         if key != self._fused_key:
             with torch.no_grad():
                 bias = torch.cat([q.bias, k.bias, v.bias]) if q.bias is not None else None
-                self._fused_cache = torch.cat([q.weight, k.weight, v.weight]), bias
+                if q.weight.stride(0) == 1:  # column-major weights (infer/layout.py): keep the copy column-major
+                    weight = torch.cat([q.weight.t(), k.weight.t(), v.weight.t()], dim=1).t()
+                else:
+                    weight = torch.cat([q.weight, k.weight, v.weight])
+                self._fused_cache = weight, bias
             self._fused_key = key
         return self._fused_cache
 

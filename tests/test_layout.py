@@ -1,0 +1,99 @@
+"""Column-major Linear weights for inference (infer/layout.py): same values and outputs, other strides."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lmforge
+from lmforge.config import ModelConfig, PeftConfig
+from lmforge.infer.batched import generate_batch
+from lmforge.infer.generate import SamplingConfig, generate_ids
+from lmforge.infer.layout import column_major_linears, is_column_major
+from lmforge.infer.quant import QuantConfig, quantize_model
+from lmforge.model.decoder import DecoderLM
+from lmforge.model.layers import fused_qkv
+from lmforge.peft.config import apply_peft
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def model(family: str = "gpt2", **kw) -> DecoderLM:
+    torch.manual_seed(0)
+    cfg = ModelConfig(family=family, vocab_size=64, max_seq_len=64, n_layer=2, n_head=4, d_model=32, **kw)
+    return DecoderLM(cfg).eval()
+
+
+@pytest.mark.parametrize("family, kw", [("gpt2", {}), ("llama", {"n_kv_head": 2})])
+def test_every_linear_becomes_column_major_with_the_same_values_and_outputs(family: str, kw: dict) -> None:
+    m = model(family, **kw)
+    converted = column_major_linears(copy.deepcopy(m), min_bytes=0)
+    linears = [mod for mod in converted.modules() if type(mod) is nn.Linear]
+    assert linears and all(is_column_major(mod.weight) for mod in linears)
+    assert not any(is_column_major(mod.weight) for mod in m.modules() if type(mod) is nn.Linear)
+    for (name, a), (_, b) in zip(m.state_dict().items(), converted.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    x = torch.randint(0, 64, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), m(x), atol=1e-5, rtol=1e-5)
+
+
+def test_models_whose_weights_fit_in_cache_keep_the_row_major_layout() -> None:
+    m = model("gpt2")  # ~0.05 MB of Linear weights, far below MIN_BYTES
+    weights = [mod.weight for mod in m.modules() if type(mod) is nn.Linear]
+    ptrs = [w.data_ptr() for w in weights]
+    column_major_linears(m)
+    assert [w.data_ptr() for w in weights] == ptrs and not any(is_column_major(w) for w in weights)
+    column_major_linears(m, min_bytes=sum(w.nbytes for w in {id(w): w for w in weights}.values()))  # exactly at
+    assert all(is_column_major(w) for w in weights)
+
+
+def test_tied_head_stays_tied_and_converts_once() -> None:
+    m = column_major_linears(model("gpt2"), min_bytes=0)  # GPT-2 ties the head to the embedding
+    assert m.lm_head.weight is m.tok_emb.weight and is_column_major(m.tok_emb.weight)
+    ptr = m.lm_head.weight.data_ptr()
+    column_major_linears(m, min_bytes=0)  # idempotent: already column-major, nothing copied
+    assert m.lm_head.weight.data_ptr() == ptr
+
+
+def test_fused_qkv_copy_keeps_the_layout_and_generation_is_unchanged() -> None:
+    m = model("llama", n_kv_head=2)
+    converted = column_major_linears(copy.deepcopy(m), min_bytes=0)
+    with torch.no_grad(), fused_qkv(converted):
+        fused_weight, _ = converted.blocks[0].attn._fused
+        assert is_column_major(fused_weight)
+    cfg = SamplingConfig(max_new_tokens=20, temperature=0.0, stop_at_eos=False)
+    assert generate_ids(converted, [1, 5, 9], cfg) == generate_ids(m, [1, 5, 9], cfg)
+    prompts = [[3, 4, 5, 6, 7], [8, 9]]
+    assert generate_batch(converted, prompts, cfg) == generate_batch(m, prompts, cfg)
+
+
+def test_quantised_and_adapter_layers_work_on_converted_weights() -> None:
+    x = torch.randint(0, 64, (1, 9))
+    converted, reference = column_major_linears(model("gpt2"), min_bytes=0), model("gpt2")
+    for m in (converted, reference):
+        quantize_model(m, QuantConfig(bits=8))  # quantising a converted model gives the same codes
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), reference(x), atol=1e-5, rtol=1e-5)
+    converted, reference = model("llama"), model("llama")
+    for m in (converted, reference):
+        apply_peft(m, PeftConfig(method="lora", r=4))
+        torch.manual_seed(1)
+        for p in m.parameters():  # non-zero adapters (LoRA's B starts at zero), so they change the output
+            if p.requires_grad:
+                torch.nn.init.normal_(p, 0.0, 0.02)
+    column_major_linears(converted, min_bytes=0)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), reference(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_converted_model_saves_and_loads_unchanged(tmp_path) -> None:
+    m = column_major_linears(model("gpt2"), min_bytes=0)
+    path = lmforge.save(m, None, tmp_path / "ckpt")
+    loaded, _ = lmforge.load(path)
+    x = torch.randint(0, 64, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), m(x), atol=1e-6, rtol=1e-6)
