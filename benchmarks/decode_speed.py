@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from lmforge.eval.versus_hf import hf_greedy  # noqa: E402
 from lmforge.infer.generate import SamplingConfig, generate_ids  # noqa: E402
-from lmforge.infer.layout import MIN_BYTES, column_major_linears, is_column_major  # noqa: E402
+from lmforge.infer.layout import MIN_BYTES, column_major_linears, is_column_major, linear_weights  # noqa: E402
 from lmforge.infer.quant import QuantConfig, quantize_model  # noqa: E402
 
 # batch-1 decode speed over transformers generate: the inference-engine issue's targets per preset
@@ -180,8 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{k}: weight-only, every Linear and the tied embedding/head quantised (codes stored once); "
               f"{common.decode_weight_bytes(q) / 1e6:.1f} MB float weights + codes read per token; greedy ids "
               f"{'identical to' if same_q else 'differ from'} fp32")
-    linear_mb = sum(w.nbytes for w in {id(m.weight): m.weight for m in row_major.modules()
-                                       if isinstance(m, torch.nn.Linear)}.values()) / 2**20
+    linear_mb = sum(w.nbytes for w in linear_weights(row_major)) / 2**20
     print(f"lmforge weights as `lmforge generate` loads them (infer/layout.py): {linear_mb:.0f} MiB of Linear weights, "
           + ("column-major; 'same, nn.Linear layout' times the row-major weights as trained" if converted else
              f"below {MIN_BYTES / 2**20:.0f} MiB, so row-major (they read faster from cache that way)"))

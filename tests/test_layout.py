@@ -12,7 +12,7 @@ import lmforge
 from lmforge.config import ModelConfig, PeftConfig
 from lmforge.infer.batched import generate_batch
 from lmforge.infer.generate import SamplingConfig, generate_ids
-from lmforge.infer.layout import column_major_linears, is_column_major
+from lmforge.infer.layout import column_major_linears, is_column_major, linear_weights
 from lmforge.infer.quant import QuantConfig, quantize_model
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.layers import fused_qkv
@@ -43,11 +43,11 @@ def test_every_linear_becomes_column_major_with_the_same_values_and_outputs(fami
 
 def test_models_whose_weights_fit_in_cache_keep_the_row_major_layout() -> None:
     m = model("gpt2")  # ~0.05 MB of Linear weights, far below MIN_BYTES
-    weights = [mod.weight for mod in m.modules() if type(mod) is nn.Linear]
+    weights = linear_weights(m)
     ptrs = [w.data_ptr() for w in weights]
     column_major_linears(m)
     assert [w.data_ptr() for w in weights] == ptrs and not any(is_column_major(w) for w in weights)
-    column_major_linears(m, min_bytes=sum(w.nbytes for w in {id(w): w for w in weights}.values()))  # exactly at
+    column_major_linears(m, min_bytes=sum(w.nbytes for w in weights))  # exactly at the threshold
     assert all(is_column_major(w) for w in weights)
 
 

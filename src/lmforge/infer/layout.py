@@ -26,6 +26,11 @@ def is_column_major(weight: torch.Tensor) -> bool:
     return weight.dim() == 2 and weight.t().is_contiguous() and not weight.is_contiguous()
 
 
+def linear_weights(model: nn.Module) -> list[torch.Tensor]:
+    """The weights of `model`'s plain `nn.Linear` layers, a tied weight once."""
+    return list({id(m.weight): m.weight for m in model.modules() if type(m) is nn.Linear}.values())
+
+
 @torch.no_grad()
 def column_major_linears(model: nn.Module, min_bytes: int = MIN_BYTES) -> nn.Module:
     """Store every plain `nn.Linear` weight of `model` column-major, in place, one matrix at a time (peak memory grows
@@ -33,10 +38,10 @@ def column_major_linears(model: nn.Module, min_bytes: int = MIN_BYTES) -> nn.Mod
     and the report's timings call it after `lmforge.load`; leave a model you will train as it is (a tied embedding
     becomes a strided gather, and gradients come back in the other layout). A tied weight is converted once and
     stays tied; quantised and adapter layers keep their own layout; saving writes contiguous tensors as before."""
-    weights = {id(m.weight): m.weight for m in model.modules() if type(m) is nn.Linear}
-    if sum(w.nbytes for w in weights.values()) < min_bytes:
+    weights = linear_weights(model)
+    if sum(w.nbytes for w in weights) < min_bytes:
         return model
-    for weight in weights.values():
+    for weight in weights:
         if not is_column_major(weight):
             weight.data = weight.data.t().contiguous().t()
     return model
