@@ -206,7 +206,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from lmforge.infer.layout import column_major_linears
 
     model, tokenizer = lmforge.load(args.checkpoint)
-    column_major_linears(model)  # faster small-batch matmuls; generation only reads the weights
     if tokenizer is None:
         raise LmforgeError(f"{args.checkpoint} has no tokenizer.json; generation from text needs one")
     arch = getattr(getattr(model, "cfg", None), "arch", None)
@@ -220,9 +219,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
                          truncate_prompt=args.truncate_prompt, compile=args.compile)
     if args.num_beams < 1:
         raise LmforgeError(f"--num-beams must be >= 1, got {args.num_beams}")
-    if args.num_beams > 1 or args.draft:
-        if arch != "decoder":
-            raise LmforgeError("--num-beams and --draft work with decoders (GPT, Llama)")
+    search = args.num_beams > 1 or args.draft
+    if search and arch != "decoder":
+        raise LmforgeError("--num-beams and --draft work with decoders (GPT, Llama)")
+    column_major_linears(model)  # faster small-batch matmuls; generation only reads the weights
+    if search:
         print(args.prompt + _search(args, model, tokenizer, cfg))
         return
     for i in range(args.num_samples):
