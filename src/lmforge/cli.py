@@ -12,6 +12,13 @@ from pathlib import Path
 from lmforge.errors import LmforgeError
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (the full usage is one `--help` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _parser(sub, name: str, help: str, example: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {example}",
                           formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -301,7 +308,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmforge", description="The whole life of a language model.")
+    parser = OneLineErrorParser(prog="lmforge", description="The whole life of a language model.")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = _parser(sub, "demo", "run the lifecycle on the built-in synthetic world and write report/README.md",
