@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lmforge.config import ModelConfig
-from lmforge.errors import LmforgeError
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.generate import SamplingConfig, filter_logits, generate, generate_ids, greedy_ids, next_token
 from lmforge.model.decoder import DecoderLM
 from lmforge.tokenizer import Tokenizer, train_tokenizer
@@ -140,6 +140,19 @@ def test_temperature_zero_is_argmax() -> None:
     logits = torch.randn(5, 64)
     cfg = SamplingConfig(temperature=0, top_k=3, top_p=0.5)
     assert torch.equal(next_token(logits, cfg, torch.Generator().manual_seed(0)), logits.argmax(dim=-1))
+
+
+def test_default_config_decodes_greedily() -> None:
+    """SamplingConfig() is greedy, like `lmforge generate` and transformers' generate: no seed needed for one
+    answer (it sampled at temperature 1 once)."""
+    model = tiny_model("llama-gqa", seed=4, max_seq_len=96)
+    prompt = [7, 1, 30]
+    seq = list(prompt)
+    with torch.inference_mode():
+        for _ in range(SamplingConfig().max_new_tokens):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    torch.manual_seed(0)
+    assert generate_ids(model, prompt, SamplingConfig()) == seq[len(prompt):]
 
 
 def test_top_k_one_sampling_is_greedy() -> None:
@@ -413,22 +426,32 @@ def test_on_token_true_stops_early() -> None:
         (dict(top_p=-0.5), "top_p"),
         (dict(stop=["ok", ""]), "stop strings"),
         (dict(top_p=1.01), "top_p"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(stop=["ok", "\udcff"]), "stop"),  # a non-UTF-8 byte from argv (surrogate escape) never matches text
     ],
 )
 def test_bad_sampling_args_fail_before_any_work(tok: Tokenizer, kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match) as info:
+        SamplingConfig(**kwargs)  # checked when made, naming the field and its `lmforge generate` option
+    flag = "--" + match.split()[0].replace("_", "-")
+    assert flag in str(info.value) and "\n" not in str(info.value)
     model = tiny_model("gpt2", vocab_size=tok.vocab_size)
     calls = count_forwards(model)
-    with pytest.raises(LmforgeError, match=match):
-        generate_ids(model, [1, 2, 3], SamplingConfig(**kwargs))
-    with pytest.raises(LmforgeError, match=match):
-        generate(model, tok, "hello", SamplingConfig(**kwargs))
+    cfg = SamplingConfig(max_new_tokens=3)
+    for key, value in kwargs.items():  # a field changed after the config was made is checked before any work
+        setattr(cfg, key, value)
+    with pytest.raises(ConfigError, match=match):
+        generate_ids(model, [1, 2, 3], cfg)
+    with pytest.raises(ConfigError, match=match):
+        generate(model, tok, "hello", cfg)
     assert calls == []
 
 
 def test_boundary_sampling_args_are_valid() -> None:
     model = tiny_model("gpt2")
     for cfg in (SamplingConfig(max_new_tokens=1), SamplingConfig(max_new_tokens=2, temperature=0, top_k=0, top_p=1.0),
-                SamplingConfig(max_new_tokens=2, top_p=1e-9, seed=0)):
+                SamplingConfig(max_new_tokens=2, temperature=1.0, top_p=1e-9, seed=0)):
         assert len(generate_ids(model, [1], cfg)) == cfg.max_new_tokens
 
 

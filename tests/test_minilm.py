@@ -68,8 +68,12 @@ def test_batching_and_normalize(model_dir) -> None:
     raw = embed(SENTENCES[:3], normalize=False)
     assert torch.allclose(torch.nn.functional.normalize(raw, dim=1), full[:3], atol=1e-5)
     assert embed([]).shape == (0, 384)
-    with pytest.raises(TypeError, match="list"):
-        embed("a single string")
+
+
+def test_one_string_gives_one_vector(model_dir) -> None:
+    one = embed("A man is playing a guitar on stage.")
+    assert one.shape == (384,)
+    torch.testing.assert_close(one, embed(["A man is playing a guitar on stage."])[0], atol=1e-6, rtol=0)
 
 
 def test_similar_sentences_are_closer(model_dir) -> None:

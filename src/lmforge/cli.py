@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import ConfigError, LmforgeError
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -207,11 +207,47 @@ STAGES = {
 }
 
 
+def _generate_options(args: argparse.Namespace):
+    """The SamplingConfig of `lmforge generate`'s options, each option checked (before any model loads)."""
+    from lmforge.infer.beam import check_beam_options
+    from lmforge.infer.generate import SamplingConfig, require_utf8
+    from lmforge.infer.speculative import check_draft_options
+
+    require_utf8(args.prompt, "--prompt")
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), use_cache=not args.no_cache,
+                         truncate_prompt=args.truncate_prompt, compile=args.compile)
+    if args.num_samples < 1:
+        raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}")
+    check_beam_options(args.num_beams, args.length_penalty)
+    if args.draft:
+        check_draft_options(args.num_draft, args.draft_min_confidence)
+    if args.num_beams > 1 and args.draft:
+        raise ConfigError("--num-beams and --draft are two ways to decode; choose one")
+    if args.num_samples > 1 and (args.num_beams > 1 or args.draft):
+        raise ConfigError("--num-samples works with plain decoding, not with --num-beams or --draft (they print "
+                          "one output)")
+    return cfg
+
+
+def _write_after(lead: str):
+    """sys.stdout.write that puts `lead` (the prompt) before the first text, so that a generation refused at its
+    start (a prompt that does not fit the context) prints nothing."""
+    pending = [lead]
+
+    def write(text: str) -> None:
+        sys.stdout.write((pending.pop() if pending else "") + text)
+        sys.stdout.flush()
+
+    return write
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     import lmforge
-    from lmforge.infer.generate import SamplingConfig, generate
+    from lmforge.infer.generate import generate
     from lmforge.infer.layout import column_major_linears
 
+    cfg = _generate_options(args)
     model, tokenizer = lmforge.load(args.checkpoint)
     if tokenizer is None:
         raise LmforgeError(f"{args.checkpoint} has no tokenizer.json; generation from text needs one")
@@ -221,11 +257,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
                            "text; use a decoder (GPT, Llama) or an encoder-decoder (T5)")
     if arch == "encdec":  # T5: the prompt is the encoder's input, the output a new text
         from lmforge.infer.generate_encdec import generate_text2text as generate
-    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, seed=args.seed, stop=args.stop, use_cache=not args.no_cache,
-                         truncate_prompt=args.truncate_prompt, compile=args.compile)
-    if args.num_beams < 1:
-        raise LmforgeError(f"--num-beams must be >= 1, got {args.num_beams}")
     search = args.num_beams > 1 or args.draft
     if search and arch != "decoder":
         raise LmforgeError("--num-beams and --draft work with decoders (GPT, Llama)")
@@ -234,14 +265,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(args.prompt + _search(args, model, tokenizer, cfg))
         return
     for i in range(args.num_samples):
+        header = f"--- sample {i + 1}\n" if args.num_samples > 1 else ""
         if args.num_samples > 1:
-            print(f"--- sample {i + 1}")
             cfg.seed = None if args.seed is None else args.seed + i
-        if arch == "decoder":
-            sys.stdout.write(args.prompt)
-        stream = None if args.no_stream else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-        text = generate(model, tokenizer, args.prompt, cfg, stream=stream)
-        print(text if args.no_stream else "")
+        write = _write_after(header + (args.prompt if arch == "decoder" else ""))
+        text = generate(model, tokenizer, args.prompt, cfg, stream=None if args.no_stream else write)
+        write((text if args.no_stream else "") + "\n")
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -383,12 +412,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="run dir, checkpoint dir or Hugging Face model dir")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (default, as in the Python API's SamplingConfig); > 0 samples")
     p.add_argument("--top-k", type=int, default=0, help="sample only from the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
     p.add_argument("--stop", nargs="*", default=[], help="stop when any of these strings appears")
-    p.add_argument("--num-samples", type=int, default=1, help="how many continuations to print")
+    p.add_argument("--num-samples", type=int, default=1,
+                   help="how many continuations to print (>= 1; sample i uses --seed + i)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (slow)")
     p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of as it comes")
     p.add_argument("--truncate-prompt", action="store_true",

@@ -9,13 +9,23 @@ are finished and the best running one, scored at its current length, cannot beat
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.infer.generate import bad_option
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.layers import fused_qkv
+
+
+def check_beam_options(num_beams: int, length_penalty: float) -> None:
+    """ConfigError for a bad beam count or length penalty (`lmforge generate` checks them before loading a model)."""
+    if num_beams < 1:
+        raise bad_option("num_beams", ">= 1", num_beams)
+    if not math.isfinite(length_penalty):
+        raise bad_option("length_penalty", "a finite number", length_penalty)
 
 
 @torch.inference_mode()
@@ -29,8 +39,7 @@ def beam_search(
     num_return: int = 1,
 ) -> list[tuple[list[int], float]]:
     """The `num_return` best hypotheses as (new ids without the EOS token, score), best first."""
-    if num_beams < 1:
-        raise LmforgeError(f"num_beams must be >= 1, got {num_beams}")
+    check_beam_options(num_beams, length_penalty)
     if not 1 <= num_return <= num_beams:
         raise LmforgeError(f"num_return must be in [1, num_beams={num_beams}], got {num_return}")
     if max_new_tokens < 1:

@@ -6,6 +6,7 @@ of a single position over the preallocated KV cache.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -13,16 +14,37 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.layers import fused_qkv
 from lmforge.tokenizer import Tokenizer
 
 
+def bad_option(name: str, rule: str, value: object, flag: str | None = None) -> ConfigError:
+    """The error for a bad generation argument, named as the Python keyword and as the `lmforge generate` option."""
+    return ConfigError(f"{name} ({flag or '--' + name.replace('_', '-')}) must be {rule}, got {value!r}")
+
+
+def require_utf8(text: str, name: str) -> None:
+    """ConfigError unless `text` is valid UTF-8. On Linux, argv bytes that are not UTF-8 reach Python as lone
+    surrogates (U+DC80..U+DCFF, one per byte), which the tokenizer refuses and decoded text never matches."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(text[err.start])
+        what = f"the byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"the lone surrogate U+{code:04X}"
+        raise ConfigError(f"{name} is not valid UTF-8 text ({what} at character {err.start}): pass it as UTF-8, "
+                          "e.g. convert it with `iconv -t UTF-8`") from None
+
+
 @dataclass
 class SamplingConfig:
+    """How generation picks tokens. The defaults decode greedily (as `lmforge generate` and transformers' `generate`
+    do); set temperature > 0 to sample, with a seed for reproducible samples. Fields are checked when the config is
+    made and again when generation starts (a field may be changed in between)."""
+
     max_new_tokens: int = 64
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     seed: int | None = None
@@ -35,17 +57,23 @@ class SamplingConfig:
     compile: bool = False
     truncate_prompt: bool = False  # keep the prompt's last tokens when it exceeds the context
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
+        """ConfigError naming the first bad field and its `lmforge generate` option."""
         if self.max_new_tokens < 1:
-            raise LmforgeError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise LmforgeError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+            raise bad_option("max_new_tokens", ">= 1", self.max_new_tokens)
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise bad_option("temperature", "a finite number >= 0 (0 = greedy)", self.temperature)
         if self.top_k < 0:
-            raise LmforgeError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+            raise bad_option("top_k", ">= 0 (0 = off)", self.top_k)
         if not 0 < self.top_p <= 1:
-            raise LmforgeError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise bad_option("top_p", "in (0, 1] (1 = off)", self.top_p)
         if any(s == "" for s in self.stop):
-            raise LmforgeError("stop strings must not be empty")
+            raise ConfigError("stop strings (--stop) must not be empty")
+        for s in self.stop:
+            require_utf8(s, "a stop string (--stop)")
 
 
 def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
@@ -95,7 +123,8 @@ def _fit_prompt(ids: list[int], context: int, cfg: SamplingConfig) -> list[int]:
     room = context - cfg.max_new_tokens
     if room < 1:
         raise LmforgeError(
-            f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the {context}-token context window"
+            f"max_new_tokens={cfg.max_new_tokens} (--max-new-tokens) leaves no room for a prompt in the "
+            f"{context}-token context window"
         )
     if len(ids) > room:
         if not cfg.truncate_prompt:

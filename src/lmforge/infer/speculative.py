@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from lmforge.errors import LmforgeError
-from lmforge.infer.generate import SamplingConfig, _fit_prompt, filter_logits, greedy_ids
+from lmforge.infer.generate import SamplingConfig, _fit_prompt, bad_option, filter_logits, greedy_ids
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.layers import fused_qkv
 
@@ -49,6 +49,15 @@ def _sample(probs: Tensor, generator: torch.Generator | None) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def check_draft_options(num_draft: int, min_confidence: float) -> None:
+    """ConfigError for a bad draft length or confidence (`lmforge generate` checks them before loading a model)."""
+    if num_draft < 1:
+        raise bad_option("num_draft", ">= 1", num_draft)
+    if not 0 <= min_confidence < 1:
+        raise bad_option("min_confidence", "in [0, 1) (0 = always draft num_draft tokens)", min_confidence,
+                         flag="--draft-min-confidence")
+
+
 @torch.inference_mode()
 def speculative_generate(
     target: DecoderLM,
@@ -68,10 +77,7 @@ def speculative_generate(
     if draft.cfg.vocab_size != target.cfg.vocab_size:
         raise LmforgeError(f"the draft's vocab_size={draft.cfg.vocab_size} differs from the target's "
                            f"{target.cfg.vocab_size}; both models must share one tokenizer")
-    if not 0 <= min_confidence < 1:
-        raise LmforgeError(f"min_confidence must be in [0, 1) (0 = draft num_draft tokens), got {min_confidence}")
-    if num_draft < 1:
-        raise LmforgeError(f"num_draft must be >= 1, got {num_draft}")
+    check_draft_options(num_draft, min_confidence)
     stop_ids = ({eos_id} if isinstance(eos_id, int) else set(eos_id or ())) if cfg.stop_at_eos else set()
     seq = _fit_prompt(list(prompt_ids), min(target.cfg.max_seq_len, draft.cfg.max_seq_len), cfg)
     device = target.device
