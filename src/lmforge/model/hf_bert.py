@@ -39,7 +39,7 @@ from lmforge.model.hf import (
     require_hf_value,
     require_tokenizer_fits,
 )
-from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
+from lmforge.tokenizer import CLS, SEP, TOKENIZER_FILE, Tokenizer
 
 VOCAB_FILE = "vocab.txt"
 BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -179,12 +179,20 @@ def wordpiece_tokenizer(path: str | Path) -> Tokenizer:
         strip_accents=tok_config.get("strip_accents"), lowercase=tok_config.get("do_lower_case", True),
     )
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    cls, sep = ("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])
-    backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[cls, sep])
     backend.decoder = decoders.WordPiece(prefix="##")
     backend.add_special_tokens([t for t in BERT_SPECIAL_TOKENS if t in vocab])
-    return Tokenizer(backend)
+    return with_bert_template(Tokenizer(backend))
+
+
+def with_bert_template(tokenizer: Tokenizer) -> Tokenizer:
+    """A copy of `tokenizer` whose post-processor adds [CLS] A [SEP] (B [SEP], segment 1) as transformers' BERT
+    tokenizers do: the layout lmforge feeds encoders (`task_data`). lmforge itself encodes without it."""
+    copy = Tokenizer(HFTokenizer.from_str(tokenizer.backend.to_str()))
+    cls, sep = tokenizer.token_id(CLS), tokenizer.token_id(SEP)
+    if cls is not None and sep is not None:
+        copy.backend.post_processor = processors.TemplateProcessing(
+            single=f"{CLS} $A {SEP}", pair=f"{CLS} $A {SEP} $B:1 {SEP}:1", special_tokens=[(CLS, cls), (SEP, sep)])
+    return copy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +264,7 @@ def export_hf_bert(model: EncoderModel, tokenizer: Tokenizer | None, path: str |
         for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, VOCAB_FILE):
             (path / name).unlink(missing_ok=True)
     else:
-        tokenizer.save(path)
+        with_bert_template(tokenizer).save(path)  # transformers adds [CLS]/[SEP] as lmforge did in training
         pad_id = tokenizer.pad_id
         tok_config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast",
                                       "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
