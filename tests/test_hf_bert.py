@@ -30,6 +30,7 @@ from transformers import (  # noqa: E402
 from lmforge.config import EncoderConfig  # noqa: E402
 from lmforge.errors import CheckpointError, ConfigError  # noqa: E402
 from lmforge.model.encoder import EncoderModel  # noqa: E402
+from lmforge.model.hf import HFHead  # noqa: E402
 from lmforge.model.hf_bert import config_from_hf_bert, export_hf_bert, load_hf_bert, wordpiece_tokenizer  # noqa: E402
 
 ATOL = 1e-4
@@ -220,7 +221,9 @@ def test_export_masked_lm_round_trip(tmp_path, act) -> None:
 def test_export_with_classifier(tmp_path) -> None:
     model = _ours()
     classifier = torch.nn.Linear(64, 5)
-    export_hf_bert(model, None, tmp_path, classifier=classifier)
+    head = HFHead("BertForSequenceClassification", {f"classifier.{k}": v for k, v in classifier.state_dict().items()},
+                  {"num_labels": 5})
+    export_hf_bert(model, None, tmp_path, head)
     hf = _load_clean(BertForSequenceClassification, tmp_path)
     assert hf.config.num_labels == 5
     ids, types, mask = _inputs()

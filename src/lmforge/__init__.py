@@ -39,10 +39,21 @@ def save(model, tokenizer, path: str | Path) -> Path:
     return save_checkpoint(model, tokenizer, path)
 
 
-def export_hf(model, tokenizer, path: str | Path) -> Path:
-    """Write a Hugging Face dir that transformers loads with the same outputs
-    (AutoModelForCausalLM for decoders, BertForMaskedLM for encoders, T5ForConditionalGeneration)."""
-    arch = model.cfg.arch
+def export_hf(model, tokenizer, path: str | Path, *, chat_template=None, labels: list[str] | None = None) -> Path:
+    """Write a Hugging Face dir that transformers loads with the same outputs: AutoModelForCausalLM for decoders,
+    BertForMaskedLM for encoders, T5ForConditionalGeneration, or the task class of a fine-tuned classifier
+    (`labels` names its outputs). `chat_template` (lmforge, llama2, alpaca, or a `ChatTemplate`) is the format a
+    chat model was trained with: it goes into tokenizer_config.json as Jinja and its stop tokens into
+    generation_config.json's eos_token_id."""
+    if hasattr(model, "backbone"):  # a fine-tuned task model
+        from lmforge.model.hf_heads import export_task_model
+
+        return export_task_model(model, tokenizer, path, labels)
+    arch = getattr(getattr(model, "cfg", None), "arch", None)
+    if chat_template is not None and arch != "decoder":
+        from lmforge.errors import ConfigError
+
+        raise ConfigError(f"a chat template goes with a decoder (GPT, Llama); this model is an {arch or type(model)}")
     if arch == "encoder":
         from lmforge.model.hf_bert import export_hf_bert
 
@@ -53,7 +64,11 @@ def export_hf(model, tokenizer, path: str | Path) -> Path:
         return export_hf_t5(model, tokenizer, path)
     from lmforge.model.hf import export_hf as export_decoder
 
-    return export_decoder(model, tokenizer, path)
+    if isinstance(chat_template, str) and tokenizer is not None:  # without one, export_hf refuses
+        from lmforge.data.chat import get_chat_template
+
+        chat_template = get_chat_template(chat_template, tokenizer)
+    return export_decoder(model, tokenizer, path, chat_template)
 
 
 def embed(texts: list[str], batch_size: int = 32, normalize: bool = True):
