@@ -13,12 +13,32 @@ __version__ = "0.1.0"
 __all__ = ["load", "save", "export_hf", "embed"]
 
 
-def load(path: str | Path):
-    """(model, tokenizer) from an lmforge checkpoint/run dir or a Hugging Face dir (GPT-2, Llama,
-    BERT, T5: config.json + *.safetensors [+ tokenizer.json]); tokenizer is None when the dir has none."""
+def load(path: str | Path, base: str | Path | None = None):
+    """(model, tokenizer) from an lmforge checkpoint/run dir, a Hugging Face dir (GPT-2, Llama, BERT, T5:
+    config.json + *.safetensors [+ tokenizer.json]) or a Hugging Face peft LoRA/DoRA adapter folder, put on its
+    base (`base`, else the folder's base_model_name_or_path, either of the kinds above); tokenizer is None when
+    the dir has none."""
     from lmforge.checkpoint import load_checkpoint
     from lmforge.model.hf import hf_model_type, load_hf
+    from lmforge.peft.peft_import import read_peft_config
 
+    if read_peft_config(path) is not None:
+        from lmforge.peft.peft_import import load_peft_adapter, peft_base
+        from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
+
+        base_dir = peft_base(path, base)
+        model, tokenizer = load(base_dir)
+        if getattr(getattr(model, "cfg", None), "arch", None) != "decoder":
+            from lmforge.errors import CheckpointError
+
+            raise CheckpointError(f"{base_dir} is not a decoder (GPT-2, Llama): peft adapters load on decoders")
+        load_peft_adapter(model, path)
+        own = Path(path) / TOKENIZER_FILE
+        return model.eval(), Tokenizer.from_file(own) if own.is_file() else tokenizer
+    if base is not None:
+        from lmforge.errors import ConfigError
+
+        raise ConfigError(f"a base model goes with a peft adapter folder, but {path} has no peft adapter_config.json")
     kind = hf_model_type(path)
     if kind == "bert":
         from lmforge.model.hf_bert import load_hf_bert
