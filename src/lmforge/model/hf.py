@@ -20,6 +20,8 @@ import torch
 from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import processors
 from torch import Tensor
 
 from lmforge.config import ModelConfig
@@ -342,6 +344,17 @@ class HFHead:
     architecture: str
     tensors: dict[str, Tensor]
     config: dict[str, Any]
+
+
+def with_eos_template(tokenizer: Tokenizer) -> Tokenizer:
+    """A copy of `tokenizer` whose post-processor appends EOS (A EOS, pairs A EOS B EOS), for exports of models lmforge
+    fed `text EOS`: T5's inputs, a decoder classifier's texts. lmforge itself encodes without it."""
+    copy = Tokenizer(HFTokenizer.from_str(tokenizer.backend.to_str()))
+    if tokenizer.eos_id is not None:
+        eos = tokenizer.backend.id_to_token(tokenizer.eos_id)
+        copy.backend.post_processor = processors.TemplateProcessing(
+            single=f"$A {eos}", pair=f"$A {eos} $B:1 {eos}:1", special_tokens=[(eos, tokenizer.eos_id)])
+    return copy
 
 
 def write_hf_tokenizer(tokenizer: Tokenizer, path: Path, max_len: int,

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import processors
 from torch import nn
 
 from lmforge.errors import ConfigError
 from lmforge.model.heads import SequenceClassifier, TokenClassifier
-from lmforge.model.hf import HFHead, config_to_hf, export_hf
+from lmforge.model.hf import HFHead, config_to_hf, export_hf, with_eos_template
 from lmforge.model.hf_bert import export_hf_bert
 from lmforge.tokenizer import Tokenizer
 
@@ -31,16 +29,6 @@ def _label_config(num_labels: int, labels: list[str] | None) -> dict:
         raise ConfigError(f"{len(labels)} label names for a head with {num_labels} outputs")
     names = labels if labels is not None else [f"LABEL_{i}" for i in range(num_labels)]
     return {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
-
-
-def _with_eos(tokenizer: Tokenizer) -> Tokenizer:
-    """A copy of `tokenizer` that appends EOS, as lmforge's decoder classification data does (`text EOS`)."""
-    copy = Tokenizer(HFTokenizer.from_str(tokenizer.backend.to_str()))
-    if tokenizer.eos_id is not None:
-        eos = tokenizer.backend.id_to_token(tokenizer.eos_id)
-        copy.backend.post_processor = processors.TemplateProcessing(single=f"$A {eos}",
-                                                                    special_tokens=[(eos, tokenizer.eos_id)])
-    return copy
 
 
 def export_task_model(model: nn.Module, tokenizer: Tokenizer | None, path: str | Path,
@@ -58,6 +46,6 @@ def export_task_model(model: nn.Module, tokenizer: Tokenizer | None, path: str |
         family = {"gpt2": "GPT2", "llama": "Llama"}[config_to_hf(backbone.cfg)["model_type"]]
         head = HFHead(f"{family}ForSequenceClassification", {"score.weight": model.classifier.weight},
                       _label_config(model.num_labels, labels))
-        return export_hf(backbone, None if tokenizer is None else _with_eos(tokenizer), path, head=head)
+        return export_hf(backbone, None if tokenizer is None else with_eos_template(tokenizer), path, head=head)
     what = type(model).__name__ + (f" with a{'n' if arch[0] in 'aeiou' else ''} {arch} backbone" if arch else "")
     raise ConfigError(f"cannot export a {what} to Hugging Face format; supported: {SUPPORTED}")
