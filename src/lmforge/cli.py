@@ -206,7 +206,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from lmforge.infer.layout import column_major_linears
 
     if (args.checkpoint is None) == (args.adapter is None):
-        raise LmforgeError("give a checkpoint dir or --adapter DIR (a peft adapter folder), not both")
+        raise LmforgeError("give one model: a checkpoint dir or --adapter DIR (a peft adapter folder)")
     if args.base is not None and args.adapter is None:
         raise LmforgeError("--base is the base model of --adapter DIR; give --adapter too")
     source = args.adapter or args.checkpoint

@@ -398,15 +398,16 @@ def export_hf(model: DecoderLM, tokenizer: Tokenizer | None, path: str | Path,
     if tokenizer is not None:
         ids = write_hf_tokenizer(tokenizer, path, cfg.max_seq_len, chat_template)
     atomic_write(path / WEIGHTS_FILE, lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
-    stale = ([] if tokenizer is not None else [TOKENIZER_FILE, TOKENIZER_CONFIG_FILE]) + \
-        ([GENERATION_CONFIG_FILE] if head is not None or tokenizer is None else [])
-    for name in stale:  # left by an earlier export, they would otherwise be picked up
-        (path / name).unlink(missing_ok=True)
+    if tokenizer is None:  # files an earlier export left would otherwise be picked up
+        for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
+            (path / name).unlink(missing_ok=True)
     if head is None and tokenizer is not None:
         stops = chat_template.stop_ids if chat_template is not None else []
         eos = list(dict.fromkeys(stops + ([ids["eos_token_id"]] if ids["eos_token_id"] is not None else [])))
         generation = {**ids, "eos_token_id": eos or None}
         atomic_write_text(path / GENERATION_CONFIG_FILE, json.dumps(generation, indent=2) + "\n")
+    else:
+        (path / GENERATION_CONFIG_FILE).unlink(missing_ok=True)
     hf_config.update(ids, dtype="float32", torch_dtype="float32")
     atomic_write_text(path / CONFIG_FILE, json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     return path
