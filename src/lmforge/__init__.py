@@ -73,7 +73,8 @@ def export_hf(model, tokenizer, path: str | Path, *, chat_template=None, labels:
     if chat_template is not None and arch != "decoder":
         from lmforge.errors import ConfigError
 
-        raise ConfigError(f"a chat template goes with a decoder (GPT, Llama); this model is {arch or type(model).__name__}")
+        raise ConfigError(f"a chat template goes with a decoder (GPT, Llama); this model is "
+                          f"{arch or type(model).__name__}")
     if arch == "encoder":
         from lmforge.model.hf_bert import export_hf_bert
 
