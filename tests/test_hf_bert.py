@@ -30,6 +30,7 @@ from transformers import (  # noqa: E402
 from lmforge.config import EncoderConfig  # noqa: E402
 from lmforge.errors import CheckpointError, ConfigError  # noqa: E402
 from lmforge.model.encoder import EncoderModel  # noqa: E402
+from lmforge.model.hf import HFHead  # noqa: E402
 from lmforge.model.hf_bert import config_from_hf_bert, export_hf_bert, load_hf_bert, wordpiece_tokenizer  # noqa: E402
 
 ATOL = 1e-4
@@ -220,7 +221,9 @@ def test_export_masked_lm_round_trip(tmp_path, act) -> None:
 def test_export_with_classifier(tmp_path) -> None:
     model = _ours()
     classifier = torch.nn.Linear(64, 5)
-    export_hf_bert(model, None, tmp_path, classifier=classifier)
+    head = HFHead("BertForSequenceClassification", {f"classifier.{k}": v for k, v in classifier.state_dict().items()},
+                  {"num_labels": 5})
+    export_hf_bert(model, None, tmp_path, head)
     hf = _load_clean(BertForSequenceClassification, tmp_path)
     assert hf.config.num_labels == 5
     ids, types, mask = _inputs()
@@ -281,3 +284,47 @@ def test_tokenizer_travels_with_export(tmp_path) -> None:
     with pytest.raises(ConfigError, match="vocab_size"):
         export_hf_bert(small, tok, tmp_path / "small")
 
+
+
+def _bpe_tokenizer():
+    """lmforge's own byte-level BPE (as `lmforge tokenizer train` makes it): [CLS]/[SEP]/[MASK]/<|pad|> reserved."""
+    from lmforge.tokenizer import train_tokenizer
+
+    texts = ["the cat sat on the mat", "a dog ran in the park", "the sun is hot and the sea is blue"] * 10
+    return train_tokenizer(texts, vocab_size=400, show_progress=False)
+
+
+def test_exported_tokenizer_adds_cls_and_sep_as_lmforge_does(tmp_path) -> None:
+    """The exported tokenizer.json carries BERT's template post-processor: transformers' tokenizer gives the ids
+    lmforge feeds the model ([CLS] text [SEP], pairs [CLS] a [SEP] b [SEP] with segments 0/1), and the fill-mask
+    pipeline picks lmforge's top-1 token."""
+    from transformers import pipeline
+
+    from lmforge.data.task_data import read_classification, read_span_qa
+
+    tok = _bpe_tokenizer()
+    model = EncoderModel(EncoderConfig(vocab_size=tok.vocab_size, max_seq_len=32, n_layer=2, n_head=4, d_model=64,
+                                       d_ff=128)).eval()
+    perturb(model, 0.5)
+    out = export_hf_bert(model, tok, tmp_path / "export")
+    assert json.loads((out / "tokenizer.json").read_text())["post_processor"] is not None
+    theirs = AutoTokenizer.from_pretrained(out)
+    data = tmp_path / "cls.jsonl"
+    data.write_text(json.dumps({"text": "the cat sat", "label": "a"}) + "\n")
+    (example,), _ = read_classification(data, tok, 32, arch="encoder")
+    assert theirs("the cat sat")["input_ids"] == example["input_ids"]
+    data = tmp_path / "qa.jsonl"
+    data.write_text(json.dumps({"context": "the dog ran", "question": "who ran", "answer": "dog",
+                                "answer_start": 4}) + "\n")
+    (example,) = read_span_qa(data, tok, 32, arch="encoder")
+    pair = theirs("who ran", "the dog ran")
+    assert (pair["input_ids"], pair["token_type_ids"]) == (example["input_ids"], example["token_type_ids"])
+
+    text = "the cat [MASK] on the mat"
+    ids = torch.tensor([[tok.token_id("[CLS]"), *tok.encode(text), tok.token_id("[SEP]")]])
+    with torch.no_grad():
+        logits = model(ids)[0, ids[0].tolist().index(tok.token_id("[MASK]"))]
+    top2 = logits.topk(2)
+    assert top2.values[0] - top2.values[1] > 0.05  # a clear winner, so float noise cannot flip it
+    (best,) = pipeline("fill-mask", model=str(out), tokenizer=str(out), top_k=1)(text)
+    assert best["token"] == top2.indices[0].item()

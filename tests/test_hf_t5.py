@@ -18,10 +18,11 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
 from tokenizers import models, pre_tokenizers  # noqa: E402
-from transformers import T5Config, T5ForConditionalGeneration  # noqa: E402
+from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration  # noqa: E402
 from transformers.models.t5.modeling_t5 import T5Attention  # noqa: E402
 
 from lmforge.config import EncDecConfig  # noqa: E402
+from lmforge.data.task_data import read_text2text  # noqa: E402
 from lmforge.errors import CheckpointError, ConfigError  # noqa: E402
 from lmforge.infer.generate import SamplingConfig  # noqa: E402
 from lmforge.infer.generate_encdec import generate_encdec  # noqa: E402
@@ -165,6 +166,10 @@ def test_export_writes_token_ids_and_tokenizer(tmp_path):
     assert json.loads((path / "tokenizer_config.json").read_text())["eos_token"] == EOS
     _, loaded = load_hf_t5(path)
     assert loaded is not None and loaded.encode("w3 w4") == tok.encode("w3 w4")
+    data = tmp_path / "t2t.jsonl"  # transformers' tokenizer lays inputs out as lmforge trained on them: text EOS
+    data.write_text(json.dumps({"input": "w3 w4", "target": "w5"}) + "\n")
+    (example,) = read_text2text(data, tok, 16)
+    assert AutoTokenizer.from_pretrained(path)("w3 w4")["input_ids"] == example["input_ids"]
     with pytest.raises(ConfigError, match="vocab_size"):
         export_hf_t5(EncDecLM(EncDecConfig(vocab_size=8, n_layer=1, d_model=16, d_ff=32)), tok, tmp_path / "x")
 

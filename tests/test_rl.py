@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import lmforge
-from lmforge.checkpoint import write_model_files
+from lmforge.checkpoint import read_config_tree, write_model_files
 from lmforge.config import ModelConfig, TrainConfig
 from lmforge.errors import ConfigError
+from lmforge.export import recorded_training
 from lmforge.infer.generate import SamplingConfig, generate_ids
 from lmforge.model.decoder import DecoderLM
 from lmforge.tokenizer import END_OF_TURN, Tokenizer, train_tokenizer
@@ -350,6 +351,8 @@ def test_ppo_stage_with_a_reward_model(stage_files: dict[str, Path], tmp_path: P
     coefs = [r["kl_coef"] for r in records if "kl_coef" in r]
     assert coefs[0] == 0.05 and coefs[1] < coefs[0]  # KL 0 < target: the adaptive controller lowers it
     assert isinstance(lmforge.load(result.policy_dir)[0], DecoderLM)
+    # the policy records its chat template, which `lmforge export` carries into the Hugging Face dir
+    assert recorded_training(read_config_tree(result.policy_dir)) == ("lmforge", str(stage_files["sft"]))
 
 
 def test_stage_rejects_prompts_and_replies_longer_than_the_context(stage_files: dict[str, Path]) -> None:

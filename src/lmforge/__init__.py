@@ -13,12 +13,32 @@ __version__ = "0.1.0"
 __all__ = ["load", "save", "export_hf", "embed"]
 
 
-def load(path: str | Path):
-    """(model, tokenizer) from an lmforge checkpoint/run dir or a Hugging Face dir (GPT-2, Llama,
-    BERT, T5: config.json + *.safetensors [+ tokenizer.json]); tokenizer is None when the dir has none."""
+def load(path: str | Path, base: str | Path | None = None):
+    """(model, tokenizer) from an lmforge checkpoint/run dir, a Hugging Face dir (GPT-2, Llama, BERT, T5:
+    config.json + *.safetensors [+ tokenizer.json]) or a Hugging Face peft LoRA/DoRA adapter folder, put on its
+    base (`base`, else the folder's base_model_name_or_path, either of the kinds above); tokenizer is None when
+    the dir has none."""
     from lmforge.checkpoint import load_checkpoint
     from lmforge.model.hf import hf_model_type, load_hf
+    from lmforge.peft.peft_import import read_peft_config
 
+    if read_peft_config(path) is not None:
+        from lmforge.peft.peft_import import load_peft_adapter, peft_base
+        from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
+
+        base_dir = peft_base(path, base)
+        model, tokenizer = load(base_dir)
+        if getattr(getattr(model, "cfg", None), "arch", None) != "decoder":
+            from lmforge.errors import CheckpointError
+
+            raise CheckpointError(f"{base_dir} is not a decoder (GPT-2, Llama): peft adapters load on decoders")
+        load_peft_adapter(model, path)
+        own = Path(path) / TOKENIZER_FILE
+        return model.eval(), Tokenizer.from_file(own) if own.is_file() else tokenizer
+    if base is not None:
+        from lmforge.errors import ConfigError
+
+        raise ConfigError(f"a base model goes with a peft adapter folder, but {path} has no peft adapter_config.json")
     kind = hf_model_type(path)
     if kind == "bert":
         from lmforge.model.hf_bert import load_hf_bert
@@ -39,10 +59,22 @@ def save(model, tokenizer, path: str | Path) -> Path:
     return save_checkpoint(model, tokenizer, path)
 
 
-def export_hf(model, tokenizer, path: str | Path) -> Path:
-    """Write a Hugging Face dir that transformers loads with the same outputs
-    (AutoModelForCausalLM for decoders, BertForMaskedLM for encoders, T5ForConditionalGeneration)."""
-    arch = model.cfg.arch
+def export_hf(model, tokenizer, path: str | Path, *, chat_template=None, labels: list[str] | None = None) -> Path:
+    """Write a Hugging Face dir that transformers loads with the same outputs: AutoModelForCausalLM for decoders,
+    BertForMaskedLM for encoders, T5ForConditionalGeneration, or the task class of a fine-tuned classifier
+    (`labels` names its outputs). `chat_template` (lmforge, llama2, alpaca, or a `ChatTemplate`) is the format a
+    chat model was trained with: it goes into tokenizer_config.json as Jinja and its stop tokens into
+    generation_config.json's eos_token_id."""
+    if hasattr(model, "backbone"):  # a fine-tuned task model
+        from lmforge.model.hf_heads import export_task_model
+
+        return export_task_model(model, tokenizer, path, labels)
+    arch = getattr(getattr(model, "cfg", None), "arch", None)
+    if chat_template is not None and arch != "decoder":
+        from lmforge.errors import ConfigError
+
+        raise ConfigError(f"a chat template goes with a decoder (GPT, Llama); this model is "
+                          f"{arch or type(model).__name__}")
     if arch == "encoder":
         from lmforge.model.hf_bert import export_hf_bert
 
@@ -53,7 +85,11 @@ def export_hf(model, tokenizer, path: str | Path) -> Path:
         return export_hf_t5(model, tokenizer, path)
     from lmforge.model.hf import export_hf as export_decoder
 
-    return export_decoder(model, tokenizer, path)
+    if isinstance(chat_template, str) and tokenizer is not None:  # without one, export_hf refuses
+        from lmforge.data.chat import get_chat_template
+
+        chat_template = get_chat_template(chat_template, tokenizer)
+    return export_decoder(model, tokenizer, path, chat_template)
 
 
 def embed(texts, model: str | Path | None = None, *, batch_size: int = 32, normalize: bool | None = None):

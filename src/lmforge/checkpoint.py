@@ -72,13 +72,14 @@ class _ModelOnly(BaseModel):
 
 
 def save(model: torch.nn.Module, tokenizer: Tokenizer | None, path: str | Path,
-         peft: PeftConfig | None = None) -> Path:
+         peft: PeftConfig | None = None, run_config: BaseModel | None = None) -> Path:
     """Save a model (and tokenizer) as an lmforge checkpoint dir, atomically; `peft` records the method a
-    parameter-efficient model carries, so that loading rebuilds it."""
+    parameter-efficient model carries, so that loading rebuilds it. `run_config` (with `model` and `peft`
+    sections) replaces both in config.yaml, recording how the model was trained (e.g. its chat template)."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_model_files(tmp, model, tokenizer, _ModelOnly(model=model.cfg, peft=peft))
+    write_model_files(tmp, model, tokenizer, run_config or _ModelOnly(model=model.cfg, peft=peft))
     publish_dir(tmp, path)
     return path
 

@@ -248,12 +248,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from lmforge.infer.layout import column_major_linears
 
     cfg = _generate_options(args)
-    model, tokenizer = lmforge.load(args.checkpoint)
+    if (args.checkpoint is None) == (args.adapter is None):
+        raise LmforgeError("give one model: a checkpoint dir or --adapter DIR (a peft adapter folder)")
+    if args.base is not None and args.adapter is None:
+        raise LmforgeError("--base is the base model of --adapter DIR; give --adapter too")
+    source = args.adapter or args.checkpoint
+    model, tokenizer = lmforge.load(source, base=args.base)
     if tokenizer is None:
-        raise LmforgeError(f"{args.checkpoint} has no tokenizer.json; generation from text needs one")
+        raise LmforgeError(f"{source} has no tokenizer.json; generation from text needs one")
     arch = getattr(getattr(model, "cfg", None), "arch", None)
     if arch not in ("decoder", "encdec"):
-        raise LmforgeError(f"{args.checkpoint} holds an {arch or type(model).__name__} model, which does not generate "
+        raise LmforgeError(f"{source} holds an {arch or type(model).__name__} model, which does not generate "
                            "text; use a decoder (GPT, Llama) or an encoder-decoder (T5)")
     if arch == "encdec":  # T5: the prompt is the encoder's input, the output a new text
         from lmforge.infer.generate_encdec import generate_text2text as generate
@@ -277,19 +282,30 @@ def cmd_merge(args: argparse.Namespace) -> None:
     import lmforge
     from lmforge.checkpoint import read_config_tree, resolve_checkpoint
     from lmforge.config import PeftConfig
+    from lmforge.export import export_run
     from lmforge.peft.config import merge_peft
 
     ckpt = resolve_checkpoint(args.checkpoint)
     tree = read_config_tree(ckpt)
     if not tree.get("peft"):
-        raise LmforgeError(f"{ckpt} was not trained with --peft; there is nothing to merge")
+        raise LmforgeError(f"{ckpt} was not trained with --peft; there is nothing to merge (to write a Hugging Face "
+                           f"dir use: lmforge export {args.checkpoint} --format hf --out DIR)")
     if tree.get("task"):
         raise LmforgeError(f"{ckpt} is a '{tree['task']}' task model; merge folds language-model adapters "
                            "(sft, text2text); keep the task model as it is")
+    if args.hf:  # the export carries the run's chat template too
+        print(export_run(ckpt, "hf", args.out).note)
+        return
     model, tokenizer = lmforge.load(ckpt)
     model = merge_peft(model, PeftConfig.model_validate(tree["peft"]))
-    path = (lmforge.export_hf if args.hf else lmforge.save)(model, tokenizer, args.out)
+    path = lmforge.save(model, tokenizer, args.out)
     print(f"merged {tree['peft']['method']} into the base weights -> {path}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from lmforge.export import export_run
+
+    print(export_run(args.checkpoint, args.format, args.out, base_name=args.base_name).note)
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -396,6 +412,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf", action="store_true", help="write a Hugging Face dir instead of an lmforge checkpoint")
     p.set_defaults(func=cmd_merge)
 
+    p = _parser(sub, "export", "write a run or checkpoint as a Hugging Face model dir or a peft adapter folder",
+                "lmforge export runs/sft --out runs/sft-hf\n"
+                "  lmforge export runs/sft-lora --format hf --out runs/sft-merged-hf\n"
+                "  lmforge export runs/sft-lora --format peft --base-name gpt2 --out runs/sft-adapter")
+    p.add_argument("checkpoint", help="lmforge run or checkpoint dir, e.g. runs/sft (its config.yaml says how it was "
+                                      "trained: chat template, labels, PEFT method)")
+    p.add_argument("--format", choices=["hf", "peft"], default="hf",
+                   help="hf (default): a save_pretrained dir for transformers (a PEFT run is merged first; a chat "
+                        "run's template and stop tokens included), e.g. --format hf; peft: an adapter folder for "
+                        "peft's PeftModel / AutoPeftModelForCausalLM (LoRA-family runs), e.g. --format peft")
+    p.add_argument("--out", required=True, help="directory to write, e.g. --out runs/sft-hf")
+    p.add_argument("--base-name", help="--format peft: the base model as the folder's users will name it, written "
+                                       "as base_model_name_or_path: a hub id or a path, e.g. --base-name gpt2 "
+                                       "(default: the run's base, if it is a Hugging Face dir)")
+    p.set_defaults(func=cmd_export)
+
     p = _parser(sub, "quantize", "weight-only int8 (per output channel) or int4 (group-wise) min-max quantisation",
                 "lmforge quantize runs/demo/pretrain --bits 4 --out runs/demo-int4")
     p.add_argument("checkpoint", help="lmforge checkpoint/run dir or Hugging Face dir (a decoder)")
@@ -408,8 +440,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quantize)
 
     p = _parser(sub, "generate", "generate text from a checkpoint (lmforge or Hugging Face dir)",
-                'lmforge generate runs/demo/pretrain --prompt "The capital of" --temperature 0.8 --top-p 0.9')
-    p.add_argument("checkpoint", help="run dir, checkpoint dir or Hugging Face model dir")
+                'lmforge generate runs/demo/pretrain --prompt "The capital of" --temperature 0.8 --top-p 0.9\n'
+                '  lmforge generate --adapter runs/sft-adapter --base runs/base-hf --prompt "The capital of"')
+    p.add_argument("checkpoint", nargs="?", help="run dir, checkpoint dir or Hugging Face model dir")
+    p.add_argument("--adapter", help="instead of a checkpoint: a peft LoRA/DoRA adapter folder, put on its base "
+                                     "(e.g. the output of lmforge export RUN --format peft)")
+    p.add_argument("--base", help="with --adapter: the base model's dir, overriding the adapter's "
+                                  "base_model_name_or_path (needed when that is a hub id: lmforge does not download)")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
     p.add_argument("--temperature", type=float, default=0.0,

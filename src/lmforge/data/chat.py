@@ -247,6 +247,7 @@ class HFChatTemplate(ChatTemplate):
         self.name = name
         self.bos_token = bos_token if bos_token is not None else _literal(tokenizer, tokenizer.bos_id)
         self.eos_token = eos_token if eos_token is not None else _literal(tokenizer, tokenizer.eos_id)
+        self.source = source
         self._template = _compile(source)
 
     @property

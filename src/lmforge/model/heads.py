@@ -3,8 +3,10 @@
 The backbone is kept as `self.backbone`, so a checkpoint holds `backbone.*` plus the head's own keys,
 named as in Hugging Face's BERT heads (`classifier.*`, `qa_outputs.*`). Encoders see the whole
 sequence and classify from the pooled [CLS] state (Devlin et al. 2019, sec. 4); decoders are causal, so
-they classify from the last real token, which has read the whole text (Radford et al. 2018, sec. 3.3).
-Losses are in `lmforge.train.task_losses`.
+they classify from the last real token, which has read the whole text (Radford et al. 2018, sec. 3.3),
+through a bias-free `classifier` as transformers' `GPT2ForSequenceClassification` and
+`LlamaForSequenceClassification` (their `score`), so that an export computes the same logits. Losses are in
+`lmforge.train.task_losses`.
 """
 
 from __future__ import annotations
@@ -28,29 +30,34 @@ def last_token_index(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long() * (positions + 1)).argmax(1)
 
 
-def _linear(d_in: int, d_out: int, std: float) -> nn.Linear:
+def _linear(d_in: int, d_out: int, std: float, bias: bool = True) -> nn.Linear:
     """A head layer initialised as BERT's heads: N(0, std) weights, zero bias."""
-    layer = nn.Linear(d_in, d_out)
+    layer = nn.Linear(d_in, d_out, bias=bias)
     nn.init.normal_(layer.weight, 0.0, std)
-    nn.init.zeros_(layer.bias)
+    if bias:
+        nn.init.zeros_(layer.bias)
     return layer
 
 
 class _Classifier(nn.Module):
     """Backbone + dropout + a `classifier` Linear: what the sequence and token classifiers share."""
 
-    def __init__(self, backbone: nn.Module, num_labels: int, dropout: float = 0.1):
+    def __init__(self, backbone: nn.Module, num_labels: int, dropout: float = 0.1, bias: bool = True):
         super().__init__()
         if num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {num_labels}")
         self.backbone = backbone
         self.num_labels = num_labels
         self.dropout = nn.Dropout(dropout)
-        self.classifier = _linear(backbone.cfg.d_model, num_labels, backbone.cfg.init_std)
+        self.classifier = _linear(backbone.cfg.d_model, num_labels, backbone.cfg.init_std, bias)
 
 
 class SequenceClassifier(_Classifier):
-    """Sequence classification: logits [B, num_labels] (as HF `BertForSequenceClassification`)."""
+    """Sequence classification: logits [B, num_labels] (as HF `BertForSequenceClassification`; on a decoder as
+    `GPT2ForSequenceClassification`/`LlamaForSequenceClassification`, whose head has no bias)."""
+
+    def __init__(self, backbone: nn.Module, num_labels: int, dropout: float = 0.1):
+        super().__init__(backbone, num_labels, dropout, bias=backbone.cfg.arch != "decoder")
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None) -> Tensor:

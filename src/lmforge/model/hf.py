@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,13 @@ import torch
 from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import processors
 from torch import Tensor
 
 from lmforge.config import ModelConfig
+from lmforge.data.chat import ChatTemplate
+from lmforge.data.chat_jinja import jinja_chat_template
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.io import atomic_write, atomic_write_text
 from lmforge.model.decoder import DecoderLM
@@ -29,7 +34,7 @@ from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama")
 CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+TOKENIZER_CONFIG_FILE, GENERATION_CONFIG_FILE = "tokenizer_config.json", "generation_config.json"
 
 # HF activation name -> lmforge activation ("gelu_new" is the tanh approximation, as GPT-2 uses).
 ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -332,29 +337,77 @@ def require_tokenizer_fits(tokenizer: Tokenizer | None, vocab_size: int) -> None
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {vocab_size}")
 
 
-def export_hf(model: DecoderLM, tokenizer: Tokenizer | None, path: str | Path) -> Path:
-    """Write `path` as an HF `save_pretrained` dir (float32); config.json is written last."""
+@dataclass(frozen=True)
+class HFHead:
+    """A task head under transformers' names: its model class, its tensors and the config.json keys it needs."""
+
+    architecture: str
+    tensors: dict[str, Tensor]
+    config: dict[str, Any]
+
+
+def with_eos_template(tokenizer: Tokenizer) -> Tokenizer:
+    """A copy of `tokenizer` whose post-processor appends EOS (A EOS, pairs A EOS B EOS), for exports of models lmforge
+    fed `text EOS`: T5's inputs, a decoder classifier's texts. lmforge itself encodes without it."""
+    copy = Tokenizer(HFTokenizer.from_str(tokenizer.backend.to_str()))
+    if tokenizer.eos_id is not None:
+        eos = tokenizer.backend.id_to_token(tokenizer.eos_id)
+        copy.backend.post_processor = processors.TemplateProcessing(
+            single=f"$A {eos}", pair=f"$A {eos} $B:1 {eos}:1", special_tokens=[(eos, tokenizer.eos_id)])
+    return copy
+
+
+def write_hf_tokenizer(tokenizer: Tokenizer, path: Path, max_len: int,
+                       chat_template: ChatTemplate | None = None) -> dict[str, int | None]:
+    """tokenizer.json and tokenizer_config.json (with the chat template as Jinja) for a decoder, as
+    `AutoTokenizer` reads them; returns the bos/eos/pad token ids."""
+    source = None if chat_template is None else jinja_chat_template(chat_template)  # may refuse: before writing
+    tokenizer.save(path)
+    ids = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    tok_config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
+                                  "clean_up_tokenization_spaces": False}
+    for role in ("bos", "eos", "pad"):
+        if ids[f"{role}_token_id"] is not None:
+            tok_config[f"{role}_token"] = tokenizer.backend.id_to_token(ids[f"{role}_token_id"])
+    if source is not None:
+        tok_config["chat_template"] = source
+    atomic_write_text(path / TOKENIZER_CONFIG_FILE, json.dumps(tok_config, indent=2) + "\n")
+    return ids
+
+
+def export_hf(model: DecoderLM, tokenizer: Tokenizer | None, path: str | Path,
+              chat_template: ChatTemplate | None = None, head: HFHead | None = None) -> Path:
+    """Write `path` as an HF `save_pretrained` dir (float32); config.json is written last.
+
+    A causal LM gets generation_config.json, whose `eos_token_id` lists every token that ends a reply in
+    `chat_template` (end of turn and EOS), so transformers' generate stops where lmforge does; the template
+    itself goes into tokenizer_config.json. With `head`, the backbone is written under the head's class
+    (e.g. GPT2ForSequenceClassification) instead of the LM head."""
     path = Path(path)
     cfg = model.cfg
     hf_config = config_to_hf(cfg)
     require_tokenizer_fits(tokenizer, cfg.vocab_size)
+    if chat_template is not None and tokenizer is None:
+        raise ConfigError("a chat template needs the tokenizer it renders with; pass the model's tokenizer")
     weights = _to_hf_names(model, hf_config["model_type"])
-    path.mkdir(parents=True, exist_ok=True)
+    if head is not None:
+        weights.pop("lm_head.weight", None)
+        weights |= {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in head.tensors.items()}
+        hf_config.update(head.config, architectures=[head.architecture])
+    ids: dict[str, Any] = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if tokenizer is not None:
+        ids = write_hf_tokenizer(tokenizer, path, cfg.max_seq_len, chat_template)
     atomic_write(path / WEIGHTS_FILE, lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
-    ids = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    if tokenizer is None:  # a stale tokenizer from an earlier export would otherwise be picked up
+    if tokenizer is None:  # files an earlier export left would otherwise be picked up
         for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
             (path / name).unlink(missing_ok=True)
+    if head is None and tokenizer is not None:
+        stops = chat_template.stop_ids if chat_template is not None else []
+        eos = list(dict.fromkeys(stops + ([ids["eos_token_id"]] if ids["eos_token_id"] is not None else [])))
+        generation = {**ids, "eos_token_id": eos or None}
+        atomic_write_text(path / GENERATION_CONFIG_FILE, json.dumps(generation, indent=2) + "\n")
     else:
-        tokenizer.save(path)
-        ids = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-                   pad_token_id=tokenizer.pad_id)
-        tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
-                      "clean_up_tokenization_spaces": False}
-        for role in ("bos", "eos", "pad"):
-            if ids[f"{role}_token_id"] is not None:
-                tok_config[f"{role}_token"] = tokenizer.backend.id_to_token(ids[f"{role}_token_id"])
-        atomic_write_text(path / TOKENIZER_CONFIG_FILE, json.dumps(tok_config, indent=2) + "\n")
+        (path / GENERATION_CONFIG_FILE).unlink(missing_ok=True)
     hf_config.update(ids, dtype="float32", torch_dtype="float32")
     atomic_write_text(path / CONFIG_FILE, json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     return path

@@ -3,9 +3,9 @@ checkpoints into `EncoderModel`, export back.
 
 `load_hf_bert(dir)` reads a `save_pretrained` directory (weight names with or without the `bert.`
 prefix) and returns a model whose fp32 hidden states and MLM logits match transformers'.
-`export_hf_bert(model, tok, dir)` writes one that `BertForMaskedLM.from_pretrained` (or, given a
-classifier, `BertForSequenceClassification`) loads with the same outputs. Any HF setting lmforge
-cannot honour is a `ConfigError` naming the field. Weights are loaded as float32.
+`export_hf_bert(model, tok, dir)` writes one that `BertForMaskedLM.from_pretrained` (or, given a task
+head, `BertForSequenceClassification` / `BertForTokenClassification`) loads with the same outputs. Any HF
+setting lmforge cannot honour is a `ConfigError` naming the field. Weights are loaded as float32.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
-from torch import Tensor, nn
+from torch import Tensor
 
 from lmforge.config import EncoderConfig
 from lmforge.errors import CheckpointError, ConfigError
@@ -31,6 +31,7 @@ from lmforge.model.hf import (
     CONFIG_FILE,
     TOKENIZER_CONFIG_FILE,
     WEIGHTS_FILE,
+    HFHead,
     check_hf_weights,
     hf_activation,
     hf_field,
@@ -39,9 +40,10 @@ from lmforge.model.hf import (
     require_hf_value,
     require_tokenizer_fits,
 )
-from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
+from lmforge.tokenizer import CLS, SEP, TOKENIZER_FILE, Tokenizer
 
 VOCAB_FILE = "vocab.txt"
+POOLED_HEADS = {"BertForSequenceClassification": True, "BertForTokenClassification": False}  # class -> has pooler
 BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 # HF module (without "bert.") -> lmforge module; per-layer modules below.
@@ -179,12 +181,20 @@ def wordpiece_tokenizer(path: str | Path) -> Tokenizer:
         strip_accents=tok_config.get("strip_accents"), lowercase=tok_config.get("do_lower_case", True),
     )
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    cls, sep = ("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])
-    backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[cls, sep])
     backend.decoder = decoders.WordPiece(prefix="##")
     backend.add_special_tokens([t for t in BERT_SPECIAL_TOKENS if t in vocab])
-    return Tokenizer(backend)
+    return with_bert_template(Tokenizer(backend))
+
+
+def with_bert_template(tokenizer: Tokenizer) -> Tokenizer:
+    """A copy of `tokenizer` whose post-processor adds [CLS] A [SEP] (B [SEP], segment 1) as transformers' BERT
+    tokenizers do: the layout lmforge feeds encoders (`task_data`). lmforge itself encodes without it."""
+    copy = Tokenizer(HFTokenizer.from_str(tokenizer.backend.to_str()))
+    cls, sep = tokenizer.token_id(CLS), tokenizer.token_id(SEP)
+    if cls is not None and sep is not None:
+        copy.backend.post_processor = processors.TemplateProcessing(
+            single=f"{CLS} $A {SEP}", pair=f"{CLS} $A {SEP} $B:1 {SEP}:1", special_tokens=[(CLS, cls), (SEP, sep)])
+    return copy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,25 +237,22 @@ def load_hf_bert(path: str | Path) -> tuple[EncoderModel, Tokenizer | None, dict
 
 
 def export_hf_bert(model: EncoderModel, tokenizer: Tokenizer | None, path: str | Path,
-                   classifier: nn.Linear | None = None) -> Path:
+                   head: HFHead | None = None) -> Path:
     """Write `path` as an HF bert `save_pretrained` dir (float32); config.json is written last.
 
-    Without a classifier: `BertForMaskedLM` (encoder + MLM head), or `BertForPreTraining` (also
-    pooler + NSP head) when `cfg.nsp`. With one: `BertForSequenceClassification` (encoder + pooler
-    + classifier; the MLM head is left out)."""
+    Without a head: `BertForMaskedLM` (encoder + MLM head), or `BertForPreTraining` (also pooler + NSP
+    head) when `cfg.nsp`. With one (`lmforge.model.hf_heads`): its class, e.g. `BertForSequenceClassification`
+    (encoder + pooler + classifier) or `BertForTokenClassification` (encoder + classifier); no MLM head."""
     path = Path(path)
     cfg = model.cfg
     require_tokenizer_fits(tokenizer, cfg.vocab_size)
     hf_config = config_to_hf_bert(cfg)
-    if classifier is not None:
-        if classifier.in_features != cfg.d_model or classifier.bias is None:
-            raise ConfigError(f"classifier must be nn.Linear({cfg.d_model}, num_labels) with a bias, got {classifier}")
-        weights = _to_hf_names(model, pooler=True, mlm=False)
-        weights["classifier.weight"] = classifier.weight.detach().to("cpu", torch.float32).contiguous()
-        weights["classifier.bias"] = classifier.bias.detach().to("cpu", torch.float32).contiguous()
-        labels = range(classifier.out_features)
-        hf_config.update(architectures=["BertForSequenceClassification"],
-                         id2label={str(i): f"LABEL_{i}" for i in labels}, label2id={f"LABEL_{i}": i for i in labels})
+    if head is not None:
+        if head.architecture not in POOLED_HEADS:
+            raise ConfigError(f"no BERT head class {head.architecture!r}; supported: {sorted(POOLED_HEADS)}")
+        weights = _to_hf_names(model, pooler=POOLED_HEADS[head.architecture], mlm=False)
+        weights |= {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in head.tensors.items()}
+        hf_config.update(head.config, architectures=[head.architecture])
     else:
         weights = _to_hf_names(model, pooler=cfg.nsp, mlm=True)
         hf_config.update(architectures=["BertForPreTraining" if cfg.nsp else "BertForMaskedLM"])
@@ -256,14 +263,16 @@ def export_hf_bert(model: EncoderModel, tokenizer: Tokenizer | None, path: str |
         for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, VOCAB_FILE):
             (path / name).unlink(missing_ok=True)
     else:
-        tokenizer.save(path)
+        with_bert_template(tokenizer).save(path)  # transformers adds [CLS]/[SEP] as lmforge did in training
         pad_id = tokenizer.pad_id
         tok_config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast",
                                       "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
                                       "model_max_length": cfg.max_seq_len, "clean_up_tokenization_spaces": False}
-        for role, token in zip(("pad", "unk", "cls", "sep", "mask"), BERT_SPECIAL_TOKENS, strict=True):
-            if tokenizer.token_id(token) is not None:
-                tok_config[f"{role}_token"] = token
+        roles = dict(zip(("pad", "unk", "cls", "sep", "mask"), map(tokenizer.token_id, BERT_SPECIAL_TOKENS),
+                         strict=True)) | {"pad": pad_id}  # lmforge's own tokenizers name it <|pad|>
+        for role, token_id in roles.items():
+            if token_id is not None:
+                tok_config[f"{role}_token"] = tokenizer.backend.id_to_token(token_id)
         atomic_write_text(path / TOKENIZER_CONFIG_FILE, json.dumps(tok_config, indent=2) + "\n")
     hf_config.update(pad_token_id=pad_id, dtype="float32", torch_dtype="float32")
     atomic_write_text(path / CONFIG_FILE, json.dumps(hf_config, indent=2, sort_keys=True) + "\n")

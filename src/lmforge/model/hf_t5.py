@@ -37,6 +37,7 @@ from lmforge.model.hf import (
     read_hf_weights,
     require_hf_value,
     require_tokenizer_fits,
+    with_eos_template,
 )
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -230,7 +231,7 @@ def export_hf_t5(model: EncDecLM, tokenizer: Tokenizer | None, path: str | Path)
         for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
             (path / name).unlink(missing_ok=True)
     else:
-        tokenizer.save(path)
+        with_eos_template(tokenizer).save(path)  # transformers appends EOS to inputs, as lmforge trained with
         ids = dict(eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
         if ids["pad_token_id"] is None:
             ids["pad_token_id"] = cfg.decoder_start_id

@@ -1,5 +1,6 @@
 """Export lmforge LoRA-family adapters in Hugging Face peft's format (see `lmforge.peft.lora`'s docstring for
-GPT-2's fused q/k/v, PiSSA and QLoRA), with the HF base model they apply to in `base/`."""
+GPT-2's fused q/k/v, PiSSA and QLoRA): a portable folder naming its base, or one with the base in `base/`.
+`lmforge.peft.peft_import` reads such folders back."""
 
 from __future__ import annotations
 
@@ -12,14 +13,15 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from lmforge.data.chat import ChatTemplate
 from lmforge.io import atomic_write, atomic_write_text
 from lmforge.model.decoder import DecoderLM
-from lmforge.model.hf import _LAYER, _PREFIX, config_to_hf, export_hf
+from lmforge.model.hf import _LAYER, _PREFIX, config_to_hf, export_hf, write_hf_tokenizer
 from lmforge.peft.lora import BASE_DIR, PEFT_CONFIG, PEFT_WEIGHTS, LoRAConfig, LoRALinear, adapter_layers, lora_layers
 from lmforge.tokenizer import Tokenizer
 
 
-def _hf_module(name: str, model_type: str) -> str:
+def hf_module_name(name: str, model_type: str) -> str:
     """lmforge Linear name -> HF module name (GPT-2's q/k/v all map to the fused c_attn)."""
     if name == "lm_head":
         return name
@@ -45,23 +47,31 @@ def _peft_factors(layer: LoRALinear, name: str) -> tuple[Tensor, Tensor, Tensor 
 
 
 def export_peft(model: DecoderLM, tokenizer: Tokenizer | None, path: str | Path, cfg: LoRAConfig,
-                adapter_name: str = "default") -> Path:
-    """Write adapter_model.safetensors + adapter_config.json in peft's format into `path` and the HF model they
-    apply to into `path/base`, so `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path / "base"),
-    path)` (or `AutoPeftModelForCausalLM.from_pretrained(path)`) gives lmforge's logits. The adapter is exported
-    alone, with weight 1; see the module docstring for GPT-2, PiSSA and QLoRA."""
+                adapter_name: str = "default", base_name: str | None = None,
+                chat_template: ChatTemplate | None = None) -> Path:
+    """Write adapter_model.safetensors + adapter_config.json in peft's format into `path`, with the tokenizer
+    files (and `chat_template` as Jinja) beside them, so that `PeftModel.from_pretrained(base, path)` or
+    `AutoPeftModelForCausalLM.from_pretrained(path)` gives lmforge's logits. The adapter is exported alone,
+    with weight 1; see the module docstring for GPT-2, PiSSA and QLoRA.
+
+    `base_name` (a hub id, or a path as the folder's users will reach it) makes the folder portable: it is
+    written as base_model_name_or_path and nothing else is. Without it, the HF model the adapter applies to
+    is written into `path/base` and named by its absolute path (a self-contained folder that stays put)."""
     path = Path(path)
     layers = adapter_layers(model, adapter_name, cfg)
     model_type = config_to_hf(model.cfg)["model_type"]
-    base = DecoderLM(model.cfg)
-    state = {k: v for k, v in model.state_dict().items() if k in base.state_dict()}
-    state |= {f"{n}.weight": m.original_weight() for n, m in lora_layers(model).items()}
-    base.load_state_dict(state)
-    export_hf(base, tokenizer, path / BASE_DIR)
-
+    if base_name is None:
+        base = DecoderLM(model.cfg)
+        state = {k: v for k, v in model.state_dict().items() if k in base.state_dict()}
+        state |= {f"{n}.weight": m.original_weight() for n, m in lora_layers(model).items()}
+        base.load_state_dict(state)
+        export_hf(base, tokenizer, path / BASE_DIR, chat_template)
+        base_name = str((path / BASE_DIR).resolve())
+    if tokenizer is not None:
+        write_hf_tokenizer(tokenizer, path, model.cfg.max_seq_len, chat_template)
     parts: dict[str, dict[str, tuple[Tensor, Tensor, Tensor | None]]] = {}
     for name, layer in layers.items():
-        parts.setdefault(_hf_module(name, model_type), {})[name] = _peft_factors(layer, adapter_name)
+        parts.setdefault(hf_module_name(name, model_type), {})[name] = _peft_factors(layer, adapter_name)
     tensors: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
     for hf_name, factors in parts.items():
@@ -87,7 +97,7 @@ def export_peft(model: DecoderLM, tokenizer: Tokenizer | None, path: str | Path,
     r, _ = Counter(ranks.values()).most_common(1)[0]
     pattern = {re.escape(n): k for n, k in ranks.items() if k != r}
     peft_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str((path / BASE_DIR).resolve()),
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
         "r": r, "lora_alpha": cfg.scaling * r, "lora_dropout": cfg.dropout, "target_modules": sorted(ranks),
         "rank_pattern": pattern, "alpha_pattern": {n: cfg.scaling * k for n, k in pattern.items()},
         "use_dora": cfg.method == "dora", "fan_in_fan_out": model_type == "gpt2", "bias": "none",

@@ -232,9 +232,11 @@ def _single_process() -> None:
         raise ConfigError("PPO and GRPO run in a single process; launch them without torchrun")
 
 
-def _finish(policy: DecoderLM, tokenizer: Tokenizer | None, cfg: PPOConfig | GRPOConfig, result: TrainResult,
+def _finish(policy: DecoderLM, tokenizer: Tokenizer | None, run_config: RLRunConfig, result: TrainResult,
             rewards: list[float]) -> RLResult:
-    policy_dir = save_checkpoint(policy, tokenizer, Path(cfg.train.out_dir) / "policy", peft=cfg.peft)
+    """Save the policy to out_dir/policy with the run's config (its chat template travels to an export)."""
+    cfg = run_config.ppo or run_config.grpo
+    policy_dir = save_checkpoint(policy, tokenizer, Path(cfg.train.out_dir) / "policy", run_config=run_config)
     return RLResult(result, policy_dir, rewards)
 
 
@@ -291,7 +293,7 @@ def run_ppo(policy: DecoderLM, prompts: Sequence[Prompt], reward_fn: RewardFn, c
     run_config = RLRunConfig(model=policy.cfg, peft=cfg.peft, algorithm="ppo", ppo=cfg)
     result = train(model, tc, batch_at, loss_fn, run_config=run_config, tokenizer=tokenizer, resume=resume,
                    perplexity=False)
-    return _finish(policy, tokenizer, cfg, result, rewards)
+    return _finish(policy, tokenizer, run_config, result, rewards)
 
 
 # -- GRPO --------------------------------------------------------------------------------------------------
@@ -337,7 +339,7 @@ def run_grpo(policy: DecoderLM, prompts: Sequence[Prompt], reward_fn: RewardFn, 
     run_config = RLRunConfig(model=policy.cfg, peft=cfg.peft, algorithm="grpo", grpo=cfg)
     result = train(policy, tc, batch_at, loss_fn, run_config=run_config, tokenizer=tokenizer, resume=resume,
                    perplexity=False)
-    return _finish(policy, tokenizer, cfg, result, rewards)
+    return _finish(policy, tokenizer, run_config, result, rewards)
 
 
 # -- stages: the SFT policy, the prompts and the reward, from files --------------------------------------

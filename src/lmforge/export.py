@@ -1,0 +1,91 @@
+"""`lmforge export RUN`: a run or checkpoint as a Hugging Face model dir or a peft adapter folder.
+
+What the run recorded in its config.yaml travels with the export: the chat template of an SFT, DPO or RL
+run (as Jinja, with its stop tokens), the label names of a fine-tuned classifier, and the PEFT method, which
+`--format hf` merges into the weights first and `--format peft` writes as a portable adapter folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmforge.errors import ConfigError
+
+FORMATS = ("hf", "peft")
+_TRAINING_SECTIONS = ("sft", "dpo", "ppo", "grpo", "reward", "finetune")  # config.yaml sections naming the base
+
+
+@dataclass
+class Exported:
+    path: Path
+    note: str  # one line for the user: what was written, and any caveat
+
+
+def recorded_training(tree: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(chat template name, starting model) a checkpoint's config.yaml records, each None when it has none."""
+    for key in _TRAINING_SECTIONS:
+        section = tree.get(key)
+        if isinstance(section, dict):
+            return section.get("template"), section.get("base") or section.get("policy")
+    return None, None
+
+
+def run_chat_template(tree: dict[str, Any], tokenizer: Any) -> Any:
+    """The `ChatTemplate` a run trained with (an `hf` one read from its starting model's dir), or None."""
+    name, base = recorded_training(tree)
+    if name is None or tokenizer is None:
+        return None
+    from lmforge.data.chat import get_chat_template
+
+    return get_chat_template(name, tokenizer, base)
+
+
+def _default_base_name(ckpt: Path, base: str | None) -> str:
+    from lmforge.model.hf import is_hf_dir
+
+    if base and is_hf_dir(base):
+        return str(Path(base).resolve())
+    found = f"its base {base!r} is not a Hugging Face model dir" if base else "it records no base model"
+    raise ConfigError(f"{ckpt}: {found}, so the adapter cannot name one; pass --base-name NAME (a hub id, or the "
+                      f"dir of `lmforge export {base or 'BASE'} --format hf --out DIR`)")
+
+
+def export_run(checkpoint: str | Path, fmt: str, out: str | Path, base_name: str | None = None) -> Exported:
+    """Export the run or checkpoint dir `checkpoint` as `fmt` (hf or peft) into `out`."""
+    import lmforge
+    from lmforge.checkpoint import read_config_tree, resolve_checkpoint
+    from lmforge.config import PeftConfig
+    from lmforge.peft.config import LORA_METHODS, lora_config, merge_peft
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    ckpt = resolve_checkpoint(checkpoint)
+    tree = read_config_tree(ckpt)
+    peft = PeftConfig.model_validate(tree["peft"]) if tree.get("peft") else None
+    if fmt == "hf" and base_name is not None:
+        raise ConfigError("--base-name names the base of a peft adapter folder; it goes with --format peft")
+    if fmt == "peft" and (peft is None or peft.method not in LORA_METHODS):
+        trained = f"trained with --peft {peft.method}" if peft else "not trained with --peft"
+        raise ConfigError(f"{ckpt} was {trained}; the peft format holds LoRA-family adapters ("
+                          f"{', '.join(LORA_METHODS)}); use --format hf")
+    if fmt == "peft" and tree.get("task"):
+        raise ConfigError(f"{ckpt} is a '{tree['task']}' task model; the peft format holds causal-LM adapters, "
+                          "so use --format hf (which merges the adapter into the task model)")
+    model, tokenizer = lmforge.load(ckpt)
+    template = run_chat_template(tree, tokenizer)
+    if fmt == "hf":
+        if peft is not None:
+            model = merge_peft(model, peft)
+        path = lmforge.export_hf(model, tokenizer, out, chat_template=template, labels=tree.get("labels"))
+        merged = f" ({peft.method} merged into the weights)" if peft else ""
+        chat = f", chat template {template.name}" if template is not None else ""
+        return Exported(path, f"wrote a Hugging Face model{merged}{chat} -> {path}")
+    from lmforge.peft.export import export_peft
+
+    base_name = base_name or _default_base_name(ckpt, recorded_training(tree)[1])
+    path = export_peft(model, tokenizer, out, lora_config(peft), base_name=base_name, chat_template=template)
+    caveat = ("; note: QLoRA trained against the NF4-quantised base, so on the full-precision base the outputs "
+              "differ by the quantisation error") if peft.method == "qlora" else ""
+    return Exported(path, f"wrote a peft {peft.method} adapter for base {base_name} -> {path}{caveat}")

@@ -1,0 +1,145 @@
+"""Read a Hugging Face peft LoRA/DoRA adapter folder onto an lmforge decoder: the inverse of `export_peft`.
+
+A peft folder holds adapter_config.json (``peft_type``, ``r``, ``lora_alpha``, ``base_model_name_or_path``,
+...) and adapter_model.safetensors (``base_model.model.<HF module>.lora_A.weight`` [r, in], ``lora_B.weight``
+[out, r], DoRA's ``lora_magnitude_vector`` [out]). Each HF module becomes a `LoRALinear` adapter on the lmforge
+Linear it names; GPT-2's fused ``c_attn`` gives its q, k and v layers the same A and their rows of B (and of
+the magnitude), which computes exactly what the fused layer does. What lmforge cannot reproduce (another
+peft type, bias training, extra trainable modules, a module lmforge does not have) is refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from lmforge.errors import CheckpointError
+from lmforge.model.decoder import DecoderLM
+from lmforge.model.hf import config_to_hf
+from lmforge.peft.export import hf_module_name
+from lmforge.peft.lora import PEFT_CONFIG, PEFT_WEIGHTS, LoRAConfig, LoRALinear
+
+ADAPTER_NAME = "default"
+_KEY_RE = re.compile(r"base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)")
+# adapter_config.json keys whose non-default values change what the adapter computes in ways lmforge does not
+_REFUSED = {"bias": "none", "lora_bias": False, "modules_to_save": None, "layer_replication": None,
+            "target_parameters": None, "trainable_token_indices": None}
+
+
+def read_peft_config(path: str | Path) -> dict[str, Any] | None:
+    """adapter_config.json of a peft folder as a dict, or None when `path` is not one."""
+    config_file = Path(path) / PEFT_CONFIG
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) and "peft_type" in config else None
+
+
+def peft_base(path: str | Path, base: str | Path | None = None) -> Path:
+    """The local directory of the base model a peft folder applies to: `base`, else its base_model_name_or_path."""
+    config = read_peft_config(path) or {}
+    named = config.get("base_model_name_or_path")
+    if base is not None:
+        named = str(base)
+    if not named or not Path(named).is_dir():
+        what = f"names base model {named!r}" if named else "names no base model"
+        raise CheckpointError(f"{Path(path) / PEFT_CONFIG} {what}, which is not a local directory (lmforge does not "
+                              "download models); pass the base's directory with --base PATH (Python: "
+                              "lmforge.load(adapter_dir, base=PATH))")
+    return Path(named)
+
+
+def _check_config(config_file: Path, config: dict[str, Any]) -> None:
+    if config.get("peft_type") != "LORA":
+        raise CheckpointError(f"{config_file}: peft_type={config.get('peft_type')!r} is not supported (only LORA, "
+                              "with or without DoRA)")
+    if config.get("task_type") not in (None, "CAUSAL_LM"):
+        raise CheckpointError(f"{config_file}: task_type={config['task_type']!r} is not supported (only CAUSAL_LM)")
+    for key, default in _REFUSED.items():
+        if config.get(key, default) not in (default, [], {}):
+            raise CheckpointError(f"{config_file}: {key}={config[key]!r} is not supported by lmforge (needs "
+                                  f"{key}={default!r})")
+
+
+def _scaling(config: dict[str, Any], hf_name: str, r: int) -> float:
+    """peft's scaling for one module: its alpha (alpha_pattern, else lora_alpha) over r, or sqrt(r) (rsLoRA)."""
+    alpha = config.get("lora_alpha", 8)
+    for key, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({key})$", hf_name):
+            alpha = value
+            break
+    return alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+
+
+def _lmforge_linears(model: DecoderLM, model_type: str) -> dict[str, list[tuple[str, nn.Linear]]]:
+    """HF module name -> the lmforge Linear layers it stands for (GPT-2's c_attn: q, k, v in that order)."""
+    out: dict[str, list[tuple[str, nn.Linear]]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            out.setdefault(hf_module_name(name, model_type), []).append((name, module))
+    return out
+
+
+def load_peft_adapter(model: DecoderLM, path: str | Path) -> None:
+    """Put the peft adapter in `path` on `model` (its base), active; everything is checked before the model is
+    touched. Raises CheckpointError naming what does not fit."""
+    path = Path(path)
+    config_file, weights_file = path / PEFT_CONFIG, path / PEFT_WEIGHTS
+    config = read_peft_config(path)
+    if config is None:
+        raise CheckpointError(f"{config_file}: not a peft adapter config (no peft_type)")
+    _check_config(config_file, config)
+    try:
+        tensors = load_file(str(weights_file))
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"{weights_file}: cannot read adapter weights: {err}") from None
+    model_type = config_to_hf(model.cfg)["model_type"]
+    linears = _lmforge_linears(model, model_type)
+    parts: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        m = _KEY_RE.fullmatch(key)
+        if m is None or m[1] not in linears:
+            raise CheckpointError(f"{weights_file}: '{key}' is not a LoRA weight of a Linear layer this "
+                                  f"{model_type} base has (e.g. base_model.model.{next(iter(linears))}.lora_A.weight)")
+        parts.setdefault(m[1], {})[m[2].split(".")[0]] = tensor
+    counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    plan: list[tuple[str, LoRAConfig, dict[str, Tensor]]] = []
+    for hf_name, found in parts.items():
+        layers = linears[hf_name]
+        A, B, magnitude = found.get("lora_A"), found.get("lora_B"), found.get("lora_magnitude_vector")
+        out_features = sum(m.out_features for _, m in layers)
+        if A is None or B is None or A.shape[1] != layers[0][1].in_features or B.shape != (out_features, A.shape[0]) \
+                or (magnitude is not None and magnitude.shape != (out_features,)):
+            shapes = {k: tuple(v.shape) for k, v in found.items()}
+            raise CheckpointError(f"{weights_file}: {hf_name} has LoRA tensors {shapes}, but this base's layer is "
+                                  f"[{out_features}, {layers[0][1].in_features}]")
+        if bool(config.get("use_dora")) != (magnitude is not None):
+            raise CheckpointError(f"{weights_file}: {hf_name} {'lacks' if config.get('use_dora') else 'has'} a DoRA "
+                                  f"magnitude, but use_dora={config.get('use_dora')!r}")
+        r = A.shape[0]
+        method = "dora" if magnitude is not None else "lora"
+        cfg = LoRAConfig(r=r, alpha=_scaling(config, hf_name, r) * r, method=method,
+                         targets=[name for name, _ in layers])
+        sizes = [m.out_features for _, m in layers]
+        rows = {"lora_B": B.split(sizes)}
+        if magnitude is not None:
+            rows["lora_magnitude"] = magnitude.split(sizes)
+        for i, (name, module) in enumerate(layers):
+            if counts[id(module.weight)] > 1:
+                raise CheckpointError(f"{weights_file}: the adapter changes {hf_name}, whose weight this base ties to "
+                                      "another (tied embeddings); untie them in the base or leave it out")
+            plan.append((name, cfg, {"lora_A": A} | {kind: split[i] for kind, split in rows.items()}))
+    for name, cfg, weights in plan:
+        layer = LoRALinear(model.get_submodule(name))
+        layer.add_adapter(ADAPTER_NAME, cfg, weights)
+        layer.set_active([ADAPTER_NAME])
+        model.set_submodule(name, layer)
