@@ -1,9 +1,10 @@
 """Checkpoint directories: safetensors weights + config.yaml + tokenizer.json (+ training state).
 
 A run directory holds `checkpoints/step_NNNNNNNN/` dirs and a `latest` file naming the newest
-complete one. A checkpoint is written into a hidden temp dir, every file fsynced, then renamed
-into place, and only then does `latest` move (atomically): a crash at any moment leaves the
-previous checkpoint as the latest, whole. Nothing is pickled; torch.load uses weights_only=True.
+complete one. A checkpoint is written into a hidden temp dir of its own, every file fsynced, then
+renamed into place, and only then does `latest` move (atomically): a crash at any moment leaves the
+previous checkpoint as the latest, whole; a full disk removes the partial temp dir and says so in
+one line. Nothing is pickled; torch.load uses weights_only=True.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.config import AnyModelConfig, PeftConfig, dump_config
 from lmforge.errors import CheckpointError
-from lmforge.io import atomic_write_text, fsync_dir
+from lmforge.io import atomic_write_text, disk_full_guard, fsync_dir, remove_dead_temps, unique_temp_path
 from lmforge.model import HEAD_TASKS, build_model, build_task_model, model_config_from_dict
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -44,6 +45,17 @@ def _unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             seen.add(t.data_ptr())
             out[name] = t.detach().contiguous()
     return out
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a (nested) dict/list/tuple: the size of a checkpoint's state, about."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def write_model_files(directory: Path, model: torch.nn.Module, tokenizer: Tokenizer | None, config: BaseModel) -> None:
@@ -71,17 +83,24 @@ class _ModelOnly(BaseModel):
     peft: PeftConfig | None = None
 
 
+def write_model_dir(path: Path, model: torch.nn.Module, tokenizer: Tokenizer | None, config: BaseModel) -> Path:
+    """Write config.yaml, model.safetensors and tokenizer.json as the dir `path`, atomically (a temp dir of its
+    own, renamed into place); a full disk raises DiskFullError and leaves `path` as it was."""
+    tmp = unique_temp_path(path)
+    remove_dead_temps(path)  # left by a save that was killed
+    with disk_full_guard(path.parent, tensor_bytes(_unique_state_dict(model)), path.name,
+                         cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True), kept=f"{path} was left as it was"):
+        write_model_files(tmp, model, tokenizer, config)
+        publish_dir(tmp, path)
+    return path
+
+
 def save(model: torch.nn.Module, tokenizer: Tokenizer | None, path: str | Path,
          peft: PeftConfig | None = None, run_config: BaseModel | None = None) -> Path:
     """Save a model (and tokenizer) as an lmforge checkpoint dir, atomically; `peft` records the method a
     parameter-efficient model carries, so that loading rebuilds it. `run_config` (with `model` and `peft`
     sections) replaces both in config.yaml, recording how the model was trained (e.g. its chat template)."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_model_files(tmp, model, tokenizer, run_config or _ModelOnly(model=model.cfg, peft=peft))
-    publish_dir(tmp, path)
-    return path
+    return write_model_dir(Path(path), model, tokenizer, run_config or _ModelOnly(model=model.cfg, peft=peft))
 
 
 def write_training_checkpoint(
@@ -97,20 +116,45 @@ def write_training_checkpoint(
 ) -> Path:
     """Write checkpoints/step_N atomically, point `latest` at it, prune all but `keep` newest.
 
-    `rng` holds each process's RNG states in rank order (one entry in a single-process run)."""
+    `rng` holds each process's RNG states in rank order (one entry in a single-process run). A full disk raises
+    DiskFullError; the partial checkpoint is removed and `latest` still names the previous one."""
     ckpt_root = run_dir / "checkpoints"
     final = ckpt_root / f"step_{step:08d}"
-    tmp = ckpt_root / f".step_{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_model_files(tmp, model, tokenizer, config)
-    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-    torch.save(rng, tmp / RNG_FILE)
-    (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=1))
-    publish_dir(tmp, final)
-    atomic_write_text(run_dir / LATEST_FILE, final.relative_to(run_dir).as_posix() + "\n")
+    tmp = unique_temp_path(final)
+    latest = run_dir / LATEST_FILE
+    pointer = final.relative_to(run_dir).as_posix()
+    previous = _latest_pointer(run_dir)
+    opt_state = optimizer.state_dict()
+
+    def remove_partial() -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _latest_pointer(run_dir) != pointer:
+            shutil.rmtree(final, ignore_errors=True)  # renamed into place, but `latest` never named it
+
+    kept = (f"{latest} still names {previous}, which is intact; free some space, then continue with --resume"
+            if previous else "no checkpoint of this run was kept; free some space, then start it again")
+    needed = tensor_bytes(_unique_state_dict(model)) + tensor_bytes(opt_state) + tensor_bytes(rng)
+    with disk_full_guard(ckpt_root, needed, f"checkpoint {final.name}", cleanup=remove_partial, kept=kept):
+        write_model_files(tmp, model, tokenizer, config)
+        torch.save(opt_state, tmp / OPTIMIZER_FILE)
+        torch.save(rng, tmp / RNG_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=1))
+        publish_dir(tmp, final)
+        atomic_write_text(latest, pointer + "\n")
     for old in [d for d in sorted(ckpt_root.glob("step_*")) if d.name < final.name][: -keep + 1 or None]:
         shutil.rmtree(old, ignore_errors=True)  # older than this one, beyond the `keep` newest
     return final
+
+
+def _latest_pointer(run_dir: Path) -> str | None:
+    latest = run_dir / LATEST_FILE
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def remove_stale_temp_dirs(run_dir: Path) -> None:
+    """Remove the temp dirs of checkpoints whose writer was killed (call it holding the run dir's lock)."""
+    for tmp in (run_dir / "checkpoints").glob(".step_*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -63,7 +63,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
     overrides = args.overrides + ([f"objective={args.objective}"] if args.objective else [])
     config = load_config(PretrainConfig, args.config, overrides)
-    result = pretrain(config, resume=args.resume)
+    result = pretrain(config, resume=args.resume, accept_config_change=args.accept_config_change)
     val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     print(f"done: step {result.step}, train loss {result.train_loss:.4f}{val}; checkpoint {result.checkpoint}")
 
@@ -92,7 +92,7 @@ class Flag:
 @dataclass(frozen=True)
 class Stage:
     config: str  # "module:Class" of the stage's pydantic config
-    run: str  # "module:function(config, resume) -> result"
+    run: str  # "module:function(config, resume, accept_config_change) -> result"
     flags: tuple[Flag, ...]
 
 
@@ -129,7 +129,14 @@ def cmd_stage(args: argparse.Namespace) -> None:
             value = "[" + ",".join(map(str, value)) + "]"
         overrides.append(f"{flag.key}={value}")
     config = load_config(_import(stage.config), args.config, overrides + args.overrides)
-    print(_describe(_import(stage.run)(config, resume=args.resume)))
+    run = _import(stage.run)
+    print(_describe(run(config, resume=args.resume, accept_config_change=args.accept_config_change)))
+
+
+def _add_accept_config_change(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--accept-config-change", action="store_true",
+                   help="with --resume: continue although the config changed a key that alters the run (lr, model, "
+                        "data...); the change is printed and recorded in train.out_dir/config_changes.jsonl")
 
 
 def _stage_parser(sub, name: str, help: str, example: str, stage: Stage) -> None:
@@ -138,6 +145,7 @@ def _stage_parser(sub, name: str, help: str, example: str, stage: Stage) -> None
         p.add_argument(flag.name, help=flag.help, **flag.options)
     p.add_argument("--config", help="YAML with the same keys (flags win over it; --train.* overrides win over both)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
+    _add_accept_config_change(p)
     p.epilog += ("\n\nany config key can be overridden as --key.sub=value, e.g. --train.max_steps=500 "
                  "--train.out_dir=runs/x --train.lr=1e-4")
     p.set_defaults(func=cmd_stage, stage=stage, accepts_overrides=True)
@@ -398,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "span: T5 span corruption (encoder-decoder; --model.arch=encdec). Default: the config's")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in train.out_dir (bit-identical to an unbroken run)")
+    _add_accept_config_change(p)
     p.epilog += ("\n\nany config key can be overridden as --section.key=value, e.g. --train.lr=1e-3;"
                  "\nsections: model (architecture), data (dir of prepared shards), train (loop settings)")
     p.set_defaults(func=cmd_pretrain, accepts_overrides=True)

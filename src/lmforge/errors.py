@@ -19,3 +19,7 @@ class CheckpointError(LmforgeError):
 
 class TrainingError(LmforgeError):
     """Training cannot go on (e.g. a NaN loss): the message names the step."""
+
+
+class DiskFullError(LmforgeError):
+    """The disk filled up during a write: the message names the directory, the bytes needed and what was kept."""

@@ -9,13 +9,9 @@ renamed into place, like every checkpoint; nothing is pickled.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from lmforge.checkpoint import (
-    publish_dir,
-    write_model_files,
-)
+from lmforge.checkpoint import write_model_dir
 from lmforge.config import AnyModelConfig, StrictModel
 from lmforge.errors import ConfigError
 from lmforge.infer.quant import QuantConfig, quant_config, quantize_model
@@ -42,9 +38,5 @@ def quantize_checkpoint(src: str | Path, out: str | Path, bits: int = 8, group_s
         raise ConfigError(f"{src} carries PEFT adapters; merge them first, then quantize the merged checkpoint")
     report = quantize_model(model, cfg)
     cfg = cfg.model_copy(update={"tied_embedding": report["tied_embedding"]})  # what was done: false when untied
-    out = Path(out)
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_model_files(tmp, model, tokenizer, QuantizedCheckpointConfig(model=model.cfg, quant=cfg))
-    publish_dir(tmp, out)
+    out = write_model_dir(Path(out), model, tokenizer, QuantizedCheckpointConfig(model=model.cfg, quant=cfg))
     return out, report

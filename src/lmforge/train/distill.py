@@ -104,7 +104,7 @@ def _val_batches(tokens: np.ndarray, seq_len: int, cfg: TrainConfig) -> Callable
     return lambda: (val.batch(i) for i in range(n))
 
 
-def distill(config: DistillConfig, resume: bool = False) -> TrainResult:
+def distill(config: DistillConfig, resume: bool = False, accept_config_change: bool = False) -> TrainResult:
     """Distil config.teacher into the student on the shards in config.data.dir; checkpoints the student."""
     if not config.teacher:
         raise ConfigError("distillation needs a teacher (--teacher DIR)")
@@ -137,4 +137,5 @@ def distill(config: DistillConfig, resume: bool = False) -> TrainResult:
     batches = PackedBatches(shards.tokens("train"), seq_len, tcfg.batch_size, tcfg.seed)
     return train(student, tcfg, batches.batch, distill_loss_fn(teacher, config.temperature, config.alpha, vocab),
                  run_config=DistillCheckpointConfig(model=student.cfg, peft=config.peft, distill=config),
-                 tokenizer=tokenizer, val_batches=_val_batches(shards.tokens("val"), seq_len, tcfg), resume=resume)
+                 tokenizer=tokenizer, val_batches=_val_batches(shards.tokens("val"), seq_len, tcfg), resume=resume,
+                 accept_config_change=accept_config_change)

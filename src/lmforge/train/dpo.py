@@ -137,7 +137,8 @@ def preference_metrics(model: nn.Module, batches: Iterable[Batch], beta: float, 
     return {"reward_accuracy": correct / max(total, 1), "reward_margin": margin / max(total, 1)}
 
 
-def train_dpo(config: DPOConfig, resume: bool = False) -> tuple[TrainResult, dict[str, float]]:
+def train_dpo(config: DPOConfig, resume: bool = False,
+              accept_config_change: bool = False) -> tuple[TrainResult, dict[str, float]]:
     """DPO/IPO-train config.base on config.train_file; (train result, held-out metrics on config.eval_file)."""
     if not config.base or not config.train_file:
         raise ConfigError("DPO needs a starting policy (--base DIR) and preference pairs (--train-file FILE)")
@@ -175,7 +176,8 @@ def train_dpo(config: DPOConfig, resume: bool = False) -> tuple[TrainResult, dic
     val = first_batches(eval_batches, tcfg.eval_batches) if eval_batches else None
     run_config = DPOCheckpointConfig(model=policy.cfg, peft=config.peft, dpo=config)
     result = train(policy, tcfg, batch_at, loss_fn, run_config=run_config,
-                   tokenizer=tokenizer, val_batches=val, resume=resume, perplexity=False)
+                   tokenizer=tokenizer, val_batches=val, resume=resume, accept_config_change=accept_config_change,
+                   perplexity=False)
     scores = preference_metrics(policy, eval_batches, config.beta, tcfg.precision) if eval_batches else {}
     if scores:
         append_metrics(Path(tcfg.out_dir) / METRICS_FILE, {"step": result.step,

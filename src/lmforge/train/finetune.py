@@ -21,6 +21,7 @@ from lmforge.data import task_data
 from lmforge.errors import ConfigError
 from lmforge.infer.generate import SamplingConfig, generate_ids
 from lmforge.infer.generate_encdec import generate_encdec
+from lmforge.io import append_line
 from lmforge.model import build_model, build_task_model
 from lmforge.model.heads import best_span
 from lmforge.peft.config import apply_peft_to_task_model, save_adapter_files
@@ -127,7 +128,7 @@ def _text2text_exact_match(model: torch.nn.Module, tokenizer: Tokenizer, example
     return hits / max(len(examples), 1)
 
 
-def finetune(config: FinetuneConfig, resume: bool = False) -> FinetuneResult:
+def finetune(config: FinetuneConfig, resume: bool = False, accept_config_change: bool = False) -> FinetuneResult:
     """Fine-tune config.base on config.train_file; evaluate on config.eval_file when given."""
     if not config.base or not config.train_file:
         raise ConfigError("finetune needs a base model (--base DIR) and training data (--train-file FILE)")
@@ -162,11 +163,12 @@ def finetune(config: FinetuneConfig, resume: bool = False) -> FinetuneResult:
         def val() -> list[dict[str, torch.Tensor]]:
             return [val_batch]
     result = train(model, config.train, batch_at, task_loss(config.task, arch), run_config=run_config,
-                   tokenizer=tokenizer, val_batches=val, resume=resume, perplexity=config.task == "text2text")
+                   tokenizer=tokenizer, val_batches=val, resume=resume, accept_config_change=accept_config_change,
+                   perplexity=config.task == "text2text")
     if config.peft is not None:
         save_adapter_files(model, config.peft, config.train.out_dir)
     metrics = evaluate_task(model, tokenizer, config.task, eval_examples, pad_id) if eval_examples else {}
     if metrics:
-        with open(Path(config.train.out_dir) / METRICS_FILE, "a") as f:
-            f.write(json.dumps({"step": result.step, **{f"eval_{k}": v for k, v in metrics.items()}}) + "\n")
+        append_line(Path(config.train.out_dir) / METRICS_FILE,
+                    json.dumps({"step": result.step, **{f"eval_{k}": v for k, v in metrics.items()}}))
     return FinetuneResult(result, metrics, labels)

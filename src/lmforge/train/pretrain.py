@@ -67,7 +67,7 @@ def validation_batches(config: PretrainConfig, tokens: np.ndarray, seq_len: int,
     return lambda: (val.batch(i) for i in range(n_val))
 
 
-def pretrain(config: PretrainConfig, resume: bool = False) -> TrainResult:
+def pretrain(config: PretrainConfig, resume: bool = False, accept_config_change: bool = False) -> TrainResult:
     """Pretrain on the shards in config.data.dir with config.objective; checkpoints go to config.train.out_dir."""
     mcfg, tcfg = config.model, config.train
     shards = load_shards(config.data.dir)
@@ -86,4 +86,5 @@ def pretrain(config: PretrainConfig, resume: bool = False) -> TrainResult:
     torch.manual_seed(tcfg.seed)
     model = build_model(mcfg)
     return train(model, tcfg, train_batches.batch, LOSSES[config.objective], run_config=config,
-                 tokenizer=tokenizer, val_batches=val_batches, resume=resume)
+                 tokenizer=tokenizer, val_batches=val_batches, resume=resume,
+                 accept_config_change=accept_config_change)

@@ -23,11 +23,12 @@ from torch import Tensor, nn
 import lmforge
 from lmforge.config import AnyModelConfig, PeftConfig, StrictModel, TrainConfig
 from lmforge.errors import ConfigError
+from lmforge.io import append_line
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.heads import last_token_index
 from lmforge.peft.config import apply_peft_to_task_model
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.trainer import METRICS_FILE, TrainResult, train
+from lmforge.train.trainer import METRICS_FILE, METRICS_KEPT, TrainResult, train
 
 Batch = dict[str, Tensor]
 
@@ -232,11 +233,11 @@ def pad_id_of(tokenizer: Tokenizer) -> int:
 
 
 def append_metrics(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_line(path, json.dumps(record), kept=METRICS_KEPT)
 
 
-def train_reward_model(config: RewardConfig, resume: bool = False) -> tuple[TrainResult, dict[str, float]]:
+def train_reward_model(config: RewardConfig, resume: bool = False,
+                       accept_config_change: bool = False) -> tuple[TrainResult, dict[str, float]]:
     """Train a reward model on config.train_file from config.base; (train result, held-out metrics)."""
     if not config.base or not config.train_file:
         raise ConfigError("reward model training needs a base model (--base DIR) and pairs (--train-file FILE)")
@@ -261,7 +262,8 @@ def train_reward_model(config: RewardConfig, resume: bool = False) -> tuple[Trai
     val = first_batches(eval_batches, tcfg.eval_batches) if eval_batches else None
     run_config = RewardCheckpointConfig(model=backbone.cfg, peft=config.peft, reward=config)
     result = train(model, tcfg, batch_at, partial(reward_pair_loss, metrics=metrics), run_config=run_config,
-                   tokenizer=tokenizer, val_batches=val, resume=resume, perplexity=False)
+                   tokenizer=tokenizer, val_batches=val, resume=resume, accept_config_change=accept_config_change,
+                   perplexity=False)
     scores = {"pairwise_accuracy": pairwise_accuracy(model, eval_batches)} if eval_batches else {}
     if scores:
         append_metrics(Path(tcfg.out_dir) / METRICS_FILE, {"step": result.step, "eval_pairwise_accuracy":

@@ -243,7 +243,7 @@ def _finish(policy: DecoderLM, tokenizer: Tokenizer | None, run_config: RLRunCon
 # -- PPO ---------------------------------------------------------------------------------------------------
 def run_ppo(policy: DecoderLM, prompts: Sequence[Prompt], reward_fn: RewardFn, config: PPOConfig, *,
             eos_id: int | Sequence[int] | None, pad_id: int = 0, tokenizer: Tokenizer | None = None,
-            resume: bool = False) -> RLResult:
+            resume: bool = False, accept_config_change: bool = False) -> RLResult:
     """PPO-RLHF of `policy` (in place) against a frozen copy of itself; single process."""
     _single_process()
     cfg, tc = config, config.train
@@ -292,14 +292,14 @@ def run_ppo(policy: DecoderLM, prompts: Sequence[Prompt], reward_fn: RewardFn, c
     batch_at = minibatch_stream(make_round, rows, cfg.minibatch_size, cfg.ppo_epochs, tc.seed, log)
     run_config = RLRunConfig(model=policy.cfg, peft=cfg.peft, algorithm="ppo", ppo=cfg)
     result = train(model, tc, batch_at, loss_fn, run_config=run_config, tokenizer=tokenizer, resume=resume,
-                   perplexity=False)
+                   accept_config_change=accept_config_change, perplexity=False)
     return _finish(policy, tokenizer, run_config, result, rewards)
 
 
 # -- GRPO --------------------------------------------------------------------------------------------------
 def run_grpo(policy: DecoderLM, prompts: Sequence[Prompt], reward_fn: RewardFn, config: GRPOConfig, *,
              eos_id: int | Sequence[int] | None, pad_id: int = 0, tokenizer: Tokenizer | None = None,
-             resume: bool = False) -> RLResult:
+             resume: bool = False, accept_config_change: bool = False) -> RLResult:
     """GRPO of `policy` (in place) against a frozen copy of itself; single process.
 
     Loss (Shao et al. 2024, eq. 3): mean over samples of the mean over its tokens of the clipped surrogate
@@ -338,7 +338,7 @@ def run_grpo(policy: DecoderLM, prompts: Sequence[Prompt], reward_fn: RewardFn, 
     batch_at = minibatch_stream(make_round, rows, cfg.minibatch_size, cfg.ppo_epochs, tc.seed, log)
     run_config = RLRunConfig(model=policy.cfg, peft=cfg.peft, algorithm="grpo", grpo=cfg)
     result = train(policy, tc, batch_at, loss_fn, run_config=run_config, tokenizer=tokenizer, resume=resume,
-                   perplexity=False)
+                   accept_config_change=accept_config_change, perplexity=False)
     return _finish(policy, tokenizer, run_config, result, rewards)
 
 
@@ -376,19 +376,21 @@ def load_rl_inputs(cfg: PPOConfig | GRPOConfig, stage: str) -> tuple[DecoderLM, 
     return policy, tokenizer, prompts, reward_fn, template.stop_ids
 
 
-def _stage(cfg: PPOConfig | GRPOConfig, stage: str, run: Callable[..., RLResult], resume: bool) -> RLResult:
+def _stage(cfg: PPOConfig | GRPOConfig, stage: str, run: Callable[..., RLResult], resume: bool,
+           accept_config_change: bool) -> RLResult:
     policy, tokenizer, prompts, reward_fn, stops = load_rl_inputs(cfg, stage)
     if cfg.peft is not None:  # before the reference copy and the value head: both see the adapted policy
         print(apply_peft(policy, cfg.peft))
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    return run(policy, prompts, reward_fn, cfg, eos_id=stops, pad_id=pad_id, tokenizer=tokenizer, resume=resume)
+    return run(policy, prompts, reward_fn, cfg, eos_id=stops, pad_id=pad_id, tokenizer=tokenizer, resume=resume,
+               accept_config_change=accept_config_change)
 
 
-def train_ppo(config: PPOConfig, resume: bool = False) -> RLResult:
+def train_ppo(config: PPOConfig, resume: bool = False, accept_config_change: bool = False) -> RLResult:
     """PPO-RLHF from config.policy on config.prompts; the trained policy is saved to train.out_dir/policy."""
-    return _stage(config, "ppo", run_ppo, resume)
+    return _stage(config, "ppo", run_ppo, resume, accept_config_change)
 
 
-def train_grpo(config: GRPOConfig, resume: bool = False) -> RLResult:
+def train_grpo(config: GRPOConfig, resume: bool = False, accept_config_change: bool = False) -> RLResult:
     """GRPO from config.policy on config.prompts; the trained policy is saved to train.out_dir/policy."""
-    return _stage(config, "grpo", run_grpo, resume)
+    return _stage(config, "grpo", run_grpo, resume, accept_config_change)

@@ -22,12 +22,13 @@ from torch import Tensor, nn
 
 from lmforge.errors import LmforgeError
 from lmforge.infer.generate import SamplingConfig, next_token
+from lmforge.io import append_line
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.heads import last_token_index
 from lmforge.model.layers import fused_qkv
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.logprobs import token_logprobs
-from lmforge.train.trainer import METRICS_FILE, Batch
+from lmforge.train.trainer import METRICS_FILE, METRICS_KEPT, Batch
 
 Prompt = tuple[list[int], dict[str, Any]]  # prompt token ids, task metadata for the verifier
 # reward of one sample: (prompt ids, response ids as written (closing stop token included), metadata) -> float
@@ -144,8 +145,7 @@ class StepLog:
         if self.index % self.grad_accum == self.grad_accum - 1:
             record = {"step": self.index // self.grad_accum + 1, **self.round,
                       **{k: v / self.grad_accum for k, v in self.sums.items()}}
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(self.path, json.dumps(record), kept=METRICS_KEPT)
             self.sums = {}
 
 

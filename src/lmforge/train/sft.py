@@ -37,7 +37,7 @@ class SFTCheckpointConfig(BaseModel):
     sft: SFTConfig
 
 
-def sft(config: SFTConfig, resume: bool = False) -> TrainResult:
+def sft(config: SFTConfig, resume: bool = False, accept_config_change: bool = False) -> TrainResult:
     """Fine-tune config.base on config.train_file's conversations; the result loads with `lmforge.load`."""
     if not config.base or not config.train_file:
         raise ConfigError("sft needs a base model (--base DIR) and conversations (--train-file FILE)")
@@ -69,7 +69,7 @@ def sft(config: SFTConfig, resume: bool = False) -> TrainResult:
     model.train()
     run_config = SFTCheckpointConfig(model=model.cfg, peft=config.peft, sft=config)
     result = train(model, config.train, batch_at, causal_lm_loss, run_config=run_config, tokenizer=tokenizer,
-                   val_batches=val, resume=resume)
+                   val_batches=val, resume=resume, accept_config_change=accept_config_change)
     if config.peft is not None:
         save_adapter_files(model, config.peft, config.train.out_dir)
     return result

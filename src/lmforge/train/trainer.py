@@ -25,18 +25,22 @@ from lmforge.checkpoint import (
     LATEST_FILE,
     load_weights,
     read_training_state,
+    remove_stale_temp_dirs,
     resolve_checkpoint,
     write_training_checkpoint,
 )
 from lmforge.config import TrainConfig
-from lmforge.errors import CheckpointError, TrainingError
-from lmforge.io import atomic_write_text
+from lmforge.errors import CheckpointError, ConfigError, TrainingError
+from lmforge.io import append_line, atomic_write_text
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.distributed import gather_objects, init_distributed, mean_across_ranks
+from lmforge.train.config_change import check_resume_config, record_config_change
+from lmforge.train.distributed import DistContext, gather_objects, init_distributed, mean_across_ranks
+from lmforge.train.run_lock import run_dir_lock
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
 METRICS_FILE = "metrics.jsonl"
+METRICS_KEPT = "the checkpoints are intact; free some space, then continue with --resume"
 
 
 @dataclass
@@ -100,17 +104,37 @@ def evaluate(model: torch.nn.Module, loss_fn: LossFn, batches: Iterable[Batch], 
     return total / n
 
 
+def read_metrics(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) for each line of a metrics.jsonl. A last line that is not a whole record was cut short by
+    a crash or a full disk and is dropped; a bad line before it is a CheckpointError naming file:line."""
+    numbered = [(i, line) for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()]
+    records = []
+    for lineno, line in numbered:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            if lineno == numbered[-1][0]:
+                break  # torn by an interrupted write
+            raise CheckpointError(f"{path}:{lineno} is not a JSON record and not the last line, so no interrupted "
+                                  "write cut it short; repair or delete that line, then resume again "
+                                  "(nothing was changed)")
+        records.append((line, record))
+    return records
+
+
 class MetricsLog:
-    """Append-only metrics.jsonl; on resume, records past the checkpoint's step are dropped."""
+    """Append-only metrics.jsonl; on resume, records past the checkpoint's step are dropped (and a last line
+    torn by a crash). A full disk truncates the file back to its last whole record."""
 
     def __init__(self, run_dir: Path, resume_step: int | None, tensorboard: bool):
         self.path = run_dir / METRICS_FILE
         if resume_step is not None and self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip()
-                    and json.loads(ln).get("step", 0) <= resume_step]
-            atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
+            kept = [line for line, record in read_metrics(self.path) if record.get("step", 0) <= resume_step]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None:
-            self.path.write_text("")
+            atomic_write_text(self.path, "")
         self.writer = None
         if tensorboard:
             try:
@@ -120,8 +144,7 @@ class MetricsLog:
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
     def log(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.path, json.dumps(record), kept=METRICS_KEPT)
         if self.writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
@@ -130,6 +153,30 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _restore_latest(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                    run_config: BaseModel, ctx: DistContext, device: torch.device,
+                    accept_config_change: bool) -> tuple[int, int, Path]:
+    """Load the latest checkpoint of `run_dir` into `model`, `optimizer` and the RNGs after checking it, and the
+    config's changes, completely; (step, tokens seen, checkpoint dir)."""
+    ckpt = resolve_checkpoint(run_dir)
+    state, opt_state, rng = read_training_state(ckpt)  # validates every file before changing anything
+    if len(rng["torch"]) != ctx.world_size:
+        raise CheckpointError(f"{ckpt} was written by {len(rng['torch'])} processes; resume it with as many "
+                              f"(this run has {ctx.world_size}) so the result stays exact")
+    if cfg.max_steps < state["step"]:
+        raise ConfigError(f"--resume: train.max_steps={cfg.max_steps} is below step {state['step']} of {ckpt}, "
+                          f"where the run resumes; set train.max_steps to {state['step']} or more")
+    changes = check_resume_config(ckpt, run_config, run_dir, accept_config_change)
+    load_weights(model, ckpt)
+    optimizer.load_state_dict(opt_state)
+    torch.set_rng_state(rng["torch"][ctx.rank])
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"][ctx.rank], device)
+    if changes and ctx.is_main:
+        record_config_change(run_dir, ckpt, state["step"], changes)
+    return state["step"], state["tokens_seen"], ckpt
 
 
 def train(
@@ -142,44 +189,50 @@ def train(
     tokenizer: Tokenizer | None = None,
     val_batches: Callable[[], Iterable[Batch]] | None = None,
     resume: bool = False,
+    accept_config_change: bool = False,
     perplexity: bool = True,
 ) -> TrainResult:
     """Train `model` for cfg.max_steps optimizer steps, checkpointing into cfg.out_dir.
 
     `run_config` is saved as config.yaml in every checkpoint (it must have a `model` section
     so the checkpoint loads with `lmforge.load`). `perplexity` adds exp(val loss) to the log:
-    meaningful for language-model losses only."""
+    meaningful for language-model losses only. The run holds cfg.out_dir's lock throughout (rank 0 for all
+    ranks). On `resume`, a config that differs from the checkpoint's in a key that changes the run is refused
+    unless `accept_config_change` (see `lmforge.train.config_change`)."""
     run_dir = Path(cfg.out_dir)
     device = resolve_device(cfg.device)
     ctx = init_distributed(device)
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
+    if resume and not (run_dir / LATEST_FILE).is_file():  # before the lock creates the dir
+        raise CheckpointError(f"--resume: no checkpoint in {run_dir} (missing {run_dir / LATEST_FILE})")
+    with run_dir_lock(run_dir) if ctx.is_main else nullcontext():
+        latest = run_dir / LATEST_FILE
+        if not resume and latest.is_file():
+            raise CheckpointError(f"{run_dir} already holds a run (latest: {latest.read_text().strip()}); pass "
+                                  "--resume to continue it, or pick another train.out_dir (nothing was changed)")
+        if ctx.is_main:
+            remove_stale_temp_dirs(run_dir)
+        return _train_holding_lock(model, cfg, batch_at, loss_fn, run_config=run_config, tokenizer=tokenizer,
+                                   val_batches=val_batches, resume=resume, accept_config_change=accept_config_change,
+                                   perplexity=perplexity, ctx=ctx, device=device)
+
+
+def _train_holding_lock(model: torch.nn.Module, cfg: TrainConfig, batch_at: Callable[[int], Batch], loss_fn: LossFn,
+                        *, run_config: BaseModel, tokenizer: Tokenizer | None,
+                        val_batches: Callable[[], Iterable[Batch]] | None, resume: bool, accept_config_change: bool,
+                        perplexity: bool, ctx: DistContext, device: torch.device) -> TrainResult:
+    run_dir = Path(cfg.out_dir)
     model.to(device).train()
     optimizer = build_optimizer(model, cfg)
     start_step, tokens_seen, resumed_from = 0, 0, None
-    if not resume and (run_dir / LATEST_FILE).is_file():
-        raise CheckpointError(f"{run_dir} already holds a run (latest: {(run_dir / LATEST_FILE).read_text().strip()});"
-                              " pass --resume to continue it, or pick another train.out_dir (nothing was changed)")
     if resume:
-        if not (run_dir / LATEST_FILE).is_file():
-            raise CheckpointError(f"--resume: no checkpoint in {run_dir} (missing {run_dir / LATEST_FILE})")
-        ckpt = resolve_checkpoint(run_dir)
-        state, opt_state, rng = read_training_state(ckpt)  # validates every file before changing anything
-        if len(rng["torch"]) != ctx.world_size:
-            raise CheckpointError(f"{ckpt} was written by {len(rng['torch'])} processes; resume it with as many "
-                                  f"(this run has {ctx.world_size}) so the result stays exact")
-        load_weights(model, ckpt)
-        optimizer.load_state_dict(opt_state)
-        torch.set_rng_state(rng["torch"][ctx.rank])
-        if "cuda" in rng and device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"][ctx.rank], device)
-        start_step, tokens_seen, resumed_from = state["step"], state["tokens_seen"], ckpt
+        start_step, tokens_seen, resumed_from = _restore_latest(run_dir, model, optimizer, cfg, run_config, ctx,
+                                                                device, accept_config_change)
     elif ctx.enabled:
         torch.manual_seed(cfg.seed + 1 + ctx.rank)  # each rank its own dropout noise
     ddp_model = DistributedDataParallel(model) if ctx.enabled else model
     forward_model = torch.compile(ddp_model) if cfg.compile else ddp_model
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(run_dir, start_step if resume else None, cfg.tensorboard) if ctx.is_main else None
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
