@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from lmforge.checkpoint import save
 from lmforge.cli import main
 from lmforge.config import ModelConfig, PeftConfig
 from lmforge.errors import CheckpointError
+from lmforge.model import build_model
 from lmforge.model.decoder import DecoderLM
 from lmforge.peft.config import apply_peft
 from lmforge.peft.lora import lora_layers
@@ -169,3 +171,22 @@ def test_lmforge_reads_an_adapter_peft_itself_made(tmp_path, tok, family):
         expected = model.eval()(ids).logits
         ours, _ = lmforge.load(tmp_path / "theirs")
         assert (ours(ids) - expected).abs().max() <= ATOL
+
+
+def test_saving_never_replaces_a_run_or_foreign_files(tmp_path: Path) -> None:
+    """lmforge.save / export_hf replace an earlier model dir whole, and refuse anything else in one line."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=64, max_seq_len=16, n_layer=1, n_head=2, d_model=16))
+    lmforge.save(model, None, tmp_path / "m")
+    lmforge.export_hf(model, None, tmp_path / "m")  # an lmforge dir becomes an HF dir: nothing of it is left
+    assert not (tmp_path / "m" / "config.yaml").exists() and (tmp_path / "m" / "config.json").is_file()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "latest").write_text("checkpoints/step_00000002\n")
+    for target, says in [("notes", "todo.txt"), ("run", "training run")]:
+        for write in (lmforge.save, lmforge.export_hf):
+            with pytest.raises(CheckpointError, match=says):
+                write(model, None, tmp_path / target)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "notes", "run"]  # no temp dir left behind

@@ -65,6 +65,13 @@ def export_hf(model, tokenizer, path: str | Path, *, chat_template=None, labels:
     (`labels` names its outputs). `chat_template` (lmforge, llama2, alpaca, or a `ChatTemplate`) is the format a
     chat model was trained with: it goes into tokenizer_config.json as Jinja and its stop tokens into
     generation_config.json's eos_token_id."""
+    from lmforge.checkpoint import tensor_bytes, write_dir
+
+    return write_dir(path, lambda tmp: _export_hf_into(model, tokenizer, tmp, chat_template, labels),
+                     tensor_bytes(model.state_dict()))
+
+
+def _export_hf_into(model, tokenizer, path: Path, chat_template, labels: list[str] | None) -> Path:
     if hasattr(model, "backbone"):  # a fine-tuned task model
         from lmforge.model.hf_heads import export_task_model
 

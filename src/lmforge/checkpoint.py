@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +70,8 @@ def write_model_files(directory: Path, model: torch.nn.Module, tokenizer: Tokeni
 
 def publish_dir(tmp: Path, final: Path) -> None:
     """fsync every file of `tmp`, then rename it to `final` (replacing an older one)."""
-    for f in tmp.iterdir():
-        _fsync_file(f)
+    for f in tmp.rglob("*"):
+        (fsync_dir if f.is_dir() else _fsync_file)(f)
     fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -83,16 +84,42 @@ class _ModelOnly(BaseModel):
     peft: PeftConfig | None = None
 
 
-def write_model_dir(path: Path, model: torch.nn.Module, tokenizer: Tokenizer | None, config: BaseModel) -> Path:
-    """Write config.yaml, model.safetensors and tokenizer.json as the dir `path`, atomically (a temp dir of its
-    own, renamed into place); a full disk raises DiskFullError and leaves `path` as it was."""
+def check_replaceable(path: Path) -> None:
+    """Refuse to write a model dir over anything but an earlier saved model (lmforge, Hugging Face or peft): a
+    run, a training checkpoint and a directory of other files are never replaced."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file; give a new or empty directory as the output")
+    names = sorted(p.name for p in path.iterdir())
+    state = [n for n in names if n in (LATEST_FILE, OPTIMIZER_FILE, STATE_FILE, "checkpoints")]
+    if state:
+        raise CheckpointError(f"{path} holds a training run or checkpoint ({', '.join(state)}); writing a model "
+                              "there would replace it: pick a new or empty output directory")
+    if names and not any(n in names for n in (CONFIG_FILE, "config.json", "adapter_config.json")):
+        raise CheckpointError(f"{path} already holds files that are not a saved model (e.g. {names[0]}); lmforge "
+                              "replaces only an earlier model dir: pick a new or empty output directory")
+
+
+def write_dir(path: str | Path, write: Callable[[Path], None], bytes_needed: int) -> Path:
+    """Call `write(tmp)` on a fresh temp dir of its own and rename it to `path` (replacing an earlier model dir,
+    never anything else); a full disk raises DiskFullError and leaves `path` as it was."""
+    path = Path(path)
+    check_replaceable(path)
     tmp = unique_temp_path(path)
     remove_dead_temps(path)  # left by a save that was killed
-    with disk_full_guard(path.parent, tensor_bytes(_unique_state_dict(model)), path.name,
+    with disk_full_guard(path.parent, bytes_needed, path.name,
                          cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True), kept=f"{path} was left as it was"):
-        write_model_files(tmp, model, tokenizer, config)
+        tmp.mkdir(parents=True)
+        write(tmp)
         publish_dir(tmp, path)
     return path
+
+
+def write_model_dir(path: Path, model: torch.nn.Module, tokenizer: Tokenizer | None, config: BaseModel) -> Path:
+    """Write config.yaml, model.safetensors and tokenizer.json as the dir `path`, atomically (`write_dir`)."""
+    return write_dir(path, lambda tmp: write_model_files(tmp, model, tokenizer, config),
+                     tensor_bytes(_unique_state_dict(model)))
 
 
 def save(model: torch.nn.Module, tokenizer: Tokenizer | None, path: str | Path,

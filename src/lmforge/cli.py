@@ -286,6 +286,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
         write((text if args.no_stream else "") + "\n")
 
 
+def _refuse_out_over_input(out: str, source: str) -> None:
+    """--out must not be the input, nor hold it: the new dir replaces --out whole."""
+    if Path(out).resolve() in (Path(source).resolve(), *Path(source).resolve().parents):
+        raise ConfigError(f"--out {out} would replace the input {source}, which this command reads; choose another "
+                          "--out")
+
+
 def cmd_merge(args: argparse.Namespace) -> None:
     import lmforge
     from lmforge.checkpoint import read_config_tree, resolve_checkpoint
@@ -293,6 +300,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
     from lmforge.export import export_run
     from lmforge.peft.config import merge_peft
 
+    _refuse_out_over_input(args.out, args.checkpoint)
     ckpt = resolve_checkpoint(args.checkpoint)
     tree = read_config_tree(ckpt)
     if not tree.get("peft"):
@@ -313,12 +321,14 @@ def cmd_merge(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from lmforge.export import export_run
 
+    _refuse_out_over_input(args.out, args.checkpoint)
     print(export_run(args.checkpoint, args.format, args.out, base_name=args.base_name).note)
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from lmforge.infer.quantize_stage import quantize_checkpoint
 
+    _refuse_out_over_input(args.out, args.checkpoint)
     path, report = quantize_checkpoint(args.checkpoint, args.out, args.bits, args.group_size,
                                        tied_embedding=not args.keep_fp32_embedding)
     tied = " (with the tied embedding)" if report["tied_embedding"] else ""

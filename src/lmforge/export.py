@@ -55,7 +55,7 @@ def _default_base_name(ckpt: Path, base: str | None) -> str:
 def export_run(checkpoint: str | Path, fmt: str, out: str | Path, base_name: str | None = None) -> Exported:
     """Export the run or checkpoint dir `checkpoint` as `fmt` (hf or peft) into `out`."""
     import lmforge
-    from lmforge.checkpoint import read_config_tree, resolve_checkpoint
+    from lmforge.checkpoint import read_config_tree, resolve_checkpoint, tensor_bytes, write_dir
     from lmforge.config import PeftConfig
     from lmforge.peft.config import LORA_METHODS, lora_config, merge_peft
 
@@ -85,7 +85,8 @@ def export_run(checkpoint: str | Path, fmt: str, out: str | Path, base_name: str
     from lmforge.peft.export import export_peft
 
     base_name = base_name or _default_base_name(ckpt, recorded_training(tree)[1])
-    path = export_peft(model, tokenizer, out, lora_config(peft), base_name=base_name, chat_template=template)
+    path = write_dir(out, lambda tmp: export_peft(model, tokenizer, tmp, lora_config(peft), base_name=base_name,
+                                                  chat_template=template), tensor_bytes(model.state_dict()))
     caveat = ("; note: QLoRA trained against the NF4-quantised base, so on the full-precision base the outputs "
               "differ by the quantisation error") if peft.method == "qlora" else ""
     return Exported(path, f"wrote a peft {peft.method} adapter for base {base_name} -> {path}{caveat}")
