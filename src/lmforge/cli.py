@@ -30,10 +30,13 @@ def _add_input_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from lmforge.data.readers import read_documents
+    from lmforge.io import require_dir_path
     from lmforge.tokenizer import train_tokenizer
 
+    require_dir_path(Path(args.out), "--out")  # before training, which may take minutes
     docs = read_documents(args.input, text_field=args.text_field, skip_bad_lines=args.skip_bad_lines)
     tokenizer = train_tokenizer(docs, args.vocab_size, min_frequency=args.min_frequency)
+    docs.require_text()
     path = tokenizer.save(args.out)
     skipped = f", {docs.skipped} bad lines skipped" if docs.skipped else ""
     print(f"trained a {tokenizer.vocab_size}-token byte-level BPE on {docs.documents} documents{skipped} -> {path}")
