@@ -315,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto measures fp32 and bf16 training speed first and uses the faster (default: auto)")
     p.add_argument("--out-dir", default="runs/demo",
-                   help="scratch dir for data, tokenizer and checkpoints (replaced on each demo run)")
+                   help="scratch dir for data, tokenizer and checkpoints (replaced on each demo run; must be "
+                        "missing, empty or an earlier demo's)")
     p.add_argument("--report-dir", default="report", help="where README.md and plots go (default: report)")
     p.set_defaults(func=cmd_demo)
 
