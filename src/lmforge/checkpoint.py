@@ -19,9 +19,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from safetensors.torch import load_file, save_file
 
-from lmforge.config import AnyModelConfig, PeftConfig, dump_config
-from lmforge.errors import CheckpointError
-from lmforge.io import atomic_write_text, fsync_dir
+from lmforge.config import AnyModelConfig, PeftConfig, dump_config, validation_summary, yaml_problem
+from lmforge.errors import CheckpointError, one_line
+from lmforge.io import atomic_write_text, fsync_dir, is_inside, read_utf8
 from lmforge.model import HEAD_TASKS, build_model, build_task_model, model_config_from_dict
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -113,13 +113,17 @@ def write_training_checkpoint(
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir itself, or a run dir whose `latest` file names one."""
+    """A checkpoint dir itself, or a run dir whose `latest` file names one inside it (symlinks followed)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     latest = path / LATEST_FILE
     if latest.is_file():
-        target = path / latest.read_text().strip()
+        name = latest.read_text(encoding="utf-8", errors="replace").strip()
+        target = path / name
+        if not is_inside(target, path):
+            raise CheckpointError(f"{latest} names {name!r}, which is outside {path}; a run's latest must name one of "
+                                  "its own checkpoints (e.g. checkpoints/step_00000100)")
         if not target.is_dir():
             raise CheckpointError(f"{latest} names {target}, which does not exist; the run dir is damaged")
         return target
@@ -136,9 +140,9 @@ def require_hf_value(ckpt: Path, name: str) -> Path:
 def read_config_tree(ckpt: Path) -> dict[str, Any]:
     f = require_hf_value(ckpt, CONFIG_FILE)
     try:
-        tree = yaml.safe_load(f.read_text())
+        tree = yaml.safe_load(read_utf8(f, CheckpointError))
     except yaml.YAMLError as exc:
-        raise CheckpointError(f"{f} is corrupt: {exc}") from None
+        raise CheckpointError(f"{f} is corrupt: {yaml_problem(exc)}") from None
     if not isinstance(tree, dict) or "model" not in tree:
         raise CheckpointError(f"{f} has no 'model' section; is this an lmforge checkpoint?")
     return tree
@@ -149,7 +153,7 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
     try:
         tensors = load_file(str(f))
     except Exception as exc:  # safetensors raises several types for a damaged file
-        raise CheckpointError(f"{f} is corrupt or truncated: {exc}") from None
+        raise CheckpointError(f"{f} is corrupt or truncated: {one_line(exc)}") from None
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     tied = set(model.state_dict()) - set(_unique_state_dict(model))  # stored once, under the first name
     missing = [k for k in missing if k not in tied]
@@ -164,7 +168,8 @@ def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, Tokenizer | None
     try:
         model = build_model(model_config_from_dict(tree["model"]))
     except ValidationError as err:
-        raise CheckpointError(f"{ckpt / CONFIG_FILE}: invalid model section: {err}") from None
+        raise CheckpointError(f"{ckpt / CONFIG_FILE}: invalid model section: {validation_summary(err, prefix='model.')}"
+                              ) from None
     if tree.get("task") in HEAD_TASKS:  # a fine-tuned task model: backbone + head
         model = build_task_model(tree["task"], model, tree.get("num_labels"))
     if tree.get("peft"):  # parameter-efficient weights: rebuild the same modules before loading them
@@ -194,6 +199,6 @@ def read_training_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any], dic
         g = require_hf_value(ckpt, name)
         try:
             loaded.append(torch.load(g, weights_only=True, map_location="cpu"))
-        except Exception as exc:
-            raise CheckpointError(f"{g} is corrupt or truncated: {exc}") from None
+        except Exception as exc:  # torch's message can span many lines (weights_only refusals)
+            raise CheckpointError(f"{g} is corrupt or truncated: {one_line(exc)}") from None
     return state, loaded[0], loaded[1]

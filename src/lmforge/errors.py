@@ -19,3 +19,8 @@ class CheckpointError(LmforgeError):
 
 class TrainingError(LmforgeError):
     """Training cannot go on (e.g. a NaN loss): the message names the step."""
+
+
+def one_line(text: object) -> str:
+    """`text` (say, a library's exception) with line breaks and runs of spaces collapsed: every message is one line."""
+    return " ".join(str(text).split())

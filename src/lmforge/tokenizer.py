@@ -18,7 +18,7 @@ from pathlib import Path
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from lmforge.errors import ConfigError, DataError
+from lmforge.errors import ConfigError, DataError, one_line
 from lmforge.io import atomic_write_text, raise_if_disk_full
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -55,9 +55,8 @@ class Tokenizer:
         try:
             return cls(HFTokenizer.from_file(str(path)))
         except Exception as exc:  # tokenizers raises a bare Exception for any file it cannot read
-            reason = " ".join(str(exc).split())
-            raise DataError(f"{path}: not a valid tokenizer.json ({reason}); train one with `lmforge tokenizer train` "
-                            "or use the tokenizer.json saved with the model") from None
+            raise DataError(f"{path}: not a valid tokenizer.json ({one_line(exc)}); train one with "
+                            "`lmforge tokenizer train` or use the tokenizer.json saved with the model") from None
 
     def save(self, directory: str | Path) -> Path:
         """Write `directory/tokenizer.json` atomically; a full disk is one line and leaves the old file."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lmforge.errors import DataError
+from lmforge.errors import DataError, one_line
 from lmforge.io import read_utf8
 
 SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".parquet")
@@ -111,7 +111,7 @@ class DocumentStream:
         try:
             pfile = pq.ParquetFile(path)
         except (pa.ArrowException, OSError) as e:
-            raise DataError(f"{path}: not a readable Parquet file ({e})") from e
+            raise DataError(f"{path}: not a readable Parquet file ({one_line(e)})") from e
         schema = pfile.schema_arrow
         if field not in schema.names:
             raise DataError(

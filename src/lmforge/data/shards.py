@@ -177,16 +177,15 @@ def prepare_shards(
     out_dir = Path(out_dir)
     _require_replaceable(out_dir)
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
-    tmp = None
+    tmp, tally = None, _Tally()
     try:
         tmp = new_temp_dir(out_dir)
-        index = _build(stream, tokenizer, tmp, dtype, seed, val_fraction, batch_docs, progress)
+        index = _build(stream, tokenizer, tmp, dtype, seed, val_fraction, batch_docs, progress, tally)
         replace_dir(tmp, out_dir)
     except BaseException as exc:
-        needed = _bytes_needed(stream, tmp, dtype)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise_if_disk_full(exc, out_dir, needed)
+        raise_if_disk_full(exc, out_dir, tally.bytes_needed(stream.paths, dtype))
         raise
     index.directory = out_dir
     return index
@@ -203,18 +202,23 @@ def _require_replaceable(out_dir: Path) -> None:
                         "replaces the directory whole; pass a new or empty directory")
 
 
-def _bytes_needed(stream: DocumentStream, partial: Path | None, dtype: np.dtype) -> int:
-    """About how many bytes the token files take: what `partial` holds, scaled from the characters read so far to the
-    whole input (before any token is written: one token per input byte, byte-level BPE's most)."""
-    input_bytes = sum(p.stat().st_size for p in stream.paths if p.is_file())
-    written = sum(f.stat().st_size for f in partial.glob("*.bin")) if partial is not None else 0
-    if written and stream.characters:
-        return int(written * max(input_bytes / stream.characters, 1.0))
-    return input_bytes * dtype.itemsize
+@dataclass
+class _Tally:
+    """Characters and tokens (EOS included) encoded so far: the basis of the size estimate when the disk is full."""
+
+    characters: int = 0
+    tokens: int = 0
+
+    def bytes_needed(self, paths: Sequence[Path], dtype: np.dtype) -> int:
+        """About how many bytes the token files take: the input's size in bytes times the tokens per character so far
+        (before any encoding, one token per byte: byte-level BPE's most)."""
+        input_bytes = sum(p.stat().st_size for p in paths if p.is_file())
+        per_byte = self.tokens / max(self.characters, 1) if self.tokens else 1.0
+        return int(max(input_bytes * per_byte, self.tokens) * dtype.itemsize)
 
 
 def _build(stream: DocumentStream, tokenizer: Tokenizer, directory: Path, dtype: np.dtype, seed: int,
-           val_fraction: float, batch_docs: int, progress: bool) -> ShardIndex:
+           val_fraction: float, batch_docs: int, progress: bool, tally: _Tally) -> ShardIndex:
     """Write the token files, tokenizer.json and (last) index.json of a new dataset into the new `directory` (plain
     writes: `replace_dir` fsyncs them before the directory is published)."""
     with open(directory / "train.bin", "wb") as ftrain, open(directory / "val.bin", "wb") as fval:
@@ -224,11 +228,11 @@ def _build(stream: DocumentStream, tokenizer: Tokenizer, directory: Path, dtype:
             for doc in stream:
                 chunk.append(doc)
                 if len(chunk) == batch_docs:
-                    _write_chunk(chunk, stream.documents - len(chunk), tokenizer, writer, dtype, seed)
+                    _write_chunk(chunk, stream.documents - len(chunk), tokenizer, writer, dtype, seed, tally)
                     bar.update(len(chunk))
                     chunk = []
             if chunk:
-                _write_chunk(chunk, stream.documents - len(chunk), tokenizer, writer, dtype, seed)
+                _write_chunk(chunk, stream.documents - len(chunk), tokenizer, writer, dtype, seed, tally)
                 bar.update(len(chunk))
         writer.finish()
     stream.require_text()
@@ -250,11 +254,12 @@ def _build(stream: DocumentStream, tokenizer: Tokenizer, directory: Path, dtype:
     return index
 
 
-def _write_chunk(
-    docs: list[str], first_id: int, tokenizer: Tokenizer, writer: _SplitWriter, dtype: np.dtype, seed: int
-) -> None:
+def _write_chunk(docs: list[str], first_id: int, tokenizer: Tokenizer, writer: _SplitWriter, dtype: np.dtype, seed: int,
+                 tally: _Tally) -> None:
     """Tokenize one chunk of documents and hand each (with EOS appended) to its split."""
     encoded = tokenizer.encode_batch(docs)
+    tally.characters += sum(len(doc) for doc in docs)
+    tally.tokens += sum(len(ids) + 1 for ids in encoded)
     scores = split_scores(seed, np.arange(first_id, first_id + len(docs)))
     is_val = scores < writer.val_fraction
     eos = [tokenizer.eos_id]
