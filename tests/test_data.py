@@ -285,6 +285,13 @@ def test_prepare_refuses_an_out_dir_it_did_not_write(tmp_path: Path, prepared: t
         assert (snapshot(out) if out.is_dir() else out.read_bytes()) == before
 
 
+def test_prepare_into_a_symlinked_out_dir_keeps_the_link(tmp_path: Path, prepared: tuple[Path, Path]) -> None:
+    tok_dir, data = prepared
+    (tmp_path / "link").symlink_to(data, target_is_directory=True)
+    assert prepare_cli(write_jsonl(tmp_path / "few.jsonl", make_docs(6, seed=9)), tok_dir, tmp_path / "link") == 0
+    assert (tmp_path / "link").is_symlink() and sum(load_shards(data).num_documents.values()) == 6
+
+
 @pytest.mark.parametrize("fraction", ["1.5", "-0.1", "1.0", "nan"])
 def test_cli_val_fraction_out_of_range(tmp_path: Path, prepared: tuple[Path, Path], fraction: str,
                                        capsys: pytest.CaptureFixture[str]) -> None:

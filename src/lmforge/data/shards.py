@@ -176,12 +176,13 @@ def prepare_shards(
     stream = read_documents(paths, text_field=text_field, skip_bad_lines=skip_bad_lines)
     out_dir = Path(out_dir)
     _require_replaceable(out_dir)
+    target = out_dir.resolve()  # a symlinked --out keeps its link: the dataset is replaced where it points
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
     tmp, tally = None, _Tally()
     try:
-        tmp = new_temp_dir(out_dir)
+        tmp = new_temp_dir(target)
         index = _build(stream, tokenizer, tmp, dtype, seed, val_fraction, batch_docs, progress, tally)
-        replace_dir(tmp, out_dir)
+        replace_dir(tmp, target)
     except BaseException as exc:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
