@@ -274,15 +274,16 @@ def test_failed_prepare_keeps_the_existing_dataset(tmp_path: Path, prepared: tup
 def test_prepare_refuses_an_out_dir_it_did_not_write(tmp_path: Path, prepared: tuple[Path, Path],
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     tok_dir, _ = prepared
-    for out in (tmp_path / "mine", tmp_path / "good.jsonl"):  # a dir holding other files; an existing file
+    # a dir holding other files; an existing file; a path under a file
+    for out in (tmp_path / "mine", tmp_path / "good.jsonl", tmp_path / "good.jsonl" / "sub"):
         if out.name == "mine":
             out.mkdir()
             (out / "notes.txt").write_text("keep me")
-        before = snapshot(out) if out.is_dir() else out.read_bytes()
+        before = snapshot(tmp_path)
         capsys.readouterr()
         assert prepare_cli(tmp_path / "good.jsonl", tok_dir, out) == 2
         assert str(out) in error_line(capsys.readouterr().err)
-        assert (snapshot(out) if out.is_dir() else out.read_bytes()) == before
+        assert snapshot(tmp_path) == before
 
 
 def test_prepare_into_a_symlinked_out_dir_keeps_the_link(tmp_path: Path, prepared: tuple[Path, Path]) -> None:

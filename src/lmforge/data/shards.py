@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from lmforge.data.readers import DocumentStream, read_documents
 from lmforge.errors import ConfigError, DataError
-from lmforge.io import new_temp_dir, raise_if_disk_full, replace_dir
+from lmforge.io import new_temp_dir, raise_if_disk_full, replace_dir, require_dir_path
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
 INDEX_FILE = "index.json"
@@ -193,9 +193,8 @@ def prepare_shards(
 
 
 def _require_replaceable(out_dir: Path) -> None:
-    """DataError unless `out_dir` is missing, empty, or holds only the files of an earlier `prepare_shards`."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(f"--out {out_dir} is an existing file; pass a directory for the dataset")
+    """An error unless `out_dir` is missing, empty, or holds only the files of an earlier `prepare_shards`."""
+    require_dir_path(out_dir, "--out")
     foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in DATASET_FILES) if out_dir.is_dir() else []
     if foreign:
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
