@@ -260,6 +260,11 @@ def test_cli_vocab_size_below_the_reserved_tokens(tmp_path: Path, vocab_size: in
     assert not (tmp_path / "tok").exists()
 
 
+def test_negative_min_frequency_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"--min-frequency must be >= 0, got -1"):
+        train_tokenizer(["some text"], vocab_size=400, min_frequency=-1, show_progress=False)
+
+
 @pytest.mark.parametrize("out", ["a.txt", "a.txt/sub"])
 def test_cli_out_naming_an_existing_file(tmp_path: Path, out: str, capsys: pytest.CaptureFixture[str]) -> None:
     corpus = tmp_path / "a.txt"
@@ -330,7 +335,8 @@ def test_long_runs_reach_the_trainer_in_capped_pieces() -> None:
 
 
 def test_training_on_a_one_megabyte_run_finishes() -> None:
-    """Hang guard (not a timing test): uncapped, this takes over an hour; capped, well under a second."""
+    """Hang guard (not a timing test): uncapped, the quadratic trend puts this at about half an hour; capped, it takes
+    well under a second."""
     done = []
     worker = threading.Thread(target=lambda: done.append(train_tokenizer(["a" * 1_000_000], 400, show_progress=False)),
                               daemon=True)

@@ -74,7 +74,12 @@ def replace_dir(tmp: Path, final: Path) -> None:
     had_old = final.exists()
     if had_old:
         os.rename(final, aside)
-    os.rename(tmp, final)
+    try:
+        os.rename(tmp, final)
+    except BaseException:
+        if had_old:
+            os.rename(aside, final)
+        raise
     fsync_dir(final.parent)
     if had_old:
         shutil.rmtree(aside)
