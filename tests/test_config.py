@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_checks import error_line
 from lmforge.cli import build_parser, main
 from lmforge.config import MODEL_FAMILIES, ModelConfig, PretrainConfig, dump_config, load_config, parse_overrides
 from lmforge.errors import ConfigError
@@ -165,7 +166,7 @@ def test_invalid_yaml(tmp_path: Path, text: str) -> None:
     path = write(tmp_path, text)
     with pytest.raises(ConfigError, match="not valid YAML") as info:
         load_config(PretrainConfig, path)
-    assert str(path) in str(info.value)
+    assert str(path) in str(info.value) and "line " in str(info.value) and "\n" not in str(info.value)
 
 
 def test_yaml_top_level_not_a_mapping(tmp_path: Path) -> None:
@@ -190,7 +191,7 @@ def test_shape_errors(tmp_path: Path, overrides: list[str], fields: list[str]) -
     with pytest.raises(ConfigError) as info:
         load_config(PretrainConfig, write(tmp_path, BASE_YAML), overrides)
     msg = str(info.value)
-    assert "'model'" in msg
+    assert "model: " in msg
     for field in fields:
         assert field in msg, (field, msg)
 
@@ -217,6 +218,27 @@ def test_train_section_checks() -> None:
 def test_override_into_a_scalar_is_not_a_section() -> None:
     with pytest.raises(ConfigError, match=r"'lr' is not a section"):
         load_config(PretrainConfig, None, ["train.lr=1", "train.lr.x=2"])
+
+
+def test_non_utf8_yaml_names_the_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"# caf\xe9\ntrain:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: not UTF-8 text \(line 1, byte 5\)"):
+        load_config(PretrainConfig, path)
+    assert main(["pretrain", "--config", str(path)]) == 2
+    assert str(path) in error_line(capsys.readouterr().err)
+
+
+def test_validation_errors_are_one_line_naming_each_key_and_value(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, BASE_YAML.replace("lr: 3.0e-3", "lr: abc").replace("n_layer: 2", "n_layer: x")
+                 .replace("n_head: 4", "n_heads: 4"))
+    assert main(["pretrain", "--config", str(path)]) == 2
+    message = error_line(capsys.readouterr().err)
+    assert message.startswith(f"{path}: ")
+    for part in ("train.lr: Input should be a valid number", "got 'abc'", "model.n_layer: ", "got 'x'",
+                 "unknown key 'model.n_heads' (did you mean 'model.n_head'?)"):
+        assert part in message, (part, message)
 
 
 # ---- CLI ----------------------------------------------------------------------------------------

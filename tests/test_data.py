@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
@@ -11,10 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from cli_checks import error_line, snapshot
+from lmforge.cli import main
+from lmforge.data import shards
 from lmforge.data.batches import PackedBatches
 from lmforge.data.readers import read_documents
 from lmforge.data.shards import load_shards, prepare_shards, split_scores
-from lmforge.errors import DataError
+from lmforge.errors import ConfigError, DataError
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
@@ -218,9 +222,9 @@ def test_empty_corpus(tmp_path: Path, tok: Tokenizer) -> None:
     with pytest.raises(DataError, match="no documents in .*empty.jsonl"):
         prepare_shards([tmp_path / "empty.jsonl"], tok, tmp_path / "o", progress=False)
     src = write_jsonl(tmp_path / "blank.jsonl", ["", ""])
-    with pytest.raises(DataError, match="no tokens in .*blank.jsonl"):
+    with pytest.raises(DataError, match="no text in .*blank.jsonl: all 2 documents are empty"):
         prepare_shards([src], tok, tmp_path / "o", progress=False)
-    assert not (tmp_path / "o/index.json").exists() and not list((tmp_path / "o").glob(".*tmp"))
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
 
 
 def test_load_shards_errors(tmp_path: Path, tok: Tokenizer) -> None:
@@ -232,6 +236,109 @@ def test_load_shards_errors(tmp_path: Path, tok: Tokenizer) -> None:
     index = load_shards(tmp_path / "o")
     with pytest.raises(DataError, match="train.bin.*lmforge data prepare"):
         index.tokens("train")
+
+
+def prepare_cli(src: Path, tokenizer: Path, out: Path, *extra: str) -> int:
+    return main(["data", "prepare", "--input", str(src), "--tokenizer", str(tokenizer), "--out", str(out), *extra])
+
+
+@pytest.fixture
+def prepared(tmp_path: Path, tok: Tokenizer) -> tuple[Path, Path]:
+    """(tokenizer dir, a prepared dataset dir) under tmp_path."""
+    tok.save(tmp_path / "tok")
+    assert prepare_cli(write_jsonl(tmp_path / "good.jsonl", make_docs(40)), tmp_path / "tok", tmp_path / "data") == 0
+    return tmp_path / "tok", tmp_path / "data"
+
+
+@pytest.mark.parametrize(("name", "content", "problem"), [
+    ("bad.txt", b"caf\xe9 au lait", "bad.txt: not UTF-8 text (line 1, byte 3)"),
+    ("bad.jsonl", b'{"text": "fine"}\n{"text": \n', "bad.jsonl:2: invalid JSON"),
+])
+def test_failed_prepare_keeps_the_existing_dataset(tmp_path: Path, prepared: tuple[Path, Path], name: str,
+                                                   content: bytes, problem: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    tok_dir, out = prepared
+    before, entries = snapshot(out), sorted(tmp_path.iterdir())
+    (tmp_path / name).write_bytes(content)
+    capsys.readouterr()
+    assert prepare_cli(tmp_path / name, tok_dir, out) == 2
+    assert problem in error_line(capsys.readouterr().err)
+    assert snapshot(out) == before  # the dataset is whole, and no temporary dir is left beside it
+    assert sorted(tmp_path.iterdir()) == sorted([*entries, tmp_path / name])
+    # a later good run replaces it whole
+    assert prepare_cli(write_jsonl(tmp_path / "other.jsonl", make_docs(10, seed=5)), tok_dir, out) == 0
+    assert load_shards(out).num_documents["train"] + load_shards(out).num_documents["val"] == 10
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "tokenizer.json", "train.bin", "val.bin"]
+
+
+def test_prepare_refuses_an_out_dir_it_did_not_write(tmp_path: Path, prepared: tuple[Path, Path],
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    tok_dir, _ = prepared
+    # a dir holding other files; an existing file; a path under a file
+    for out in (tmp_path / "mine", tmp_path / "good.jsonl", tmp_path / "good.jsonl" / "sub"):
+        if out.name == "mine":
+            out.mkdir()
+            (out / "notes.txt").write_text("keep me")
+        before = snapshot(tmp_path)
+        capsys.readouterr()
+        assert prepare_cli(tmp_path / "good.jsonl", tok_dir, out) == 2
+        assert str(out) in error_line(capsys.readouterr().err)
+        assert snapshot(tmp_path) == before
+
+
+def test_prepare_into_a_symlinked_out_dir_keeps_the_link(tmp_path: Path, prepared: tuple[Path, Path]) -> None:
+    tok_dir, data = prepared
+    (tmp_path / "link").symlink_to(data, target_is_directory=True)
+    assert prepare_cli(write_jsonl(tmp_path / "few.jsonl", make_docs(6, seed=9)), tok_dir, tmp_path / "link") == 0
+    assert (tmp_path / "link").is_symlink() and sum(load_shards(data).num_documents.values()) == 6
+
+
+@pytest.mark.parametrize("fraction", ["1.5", "-0.1", "1.0", "nan"])
+def test_cli_val_fraction_out_of_range(tmp_path: Path, prepared: tuple[Path, Path], fraction: str,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    tok_dir, _ = prepared
+    capsys.readouterr()
+    assert prepare_cli(tmp_path / "good.jsonl", tok_dir, tmp_path / "o", "--val-fraction", fraction) == 2
+    message = error_line(capsys.readouterr().err)
+    assert "--val-fraction" in message and fraction in message
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError):
+        prepare_shards([tmp_path / "good.jsonl"], Tokenizer.from_file(tok_dir), tmp_path / "o",
+                       val_fraction=float(fraction), progress=False)
+
+
+@pytest.mark.parametrize("content", [b"not json", b'{"version": "1.0"}', b"\xff\xfe\x00", b""])
+def test_cli_prepare_with_a_garbage_tokenizer(tmp_path: Path, content: bytes,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    garbage = tmp_path / "tokenizer.json"
+    garbage.write_bytes(content)
+    assert prepare_cli(write_jsonl(tmp_path / "in.jsonl", make_docs(5)), garbage, tmp_path / "o") == 2
+    message = error_line(capsys.readouterr().err)
+    assert str(garbage) in message and "lmforge tokenizer train" in message
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_prepare_disk_full(tmp_path: Path, prepared: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    """ENOSPC while the token files are written: one line naming --out and the bytes needed; the old dataset stays
+    and the partial output is removed."""
+    tok_dir, out = prepared
+    before, entries = snapshot(out), sorted(tmp_path.iterdir())
+    written = []
+
+    def fill_the_disk(self: shards._SplitWriter, split: str, doc: np.ndarray) -> None:
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(doc)
+        self.files[split].write(doc.tobytes())
+
+    monkeypatch.setattr(shards._SplitWriter, "_write", fill_the_disk)
+    capsys.readouterr()
+    assert prepare_cli(tmp_path / "good.jsonl", tok_dir, out) == 2
+    message = error_line(capsys.readouterr().err)
+    assert str(out) in message and "no space left" in message and "bytes" in message
+    assert snapshot(out) == before
+    assert sorted(tmp_path.iterdir()) == entries
 
 
 @pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="shared/data/tinyshakespeare.txt not present")

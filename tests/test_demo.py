@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 import lmforge
+import lmforge.demo
+from cli_checks import error_line, snapshot
 from lmforge.cli import main
 
 
@@ -70,3 +72,45 @@ def test_demo_quick_writes_a_report_computed_in_the_run(tmp_path: Path) -> None:
 
     model, tokenizer = lmforge.load(out / "pretrain")
     assert tokenizer is not None and model.cfg.vocab_size >= tokenizer.vocab_size
+
+
+class _DemoBodyReached(Exception):
+    """Raised by the stubbed first stage: the out-dir guard let the demo start."""
+
+
+@pytest.fixture
+def demo_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`lmforge demo --quick --out-dir DIR` with everything after the out-dir guard stubbed out."""
+
+    def first_stage(plan, data_dir: Path):
+        raise _DemoBodyReached(data_dir)
+
+    monkeypatch.setattr(lmforge.demo, "prepare_world", first_stage)
+    return lambda out: main(["demo", "--quick", "--out-dir", str(out), "--report-dir", str(tmp_path / "report")])
+
+
+def test_demo_refuses_an_out_dir_it_did_not_make(tmp_path: Path, demo_cli, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "thesis"
+    out.mkdir()
+    (out / "chapter1.tex").write_text("years of work")
+    (tmp_path / "a-file").write_text("not a dir")
+    for target in (out, tmp_path / "a-file"):
+        before = snapshot(target) if target.is_dir() else target.read_bytes()
+        assert demo_cli(target) == 2
+        message = error_line(capsys.readouterr().err)
+        assert str(target) in message and "--out-dir" in message
+        assert (snapshot(target) if target.is_dir() else target.read_bytes()) == before
+
+
+@pytest.mark.parametrize("state", ["missing", "empty", "earlier demo"])
+def test_demo_starts_afresh_in_a_missing_empty_or_demo_dir(tmp_path: Path, demo_cli, state: str) -> None:
+    out = tmp_path / "demo"
+    if state != "missing":
+        out.mkdir()
+    if state == "earlier demo":
+        (out / lmforge.demo.DEMO_MARKER).write_text("")
+        (out / "stale").mkdir()
+        (out / "stale" / "old.bin").write_bytes(b"old")
+    with pytest.raises(_DemoBodyReached):
+        demo_cli(out)
+    assert sorted(p.name for p in out.iterdir()) == [lmforge.demo.DEMO_MARKER]  # marked, and emptied

@@ -245,3 +245,56 @@ def test_missing_and_unexpected_weights_are_named(tmp_path):
     match = r"blocks\.1\.mlp\.up\.weight.*model\.layers\.0\.self_attn\.extra"
     with pytest.raises(CheckpointError, match=match):
         load_hf(path)
+
+
+# ---- a sharded dir's index: read strictly, and only files inside the dir ---------------------------------------
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _sharded_gpt2(path):
+    return _hf_dir(_gpt2(tie_word_embeddings=False), path, max_shard_size="40KB")
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    (b"not json", "not valid JSON"),
+    (b"\xff\xfe", "not valid JSON"),
+    (b'{"metadata": {}}', "no 'weight_map'"),
+    (b'{"weight_map": ["model-00001-of-00002.safetensors"]}', "'weight_map' is a list"),
+    (b'{"weight_map": {"lm_head.weight": 5}}', "weight_map['lm_head.weight'] is 5"),
+])
+def test_broken_shard_index_is_one_line_naming_it(tmp_path, content, problem):
+    path = _sharded_gpt2(tmp_path / "model")
+    (path / INDEX_FILE).write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        load_hf(path)
+    message = str(info.value)
+    assert str(path / INDEX_FILE) in message and problem in message and "\n" not in message
+
+
+@pytest.mark.parametrize("how", ["../", "absolute", "symlinked folder"])
+def test_shard_index_naming_files_outside_the_dir_is_refused(tmp_path, how):
+    """Another model's shards (same shapes) must not load through this dir's index."""
+    path, other = _sharded_gpt2(tmp_path / "model"), _sharded_gpt2(tmp_path / "other")
+    index = json.loads((path / INDEX_FILE).read_text())
+    if how == "symlinked folder":
+        (path / "linked").symlink_to(other, target_is_directory=True)
+    prefix = {"../": "../other/", "absolute": f"{other}/", "symlinked folder": "linked/"}[how]
+    index["weight_map"] = {k: prefix + v for k, v in index["weight_map"].items()}
+    (path / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"lies outside") as info:
+        load_hf(path)
+    assert str(path / INDEX_FILE) in str(info.value) and prefix in str(info.value)
+
+
+def test_shard_files_that_are_symlinks_load(tmp_path):
+    """The Hugging Face hub cache keeps each file as a symlink into its blobs folder: that layout loads."""
+    hf_model = _gpt2(tie_word_embeddings=False)
+    path = _hf_dir(hf_model, tmp_path / "snapshot", max_shard_size="40KB")
+    (tmp_path / "blobs").mkdir()
+    for shard in path.glob("*.safetensors"):
+        shard.rename(tmp_path / "blobs" / shard.name)
+        shard.symlink_to(f"../blobs/{shard.name}")
+    model, _ = load_hf(path)
+    with torch.no_grad():
+        _assert_close(model(_ids()), hf_model(_ids()).logits)

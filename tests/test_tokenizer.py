@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,8 +13,10 @@ import tokenizers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cli_checks import error_line, snapshot
+from lmforge import tokenizer as tokenizer_module
 from lmforge.cli import main
-from lmforge.errors import DataError
+from lmforge.errors import ConfigError, DataError
 from lmforge.tokenizer import (
     ASSISTANT,
     BOS,
@@ -26,6 +30,7 @@ from lmforge.tokenizer import (
     SPECIAL_TOKENS,
     SYSTEM,
     TOKENIZER_FILE,
+    TRAINING_PRETOKEN_CAP,
     USER,
     Tokenizer,
     train_tokenizer,
@@ -185,7 +190,7 @@ def test_hf_loaders_treat_special_literals_like_lmforge(tok: Tokenizer, tmp_path
 @pytest.mark.parametrize("vocab_size", [0, 100, 256 + len(SPECIAL_TOKENS) - 1])
 def test_vocab_size_too_small(vocab_size: int) -> None:
     minimum = 256 + len(SPECIAL_TOKENS)
-    with pytest.raises(ValueError, match=rf"vocab_size={vocab_size} is too small") as info:
+    with pytest.raises(ConfigError, match=rf"--vocab-size {vocab_size} is too small") as info:
         train_tokenizer(["some text"], vocab_size=vocab_size, show_progress=False)
     assert str(minimum) in str(info.value)
 
@@ -238,3 +243,117 @@ def test_cli_tokenizer_train_missing_input(tmp_path: Path, capsys: pytest.Captur
     assert str(missing) in err
     assert "Traceback" not in err
     assert not (out / TOKENIZER_FILE).exists()
+
+
+def train_cli(*inputs: Path, vocab_size: int = 500, out: Path) -> int:
+    return main(["tokenizer", "train", "--input", *map(str, inputs), "--vocab-size", str(vocab_size),
+                 "--out", str(out)])
+
+
+@pytest.mark.parametrize("vocab_size", [10, 100, 256 + len(SPECIAL_TOKENS) - 1])
+def test_cli_vocab_size_below_the_reserved_tokens(tmp_path: Path, vocab_size: int,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a.txt").write_text("some text", encoding="utf-8")
+    assert train_cli(tmp_path / "a.txt", vocab_size=vocab_size, out=tmp_path / "tok") == 2
+    message = error_line(capsys.readouterr().err)
+    assert f"--vocab-size {vocab_size}" in message and str(256 + len(SPECIAL_TOKENS)) in message
+    assert not (tmp_path / "tok").exists()
+
+
+def test_negative_min_frequency_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"--min-frequency must be >= 0, got -1"):
+        train_tokenizer(["some text"], vocab_size=400, min_frequency=-1, show_progress=False)
+
+
+@pytest.mark.parametrize("out", ["a.txt", "a.txt/sub"])
+def test_cli_out_naming_an_existing_file(tmp_path: Path, out: str, capsys: pytest.CaptureFixture[str]) -> None:
+    corpus = tmp_path / "a.txt"
+    corpus.write_text("\n".join(make_corpus(20, seed=1)), encoding="utf-8")
+    assert train_cli(corpus, out=tmp_path / out) == 2
+    message = error_line(capsys.readouterr().err)
+    assert str(corpus) in message and "directory" in message
+    assert corpus.read_text(encoding="utf-8") == "\n".join(make_corpus(20, seed=1))
+
+
+@pytest.mark.parametrize(("name", "content", "problem"), [
+    ("empty.txt", "", "no text in"), ("blank.jsonl", '{"text": ""}\n{"text": ""}\n', "no text in"),
+    ("nothing.jsonl", "\n\n", "no documents in"),
+])
+def test_cli_tokenizer_train_refuses_an_empty_corpus(tmp_path: Path, name: str, content: str, problem: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / name).write_text(content, encoding="utf-8")
+    assert train_cli(tmp_path / name, out=tmp_path / "tok") == 2
+    message = error_line(capsys.readouterr().err)
+    assert problem in message and str(tmp_path / name) in message
+    assert not (tmp_path / "tok").exists()
+
+
+@pytest.mark.parametrize("content", [b"not json", b"{}", b'{"model": {"type": "BPE", "vocab": 5}}', b"\xff\xfe"])
+def test_garbage_tokenizer_file_is_a_data_error(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / TOKENIZER_FILE).write_bytes(content)
+    with pytest.raises(DataError) as info:
+        Tokenizer.from_file(tmp_path)
+    message = str(info.value)
+    assert str(tmp_path / TOKENIZER_FILE) in message and "\n" not in message
+
+
+def test_cli_tokenizer_train_disk_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """ENOSPC half-way through writing tokenizer.json: one line naming --out and the bytes needed; the tokenizer
+    that was there stays, and no temporary file is left."""
+    corpus = tmp_path / "a.txt"
+    corpus.write_text("\n".join(make_corpus(100, seed=2)), encoding="utf-8")
+    out = tmp_path / "tok"
+    assert train_cli(corpus, vocab_size=400, out=out) == 0
+    before = snapshot(out)
+
+    def write_half(self: Path, data: str, encoding: str | None = None, errors: str | None = None,
+                   newline: str | None = None) -> int:
+        with open(self, "w", encoding=encoding) as f:
+            f.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", write_half)
+    capsys.readouterr()
+    assert train_cli(corpus, vocab_size=600, out=out) == 2
+    message = error_line(capsys.readouterr().err)
+    assert str(out) in message and "no space left" in message and "bytes" in message
+    assert snapshot(out) == before
+
+
+# ---- long runs of one character (training time must stay linear) --------------------------------
+
+
+def test_long_runs_reach_the_trainer_in_capped_pieces() -> None:
+    """A token can only be learned inside one pre-token, so no learned token is longer than the cap (uncapped,
+    a run of 5000 'a's teaches tokens of 4096 'a's, and training time grows with the square of the run)."""
+    runs = ["x " + "a" * 5000 + " y", "\n" * 3000, "word " + "-" * 2000]
+    t = train_tokenizer(runs * 2, vocab_size=600, show_progress=False)
+    longest = max(t.backend.get_vocab(with_added_tokens=False), key=len)
+    assert len(longest) <= TRAINING_PRETOKEN_CAP, len(longest)
+    assert "a" * 64 in t.backend.get_vocab()  # the run's pieces are still learned from
+
+
+def test_training_on_a_one_megabyte_run_finishes() -> None:
+    """Hang guard (not a timing test): uncapped, the quadratic trend puts this at about half an hour; capped, it takes
+    well under a second."""
+    done = []
+    worker = threading.Thread(target=lambda: done.append(train_tokenizer(["a" * 1_000_000], 400, show_progress=False)),
+                              daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert done, "training on a 1 MB run of one character did not finish in 60 s"
+
+
+def test_the_cap_changes_neither_normal_text_nor_encoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On text without long runs the capped training learns the same tokenizer as an uncapped one, and the saved
+    tokenizer encodes with the plain byte-level pre-tokenizer (a long run stays one pre-token)."""
+    corpus = make_corpus(300, seed=0)
+    capped = train_tokenizer(corpus, vocab_size=600, show_progress=False)
+    monkeypatch.setattr(tokenizer_module, "TRAINING_PRETOKEN_CAP", 50_000)
+    loose = train_tokenizer(corpus, vocab_size=600, show_progress=False)
+    assert capped.backend.to_str() == loose.backend.to_str()
+    assert json.loads(capped.backend.to_str())["pre_tokenizer"]["type"] == "ByteLevel"
+    assert len(capped.backend.pre_tokenizer.pre_tokenize_str("a" * 1000)) == 1
+    text = " ".join(corpus[:20])
+    assert capped.encode(text) == loose.encode(text)

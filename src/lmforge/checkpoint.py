@@ -10,7 +10,6 @@ one line. Nothing is pickled; torch.load uses weights_only=True.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -21,20 +20,23 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from safetensors.torch import load_file, save_file
 
-from lmforge.config import AnyModelConfig, PeftConfig, dump_config
-from lmforge.errors import CheckpointError
-from lmforge.io import atomic_write_text, disk_full_guard, fsync_dir, remove_dead_temps, unique_temp_path
+from lmforge.config import AnyModelConfig, PeftConfig, dump_config, validation_summary, yaml_problem
+from lmforge.errors import CheckpointError, one_line
+from lmforge.io import (
+    atomic_write_text,
+    disk_full_guard,
+    is_inside,
+    read_utf8,
+    remove_dead_temps,
+    replace_dir,
+    unique_temp_path,
+)
 from lmforge.model import HEAD_TASKS, build_model, build_task_model, model_config_from_dict
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
 CONFIG_FILE, WEIGHTS_FILE = "config.yaml", "model.safetensors"
 OPTIMIZER_FILE, STATE_FILE, RNG_FILE = "optimizer.pt", "trainer_state.json", "rng.pt"
 LATEST_FILE = "latest"
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def _unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -66,17 +68,6 @@ def write_model_files(directory: Path, model: torch.nn.Module, tokenizer: Tokeni
     save_file(_unique_state_dict(model), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     if tokenizer is not None:
         (directory / TOKENIZER_FILE).write_text(tokenizer.backend.to_str())
-
-
-def publish_dir(tmp: Path, final: Path) -> None:
-    """fsync every file of `tmp`, then rename it to `final` (replacing an older one)."""
-    for f in tmp.rglob("*"):
-        (fsync_dir if f.is_dir() else _fsync_file)(f)
-    fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
 
 
 class _ModelOnly(BaseModel):
@@ -112,7 +103,7 @@ def write_dir(path: str | Path, write: Callable[[Path], None], bytes_needed: int
                          cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True), kept=f"{path} was left as it was"):
         tmp.mkdir(parents=True)
         write(tmp)
-        publish_dir(tmp, path)
+        replace_dir(tmp, path)
     return path
 
 
@@ -166,7 +157,7 @@ def write_training_checkpoint(
         torch.save(opt_state, tmp / OPTIMIZER_FILE)
         torch.save(rng, tmp / RNG_FILE)
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=1))
-        publish_dir(tmp, final)
+        replace_dir(tmp, final)
         atomic_write_text(latest, pointer + "\n")
     for old in [d for d in sorted(ckpt_root.glob("step_*")) if d.name < final.name][: -keep + 1 or None]:
         shutil.rmtree(old, ignore_errors=True)  # older than this one, beyond the `keep` newest
@@ -180,18 +171,23 @@ def _latest_pointer(run_dir: Path) -> str | None:
 
 def remove_stale_temp_dirs(run_dir: Path) -> None:
     """Remove the temp dirs of checkpoints whose writer was killed (call it holding the run dir's lock)."""
-    for tmp in (run_dir / "checkpoints").glob(".step_*.tmp"):
-        shutil.rmtree(tmp, ignore_errors=True)
+    for pattern in (".step_*.tmp", ".step_*.old"):  # being written; replaced (see io.replace_dir)
+        for tmp in (run_dir / "checkpoints").glob(pattern):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir itself, or a run dir whose `latest` file names one."""
+    """A checkpoint dir itself, or a run dir whose `latest` file names one inside it (symlinks followed)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     latest = path / LATEST_FILE
     if latest.is_file():
-        target = path / latest.read_text().strip()
+        name = latest.read_text(encoding="utf-8", errors="replace").strip()
+        target = path / name
+        if not is_inside(target, path):
+            raise CheckpointError(f"{latest} names {name!r}, which is outside {path}; a run's latest must name one of "
+                                  "its own checkpoints (e.g. checkpoints/step_00000100)")
         if not target.is_dir():
             raise CheckpointError(f"{latest} names {target}, which does not exist; the run dir is damaged")
         return target
@@ -208,9 +204,9 @@ def require_hf_value(ckpt: Path, name: str) -> Path:
 def read_config_tree(ckpt: Path) -> dict[str, Any]:
     f = require_hf_value(ckpt, CONFIG_FILE)
     try:
-        tree = yaml.safe_load(f.read_text())
+        tree = yaml.safe_load(read_utf8(f, CheckpointError))
     except yaml.YAMLError as exc:
-        raise CheckpointError(f"{f} is corrupt: {exc}") from None
+        raise CheckpointError(f"{f} is corrupt: {yaml_problem(exc)}") from None
     if not isinstance(tree, dict) or "model" not in tree:
         raise CheckpointError(f"{f} has no 'model' section; is this an lmforge checkpoint?")
     return tree
@@ -221,7 +217,7 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
     try:
         tensors = load_file(str(f))
     except Exception as exc:  # safetensors raises several types for a damaged file
-        raise CheckpointError(f"{f} is corrupt or truncated: {exc}") from None
+        raise CheckpointError(f"{f} is corrupt or truncated: {one_line(exc)}") from None
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     tied = set(model.state_dict()) - set(_unique_state_dict(model))  # stored once, under the first name
     missing = [k for k in missing if k not in tied]
@@ -236,7 +232,8 @@ def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, Tokenizer | None
     try:
         model = build_model(model_config_from_dict(tree["model"]))
     except ValidationError as err:
-        raise CheckpointError(f"{ckpt / CONFIG_FILE}: invalid model section: {err}") from None
+        raise CheckpointError(f"{ckpt / CONFIG_FILE}: invalid model section: {validation_summary(err, prefix='model.')}"
+                              ) from None
     if tree.get("task") in HEAD_TASKS:  # a fine-tuned task model: backbone + head
         model = build_task_model(tree["task"], model, tree.get("num_labels"))
     if tree.get("peft"):  # parameter-efficient weights: rebuild the same modules before loading them
@@ -266,6 +263,6 @@ def read_training_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any], dic
         g = require_hf_value(ckpt, name)
         try:
             loaded.append(torch.load(g, weights_only=True, map_location="cpu"))
-        except Exception as exc:
-            raise CheckpointError(f"{g} is corrupt or truncated: {exc}") from None
+        except Exception as exc:  # torch's message can span many lines (weights_only refusals)
+            raise CheckpointError(f"{g} is corrupt or truncated: {one_line(exc)}") from None
     return state, loaded[0], loaded[1]

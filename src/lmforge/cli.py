@@ -37,10 +37,13 @@ def _add_input_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from lmforge.data.readers import read_documents
+    from lmforge.io import require_dir_path
     from lmforge.tokenizer import train_tokenizer
 
+    require_dir_path(Path(args.out), "--out")  # before training, which may take minutes
     docs = read_documents(args.input, text_field=args.text_field, skip_bad_lines=args.skip_bad_lines)
     tokenizer = train_tokenizer(docs, args.vocab_size, min_frequency=args.min_frequency)
+    docs.require_text()
     path = tokenizer.save(args.out)
     skipped = f", {docs.skipped} bad lines skipped" if docs.skipped else ""
     print(f"trained a {tokenizer.vocab_size}-token byte-level BPE on {docs.documents} documents{skipped} -> {path}")
@@ -382,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto measures fp32 and bf16 training speed first and uses the faster (default: auto)")
     p.add_argument("--out-dir", default="runs/demo",
-                   help="scratch dir for data, tokenizer and checkpoints (replaced on each demo run)")
+                   help="scratch dir for data, tokenizer and checkpoints (replaced on each demo run; must be "
+                        "missing, empty or an earlier demo's)")
     p.add_argument("--report-dir", default="report", help="where README.md and plots go (default: report)")
     p.set_defaults(func=cmd_demo)
 

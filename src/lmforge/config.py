@@ -14,7 +14,8 @@ from typing import Annotated, Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, one_line
+from lmforge.io import read_utf8
 
 
 class StrictModel(BaseModel):
@@ -324,22 +325,41 @@ def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 _ARCH_TAGS = {"decoder", "encoder", "encdec"}
 
 
-def _friendly(err: ValidationError, cls: type[BaseModel], source: str) -> ConfigError:
-    lines = []
+def validation_summary(err: ValidationError, cls: type[BaseModel] | None = None, prefix: str = "") -> str:
+    """One line naming each bad key and value: `train.lr: Input should be a valid number, ..., got 'abc'; unknown key
+    'model.n_layers' (did you mean 'model.n_layer'?)`. `prefix` is where the validated section sits (e.g. "model.");
+    with `cls`, an unknown key is given the closest valid one."""
+    parts = []
     for e in err.errors():
         # a discriminated union puts the chosen arch into the location: model.decoder.n_layer -> model.n_layer
-        loc = [str(p) for i, p in enumerate(e["loc"]) if not (i > 0 and p in _ARCH_TAGS)]
-        key = ".".join(loc)
+        loc = [str(p) for i, p in enumerate(e["loc"]) if not ((i > 0 or prefix) and p in _ARCH_TAGS)]
+        key = prefix + ".".join(loc) if loc else prefix.rstrip(".")
         if e["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(key, _valid_keys(cls), n=1, cutoff=0.5)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            lines.append(f"unknown key '{key}' in {source}{hint}")
-        else:
-            where = f"'{key}'" if key else "config"
-            value = e.get("input")
-            got = "" if isinstance(value, (dict, list)) else f" (got {value!r})"
-            lines.append(f"{where} in {source}: {e['msg'].removeprefix('Value error, ')}{got}")
-    return ConfigError("\n".join(lines))
+            close = difflib.get_close_matches(key, _valid_keys(cls), n=1, cutoff=0.5) if cls is not None else []
+            parts.append(f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            continue
+        message = one_line(e["msg"].removeprefix("Value error, "))
+        value = e.get("input")
+        got = "" if isinstance(value, (dict, list)) or e["type"] == "missing" else f", got {_short_repr(value)}"
+        parts.append(f"{key}: {message}{got}" if key else f"{message}{got}")
+    return "; ".join(parts)
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML parse error in one line: `line 3, column 12: mapping values are not allowed here`."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is None or problem is None:
+        return one_line(exc)
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and context_mark is not None:
+        text += f" ({context} from line {context_mark.line + 1}, column {context_mark.column + 1})"
+    return one_line(text)
 
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
@@ -351,9 +371,9 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = yaml.safe_load(read_utf8(path, ConfigError)) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
         source = str(path)
@@ -365,7 +385,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     try:
         return cls.model_validate(tree)
     except ValidationError as err:
-        raise _friendly(err, cls, source) from None
+        raise ConfigError(f"{source}: {validation_summary(err, cls)}") from None
 
 
 def dump_config(config: BaseModel) -> str:

@@ -23,3 +23,8 @@ class TrainingError(LmforgeError):
 
 class DiskFullError(LmforgeError):
     """The disk filled up during a write: the message names the directory, the bytes needed and what was kept."""
+
+
+def one_line(text: object) -> str:
+    """`text` (say, a library's exception) with line breaks and runs of spaces collapsed: every message is one line."""
+    return " ".join(str(text).split())

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmforge.errors import ConfigError, DataError, LmforgeError
+from lmforge.errors import ConfigError, DataError, LmforgeError, one_line
 from lmforge.tokenizer import ASSISTANT, END_OF_TURN, SYSTEM, USER, Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -266,7 +266,7 @@ class HFChatTemplate(ChatTemplate):
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                          bos_token=self.bos_token, eos_token=self.eos_token)
         except jinja2.TemplateError as e:
-            raise DataError(f"the {self.name} chat template rejected the conversation: {e}") from None
+            raise DataError(f"the {self.name} chat template rejected the conversation: {one_line(e)}") from None
 
     def _render(self, messages: list[Message], add_generation_prompt: bool) -> RenderedChat:
         text = self.render_text(messages, add_generation_prompt)

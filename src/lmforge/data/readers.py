@@ -13,7 +13,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lmforge.errors import DataError
+from lmforge.errors import DataError, one_line
+from lmforge.io import read_utf8
 
 SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".parquet")
 _SKIP_HINT = "fix the line or pass --skip-bad-lines to skip it"
@@ -38,7 +39,7 @@ def jsonl_objects(path: Path) -> Iterator[tuple[str, dict | DataError]]:
 
 
 class DocumentStream:
-    """An iterable of document strings; `documents` and `skipped` count as it is iterated.
+    """An iterable of document strings; `documents`, `characters` and `skipped` count as it is iterated.
 
     Paths and extensions are checked up front; each new iteration starts the counters from zero.
     """
@@ -54,10 +55,12 @@ class DocumentStream:
         self.text_field = text_field
         self.skip_bad_lines = skip_bad_lines
         self.documents = 0
+        self.characters = 0
         self.skipped = 0
 
     def __iter__(self) -> Iterator[str]:
         self.documents = 0
+        self.characters = 0
         self.skipped = 0
         for path in self.paths:
             suffix = path.suffix.lower()
@@ -69,7 +72,17 @@ class DocumentStream:
                 docs = self._read_parquet(path)
             for doc in docs:
                 self.documents += 1
+                self.characters += len(doc)
                 yield doc
+
+    def require_text(self) -> None:
+        """DataError naming the files when the last pass found no documents, or only empty ones."""
+        sources = ", ".join(str(p) for p in self.paths)
+        if self.documents == 0:
+            raise DataError(f"no documents in {sources} (skipped {self.skipped} bad lines)")
+        if self.characters == 0:
+            empty = "its only document is" if self.documents == 1 else f"all {self.documents} documents are"
+            raise DataError(f"no text in {sources}: {empty} empty; give files with text")
 
     def _bad(self, message: str) -> None:
         """Count a bad line when skipping, else raise."""
@@ -98,7 +111,7 @@ class DocumentStream:
         try:
             pfile = pq.ParquetFile(path)
         except (pa.ArrowException, OSError) as e:
-            raise DataError(f"{path}: not a readable Parquet file ({e})") from e
+            raise DataError(f"{path}: not a readable Parquet file ({one_line(e)})") from e
         schema = pfile.schema_arrow
         if field not in schema.names:
             raise DataError(
@@ -132,10 +145,7 @@ def _check_path(path: Path) -> None:
 
 
 def _read_txt(path: Path) -> Iterator[str]:
-    try:
-        yield path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 text (byte {e.start}); re-encode the file as UTF-8") from e
+    yield read_utf8(path, DataError)
 
 
 def read_documents(

@@ -3,15 +3,16 @@
 Documents are tokenized in chunks (HF `tokenizers` uses every core), each followed by EOS, and
 streamed to disk, so memory stays bounded by one chunk whatever the corpus size. Each document
 goes to train or validation by a seeded hash of its index: the split is reproducible and needs no
-pass over the data in advance. Files are written under temporary names and renamed at the end;
-`index.json` is written last, so a directory with an index is always complete.
+pass over the data in advance. The whole directory is built under a temporary name beside the
+output and renamed onto it only when complete, so bad input or a full disk leaves an existing
+dataset as it was; `index.json` is written last, so a directory with an index is always complete.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +21,14 @@ from typing import BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from lmforge.data.readers import read_documents
-from lmforge.errors import DataError
-from lmforge.io import atomic_write_text, fsync_dir
-from lmforge.tokenizer import Tokenizer
+from lmforge.data.readers import DocumentStream, read_documents
+from lmforge.errors import ConfigError, DataError
+from lmforge.io import new_temp_dir, raise_if_disk_full, replace_dir, require_dir_path
+from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
 INDEX_FILE = "index.json"
 SPLITS = ("train", "val")
+DATASET_FILES = (INDEX_FILE, TOKENIZER_FILE, *(f"{split}.bin" for split in SPLITS))
 _PREPARE_HINT = "run `lmforge data prepare` to create it"
 
 
@@ -159,74 +161,105 @@ def prepare_shards(
     batch_docs: int = 1024,
     progress: bool = True,
 ) -> ShardIndex:
-    """Tokenize the documents in `paths` into `out_dir/{train,val}.bin` + `index.json` + `tokenizer.json`."""
+    """Tokenize the documents in `paths` into `out_dir/{train,val}.bin` + `index.json` + `tokenizer.json`.
+
+    An existing `out_dir` must be empty or an earlier output of this function; it is replaced only on success."""
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise ConfigError(f"--val-fraction {val_fraction} is out of range: it is the share of documents held out for "
+                          "validation, at least 0 and below 1 (1 would leave nothing to train on); e.g. 0.01")
     if batch_docs < 1:
         raise ValueError(f"batch_docs must be >= 1, got {batch_docs}")
-    eos_id = tokenizer.eos_id
-    if eos_id is None:
+    if tokenizer.eos_id is None:
         raise DataError(
             "the tokenizer has no end-of-sequence token; train one with `lmforge tokenizer train`"
         )
     stream = read_documents(paths, text_field=text_field, skip_bad_lines=skip_bad_lines)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / INDEX_FILE).unlink(missing_ok=True)  # the directory is incomplete until we finish
+    _require_replaceable(out_dir)
+    target = out_dir.resolve()  # a symlinked --out keeps its link: the dataset is replaced where it points
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
-    tmp_paths = {split: out_dir / f".{split}.bin.tmp" for split in SPLITS}
+    tmp, tally = None, _Tally()
     try:
-        with open(tmp_paths["train"], "wb") as ftrain, open(tmp_paths["val"], "wb") as fval:
-            writer = _SplitWriter({"train": ftrain, "val": fval}, val_fraction)
-            with tqdm(desc="tokenizing", unit="doc", disable=not progress) as bar:
-                chunk: list[str] = []
-                for doc in stream:
-                    chunk.append(doc)
-                    if len(chunk) == batch_docs:
-                        _write_chunk(chunk, stream.documents - len(chunk), tokenizer, writer, dtype, seed)
-                        bar.update(len(chunk))
-                        chunk = []
-                if chunk:
-                    _write_chunk(chunk, stream.documents - len(chunk), tokenizer, writer, dtype, seed)
+        tmp = new_temp_dir(target)
+        index = _build(stream, tokenizer, tmp, dtype, seed, val_fraction, batch_docs, progress, tally)
+        replace_dir(tmp, target)
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise_if_disk_full(exc, out_dir, tally.bytes_needed(stream.paths, dtype))
+        raise
+    index.directory = out_dir
+    return index
+
+
+def _require_replaceable(out_dir: Path) -> None:
+    """An error unless `out_dir` is missing, empty, or holds only the files of an earlier `prepare_shards`."""
+    require_dir_path(out_dir, "--out")
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in DATASET_FILES) if out_dir.is_dir() else []
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise DataError(f"--out {out_dir} holds files that `lmforge data prepare` did not write ({shown}), and it "
+                        "replaces the directory whole; pass a new or empty directory")
+
+
+@dataclass
+class _Tally:
+    """Characters and tokens (EOS included) encoded so far: the basis of the size estimate when the disk is full."""
+
+    characters: int = 0
+    tokens: int = 0
+
+    def bytes_needed(self, paths: Sequence[Path], dtype: np.dtype) -> int:
+        """About how many bytes the token files take: the input's size in bytes times the tokens per character so far
+        (before any encoding, one token per byte: byte-level BPE's most)."""
+        input_bytes = sum(p.stat().st_size for p in paths if p.is_file())
+        per_byte = self.tokens / max(self.characters, 1) if self.tokens else 1.0
+        return int(max(input_bytes * per_byte, self.tokens) * dtype.itemsize)
+
+
+def _build(stream: DocumentStream, tokenizer: Tokenizer, directory: Path, dtype: np.dtype, seed: int,
+           val_fraction: float, batch_docs: int, progress: bool, tally: _Tally) -> ShardIndex:
+    """Write the token files, tokenizer.json and (last) index.json of a new dataset into the new `directory` (plain
+    writes: `replace_dir` fsyncs them before the directory is published)."""
+    with open(directory / "train.bin", "wb") as ftrain, open(directory / "val.bin", "wb") as fval:
+        writer = _SplitWriter({"train": ftrain, "val": fval}, val_fraction)
+        with tqdm(desc="tokenizing", unit="doc", disable=not progress) as bar:
+            chunk: list[str] = []
+            for doc in stream:
+                chunk.append(doc)
+                if len(chunk) == batch_docs:
+                    _write_chunk(chunk, stream.documents - len(chunk), tokenizer, writer, dtype, seed, tally)
                     bar.update(len(chunk))
-            writer.finish()
-            for f in (ftrain, fval):
-                f.flush()
-                os.fsync(f.fileno())
-        sources = ", ".join(str(p) for p in stream.paths)
-        if stream.documents == 0:
-            raise DataError(f"no documents in {sources} (skipped {stream.skipped} bad lines)")
-        if sum(writer.tokens.values()) == stream.documents:  # nothing but the EOS after each document
-            raise DataError(f"no tokens in {sources}: all {stream.documents} documents are empty")
-        for split in SPLITS:
-            os.replace(tmp_paths[split], out_dir / f"{split}.bin")
-        fsync_dir(out_dir)
-    finally:
-        for path in tmp_paths.values():
-            path.unlink(missing_ok=True)
-    tokenizer.save(out_dir)
+                    chunk = []
+            if chunk:
+                _write_chunk(chunk, stream.documents - len(chunk), tokenizer, writer, dtype, seed, tally)
+                bar.update(len(chunk))
+        writer.finish()
+    stream.require_text()
+    (directory / TOKENIZER_FILE).write_text(tokenizer.backend.to_str(), encoding="utf-8")
     index = ShardIndex(
-        directory=out_dir,
+        directory=directory,
         dtype=dtype.name,
         vocab_size=tokenizer.vocab_size,
-        eos_id=eos_id,
+        eos_id=tokenizer.eos_id,
         num_tokens=dict(writer.tokens),
         num_documents=dict(writer.docs),
         skipped_lines=stream.skipped,
         sources=[str(p) for p in stream.paths],
-        text_field=text_field,
+        text_field=stream.text_field,
         seed=seed,
         val_fraction=val_fraction,
     )
-    atomic_write_text(out_dir / INDEX_FILE, index.to_json())
+    (directory / INDEX_FILE).write_text(index.to_json(), encoding="utf-8")  # last: the directory is complete
     return index
 
 
-def _write_chunk(
-    docs: list[str], first_id: int, tokenizer: Tokenizer, writer: _SplitWriter, dtype: np.dtype, seed: int
-) -> None:
+def _write_chunk(docs: list[str], first_id: int, tokenizer: Tokenizer, writer: _SplitWriter, dtype: np.dtype, seed: int,
+                 tally: _Tally) -> None:
     """Tokenize one chunk of documents and hand each (with EOS appended) to its split."""
     encoded = tokenizer.encode_batch(docs)
+    tally.characters += sum(len(doc) for doc in docs)
+    tally.tokens += sum(len(ids) + 1 for ids in encoded)
     scores = split_scores(seed, np.arange(first_id, first_id + len(docs)))
     is_val = scores < writer.val_fraction
     eos = [tokenizer.eos_id]

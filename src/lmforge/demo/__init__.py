@@ -19,8 +19,11 @@ from lmforge.config import EncDecConfig, EncoderConfig, ModelConfig
 from lmforge.data.readers import read_documents
 from lmforge.data.shards import ShardIndex, prepare_shards
 from lmforge.data.synthetic import WorldConfig, write_corpus
+from lmforge.errors import LmforgeError
 from lmforge.eval.report import machine_description, write_report
 from lmforge.tokenizer import Tokenizer, train_tokenizer
+
+DEMO_MARKER = ".lmforge-demo"  # written into --out-dir, so a later demo may clear it (and nothing else)
 
 
 @dataclass(frozen=True)
@@ -93,14 +96,26 @@ def prepare_world(plan: DemoPlan, data_dir: Path) -> DemoData:
     return DemoData(files, tokenizer, shards, data_dir / "shards")
 
 
+def fresh_demo_dir(out_dir: Path) -> None:
+    """Make `out_dir` an empty, marked demo dir; refuse one that is neither missing, empty nor an earlier demo's."""
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise LmforgeError(f"--out-dir {out_dir} is an existing file; pass a directory for the demo's files")
+        if any(out_dir.iterdir()) and not (out_dir / DEMO_MARKER).is_file():
+            raise LmforgeError(f"--out-dir {out_dir} is not empty and was not made by `lmforge demo` (no {DEMO_MARKER} "
+                               "in it), and the demo clears its out dir; pass a new or empty directory")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    (out_dir / DEMO_MARKER).write_text("made by `lmforge demo`, which clears this directory on its next run\n")
+
+
 def run_demo(out_dir: Path, report_dir: Path, quick: bool = False, minutes: float | None = None,
              precision: str = "auto") -> Path:
     from lmforge.demo import alignment, decoder, families, inference, peft, positions
 
     plan = demo_plan(quick, minutes)
     t_start = time.perf_counter()
-    if out_dir.exists():  # the demo's own scratch dir: each run starts it afresh
-        shutil.rmtree(out_dir)
+    fresh_demo_dir(out_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     print("[1/7] the synthetic world: corpus, tokenizer, token shards")
     data = prepare_world(plan, out_dir / "data")

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from pydantic import Field, ValidationError
 from torch import Tensor, nn
 
-from lmforge.config import StrictModel
+from lmforge.config import StrictModel, validation_summary
 from lmforge.errors import ConfigError
 
 
@@ -70,7 +70,7 @@ def quant_config(bits: int = 8, group_size: int = 64, targets: list[str] | None 
     try:
         return QuantConfig(bits=bits, group_size=group_size, targets=targets, tied_embedding=tied_embedding)
     except ValidationError as err:
-        raise ConfigError(f"invalid quant config: {err}") from None
+        raise ConfigError(f"invalid quant config: {validation_summary(err, prefix='quant.')}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,7 +375,7 @@ def apply_quant_from_config(model: nn.Module, tree: dict[str, Any]) -> None:
     try:
         q = QuantConfig.model_validate(tree["quant"])  # its defaults are those of a section that omits a field
     except ValidationError as err:
-        raise ConfigError(f"invalid quant section: {err}") from None
+        raise ConfigError(f"invalid quant section: {validation_summary(err, prefix='quant.')}") from None
     cfg = quant_config(q.bits, q.group_size, q.targets, q.tied_embedding)
 
     def shell(lin: nn.Linear) -> QuantLinear:

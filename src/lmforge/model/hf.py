@@ -13,7 +13,7 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -24,11 +24,11 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import processors
 from torch import Tensor
 
-from lmforge.config import ModelConfig
+from lmforge.config import ModelConfig, validation_summary
 from lmforge.data.chat import ChatTemplate
 from lmforge.data.chat_jinja import jinja_chat_template
-from lmforge.errors import CheckpointError, ConfigError
-from lmforge.io import atomic_write, atomic_write_text
+from lmforge.errors import CheckpointError, ConfigError, one_line
+from lmforge.io import atomic_write, atomic_write_text, is_inside
 from lmforge.model.decoder import DecoderLM
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -179,7 +179,7 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
     try:
         return ModelConfig(**fields)
     except ValidationError as err:
-        raise ConfigError(f"HF {model_type} config is not a valid lmforge model: {err}") from None
+        raise ConfigError(f"HF {model_type} config is not a valid lmforge model: {validation_summary(err)}") from None
 
 
 def _hf_model_type(cfg: ModelConfig) -> str:
@@ -235,18 +235,39 @@ def read_hf_weights(path: Path) -> dict[str, Tensor]:
         index = path / INDEX_FILE
         if not index.is_file():
             raise CheckpointError(f"{path}: no {WEIGHTS_FILE} or {INDEX_FILE} (safetensors only)")
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(f"{index}: not a safetensors index ({err!r})") from None
-        files = [path / name for name in sorted(set(weight_map.values()))]
+        files = shard_files(path, index)
     weights: dict[str, Tensor] = {}
     for file in files:
         try:
             weights.update(load_file(file))
         except (OSError, SafetensorError) as err:
-            raise CheckpointError(f"{file}: cannot read safetensors weights: {err}") from None
+            raise CheckpointError(f"{file}: cannot read safetensors weights: {one_line(err)}") from None
     return weights
+
+
+def shard_files(path: Path, index: Path) -> list[Path]:
+    """The safetensors files a sharded dir's index names, each checked to lie inside `path`: a name that leaves it
+    (absolute, `..`, or through a symlinked folder) is refused. The file itself may be a symlink, as every file in
+    the Hugging Face hub cache is."""
+    refit = "re-save the model with save_pretrained"
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except ValueError as err:  # JSONDecodeError and invalid UTF-8 alike
+        raise CheckpointError(f"{index}: not valid JSON ({one_line(err)}); {refit}") from None
+    if not isinstance(data, dict) or "weight_map" not in data:
+        raise CheckpointError(f"{index}: no 'weight_map' (tensor name -> shard file) in it; {refit}")
+    weight_map = data["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: 'weight_map' is a {type(weight_map).__name__}, not a mapping of tensor "
+                              f"name -> shard file; {refit}")
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise CheckpointError(f"{index}: weight_map[{tensor!r}] is {name!r}, not a file name; {refit}")
+        parts = PurePosixPath(name).parts
+        if PurePosixPath(name).is_absolute() or ".." in parts or not is_inside((path / name).parent, path):
+            raise CheckpointError(f"{index}: weight_map[{tensor!r}] = {name!r} lies outside {path}; shard files must "
+                                  f"be inside the model's directory")
+    return [path / name for name in sorted(set(weight_map.values()))]
 
 
 def _from_hf_names(model_type: str, weights: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:

@@ -22,7 +22,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 from torch import Tensor
 
-from lmforge.config import EncoderConfig
+from lmforge.config import EncoderConfig, validation_summary
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.io import atomic_write, atomic_write_text
 from lmforge.model.encoder import EncoderModel
@@ -88,7 +88,7 @@ def config_from_hf_bert(hf_config: dict[str, Any]) -> EncoderConfig:
             norm_eps=hf_config.get("layer_norm_eps", 1e-12), init_std=hf_config.get("initializer_range", 0.02),
         )
     except ValidationError as err:
-        raise ConfigError(f"HF bert config is not a valid lmforge encoder: {err}") from None
+        raise ConfigError(f"HF bert config is not a valid lmforge encoder: {validation_summary(err)}") from None
 
 
 def config_to_hf_bert(cfg: EncoderConfig) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from safetensors.torch import save_file
 from torch import Tensor
 
-from lmforge.config import EncDecConfig
+from lmforge.config import EncDecConfig, validation_summary
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.io import atomic_write, atomic_write_text
 from lmforge.model.encdec import EncDecLM
@@ -109,7 +109,7 @@ def config_from_hf_t5(hf_config: dict[str, Any]) -> EncDecConfig:
     try:
         return EncDecConfig(**fields)
     except ValidationError as err:
-        raise ConfigError(f"HF t5 config is not a valid lmforge model: {err}") from None
+        raise ConfigError(f"HF t5 config is not a valid lmforge model: {validation_summary(err)}") from None
 
 
 def config_to_hf_t5(cfg: EncDecConfig) -> dict[str, Any]:

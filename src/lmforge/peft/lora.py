@@ -35,8 +35,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lmforge.config import StrictModel
-from lmforge.errors import CheckpointError, ConfigError
+from lmforge.config import StrictModel, validation_summary
+from lmforge.errors import CheckpointError, ConfigError, one_line
 from lmforge.io import atomic_write, atomic_write_text
 from lmforge.peft.nf4 import dequantize_scales, nf4_dequantize, nf4_quantize, quantize_scales
 from lmforge.peft.select import matches
@@ -395,9 +395,10 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         cfg = LoRAConfig.model_validate(data.get("config"))
         tensors = load_file(str(weights_file))
     except ValidationError as err:
-        raise CheckpointError(f"{config_file}: invalid adapter config: {err}") from None
+        raise CheckpointError(f"{config_file}: invalid adapter config: {validation_summary(err, prefix='config.')}"
+                              ) from None
     except (OSError, SafetensorError) as err:
-        raise CheckpointError(f"{weights_file}: cannot read adapter weights: {err}") from None
+        raise CheckpointError(f"{weights_file}: cannot read adapter weights: {one_line(err)}") from None
     try:
         chosen = _select(model, cfg)
     except ConfigError as err:
