@@ -307,13 +307,12 @@ def test_cli_tokenizer_train_disk_full(tmp_path: Path, monkeypatch: pytest.Monke
     assert train_cli(corpus, vocab_size=400, out=out) == 0
     before = snapshot(out)
 
-    def write_half(self: Path, data: str, encoding: str | None = None, errors: str | None = None,
-                   newline: str | None = None) -> int:
-        with open(self, "w", encoding=encoding) as f:
+    def write_half(self: Path, data: bytes) -> int:
+        with open(self, "wb") as f:
             f.write(data[: len(data) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", write_half)
+    monkeypatch.setattr(Path, "write_bytes", write_half)
     capsys.readouterr()
     assert train_cli(corpus, vocab_size=600, out=out) == 2
     message = error_line(capsys.readouterr().err)

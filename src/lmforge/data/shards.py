@@ -223,7 +223,7 @@ def _build(stream: DocumentStream, tokenizer: Tokenizer, directory: Path, dtype:
     writes: `replace_dir` fsyncs them before the directory is published)."""
     with open(directory / "train.bin", "wb") as ftrain, open(directory / "val.bin", "wb") as fval:
         writer = _SplitWriter({"train": ftrain, "val": fval}, val_fraction)
-        with tqdm(desc="tokenizing", unit="doc", disable=not progress) as bar:
+        with tqdm(desc="tokenizing", unit="doc", disable=None if progress else True) as bar:  # None: a terminal only
             chunk: list[str] = []
             for doc in stream:
                 chunk.append(doc)
