@@ -186,7 +186,7 @@ def test_as_a_user_runs_it(world: dict[str, Path], case: str) -> None:
     """A few cases through a real process: the exit status and stderr a shell sees."""
     if case == "generate-non-utf8-prompt":
         args = [b"generate", str(world["ckpt"]).encode(), b"--prompt", b"caf\xe9"]
-        fragments = ["--prompt"]
+        fragments = ["--prompt", "0xe9"]
     else:
         argv, fragments = next(c[1:] for c in CASES if c[0] == case)
         args = [a.format(**world).encode() for a in argv.split()]
@@ -194,6 +194,6 @@ def test_as_a_user_runs_it(world: dict[str, Path], case: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(lmforge.__file__).parents[1])}
     proc = subprocess.run([sys.executable.encode(), b"-m", b"lmforge.cli", *args], capture_output=True, env=env,
                           timeout=120)
-    assert proc.returncode == 2, proc
+    assert (proc.returncode, proc.stdout) == (2, b""), proc
     assert_one_clear_line(proc.stderr.decode(errors="replace"), fragments)
     assert tree_digest(world["root"]) == before
