@@ -365,16 +365,6 @@ def test_save_load_round_trip_then_merge(tmp_path, method: str):
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "pissa"])
-def test_adapter_tensors_are_row_major_as_a_reload_gives_them(method: str):
-    """torch.linalg.svd returns U, Vh column-major; a GEMM on a column-major factor accumulates in another order
-    than on the row-major tensor a safetensors reload gives (1.4e-6 apart on AMD Zen 4)."""
-    model = _model()
-    apply_lora(model, LoRAConfig(r=4, method=method, targets=["attn", "mlp"]))
-    tensors = [t for m in lora_layers(model).values() for t in (m.weight, *m.parameters())]
-    assert len(tensors) > 14 and all(t.is_contiguous() for t in tensors)
-
-
-@pytest.mark.parametrize("method", ["lora", "dora", "pissa"])
 def test_loading_an_adapter_runs_no_initialisation(tmp_path, monkeypatch, method: str):
     """A saved adapter holds every tensor: no SVD (PiSSA) or random init to compute and throw away."""
     model = _model()

@@ -54,9 +54,11 @@ class SVDDiagLinear(nn.Module):
         self.weight, self.bias = linear.weight, linear.bias
         U, S, Vh = torch.linalg.svd(linear.weight.detach().double(), full_matrices=False)
         dtype = linear.weight.dtype
-        self.register_buffer("U", U.to(dtype))
+        # row-major, as a checkpoint reload gives them back: svd returns U, Vh column-major, and a GEMM's rounding
+        # depends on its operands' layouts, so the trained and the reloaded model would compute different bits
+        self.register_buffer("U", U.to(dtype, memory_format=torch.contiguous_format))
         self.register_buffer("S", S.to(dtype))
-        self.register_buffer("Vh", Vh.to(dtype))
+        self.register_buffer("Vh", Vh.to(dtype, memory_format=torch.contiguous_format))
         self.z = nn.Parameter(torch.ones_like(self.S))
 
     def forward(self, x: Tensor) -> Tensor:
