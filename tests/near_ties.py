@@ -17,10 +17,15 @@ from torch import Tensor
 MIN_MARGIN = 1e-3
 
 
+def top2_margin(logits: Tensor) -> float:
+    """The smallest gap between the largest and the second largest entry of any row of `logits` [..., V]."""
+    top2 = logits.detach().float().topk(2, dim=-1).values
+    return float((top2[..., 0] - top2[..., 1]).min())
+
+
 def assert_clear_choices(logits: Tensor, what: str) -> None:
     """Each row of `logits` [..., V] has its largest entry ahead of the runner-up by more than MIN_MARGIN."""
-    top2 = logits.detach().float().topk(2, dim=-1).values
-    margin = float((top2[..., 0] - top2[..., 1]).min())
+    margin = top2_margin(logits)
     assert margin > MIN_MARGIN, (f"{what}: a near-tie (top-2 logit margin {margin:.1e} <= {MIN_MARGIN:g}) could flip "
                                  "on other kernels; pick another prompt or seed")
 
@@ -33,11 +38,16 @@ def assert_clear_ranking(scores: Sequence[float], what: str) -> None:
 
 
 @torch.no_grad()
-def assert_clear_greedy(model: torch.nn.Module, prompt: Sequence[int], new_ids: Sequence[int]) -> None:
-    """Decoder `model` picked each of `new_ids` after `prompt` by a clear margin (checked with one full forward).
-    Pass the stop token at the end of `new_ids` when where generation stopped matters too."""
+def greedy_logits(model: torch.nn.Module, prompt: Sequence[int], new_ids: Sequence[int]) -> Tensor:
+    """The logits [len(new_ids), V] from which decoder `model` picked each of `new_ids` after `prompt`, by one full
+    forward. End `new_ids` with the stop token when where generation stopped matters too."""
     seq = torch.tensor([[*prompt, *new_ids]], device=next(model.parameters()).device)
-    logits = model(seq)[0, len(prompt) - 1:-1]
+    return model(seq)[0, len(prompt) - 1:-1]
+
+
+def assert_clear_greedy(model: torch.nn.Module, prompt: Sequence[int], new_ids: Sequence[int]) -> None:
+    """Decoder `model` picked each of `new_ids` after `prompt` by more than MIN_MARGIN."""
+    logits = greedy_logits(model, prompt, new_ids)
     assert_clear_choices(logits, f"greedy continuation {list(new_ids)} of {list(prompt)}")
 
 
