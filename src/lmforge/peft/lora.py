@@ -304,10 +304,15 @@ def _apply(model: nn.Module, cfg: LoRAConfig, adapter_name: str,
     return list(chosen)
 
 
-def apply_lora(model: nn.Module, cfg: LoRAConfig, adapter_name: str = "default") -> list[str]:
+def apply_lora(model: nn.Module, cfg: LoRAConfig, adapter_name: str = "default", initialise: bool = True) -> list[str]:
     """Add adapter `adapter_name` to every layer `cfg.targets` selects (wrapping plain Linears), make it the only
-    active one there, and freeze every parameter but its own. Returns the adapted layer names."""
-    return _apply(model, cfg, adapter_name, None)
+    active one there, and freeze every parameter but its own. Returns the adapted layer names. `initialise=False`
+    gives every adapter tensor zeros instead, for a checkpoint's state dict to fill (no SVD computed for nothing)."""
+    if initialise:
+        return _apply(model, cfg, adapter_name, None)
+    chosen = _select(model, cfg)
+    zeros = {k: torch.zeros(shape) for name, m in chosen.items() for k, shape in _expected_shapes(name, m, cfg).items()}
+    return _apply(model, cfg, adapter_name, _by_layer(chosen, cfg, zeros))
 
 
 def set_adapter(model: nn.Module, names: list[str], weights: list[float] | None = None) -> None:
@@ -390,6 +395,13 @@ def _expected_shapes(name: str, m: nn.Linear | LoRALinear, cfg: LoRAConfig) -> d
     return {f"{name}.{kind}": shapes[kind] for kind in adapter_kinds(cfg)}
 
 
+def _by_layer(chosen: dict[str, nn.Linear | LoRALinear], cfg: LoRAConfig,
+              tensors: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """`<layer>.<kind>` tensors grouped per layer, as `_apply` takes them."""
+    return {name: {key.rsplit(".", 1)[1]: tensors[key] for key in _expected_shapes(name, m, cfg)}
+            for name, m in chosen.items()}
+
+
 def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> LoRAConfig:
     """Add a saved adapter to `model` (its base); everything is checked before the model is touched."""
     path = Path(path)
@@ -421,7 +433,5 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         if tuple(tensors[key].shape) != shape:
             raise CheckpointError(f"{weights_file}: tensor '{key}' has shape {tuple(tensors[key].shape)}, but this "
                                   f"model needs {shape}")
-    weights = {name: {k.rsplit(".", 1)[1]: tensors[k] for k in _expected_shapes(name, m, cfg)}
-               for name, m in chosen.items()}
-    _apply(model, cfg, adapter_name, weights)
+    _apply(model, cfg, adapter_name, _by_layer(chosen, cfg, tensors))
     return cfg
