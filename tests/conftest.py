@@ -1,9 +1,27 @@
-"""Shared test fixtures."""
+"""Shared test fixtures, and a coherent stand-in for an AVX2-only CPU.
+
+`ATEN_CPU_CAPABILITY=avx2 make test` runs the suite on other kernels, as another CPU would (exactness tests must
+hold there too). The libraries under torch are capped to match, as on such a CPU: left alone, oneDNN still sees this
+machine's AMX and makes torch's bf16 attention call packing code that the avx2 kernels lack ("pack_vnni2 is only
+supported when avx512 is supported"), and MKL keeps its AVX-512 GEMMs. Both read these variables on first use. The
+stand-in also gets its own torch.compile cache, as another machine would: a kernel compiled and cached at this
+machine's capability, reloaded under avx2, decodes garbage (torch 2.13).
+"""
 
 from __future__ import annotations
 
+import getpass
+import os
+import tempfile
+
 import pytest
 import torch
+
+if os.environ.get("ATEN_CPU_CAPABILITY") == "avx2":
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+    os.environ.setdefault("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                          os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_avx2"))
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from lmforge.config import ModelConfig
 from lmforge.infer.batched import generate_batch
 from lmforge.infer.generate import SamplingConfig, generate_ids
 from lmforge.model.decoder import DecoderLM
+from near_ties import assert_clear_greedy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,7 +38,10 @@ def prompts() -> list[list[int]]:
 def test_greedy_batch_matches_each_prompt_alone(family):
     model, batch = tiny_model(family), prompts()
     cfg = SamplingConfig(max_new_tokens=10, temperature=0)
-    assert generate_batch(model, batch, cfg) == [generate_ids(model, p, cfg) for p in batch]
+    alone = [generate_ids(model, p, cfg) for p in batch]
+    for prompt, new_ids in zip(batch, alone, strict=True):
+        assert_clear_greedy(model, prompt, new_ids)
+    assert generate_batch(model, batch, cfg) == alone
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -45,6 +49,8 @@ def test_eos_stops_only_its_row(family):
     model, batch = tiny_model(family), prompts()
     cfg = SamplingConfig(max_new_tokens=10, temperature=0)
     alone = [generate_ids(model, p, cfg) for p in batch]
+    for prompt, new_ids in zip(batch, alone, strict=True):
+        assert_clear_greedy(model, prompt, new_ids)
     eos = next(t for t in alone[1] if t not in alone[0])  # ends row 1 early, never row 0
     out = generate_batch(model, batch, cfg, eos_id=eos)
     assert out == [generate_ids(model, p, cfg, eos_id=eos) for p in batch]

@@ -12,6 +12,7 @@ from lmforge.errors import LmforgeError
 from lmforge.infer.beam import beam_search
 from lmforge.infer.generate import SamplingConfig, generate_ids
 from lmforge.model.decoder import DecoderLM
+from near_ties import assert_clear_greedy, assert_clear_ranking
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,6 +40,7 @@ def test_beam_matches_exhaustive_search() -> None:
     model, length = _tiny(6), 3
     for prompt in ([1], [4, 2, 0]):
         best = _exhaustive(model, prompt, length)
+        assert_clear_ranking([s for _, s in best[:6]], f"exhaustive top 6 after {prompt}")
         beams = beam_search(model, prompt, num_beams=36, max_new_tokens=length, num_return=5)
         assert [ids for ids, _ in beams] == [ids for ids, _ in best[:5]]
         assert [s for _, s in beams] == pytest.approx([s / length for _, s in best[:5]], abs=1e-5)
@@ -50,6 +52,7 @@ def test_one_beam_is_greedy() -> None:
     model = _tiny(6)
     for prompt in ([0], [3, 5, 1]):
         greedy = generate_ids(model, prompt, SamplingConfig(max_new_tokens=8, temperature=0))
+        assert_clear_greedy(model, prompt, greedy)
         assert beam_search(model, prompt, num_beams=1, max_new_tokens=8)[0][0] == greedy
 
 
@@ -84,7 +87,9 @@ def test_beam_matches_transformers(family: str, tmp_path) -> None:
     n_new = 8
     for prompt in ([3, 7, 1], [12], [5, 5, 30, 2]):
         # EOS = the greedy path's 3rd token, so finished hypotheses compete with running ones
-        eos = generate_ids(model, prompt, SamplingConfig(max_new_tokens=3, temperature=0))[-1]
+        greedy = generate_ids(model, prompt, SamplingConfig(max_new_tokens=3, temperature=0))
+        assert_clear_greedy(model, prompt, greedy)
+        eos = greedy[-1]
         for beams in (2, 4):
             out = hf.generate(torch.tensor([prompt]), num_beams=beams, num_return_sequences=beams, do_sample=False,
                               max_new_tokens=n_new, early_stopping=False, length_penalty=1.0, eos_token_id=eos,
@@ -93,5 +98,6 @@ def test_beam_matches_transformers(family: str, tmp_path) -> None:
             for row in out.sequences[:, len(prompt):].tolist():
                 expected.append(row[:row.index(eos)] if eos in row else row)
             ours = beam_search(model, prompt, num_beams=beams, max_new_tokens=n_new, eos_id=eos, num_return=beams)
+            assert_clear_ranking([s for _, s in ours], f"{beams} beams after {prompt}")
             assert [ids for ids, _ in ours] == expected
             assert [s for _, s in ours] == pytest.approx(out.sequences_scores.tolist(), abs=1e-4)

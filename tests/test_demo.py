@@ -13,6 +13,24 @@ import lmforge
 import lmforge.demo
 from cli_checks import error_line, snapshot
 from lmforge.cli import main
+from lmforge.demo import demo_plan
+from lmforge.demo.inference import PROMPTS
+from lmforge.infer.generate import SamplingConfig, generate_ids
+from near_ties import MIN_MARGIN, greedy_logits, top2_margin
+
+
+def near_ties(out: Path, n_prompts: int) -> int:
+    """How many greedy outputs of the speculative section (its first `n_prompts` prompts) hold a near-tie, where
+    another path's rounding (the draft's verify chunks) may pick the runner-up; every other one must be identical."""
+    target, tok = lmforge.load(out / "pretrain")
+    cfg = SamplingConfig(max_new_tokens=demo_plan(True, None).speculative_tokens, temperature=0.0)
+    count = 0
+    for text in PROMPTS[:n_prompts]:
+        prompt = tok.encode(text)
+        new = generate_ids(target, prompt, cfg, tok.eos_id)
+        stop = [tok.eos_id] if len(new) < cfg.max_new_tokens else []
+        count += top2_margin(greedy_logits(target, prompt, new + stop)) <= MIN_MARGIN
+    return count
 
 
 @pytest.mark.slow
@@ -59,7 +77,8 @@ def test_demo_quick_writes_a_report_computed_in_the_run(tmp_path: Path) -> None:
     assert same and int(same.group(2)) == 9 and int(same.group(1)) >= 1  # logit parity: test_hf_parity.py
     assert re.search(r"\| decode tok/s, batch 1 \| [\d,.]+ \| [\d,.]+ \| \d+\.\d\dx \|", text)
     speculative = re.search(r"\| outputs identical to plain greedy decoding \| (\d+) of (\d+) \|", text)
-    assert speculative and speculative.group(1) == speculative.group(2)
+    identical, prompts = map(int, speculative.groups()) if speculative else (-1, 0)
+    assert prompts > 0 and identical >= prompts - near_ties(out, prompts)
     for bits in (8, 4):  # quantised checkpoints load and are smaller than the fp32 weights
         assert (out / f"int{bits}" / "model.safetensors").stat().st_size < (
             out / "pretrain" / (out / "pretrain" / "latest").read_text().strip() / "model.safetensors").stat().st_size

@@ -20,6 +20,7 @@ from lmforge.model import build_model
 from lmforge.model.encdec import EncDecLM, relative_position_bucket
 from lmforge.model.layers import padding_bias
 from lmforge.tokenizer import SENTINELS, Tokenizer, train_tokenizer
+from near_ties import assert_clear_greedy_encdec
 
 VOCAB = 120
 
@@ -188,6 +189,7 @@ def test_generate_greedy_encodes_once_and_matches_recompute():
     got = generate_encdec(model, ids, SamplingConfig(max_new_tokens=12, temperature=0))
     assert len(calls) == 1
     calls.clear()
+    assert_clear_greedy_encdec(model, ids, got)
     assert got == _greedy_by_teacher_forcing(model, ids, 12)
     assert generate_encdec(model, ids, SamplingConfig(max_new_tokens=12, temperature=0, use_cache=False)) == got
 
@@ -213,7 +215,9 @@ def test_generate_sampling_is_seeded_and_mask_matters():
     assert generate_encdec(model, ids, SamplingConfig(max_new_tokens=15, temperature=1.0, seed=4)) != first
     masked = [1] * 15 + [0] * 5
     greedy = SamplingConfig(max_new_tokens=8, temperature=0)
-    assert generate_encdec(model, ids, greedy, attention_mask=masked) == generate_encdec(model, ids[:15], greedy)
+    unpadded = generate_encdec(model, ids[:15], greedy)
+    assert_clear_greedy_encdec(model, ids[:15], unpadded)
+    assert generate_encdec(model, ids, greedy, attention_mask=masked) == unpadded
 
 
 def test_generate_validates_lengths_and_config():

@@ -12,6 +12,7 @@ from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.generate import SamplingConfig, filter_logits, generate, generate_ids, greedy_ids, next_token
 from lmforge.model.decoder import DecoderLM
 from lmforge.tokenizer import Tokenizer, train_tokenizer
+from near_ties import assert_clear_greedy
 
 TINY = dict(vocab_size=64, max_seq_len=64, n_layer=2, n_head=4, d_model=32)
 FAMILIES = {
@@ -78,6 +79,7 @@ def test_greedy_same_with_and_without_cache(family: str) -> None:
     with_cache = generate_ids(model, prompt, SamplingConfig(max_new_tokens=40, temperature=0, use_cache=True))
     without = generate_ids(model, prompt, SamplingConfig(max_new_tokens=40, temperature=0, use_cache=False))
     assert len(with_cache) == 40
+    assert_clear_greedy(model, prompt, without)
     assert with_cache == without
     assert len(set(with_cache)) > 1  # not a degenerate constant output
 
@@ -136,6 +138,7 @@ def test_temperature_zero_is_argmax() -> None:
     with torch.inference_mode():
         for _ in range(15):
             seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert_clear_greedy(model, prompt, seq[len(prompt):])
     assert out == seq[len(prompt):]
     logits = torch.randn(5, 64)
     cfg = SamplingConfig(temperature=0, top_k=3, top_p=0.5)
@@ -501,6 +504,7 @@ def test_compiled_decode_step_gives_the_same_greedy_ids() -> None:
     prompt = [3, 9, 27, 14]
     eager = generate_ids(model, prompt, SamplingConfig(max_new_tokens=12, temperature=0.0))
     compiled = generate_ids(model, prompt, SamplingConfig(max_new_tokens=12, temperature=0.0, compile=True))
+    assert_clear_greedy(model, prompt, eager)
     assert compiled == eager and model in _COMPILED
     assert not any(n.startswith("_") for n, _ in model.named_modules())  # the wrapper is not a submodule
 

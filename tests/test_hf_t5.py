@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 
+from near_ties import assert_clear_greedy_encdec
 from parity_helpers import perturb
 
 transformers = pytest.importorskip("transformers")
@@ -187,7 +188,9 @@ def test_generate_greedy_matches_transformers(tmp_path):
         calls.clear()
         got = generate_encdec(model, ids[row].tolist(), SamplingConfig(max_new_tokens=20, temperature=0),
                               attention_mask=mask[row].tolist())
-        assert got == want and len(calls) == 1
+        assert len(calls) == 1
+        assert_clear_greedy_encdec(model, ids[row].tolist(), want, mask[row].tolist())
+        assert got == want
         stop = want[5]  # as EOS: HF emits it and stops, lmforge stops before it
         want_eos = hf_model.generate(input_ids=ids[row:row + 1], attention_mask=mask[row:row + 1], do_sample=False,
                                      num_beams=1, max_new_tokens=20, eos_token_id=stop)[0, 1:].tolist()

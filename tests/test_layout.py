@@ -17,6 +17,7 @@ from lmforge.infer.quant import QuantConfig, quantize_model
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.layers import fused_qkv
 from lmforge.peft.config import apply_peft
+from near_ties import assert_clear_greedy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,15 +61,20 @@ def test_tied_head_stays_tied_and_converts_once() -> None:
 
 
 def test_fused_qkv_copy_keeps_the_layout_and_generation_is_unchanged() -> None:
-    m = model("llama", n_kv_head=2)
+    m = model("llama", n_kv_head=2, init_std=0.5)  # logits spread out: no near-tie in the greedy choices
     converted = column_major_linears(copy.deepcopy(m), min_bytes=0)
     with torch.no_grad(), fused_qkv(converted):
         fused_weight, _ = converted.blocks[0].attn._fused
         assert is_column_major(fused_weight)
     cfg = SamplingConfig(max_new_tokens=20, temperature=0.0, stop_at_eos=False)
-    assert generate_ids(converted, [1, 5, 9], cfg) == generate_ids(m, [1, 5, 9], cfg)
+    reference = generate_ids(m, [1, 5, 9], cfg)
+    assert_clear_greedy(m, [1, 5, 9], reference)  # the layouts round differently
+    assert generate_ids(converted, [1, 5, 9], cfg) == reference
     prompts = [[3, 4, 5, 6, 7], [8, 9]]
-    assert generate_batch(converted, prompts, cfg) == generate_batch(m, prompts, cfg)
+    reference = generate_batch(m, prompts, cfg)
+    for prompt, new_ids in zip(prompts, reference, strict=True):
+        assert_clear_greedy(m, prompt, new_ids)
+    assert generate_batch(converted, prompts, cfg) == reference
 
 
 def test_quantised_and_adapter_layers_work_on_converted_weights() -> None:

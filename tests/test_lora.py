@@ -364,6 +364,25 @@ def test_save_load_round_trip_then_merge(tmp_path, method: str):
         assert base_nbytes(model) < sum(m.in_features * m.out_features for m in lora_layers(model).values()) * 0.6
 
 
+@pytest.mark.parametrize("method", ["lora", "dora", "pissa"])
+def test_loading_an_adapter_runs_no_initialisation(tmp_path, monkeypatch, method: str):
+    """A saved adapter holds every tensor: no SVD (PiSSA) or random init to compute and throw away."""
+    model = _model()
+    base = copy.deepcopy(model)
+    cfg = LoRAConfig(r=4, method=method, targets=["attn", "mlp"])
+    apply_lora(model, cfg)
+    _train_a_little(model)
+    save_adapter(model, tmp_path, cfg)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("initialisation run while loading a saved adapter")
+
+    monkeypatch.setattr(torch.linalg, "svd", refuse)
+    monkeypatch.setattr(nn.init, "kaiming_uniform_", refuse)
+    load_adapter(base, tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(base.parameters(), model.parameters(), strict=True))
+
+
 def test_pattern_matching_nothing_lists_the_linear_layers():
     with pytest.raises(ConfigError, match=r"'attn\.qq' matches no Linear.*blocks\.\*\.attn\.q, .*lm_head"):
         apply_lora(_model(), LoRAConfig(targets=["attn.q", "attn.qq"]))

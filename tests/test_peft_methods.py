@@ -8,15 +8,19 @@ import copy
 import pytest
 import torch
 
+import lmforge
+from lmforge.checkpoint import save
 from lmforge.config import EncoderConfig, ModelConfig, TrainConfig
 from lmforge.errors import ConfigError
 from lmforge.infer.generate import SamplingConfig, generate_ids
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.encoder import EncoderModel
 from lmforge.peft.config import PeftConfig, apply_peft, merge_peft
+from lmforge.peft.lora import LoRALinear
 from lmforge.peft.select import SVDDiagLinear
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.trainer import build_optimizer
+from near_ties import assert_clear_greedy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,6 +110,42 @@ def test_soft_prompts_change_outputs_and_keep_the_base_frozen():
         assert trainable and all(n.startswith(owner) for n in trainable)
         base_state = base.state_dict()
         assert all(torch.equal(p, base_state[n]) for n, p in model.state_dict().items() if n in base_state)
+
+
+LORA_FAMILY = [PeftConfig(method=m, r=4, targets=["attn", "mlp"]) for m in ("lora", "dora", "pissa", "qlora")]
+
+
+@pytest.mark.parametrize(("family", "cfg"), EVERY + [("llama", c) for c in LORA_FAMILY], ids=label)
+def test_every_tensor_is_row_major_as_a_checkpoint_reload_gives_it(family, cfg):
+    """SVD factors come back column-major; a GEMM rounds differently on another layout, so a model and its reloaded
+    copy (or a resumed run) would compute different bits."""
+    model = tiny(family)
+    apply_peft(model, cfg)
+    state = model.state_dict()
+    assert [name for name, t in state.items() if not t.is_contiguous()] == [] and len(state) > 10
+
+
+@pytest.mark.parametrize("cfg", [LORA_FAMILY[1], LORA_FAMILY[2], SELECTIVE[3]], ids=label)
+def test_loading_a_peft_checkpoint_computes_no_initialisation_and_gives_the_same_bits(cfg, tmp_path, monkeypatch):
+    """The checkpoint holds every tensor of the method: no SVD or init to compute and throw away. Saved and
+    reloaded tensors have the same values and layouts, so the reloaded model computes exactly the same logits."""
+    model = tiny("llama")
+    apply_peft(model, cfg)
+    with torch.no_grad():  # stand-in for training: every trainable tensor off its init
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    save(model, None, tmp_path, peft=cfg)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("initialisation computed while loading a checkpoint that holds its result")
+
+    monkeypatch.setattr(torch.linalg, "svd", refuse)
+    monkeypatch.setattr(LoRALinear, "_initial_tensors", refuse)
+    loaded, _ = lmforge.load(tmp_path)
+    ids = batch()["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
 
 
 def expected_trainable(model: DecoderLM, cfg: PeftConfig) -> set[int]:
@@ -208,6 +248,7 @@ def test_cached_decoding_matches_full_forward_with_soft_prompts(family, cfg):
     sampling = dict(max_new_tokens=10, temperature=0.0, stop_at_eos=False)
     prompt = ids[0, :6].tolist()
     cached = generate_ids(model, prompt, SamplingConfig(**sampling, use_cache=True))
+    assert_clear_greedy(model, prompt, cached)
     assert cached == generate_ids(model, prompt, SamplingConfig(**sampling, use_cache=False))
     assert len(cached) == 10
 

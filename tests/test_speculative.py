@@ -11,6 +11,7 @@ from lmforge.errors import LmforgeError
 from lmforge.infer.generate import SamplingConfig, generate_ids
 from lmforge.infer.speculative import speculative_generate
 from lmforge.model.decoder import DecoderLM
+from near_ties import assert_clear_greedy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,6 +47,7 @@ def test_greedy_equals_target_greedy(min_confidence: float) -> None:
     proposed = accepted = 0
     for prompt in ([1], [5, 9, 2, 40], [63, 0, 17]):
         plain = generate_ids(target, prompt, cfg)
+        assert_clear_greedy(target, prompt, plain)
         for num_draft in (1, 3, 5):
             ids, stats = speculative_generate(target, draft, prompt, cfg, num_draft=num_draft,
                                               min_confidence=min_confidence)
@@ -64,6 +66,7 @@ def test_min_confidence_drafts_fewer_tokens_for_the_same_output() -> None:
     cfg = SamplingConfig(max_new_tokens=24, temperature=0)
     full, every = speculative_generate(target, draft, [5, 9], cfg, num_draft=5, min_confidence=0.0)
     cut, confident = speculative_generate(target, draft, [5, 9], cfg, num_draft=5, min_confidence=0.99)
+    assert_clear_greedy(target, [5, 9], full)  # each output is the target's greedy one, in other chunks
     assert cut == full
     assert confident.proposed < every.proposed and confident.acceptance_rate >= every.acceptance_rate
     with pytest.raises(LmforgeError, match="min_confidence"):

@@ -9,6 +9,7 @@ from lmforge.config import ModelConfig
 from lmforge.eval.speed import kv_cache_scaling, speed_section
 from lmforge.infer.generate import SamplingConfig, generate_ids
 from lmforge.model.decoder import DecoderLM
+from near_ties import assert_clear_greedy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,6 +26,8 @@ def test_scaling_runs_lengths_that_fit_and_skips_the_rest() -> None:
     assert res["ran"] == [8, 24] and res["skipped"] == [64]  # 4 + 64 > 48
     assert [r["new_tokens"] for r in res["rows"]] == [8, 24]
     short, long = res["rows"]
+    assert_clear_greedy(model, [1, 5, 9, 2], generate_ids(model, [1, 5, 9, 2], SamplingConfig(
+        max_new_tokens=8, temperature=0, stop_at_eos=False)))  # so `same_ids` compares clear choices
     assert short["cache_tok_s"] > 0 and short["no_cache_tok_s"] > 0 and short["speedup"] > 0
     assert short["same_ids"] is True
     assert long["cache_tok_s"] > 0 and long["no_cache_tok_s"] is None and long["same_ids"] is None
@@ -35,6 +38,7 @@ def test_cache_and_no_cache_give_identical_greedy_ids() -> None:
     for prompt in ([1], [5, 9, 2, 40], [63, 0, 17]):
         ids = {use: generate_ids(model, prompt, SamplingConfig(max_new_tokens=30, temperature=0, stop_at_eos=False,
                                                                use_cache=use)) for use in (True, False)}
+        assert_clear_greedy(model, prompt, ids[False])
         assert len(ids[True]) == 30 and ids[True] == ids[False]
 
 

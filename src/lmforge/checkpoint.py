@@ -240,7 +240,7 @@ def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, Tokenizer | None
         from lmforge.config import PeftConfig
         from lmforge.peft.config import apply_peft_to_task_model
 
-        apply_peft_to_task_model(model, PeftConfig.model_validate(tree["peft"]))
+        apply_peft_to_task_model(model, PeftConfig.model_validate(tree["peft"]), initialise=False)
     if tree.get("quant"):  # weight-only int8/int4: QuantLinear shells before their codes are loaded
         from lmforge.infer.quant import apply_quant_from_config
 

@@ -59,12 +59,14 @@ def save_adapter_files(model: nn.Module, cfg: PeftConfig, run_dir: str | Path) -
     return save_adapter(getattr(model, "backbone", model), Path(run_dir) / "adapter", lora_config(cfg))
 
 
-def apply_peft(model: nn.Module, cfg: PeftConfig) -> PeftSummary:
-    """Apply `cfg.method` to `model` in place: base weights frozen, the method's parameters trainable."""
+def apply_peft(model: nn.Module, cfg: PeftConfig, initialise: bool = True) -> PeftSummary:
+    """Apply `cfg.method` to `model` in place: base weights frozen, the method's parameters trainable.
+    `initialise=False` builds the modules for a checkpoint to fill, skipping the costly initialisations it would
+    overwrite (the LoRA family's and SVD-diagonal's SVDs and inits; the other methods' inits are cheap)."""
     if cfg.method in LORA_METHODS:
         from lmforge.peft.lora import apply_lora, trainable_summary
 
-        apply_lora(model, lora_config(cfg))
+        apply_lora(model, lora_config(cfg), initialise=initialise)
         return PeftSummary(*trainable_summary(model), cfg.method)  # counts QLoRA's NF4 base weights too
     if cfg.method in ("adapter", "parallel-adapter"):
         apply_adapters(model, cfg)
@@ -77,16 +79,16 @@ def apply_peft(model: nn.Module, cfg: PeftConfig) -> PeftSummary:
     elif cfg.method == "topk":
         apply_topk(model, cfg.top_k)
     else:
-        apply_svd_diag(model, cfg.targets)
+        apply_svd_diag(model, cfg.targets, decompose=initialise)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())  # shared (tied) tensors counted once
     return PeftSummary(trainable, total, 100.0 * trainable / total, cfg.method)
 
 
-def apply_peft_to_task_model(model: nn.Module, cfg: PeftConfig) -> PeftSummary:
+def apply_peft_to_task_model(model: nn.Module, cfg: PeftConfig, initialise: bool = True) -> PeftSummary:
     """PEFT on a task model's backbone (its freshly initialised head keeps training), or on the model itself."""
     backbone = getattr(model, "backbone", model)
-    summary = apply_peft(backbone, cfg)
+    summary = apply_peft(backbone, cfg, initialise)
     if backbone is model:
         return summary
     for name, p in model.named_parameters():

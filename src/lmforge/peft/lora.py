@@ -68,6 +68,12 @@ class LoRAConfig(StrictModel):
 # ---------------------------------------------------------------------------------------------
 
 
+def adapter_kinds(cfg: LoRAConfig) -> tuple[str, ...]:
+    """The tensors an adapter of `cfg.method` holds (a subset of ADAPTER_KINDS)."""
+    extra = {"dora": ("lora_magnitude",), "pissa": ("pissa_A0", "pissa_B0")}.get(cfg.method, ())
+    return ("lora_A", "lora_B", *extra)
+
+
 def _row_norm(weight: Tensor, delta: Tensor) -> Tensor:
     """DoRA's ||W0 + s B A||_c (Liu et al. 2024, eq. 5): one norm per output feature, over the input dimension,
     as peft computes it (its `get_weight_norm`, dim=1 of the [out, in] weight)."""
@@ -91,7 +97,7 @@ class LoRALinear(nn.Module):
             else:
                 self.register_buffer("weight_scales", scales)
         else:
-            self.weight = nn.Parameter(base.weight.detach(), requires_grad=False)
+            self.weight = nn.Parameter(base.weight.detach().contiguous(), requires_grad=False)  # see add_adapter
         for kind in ADAPTER_KINDS:
             setattr(self, kind, nn.ParameterDict())
         self.cfgs: dict[str, LoRAConfig] = {}
@@ -143,28 +149,36 @@ class LoRALinear(nn.Module):
     def add_adapter(self, name: str, cfg: LoRAConfig, weights: dict[str, Tensor] | None = None) -> None:
         """Add adapter `name` initialised per `cfg.method`, or from `weights` (kind -> tensor, e.g. a saved file).
 
-        PiSSA (Meng et al. 2024): B = U_r sqrt(S_r / s), A = sqrt(S_r / s) V_r^T so s B A is W0's top-r part, and
-        the base becomes the frozen residual W0 - s B A. DoRA's magnitude starts at ||W0 + s B A||_c."""
+        Every tensor is stored contiguous (row-major), as a saved file gives it back, so a model and its reloaded
+        copy multiply with the same kernels (a GEMM's accumulation order depends on its operands' layouts)."""
         self.check_adapter(name, cfg)
-        weight, r, s = self.base_weight().detach(), cfg.r, cfg.scaling
-        if cfg.method == "pissa" and weights is None:
-            U, S, Vh = torch.linalg.svd(weight.float(), full_matrices=False)
-            root = (S[:r] / s).sqrt()
-            A, B = (root[:, None] * Vh[:r]).to(weight.dtype), (U[:, :r] * root).to(weight.dtype)
+        weight = self.base_weight().detach()
+        if weights is None:
+            tensors = self._initial_tensors(cfg, weight)
         else:
-            A = nn.init.kaiming_uniform_(weight.new_empty(r, self.in_features), a=math.sqrt(5))
-            B = weight.new_zeros(self.out_features, r)
-        init = {"lora_A": A, "lora_B": B}
-        if cfg.method == "pissa":
-            init |= {"pissa_A0": A.clone(), "pissa_B0": B.clone()}
-        if cfg.method == "dora":
-            init["lora_magnitude"] = _row_norm(weight, s * B @ A)
-        for kind, value in init.items():
-            value = value if weights is None else weights[kind].to(weight)
-            getattr(self, kind)[name] = nn.Parameter(value.clone(), requires_grad=not kind.startswith("pissa"))
+            tensors = {kind: weights[kind].to(weight) for kind in adapter_kinds(cfg)}
+        for kind, value in tensors.items():
+            value = value.clone(memory_format=torch.contiguous_format)
+            getattr(self, kind)[name] = nn.Parameter(value, requires_grad=not kind.startswith("pissa"))
         self.cfgs[name] = cfg
         if cfg.method == "pissa":
-            self.weight.data = weight - (s * self.pissa_B0[name]) @ self.pissa_A0[name]
+            self.weight.data = weight - (cfg.scaling * self.pissa_B0[name]) @ self.pissa_A0[name]
+
+    def _initial_tensors(self, cfg: LoRAConfig, weight: Tensor) -> dict[str, Tensor]:
+        """A new adapter's tensors. LoRA: A kaiming-uniform, B = 0. PiSSA (Meng et al. 2024): B = U_r sqrt(S_r / s),
+        A = sqrt(S_r / s) V_r^T so s B A is W0's top-r part (frozen copies A0, B0 make the base the residual
+        W0 - s B0 A0). DoRA's magnitude starts at ||W0 + s B A||_c."""
+        r, s = cfg.r, cfg.scaling
+        if cfg.method == "pissa":
+            U, S, Vh = torch.linalg.svd(weight.float(), full_matrices=False)  # U, Vh come column-major
+            root = (S[:r] / s).sqrt()
+            A, B = (root[:, None] * Vh[:r]).to(weight.dtype), (U[:, :r] * root).to(weight.dtype)
+            return {"lora_A": A, "lora_B": B, "pissa_A0": A, "pissa_B0": B}
+        A = nn.init.kaiming_uniform_(weight.new_empty(r, self.in_features), a=math.sqrt(5))
+        B = weight.new_zeros(self.out_features, r)
+        if cfg.method == "dora":
+            return {"lora_A": A, "lora_B": B, "lora_magnitude": _row_norm(weight, s * B @ A)}
+        return {"lora_A": A, "lora_B": B}
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return [getattr(self, k)[name] for k in ("lora_A", "lora_B", "lora_magnitude") if name in getattr(self, k)]
@@ -290,10 +304,15 @@ def _apply(model: nn.Module, cfg: LoRAConfig, adapter_name: str,
     return list(chosen)
 
 
-def apply_lora(model: nn.Module, cfg: LoRAConfig, adapter_name: str = "default") -> list[str]:
+def apply_lora(model: nn.Module, cfg: LoRAConfig, adapter_name: str = "default", initialise: bool = True) -> list[str]:
     """Add adapter `adapter_name` to every layer `cfg.targets` selects (wrapping plain Linears), make it the only
-    active one there, and freeze every parameter but its own. Returns the adapted layer names."""
-    return _apply(model, cfg, adapter_name, None)
+    active one there, and freeze every parameter but its own. Returns the adapted layer names. `initialise=False`
+    gives every adapter tensor zeros instead, for a checkpoint's state dict to fill (no SVD computed for nothing)."""
+    if initialise:
+        return _apply(model, cfg, adapter_name, None)
+    chosen = _select(model, cfg)
+    zeros = {k: torch.zeros(shape) for name, m in chosen.items() for k, shape in _expected_shapes(name, m, cfg).items()}
+    return _apply(model, cfg, adapter_name, _by_layer(chosen, cfg, zeros))
 
 
 def set_adapter(model: nn.Module, names: list[str], weights: list[float] | None = None) -> None:
@@ -371,12 +390,16 @@ def save_adapter(model: nn.Module, path: str | Path, cfg: LoRAConfig, adapter_na
 
 
 def _expected_shapes(name: str, m: nn.Linear | LoRALinear, cfg: LoRAConfig) -> dict[str, tuple[int, ...]]:
-    shapes = {"lora_A": (cfg.r, m.in_features), "lora_B": (m.out_features, cfg.r)}
-    if cfg.method == "dora":
-        shapes["lora_magnitude"] = (m.out_features,)
-    if cfg.method == "pissa":
-        shapes |= {"pissa_A0": shapes["lora_A"], "pissa_B0": shapes["lora_B"]}
-    return {f"{name}.{kind}": shape for kind, shape in shapes.items()}
+    shapes = {"lora_A": (cfg.r, m.in_features), "lora_B": (m.out_features, cfg.r), "lora_magnitude": (m.out_features,),
+              "pissa_A0": (cfg.r, m.in_features), "pissa_B0": (m.out_features, cfg.r)}
+    return {f"{name}.{kind}": shapes[kind] for kind in adapter_kinds(cfg)}
+
+
+def _by_layer(chosen: dict[str, nn.Linear | LoRALinear], cfg: LoRAConfig,
+              tensors: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """`<layer>.<kind>` tensors grouped per layer, as `_apply` takes them."""
+    return {name: {key.rsplit(".", 1)[1]: tensors[key] for key in _expected_shapes(name, m, cfg)}
+            for name, m in chosen.items()}
 
 
 def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> LoRAConfig:
@@ -411,7 +434,5 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         if tuple(tensors[key].shape) != shape:
             raise CheckpointError(f"{weights_file}: tensor '{key}' has shape {tuple(tensors[key].shape)}, but this "
                                   f"model needs {shape}")
-    weights = {name: {k.rsplit(".", 1)[1]: tensors[k] for k in _expected_shapes(name, m, cfg)}
-               for name, m in chosen.items()}
-    _apply(model, cfg, adapter_name, weights)
+    _apply(model, cfg, adapter_name, _by_layer(chosen, cfg, tensors))
     return cfg

@@ -49,14 +49,22 @@ class SVDDiagLinear(nn.Module):
     Computed as W + U S (Z - I) V^T (the same matrix, since W = U S V^T): keeping W itself makes the start
     exactly W, where a recomposed U S V^T matches it only up to rounding."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, decompose: bool = True):
+        """`decompose=False` leaves U, S, Vh zero, for a checkpoint's state dict to fill (no SVD for nothing)."""
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
-        U, S, Vh = torch.linalg.svd(linear.weight.detach().double(), full_matrices=False)
+        w = linear.weight.detach().double()
+        if decompose:
+            U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+        else:
+            k = min(w.shape)
+            U, S, Vh = w.new_zeros(w.shape[0], k), w.new_zeros(k), w.new_zeros(k, w.shape[1])
         dtype = linear.weight.dtype
-        self.register_buffer("U", U.to(dtype))
+        # row-major, as a checkpoint reload gives them back: svd returns U, Vh column-major, and a GEMM's rounding
+        # depends on its operands' layouts, so the trained and the reloaded model would compute different bits
+        self.register_buffer("U", U.to(dtype, memory_format=torch.contiguous_format))
         self.register_buffer("S", S.to(dtype))
-        self.register_buffer("Vh", Vh.to(dtype))
+        self.register_buffer("Vh", Vh.to(dtype, memory_format=torch.contiguous_format))
         self.z = nn.Parameter(torch.ones_like(self.S))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -75,9 +83,9 @@ def matches(name: str, pattern: str) -> bool:
                for p in (".".join(parts[:i]) for i in range(1, len(parts) + 1)))
 
 
-def apply_svd_diag(model: nn.Module, targets: list[str]) -> list[str]:
+def apply_svd_diag(model: nn.Module, targets: list[str], decompose: bool = True) -> list[str]:
     """Freeze the model and replace each nn.Linear that `targets` select (LoRA's patterns: "attn.q", "mlp",
-    "blocks.0.*") by an SVDDiagLinear; returns the replaced names."""
+    "blocks.0.*") by an SVDDiagLinear (`decompose=False`: zero factors, see there); returns the replaced names."""
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     names = [name for name in linears if any(matches(name, t) for t in targets)]
     if not names:
@@ -91,7 +99,7 @@ def apply_svd_diag(model: nn.Module, targets: list[str]) -> list[str]:
                           "singular values would change both, so leave it out of targets")
     model.requires_grad_(False)
     for name in names:
-        model.set_submodule(name, SVDDiagLinear(linears[name]))
+        model.set_submodule(name, SVDDiagLinear(linears[name], decompose))
     return names
 
 
