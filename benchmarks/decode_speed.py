@@ -28,7 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from lmforge.eval.versus_hf import hf_greedy  # noqa: E402
 from lmforge.infer.generate import SamplingConfig, generate_ids  # noqa: E402
-from lmforge.infer.layout import MIN_BYTES, column_major_linears, is_column_major, linear_weights  # noqa: E402
+from lmforge.infer.layout import (  # noqa: E402
+    column_major_linears,
+    is_column_major,
+    last_level_cache_bytes,
+    linear_weights,
+)
 from lmforge.infer.quant import QuantConfig, quantize_model  # noqa: E402
 
 # batch-1 decode speed over transformers generate: the inference-engine issue's targets per preset
@@ -183,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     linear_mb = sum(w.nbytes for w in linear_weights(row_major)) / 2**20
     print(f"lmforge weights as `lmforge generate` loads them (infer/layout.py): {linear_mb:.0f} MiB of Linear weights, "
           + ("column-major; 'same, nn.Linear layout' times the row-major weights as trained" if converted else
-             f"below {MIN_BYTES / 2**20:.0f} MiB, so row-major (they read faster from cache that way)"))
+             f"below this CPU's {last_level_cache_bytes() / 2**20:.0f} MiB last-level cache, so row-major (they read "
+             "faster from cache that way)"))
     if args.compile:
         print(f"compiled: torch.compile of the decode step (C++ wrapper); its first call took {compile_s:.1f} s")
     print(f"machine: {common.machine_line()}")

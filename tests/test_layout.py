@@ -10,6 +10,7 @@ from torch import nn
 
 import lmforge
 from lmforge.config import ModelConfig, PeftConfig
+from lmforge.infer import layout
 from lmforge.infer.batched import generate_batch
 from lmforge.infer.generate import SamplingConfig, generate_ids
 from lmforge.infer.layout import column_major_linears, is_column_major, linear_weights
@@ -43,13 +44,57 @@ def test_every_linear_becomes_column_major_with_the_same_values_and_outputs(fami
 
 
 def test_models_whose_weights_fit_in_cache_keep_the_row_major_layout() -> None:
-    m = model("gpt2")  # ~0.05 MB of Linear weights, far below MIN_BYTES
+    m = model("gpt2")  # ~0.05 MB of Linear weights, far below any CPU's last-level cache
     weights = linear_weights(m)
     ptrs = [w.data_ptr() for w in weights]
     column_major_linears(m)
     assert [w.data_ptr() for w in weights] == ptrs and not any(is_column_major(w) for w in weights)
     column_major_linears(m, min_bytes=sum(w.nbytes for w in weights))  # exactly at the threshold
     assert all(is_column_major(w) for w in weights)
+
+
+def test_the_threshold_is_this_cpus_last_level_cache(monkeypatch) -> None:
+    """Weights of at least the LLC size go column-major, smaller ones stay: a faked cache size flips the choice."""
+    nbytes = sum(w.nbytes for w in linear_weights(model("gpt2")))
+    monkeypatch.setattr(layout, "last_level_cache_bytes", lambda: nbytes + 1)
+    assert not any(is_column_major(w) for w in linear_weights(column_major_linears(model("gpt2"))))
+    monkeypatch.setattr(layout, "last_level_cache_bytes", lambda: nbytes)
+    assert all(is_column_major(w) for w in linear_weights(column_major_linears(model("gpt2"))))
+
+
+def _fake_cache(root, entries: list[tuple[str, str, str]]) -> None:
+    for i, (level, kind, size) in enumerate(entries):
+        (root / f"index{i}").mkdir()
+        for name, text in (("level", level), ("type", kind), ("size", size)):
+            (root / f"index{i}" / name).write_text(text + "\n")
+
+
+def test_the_last_level_cache_is_read_from_sysfs_with_a_fallback(monkeypatch, tmp_path) -> None:
+    read = layout.last_level_cache_bytes.__wrapped__  # uncached: each call reads the (fake) sysfs again
+    sapphire_rapids_vm = [("1", "Data", "48K"), ("1", "Instruction", "32K"), ("2", "Unified", "2048K"),
+                          ("3", "Unified", "307200K")]
+    _fake_cache(tmp_path, sapphire_rapids_vm)
+    monkeypatch.setattr(layout, "_CACHE_DIR", tmp_path)
+    assert read() == 300 * 2**20
+    monkeypatch.setattr(layout, "_CACHE_DIR", tmp_path / "missing")  # no sysfs (macOS, Windows, a sandbox)
+    assert read() == layout.FALLBACK_CACHE_BYTES
+    (tmp_path / "l2_only").mkdir()
+    _fake_cache(tmp_path / "l2_only", [("1", "Data", "32K"), ("2", "Unified", "1M"), ("3", "Instruction", "8M")])
+    monkeypatch.setattr(layout, "_CACHE_DIR", tmp_path / "l2_only")
+    assert read() == 2**20
+
+
+def test_weights_off_the_cpu_are_never_converted() -> None:
+    with torch.device("meta"):
+        m = model("gpt2")
+    column_major_linears(m, min_bytes=0)
+    assert not any(is_column_major(w) for w in linear_weights(m))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_weights_are_never_converted() -> None:
+    m = column_major_linears(model("llama").cuda(), min_bytes=0)
+    assert not any(is_column_major(w) for w in linear_weights(m))
 
 
 def test_tied_head_stays_tied_and_converts_once() -> None:

@@ -2,23 +2,48 @@
 
 `nn.Linear` keeps W as [out, in] row-major and computes x @ W.T. When the weights come from DRAM, MKL multiplies a few
 rows faster if W.T is the contiguous one: each input element scales one contiguous weight row into an output that
-stays in cache, instead of one dot product per output. Measured on a 2-core Xeon (Sapphire Rapids, torch 2.13), batch-1
-greedy decoding (benchmarks/decode_speed.py), row-major -> column-major ms per token:
+stays in cache, instead of one dot product per output. Weights that stay in the last-level cache read faster
+row-major (each thread reads one contiguous half). benchmarks/decode_speed.py times both layouts.
 
-    weights read per token   23 MB        55 MB        134 MB       495 MB (GPT-2-small)
-    ms per token             1.24 -> 1.30  2.22 -> 2.14  6.11 -> 5.96  21.9 -> 20.7
-
-Weights that fit in the last-level cache read faster row-major (each thread reads one contiguous half), so models
-below `MIN_BYTES` are left as they are. Values and shapes stay the same, only the strides change.
+The rule, decided on the machine that runs the model: Linear weights of at least the CPU's last-level cache size
+(read from the OS) stream from DRAM every decode step, so they go column-major; smaller ones stay as they are. CUDA
+(and any non-CPU) weights are never converted. Values and shapes stay the same, only the strides change.
 """
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import torch
 from torch import nn
 
-# Linear weight bytes from which the column-major layout pays (between the measured 23 MB and 55 MB points above).
-MIN_BYTES = 40 * 2**20
+# Used when the OS does not report its caches (not Linux, or a sandbox without sysfs): a common server/desktop LLC.
+FALLBACK_CACHE_BYTES = 32 * 2**20
+_CACHE_DIR = Path("/sys/devices/system/cpu/cpu0/cache")
+_SIZE_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def _parse_size(text: str) -> int:
+    """sysfs cache sizes: '48K', '307200K', '32M' or plain bytes."""
+    text = text.strip().upper()
+    return int(text[:-1]) * _SIZE_UNITS[text[-1]] if text[-1] in _SIZE_UNITS else int(text)
+
+
+@functools.cache
+def last_level_cache_bytes() -> int:
+    """Size of the highest-level data or unified cache of CPU 0, as Linux reports it in sysfs; on any other system,
+    or when sysfs is missing or unreadable, `FALLBACK_CACHE_BYTES`."""
+    best: tuple[int, int] | None = None  # (level, bytes)
+    try:
+        for index in _CACHE_DIR.glob("index*"):
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+            entry = (int((index / "level").read_text()), _parse_size((index / "size").read_text()))
+            best = entry if best is None else max(best, entry)
+    except (OSError, ValueError, IndexError):
+        return FALLBACK_CACHE_BYTES
+    return best[1] if best is not None and best[1] > 0 else FALLBACK_CACHE_BYTES
 
 
 def is_column_major(weight: torch.Tensor) -> bool:
@@ -32,14 +57,17 @@ def linear_weights(model: nn.Module) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def column_major_linears(model: nn.Module, min_bytes: int = MIN_BYTES) -> nn.Module:
+def column_major_linears(model: nn.Module, min_bytes: int | None = None) -> nn.Module:
     """Store every plain `nn.Linear` weight of `model` column-major, in place, one matrix at a time (peak memory grows
-    by one matrix), when they hold at least `min_bytes` together; return `model`. For inference: the CLI's `generate`
-    and the report's timings call it after `lmforge.load`; leave a model you will train as it is (a tied embedding
-    becomes a strided gather, and gradients come back in the other layout). A tied weight is converted once and
-    stays tied; quantised and adapter layers keep their own layout; saving writes contiguous tensors as before."""
+    by one matrix), when all are on the CPU and hold at least `min_bytes` together (default: this machine's
+    `last_level_cache_bytes()`); return `model`. For inference: the CLI's `generate` and the report's timings call it
+    after `lmforge.load`; leave a model you will train as it is (a tied embedding becomes a strided gather, and
+    gradients come back in the other layout). A tied weight is converted once and stays tied; quantised and adapter
+    layers keep their own layout; saving writes contiguous tensors as before."""
     weights = linear_weights(model)
-    if sum(w.nbytes for w in weights) < min_bytes:
+    if any(w.device.type != "cpu" for w in weights):
+        return model
+    if sum(w.nbytes for w in weights) < (last_level_cache_bytes() if min_bytes is None else min_bytes):
         return model
     for weight in weights:
         if not is_column_major(weight):
