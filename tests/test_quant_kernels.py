@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lmforge.infer import cpu_kernels
 from lmforge.infer.generate import SamplingConfig, generate_ids
 from lmforge.infer.quant import KERNEL_MAX_ROWS, QuantConfig, QuantLinear, dequantize_model, quantize_model
 from test_quant import _tiny, _weight
@@ -29,7 +30,8 @@ _KERNELS = {8: "_weight_int8pack_mm", 4: "_weight_int4pack_mm_for_cpu"}
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts calls of each weight-only kernel, by bits."""
+    """Counts calls of each weight-only kernel, by bits (after their once-per-process check, whose calls it skips)."""
+    assert cpu_kernels.usable(8) and cpu_kernels.usable(4)
     calls = {8: 0, 4: 0}
     for bits, name in _KERNELS.items():
         real = getattr(torch, name)

@@ -17,20 +17,20 @@ once, under `lm_head.*`. Without it the tied pair stays fp32, which on GPT-2 sma
 largest single read of every decode step.
 
 `QuantLinear.forward` has two paths. Decode-sized inputs on CPU (at most `KERNEL_MAX_ROWS` rows) go through
-PyTorch's weight-only kernels, `torch._weight_int8pack_mm` and `torch._weight_int4pack_mm_for_cpu`, which read the
-codes without materialising an fp32 weight; everything else (prefill, CUDA, shapes the kernels refuse, inputs that
-need gradients, torch.compile) dequantises the weight and calls F.linear. Measured on a 2-core Xeon (AMX,
-AVX512-BF16), one row through a 768 -> 3072 layer: int8 ~80 us, int4 ~70 us, fp32 F.linear ~185 us, dequantise +
-F.linear 1.1-1.6 ms; the kernels lead up to ~64 rows and trail by 128.
+PyTorch's weight-only kernels (private ops, called and checked in infer/cpu_kernels.py), which read the codes without
+materialising an fp32 weight; everything else (prefill, CUDA, shapes the kernels refuse, inputs that need gradients,
+torch.compile, a torch whose kernels fail the check) dequantises the weight and calls F.linear. On CPU the kernels
+beat dequantise + F.linear by a wide margin for a few rows and lose to it for prefill-sized inputs
+(benchmarks/decode_speed.py times the decode side).
 
-The kernels run on bf16 activations (the int8 one is 8x slower on fp32 input), which adds ~2e-3 relative error to
+The kernels run on bf16 activations (the int8 one is much slower on fp32 input), which adds ~2e-3 relative error to
 the quantisation error (~4e-3 int8, ~7e-2 int4 at group 64); scales, zero-point terms and bias are applied in fp32.
 * int8: with signed codes s = q - o, w = delta * (s + o - z), so y = delta * (x @ s.T + sum(x) * (o - z)) + bias.
   The per-row offset o is the value nearest z that keeps s in int8, so a row of zeros stays exact.
 * int4: the kernel's convention w = (q - 8) * scale + offset gives scale = delta, offset = (8 - z) * delta. It needs
   out_features % 16 == 0 and group_size in {32, 64, 128, 256}; a layer of at least `INT4_PAD_MIN_ROWS` outputs
   (a 50257-token head) gets up to 15 zero rows padded onto its kernel copy instead of falling back, whose
-  per-step dequantisation would cost over 10x the fp32 matmul there.
+  per-step dequantisation would cost many times the fp32 matmul there.
 The kernel-side copies are plain attributes (the state dict and file format are unchanged), rebuilt whenever
 `weight_q`, `scale` or `zero` change.
 """
@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from lmforge.config import StrictModel, validation_summary
 from lmforge.errors import ConfigError
+from lmforge.infer import cpu_kernels
 
 
 class QuantConfig(StrictModel):
@@ -110,7 +111,6 @@ def unpack_int4(packed: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 KERNEL_MAX_ROWS = 16  # at most this many input rows take the weight-only CPU kernels (see the module docstring)
-INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # the only group sizes torch._weight_int4pack_mm_for_cpu takes
 # int4 layers with out_features % 16 != 0 and at least this many outputs take the kernel on a copy padded to a
 # multiple of 16 (at most 15 / 256 ~ 6% extra rows); smaller ones fall back, which is cheap at that size.
 INT4_PAD_MIN_ROWS = 256
@@ -170,14 +170,14 @@ class QuantLinear(nn.Module):
 
     def _kernel_fits_shape(self) -> bool:
         if self.bits == 8:
-            return hasattr(torch, "_weight_int8pack_mm")
-        return (hasattr(torch, "_weight_int4pack_mm_for_cpu")
-                and (self.out_features % 16 == 0 or self.out_features >= INT4_PAD_MIN_ROWS)
-                and self.group_size in INT4_KERNEL_GROUP_SIZES and self.in_features % self.group_size == 0)
+            return True
+        return ((self.out_features % 16 == 0 or self.out_features >= INT4_PAD_MIN_ROWS)
+                and self.group_size in cpu_kernels.INT4_GROUP_SIZES and self.in_features % self.group_size == 0)
 
     def kernel_supported(self) -> bool:
-        """Whether this layer's shape and format fit the weight-only CPU kernel (the input decides the rest)."""
-        return self._kernel_fits and self.weight_q.device.type == "cpu"
+        """Whether this layer's shape and format fit the weight-only CPU kernel and this torch's kernel passed its
+        check (infer/cpu_kernels.py); the input decides the rest."""
+        return self._kernel_fits and self.weight_q.device.type == "cpu" and cpu_kernels.usable(self.bits)
 
     def _use_kernel(self, x: Tensor) -> bool:
         return (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
@@ -203,7 +203,7 @@ class QuantLinear(nn.Module):
                     sz = torch.stack([self.scale.float(), offset], dim=-1)  # [out, in / g, 2]
                     pad = -self.out_features % 16  # rows of zero scale and offset: their outputs are 0, cut off
                     codes, sz = F.pad(codes, (0, 0, 0, pad), value=8), F.pad(sz, (0, 0, 0, 0, 0, pad))
-                    packed = torch._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+                    packed = cpu_kernels.int4_pack(codes.contiguous())
                     sz = sz.transpose(0, 1)  # [in / g, out (+ pad), 2]
                     args = (packed, sz.to(torch.bfloat16).contiguous())
             self._kernel_args, self._kernel_key = args, key
@@ -214,12 +214,12 @@ class QuantLinear(nn.Module):
         bias = None if self.bias is None else self.bias.float()
         if self.bits == 8:  # y = delta * (x @ (q - o).T) + (o - z) * delta * sum(x) + bias, in fp32
             signed, ones, delta, zero_term = self._kernel_state()
-            acc = torch._weight_int8pack_mm(xb, signed, ones)
+            acc = cpu_kernels.int8_mm(xb, signed, ones)
             y = torch.mul(acc, delta) if bias is None else torch.addcmul(bias, acc, delta)
             y.addcmul_(xb.sum(-1, keepdim=True, dtype=torch.float32), zero_term)
         else:
             packed, sz = self._kernel_state()
-            y = torch._weight_int4pack_mm_for_cpu(xb, packed, self.group_size, sz)[:, :self.out_features]
+            y = cpu_kernels.int4_mm(xb, packed, self.group_size, sz)[:, :self.out_features]
             y = y.float() if bias is None else y + bias
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
