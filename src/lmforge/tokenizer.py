@@ -7,7 +7,7 @@ and `transformers.PreTrainedTokenizerFast(tokenizer_file=...)` load it as-is.
 
 Training alone cuts runs of `TRAINING_PRETOKEN_CAP` characters or more into pieces before the
 trainer sees them: `tokenizers`' BPE trainer merges inside one word in time quadratic in its length
-(one run of a single letter: 10 KB 0.13 s, 100 KB 16 s). Encoding keeps the plain byte-level
+(ten times the length, about a hundred times the time). Encoding keeps the plain byte-level
 pre-tokenizer, so it is unchanged.
 """
 

@@ -71,8 +71,8 @@ def speculative_generate(
     """Generate up to cfg.max_new_tokens ids after `prompt_ids` (only the new ids, EOS excluded) and stats.
 
     Greedy only: a round stops drafting early after a token the draft gives probability < `min_confidence` (a
-    likely rejection: its successors would be wasted draft and verify work); the output is unchanged. Measured with
-    an 11M target and a 1-layer draft (benchmarks/speculative.py): 1.67x -> 1.76x at 4 draft tokens with 0.5."""
+    likely rejection: its successors would be wasted draft and verify work); the output is unchanged.
+    benchmarks/speculative.py times it."""
     cfg.validate()
     if draft.cfg.vocab_size != target.cfg.vocab_size:
         raise LmforgeError(f"the draft's vocab_size={draft.cfg.vocab_size} differs from the target's "
