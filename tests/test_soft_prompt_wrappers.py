@@ -1,0 +1,39 @@
+"""Prefix and prompt tuning are wrappers PEFT puts around a plain model (as adapters are): the model layer has no
+hook for them, and models tuned and saved before that change load and compute what they computed then.
+
+`fixtures/soft_prompts/<case>` are checkpoints saved by the hook-based implementation (commit f8e29ba), each with
+`expected.safetensors`: the outputs of `soft_prompt_cases.compute_outputs` on the model as saved."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lmforge
+from lmforge.checkpoint import save
+from soft_prompt_cases import CASES, compute_outputs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FIXTURES = Path(__file__).parent / "fixtures" / "soft_prompts"
+
+
+def assert_same_outputs(outputs: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert outputs.keys() == expected.keys()
+    for name, want in expected.items():
+        if name.endswith("ids"):
+            assert torch.equal(outputs[name], want), name
+        else:
+            torch.testing.assert_close(outputs[name], want, atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_checkpoints_saved_by_the_hook_implementation_load_and_compute_the_same(case, tmp_path):
+    model, _ = lmforge.load(FIXTURES / case)
+    expected = load_file(str(FIXTURES / case / "expected.safetensors"))
+    assert_same_outputs(compute_outputs(model), expected)
+    save(model, None, tmp_path / "again", peft=CASES[case][1])  # and the current format round-trips
+    assert_same_outputs(compute_outputs(lmforge.load(tmp_path / "again")[0]), expected)
