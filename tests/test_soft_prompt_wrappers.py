@@ -6,6 +6,7 @@ hook for them, and models tuned and saved before that change load and compute wh
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,9 @@ from safetensors.torch import load_file
 
 import lmforge
 from lmforge.checkpoint import save
-from soft_prompt_cases import CASES, compute_outputs
+from lmforge.model.layers import Attention
+from lmforge.peft.config import apply_peft
+from soft_prompt_cases import CASES, compute_outputs, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,3 +40,19 @@ def test_checkpoints_saved_by_the_hook_implementation_load_and_compute_the_same(
     assert_same_outputs(compute_outputs(model), expected)
     save(model, None, tmp_path / "again", peft=CASES[case][1])  # and the current format round-trips
     assert_same_outputs(compute_outputs(lmforge.load(tmp_path / "again")[0]), expected)
+
+
+def test_attention_has_no_prefix_hook():
+    attn = Attention(16, 2, 2, 8, bias=False, dropout=0.0)
+    assert not hasattr(attn, "prefix")
+    assert "prefix" not in inspect.getsource(Attention.forward)
+
+
+@pytest.mark.parametrize("case", ["llama-prefix", "llama-prefix-reparam"])
+def test_prefix_tuning_wraps_each_attention_and_leaves_it_plain(case):
+    family, cfg = CASES[case]
+    model = tiny_model(family)
+    apply_peft(model, cfg)
+    for block in model.blocks:
+        assert type(block.attn) is not Attention and type(block.attn.base) is Attention
+        assert not hasattr(block.attn.base, "prefix")

@@ -1,7 +1,7 @@
 """Soft prompts: prefix tuning (Li & Liang 2021) and prompt tuning (Lester et al. 2021).
 
-Prefix tuning gives every layer's attention P learned key/value slots that every query sees. They carry no
-position (no RoPE rotation, no learned position) and live outside the KV cache, so the tokens keep the
+Prefix tuning wraps every layer's attention so that every query also sees P learned key/value slots. They carry
+no position (no RoPE rotation, no learned position) and live outside the KV cache, so the tokens keep the
 positions of the base model and cached decoding is unchanged. Prompt tuning prepends P learned input
 embeddings to a fresh sequence (positions 0..P-1); the model drops them from its outputs, so logits stay
 [B, T, vocab] aligned with input_ids.
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from lmforge.errors import ConfigError
 from lmforge.model.decoder import DecoderLM
-from lmforge.model.layers import Attention
+from lmforge.model.layers import Attention, KVCache, attention_bias
 
 if TYPE_CHECKING:
     from lmforge.peft.config import PeftConfig
@@ -66,16 +66,36 @@ class PrefixTuning(nn.Module):
         self.embed = self.mlp = None
 
 
-class LayerPrefix(nn.Module):
-    """One attention layer's view of the shared `PrefixTuning` (the `Attention.prefix` hook)."""
+class PrefixAttention(nn.Module):
+    """An attention layer whose queries also see its layer's learned key/value slots of the shared `PrefixTuning`
+    (Li & Liang 2021), in front of the keys and values the layer computes and caches itself."""
 
-    def __init__(self, tuning: PrefixTuning, layer: int):
+    def __init__(self, base: Attention, tuning: PrefixTuning, layer: int):
         super().__init__()
+        self.base = base
         object.__setattr__(self, "tuning", tuning)  # registered once, on the model, not under every layer
         self.layer = layer
+        self.register_load_state_dict_pre_hook(_attention_keys_under_base)
 
-    def forward(self) -> tuple[Tensor, Tensor]:
-        return self.tuning.kv(self.layer)
+    def forward(self, x: Tensor, *, bias: Tensor | None = None, causal: bool = False,
+                rope: tuple[Tensor, Tensor] | None = None, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        q, k, v = self.base.queries_keys_values(x, rope, cache, layer)
+        pk, pv = self.tuning.kv(self.layer)
+        B, T = x.shape[:2]
+        if bias is None and causal and T > 1:  # SDPA's is_causal would align its diagonal to the prefix
+            bias = attention_bias(T, k.shape[2], k.shape[2] - T, None, x.device)
+        k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
+        v = torch.cat([pv.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
+        if bias is not None:
+            bias = F.pad(bias, (pk.shape[2], 0))
+        return self.base.attend(q, k, v, bias=bias, causal=causal)
+
+
+def _attention_keys_under_base(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Checkpoints from before the wrapper (an `Attention.prefix` hook) hold the attention's own tensors directly
+    under `prefix` (`blocks.0.attn.q.weight`); the wrapper keeps them under `base.`."""
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "base.")]:
+        state_dict[prefix + "base." + key[len(prefix):]] = state_dict.pop(key)
 
 
 class SoftPrompt(nn.Module):
@@ -101,8 +121,8 @@ def apply_prefix(model: nn.Module, cfg: PeftConfig) -> PrefixTuning:
     tuning = PrefixTuning(len(attns), attns[0].n_kv, attns[0].head_dim, cfg.prefix_len, model.cfg.d_model,
                           model.cfg.init_std, cfg.reparam_hidden if cfg.reparam else None)
     model.prefix_tuning = tuning.to(device=ref.device, dtype=ref.dtype)
-    for i, attn in enumerate(attns):
-        attn.prefix = LayerPrefix(tuning, i)
+    for i, (block, attn) in enumerate(zip(model.blocks, attns, strict=True)):
+        block.attn = PrefixAttention(attn, tuning, i)
     return tuning
 
 
