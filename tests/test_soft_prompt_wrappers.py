@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import lmforge
 from lmforge.checkpoint import save
+from lmforge.model.decoder import DecoderLM
 from lmforge.model.layers import Attention
 from lmforge.peft.config import apply_peft
 from soft_prompt_cases import CASES, compute_outputs, tiny_model
@@ -56,3 +57,12 @@ def test_prefix_tuning_wraps_each_attention_and_leaves_it_plain(case):
     for block in model.blocks:
         assert type(block.attn) is not Attention and type(block.attn.base) is Attention
         assert not hasattr(block.attn.base, "prefix")
+
+
+def test_the_decoder_has_no_soft_prompt_hook_and_prompt_tuning_subclasses_it():
+    model = tiny_model("gpt2")
+    assert not hasattr(model, "embed_hook")
+    source = inspect.getsource(DecoderLM)
+    assert "embed_hook" not in source and "virtual" not in source
+    apply_peft(model, CASES["gpt2-prompt"][1])
+    assert isinstance(model, DecoderLM) and type(model) is not DecoderLM

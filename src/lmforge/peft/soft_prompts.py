@@ -2,9 +2,9 @@
 
 Prefix tuning wraps every layer's attention so that every query also sees P learned key/value slots. They carry
 no position (no RoPE rotation, no learned position) and live outside the KV cache, so the tokens keep the
-positions of the base model and cached decoding is unchanged. Prompt tuning prepends P learned input
-embeddings to a fresh sequence (positions 0..P-1); the model drops them from its outputs, so logits stay
-[B, T, vocab] aligned with input_ids.
+positions of the base model and cached decoding is unchanged. Prompt tuning makes the model a
+`PromptTunedLM`, which prepends P learned input embeddings to a fresh sequence (positions 0..P-1) and drops them
+from its outputs, so logits stay [B, T, vocab] aligned with input_ids.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def _attention_keys_under_base(module: nn.Module, state_dict: dict, prefix: str,
 
 
 class SoftPrompt(nn.Module):
-    """P learned input embeddings prepended to the tokens' (Lester et al. 2021); the `DecoderLM.embed_hook`."""
+    """P learned input embeddings prepended to the tokens' (Lester et al. 2021)."""
 
     def __init__(self, init: Tensor):
         super().__init__()
@@ -108,6 +108,37 @@ class SoftPrompt(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([self.weight.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
+
+
+class PromptTunedLM(DecoderLM):
+    """A `DecoderLM` whose every fresh sequence starts with the P learned embeddings of `soft_prompt`, at positions
+    0..P-1: its caches hold P more slots, a padding mask gets P leading ones, and its outputs drop the P positions,
+    so logits stay [B, T, vocab] aligned with input_ids. `apply_prompt` makes a built model one in place by
+    swapping its class (as torch.nn.utils.parametrize does), so every reference to the model sees the change."""
+
+    soft_prompt: SoftPrompt
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        virtual = self.soft_prompt.n_virtual
+        return super().new_cache(batch_size, (max_len or self.cfg.max_seq_len) + virtual, dtype)
+
+    def hidden(self, input_ids: Tensor, cache: KVCache | None = None, attention_mask: Tensor | None = None) -> Tensor:
+        """`DecoderLM.hidden`, the soft prompt in front of a fresh sequence (not of each decoding step)."""
+        x = self.tok_emb(input_ids)
+        fresh = cache is None or cache.length == 0
+        if fresh:
+            x = self.soft_prompt(x)
+        if attention_mask is not None:  # the caller's mask covers its own tokens; the soft prompt is always seen
+            attention_mask = F.pad(attention_mask, (self.soft_prompt.n_virtual, 0), value=1)
+        h = self.hidden_of_embeddings(x, cache, attention_mask)
+        return h[:, self.soft_prompt.n_virtual:] if fresh else h
+
+
+def _soft_prompt_under_its_name(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Checkpoints from before `PromptTunedLM` hold the soft prompt as `embed_hook.weight`."""
+    old = prefix + "embed_hook.weight"
+    if old in state_dict:
+        state_dict[prefix + "soft_prompt.weight"] = state_dict.pop(old)
 
 
 def apply_prefix(model: nn.Module, cfg: PeftConfig) -> PrefixTuning:
@@ -137,5 +168,7 @@ def apply_prompt(model: nn.Module, cfg: PeftConfig) -> SoftPrompt:
                           f"{model.cfg.max_seq_len} learned positions; lower it")
     model.requires_grad_(False)
     ids = torch.randint(model.cfg.vocab_size, (cfg.prompt_len,), device=model.tok_emb.weight.device)
-    model.embed_hook = SoftPrompt(model.tok_emb.weight.detach()[ids])
-    return model.embed_hook
+    model.__class__ = PromptTunedLM
+    model.soft_prompt = SoftPrompt(model.tok_emb.weight.detach()[ids])
+    model.register_load_state_dict_pre_hook(_soft_prompt_under_its_name)
+    return model.soft_prompt
