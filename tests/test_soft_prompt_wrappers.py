@@ -1,8 +1,9 @@
 """Prefix and prompt tuning are wrappers PEFT puts around a plain model (as adapters are): the model layer has no
 hook for them, and models tuned and saved before that change load and compute what they computed then.
 
-`fixtures/soft_prompts/<case>` are checkpoints saved by the hook-based implementation (commit f8e29ba), each with
-`expected.safetensors`: the outputs of `soft_prompt_cases.compute_outputs` on the model as saved."""
+`fixtures/soft_prompts/<case>` are checkpoints saved by the hook-based implementation (commit f8e29ba): the case's
+`tiny_model`, `apply_peft` under seed 1, every trainable tensor moved by N(0, 0.5) noise, `save(model, None, dir,
+peft=cfg)`; each with `expected.safetensors`, the outputs of `soft_prompt_cases.compute_outputs` on that model."""
 
 from __future__ import annotations
 
