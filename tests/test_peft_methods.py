@@ -106,7 +106,7 @@ def test_soft_prompts_change_outputs_and_keep_the_base_frozen():
             assert out.shape == base(ids).shape == (4, 12, V)  # prompt tuning drops its P positions
             assert not torch.allclose(out, base(ids), atol=1e-3)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        owner = "embed_hook." if cfg.method == "prompt" else "prefix_tuning."
+        owner = "soft_prompt." if cfg.method == "prompt" else "prefix_tuning."
         assert trainable and all(n.startswith(owner) for n in trainable)
         base_state = base.state_dict()
         assert all(torch.equal(p, base_state[n]) for n, p in model.state_dict().items() if n in base_state)
@@ -157,7 +157,7 @@ def expected_trainable(model: DecoderLM, cfg: PeftConfig) -> set[int]:
         parts = [model.blocks[-cfg.top_k], model.final_norm, model.lm_head]
         return {id(p) for m in parts for p in m.parameters()}
     marker = {"adapter": ".adapter.", "parallel-adapter": ".adapter.", "svd-diag": ".z", "prefix": "prefix_tuning.",
-              "prompt": "embed_hook."}[cfg.method]
+              "prompt": "soft_prompt."}[cfg.method]
     return {id(p) for n, p in named.items() if marker in n}
 
 

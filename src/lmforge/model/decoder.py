@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
@@ -79,7 +78,6 @@ class DecoderLM(nn.Module):
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self.embed_hook: nn.Module | None = None  # prompt tuning: [B, T, d] -> [B, n_virtual + T, d]
 
     def reset_parameters(self) -> None:
         """GPT-2 init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layer)."""
@@ -104,9 +102,8 @@ class DecoderLM(nn.Module):
         cfg = self.cfg
         emb = self.tok_emb
         dtype = dtype or (emb.weight.dtype if isinstance(emb, nn.Embedding) else emb.dtype)
-        virtual = self.embed_hook.n_virtual if self.embed_hook is not None else 0
-        return KVCache(cfg.n_layer, cfg.kv_heads, cfg.head_dim, batch_size, (max_len or cfg.max_seq_len) + virtual,
-                       self.device, dtype)
+        return KVCache(cfg.n_layer, cfg.kv_heads, cfg.head_dim, batch_size, max_len or cfg.max_seq_len, self.device,
+                       dtype)
 
     def forward(self, input_ids: Tensor, cache: KVCache | None = None, attention_mask: Tensor | None = None,
                 keep_last: int = 0) -> Tensor:
@@ -118,23 +115,22 @@ class DecoderLM(nn.Module):
     def hidden(self, input_ids: Tensor, cache: KVCache | None = None, attention_mask: Tensor | None = None) -> Tensor:
         """Final hidden states [B, T, d_model] (after the final norm): what task heads read.
 
-        `attention_mask` [B, S] (1 = real, 0 = padding) covers every token in the cache so far plus the new ones
-        (soft-prompt slots excluded); with it, padding is hidden from attention and each row's positions count
-        its real tokens from 0, so left-padded prompts of different lengths batch together."""
+        `attention_mask` [B, S] (1 = real, 0 = padding) covers every token in the cache so far plus the new ones;
+        with it, padding is hidden from attention and each row's positions count its real tokens from 0, so
+        left-padded prompts of different lengths batch together."""
+        return self.hidden_of_embeddings(self.tok_emb(input_ids), cache, attention_mask)
+
+    def hidden_of_embeddings(self, x: Tensor, cache: KVCache | None = None,
+                             attention_mask: Tensor | None = None) -> Tensor:
+        """`hidden` of the input embeddings x [B, T, d_model] rather than of token ids."""
         cfg = self.cfg
         offset = cache.length if cache is not None else 0
-        x = self.tok_emb(input_ids)
-        if self.embed_hook is not None and offset == 0:  # soft prompt in front of a fresh sequence, not each step
-            x = self.embed_hook(x)
-        virtual = x.shape[1] - input_ids.shape[1]
         T = x.shape[1]
         if attention_mask is not None:
-            n_virtual = self.embed_hook.n_virtual if self.embed_hook is not None else 0
-            if attention_mask.shape != (x.shape[0], offset + T - n_virtual):
+            if attention_mask.shape != (x.shape[0], offset + T):
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
-                                 f"{(x.shape[0], offset + T - n_virtual)}: the cached tokens plus the new ones")
-            attention_mask = F.pad(attention_mask, (n_virtual, 0), value=1)
-            return self._hidden_masked(x, virtual, offset, attention_mask, cache)
+                                 f"{(x.shape[0], offset + T)}: the cached tokens plus the new ones")
+            return self._hidden_masked(x, offset, attention_mask, cache)
         if cfg.position == "learned" and offset + T > cfg.max_seq_len:
             raise ValueError(
                 f"sequence of {offset + T} tokens exceeds the {cfg.max_seq_len} learned positions; "
@@ -158,9 +154,9 @@ class DecoderLM(nn.Module):
             x = block(x, i, rope, bias, cache)
         if cache is not None:
             cache.length = offset + T
-        return self.final_norm(x[:, virtual:])
+        return self.final_norm(x)
 
-    def _hidden_masked(self, x: Tensor, virtual: int, offset: int, attention_mask: Tensor,
+    def _hidden_masked(self, x: Tensor, offset: int, attention_mask: Tensor,
                        cache: KVCache | None) -> Tensor:
         """`hidden` past the embeddings, with per-row positions and a padding bias from `attention_mask`."""
         cfg = self.cfg
@@ -184,7 +180,7 @@ class DecoderLM(nn.Module):
             x = block(x, i, rope, bias, cache)
         if cache is not None:
             cache.length = offset + T
-        return self.final_norm(x[:, virtual:])
+        return self.final_norm(x)
 
     def _rope(self, offset: int, T: int) -> tuple[Tensor, Tensor]:
         if offset + T > self.rope_cos.shape[0]:  # extrapolating past the training length (e.g. a study)

@@ -188,7 +188,6 @@ class Attention(nn.Module):
         self.v = nn.Linear(d_model, n_kv_head * head_dim, bias=bias)
         self.o = nn.Linear(n_head * head_dim, d_model, bias=bias)
         self.dropout = dropout
-        self.prefix: nn.Module | None = None  # prefix tuning: prefix() -> (k, v) [1|B, n_kv, P, head_dim]
         self._fused: tuple[Tensor, Tensor | None] | None = None  # set inside `fused_qkv` (decoding) only
         self._fused_cache: tuple[Tensor, Tensor | None] | None = None
         self._fused_key: tuple = ()
@@ -246,21 +245,23 @@ class Attention(nn.Module):
         layer: int = 0,
         kv: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        B, T, _ = x.shape
+        return self.attend(*self.queries_keys_values(x, rope, cache, layer, kv), bias=bias, causal=causal)
+
+    def queries_keys_values(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, cache: KVCache | None = None,
+                            layer: int = 0, kv: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The queries of `x` [B, H, T, head_dim] and every key and value they see [B, n_kv, S, head_dim]:
+        projected (or the given cross-attention `kv`), rotated by `rope`, and stored in and read from `cache`."""
         q, k, v = self.project_qkv(x) if kv is None else (self.project_q(x), *kv)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        if self.prefix is not None:  # Li & Liang 2021: P learned key/value slots in front, seen by every query
-            pk, pv = self.prefix()
-            if bias is None and causal and T > 1:  # SDPA's is_causal would align its diagonal to the prefix
-                bias = attention_bias(T, k.shape[2], k.shape[2] - T, None, x.device)
-            k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
-            v = torch.cat([pv.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
-            if bias is not None:
-                bias = F.pad(bias, (pk.shape[2], 0))
+        return q, k, v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None = None, causal: bool = False) -> Tensor:
+        """Attention of queries q over keys k and values v, then the output projection: [B, T, d_model]."""
+        B, _, T, _ = q.shape
         # A single new token (decode) may see every cached key; a fresh prompt is plain causal.
         # enable_gqa lets SDPA share each k/v head across its query group without copying.
         y = F.scaled_dot_product_attention(
