@@ -15,7 +15,7 @@ import lmforge
 from lmforge.checkpoint import load_weights, resolve_checkpoint, write_model_files
 from lmforge.config import EncoderConfig, ModelConfig, TrainConfig
 from lmforge.errors import ConfigError
-from lmforge.model import HEAD_TASKS, build_model
+from lmforge.model import build_model
 from lmforge.model.decoder import DecoderLM
 from lmforge.tokenizer import train_tokenizer
 from lmforge.train.reward import (
@@ -160,7 +160,6 @@ def test_reward_model_learns_to_rank_separable_pairs_and_its_checkpoint_loads(tm
         assert torch.allclose(reloaded.eval()(batch["input_ids"], batch["attention_mask"]), expected, atol=1e-5)
 
 
-@pytest.mark.skipif("reward" not in HEAD_TASKS, reason="lmforge.model.build_task_model does not know 'reward' yet")
 def test_lmforge_load_rebuilds_a_reward_model(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = build_reward_model(DecoderLM(CFG)).eval()
