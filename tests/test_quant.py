@@ -104,7 +104,7 @@ def _trained_tiny() -> tuple[DecoderLM, torch.Tensor]:
     return model.eval(), ids
 
 
-def test_int8_logits_and_perplexity_close_to_fp32(capsys):
+def test_int8_logits_and_perplexity_close_to_fp32():
     model, ids = _trained_tiny()
     with torch.no_grad():
         ref = model(ids[:, :-1])
@@ -116,11 +116,10 @@ def test_int8_logits_and_perplexity_close_to_fp32(capsys):
         out = model(ids[:, :-1])
     rel = ((out - ref).abs().max() / ref.abs().max()).item()
     ppl8 = math.exp(_nll(model, ids))
-    with capsys.disabled():
-        print(f"\nint8: max |dlogit| / max |logit| = {rel:.2e}; ppl fp32 {ppl:.3f} -> int8 {ppl8:.3f}")
-    assert ppl < 32  # trained: well below chance (64)
-    assert rel < 0.01  # bound: 1% of the largest logit
-    assert abs(ppl8 / ppl - 1) < 0.01
+    figures = f"int8: max |dlogit| / max |logit| = {rel:.2e}; ppl fp32 {ppl:.3f} -> int8 {ppl8:.3f}"
+    assert ppl < 32, figures  # trained: well below chance (64)
+    assert rel < 0.01, figures  # bound: 1% of the largest logit
+    assert abs(ppl8 / ppl - 1) < 0.01, figures
     dequantize_model(model)
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
     with torch.no_grad():
@@ -142,7 +141,7 @@ def _dir_bytes(path) -> int:
     return sum(f.stat().st_size for f in path.iterdir())
 
 
-def test_checkpoint_sizes_round_trip_and_perplexity(tmp_path, capsys):
+def test_checkpoint_sizes_round_trip_and_perplexity(tmp_path):
     model = _tiny(d_model=256, n_layer=4, vocab=256)  # Linear weights are ~98% of the parameters
     src = lmforge.save(model, None, tmp_path / "fp32")
     ids = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(0))
@@ -166,9 +165,7 @@ def test_checkpoint_sizes_round_trip_and_perplexity(tmp_path, capsys):
         assert report["bytes_before"] / report["bytes_after"] == pytest.approx(ratio, rel=0.01)
         assert ratio == pytest.approx(expected[bits], rel=0.01) and ratio > floor  # 3.71x and 6.18x here
         dnll = _nll(loaded, ids) - nll
-        with capsys.disabled():
-            print(f"\nint{bits}: {_dir_bytes(out)} bytes, {ratio:.2f}x smaller than fp32; nll change {dnll:+.2e}")
-        assert abs(dnll) < (1e-3 if bits == 8 else 2e-2)
+        assert abs(dnll) < (1e-3 if bits == 8 else 2e-2), f"int{bits}: nll change {dnll:+.2e}"
 
 
 def test_bad_configs_raise_config_error():
