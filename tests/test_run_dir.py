@@ -259,6 +259,7 @@ TMPFS_SCENARIO = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_disk_full_for_real_on_a_small_tmpfs(tmp_path: Path, shards_dir: Path, finished_run: Path) -> None:
     """A checkpoint that does not fit on a small tmpfs (mounted in a private mount namespace): one line, no temp
     dir, `latest` intact; once the filler is deleted, --resume finishes the run."""
