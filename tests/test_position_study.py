@@ -25,6 +25,8 @@ from lmforge.eval.position_study import (
 )
 from tiny_pretraining import write_word_shards
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SCHEMES = ("learned", "sinusoidal", "rope", "alibi")
 L = 16
 EVAL_TOKENS = 512
