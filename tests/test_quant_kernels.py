@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from lmforge.infer.generate import SamplingConfig, generate_ids
 from lmforge.infer.quant import KERNEL_MAX_ROWS, QuantConfig, QuantLinear, dequantize_model, quantize_model
-from test_quant import _tiny, _weight
+from quant_inputs import tiny_decoder, weight_with_edge_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,7 +47,7 @@ def _layer(in_f: int, out_f: int, bits: int, group_size: int = 32, bias: bool = 
     and an all-zero row, plus a random bias."""
     lin = torch.nn.Linear(in_f, out_f, bias=bias)
     with torch.no_grad():
-        lin.weight.copy_(_weight(out_f, in_f, seed))
+        lin.weight.copy_(weight_with_edge_rows(out_f, in_f, seed))
         if bias:
             lin.bias.copy_(torch.randn(out_f, generator=torch.Generator().manual_seed(seed + 1)) * 0.1)
     return QuantLinear.from_linear(lin, bits, group_size)
@@ -161,7 +161,7 @@ def test_state_dict_is_unchanged_by_a_kernel_forward(kernel_calls, bits):
 def test_quantised_decoder_decodes_through_the_kernels(kernel_calls, bits, group_size):
     """Greedy generation runs (int4: the layers whose width is not a multiple of 16 fall back), and a one-token
     decode step's logits match the dequantised fp32 model's."""
-    model = _tiny()
+    model = tiny_decoder()
     quantize_model(model, QuantConfig(bits=bits, group_size=group_size))
     reference = dequantize_model(copy.deepcopy(model))
     cfg = SamplingConfig(max_new_tokens=6, temperature=0.0, stop_at_eos=False)
