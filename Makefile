@@ -1,10 +1,10 @@
-# The whole set-up is `make demo` and `make test`.
+# The whole set-up is `make demo` and `make test` (`make test-fast` leaves out the few tests marked slow).
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lmforge-installed
 TORCH  := torch==2.13.0
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-fast lint bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q
+
+# everything but the few tests marked slow (the demo, SIGKILL resume, DDP, torch.compile...): under a minute
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py

@@ -13,9 +13,12 @@ from __future__ import annotations
 import getpass
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
+
+from tiny_pretraining import write_word_shards
 
 if os.environ.get("ATEN_CPU_CAPABILITY") == "avx2":
     os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
@@ -31,3 +34,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def shards_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Token shards of 600 word documents (5% held out), made once per test module."""
+    return write_word_shards(tmp_path_factory.mktemp("data"), n_docs=600, val_fraction=0.05)[1]

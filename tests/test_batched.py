@@ -5,28 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.config import ModelConfig
 from lmforge.infer.batched import generate_batch
 from lmforge.infer.generate import SamplingConfig, generate_ids
-from lmforge.model.decoder import DecoderLM
 from near_ties import assert_clear_greedy
+from tiny_decoders import FAMILIES, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-TINY = dict(vocab_size=64, max_seq_len=64, n_layer=2, n_head=4, d_model=32)
-FAMILIES = {
-    "gpt2": dict(family="gpt2"),
-    "llama-gqa": dict(family="llama", n_kv_head=2),
-    "alibi": dict(family="gpt2", position="alibi"),
-    "sinusoidal": dict(family="gpt2", position="sinusoidal"),
-}
 LENGTHS = (3, 7, 1, 12)
-
-
-def tiny_model(family: str, init_std: float = 0.2) -> DecoderLM:
-    """A random-init model; init_std 0.2 spreads the logits so greedy argmaxes are not near-ties."""
-    torch.manual_seed(0)
-    return DecoderLM(ModelConfig(**{**TINY, **FAMILIES[family], "init_std": init_std})).eval()
 
 
 def prompts() -> list[list[int]]:

@@ -341,6 +341,7 @@ def test_cli_prepare_disk_full(tmp_path: Path, prepared: tuple[Path, Path], monk
     assert sorted(tmp_path.iterdir()) == entries
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="shared/data/tinyshakespeare.txt not present")
 def test_prepare_tinyshakespeare(tmp_path: Path) -> None:
     text = SHAKESPEARE.read_text(encoding="utf-8")

@@ -4,7 +4,6 @@ tokenizer checks and a short run."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -12,15 +11,14 @@ import torch
 
 import lmforge
 from lmforge.config import DataConfig, ModelConfig, PretrainConfig, TrainConfig
-from lmforge.data.shards import prepare_shards
 from lmforge.errors import ConfigError
 from lmforge.model.decoder import DecoderLM
 from lmforge.tokenizer import train_tokenizer
 from lmforge.train.distill import DistillConfig, distill, distill_loss_fn, distillation_loss
 from lmforge.train.objectives import IGNORE_INDEX, causal_lm_loss, token_cross_entropy
 from lmforge.train.trainer import train
+from tiny_pretraining import word_documents, write_word_shards
 
-WORDS = "the a king queen sword castle river moon ship wind stone fire bread gold".split()
 VOCAB = 400
 
 
@@ -36,12 +34,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Shards + a briefly pretrained teacher (vocab padded to 416 rows) sharing a 400-token tokenizer, and a
     second tokenizer that differs."""
     root = tmp_path_factory.mktemp("distill")
-    rng = random.Random(0)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) + "." for _ in range(400)]
-    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    tok = train_tokenizer(docs, vocab_size=VOCAB, show_progress=False)
-    other = train_tokenizer([d.upper() for d in docs], vocab_size=VOCAB, show_progress=False)
-    prepare_shards([root / "corpus.jsonl"], tok, root / "shards", val_fraction=0.05, progress=False)
+    tok, _ = write_word_shards(root, n_docs=400, val_fraction=0.05)
+    other = train_tokenizer([d.upper() for d in word_documents(400)], vocab_size=VOCAB, show_progress=False)
     from lmforge.data.batches import PackedBatches
     from lmforge.data.shards import load_shards
 

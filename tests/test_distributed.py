@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -16,24 +15,18 @@ from safetensors.torch import load_file
 
 from lmforge.config import PretrainConfig, load_config
 from lmforge.data.batches import PackedBatches
-from lmforge.data.shards import load_shards, prepare_shards
+from lmforge.data.shards import load_shards
 from lmforge.model.decoder import DecoderLM
-from lmforge.tokenizer import train_tokenizer
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.trainer import train
-
-WORDS = "the a king queen sword castle river moon ship wind stone fire bread gold".split()
+from tiny_pretraining import write_word_shards
 
 
 @pytest.mark.slow
 def test_ddp_two_ranks_equals_single_process_on_the_same_rows(tmp_path: Path) -> None:
     """Two gloo ranks with batch B each == one process with batch 2B made of the same rows
     (allclose at 1e-5: all-reduce changes the summation order, nothing else)."""
-    rng = random.Random(0)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) + "." for _ in range(400)]
-    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    tok = train_tokenizer(docs, vocab_size=400, show_progress=False)
-    prepare_shards([tmp_path / "c.jsonl"], tok, tmp_path / "shards", val_fraction=0.0, progress=False)
+    write_word_shards(tmp_path, n_docs=400, val_fraction=0.0)
     tree = {
         "model": {"vocab_size": 400, "max_seq_len": 16, "n_layer": 1, "n_head": 2, "d_model": 16},
         "data": {"dir": str(tmp_path / "shards")},

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from functools import partial
 from pathlib import Path
 
@@ -15,7 +14,6 @@ import lmforge
 from lmforge.config import ModelConfig, TrainConfig
 from lmforge.errors import ConfigError
 from lmforge.model.decoder import DecoderLM
-from lmforge.tokenizer import train_tokenizer
 from lmforge.train import dpo
 from lmforge.train.dpo import (
     DPOCheckpointConfig,
@@ -30,6 +28,7 @@ from lmforge.train.dpo import (
 from lmforge.train.logprobs import sequence_logprob
 from lmforge.train.reward import PairMetrics, pair_rows, stack_pairs
 from lmforge.train.trainer import train
+from preference_world import write_preference_world
 
 CFG = ModelConfig(vocab_size=64, max_seq_len=32, n_layer=1, n_head=2, d_model=32)
 PAD = 0
@@ -167,31 +166,8 @@ def test_a_few_dpo_steps_raise_the_chosen_rejected_margin(tmp_path: Path, kind: 
 # -- the stage, on JSONL pairs read by lmforge.data.sft ------------------------------------------------
 
 
-def write_preference_world(root: Path, n_train: int, n_eval: int) -> dict[str, Path]:
-    """JSONL pairs whose chosen replies use one set of words and rejected replies another, plus a random-init
-    tiny decoder base whose tokenizer has lmforge's chat tokens."""
-    rng = random.Random(0)
-    prompt_words, good, bad = "king queen sword castle".split(), "gold bread fire".split(), "stone wind ship".split()
-
-    def pair() -> dict[str, str]:
-        words = [rng.choice(prompt_words) for _ in range(rng.randint(2, 5))]
-        return {"prompt": " ".join(words) + "?", "chosen": " ".join(rng.choices(good, k=rng.randint(1, 4))),
-                "rejected": " ".join(rng.choices(bad, k=rng.randint(1, 4)))}
-
-    paths = {"train": root / "train.jsonl", "eval": root / "eval.jsonl", "base": root / "base"}
-    records = {"train": [pair() for _ in range(n_train)], "eval": [pair() for _ in range(n_eval)]}
-    for split, rows in records.items():
-        paths[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    texts = [t for rows in records.values() for r in rows for t in r.values()]
-    tok = train_tokenizer(texts * 3, vocab_size=400, show_progress=False)
-    torch.manual_seed(0)
-    lmforge.save(DecoderLM(ModelConfig(vocab_size=400, max_seq_len=40, n_layer=1, n_head=2, d_model=32,
-                                       dropout=0.1)), tok, paths["base"])
-    return paths
-
-
 def test_train_dpo_runs_the_reference_once_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    world = write_preference_world(tmp_path, n_train=40, n_eval=20)
+    world = write_preference_world(tmp_path, n_train=40, n_eval=20, dropout=0.1)
     forwards: list[tuple[bool, int]] = []  # (during train(), rows) of each reference forward
     training = [False]
 

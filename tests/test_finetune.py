@@ -19,6 +19,8 @@ from lmforge.model import build_model
 from lmforge.tokenizer import train_tokenizer
 from lmforge.train.finetune import finetune
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CONFIGS = {
     "encoder": EncoderConfig(vocab_size=500, max_seq_len=128, n_layer=1, n_head=2, d_model=32),
     "decoder": ModelConfig(vocab_size=500, max_seq_len=128, n_layer=1, n_head=2, d_model=32),

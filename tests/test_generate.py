@@ -13,21 +13,7 @@ from lmforge.infer.generate import SamplingConfig, filter_logits, generate, gene
 from lmforge.model.decoder import DecoderLM
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 from near_ties import assert_clear_greedy
-
-TINY = dict(vocab_size=64, max_seq_len=64, n_layer=2, n_head=4, d_model=32)
-FAMILIES = {
-    "gpt2": dict(family="gpt2"),
-    "llama-gqa": dict(family="llama", n_kv_head=2),
-    "alibi": dict(family="gpt2", position="alibi"),
-    "sinusoidal": dict(family="gpt2", position="sinusoidal"),
-}
-
-
-def tiny_model(family: str = "gpt2", seed: int = 0, init_std: float = 0.2, **overrides) -> DecoderLM:
-    """A random-init model; a larger init_std spreads the logits so greedy argmaxes are not near-ties."""
-    torch.manual_seed(seed)
-    cfg = ModelConfig(**{**TINY, **FAMILIES[family], "init_std": init_std, **overrides})
-    return DecoderLM(cfg).eval()
+from tiny_decoders import FAMILIES, tiny_model
 
 
 def count_forwards(model: DecoderLM) -> list[torch.Tensor]:

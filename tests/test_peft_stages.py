@@ -84,13 +84,16 @@ def test_merge_folds_lora_and_refuses_prefix(world: dict[str, Path], tmp_path: P
 
 
 def test_finetune_with_lora_trains_the_head_and_the_adapters(world: dict[str, Path], tmp_path: Path) -> None:
-    out = tmp_path / "cls"
-    assert main(["finetune", "--task", "classify", "--base", str(world["bert"]), "--peft", "lora",
-                 "--train-file", str(world["sentiment_train"]), "--train.max_steps=5", f"--train.out_dir={out}",
-                 "--train.progress=false"]) == 0
-    model, _ = lmforge.load(out)
+    def finetune(out: Path, *lr: str) -> torch.nn.Module:
+        assert main(["finetune", "--task", "classify", "--base", str(world["bert"]), "--peft", "lora",
+                     "--train-file", str(world["sentiment_train"]), "--train.max_steps=5", f"--train.out_dir={out}",
+                     "--train.progress=false", *lr]) == 0
+        return lmforge.load(out)[0]
+
+    model = finetune(tmp_path / "cls")
+    initial = finetune(tmp_path / "frozen", "--train.lr=0", "--train.min_lr=0")  # same seed, never updated
     base, _ = lmforge.load(world["bert"])
-    assert not torch.allclose(model.classifier.weight, torch.zeros_like(model.classifier.weight))
+    assert not torch.allclose(model.classifier.weight, initial.classifier.weight, atol=1e-4)  # the head trained
     assert torch.equal(model.backbone.tok_emb.weight, base.tok_emb.weight)  # the backbone stayed frozen
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: non-zero means it trained

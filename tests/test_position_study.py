@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import random
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ import yaml
 
 import lmforge
 from lmforge.checkpoint import resolve_checkpoint
-from lmforge.data.shards import load_shards, prepare_shards
+from lmforge.data.shards import load_shards
 from lmforge.eval import position_study
 from lmforge.eval.position_study import (
     CANNOT,
@@ -25,22 +23,17 @@ from lmforge.eval.position_study import (
     position_study_section,
     run_position_study,
 )
-from lmforge.tokenizer import train_tokenizer
+from tiny_pretraining import write_word_shards
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SCHEMES = ("learned", "sinusoidal", "rope", "alibi")
 L = 16
 EVAL_TOKENS = 512
-WORDS = "the a king queen sword castle river moon ship wind stone fire bread gold".split()
-
-
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, StudyResult, list[tuple[int, int]]]:
     root = tmp_path_factory.mktemp("study")
-    rng = random.Random(0)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) + "." for _ in range(500)]
-    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    tok = train_tokenizer(docs, vocab_size=400, show_progress=False)
-    prepare_shards([root / "corpus.jsonl"], tok, root / "shards", val_fraction=0.1, progress=False)
+    write_word_shards(root, n_docs=500, val_fraction=0.1)
     calls: list[tuple[int, int]] = []
 
     def spy(tokens: np.ndarray, length: int, max_windows: int) -> torch.Tensor:

@@ -19,6 +19,8 @@ from lmforge.model.encoder import EncoderModel
 from lmforge.tokenizer import train_tokenizer
 from lmforge.train.pretrain import make_batches
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SIZES = {
     "mlm": ["--model.arch=encoder", "--model.n_layer=1", "--model.d_model=32", "--model.n_head=2"],
     "span": ["--model.arch=encdec", "--model.n_layer=1", "--model.d_model=32", "--model.n_head=2",

@@ -12,7 +12,6 @@ from safetensors import safe_open
 
 import lmforge
 from lmforge.checkpoint import WEIGHTS_FILE
-from lmforge.config import ModelConfig
 from lmforge.errors import ConfigError
 from lmforge.infer.quant import (
     QuantConfig,
@@ -27,21 +26,14 @@ from lmforge.infer.quant import (
 )
 from lmforge.infer.quantize_stage import quantize_checkpoint
 from lmforge.model.decoder import DecoderLM
+from quant_inputs import tiny_decoder, weight_with_edge_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _weight(rows: int = 16, cols: int = 128, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(rows, cols, generator=g) * 0.05
-    w[0] = w[0].abs() + 0.01  # an all-positive row: the range is widened to include 0
-    w[1] = 0.0  # an all-zero row
-    return w
-
-
 @pytest.mark.parametrize("bits", [8, 4])
 def test_round_trip_error_at_most_half_a_step(bits: int):
-    w = _weight()
+    w = weight_with_edge_rows()
     groups = w.view(16, -1, 32) if bits == 4 else w  # int4: groups of 32 along the input
     q, delta, zero = affine_quantize(groups, bits)
     assert q.dtype == torch.uint8 and int(q.max()) <= 2**bits - 1 and int(zero.max()) <= 2**bits - 1
@@ -77,12 +69,6 @@ def test_quant_linear_forward_is_linear_with_the_dequantised_weight(bits: int):
     assert torch.all((w - lin.weight).abs() <= step / 2 + 1e-7)
 
 
-def _tiny(d_model: int = 64, n_layer: int = 2, vocab: int = 64, family: str = "llama") -> DecoderLM:
-    torch.manual_seed(0)
-    cfg = ModelConfig(family=family, vocab_size=vocab, d_model=d_model, n_head=4, n_layer=n_layer, max_seq_len=64)
-    return DecoderLM(cfg).eval()
-
-
 def _nll(model: torch.nn.Module, ids: torch.Tensor) -> float:
     with torch.no_grad():
         logits = model(ids[:, :-1])
@@ -91,7 +77,7 @@ def _nll(model: torch.nn.Module, ids: torch.Tensor) -> float:
 
 def _trained_tiny() -> tuple[DecoderLM, torch.Tensor]:
     """A tiny Llama trained for a few steps on a fixed periodic batch, so its perplexity is well below chance."""
-    model = _tiny().train()
+    model = tiny_decoder().train()
     g = torch.Generator().manual_seed(1)
     ids = torch.stack([(torch.arange(33) * k + torch.randint(0, 64, (1,), generator=g)) % 64 for k in (1, 3, 5, 7)])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -104,7 +90,7 @@ def _trained_tiny() -> tuple[DecoderLM, torch.Tensor]:
     return model.eval(), ids
 
 
-def test_int8_logits_and_perplexity_close_to_fp32(capsys):
+def test_int8_logits_and_perplexity_close_to_fp32():
     model, ids = _trained_tiny()
     with torch.no_grad():
         ref = model(ids[:, :-1])
@@ -116,11 +102,10 @@ def test_int8_logits_and_perplexity_close_to_fp32(capsys):
         out = model(ids[:, :-1])
     rel = ((out - ref).abs().max() / ref.abs().max()).item()
     ppl8 = math.exp(_nll(model, ids))
-    with capsys.disabled():
-        print(f"\nint8: max |dlogit| / max |logit| = {rel:.2e}; ppl fp32 {ppl:.3f} -> int8 {ppl8:.3f}")
-    assert ppl < 32  # trained: well below chance (64)
-    assert rel < 0.01  # bound: 1% of the largest logit
-    assert abs(ppl8 / ppl - 1) < 0.01
+    figures = f"int8: max |dlogit| / max |logit| = {rel:.2e}; ppl fp32 {ppl:.3f} -> int8 {ppl8:.3f}"
+    assert ppl < 32, figures  # trained: well below chance (64)
+    assert rel < 0.01, figures  # bound: 1% of the largest logit
+    assert abs(ppl8 / ppl - 1) < 0.01, figures
     dequantize_model(model)
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
     with torch.no_grad():
@@ -128,12 +113,12 @@ def test_int8_logits_and_perplexity_close_to_fp32(capsys):
 
 
 def test_tied_head_is_not_quantised():
-    model = _tiny(family="gpt2")
+    model = tiny_decoder(family="gpt2")
     report = quantize_model(model, quant_config(4, 32))
     assert "lm_head" not in report["modules"] and isinstance(model.lm_head, torch.nn.Linear)
     assert model.lm_head.weight is model.tok_emb.weight
     assert isinstance(model.blocks[0].attn.q, QuantLinear) and isinstance(model.blocks[0].mlp.down, QuantLinear)
-    only = _tiny(family="gpt2")
+    only = tiny_decoder(family="gpt2")
     names = quantize_model(only, quant_config(8, targets=["attn.q"]))["modules"]
     assert names == ["blocks.0.attn.q", "blocks.1.attn.q"]
 
@@ -142,8 +127,8 @@ def _dir_bytes(path) -> int:
     return sum(f.stat().st_size for f in path.iterdir())
 
 
-def test_checkpoint_sizes_round_trip_and_perplexity(tmp_path, capsys):
-    model = _tiny(d_model=256, n_layer=4, vocab=256)  # Linear weights are ~98% of the parameters
+def test_checkpoint_sizes_round_trip_and_perplexity(tmp_path):
+    model = tiny_decoder(d_model=256, n_layer=4, vocab=256)  # Linear weights are ~98% of the parameters
     src = lmforge.save(model, None, tmp_path / "fp32")
     ids = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(0))
     nll = _nll(model, ids)
@@ -166,19 +151,17 @@ def test_checkpoint_sizes_round_trip_and_perplexity(tmp_path, capsys):
         assert report["bytes_before"] / report["bytes_after"] == pytest.approx(ratio, rel=0.01)
         assert ratio == pytest.approx(expected[bits], rel=0.01) and ratio > floor  # 3.71x and 6.18x here
         dnll = _nll(loaded, ids) - nll
-        with capsys.disabled():
-            print(f"\nint{bits}: {_dir_bytes(out)} bytes, {ratio:.2f}x smaller than fp32; nll change {dnll:+.2e}")
-        assert abs(dnll) < (1e-3 if bits == 8 else 2e-2)
+        assert abs(dnll) < (1e-3 if bits == 8 else 2e-2), f"int{bits}: nll change {dnll:+.2e}"
 
 
 def test_bad_configs_raise_config_error():
     with pytest.raises(ConfigError, match="bits must be 8 or 4"):
         quant_config(bits=3)
     with pytest.raises(ConfigError, match="bits must be 8 or 4"):
-        quantize_model(_tiny(), QuantConfig(bits=16))
+        quantize_model(tiny_decoder(), QuantConfig(bits=16))
     with pytest.raises(ConfigError, match="even"):
         quant_config(bits=4, group_size=5)
-    model = _tiny(d_model=64)
+    model = tiny_decoder(d_model=64)
     with pytest.raises(ConfigError, match="does not divide the input dimension 64"):
         quantize_model(model, quant_config(4, 48))
     assert not any(isinstance(m, QuantLinear) for m in model.modules())  # nothing half-swapped

@@ -80,7 +80,7 @@ def test_embedding_lookup_is_the_heads_dequantised_rows(bits: int, group_size: i
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_codes_are_stored_once_and_logits_stay_close_to_fp32(bits: int, capsys):
+def test_codes_are_stored_once_and_logits_stay_close_to_fp32(bits: int):
     model = _gpt2()
     ids = _ids()
     ref = _logits(model, ids)
@@ -97,9 +97,7 @@ def test_codes_are_stored_once_and_logits_stay_close_to_fp32(bits: int, capsys):
     assert report["bytes_before"] == 4 * _gpt2().num_params()
     out, out_step = _logits(model, ids), _logits(model, ids[:1, :1])  # prefill (dequantise) and decode (kernel)
     rel, rel_step = _rel(out, ref), _rel(out_step, ref_step)
-    with capsys.disabled():
-        print(f"\nint{bits} with the tied embedding: logits vs fp32 {rel:.2e} (prefill), {rel_step:.2e} (one token)")
-    assert rel < TOL[bits] and rel_step < TOL[bits]
+    assert rel < TOL[bits] and rel_step < TOL[bits], f"logits vs fp32 {rel:.2e} (prefill), {rel_step:.2e} (one token)"
     # structure check: the same model with every weight dequantised to fp32 computes the same logits
     fp32 = dequantize_model(copy.deepcopy(model))
     assert isinstance(fp32.tok_emb, torch.nn.Embedding) and fp32.tok_emb.weight is fp32.lm_head.weight
@@ -111,7 +109,7 @@ def _safetensors_bytes(path) -> int:
 
 
 @pytest.mark.parametrize("bits,floor", [(8, 3.5), (4, 5.5)])
-def test_checkpoint_round_trip_and_size(tmp_path, capsys, bits: int, floor: float):
+def test_checkpoint_round_trip_and_size(tmp_path, bits: int, floor: float):
     src = lmforge.save(_gpt2(), None, tmp_path / "fp32")
     out, report = quantize_checkpoint(src, tmp_path / f"int{bits}", bits=bits, group_size=64)
     tree = yaml.safe_load((out / "config.yaml").read_text())
@@ -134,10 +132,7 @@ def test_checkpoint_round_trip_and_size(tmp_path, capsys, bits: int, floor: floa
     ratio = _safetensors_bytes(src) / _safetensors_bytes(out)
     kept, _ = quantize_checkpoint(src, tmp_path / f"int{bits}-fp32-emb", bits=bits, tied_embedding=False)
     kept_ratio = _safetensors_bytes(src) / _safetensors_bytes(kept)
-    with capsys.disabled():
-        print(f"\nint{bits}: model.safetensors {ratio:.2f}x smaller than fp32 ({kept_ratio:.2f}x with the tied "
-              f"embedding fp32)")
-    assert ratio >= floor and kept_ratio < floor
+    assert ratio >= floor and kept_ratio < floor, f"{ratio:.2f}x smaller ({kept_ratio:.2f}x, tied embedding fp32)"
     assert report["bytes_before"] / report["bytes_after"] == pytest.approx(ratio, rel=0.03)  # + file headers
 
 

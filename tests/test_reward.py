@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,8 @@ import lmforge
 from lmforge.checkpoint import load_weights, resolve_checkpoint, write_model_files
 from lmforge.config import EncoderConfig, ModelConfig, TrainConfig
 from lmforge.errors import ConfigError
-from lmforge.model import HEAD_TASKS, build_model
+from lmforge.model import build_model
 from lmforge.model.decoder import DecoderLM
-from lmforge.tokenizer import train_tokenizer
 from lmforge.train.reward import (
     PairMetrics,
     RewardCheckpointConfig,
@@ -32,6 +30,7 @@ from lmforge.train.reward import (
     train_reward_model,
 )
 from lmforge.train.trainer import train
+from preference_world import write_preference_world
 
 CFG = ModelConfig(vocab_size=64, max_seq_len=32, n_layer=1, n_head=2, d_model=32)
 PAD = 0
@@ -160,7 +159,6 @@ def test_reward_model_learns_to_rank_separable_pairs_and_its_checkpoint_loads(tm
         assert torch.allclose(reloaded.eval()(batch["input_ids"], batch["attention_mask"]), expected, atol=1e-5)
 
 
-@pytest.mark.skipif("reward" not in HEAD_TASKS, reason="lmforge.model.build_task_model does not know 'reward' yet")
 def test_lmforge_load_rebuilds_a_reward_model(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = build_reward_model(DecoderLM(CFG)).eval()
@@ -185,29 +183,6 @@ def test_build_reward_model_needs_a_decoder_and_freezes_an_untied_lm_head() -> N
 
 
 # -- the stage, on JSONL pairs read by lmforge.data.sft ------------------------------------------------
-
-
-def write_preference_world(root: Path, n_train: int, n_eval: int) -> dict[str, Path]:
-    """JSONL pairs whose chosen replies use one set of words and rejected replies another, plus a random-init
-    tiny decoder base whose tokenizer has lmforge's chat tokens."""
-    rng = random.Random(0)
-    prompt_words, good, bad = "king queen sword castle".split(), "gold bread fire".split(), "stone wind ship".split()
-
-    def pair() -> dict[str, str]:
-        words = [rng.choice(prompt_words) for _ in range(rng.randint(2, 5))]
-        return {"prompt": " ".join(words) + "?", "chosen": " ".join(rng.choices(good, k=rng.randint(1, 4))),
-                "rejected": " ".join(rng.choices(bad, k=rng.randint(1, 4)))}
-
-    paths = {"train": root / "train.jsonl", "eval": root / "eval.jsonl", "base": root / "base"}
-    records = {"train": [pair() for _ in range(n_train)], "eval": [pair() for _ in range(n_eval)]}
-    for split, rows in records.items():
-        paths[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    texts = [t for rows in records.values() for r in rows for t in r.values()]
-    tok = train_tokenizer(texts * 3, vocab_size=400, show_progress=False)
-    torch.manual_seed(0)
-    lmforge.save(DecoderLM(ModelConfig(vocab_size=400, max_seq_len=40, n_layer=1, n_head=2, d_model=32)), tok,
-                 paths["base"])
-    return paths
 
 
 def test_train_reward_model_stage_reports_held_out_accuracy(tmp_path: Path) -> None:

