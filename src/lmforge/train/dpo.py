@@ -23,6 +23,7 @@ from lmforge.errors import ConfigError
 from lmforge.peft.config import apply_peft
 from lmforge.train.distributed import init_distributed
 from lmforge.train.logprobs import frozen_copy, sequence_logprob
+from lmforge.train.loss import LossResult
 from lmforge.train.reward import (
     Batch,
     PairMetrics,
@@ -87,15 +88,15 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
 
 
 def dpo_batch_loss(model: nn.Module, batch: Batch, *, beta: float, kind: Kind = "sigmoid",
-                   metrics: PairMetrics | None = None) -> Tensor:
-    """The trainer's loss: one policy forward over the stacked pairs (`input_ids`, `response_mask`: chosen rows,
-    then rejected) against the precomputed `ref_chosen_logps` / `ref_rejected_logps`."""
+                   metrics: PairMetrics | None = None) -> LossResult:
+    """The trainer's loss, summed over pairs: one policy forward over the stacked pairs (`input_ids`,
+    `response_mask`: chosen rows, then rejected) against the precomputed `ref_chosen_logps` / `ref_rejected_logps`."""
     chosen, rejected = sequence_logprob(model, batch["input_ids"], batch["response_mask"]).chunk(2)
     loss, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, batch["ref_chosen_logps"],
                                                       batch["ref_rejected_logps"], beta, kind)
     if metrics is not None:
         metrics.record(chosen_rewards, rejected_rewards)
-    return loss
+    return LossResult(loss * len(chosen), len(chosen))
 
 
 def reference_logps(reference: nn.Module, batches: Iterable[Batch], precision: str = "fp32") -> Tensor:

@@ -28,6 +28,7 @@ from lmforge.model.decoder import DecoderLM
 from lmforge.model.heads import last_token_index
 from lmforge.peft.config import apply_peft_to_task_model
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.loss import LossResult
 from lmforge.train.trainer import METRICS_FILE, METRICS_KEPT, TrainResult, train
 
 Batch = dict[str, Tensor]
@@ -125,12 +126,13 @@ class PairMetrics:
             self.sums.zero_()
 
 
-def reward_pair_loss(model: nn.Module, batch: Batch, *, metrics: PairMetrics | None = None) -> Tensor:
-    """Bradley-Terry loss of a stacked pair batch (`input_ids`, `attention_mask`: chosen rows, then rejected)."""
+def reward_pair_loss(model: nn.Module, batch: Batch, *, metrics: PairMetrics | None = None) -> LossResult:
+    """Bradley-Terry loss of a stacked pair batch (`input_ids`, `attention_mask`: chosen rows, then rejected),
+    summed over its pairs."""
     r_chosen, r_rejected = model(batch["input_ids"], batch["attention_mask"]).chunk(2)
     if metrics is not None:
         metrics.record(r_chosen, r_rejected)
-    return bradley_terry_loss(r_chosen, r_rejected)
+    return LossResult(bradley_terry_loss(r_chosen, r_rejected) * len(r_chosen), len(r_chosen))
 
 
 @torch.inference_mode()

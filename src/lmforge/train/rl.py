@@ -35,6 +35,7 @@ from lmforge.model.heads import last_token_index
 from lmforge.peft.config import apply_peft
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.logprobs import frozen_copy, token_logprobs
+from lmforge.train.loss import LossResult
 from lmforge.train.rollout import (
     Prompt,
     RewardFn,
@@ -273,7 +274,7 @@ def run_ppo(policy: DecoderLM, prompts: Sequence[Prompt], reward_fn: RewardFn, c
         return {"input_ids": ids, "response_mask": mask, "old_logps": old_logps, "old_values": old_values,
                 "advantages": advantages, "returns": returns}
 
-    def loss_fn(m: torch.nn.Module, batch: Batch) -> Tensor:
+    def loss_fn(m: torch.nn.Module, batch: Batch) -> LossResult:
         ids, actions = batch["input_ids"], batch["response_mask"][:, 1:]
         logits, values = m(ids[:, :-1])
         logits = logits.float() / cfg.temperature
@@ -286,7 +287,8 @@ def run_ppo(policy: DecoderLM, prompts: Sequence[Prompt], reward_fn: RewardFn, c
             log.add({"policy_loss": policy_loss, "value_loss": value_loss,
                      "clip_frac": masked_mean(clipped.float(), actions),
                      "entropy": masked_mean(entropy(logits), actions)})
-        return policy_loss + cfg.vf_coef * value_loss
+        tokens = actions.sum()  # both terms are means over the minibatch's response tokens
+        return LossResult((policy_loss + cfg.vf_coef * value_loss) * tokens, tokens)
 
     rows = min(cfg.prompts_per_round, len(prompts)) * cfg.samples_per_prompt
     batch_at = minibatch_stream(make_round, rows, cfg.minibatch_size, cfg.ppo_epochs, tc.seed, log)
@@ -322,17 +324,17 @@ def run_grpo(policy: DecoderLM, prompts: Sequence[Prompt], reward_fn: RewardFn, 
         return {"input_ids": ids, "response_mask": mask, "old_logps": old_logps, "ref_logps": ref_logps,
                 "advantages": group_advantages(scores, cfg.group_size, cfg.std_eps)}
 
-    def loss_fn(m: torch.nn.Module, batch: Batch) -> Tensor:
+    def loss_fn(m: torch.nn.Module, batch: Batch) -> LossResult:
         ids, actions = batch["input_ids"], batch["response_mask"][:, 1:]
         logits = m(ids[:, :-1]).float() / cfg.temperature
         logps = token_logprobs(logits, ids[:, 1:])
         per_token, clipped = clipped_surrogate(logps, batch["old_logps"], batch["advantages"][:, None], cfg.clip_eps)
         kl = k3_kl(logps, batch["ref_logps"])
-        loss = masked_mean(per_token + cfg.beta * kl, actions, dim=1).mean()
+        per_sample = masked_mean(per_token + cfg.beta * kl, actions, dim=1)
         with torch.no_grad():
             log.add({"kl": (kl * actions).sum(1).mean(), "clip_frac": masked_mean(clipped.float(), actions),
                      "entropy": masked_mean(entropy(logits), actions)})
-        return loss
+        return LossResult(per_sample.sum(), len(per_sample))
 
     rows = min(cfg.prompts_per_round, len(prompts)) * cfg.group_size
     batch_at = minibatch_stream(make_round, rows, cfg.minibatch_size, cfg.ppo_epochs, tc.seed, log)

@@ -34,11 +34,12 @@ from lmforge.errors import CheckpointError, ConfigError, TrainingError
 from lmforge.io import append_line, atomic_write_text
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.config_change import check_resume_config, record_config_change
-from lmforge.train.distributed import DistContext, gather_objects, init_distributed, mean_across_ranks
+from lmforge.train.distributed import DistContext, gather_objects, init_distributed, sum_across_ranks
+from lmforge.train.loss import LossResult
 from lmforge.train.run_lock import run_dir_lock
 
 Batch = dict[str, torch.Tensor]
-LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
+LossFn = Callable[[torch.nn.Module, Batch], LossResult]
 METRICS_FILE = "metrics.jsonl"
 METRICS_KEPT = "the checkpoints are intact; free some space, then continue with --resume"
 
@@ -90,18 +91,58 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loss_fn: LossFn, batches: Iterable[Batch], device: torch.device,
              precision: str) -> float:
-    """Mean loss over `batches` in eval mode (the model's mode is restored after)."""
+    """The loss over all of `batches`' loss-bearing tokens (or items), in eval mode (the model's mode is restored
+    after)."""
     was_training = model.training
     model.eval()
-    total, n = 0.0, 0
+    total, count, n = 0.0, 0.0, 0
     for batch in batches:
         with autocast(device, precision):
-            total += loss_fn(model, {k: v.to(device) for k, v in batch.items()}).item()
+            result = loss_fn(model, {k: v.to(device) for k, v in batch.items()})
+        total += float(result.total)
+        count += float(result.count)
         n += 1
     model.train(was_training)
     if n == 0:
         raise TrainingError("validation produced no batches; check the validation split")
-    return total / n
+    return total / count if count else math.nan
+
+
+@dataclass
+class StepStats:
+    loss: float  # summed loss / count over the step's micro-batches on every rank
+    metrics: dict[str, float]  # the loss function's metrics, averaged over micro-batches and ranks
+    tokens: int  # input tokens the step read, all ranks together
+
+
+def accumulate_gradients(step: int, cfg: TrainConfig, ctx: DistContext, device: torch.device,
+                         batch_at: Callable[[int], Batch], loss_fn: LossFn, ddp_model: torch.nn.Module,
+                         forward_model: torch.nn.Module, params: list[torch.Tensor]) -> StepStats:
+    """Forward and backward every micro-batch of optimizer step `step`, then scale the summed gradients to the
+    mean over all loss-bearing tokens (or items) of the step on all ranks: the gradient of the whole batch,
+    however it is split into micro-batches and ranks."""
+    sums, keys, tokens = None, [], 0  # sums: [total, count, *metrics] over the micro-batches
+    for micro in range(cfg.grad_accum):
+        index = (step * cfg.grad_accum + micro) * ctx.world_size + ctx.rank
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch_at(index).items()}
+        # under DDP, gradients are all-reduced on the last micro-batch only
+        last = micro == cfg.grad_accum - 1
+        with nullcontext() if last or not ctx.enabled else ddp_model.no_sync():
+            with autocast(device, cfg.precision):
+                result = loss_fn(forward_model, batch)
+            result.total.backward()
+        keys = sorted(result.metrics)
+        values = torch.stack([result.total.detach().float(),
+                              torch.as_tensor(result.count, dtype=torch.float32, device=device),
+                              *(torch.as_tensor(result.metrics[k], device=device).detach().float() for k in keys)])
+        sums = values if sums is None else sums + values
+        tokens += batch["input_ids"].numel() * ctx.world_size
+    sums = sum_across_ranks(sums, ctx)
+    for p in params:  # DDP averaged the ranks' summed gradients: times world_size / count is the mean
+        if p.grad is not None:
+            p.grad.mul_(ctx.world_size / sums[1])
+    means = (sums[2:] / (cfg.grad_accum * ctx.world_size)).tolist()
+    return StepStats(float(sums[0] / sums[1]), dict(zip(keys, means, strict=True)), tokens)
 
 
 def read_metrics(path: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -262,20 +303,11 @@ def _train_holding_lock(model: torch.nn.Module, cfg: TrainConfig, batch_at: Call
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(cfg.grad_accum):
-            index = (step * cfg.grad_accum + micro) * ctx.world_size + ctx.rank
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch_at(index).items()}
-            # under DDP, gradients are all-reduced on the last micro-batch only
-            sync = nullcontext() if micro == cfg.grad_accum - 1 or not ctx.enabled else ddp_model.no_sync()
-            with sync:
-                with autocast(device, cfg.precision):
-                    loss = loss_fn(forward_model, batch)
-                (loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach()
-            window_tokens += batch["input_ids"].numel() * ctx.world_size
-            tokens_seen += batch["input_ids"].numel() * ctx.world_size
-        loss_value = mean_across_ranks(loss_sum / cfg.grad_accum, ctx).item()
+        stats = accumulate_gradients(step, cfg, ctx, device, batch_at, loss_fn, ddp_model, forward_model,
+                                     params)
+        loss_value = stats.loss
+        window_tokens += stats.tokens
+        tokens_seen += stats.tokens
         if not math.isfinite(loss_value):
             if metrics is not None:
                 metrics.close()
@@ -292,7 +324,7 @@ def _train_holding_lock(model: torch.nn.Module, cfg: TrainConfig, batch_at: Call
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             tokens_per_s = window_tokens / max(window_time, 1e-9)
             log({"step": done, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                 "tokens": tokens_seen, "tokens_per_s": tokens_per_s})
+                 "tokens": tokens_seen, "tokens_per_s": tokens_per_s, **stats.metrics})
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_s:,.0f}")
             window_tokens, window_time = 0, 0.0
         if val_batches is not None and (done % cfg.eval_every == 0 or done == cfg.max_steps):
