@@ -4,6 +4,7 @@ sees the gradient of the whole batch."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from lmforge.config import ModelConfig, TrainConfig
 from lmforge.model.decoder import DecoderLM
 from lmforge.train.distributed import shutdown_distributed
+from lmforge.train.loss import LossResult
 from lmforge.train.objectives import IGNORE_INDEX, causal_lm_loss
 from lmforge.train.trainer import train
 
@@ -85,6 +87,24 @@ def test_accumulating_single_conversations_gives_the_gradient_of_their_batch(tmp
     whole = train_on(tmp_path / "batch", lambda i: stacked(rows), grad_accum=1, max_steps=1)
     diff = max_difference(accumulated, whole)
     assert diff <= 1e-6, diff
+
+
+def test_loss_metrics_are_logged_on_logged_steps_averaged_over_micro_batches(tmp_path: Path) -> None:
+    """The trainer alone writes metrics.jsonl: the loss function's metrics join the step's record (the mean over
+    its micro-batches), and `final_eval`'s held-out scores close the log as eval_<name>."""
+    rows = conversations()
+
+    def loss_with_index(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossResult:
+        loss = causal_lm_loss(model, batch)
+        return LossResult(loss.total, loss.count, {"index": batch["index"].float().mean()})
+
+    cfg = TrainConfig(out_dir=str(tmp_path), max_steps=3, grad_accum=2, log_every=2, progress=False, device="cpu")
+    torch.manual_seed(0)
+    result = train(DecoderLM(MODEL), cfg, lambda i: {**rows[i % 8], "index": torch.tensor([i])}, loss_with_index,
+                   run_config=RunConfig(model=MODEL), final_eval=lambda model: {"score": 0.25})
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["index"]) for r in records if "index" in r] == [(2, 2.5), (3, 4.5)]  # micro-batches 2+3, 4+5
+    assert records[-1] == {"step": 3, "eval_score": 0.25} and result.eval_metrics == {"score": 0.25}
 
 
 def ddp_rows(index: int) -> dict[str, torch.Tensor]:

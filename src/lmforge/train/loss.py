@@ -25,3 +25,8 @@ class LossResult:
     def mean(self) -> Tensor:
         """The loss of this micro-batch alone: total / count (nan when nothing carries loss)."""
         return self.total / torch.as_tensor(self.count, dtype=self.total.dtype, device=self.total.device)
+
+
+def log_dtype(device: torch.device) -> torch.dtype:
+    """The dtype for values on their way to the log: float64, or float32 on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64

@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from lmforge.io import append_line, atomic_write_text
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.config_change import check_resume_config, record_config_change
 from lmforge.train.distributed import DistContext, gather_objects, init_distributed, sum_across_ranks
-from lmforge.train.loss import LossResult
+from lmforge.train.loss import LossResult, log_dtype
 from lmforge.train.run_lock import run_dir_lock
 
 Batch = dict[str, torch.Tensor]
@@ -51,6 +51,7 @@ class TrainResult:
     val_loss: float | None
     tokens_per_s: float
     checkpoint: Path
+    eval_metrics: dict[str, float] = field(default_factory=dict)  # `final_eval`'s, after the last step
 
 
 def resolve_device(name: str) -> torch.device:
@@ -132,17 +133,18 @@ def accumulate_gradients(step: int, cfg: TrainConfig, ctx: DistContext, device: 
                 result = loss_fn(forward_model, batch)
             result.total.backward()
         keys = sorted(result.metrics)
-        values = torch.stack([result.total.detach().float(),
-                              torch.as_tensor(result.count, dtype=torch.float32, device=device),
-                              *(torch.as_tensor(result.metrics[k], device=device).detach().float() for k in keys)])
+        values = torch.stack([torch.as_tensor(value, device=device).detach().to(log_dtype(device)) for value in
+                              (result.total, result.count, *(result.metrics[k] for k in keys))])
         sums = values if sums is None else sums + values
         tokens += batch["input_ids"].numel() * ctx.world_size
     sums = sum_across_ranks(sums, ctx)
-    for p in params:  # DDP averaged the ranks' summed gradients: times world_size / count is the mean
+    scale = (ctx.world_size / sums[1]).float()  # DDP averaged the ranks' summed gradients: this makes the mean
+    for p in params:
         if p.grad is not None:
-            p.grad.mul_(ctx.world_size / sums[1])
+            p.grad.mul_(scale)
     means = (sums[2:] / (cfg.grad_accum * ctx.world_size)).tolist()
-    return StepStats(float(sums[0] / sums[1]), dict(zip(keys, means, strict=True)), tokens)
+    loss = sums[0].float() / sums[1].float()  # in the loss's precision: one micro-batch logs the loss's own mean
+    return StepStats(loss.item(), dict(zip(keys, means, strict=True)), tokens)
 
 
 def read_metrics(path: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -232,13 +234,17 @@ def train(
     resume: bool = False,
     accept_config_change: bool = False,
     perplexity: bool = True,
+    final_eval: Callable[[torch.nn.Module], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Train `model` for cfg.max_steps optimizer steps, checkpointing into cfg.out_dir.
 
+    `loss_fn` returns a `LossResult`; its metrics are logged with the loss, averaged over micro-batches and ranks.
     `run_config` is saved as config.yaml in every checkpoint (it must have a `model` section
     so the checkpoint loads with `lmforge.load`). `perplexity` adds exp(val loss) to the log:
-    meaningful for language-model losses only. The run holds cfg.out_dir's lock throughout (rank 0 for all
-    ranks). On `resume`, a config that differs from the checkpoint's in a key that changes the run is refused
+    meaningful for language-model losses only. `final_eval(model)` scores the trained model once after the last
+    step (held-out accuracy, say); its values are logged as `eval_<name>` and returned in `eval_metrics`. The run
+    holds cfg.out_dir's lock throughout (rank 0 for all ranks). On `resume`, a config that differs from the
+    checkpoint's in a key that changes the run is refused
     unless `accept_config_change` (see `lmforge.train.config_change`)."""
     run_dir = Path(cfg.out_dir)
     device = resolve_device(cfg.device)
@@ -256,13 +262,14 @@ def train(
             remove_stale_temp_dirs(run_dir)
         return _train_holding_lock(model, cfg, batch_at, loss_fn, run_config=run_config, tokenizer=tokenizer,
                                    val_batches=val_batches, resume=resume, accept_config_change=accept_config_change,
-                                   perplexity=perplexity, ctx=ctx, device=device)
+                                   perplexity=perplexity, final_eval=final_eval, ctx=ctx, device=device)
 
 
 def _train_holding_lock(model: torch.nn.Module, cfg: TrainConfig, batch_at: Callable[[int], Batch], loss_fn: LossFn,
                         *, run_config: BaseModel, tokenizer: Tokenizer | None,
                         val_batches: Callable[[], Iterable[Batch]] | None, resume: bool, accept_config_change: bool,
-                        perplexity: bool, ctx: DistContext, device: torch.device) -> TrainResult:
+                        perplexity: bool, final_eval: Callable[[torch.nn.Module], dict[str, float]] | None,
+                        ctx: DistContext, device: torch.device) -> TrainResult:
     run_dir = Path(cfg.out_dir)
     model.to(device).train()
     optimizer = build_optimizer(model, cfg)
@@ -339,6 +346,9 @@ def _train_holding_lock(model: torch.nn.Module, cfg: TrainConfig, batch_at: Call
         if done % cfg.save_every == 0 or done == cfg.max_steps:
             last_ckpt = checkpoint(done)
     bar.close()
+    scores = final_eval(model) if final_eval is not None else {}
+    if scores:
+        log({"step": cfg.max_steps, **{f"eval_{name}": value for name, value in scores.items()}})
     if metrics is not None:
         metrics.close()
-    return TrainResult(cfg.max_steps, loss_value, val_loss, tokens_per_s, last_ckpt)
+    return TrainResult(cfg.max_steps, loss_value, val_loss, tokens_per_s, last_ckpt, scores)
