@@ -24,6 +24,7 @@ from lmforge.errors import ConfigError
 from lmforge.model.decoder import DecoderLM
 from lmforge.peft.config import apply_peft
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer, require_same_vocab
+from lmforge.train.console import report
 from lmforge.train.loss import LossResult
 from lmforge.train.objectives import IGNORE_INDEX, token_cross_entropy
 from lmforge.train.reward import load_decoder
@@ -125,7 +126,7 @@ def distill(config: DistillConfig, resume: bool = False, accept_config_change: b
         torch.manual_seed(tcfg.seed)
         student = DecoderLM(config.student_model)
     if config.peft is not None:
-        print(apply_peft(student, config.peft))
+        report(apply_peft(student, config.peft))
     vocab = tokenizer.vocab_size
     seq_len = tcfg.seq_len or student.cfg.max_seq_len
     for name, model in (("teacher", teacher), ("student", student)):

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from lmforge.config import AnyModelConfig, PeftConfig, StrictModel, TrainConfig
 from lmforge.errors import ConfigError
 from lmforge.peft.config import apply_peft
+from lmforge.train.console import report
 from lmforge.train.distributed import init_distributed
 from lmforge.train.logprobs import frozen_copy, sequence_logprob
 from lmforge.train.loss import LossResult
@@ -142,7 +143,7 @@ def train_dpo(config: DPOConfig, resume: bool = False,
     policy, tokenizer = load_decoder(config.base, "DPO")
     require_fits(policy, config.base, config.max_len, config.max_len)  # log-probs read all but the last token
     if config.peft is not None:  # before the reference copy: the reference is the starting policy, adapters and all
-        print(apply_peft(policy, config.peft))
+        report(apply_peft(policy, config.peft))
     for module in policy.modules():  # dropout would make pi/pi_ref differ on identical weights
         if isinstance(module, nn.Dropout):
             module.p = 0.0

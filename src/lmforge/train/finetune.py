@@ -24,6 +24,7 @@ from lmforge.model import build_model, build_task_model
 from lmforge.model.heads import best_span
 from lmforge.peft.config import apply_peft_to_task_model, save_adapter_files
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.console import report
 from lmforge.train.objectives import IGNORE_INDEX, causal_lm_loss, seq2seq_loss
 from lmforge.train.task_losses import classification_loss, span_qa_loss, token_classification_loss
 from lmforge.train.trainer import TrainResult, train
@@ -150,7 +151,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, accept_config_change:
     torch.manual_seed(config.train.seed)
     model = build_task_model(config.task, backbone, len(labels) if labels else None, config.dropout)
     if config.peft is not None:
-        print(apply_peft_to_task_model(model, config.peft))
+        report(apply_peft_to_task_model(model, config.peft))
     run_config = TaskCheckpointConfig(model=backbone.cfg, task=config.task, peft=config.peft, labels=labels,
                                       num_labels=len(labels) if labels else None, finetune=config)
     batch_at = shuffled_batches(examples, config.train.batch_size, config.train.seed, pad_id)

@@ -24,6 +24,7 @@ from lmforge.model.decoder import DecoderLM
 from lmforge.model.heads import last_token_index
 from lmforge.peft.config import apply_peft_to_task_model
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.console import report
 from lmforge.train.loss import LossResult
 from lmforge.train.trainer import TrainResult, train
 
@@ -214,7 +215,7 @@ def train_reward_model(config: RewardConfig, resume: bool = False,
     torch.manual_seed(config.train.seed)
     model = build_reward_model(backbone)
     if config.peft is not None:
-        print(apply_peft_to_task_model(model, config.peft))
+        report(apply_peft_to_task_model(model, config.peft))
     tcfg = config.train
 
     def batch_at(index: int) -> Batch:

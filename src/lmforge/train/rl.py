@@ -35,6 +35,7 @@ from lmforge.model.decoder import DecoderLM
 from lmforge.model.heads import last_token_index
 from lmforge.peft.config import apply_peft
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.console import report
 from lmforge.train.logprobs import frozen_copy, token_logprobs
 from lmforge.train.loss import LossResult
 from lmforge.train.rollout import (
@@ -383,7 +384,7 @@ def _stage(cfg: PPOConfig | GRPOConfig, stage: str, run: Callable[..., RLResult]
            accept_config_change: bool) -> RLResult:
     policy, tokenizer, prompts, reward_fn, stops = load_rl_inputs(cfg, stage)
     if cfg.peft is not None:  # before the reference copy and the value head: both see the adapted policy
-        print(apply_peft(policy, cfg.peft))
+        report(apply_peft(policy, cfg.peft))
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     return run(policy, prompts, reward_fn, cfg, eos_id=stops, pad_id=pad_id, tokenizer=tokenizer, resume=resume,
                accept_config_change=accept_config_change)
