@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -108,14 +109,20 @@ def test_loss_metrics_are_logged_on_logged_steps_averaged_over_micro_batches(tmp
 
 
 def ddp_rows(index: int) -> dict[str, torch.Tensor]:
-    """Micro-batch `index` of the two-rank run: one conversation (rank r of micro-batch m of step s reads
-    conversation (2s + m) * 2 + r)."""
+    """Micro-batch `index` of the two-rank runs: one conversation (with grad_accum=2, rank r of micro-batch m of
+    step s reads conversation (2s + m) * 2 + r; with grad_accum=1, conversation 2s + r)."""
     return conversations()[index % len(SHAPES)]
 
 
+def step_rows(rows: list[dict[str, torch.Tensor]], per_step: int, step: int) -> dict[str, torch.Tensor]:
+    """The conversations all ranks read at `step`, as one batch."""
+    return stacked(rows[per_step * step:per_step * (step + 1)])
+
+
 def test_two_ranks_with_uneven_token_counts_equal_one_process(tmp_path: Path) -> None:
-    """2 gloo ranks x grad_accum 2 x one conversation each == one process training on the 4 conversations of
-    each step as one batch: the same gradient at every step (all-reduce changes only the summation order)."""
+    """2 gloo ranks x grad_accum 2 (or 1) x one conversation each == one process training on the 4 (or 2)
+    conversations of each step as one batch: the same gradient at every step (all-reduce changes only the
+    summation order)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
@@ -123,16 +130,19 @@ def test_two_ranks_with_uneven_token_counts_equal_one_process(tmp_path: Path) ->
         env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ddp = torch.load(tmp_path / "ddp" / "grads.pt")
     rows = conversations()
-    single = train_on(tmp_path / "single", lambda s: stacked(rows[4 * s:4 * s + 4]), grad_accum=1, max_steps=2)
-    diff = max_difference(ddp, single)
-    assert diff <= 1e-6, diff
+    for accum in (2, 1):
+        ddp = torch.load(tmp_path / "ddp" / f"grads_accum{accum}.pt")
+        single = train_on(tmp_path / f"single{accum}", partial(step_rows, rows, 2 * accum), grad_accum=1,
+                          max_steps=2)
+        diff = max_difference(ddp, single)
+        assert diff <= 1e-6, (accum, diff)
 
 
 if __name__ == "__main__":  # one rank of the two-rank run above, under torchrun
     out = Path(sys.argv[1])
-    grads = train_on(out, ddp_rows, grad_accum=2, max_steps=2)
-    if os.environ["RANK"] == "0":
-        torch.save(grads, out / "grads.pt")
+    for accum in (2, 1):
+        grads = train_on(out / f"accum{accum}", ddp_rows, grad_accum=accum, max_steps=2)
+        if os.environ["RANK"] == "0":
+            torch.save(grads, out / f"grads_accum{accum}.pt")
     shutdown_distributed()

@@ -118,7 +118,8 @@ def accumulate_gradients(step: int, cfg: TrainConfig, ctx: DistContext, device: 
                          forward_model: torch.nn.Module, params: list[torch.Tensor]) -> StepStats:
     """Forward and backward every micro-batch of optimizer step `step`, then scale the summed gradients to the
     mean over all loss-bearing tokens (or items) of the step on all ranks: the gradient of the whole batch,
-    however it is split into micro-batches and ranks."""
+    however it is split into micro-batches and ranks. With one micro-batch the count is known before the
+    backward, which divides by it as a mean-reduced loss does (the same gradients, bit for bit, in one process)."""
     sums, keys, tokens = None, [], 0  # sums: [total, count, *metrics] over the micro-batches
     for micro in range(cfg.grad_accum):
         index = (step * cfg.grad_accum + micro) * ctx.world_size + ctx.rank
@@ -128,17 +129,22 @@ def accumulate_gradients(step: int, cfg: TrainConfig, ctx: DistContext, device: 
         with nullcontext() if last or not ctx.enabled else ddp_model.no_sync():
             with autocast(device, cfg.precision):
                 result = loss_fn(forward_model, batch)
-            result.total.backward()
+            if cfg.grad_accum == 1:
+                count = sum_across_ranks(torch.as_tensor(result.count, device=device).to(result.total.dtype), ctx)
+                (result.total / count * ctx.world_size).backward()
+            else:
+                result.total.backward()
         keys = sorted(result.metrics)
         values = torch.stack([torch.as_tensor(value, device=device).detach().to(log_dtype(device)) for value in
                               (result.total, result.count, *(result.metrics[k] for k in keys))])
         sums = values if sums is None else sums + values
         tokens += batch["input_ids"].numel() * ctx.world_size
     sums = sum_across_ranks(sums, ctx)
-    scale = (ctx.world_size / sums[1]).float()  # DDP averaged the ranks' summed gradients: this makes the mean
-    for p in params:
-        if p.grad is not None:
-            p.grad.mul_(scale)
+    if cfg.grad_accum > 1:
+        scale = (ctx.world_size / sums[1]).float()  # DDP averaged the ranks' summed gradients: this makes the mean
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
     means = (sums[2:] / (cfg.grad_accum * ctx.world_size)).tolist()
     loss = sums[0].float() / sums[1].float()  # in the loss's precision: one micro-batch logs the loss's own mean
     return StepStats(loss.item(), dict(zip(keys, means, strict=True)), tokens)
