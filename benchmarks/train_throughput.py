@@ -89,6 +89,11 @@ def make_step(model: torch.nn.Module, loss_fn, batch: dict[str, torch.Tensor], p
     return step
 
 
+def lmforge_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`causal_lm_loss` as the mean over tokens, as a single-batch training step uses it."""
+    return causal_lm_loss(model, batch).mean()
+
+
 def hf_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The same objective as `causal_lm_loss`, on transformers' logits (labels already shifted)."""
     logits = model(input_ids=batch["input_ids"]).logits
@@ -112,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Fairness check: the same loss on the same batch (eval mode, fp32, before any step).
     with torch.no_grad():
-        loss_hf, loss_lm = hf_loss(hf, batch).item(), causal_lm_loss(lm, batch).item()
+        loss_hf, loss_lm = hf_loss(hf, batch).item(), lmforge_loss(lm, batch).item()
     diff = abs(loss_hf - loss_lm)
     print(
         f"loss check: transformers {loss_hf:.6f}  lmforge {loss_lm:.6f}  |diff| {diff:.2e} "
@@ -129,16 +134,16 @@ def main(argv: list[str] | None = None) -> None:
     lm.train()
     contenders = {
         ("transformers", "fp32"): make_step(hf, hf_loss, batch, "fp32"),
-        ("lmforge", "fp32"): make_step(lm, causal_lm_loss, batch, "fp32"),
+        ("lmforge", "fp32"): make_step(lm, lmforge_loss, batch, "fp32"),
     }
     if not args.no_bf16:
-        contenders[("lmforge", "bf16")] = make_step(lm, causal_lm_loss, batch, "bf16")
+        contenders[("lmforge", "bf16")] = make_step(lm, lmforge_loss, batch, "bf16")
         contenders[("transformers", "bf16")] = make_step(hf, hf_loss, batch, "bf16")
     compile_s: dict[str, float] = {}
     if args.compile:
         compiled = torch.compile(lm)
         for prec in ("fp32",) if args.no_bf16 else ("fp32", "bf16"):
-            step = make_step(compiled, causal_lm_loss, batch, prec)
+            step = make_step(compiled, lmforge_loss, batch, prec)
             t0 = time.perf_counter()
             step()  # compiles (not timed below)
             compile_s[prec] = time.perf_counter() - t0

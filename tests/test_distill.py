@@ -70,7 +70,7 @@ def test_distillation_loss_matches_the_formula() -> None:
         log_p = student.double() - student.double().exp().sum(-1, keepdim=True).log()
         hard = -log_p.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)[keep].mean()
         expected = alpha * tau**2 * soft + (1 - alpha) * hard
-        got = distillation_loss(student, teacher, labels, tau, alpha)
+        got = distillation_loss(student, teacher, labels, tau, alpha).mean()
         assert got.item() == pytest.approx(expected.item(), rel=1e-5), (tau, alpha)
 
 
@@ -81,7 +81,8 @@ def test_alpha_zero_is_pure_hard_cross_entropy() -> None:
     labels[2, 3] = IGNORE_INDEX
     hard = token_cross_entropy(student, labels)
     for teacher in (torch.randn(3, 4, 9, generator=g), torch.randn(3, 4, 9, generator=g) * 10):
-        assert distillation_loss(student, teacher, labels, 3.0, 0.0).item() == pytest.approx(hard.item(), rel=1e-6)
+        assert distillation_loss(student, teacher, labels, 3.0, 0.0).mean().item() == pytest.approx(hard.mean().item(),
+                                                                                                rel=1e-6)
 
 
 def test_tau_squared_keeps_the_soft_gradient_scale_independent_of_tau() -> None:
@@ -92,7 +93,7 @@ def test_tau_squared_keeps_the_soft_gradient_scale_independent_of_tau() -> None:
     norms = {}
     for tau in (4.0, 8.0, 16.0):
         student = torch.randn(4, 8, 16, generator=torch.Generator().manual_seed(3)).requires_grad_()
-        distillation_loss(student, teacher, labels, tau, alpha=1.0).backward()
+        distillation_loss(student, teacher, labels, tau, alpha=1.0).mean().backward()
         norms[tau] = student.grad.norm().item()
         unscaled = student.detach().clone().requires_grad_()  # the soft term alone shrinks as 1/tau^2
         soft_ce_by_hand(unscaled, teacher, tau).mean().backward()
@@ -107,7 +108,7 @@ def test_the_teacher_gets_no_gradients_and_padding_rows_are_cut() -> None:
     ids = torch.randint(0, 64, (2, 9))
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
     loss = distill_loss_fn(teacher, 2.0, 0.5, vocab_size=64)(student, batch)
-    loss.backward()
+    loss.total.backward()
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     assert all(p.grad is not None for p in student.parameters())
     with pytest.raises(ValueError, match="tokenizer"):  # unsliced logits of different widths
@@ -115,7 +116,8 @@ def test_the_teacher_gets_no_gradients_and_padding_rows_are_cut() -> None:
     student.eval()  # validation: the student's plain cross-entropy, comparable across alphas and temperatures
     with torch.no_grad():
         plain = torch.nn.functional.cross_entropy(student(batch["input_ids"]).flatten(0, 1), batch["labels"].flatten())
-        assert distill_loss_fn(teacher, 2.0, 0.5, vocab_size=64)(student, batch).item() == pytest.approx(plain.item())
+        assert distill_loss_fn(teacher, 2.0, 0.5, vocab_size=64)(student, batch).mean().item() == pytest.approx(
+            plain.item())
 
 
 def test_different_tokenizers_are_a_config_error_naming_both(world: dict[str, Path], tmp_path: Path) -> None:

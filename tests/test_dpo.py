@@ -26,7 +26,7 @@ from lmforge.train.dpo import (
     with_reference,
 )
 from lmforge.train.logprobs import sequence_logprob
-from lmforge.train.reward import PairMetrics, pair_rows, stack_pairs
+from lmforge.train.reward import pair_rows, stack_pairs
 from lmforge.train.trainer import train
 from preference_world import write_preference_world
 
@@ -142,15 +142,12 @@ def test_a_few_dpo_steps_raise_the_chosen_rejected_margin(tmp_path: Path, kind: 
 
     cfg = TrainConfig(out_dir=str(tmp_path), batch_size=8, max_steps=15, lr=3e-3, min_lr=3e-4, warmup_steps=2,
                       weight_decay=0.0, save_every=15, log_every=5, device="cpu", progress=False)
-    metrics = PairMetrics(cfg)
-
     def batch_at(index: int) -> dict[str, torch.Tensor]:
-        metrics.at(index)
         rows = pair_rows(32, 8, cfg.seed, index)
         return with_reference(select(pairs, rows), ref[rows])
 
     run_config = DPOCheckpointConfig(model=CFG, dpo=DPOConfig(kind=kind, train=cfg))
-    train(policy, cfg, batch_at, partial(dpo_batch_loss, beta=0.1, kind=kind, metrics=metrics),
+    train(policy, cfg, batch_at, partial(dpo_batch_loss, beta=0.1, kind=kind),
           run_config=run_config, perplexity=False)
     assert len(calls) == passes == 5  # training never runs the reference
     after = preference_metrics(policy, eval_batches, beta=0.1)

@@ -88,7 +88,7 @@ def test_losses_match_cross_entropy_and_ignore_minus_100() -> None:
     ids, mask = padded([5, 8, 3], 8)
     token_model = TokenClassifier(backbone("encoder"), 5).eval()
     labels = torch.randint(0, 5, (3, 8), generator=torch.Generator().manual_seed(2)).masked_fill(mask == 0, -100)
-    loss = token_classification_loss(token_model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+    loss = token_classification_loss(token_model, {"input_ids": ids, "attention_mask": mask, "labels": labels}).mean()
     logits = token_model(ids, mask)
     keep = labels != -100
     torch.testing.assert_close(loss, F.cross_entropy(logits[keep], labels[keep]))
@@ -96,14 +96,15 @@ def test_losses_match_cross_entropy_and_ignore_minus_100() -> None:
     seq_model = SequenceClassifier(backbone("decoder"), 3).eval()
     batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 2, -100])}
     logits = seq_model(ids, mask)
-    torch.testing.assert_close(classification_loss(seq_model, batch), F.cross_entropy(logits[:2], batch["labels"][:2]))
+    torch.testing.assert_close(classification_loss(seq_model, batch).mean(),
+                               F.cross_entropy(logits[:2], batch["labels"][:2]))
 
     qa_model = SpanQAHead(backbone("encoder")).eval()
     batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
              "start_positions": torch.tensor([1, 4, 0]), "end_positions": torch.tensor([2, 6, 2])}
     start, end = qa_model(ids, mask, batch["token_type_ids"])
     expected = (F.cross_entropy(start, batch["start_positions"]) + F.cross_entropy(end, batch["end_positions"])) / 2
-    torch.testing.assert_close(span_qa_loss(qa_model, batch), expected)
+    torch.testing.assert_close(span_qa_loss(qa_model, batch).mean(), expected)
 
 
 @pytest.mark.parametrize("arch", ["decoder", "encoder"])
@@ -114,7 +115,7 @@ def test_a_few_steps_fit_a_tiny_classification_task(arch: str) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(30):
-        loss = classification_loss(model, batch)
+        loss = classification_loss(model, batch).mean()
         losses.append(loss.item())
         opt.zero_grad()
         loss.backward()

@@ -219,7 +219,7 @@ def test_a_few_steps_reduce_the_loss_and_leave_frozen_params_alone(family, cfg):
     data = batch()
     losses = []
     for _ in range(8):
-        loss = causal_lm_loss(model, data)
+        loss = causal_lm_loss(model, data).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -294,7 +294,7 @@ def test_svd_diag_reconstructs_w_trains_and_merges_to_the_base_size(family):
     opt = build_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.0))
     for _ in range(3):
         opt.zero_grad()
-        causal_lm_loss(model.train(), batch()).backward()
+        causal_lm_loss(model.train(), batch()).mean().backward()
         opt.step()
     model.eval()
     layer = layers[next(iter(layers))]
@@ -351,7 +351,7 @@ def test_lora_family_dispatches_to_lora_and_merges():
     opt = build_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.0))
     for _ in range(2):
         opt.zero_grad()
-        causal_lm_loss(model, batch()).backward()
+        causal_lm_loss(model, batch()).mean().backward()
         opt.step()
     ids = batch(2)["input_ids"]
     with torch.no_grad():

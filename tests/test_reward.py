@@ -17,7 +17,6 @@ from lmforge.errors import ConfigError
 from lmforge.model import build_model
 from lmforge.model.decoder import DecoderLM
 from lmforge.train.reward import (
-    PairMetrics,
     RewardCheckpointConfig,
     RewardConfig,
     RewardModel,
@@ -113,24 +112,6 @@ def test_pair_rows_is_a_seeded_permutation_per_epoch() -> None:
     assert pair_rows(12, 4, 7, 5) == pair_rows(12, 4, 7, 5)
     assert pair_rows(12, 4, 7, 3) != pair_rows(12, 4, 8, 3)
     assert len(pair_rows(3, 8, 0, 0)) == 3  # a batch never exceeds the data
-
-
-def test_pair_metrics_writes_the_logged_steps_averaged_over_micro_batches(tmp_path: Path) -> None:
-    cfg = TrainConfig(out_dir=str(tmp_path), grad_accum=2, log_every=2, max_steps=3)
-    metrics = PairMetrics(cfg)
-    for index in range(6):  # 3 steps x 2 micro-batches
-        metrics.at(index)
-        metrics.record(torch.tensor([float(index), 1.0]), torch.tensor([0.0, 2.0]))
-    with torch.no_grad():  # evaluation: not recorded
-        metrics.record(torch.tensor([100.0]), torch.tensor([0.0]))
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [2, 3]
-    # step 2 = indices 2 and 3: chosen means 1.5 and 2.0; margins 0.5 and 1.0; accuracy 0.5 each
-    assert records[0]["rewards/chosen"] == pytest.approx(1.75)
-    assert records[0]["rewards/rejected"] == pytest.approx(1.0)
-    assert records[0]["rewards/margin"] == pytest.approx(0.75)
-    assert records[0]["rewards/accuracy"] == pytest.approx(0.5)
-    assert records[1]["rewards/chosen"] == pytest.approx(2.75)
 
 
 def test_reward_model_learns_to_rank_separable_pairs_and_its_checkpoint_loads(tmp_path: Path) -> None:

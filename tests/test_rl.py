@@ -344,7 +344,7 @@ def test_ppo_stage_with_a_reward_model(stage_files: dict[str, Path], tmp_path: P
     config = PPOConfig.model_validate({
         "policy": str(stage_files["sft"]), "reward": str(stage_files["rm"]), "prompts": str(stage_files["prompts"]),
         "max_prompt_len": 40, "max_new_tokens": 6, "prompts_per_round": 2, "ppo_epochs": 1, "minibatch_size": 2,
-        "adaptive_kl": True, "train": stage_train(tmp_path)})
+        "adaptive_kl": True, "train": {**stage_train(tmp_path), "log_every": 1}})  # RL metrics on every step
     result = train_ppo(config)
     assert result.train.step == 2 and len(result.rewards) == 2  # 2 rollouts per round, minibatches of 2
     records = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]

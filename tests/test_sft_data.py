@@ -76,7 +76,7 @@ def test_loss_only_on_assistant_tokens(tok: Tokenizer, template: ChatTemplate, t
     torch.manual_seed(0)
     spy = LogitsSpy(DecoderLM(ModelConfig(vocab_size=tok.vocab_size, max_seq_len=MAX_LEN, n_layer=1, n_head=2,
                                           d_model=32)))
-    loss = causal_lm_loss(spy, batch)
+    loss = causal_lm_loss(spy, batch).mean()
     loss.backward()
     touched = spy.logits.grad.abs().sum(-1) > 0
     assert torch.equal(touched, expected)  # prompts and padding get no gradient, every reply token does
@@ -84,7 +84,7 @@ def test_loss_only_on_assistant_tokens(tok: Tokenizer, template: ChatTemplate, t
     # giving the prompt positions real labels changes the loss: the masking above is what keeps them out
     leaky = dict(batch, labels=torch.where(batch["attention_mask"].bool(), torch.roll(batch["input_ids"], -1, 1),
                                            IGNORE_INDEX))
-    assert not torch.isclose(causal_lm_loss(spy, leaky), loss)
+    assert not torch.isclose(causal_lm_loss(spy, leaky).mean(), loss)
     by_hand = torch.nn.functional.cross_entropy(spy.logits.detach()[expected], batch["labels"][expected])
     assert torch.isclose(loss, by_hand)
 

@@ -21,6 +21,7 @@ from lmforge.config import ModelConfig, PretrainConfig, TrainConfig, load_config
 from lmforge.data.batches import PackedBatches
 from lmforge.errors import CheckpointError, TrainingError
 from lmforge.model.decoder import DecoderLM
+from lmforge.train.loss import LossResult
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.pretrain import pretrain
 from lmforge.train.trainer import build_optimizer, lr_at, train
@@ -97,10 +98,10 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path: Path,
     model, tcfg, batches, config = small_setup(shards_dir, tmp_path / "run", max_steps=20, save_every=5)
     calls = {"n": 0}
 
-    def poisoned_loss(m: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def poisoned_loss(m: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossResult:
         calls["n"] += 1
         loss = causal_lm_loss(m, batch)
-        return loss * float("nan") if calls["n"] == 13 else loss
+        return LossResult(loss.total * float("nan"), loss.count) if calls["n"] == 13 else loss
 
     with pytest.raises(TrainingError, match=r"at step 13.*step_00000010.*intact"):
         train(model, tcfg, batches.batch, poisoned_loss, run_config=config)

@@ -37,7 +37,7 @@ def measure_training_speed(model_cfg: ModelConfig, batch_size: int, precision: s
         if i == 1:
             start = time.perf_counter()
         with autocast(device, precision):
-            loss = causal_lm_loss(model, batch)
+            loss = causal_lm_loss(model, batch).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

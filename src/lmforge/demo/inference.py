@@ -36,7 +36,7 @@ PROMPTS = ("Question: What is the capital of", "One morning,", "Question: A coin
 def validation_perplexity(model: torch.nn.Module, data: DemoData, seq_len: int, batches: int = 8) -> float:
     val = PackedBatches(data.shards.tokens("val"), seq_len, 8, seed=0, shuffle=False)
     n = min(batches, val.num_batches_per_epoch)
-    return math.exp(sum(causal_lm_loss(model, val.batch(i)).item() for i in range(n)) / n)
+    return math.exp(sum(causal_lm_loss(model, val.batch(i)).mean().item() for i in range(n)) / n)
 
 
 @torch.inference_mode()

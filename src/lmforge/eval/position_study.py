@@ -70,8 +70,9 @@ def window_perplexity(model: DecoderLM, windows: torch.Tensor, rows_per_batch: i
         chunk = chunk.to(device)
         batch = {"input_ids": chunk[:, :-1], "labels": chunk[:, 1:]}
         with autocast(device, precision):
-            total += causal_lm_loss(model, batch).item() * batch["labels"].numel()
-        count += batch["labels"].numel()
+            loss = causal_lm_loss(model, batch)
+        total += loss.total.item()
+        count += int(loss.count)
     return math.exp(total / count)
 
 

@@ -19,6 +19,7 @@ from lmforge.checkpoint import read_config_tree
 from lmforge.config import dump_config
 from lmforge.errors import ConfigError
 from lmforge.io import append_line
+from lmforge.train.console import report
 
 CHANGES_FILE = "config_changes.jsonl"
 FREE_TRAIN_KEYS = frozenset({"max_steps", "eval_every", "eval_batches", "save_every", "log_every",
@@ -62,11 +63,11 @@ def check_resume_config(ckpt: Path, run_config: BaseModel, run_dir: Path, accept
 
 
 def record_config_change(run_dir: Path, ckpt: Path, step: int, changes: dict[str, tuple]) -> None:
-    """Print accepted changes as a diff and append them to RUN/config_changes.jsonl."""
+    """Show accepted changes as a diff and append them to RUN/config_changes.jsonl."""
     record = {"step": step, "checkpoint": ckpt.name,
               "changes": {k: {"old": old, "new": new} for k, (old, new) in changes.items()}}
     append_line(run_dir / CHANGES_FILE, json.dumps(record))
     lines = [f"resuming {ckpt} with an accepted config change (recorded in {run_dir / CHANGES_FILE}):"]
     for key, (old, new) in changes.items():
         lines += [f"-{key}: {_show(old)}", f"+{key}: {_show(new)}"]
-    print("\n".join(lines))
+    report("\n".join(lines))

@@ -24,6 +24,8 @@ from lmforge.errors import ConfigError
 from lmforge.model.decoder import DecoderLM
 from lmforge.peft.config import apply_peft
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer, require_same_vocab
+from lmforge.train.console import report
+from lmforge.train.loss import LossResult
 from lmforge.train.objectives import IGNORE_INDEX, token_cross_entropy
 from lmforge.train.reward import load_decoder
 from lmforge.train.trainer import LossFn, TrainResult, train
@@ -53,12 +55,12 @@ class DistillCheckpointConfig(BaseModel):
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float,
-                      alpha: float) -> Tensor:
-    """alpha * tau^2 * soft + (1 - alpha) * hard (Hinton et al. 2015, sec. 2).
+                      alpha: float) -> LossResult:
+    """alpha * tau^2 * soft + (1 - alpha) * hard (Hinton et al. 2015, sec. 2), summed over positions.
 
     soft = -sum_v p_T(v) log p_S(v) with p = softmax(z / tau), the cross-entropy with the soft targets (it is
     KL(p_T || p_S) plus the teacher's entropy, a constant: same gradient); hard = cross-entropy with the labels
-    at tau = 1. Both are means over positions whose label is not IGNORE_INDEX. The soft term's gradients scale
+    at tau = 1. Both are over positions whose label is not IGNORE_INDEX. The soft term's gradients scale
     as 1/tau^2, hence the tau^2 that keeps its weight independent of tau. Computed in fp32."""
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
@@ -66,9 +68,9 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Te
     keep = labels != IGNORE_INDEX
     log_p_student = F.log_softmax(student_logits[keep].float() / temperature, dim=-1)
     p_teacher = F.softmax(teacher_logits[keep].float() / temperature, dim=-1)
-    soft = -(p_teacher * log_p_student).sum(-1).mean()
+    soft = -(p_teacher * log_p_student).sum()
     hard = token_cross_entropy(student_logits, labels)
-    return alpha * temperature**2 * soft + (1 - alpha) * hard
+    return LossResult(alpha * temperature**2 * soft + (1 - alpha) * hard.total, hard.count)
 
 
 def distill_loss_fn(teacher: nn.Module, temperature: float, alpha: float, vocab_size: int) -> LossFn:
@@ -77,7 +79,7 @@ def distill_loss_fn(teacher: nn.Module, temperature: float, alpha: float, vocab_
     cross-entropy, so validation losses compare across temperatures and alphas, and with no teacher at all."""
     teacher.eval().requires_grad_(False)
 
-    def loss(model: nn.Module, batch: Batch) -> Tensor:
+    def loss(model: nn.Module, batch: Batch) -> LossResult:
         ids = batch["input_ids"]
         if not model.training:
             return token_cross_entropy(model(ids)[..., :vocab_size], batch["labels"])
@@ -124,7 +126,7 @@ def distill(config: DistillConfig, resume: bool = False, accept_config_change: b
         torch.manual_seed(tcfg.seed)
         student = DecoderLM(config.student_model)
     if config.peft is not None:
-        print(apply_peft(student, config.peft))
+        report(apply_peft(student, config.peft))
     vocab = tokenizer.vocab_size
     seq_len = tcfg.seq_len or student.cfg.max_seq_len
     for name, model in (("teacher", teacher), ("student", student)):

@@ -49,13 +49,13 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def mean_across_ranks(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-    """The mean of a scalar over all ranks (the value itself in a single process)."""
+def sum_across_ranks(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """The elementwise sum of a tensor over all ranks (the value itself in a single process)."""
     if not ctx.enabled:
         return value
     value = value.detach().clone()
     dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value / ctx.world_size
+    return value
 
 
 def gather_objects(obj: object, ctx: DistContext) -> list[object]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from functools import partial
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -21,12 +20,12 @@ from torch import Tensor, nn
 from lmforge.config import AnyModelConfig, PeftConfig, StrictModel, TrainConfig
 from lmforge.errors import ConfigError
 from lmforge.peft.config import apply_peft
+from lmforge.train.console import report
 from lmforge.train.distributed import init_distributed
 from lmforge.train.logprobs import frozen_copy, sequence_logprob
+from lmforge.train.loss import LossResult
 from lmforge.train.reward import (
     Batch,
-    PairMetrics,
-    append_metrics,
     first_batches,
     load_decoder,
     ordered_batches,
@@ -35,8 +34,9 @@ from lmforge.train.reward import (
     pair_reader,
     pair_rows,
     require_fits,
+    reward_metrics,
 )
-from lmforge.train.trainer import METRICS_FILE, TrainResult, autocast, resolve_device, train
+from lmforge.train.trainer import TrainResult, autocast, resolve_device, train
 
 Kind = Literal["sigmoid", "ipo"]
 
@@ -86,16 +86,14 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
     return losses.mean(), beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-def dpo_batch_loss(model: nn.Module, batch: Batch, *, beta: float, kind: Kind = "sigmoid",
-                   metrics: PairMetrics | None = None) -> Tensor:
-    """The trainer's loss: one policy forward over the stacked pairs (`input_ids`, `response_mask`: chosen rows,
-    then rejected) against the precomputed `ref_chosen_logps` / `ref_rejected_logps`."""
+def dpo_batch_loss(model: nn.Module, batch: Batch, *, beta: float, kind: Kind = "sigmoid") -> LossResult:
+    """The trainer's loss, summed over pairs: one policy forward over the stacked pairs (`input_ids`,
+    `response_mask`: chosen rows, then rejected) against the precomputed `ref_chosen_logps` / `ref_rejected_logps`;
+    its metrics are the implicit rewards' `reward_metrics`."""
     chosen, rejected = sequence_logprob(model, batch["input_ids"], batch["response_mask"]).chunk(2)
     loss, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, batch["ref_chosen_logps"],
                                                       batch["ref_rejected_logps"], beta, kind)
-    if metrics is not None:
-        metrics.record(chosen_rewards, rejected_rewards)
-    return loss
+    return LossResult(loss * len(chosen), len(chosen), reward_metrics(chosen_rewards, rejected_rewards))
 
 
 def reference_logps(reference: nn.Module, batches: Iterable[Batch], precision: str = "fp32") -> Tensor:
@@ -145,7 +143,7 @@ def train_dpo(config: DPOConfig, resume: bool = False,
     policy, tokenizer = load_decoder(config.base, "DPO")
     require_fits(policy, config.base, config.max_len, config.max_len)  # log-probs read all but the last token
     if config.peft is not None:  # before the reference copy: the reference is the starting policy, adapters and all
-        print(apply_peft(policy, config.peft))
+        report(apply_peft(policy, config.peft))
     for module in policy.modules():  # dropout would make pi/pi_ref differ on identical weights
         if isinstance(module, nn.Dropout):
             module.p = 0.0
@@ -165,21 +163,16 @@ def train_dpo(config: DPOConfig, resume: bool = False,
         eval_batches = [with_reference(b, r) for b, r in zip(eval_batches, ref_eval.split(tcfg.batch_size),
                                                              strict=True)]
     del reference
-    metrics = PairMetrics(tcfg)
 
     def batch_at(index: int) -> Batch:
-        metrics.at(index)
         rows = pair_rows(len(examples), tcfg.batch_size, tcfg.seed, index)
         return with_reference(pair_batch(examples, rows, pad_id), ref_train[rows])
 
-    loss_fn = partial(dpo_batch_loss, beta=config.beta, kind=config.kind, metrics=metrics)
+    loss_fn = partial(dpo_batch_loss, beta=config.beta, kind=config.kind)
     val = first_batches(eval_batches, tcfg.eval_batches) if eval_batches else None
     run_config = DPOCheckpointConfig(model=policy.cfg, peft=config.peft, dpo=config)
+    final_eval = partial(preference_metrics, batches=eval_batches, beta=config.beta, precision=tcfg.precision)
     result = train(policy, tcfg, batch_at, loss_fn, run_config=run_config,
                    tokenizer=tokenizer, val_batches=val, resume=resume, accept_config_change=accept_config_change,
-                   perplexity=False)
-    scores = preference_metrics(policy, eval_batches, config.beta, tcfg.precision) if eval_batches else {}
-    if scores:
-        append_metrics(Path(tcfg.out_dir) / METRICS_FILE, {"step": result.step,
-                                                           **{f"eval_{k}": v for k, v in scores.items()}})
-    return result, scores
+                   perplexity=False, final_eval=final_eval if eval_batches else None)
+    return result, result.eval_metrics

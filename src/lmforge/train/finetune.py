@@ -7,9 +7,8 @@ trained on `input SEP target` with loss on the target only).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
+from functools import partial
 
 import numpy as np
 import torch
@@ -21,14 +20,14 @@ from lmforge.data import task_data
 from lmforge.errors import ConfigError
 from lmforge.infer.generate import SamplingConfig, generate_ids
 from lmforge.infer.generate_encdec import generate_encdec
-from lmforge.io import append_line
 from lmforge.model import build_model, build_task_model
 from lmforge.model.heads import best_span
 from lmforge.peft.config import apply_peft_to_task_model, save_adapter_files
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.console import report
 from lmforge.train.objectives import IGNORE_INDEX, causal_lm_loss, seq2seq_loss
 from lmforge.train.task_losses import classification_loss, span_qa_loss, token_classification_loss
-from lmforge.train.trainer import METRICS_FILE, TrainResult, train
+from lmforge.train.trainer import TrainResult, train
 
 Example = task_data.Example
 
@@ -152,7 +151,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, accept_config_change:
     torch.manual_seed(config.train.seed)
     model = build_task_model(config.task, backbone, len(labels) if labels else None, config.dropout)
     if config.peft is not None:
-        print(apply_peft_to_task_model(model, config.peft))
+        report(apply_peft_to_task_model(model, config.peft))
     run_config = TaskCheckpointConfig(model=backbone.cfg, task=config.task, peft=config.peft, labels=labels,
                                       num_labels=len(labels) if labels else None, finetune=config)
     batch_at = shuffled_batches(examples, config.train.batch_size, config.train.seed, pad_id)
@@ -162,13 +161,11 @@ def finetune(config: FinetuneConfig, resume: bool = False, accept_config_change:
 
         def val() -> list[dict[str, torch.Tensor]]:
             return [val_batch]
+    final_eval = partial(evaluate_task, tokenizer=tokenizer, task=config.task, examples=eval_examples,
+                         pad_id=pad_id) if eval_examples else None
     result = train(model, config.train, batch_at, task_loss(config.task, arch), run_config=run_config,
                    tokenizer=tokenizer, val_batches=val, resume=resume, accept_config_change=accept_config_change,
-                   perplexity=config.task == "text2text")
+                   perplexity=config.task == "text2text", final_eval=final_eval)
     if config.peft is not None:
         save_adapter_files(model, config.peft, config.train.out_dir)
-    metrics = evaluate_task(model, tokenizer, config.task, eval_examples, pad_id) if eval_examples else {}
-    if metrics:
-        append_line(Path(config.train.out_dir) / METRICS_FILE,
-                    json.dumps({"step": result.step, **{f"eval_{k}": v for k, v in metrics.items()}}))
-    return FinetuneResult(result, metrics, labels)
+    return FinetuneResult(result, result.eval_metrics, labels)

@@ -1,4 +1,4 @@
-"""Pretraining objectives: each maps (model, batch) to a scalar loss for the shared trainer.
+"""Pretraining objectives: each maps (model, batch) to the shared trainer's `LossResult` (summed over tokens).
 
 The model may arrive wrapped (DistributedDataParallel, torch.compile): losses call it, never
 its submodules, so gradient synchronisation and compilation see every forward.
@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lmforge.train.loss import LossResult
 
 IGNORE_INDEX = -100
 
@@ -22,23 +24,25 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over positions whose label is not IGNORE_INDEX (computed in fp32)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> LossResult:
+    """Cross-entropy summed over positions whose label is not IGNORE_INDEX, and their number (in fp32)."""
+    total = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                            reduction="sum")
+    return LossResult(total, (labels != IGNORE_INDEX).sum())
 
 
-def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> LossResult:
     """Next-token prediction (GPT); `labels` are already shifted, IGNORE_INDEX positions carry no loss."""
     return token_cross_entropy(model(batch["input_ids"]), batch["labels"])
 
 
-def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> LossResult:
     """Masked-token prediction (BERT): loss only on the selected positions (others are IGNORE_INDEX)."""
     logits = model(batch["input_ids"], batch.get("token_type_ids"), batch.get("attention_mask"))
     return token_cross_entropy(logits, batch["labels"])
 
 
-def seq2seq_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def seq2seq_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> LossResult:
     """Encoder-decoder cross-entropy on `labels` (T5 span corruption: sentinels and the spans they replaced;
     text-to-text: the target), the decoder teacher-forced on the labels shifted right."""
     decoder_input_ids = unwrap(model).shift_right(batch["labels"])

@@ -2,16 +2,13 @@
 
 A pair batch stacks the chosen rows on top of the rejected rows in one right-padded `input_ids` [2B, T], so a
 single forward scores both halves and the trainer counts every token. The pieces shared with DPO live here:
-`stack_pairs`, `pair_rows`, `load_decoder`, `PairMetrics`.
+`stack_pairs`, `pair_rows`, `load_decoder`, `reward_metrics`.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -23,12 +20,13 @@ from torch import Tensor, nn
 import lmforge
 from lmforge.config import AnyModelConfig, PeftConfig, StrictModel, TrainConfig
 from lmforge.errors import ConfigError
-from lmforge.io import append_line
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.heads import last_token_index
 from lmforge.peft.config import apply_peft_to_task_model
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.trainer import METRICS_FILE, METRICS_KEPT, TrainResult, train
+from lmforge.train.console import report
+from lmforge.train.loss import LossResult
+from lmforge.train.trainer import TrainResult, train
 
 Batch = dict[str, Tensor]
 
@@ -88,49 +86,20 @@ def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor) -> Tensor:
     return -F.logsigmoid(r_chosen.float() - r_rejected.float()).mean()
 
 
-class PairMetrics:
-    """Chosen/rejected reward statistics of training steps, appended to metrics.jsonl next to the trainer's records
-    (the shared trainer logs only the loss).
-
-    The stage's `batch_at` reports each batch index to `at`, which fixes the optimizer step exactly, resume
-    included; the loss function passes each training micro-batch's rewards to `record`. On logged steps
-    (every train.log_every, and the last) one record is written: {"step", "rewards/chosen", "rewards/rejected",
-    "rewards/margin", "rewards/accuracy"}, averaged over the step's micro-batches. Evaluation forwards (run
-    without gradients) are not recorded; under DDP rank 0 writes its own shard's statistics."""
-
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
-        self.path = Path(cfg.out_dir) / METRICS_FILE
-        self.index = 0
-        self.sums = torch.zeros(4, dtype=torch.float64)
-
-    def at(self, index: int) -> None:
-        self.index = index
-
-    def record(self, chosen: Tensor, rejected: Tensor) -> None:
-        if not torch.is_grad_enabled():
-            return
-        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))  # as torchrun sets
-        micro, step = (self.index // world) % self.cfg.grad_accum, self.index // world // self.cfg.grad_accum + 1
-        if rank != 0 or (step % self.cfg.log_every and step != self.cfg.max_steps):
-            return
-        chosen, rejected = chosen.detach().float(), rejected.detach().float()
-        stats = torch.stack([chosen.mean(), rejected.mean(), (chosen - rejected).mean(),
-                             (chosen > rejected).float().mean()])
-        self.sums += stats.double().cpu()
-        if micro == self.cfg.grad_accum - 1:
-            means = (self.sums / self.cfg.grad_accum).tolist()
-            keys = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy")
-            append_metrics(self.path, {"step": step, **dict(zip(keys, means, strict=True))})
-            self.sums.zero_()
+def reward_metrics(chosen: Tensor, rejected: Tensor) -> dict[str, Tensor]:
+    """A pair batch's log metrics from its chosen and rejected rewards [B]: their means, the mean margin and how
+    often the chosen response wins."""
+    chosen, rejected = chosen.detach().float(), rejected.detach().float()
+    return {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+            "rewards/margin": (chosen - rejected).mean(), "rewards/accuracy": (chosen > rejected).float().mean()}
 
 
-def reward_pair_loss(model: nn.Module, batch: Batch, *, metrics: PairMetrics | None = None) -> Tensor:
-    """Bradley-Terry loss of a stacked pair batch (`input_ids`, `attention_mask`: chosen rows, then rejected)."""
+def reward_pair_loss(model: nn.Module, batch: Batch) -> LossResult:
+    """Bradley-Terry loss of a stacked pair batch (`input_ids`, `attention_mask`: chosen rows, then rejected),
+    summed over its pairs, with the rewards' `reward_metrics`."""
     r_chosen, r_rejected = model(batch["input_ids"], batch["attention_mask"]).chunk(2)
-    if metrics is not None:
-        metrics.record(r_chosen, r_rejected)
-    return bradley_terry_loss(r_chosen, r_rejected)
+    return LossResult(bradley_terry_loss(r_chosen, r_rejected) * len(r_chosen), len(r_chosen),
+                      reward_metrics(r_chosen, r_rejected))
 
 
 @torch.inference_mode()
@@ -232,10 +201,6 @@ def pad_id_of(tokenizer: Tokenizer) -> int:
     return tokenizer.pad_id if tokenizer.pad_id is not None else 0
 
 
-def append_metrics(path: Path, record: dict[str, Any]) -> None:
-    append_line(path, json.dumps(record), kept=METRICS_KEPT)
-
-
 def train_reward_model(config: RewardConfig, resume: bool = False,
                        accept_config_change: bool = False) -> tuple[TrainResult, dict[str, float]]:
     """Train a reward model on config.train_file from config.base; (train result, held-out metrics)."""
@@ -250,22 +215,17 @@ def train_reward_model(config: RewardConfig, resume: bool = False,
     torch.manual_seed(config.train.seed)
     model = build_reward_model(backbone)
     if config.peft is not None:
-        print(apply_peft_to_task_model(model, config.peft))
+        report(apply_peft_to_task_model(model, config.peft))
     tcfg = config.train
-    metrics = PairMetrics(tcfg)
 
     def batch_at(index: int) -> Batch:
-        metrics.at(index)
         return pair_batch(examples, pair_rows(len(examples), tcfg.batch_size, tcfg.seed, index), pad_id)
 
     eval_batches = list(ordered_batches(eval_examples, tcfg.batch_size, pad_id)) if eval_examples else None
     val = first_batches(eval_batches, tcfg.eval_batches) if eval_batches else None
     run_config = RewardCheckpointConfig(model=backbone.cfg, peft=config.peft, reward=config)
-    result = train(model, tcfg, batch_at, partial(reward_pair_loss, metrics=metrics), run_config=run_config,
-                   tokenizer=tokenizer, val_batches=val, resume=resume, accept_config_change=accept_config_change,
-                   perplexity=False)
-    scores = {"pairwise_accuracy": pairwise_accuracy(model, eval_batches)} if eval_batches else {}
-    if scores:
-        append_metrics(Path(tcfg.out_dir) / METRICS_FILE, {"step": result.step, "eval_pairwise_accuracy":
-                                                           scores["pairwise_accuracy"]})
-    return result, scores
+    final_eval = (lambda m: {"pairwise_accuracy": pairwise_accuracy(m, eval_batches)}) if eval_batches else None
+    result = train(model, tcfg, batch_at, reward_pair_loss, run_config=run_config, tokenizer=tokenizer,
+                   val_batches=val, resume=resume, accept_config_change=accept_config_change, perplexity=False,
+                   final_eval=final_eval)
+    return result, result.eval_metrics

@@ -7,8 +7,9 @@ advantage is its reward normalised within its group, and a k3 KL penalty to the 
 
 Both fit `train()`: `batch_at(i)` samples a fresh rollout round from the current policy whenever i enters a
 new round and then serves that round's minibatches (`ppo_epochs` passes); the loss function only calls
-the model. Per-step metrics (reward, KL, entropy, clip fraction, value loss, response length) are appended
-to out_dir/metrics.jsonl; "kl" is in nats per response (summed over its tokens, averaged over samples).
+the model. Per-step metrics (reward, KL, entropy, clip fraction, value loss, response length) are the loss
+function's, which the trainer logs to out_dir/metrics.jsonl (a round's own statistics ride along with its rows,
+`round_columns`); "kl" is in nats per response (summed over its tokens, averaged over samples).
 Resume restores weights and optimizer, but the interrupted round is sampled again from the resumed policy
 (and an adaptive KL coefficient restarts), so RL resume is not bit-exact.
 """
@@ -34,16 +35,19 @@ from lmforge.model.decoder import DecoderLM
 from lmforge.model.heads import last_token_index
 from lmforge.peft.config import apply_peft
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.console import report
 from lmforge.train.logprobs import frozen_copy, token_logprobs
+from lmforge.train.loss import LossResult
 from lmforge.train.rollout import (
     Prompt,
     RewardFn,
-    StepLog,
     eval_mode,
     forward_logps,
     minibatch_stream,
     reward_model_reward,
     rollout_round,
+    round_columns,
+    round_metrics,
     verifier_reward,
 )
 from lmforge.train.trainer import Batch, TrainResult, resolve_device, train
@@ -248,7 +252,6 @@ def run_ppo(policy: DecoderLM, prompts: Sequence[Prompt], reward_fn: RewardFn, c
     _single_process()
     cfg, tc = config, config.train
     model, ref = PolicyWithValue(policy), frozen_copy(policy)
-    log = StepLog(tc.out_dir, tc.grad_accum)
     kl_coef, rewards = [cfg.kl_coef], []
 
     def make_round(round_idx: int) -> Batch:
@@ -266,14 +269,14 @@ def run_ppo(policy: DecoderLM, prompts: Sequence[Prompt], reward_fn: RewardFn, c
             if cfg.whiten_advantages:
                 advantages = whiten(advantages, actions)
         rewards.append(scores.mean().item())
-        log.round = {"reward": rewards[-1], "kl": kl, "kl_coef": kl_coef[0],
-                     "response_length": actions.sum(1).float().mean().item()}
+        stats = {"reward": rewards[-1], "kl": kl, "kl_coef": kl_coef[0],
+                 "response_length": actions.sum(1).float().mean().item()}
         if cfg.adaptive_kl:
             kl_coef[0] = adaptive_kl_coef(kl_coef[0], kl, cfg.target_kl, cfg.horizon, len(ids))
         return {"input_ids": ids, "response_mask": mask, "old_logps": old_logps, "old_values": old_values,
-                "advantages": advantages, "returns": returns}
+                "advantages": advantages, "returns": returns, **round_columns(stats, len(ids), ids.device)}
 
-    def loss_fn(m: torch.nn.Module, batch: Batch) -> Tensor:
+    def loss_fn(m: torch.nn.Module, batch: Batch) -> LossResult:
         ids, actions = batch["input_ids"], batch["response_mask"][:, 1:]
         logits, values = m(ids[:, :-1])
         logits = logits.float() / cfg.temperature
@@ -283,13 +286,14 @@ def run_ppo(policy: DecoderLM, prompts: Sequence[Prompt], reward_fn: RewardFn, c
         value_loss = clipped_value_loss(values.float(), batch["old_values"], batch["returns"], actions,
                                         cfg.value_clip)
         with torch.no_grad():
-            log.add({"policy_loss": policy_loss, "value_loss": value_loss,
-                     "clip_frac": masked_mean(clipped.float(), actions),
-                     "entropy": masked_mean(entropy(logits), actions)})
-        return policy_loss + cfg.vf_coef * value_loss
+            metrics = {"policy_loss": policy_loss, "value_loss": value_loss,
+                       "clip_frac": masked_mean(clipped.float(), actions),
+                       "entropy": masked_mean(entropy(logits), actions), **round_metrics(batch)}
+        tokens = actions.sum()  # both terms are means over the minibatch's response tokens
+        return LossResult((policy_loss + cfg.vf_coef * value_loss) * tokens, tokens, metrics)
 
     rows = min(cfg.prompts_per_round, len(prompts)) * cfg.samples_per_prompt
-    batch_at = minibatch_stream(make_round, rows, cfg.minibatch_size, cfg.ppo_epochs, tc.seed, log)
+    batch_at = minibatch_stream(make_round, rows, cfg.minibatch_size, cfg.ppo_epochs, tc.seed)
     run_config = RLRunConfig(model=policy.cfg, peft=cfg.peft, algorithm="ppo", ppo=cfg)
     result = train(model, tc, batch_at, loss_fn, run_config=run_config, tokenizer=tokenizer, resume=resume,
                    accept_config_change=accept_config_change, perplexity=False)
@@ -307,7 +311,6 @@ def run_grpo(policy: DecoderLM, prompts: Sequence[Prompt], reward_fn: RewardFn, 
     _single_process()
     cfg, tc = config, config.train
     ref = frozen_copy(policy)
-    log = StepLog(tc.out_dir, tc.grad_accum)
     rewards: list[float] = []
 
     def make_round(round_idx: int) -> Batch:
@@ -318,24 +321,25 @@ def run_grpo(policy: DecoderLM, prompts: Sequence[Prompt], reward_fn: RewardFn, 
             old_logps, _ = forward_logps(policy, ids, cfg.temperature, cfg.minibatch_size)
         ref_logps, _ = forward_logps(ref, ids, cfg.temperature, cfg.minibatch_size)
         rewards.append(scores.mean().item())
-        log.round = {"reward": rewards[-1], "response_length": mask[:, 1:].sum(1).float().mean().item()}
+        stats = {"reward": rewards[-1], "response_length": mask[:, 1:].sum(1).float().mean().item()}
         return {"input_ids": ids, "response_mask": mask, "old_logps": old_logps, "ref_logps": ref_logps,
-                "advantages": group_advantages(scores, cfg.group_size, cfg.std_eps)}
+                "advantages": group_advantages(scores, cfg.group_size, cfg.std_eps),
+                **round_columns(stats, len(ids), ids.device)}
 
-    def loss_fn(m: torch.nn.Module, batch: Batch) -> Tensor:
+    def loss_fn(m: torch.nn.Module, batch: Batch) -> LossResult:
         ids, actions = batch["input_ids"], batch["response_mask"][:, 1:]
         logits = m(ids[:, :-1]).float() / cfg.temperature
         logps = token_logprobs(logits, ids[:, 1:])
         per_token, clipped = clipped_surrogate(logps, batch["old_logps"], batch["advantages"][:, None], cfg.clip_eps)
         kl = k3_kl(logps, batch["ref_logps"])
-        loss = masked_mean(per_token + cfg.beta * kl, actions, dim=1).mean()
+        per_sample = masked_mean(per_token + cfg.beta * kl, actions, dim=1)
         with torch.no_grad():
-            log.add({"kl": (kl * actions).sum(1).mean(), "clip_frac": masked_mean(clipped.float(), actions),
-                     "entropy": masked_mean(entropy(logits), actions)})
-        return loss
+            metrics = {"kl": (kl * actions).sum(1).mean(), "clip_frac": masked_mean(clipped.float(), actions),
+                       "entropy": masked_mean(entropy(logits), actions), **round_metrics(batch)}
+        return LossResult(per_sample.sum(), len(per_sample), metrics)
 
     rows = min(cfg.prompts_per_round, len(prompts)) * cfg.group_size
-    batch_at = minibatch_stream(make_round, rows, cfg.minibatch_size, cfg.ppo_epochs, tc.seed, log)
+    batch_at = minibatch_stream(make_round, rows, cfg.minibatch_size, cfg.ppo_epochs, tc.seed)
     run_config = RLRunConfig(model=policy.cfg, peft=cfg.peft, algorithm="grpo", grpo=cfg)
     result = train(policy, tc, batch_at, loss_fn, run_config=run_config, tokenizer=tokenizer, resume=resume,
                    accept_config_change=accept_config_change, perplexity=False)
@@ -380,7 +384,7 @@ def _stage(cfg: PPOConfig | GRPOConfig, stage: str, run: Callable[..., RLResult]
            accept_config_change: bool) -> RLResult:
     policy, tokenizer, prompts, reward_fn, stops = load_rl_inputs(cfg, stage)
     if cfg.peft is not None:  # before the reference copy and the value head: both see the adapted policy
-        print(apply_peft(policy, cfg.peft))
+        report(apply_peft(policy, cfg.peft))
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     return run(policy, prompts, reward_fn, cfg, eos_id=stops, pad_id=pad_id, tokenizer=tokenizer, resume=resume,
                accept_config_change=accept_config_change)

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,13 +20,13 @@ from torch import Tensor, nn
 
 from lmforge.errors import LmforgeError
 from lmforge.infer.generate import SamplingConfig, next_token
-from lmforge.io import append_line
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.heads import last_token_index
 from lmforge.model.layers import fused_qkv
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.logprobs import token_logprobs
-from lmforge.train.trainer import METRICS_FILE, METRICS_KEPT, Batch
+from lmforge.train.loss import log_dtype
+from lmforge.train.trainer import Batch
 
 Prompt = tuple[list[int], dict[str, Any]]  # prompt token ids, task metadata for the verifier
 # reward of one sample: (prompt ids, response ids as written (closing stop token included), metadata) -> float
@@ -131,22 +129,19 @@ def reward_model_reward(reward_model: nn.Module) -> RewardFn:
 
 
 # -- the shared trainer glue: rounds of rollouts served as minibatches ----------------------------------
-class StepLog:
-    """RL metrics appended to out_dir/metrics.jsonl once per optimizer step (mean over its micro-batches),
-    merged with the statistics of the rollout round the step trains on."""
+ROUND_PREFIX = "round/"
 
-    def __init__(self, out_dir: str, grad_accum: int):
-        self.path, self.grad_accum = Path(out_dir) / METRICS_FILE, grad_accum
-        self.index, self.round, self.sums = 0, {}, {}
 
-    def add(self, values: dict[str, Tensor | float]) -> None:
-        for key, value in values.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value)
-        if self.index % self.grad_accum == self.grad_accum - 1:
-            record = {"step": self.index // self.grad_accum + 1, **self.round,
-                      **{k: v / self.grad_accum for k, v in self.sums.items()}}
-            append_line(self.path, json.dumps(record), kept=METRICS_KEPT)
-            self.sums = {}
+def round_columns(stats: dict[str, float], rows: int, device: torch.device) -> Batch:
+    """A rollout round's statistics (mean reward, KL, ...) as batch columns, each value repeated on every row, so
+    every minibatch of the round carries them to the loss function, which reports them (`round_metrics`)."""
+    return {ROUND_PREFIX + key: torch.full((rows,), float(value), dtype=log_dtype(device), device=device)
+            for key, value in stats.items()}
+
+
+def round_metrics(batch: Batch) -> dict[str, Tensor]:
+    """The round statistics a minibatch carries (`round_columns`), as the loss function's metrics."""
+    return {key.removeprefix(ROUND_PREFIX): value[0] for key, value in batch.items() if key.startswith(ROUND_PREFIX)}
 
 
 @contextlib.contextmanager
@@ -185,8 +180,8 @@ def rollout_round(policy: DecoderLM, prompts: Sequence[Prompt], reward_fn: Rewar
         return collect_rollouts(policy, [prompts[i] for i in chosen], n, sampling, eos_id, pad_id, reward_fn)
 
 
-def minibatch_stream(make_round: Callable[[int], Batch], rows: int, minibatch_size: int, epochs: int, seed: int,
-                     log: StepLog) -> Callable[[int], Batch]:
+def minibatch_stream(make_round: Callable[[int], Batch], rows: int, minibatch_size: int, epochs: int,
+                     seed: int) -> Callable[[int], Batch]:
     """batch_at(i) for train(): a new round from make_round(r) whenever i enters round r, then `epochs`
     shuffled passes over its rows in minibatches (trimmed to their longest sequence)."""
     per_epoch = math.ceil(rows / minibatch_size)
@@ -202,7 +197,6 @@ def minibatch_stream(make_round: Callable[[int], Batch], rows: int, minibatch_si
         pick = order[j * minibatch_size:(j + 1) * minibatch_size].to(data["input_ids"].device)
         T = data["input_ids"].shape[1]
         end = int(last_token_index(data["response_mask"][pick]).max()) + 1
-        log.index = index
         return {key: v[pick][:, :end - (v.shape[1] < T)] if v.dim() == 2 else v[pick] for key, v in data.items()}
 
     return batch_at

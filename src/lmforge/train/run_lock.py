@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import fcntl
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from lmforge.errors import CheckpointError
 from lmforge.io import disk_full_guard
+from lmforge.train.console import report
 
 LOCK_FILE = ".lock"
 
@@ -41,8 +41,8 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
                                   "wait for it to end, or pick another train.out_dir (nothing was changed)") from None
         dead = _recorded_pid(fd)
         if dead:
-            print(f"lmforge: {path} names pid {dead}, which ended without releasing it (killed?); taking the run "
-                  "dir over", file=sys.stderr)
+            report(f"lmforge: {path} names pid {dead}, which ended without releasing it (killed?); taking the run "
+                   "dir over", stderr=True)
         record = f"{os.getpid()}\n".encode()
         with disk_full_guard(run_dir, len(record), path.name):
             os.ftruncate(fd, 0)

@@ -14,6 +14,7 @@ from lmforge.data.chat import get_chat_template
 from lmforge.data.sft import read_sft
 from lmforge.errors import ConfigError
 from lmforge.peft.config import apply_peft, save_adapter_files
+from lmforge.train.console import report
 from lmforge.train.finetune import shuffled_batches
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.trainer import TrainResult, train
@@ -52,7 +53,7 @@ def sft(config: SFTConfig, resume: bool = False, accept_config_change: bool = Fa
     template = get_chat_template(config.template, tokenizer, config.base)
     data = read_sft(config.train_file, tokenizer, template, config.max_len, skip_bad_lines=config.skip_bad_lines)
     if data.skipped:
-        print(f"skipped {data.skipped} bad lines of {config.train_file}")
+        report(f"skipped {data.skipped} bad lines of {config.train_file}")
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     batch_at = shuffled_batches(data.examples, config.train.batch_size, config.train.seed, pad_id)
     val = None
@@ -65,7 +66,7 @@ def sft(config: SFTConfig, resume: bool = False, accept_config_change: bool = Fa
             return [val_batch]
 
     if config.peft is not None:
-        print(apply_peft(model, config.peft))
+        report(apply_peft(model, config.peft))
     model.train()
     run_config = SFTCheckpointConfig(model=model.cfg, peft=config.peft, sft=config)
     result = train(model, config.train, batch_at, causal_lm_loss, run_config=run_config, tokenizer=tokenizer,

@@ -7,12 +7,11 @@ killed run to bit-identical weights.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +30,15 @@ from lmforge.checkpoint import (
 )
 from lmforge.config import TrainConfig
 from lmforge.errors import CheckpointError, ConfigError, TrainingError
-from lmforge.io import append_line, atomic_write_text
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.config_change import check_resume_config, record_config_change
-from lmforge.train.distributed import DistContext, gather_objects, init_distributed, mean_across_ranks
+from lmforge.train.distributed import DistContext, gather_objects, init_distributed, sum_across_ranks
+from lmforge.train.loss import LossResult, log_dtype
+from lmforge.train.metrics_log import MetricsLog
 from lmforge.train.run_lock import run_dir_lock
 
 Batch = dict[str, torch.Tensor]
-LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
-METRICS_FILE = "metrics.jsonl"
-METRICS_KEPT = "the checkpoints are intact; free some space, then continue with --resume"
+LossFn = Callable[[torch.nn.Module, Batch], LossResult]
 
 
 @dataclass
@@ -50,6 +48,7 @@ class TrainResult:
     val_loss: float | None
     tokens_per_s: float
     checkpoint: Path
+    eval_metrics: dict[str, float] = field(default_factory=dict)  # `final_eval`'s, after the last step
 
 
 def resolve_device(name: str) -> torch.device:
@@ -90,69 +89,65 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loss_fn: LossFn, batches: Iterable[Batch], device: torch.device,
              precision: str) -> float:
-    """Mean loss over `batches` in eval mode (the model's mode is restored after)."""
+    """The loss over all of `batches`' loss-bearing tokens (or items), in eval mode (the model's mode is restored
+    after)."""
     was_training = model.training
     model.eval()
-    total, n = 0.0, 0
+    total, count, n = 0.0, 0.0, 0
     for batch in batches:
         with autocast(device, precision):
-            total += loss_fn(model, {k: v.to(device) for k, v in batch.items()}).item()
+            result = loss_fn(model, {k: v.to(device) for k, v in batch.items()})
+        total += float(result.total)
+        count += float(result.count)
         n += 1
     model.train(was_training)
     if n == 0:
         raise TrainingError("validation produced no batches; check the validation split")
-    return total / n
+    return total / count if count else math.nan
 
 
-def read_metrics(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """(line, record) for each line of a metrics.jsonl. A last line that is not a whole record was cut short by
-    a crash or a full disk and is dropped; a bad line before it is a CheckpointError naming file:line."""
-    numbered = [(i, line) for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()]
-    records = []
-    for lineno, line in numbered:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if not isinstance(record, dict):
-            if lineno == numbered[-1][0]:
-                break  # torn by an interrupted write
-            raise CheckpointError(f"{path}:{lineno} is not a JSON record and not the last line, so no interrupted "
-                                  "write cut it short; repair or delete that line, then resume again "
-                                  "(nothing was changed)")
-        records.append((line, record))
-    return records
+@dataclass
+class StepStats:
+    loss: float  # summed loss / count over the step's micro-batches on every rank
+    metrics: dict[str, float]  # the loss function's metrics, averaged over micro-batches and ranks
+    tokens: int  # input tokens the step read, all ranks together
 
 
-class MetricsLog:
-    """Append-only metrics.jsonl; on resume, records past the checkpoint's step are dropped (and a last line
-    torn by a crash). A full disk truncates the file back to its last whole record."""
-
-    def __init__(self, run_dir: Path, resume_step: int | None, tensorboard: bool):
-        self.path = run_dir / METRICS_FILE
-        if resume_step is not None and self.path.exists():
-            kept = [line for line, record in read_metrics(self.path) if record.get("step", 0) <= resume_step]
-            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
-        elif resume_step is None:
-            atomic_write_text(self.path, "")
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise TrainingError("train.tensorboard=true needs TensorBoard: pip install tensorboard") from None
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def log(self, record: dict[str, Any]) -> None:
-        append_line(self.path, json.dumps(record), kept=METRICS_KEPT)
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+def accumulate_gradients(step: int, cfg: TrainConfig, ctx: DistContext, device: torch.device,
+                         batch_at: Callable[[int], Batch], loss_fn: LossFn, ddp_model: torch.nn.Module,
+                         forward_model: torch.nn.Module, params: list[torch.Tensor]) -> StepStats:
+    """Forward and backward every micro-batch of optimizer step `step`, then scale the summed gradients to the
+    mean over all loss-bearing tokens (or items) of the step on all ranks: the gradient of the whole batch,
+    however it is split into micro-batches and ranks. With one micro-batch the count is known before the
+    backward, which divides by it as a mean-reduced loss does (the same gradients, bit for bit, in one process)."""
+    sums, keys, tokens = None, [], 0  # sums: [total, count, *metrics] over the micro-batches
+    for micro in range(cfg.grad_accum):
+        index = (step * cfg.grad_accum + micro) * ctx.world_size + ctx.rank
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch_at(index).items()}
+        # under DDP, gradients are all-reduced on the last micro-batch only
+        last = micro == cfg.grad_accum - 1
+        with nullcontext() if last or not ctx.enabled else ddp_model.no_sync():
+            with autocast(device, cfg.precision):
+                result = loss_fn(forward_model, batch)
+            if cfg.grad_accum == 1:
+                count = sum_across_ranks(torch.as_tensor(result.count, device=device).to(result.total.dtype), ctx)
+                (result.total / count * ctx.world_size).backward()
+            else:
+                result.total.backward()
+        keys = sorted(result.metrics)
+        values = torch.stack([torch.as_tensor(value, device=device).detach().to(log_dtype(device)) for value in
+                              (result.total, result.count, *(result.metrics[k] for k in keys))])
+        sums = values if sums is None else sums + values
+        tokens += batch["input_ids"].numel() * ctx.world_size
+    sums = sum_across_ranks(sums, ctx)
+    if cfg.grad_accum > 1:
+        scale = (ctx.world_size / sums[1]).float()  # DDP averaged the ranks' summed gradients: this makes the mean
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    means = (sums[2:] / (cfg.grad_accum * ctx.world_size)).tolist()
+    loss = sums[0].float() / sums[1].float()  # in the loss's precision: one micro-batch logs the loss's own mean
+    return StepStats(loss.item(), dict(zip(keys, means, strict=True)), tokens)
 
 
 def _restore_latest(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
@@ -191,13 +186,17 @@ def train(
     resume: bool = False,
     accept_config_change: bool = False,
     perplexity: bool = True,
+    final_eval: Callable[[torch.nn.Module], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Train `model` for cfg.max_steps optimizer steps, checkpointing into cfg.out_dir.
 
+    `loss_fn` returns a `LossResult`; its metrics are logged with the loss, averaged over micro-batches and ranks.
     `run_config` is saved as config.yaml in every checkpoint (it must have a `model` section
     so the checkpoint loads with `lmforge.load`). `perplexity` adds exp(val loss) to the log:
-    meaningful for language-model losses only. The run holds cfg.out_dir's lock throughout (rank 0 for all
-    ranks). On `resume`, a config that differs from the checkpoint's in a key that changes the run is refused
+    meaningful for language-model losses only. `final_eval(model)` scores the trained model once after the last
+    step (held-out accuracy, say); its values are logged as `eval_<name>` and returned in `eval_metrics`. The run
+    holds cfg.out_dir's lock throughout (rank 0 for all ranks). On `resume`, a config that differs from the
+    checkpoint's in a key that changes the run is refused
     unless `accept_config_change` (see `lmforge.train.config_change`)."""
     run_dir = Path(cfg.out_dir)
     device = resolve_device(cfg.device)
@@ -215,13 +214,44 @@ def train(
             remove_stale_temp_dirs(run_dir)
         return _train_holding_lock(model, cfg, batch_at, loss_fn, run_config=run_config, tokenizer=tokenizer,
                                    val_batches=val_batches, resume=resume, accept_config_change=accept_config_change,
-                                   perplexity=perplexity, ctx=ctx, device=device)
+                                   perplexity=perplexity, final_eval=final_eval, ctx=ctx, device=device)
 
 
-def _train_holding_lock(model: torch.nn.Module, cfg: TrainConfig, batch_at: Callable[[int], Batch], loss_fn: LossFn,
-                        *, run_config: BaseModel, tokenizer: Tokenizer | None,
-                        val_batches: Callable[[], Iterable[Batch]] | None, resume: bool, accept_config_change: bool,
-                        perplexity: bool, ctx: DistContext, device: torch.device) -> TrainResult:
+@dataclass
+class _Run:
+    """A training run in progress: the model (bare, and as the loss calls it), its optimizer and the run's log."""
+
+    cfg: TrainConfig
+    ctx: DistContext
+    device: torch.device
+    model: torch.nn.Module
+    ddp_model: torch.nn.Module  # DistributedDataParallel(model) under torchrun, else model
+    forward_model: torch.nn.Module  # ddp_model, compiled when cfg.compile
+    optimizer: torch.optim.Optimizer
+    metrics: MetricsLog | None  # rank 0 only
+    tokenizer: Tokenizer | None
+    run_config: BaseModel
+    start_step: int
+    tokens_seen: int
+    last_checkpoint: Path | None = None
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.log(record)
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def _set_up(model: torch.nn.Module, cfg: TrainConfig, run_config: BaseModel, tokenizer: Tokenizer | None,
+            resume: bool, accept_config_change: bool, ctx: DistContext, device: torch.device) -> _Run:
+    """The model on its device with its optimizer, restored from the latest checkpoint on `resume` (a fresh run
+    saves step 0), wrapped for DDP and torch.compile, and the run's metrics log opened."""
     run_dir = Path(cfg.out_dir)
     model.to(device).train()
     optimizer = build_optimizer(model, cfg)
@@ -234,79 +264,92 @@ def _train_holding_lock(model: torch.nn.Module, cfg: TrainConfig, batch_at: Call
     ddp_model = DistributedDataParallel(model) if ctx.enabled else model
     forward_model = torch.compile(ddp_model) if cfg.compile else ddp_model
     metrics = MetricsLog(run_dir, start_step if resume else None, cfg.tensorboard) if ctx.is_main else None
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    run = _Run(cfg, ctx, device, model, ddp_model, forward_model, optimizer, metrics, tokenizer, run_config,
+               start_step, tokens_seen)
+    run.last_checkpoint = resumed_from or _save(run, 0)
+    return run
 
-    def checkpoint(step: int) -> Path:
-        rng = {"torch": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(device)
-        states = gather_objects(rng, ctx)  # collective: every rank takes part
-        ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
-        if ctx.is_main:
-            ckpt = write_training_checkpoint(
-                run_dir, step, model, tokenizer, run_config, optimizer, {"tokens_seen": tokens_seen},
-                {key: [s[key] for s in states] for key in rng}, cfg.keep_checkpoints)
-        return ckpt
 
-    def log(record: dict[str, Any]) -> None:
-        if metrics is not None:
-            metrics.log(record)
+def _save(run: _Run, step: int) -> Path:
+    """Checkpoint `step` with every rank's RNG state (collective: all ranks call it; rank 0 writes)."""
+    rng = {"torch": torch.get_rng_state()}
+    if run.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(run.device)
+    states = gather_objects(rng, run.ctx)
+    run_dir = Path(run.cfg.out_dir)
+    if not run.ctx.is_main:
+        return run_dir / "checkpoints" / f"step_{step:08d}"
+    return write_training_checkpoint(run_dir, step, run.model, run.tokenizer, run.run_config, run.optimizer,
+                                     {"tokens_seen": run.tokens_seen}, {key: [s[key] for s in states] for key in rng},
+                                     run.cfg.keep_checkpoints)
 
-    last_ckpt = resumed_from or checkpoint(0)
-    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not (cfg.progress and ctx.is_main),
+
+def _optimizer_step(run: _Run, step: int, batch_at: Callable[[int], Batch], loss_fn: LossFn
+                    ) -> tuple[StepStats, float, float]:
+    """Optimizer step `step` (0-based): the schedule's learning rate, the step's gradients, clipping and the
+    update; a loss that is not finite stops the run before the weights change. (stats, lr, grad norm)."""
+    cfg = run.cfg
+    lr = lr_at(step, cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    stats = accumulate_gradients(step, cfg, run.ctx, run.device, batch_at, loss_fn, run.ddp_model,
+                                 run.forward_model, run.params)
+    if not math.isfinite(stats.loss):
+        run.close()
+        raise TrainingError(f"loss became {stats.loss} at step {step + 1}; stopped. The last good checkpoint, "
+                            f"{run.last_checkpoint}, is intact: lower train.lr, raise train.warmup_steps, or check "
+                            "the data.")
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.tokens_seen += stats.tokens
+    return stats, lr, float(grad_norm)
+
+
+def _validate(run: _Run, loss_fn: LossFn, batches: Iterable[Batch], step: int, perplexity: bool) -> tuple[float, str]:
+    """The validation loss after `step`, logged (with its perplexity for a language-model loss, in nats per
+    token); (loss, a line for the user)."""
+    val_loss = evaluate(run.model, loss_fn, batches, run.device, run.cfg.precision)
+    record = {"step": step, "val_loss": val_loss}
+    if perplexity:
+        record["val_ppl"] = math.exp(min(val_loss, 50.0))
+    run.log(record)
+    ppl = f", perplexity {record['val_ppl']:.2f}" if perplexity else ""
+    return val_loss, f"step {step}: val loss {val_loss:.4f}{ppl}"
+
+
+def _train_holding_lock(model: torch.nn.Module, cfg: TrainConfig, batch_at: Callable[[int], Batch], loss_fn: LossFn,
+                        *, run_config: BaseModel, tokenizer: Tokenizer | None,
+                        val_batches: Callable[[], Iterable[Batch]] | None, resume: bool, accept_config_change: bool,
+                        perplexity: bool, final_eval: Callable[[torch.nn.Module], dict[str, float]] | None,
+                        ctx: DistContext, device: torch.device) -> TrainResult:
+    run = _set_up(model, cfg, run_config, tokenizer, resume, accept_config_change, ctx, device)
+    bar = tqdm(total=cfg.max_steps, initial=run.start_step, disable=not (cfg.progress and ctx.is_main),
                desc="train", unit="step")
-    loss_value, val_loss, tokens_per_s = float("nan"), None, 0.0
+    loss, val_loss, tokens_per_s = float("nan"), None, 0.0
     window_tokens, window_time = 0, 0.0  # throughput counts training steps only, not eval or saving
-    for step in range(start_step, cfg.max_steps):
+    for step in range(run.start_step, cfg.max_steps):
         t0 = time.perf_counter()
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(cfg.grad_accum):
-            index = (step * cfg.grad_accum + micro) * ctx.world_size + ctx.rank
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch_at(index).items()}
-            # under DDP, gradients are all-reduced on the last micro-batch only
-            sync = nullcontext() if micro == cfg.grad_accum - 1 or not ctx.enabled else ddp_model.no_sync()
-            with sync:
-                with autocast(device, cfg.precision):
-                    loss = loss_fn(forward_model, batch)
-                (loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach()
-            window_tokens += batch["input_ids"].numel() * ctx.world_size
-            tokens_seen += batch["input_ids"].numel() * ctx.world_size
-        loss_value = mean_across_ranks(loss_sum / cfg.grad_accum, ctx).item()
-        if not math.isfinite(loss_value):
-            if metrics is not None:
-                metrics.close()
-            raise TrainingError(
-                f"loss became {loss_value} at step {step + 1}; stopped. The last good checkpoint, "
-                f"{last_ckpt}, is intact: lower train.lr, raise train.warmup_steps, or check the data."
-            )
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        stats, lr, grad_norm = _optimizer_step(run, step, batch_at, loss_fn)
         window_time += time.perf_counter() - t0
-        done = step + 1
+        window_tokens += stats.tokens
+        loss, done = stats.loss, step + 1
         bar.update(1)
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             tokens_per_s = window_tokens / max(window_time, 1e-9)
-            log({"step": done, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                 "tokens": tokens_seen, "tokens_per_s": tokens_per_s})
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+            run.log({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": run.tokens_seen,
+                     "tokens_per_s": tokens_per_s, **stats.metrics})
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
             window_tokens, window_time = 0, 0.0
         if val_batches is not None and (done % cfg.eval_every == 0 or done == cfg.max_steps):
-            val_loss = evaluate(model, loss_fn, val_batches(), device, cfg.precision)
-            record = {"step": done, "val_loss": val_loss}
-            if perplexity:  # a language-model loss (nats per token)
-                record["val_ppl"] = math.exp(min(val_loss, 50.0))
-            log(record)
+            val_loss, line = _validate(run, loss_fn, val_batches(), done, perplexity)
             if ctx.is_main:
-                ppl = f", perplexity {record['val_ppl']:.2f}" if perplexity else ""
-                bar.write(f"step {done}: val loss {val_loss:.4f}{ppl}")
+                bar.write(line)
         if done % cfg.save_every == 0 or done == cfg.max_steps:
-            last_ckpt = checkpoint(done)
+            run.last_checkpoint = _save(run, done)
     bar.close()
-    if metrics is not None:
-        metrics.close()
-    return TrainResult(cfg.max_steps, loss_value, val_loss, tokens_per_s, last_ckpt)
+    scores = final_eval(model) if final_eval is not None else {}
+    if scores:
+        run.log({"step": cfg.max_steps, **{f"eval_{name}": value for name, value in scores.items()}})
+    run.close()
+    return TrainResult(cfg.max_steps, loss, val_loss, tokens_per_s, run.last_checkpoint, scores)
