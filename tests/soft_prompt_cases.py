@@ -29,15 +29,24 @@ def tiny_model(family: str) -> DecoderLM:
                                  d_model=16, init_std=0.3)).eval()
 
 
+def case_ids() -> Tensor:
+    return torch.randint(V, (2, 9), generator=torch.Generator().manual_seed(2))
+
+
+def greedy_prompts() -> list[list[int]]:
+    ids = case_ids()
+    return [ids[0, :7].tolist(), ids[1, :4].tolist()]
+
+
 @torch.no_grad()
 def compute_outputs(model: DecoderLM) -> dict[str, Tensor]:
-    ids = torch.randint(V, (2, 9), generator=torch.Generator().manual_seed(2))
+    ids = case_ids()
     cache = model.new_cache(2, 9)
     steps = [model(ids[:, :5], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(5, 9)]
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # row 1 left-padded
     greedy = SamplingConfig(max_new_tokens=6, temperature=0.0, stop_at_eos=False)
-    prompts = [ids[0, :7].tolist(), ids[1, :4].tolist()]
+    prompts = greedy_prompts()
     return {
         "logits": model(ids),
         "cached_logits": torch.cat(steps, dim=1),

@@ -19,29 +19,37 @@ from lmforge.checkpoint import save
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.layers import Attention
 from lmforge.peft.config import apply_peft
-from soft_prompt_cases import CASES, compute_outputs, tiny_model
+from near_ties import assert_clear_choices
+from soft_prompt_cases import CASES, compute_outputs, greedy_prompts, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FIXTURES = Path(__file__).parent / "fixtures" / "soft_prompts"
 
 
-def assert_same_outputs(outputs: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+def assert_same_outputs(model: DecoderLM, outputs: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Logits within 1e-5 (the fixtures were computed on one CPU; other kernels round differently, ~3e-6 with
+    ATEN_CPU_CAPABILITY=avx2); greedy ids exact, after checking every choice was clear (tests/near_ties.py)."""
     assert outputs.keys() == expected.keys()
+    for prompt, row in zip(greedy_prompts(), expected["greedy_ids"].tolist(), strict=True):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + row]))[0, len(prompt) - 1:-1]
+        assert_clear_choices(logits, "greedy decoding of the fixture")
     for name, want in expected.items():
         if name.endswith("ids"):
             assert torch.equal(outputs[name], want), name
         else:
-            torch.testing.assert_close(outputs[name], want, atol=1e-6, rtol=0, msg=name)
+            torch.testing.assert_close(outputs[name], want, atol=1e-5, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_checkpoints_saved_by_the_hook_implementation_load_and_compute_the_same(case, tmp_path):
     model, _ = lmforge.load(FIXTURES / case)
     expected = load_file(str(FIXTURES / case / "expected.safetensors"))
-    assert_same_outputs(compute_outputs(model), expected)
+    assert_same_outputs(model, compute_outputs(model), expected)
     save(model, None, tmp_path / "again", peft=CASES[case][1])  # and the current format round-trips
-    assert_same_outputs(compute_outputs(lmforge.load(tmp_path / "again")[0]), expected)
+    again, _ = lmforge.load(tmp_path / "again")
+    assert_same_outputs(again, compute_outputs(again), expected)
 
 
 def test_attention_has_no_prefix_hook():
