@@ -36,17 +36,23 @@ def fsync_dir(directory: Path) -> None:
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None], bytes_needed: int = 0) -> Path:
-    """Call `write(tmp_path)`, fsync it, then rename it over `path`; a full disk raises DiskFullError (see
-    `disk_full_guard`; `bytes_needed` is the size being written, when known)."""
+    """Call `write(tmp_path)`, fsync it, then rename it over `path`; a full disk (even while making the directory)
+    raises DiskFullError (see `disk_full_guard`; `bytes_needed` is the size being written, when known)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
-    with disk_full_guard(path.parent, bytes_needed, path.name, cleanup=lambda: tmp_path.unlink(missing_ok=True)):
+    tmp_path: Path | None = None
+
+    def remove_tmp() -> None:
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
+
+    with disk_full_guard(path.parent, bytes_needed, path.name, cleanup=remove_tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
         write(tmp_path)
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())

@@ -20,7 +20,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from lmforge.errors import ConfigError, DataError, one_line
-from lmforge.io import atomic_write_text, raise_if_disk_full
+from lmforge.io import atomic_write_text
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT, END_OF_TURN = "<|system|>", "<|user|>", "<|assistant|>", "<|end_of_turn|>"
@@ -61,14 +61,7 @@ class Tokenizer:
 
     def save(self, directory: str | Path) -> Path:
         """Write `directory/tokenizer.json` atomically; a full disk is one line and leaves the old file."""
-        directory = Path(directory)
-        text = self.backend.to_str()
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            return atomic_write_text(directory / TOKENIZER_FILE, text)
-        except OSError as exc:
-            raise_if_disk_full(exc, directory, len(text.encode()))
-            raise
+        return atomic_write_text(Path(directory) / TOKENIZER_FILE, self.backend.to_str())
 
     # -- ids ------------------------------------------------------------------------------------
     def token_id(self, token: str) -> int | None:
