@@ -12,6 +12,8 @@ import torch
 
 import lmforge
 from lmforge.config import ModelConfig, TrainConfig
+from lmforge.data.pairs import stack_pairs
+from lmforge.data.sampler import EpochSampler
 from lmforge.errors import ConfigError
 from lmforge.model.decoder import DecoderLM
 from lmforge.train import dpo
@@ -26,7 +28,6 @@ from lmforge.train.dpo import (
     with_reference,
 )
 from lmforge.train.logprobs import sequence_logprob
-from lmforge.train.reward import pair_rows, stack_pairs
 from lmforge.train.trainer import train
 from preference_world import write_preference_world
 
@@ -143,7 +144,7 @@ def test_a_few_dpo_steps_raise_the_chosen_rejected_margin(tmp_path: Path, kind: 
     cfg = TrainConfig(out_dir=str(tmp_path), batch_size=8, max_steps=15, lr=3e-3, min_lr=3e-4, warmup_steps=2,
                       weight_decay=0.0, save_every=15, log_every=5, device="cpu", progress=False)
     def batch_at(index: int) -> dict[str, torch.Tensor]:
-        rows = pair_rows(32, 8, cfg.seed, index)
+        rows = EpochSampler(32, 8, cfg.seed).batch_ids(index).tolist()
         return with_reference(select(pairs, rows), ref[rows])
 
     run_config = DPOCheckpointConfig(model=CFG, dpo=DPOConfig(kind=kind, train=cfg))

@@ -19,8 +19,8 @@ from lmforge.data.task_data import read_classification  # noqa: E402
 from lmforge.errors import ConfigError  # noqa: E402
 from lmforge.model import build_model  # noqa: E402
 from lmforge.model.heads import SequenceClassifier, SpanQAHead, TokenClassifier  # noqa: E402
+from lmforge.model.value_heads import build_reward_model  # noqa: E402
 from lmforge.tokenizer import train_tokenizer  # noqa: E402
-from lmforge.train.reward import build_reward_model  # noqa: E402
 
 ATOL = 1e-4
 TEXTS = ["the cat sat on the mat", "a dog ran", "the sun is hot and the sea is blue"]

@@ -13,19 +13,18 @@ import yaml
 import lmforge
 from lmforge.checkpoint import load_weights, resolve_checkpoint, write_model_files
 from lmforge.config import EncoderConfig, ModelConfig, TrainConfig
+from lmforge.data.pairs import stack_pairs
+from lmforge.data.sampler import EpochSampler
 from lmforge.errors import ConfigError
 from lmforge.model import build_model
 from lmforge.model.decoder import DecoderLM
+from lmforge.model.value_heads import RewardModel, build_reward_model
 from lmforge.train.reward import (
     RewardCheckpointConfig,
     RewardConfig,
-    RewardModel,
     bradley_terry_loss,
-    build_reward_model,
-    pair_rows,
     pairwise_accuracy,
     reward_pair_loss,
-    stack_pairs,
     train_reward_model,
 )
 from lmforge.train.trainer import train
@@ -106,14 +105,6 @@ def test_reward_is_read_at_the_last_real_token() -> None:
     assert not torch.allclose(changed_last, rewards[:1], atol=1e-3)  # it does read the last real token
 
 
-def test_pair_rows_is_a_seeded_permutation_per_epoch() -> None:
-    epoch = [r for i in range(3) for r in pair_rows(12, 4, seed=7, index=i)]
-    assert sorted(epoch) == list(range(12)) and epoch != list(range(12))
-    assert pair_rows(12, 4, 7, 5) == pair_rows(12, 4, 7, 5)
-    assert pair_rows(12, 4, 7, 3) != pair_rows(12, 4, 8, 3)
-    assert len(pair_rows(3, 8, 0, 0)) == 3  # a batch never exceeds the data
-
-
 def test_reward_model_learns_to_rank_separable_pairs_and_its_checkpoint_loads(tmp_path: Path) -> None:
     train_pairs, held_out = synthetic_pairs(64, seed=1), synthetic_pairs(64, seed=2)
     held_out_batches = [rows_of(held_out, list(range(i, i + 16))) for i in range(0, 64, 16)]
@@ -123,7 +114,8 @@ def test_reward_model_learns_to_rank_separable_pairs_and_its_checkpoint_loads(tm
     cfg = TrainConfig(out_dir=str(tmp_path / "rm"), batch_size=16, max_steps=40, lr=3e-3, min_lr=3e-4,
                       warmup_steps=5, save_every=40, log_every=10, device="cpu", progress=False)
     run_config = RewardCheckpointConfig(model=CFG, reward=RewardConfig(train=cfg))
-    result = train(model, cfg, lambda i: rows_of(train_pairs, pair_rows(64, 16, cfg.seed, i)), reward_pair_loss,
+    sampler = EpochSampler(64, 16, cfg.seed)
+    result = train(model, cfg, lambda i: rows_of(train_pairs, sampler.batch_ids(i).tolist()), reward_pair_loss,
                    run_config=run_config, perplexity=False)
     after = pairwise_accuracy(model, held_out_batches)
     assert after > 0.9 and after > before, (before, after)

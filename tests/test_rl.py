@@ -16,11 +16,11 @@ from lmforge.errors import ConfigError
 from lmforge.export import recorded_training
 from lmforge.infer.generate import SamplingConfig, generate_ids
 from lmforge.model.decoder import DecoderLM
+from lmforge.model.value_heads import PolicyWithValue, RewardModel
 from lmforge.tokenizer import END_OF_TURN, Tokenizer, train_tokenizer
-from lmforge.train.reward import RewardCheckpointConfig, RewardConfig, RewardModel
+from lmforge.train.reward import RewardCheckpointConfig, RewardConfig
 from lmforge.train.rl import (
     GRPOConfig,
-    PolicyWithValue,
     PPOConfig,
     adaptive_kl_coef,
     clipped_surrogate,

@@ -45,7 +45,7 @@ def test_sft_learns_the_assistant_turns_and_reloads(setup: dict[str, Path], tmp_
 
 
 def test_sft_refuses_an_encoder_and_missing_inputs(setup: dict[str, Path]) -> None:
-    with pytest.raises(ConfigError, match="sft trains a decoder"):
+    with pytest.raises(ConfigError, match="sft needs a decoder language model; .*enc holds a EncoderModel"):
         sft(SFTConfig(base=str(setup["enc"]), train_file=str(setup["sft_train"])))
     with pytest.raises(ConfigError, match="--train-file"):
         sft(SFTConfig(base=str(setup["base"])))

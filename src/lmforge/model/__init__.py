@@ -49,7 +49,7 @@ def build_task_model(task: str, backbone: nn.Module, num_labels: int | None = No
     if task == "span":
         return SpanQAHead(backbone)
     if task == "reward":
-        from lmforge.train.reward import build_reward_model
+        from lmforge.model.value_heads import build_reward_model
 
         return build_reward_model(backbone)
     return backbone

@@ -27,7 +27,7 @@ from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer, require_same_vocab
 from lmforge.train.console import report
 from lmforge.train.loss import LossResult
 from lmforge.train.objectives import IGNORE_INDEX, token_cross_entropy
-from lmforge.train.reward import load_decoder
+from lmforge.train.stage_setup import load_decoder
 from lmforge.train.trainer import LossFn, TrainResult, train
 
 Batch = dict[str, Tensor]

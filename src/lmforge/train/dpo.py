@@ -18,24 +18,16 @@ from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
 from lmforge.config import AnyModelConfig, PeftConfig, StrictModel, TrainConfig
+from lmforge.data.pairs import Batch, collate_pairs, ordered_pair_batches, pair_reader
+from lmforge.data.sampler import EpochSampler
 from lmforge.errors import ConfigError
 from lmforge.peft.config import apply_peft
 from lmforge.train.console import report
 from lmforge.train.distributed import init_distributed
 from lmforge.train.logprobs import frozen_copy, sequence_logprob
 from lmforge.train.loss import LossResult
-from lmforge.train.reward import (
-    Batch,
-    first_batches,
-    load_decoder,
-    ordered_batches,
-    pad_id_of,
-    pair_batch,
-    pair_reader,
-    pair_rows,
-    require_fits,
-    reward_metrics,
-)
+from lmforge.train.pair_metrics import reward_metrics
+from lmforge.train.stage_setup import first_batches, load_decoder, pad_id_of, require_fits
 from lmforge.train.trainer import TrainResult, autocast, resolve_device, train
 
 Kind = Literal["sigmoid", "ipo"]
@@ -150,23 +142,26 @@ def train_dpo(config: DPOConfig, resume: bool = False,
     pad_id, tcfg = pad_id_of(tokenizer), config.train
     read = pair_reader(config, tokenizer)
     examples = read(config.train_file)
-    eval_batches = list(ordered_batches(read(config.eval_file), tcfg.batch_size, pad_id)) if config.eval_file else []
+    eval_examples = read(config.eval_file) if config.eval_file else []
+    eval_batches = list(ordered_pair_batches(eval_examples, tcfg.batch_size, pad_id))
 
     device = resolve_device(tcfg.device)
     ctx = init_distributed(device)  # as the trainer will (idempotent): each rank scores the data on its own GPU
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
     reference = frozen_copy(policy).to(device)  # one pass over every pair, then freed
-    ref_train = reference_logps(reference, ordered_batches(examples, tcfg.batch_size, pad_id), tcfg.precision)
+    ref_train = reference_logps(reference, ordered_pair_batches(examples, tcfg.batch_size, pad_id), tcfg.precision)
     if eval_batches:
         ref_eval = reference_logps(reference, eval_batches, tcfg.precision)
         eval_batches = [with_reference(b, r) for b, r in zip(eval_batches, ref_eval.split(tcfg.batch_size),
                                                              strict=True)]
     del reference
 
+    sampler = EpochSampler(len(examples), tcfg.batch_size, tcfg.seed)
+
     def batch_at(index: int) -> Batch:
-        rows = pair_rows(len(examples), tcfg.batch_size, tcfg.seed, index)
-        return with_reference(pair_batch(examples, rows, pad_id), ref_train[rows])
+        rows = sampler.batch_ids(index)
+        return with_reference(collate_pairs([examples[i] for i in rows], pad_id), ref_train[torch.from_numpy(rows)])
 
     loss_fn = partial(dpo_batch_loss, beta=config.beta, kind=config.kind)
     val = first_batches(eval_batches, tcfg.eval_batches) if eval_batches else None

@@ -10,13 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
-import numpy as np
 import torch
 from pydantic import BaseModel
 
-import lmforge
 from lmforge.config import AnyModelConfig, FinetuneConfig, PeftConfig
 from lmforge.data import task_data
+from lmforge.data.sampler import shuffled_batches
 from lmforge.errors import ConfigError
 from lmforge.infer.generate import SamplingConfig, generate_ids
 from lmforge.infer.generate_encdec import generate_encdec
@@ -26,6 +25,7 @@ from lmforge.peft.config import apply_peft_to_task_model, save_adapter_files
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.console import report
 from lmforge.train.objectives import IGNORE_INDEX, causal_lm_loss, seq2seq_loss
+from lmforge.train.stage_setup import load_with_tokenizer, pad_id_of
 from lmforge.train.task_losses import classification_loss, span_qa_loss, token_classification_loss
 from lmforge.train.trainer import TrainResult, train
 
@@ -67,23 +67,6 @@ def task_loss(task: str, arch: str):
     if task == "text2text":
         return seq2seq_loss if arch == "encdec" else causal_lm_loss
     return {"classify": classification_loss, "tokens": token_classification_loss, "span": span_qa_loss}[task]
-
-
-def shuffled_batches(examples: list[Example], batch_size: int, seed: int, pad_id: int):
-    """Batch i of an endless stream of per-epoch permutations: a pure function of (seed, i)."""
-    n = len(examples)
-    if n < batch_size:
-        batch_size = n
-
-    def batch_at(index: int) -> dict[str, torch.Tensor]:
-        start = index * batch_size
-        rows = []
-        for k in range(start, start + batch_size):
-            order = np.random.default_rng([seed, k // n]).permutation(n)
-            rows.append(examples[order[k % n]])
-        return task_data.collate(rows, pad_id)
-
-    return batch_at
 
 
 @torch.inference_mode()
@@ -131,9 +114,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, accept_config_change:
     """Fine-tune config.base on config.train_file; evaluate on config.eval_file when given."""
     if not config.base or not config.train_file:
         raise ConfigError("finetune needs a base model (--base DIR) and training data (--train-file FILE)")
-    backbone, tokenizer = lmforge.load(config.base)
-    if tokenizer is None:
-        raise ConfigError(f"{config.base} has no tokenizer.json; fine-tuning on text needs one")
+    backbone, tokenizer = load_with_tokenizer(config.base, "fine-tuning on text")
     arch = backbone.cfg.arch
     if config.task in ("classify", "tokens", "span") and arch == "encdec":
         raise ConfigError(f"--task {config.task} needs an encoder or decoder backbone; {config.base} is an "
@@ -143,7 +124,7 @@ def finetune(config: FinetuneConfig, resume: bool = False, accept_config_change:
     if config.from_scratch:  # the same architecture with fresh weights: the no-pretraining baseline
         torch.manual_seed(config.train.seed)
         backbone = build_model(backbone.cfg)
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    pad_id = pad_id_of(tokenizer)
     examples, labels = read_examples(config, config.train_file, tokenizer, arch, config.labels)
     eval_examples = None
     if config.eval_file:
@@ -154,7 +135,8 @@ def finetune(config: FinetuneConfig, resume: bool = False, accept_config_change:
         report(apply_peft_to_task_model(model, config.peft))
     run_config = TaskCheckpointConfig(model=backbone.cfg, task=config.task, peft=config.peft, labels=labels,
                                       num_labels=len(labels) if labels else None, finetune=config)
-    batch_at = shuffled_batches(examples, config.train.batch_size, config.train.seed, pad_id)
+    batch_at = shuffled_batches(examples, config.train.batch_size, config.train.seed,
+                                partial(task_data.collate, pad_id=pad_id))
     val = None
     if eval_examples:  # validation loss on the first eval examples, for the loss curve
         val_batch = task_data.collate(eval_examples[:config.train.batch_size], pad_id)

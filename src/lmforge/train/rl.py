@@ -33,6 +33,7 @@ from lmforge.config import AnyModelConfig, PeftConfig, StrictModel, TrainConfig
 from lmforge.errors import ConfigError
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.heads import last_token_index
+from lmforge.model.value_heads import PolicyWithValue, RewardModel
 from lmforge.peft.config import apply_peft
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.console import report
@@ -50,6 +51,7 @@ from lmforge.train.rollout import (
     round_metrics,
     verifier_reward,
 )
+from lmforge.train.stage_setup import load_decoder, pad_id_of
 from lmforge.train.trainer import Batch, TrainResult, resolve_device, train
 
 
@@ -136,22 +138,6 @@ def entropy(logits: Tensor) -> Tensor:
     """Entropy of the next-token distribution at each position [..., V] -> [...] (nats)."""
     logp = F.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
-
-
-class PolicyWithValue(torch.nn.Module):
-    """The policy DecoderLM plus a scalar value head on its final hidden states (shared trunk):
-    forward(input_ids) -> (logits [B, T, V], values [B, T]). The head starts at zero (V = 0)."""
-
-    def __init__(self, policy: DecoderLM):
-        super().__init__()
-        self.policy = policy
-        self.value = torch.nn.Linear(policy.cfg.d_model, 1)
-        torch.nn.init.zeros_(self.value.weight)
-        torch.nn.init.zeros_(self.value.bias)
-
-    def forward(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
-        hidden = self.policy.hidden(input_ids)
-        return self.policy.lm_head(hidden), self.value(hidden).squeeze(-1)
 
 
 # -- configs -----------------------------------------------------------------------------------------------
@@ -354,7 +340,6 @@ def load_rl_inputs(cfg: PPOConfig | GRPOConfig, stage: str) -> tuple[DecoderLM, 
     from lmforge.data.chat import get_chat_template
     from lmforge.data.sft import read_prompts
     from lmforge.tokenizer import require_same_vocab
-    from lmforge.train.reward import RewardModel, load_decoder
 
     if not cfg.policy or not cfg.prompts:
         raise ConfigError(f"{stage} needs an SFT policy (--policy DIR) and prompts (--prompts FILE)")
@@ -385,7 +370,7 @@ def _stage(cfg: PPOConfig | GRPOConfig, stage: str, run: Callable[..., RLResult]
     policy, tokenizer, prompts, reward_fn, stops = load_rl_inputs(cfg, stage)
     if cfg.peft is not None:  # before the reference copy and the value head: both see the adapted policy
         report(apply_peft(policy, cfg.peft))
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    pad_id = pad_id_of(tokenizer)
     return run(policy, prompts, reward_fn, cfg, eos_id=stops, pad_id=pad_id, tokenizer=tokenizer, resume=resume,
                accept_config_change=accept_config_change)
 

@@ -6,17 +6,20 @@ chat template (lmforge's role tokens, Llama-2, Alpaca, or a Hugging Face Jinja t
 
 from __future__ import annotations
 
+from functools import partial
+
 from pydantic import BaseModel
 
-import lmforge
 from lmforge.config import AnyModelConfig, PeftConfig, StrictModel, TrainConfig
 from lmforge.data.chat import get_chat_template
+from lmforge.data.sampler import shuffled_batches
 from lmforge.data.sft import read_sft
+from lmforge.data.task_data import collate
 from lmforge.errors import ConfigError
 from lmforge.peft.config import apply_peft, save_adapter_files
 from lmforge.train.console import report
-from lmforge.train.finetune import shuffled_batches
 from lmforge.train.objectives import causal_lm_loss
+from lmforge.train.stage_setup import load_decoder, pad_id_of, require_fits
 from lmforge.train.trainer import TrainResult, train
 
 
@@ -42,25 +45,20 @@ def sft(config: SFTConfig, resume: bool = False, accept_config_change: bool = Fa
     """Fine-tune config.base on config.train_file's conversations; the result loads with `lmforge.load`."""
     if not config.base or not config.train_file:
         raise ConfigError("sft needs a base model (--base DIR) and conversations (--train-file FILE)")
-    model, tokenizer = lmforge.load(config.base)
-    if tokenizer is None:
-        raise ConfigError(f"{config.base} has no tokenizer.json; SFT on text needs one")
-    if model.cfg.arch != "decoder":
-        raise ConfigError(f"sft trains a decoder (GPT/Llama); {config.base} is an {model.cfg.arch}")
-    if config.max_len > model.cfg.max_seq_len:  # rows hold up to max_len + 1 tokens; the model reads max_len
-        raise ConfigError(f"--max-len {config.max_len} exceeds the context of {config.base} "
-                          f"({model.cfg.max_seq_len} tokens); use --max-len {model.cfg.max_seq_len} or less")
+    model, tokenizer = load_decoder(config.base, "sft")
+    require_fits(model, config.base, config.max_len, config.max_len)  # rows hold max_len + 1 tokens; it reads max_len
     template = get_chat_template(config.template, tokenizer, config.base)
     data = read_sft(config.train_file, tokenizer, template, config.max_len, skip_bad_lines=config.skip_bad_lines)
     if data.skipped:
         report(f"skipped {data.skipped} bad lines of {config.train_file}")
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    batch_at = shuffled_batches(data.examples, config.train.batch_size, config.train.seed, pad_id)
+    pad_id = pad_id_of(tokenizer)
+    batch_at = shuffled_batches(data.examples, config.train.batch_size, config.train.seed,
+                                partial(collate, pad_id=pad_id))
     val = None
     if config.eval_file:
         held_out = read_sft(config.eval_file, tokenizer, template, config.max_len,
                             skip_bad_lines=config.skip_bad_lines).examples
-        val_batch = shuffled_batches(held_out, config.train.batch_size, 0, pad_id)(0)
+        val_batch = shuffled_batches(held_out, config.train.batch_size, 0, partial(collate, pad_id=pad_id))(0)
 
         def val() -> list:
             return [val_batch]
