@@ -56,8 +56,8 @@ def export_run(checkpoint: str | Path, fmt: str, out: str | Path, base_name: str
     """Export the run or checkpoint dir `checkpoint` as `fmt` (hf or peft) into `out`."""
     import lmforge
     from lmforge.checkpoint import read_config_tree, resolve_checkpoint, tensor_bytes, write_dir
-    from lmforge.config import PeftConfig
-    from lmforge.peft.config import LORA_METHODS, lora_config, merge_peft
+    from lmforge.config import LORA_METHODS, PeftConfig
+    from lmforge.peft.config import merge_peft
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -85,7 +85,7 @@ def export_run(checkpoint: str | Path, fmt: str, out: str | Path, base_name: str
     from lmforge.peft.export import export_peft
 
     base_name = base_name or _default_base_name(ckpt, recorded_training(tree)[1])
-    path = write_dir(out, lambda tmp: export_peft(model, tokenizer, tmp, lora_config(peft), base_name=base_name,
+    path = write_dir(out, lambda tmp: export_peft(model, tokenizer, tmp, peft, base_name=base_name,
                                                   chat_template=template), tensor_bytes(model.state_dict()))
     caveat = ("; note: QLoRA trained against the NF4-quantised base, so on the full-precision base the outputs "
               "differ by the quantisation error") if peft.method == "qlora" else ""
