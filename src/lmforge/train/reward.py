@@ -9,17 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import Field
 from torch import Tensor, nn
 
 import lmforge
-from lmforge.config import AnyModelConfig, PeftConfig, StrictModel, TrainConfig
+from lmforge.config import PeftConfig, StrictModel, TrainConfig
 from lmforge.errors import ConfigError
+from lmforge.manifest import CheckpointManifest
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.heads import last_token_index
 from lmforge.peft.config import apply_peft_to_task_model
@@ -43,15 +44,6 @@ class RewardConfig(StrictModel):
     peft: PeftConfig | None = None  # parameter-efficient training of the backbone (the score head always trains)
     train: TrainConfig = TrainConfig(out_dir="runs/reward", max_steps=300, lr=5e-4, min_lr=5e-5, warmup_steps=20,
                                      batch_size=16, eval_every=100, save_every=100)
-
-
-class RewardCheckpointConfig(BaseModel):
-    """config.yaml of a reward model: `lmforge.load` rebuilds it through `build_task_model("reward", ...)`."""
-
-    model: AnyModelConfig
-    task: Literal["reward"] = "reward"
-    peft: PeftConfig | None = None
-    reward: RewardConfig
 
 
 class RewardModel(nn.Module):
@@ -223,7 +215,7 @@ def train_reward_model(config: RewardConfig, resume: bool = False,
 
     eval_batches = list(ordered_batches(eval_examples, tcfg.batch_size, pad_id)) if eval_examples else None
     val = first_batches(eval_batches, tcfg.eval_batches) if eval_batches else None
-    run_config = RewardCheckpointConfig(model=backbone.cfg, peft=config.peft, reward=config)
+    run_config = CheckpointManifest.of_run("reward", config, model=backbone.cfg, task="reward", peft=config.peft)
     final_eval = (lambda m: {"pairwise_accuracy": pairwise_accuracy(m, eval_batches)}) if eval_batches else None
     result = train(model, tcfg, batch_at, reward_pair_loss, run_config=run_config, tokenizer=tokenizer,
                    val_batches=val, resume=resume, accept_config_change=accept_config_change, perplexity=False,
