@@ -3,6 +3,7 @@ PEFT methods; PPO and GRPO share their common fields."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -89,16 +90,23 @@ def test_peft_methods_are_listed_once() -> None:
     assert [PeftConfig(method=m).method for m in PEFT_METHODS] == list(PEFT_METHODS)
 
 
-def test_one_peft_config_drives_lora_and_refuses_other_methods() -> None:
+def test_one_peft_config_drives_lora_and_refuses_other_methods(tmp_path: Path) -> None:
     from lmforge.errors import ConfigError
-    from lmforge.peft.lora import apply_lora
+    from lmforge.peft.lora import apply_lora, load_adapter, save_adapter
 
     model, _ = lmforge.load(FIXTURES / "save")
-    apply_lora(model, PeftConfig(method="dora", r=2, alpha=8, targets=["attn.q"]))
+    cfg = PeftConfig(method="dora", r=2, alpha=8, targets=["attn.q"], bottleneck=3)
+    apply_lora(model, cfg)
     layer = model.get_submodule("blocks.0.attn.q")
     assert isinstance(layer, LoRALinear) and layer.cfgs["default"].scaling == 4.0
     with pytest.raises(ConfigError, match="LoRA family"):
         apply_lora(model, PeftConfig(method="adapter"), "other")
+    # an adapter file records the LoRA family's fields, the same keys as before there was one PEFT config
+    save_adapter(model, tmp_path / "adapter", cfg)
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["config"]
+    assert set(saved) == {"r", "alpha", "dropout", "targets", "method", "qlora_group_size", "qlora_double_quant"}
+    loaded = load_adapter(lmforge.load(FIXTURES / "save")[0], tmp_path / "adapter")
+    assert (loaded.method, loaded.r, loaded.alpha, loaded.targets) == ("dora", 2, 8.0, ["attn.q"])
 
 
 def test_ppo_and_grpo_share_their_common_fields() -> None:

@@ -39,7 +39,7 @@ class CheckpointManifest(BaseModel):
     run: dict[str, Any] = Field(default_factory=dict)  # the stage's config, as its YAML keys
 
     @classmethod
-    def of_run(cls, stage: Stage, config: BaseModel, model: Any, **what: Any) -> CheckpointManifest:
+    def of_run(cls, stage: Stage, config: BaseModel, model: AnyModelConfig, **what: Any) -> CheckpointManifest:
         """The manifest of a model that `stage` trained with `config` (`what`: task, labels, peft, ...)."""
         run = config.model_dump(mode="json", exclude={"model"} if stage == "pretrain" else None)
         return cls(model=model, stage=stage, run=run, **what)

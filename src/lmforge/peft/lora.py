@@ -53,6 +53,7 @@ LORA_FIELDS = frozenset({"method", "r", "alpha", "dropout", "targets", "qlora_gr
 
 
 def lora_fields(cfg: PeftConfig) -> dict:
+    """The LoRA family's part of `cfg`, as JSON values."""
     return cfg.model_dump(mode="json", include=LORA_FIELDS)
 
 
