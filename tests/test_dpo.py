@@ -15,10 +15,10 @@ from lmforge.config import ModelConfig, TrainConfig
 from lmforge.data.pairs import stack_pairs
 from lmforge.data.sampler import EpochSampler
 from lmforge.errors import ConfigError
+from lmforge.manifest import CheckpointManifest
 from lmforge.model.decoder import DecoderLM
 from lmforge.train import dpo
 from lmforge.train.dpo import (
-    DPOCheckpointConfig,
     DPOConfig,
     dpo_batch_loss,
     dpo_loss,
@@ -147,7 +147,7 @@ def test_a_few_dpo_steps_raise_the_chosen_rejected_margin(tmp_path: Path, kind: 
         rows = EpochSampler(32, 8, cfg.seed).batch_ids(index).tolist()
         return with_reference(select(pairs, rows), ref[rows])
 
-    run_config = DPOCheckpointConfig(model=CFG, dpo=DPOConfig(kind=kind, train=cfg))
+    run_config = CheckpointManifest.of_run("dpo", DPOConfig(kind=kind, train=cfg), model=CFG)
     train(policy, cfg, batch_at, partial(dpo_batch_loss, beta=0.1, kind=kind),
           run_config=run_config, perplexity=False)
     assert len(calls) == passes == 5  # training never runs the reference

@@ -18,12 +18,13 @@ from lmforge.checkpoint import save
 from lmforge.cli import main
 from lmforge.config import ModelConfig, PeftConfig
 from lmforge.errors import CheckpointError
+from lmforge.manifest import CheckpointManifest
 from lmforge.model import build_model
 from lmforge.model.decoder import DecoderLM
 from lmforge.peft.config import apply_peft
 from lmforge.peft.lora import lora_layers
 from lmforge.tokenizer import END_OF_TURN, train_tokenizer
-from lmforge.train.sft import SFTCheckpointConfig, SFTConfig
+from lmforge.train.sft import SFTConfig
 from parity_helpers import perturb
 
 peft = pytest.importorskip("peft")
@@ -64,8 +65,8 @@ def _run(tmp_path, base, peft_cfg: PeftConfig, name: str = "run"):
                 layer.lora_magnitude["default"].mul_(1.1)
         if not lora_layers(model):
             perturb(model)
-    record = SFTCheckpointConfig(model=model.cfg, peft=peft_cfg,
-                                 sft=SFTConfig(base=str(base), train_file="train.jsonl", peft=peft_cfg))
+    record = CheckpointManifest.of_run("sft", SFTConfig(base=str(base), train_file="train.jsonl", peft=peft_cfg),
+                                       model=model.cfg, peft=peft_cfg)
     return save(model, tok, tmp_path / name, run_config=record)
 
 
@@ -119,8 +120,8 @@ def test_export_hf_merges_a_peft_run_and_handles_plain_runs(tmp_path, tok):
         run = _run(tmp_path, base, peft_cfg, name) if peft_cfg else base
         if peft_cfg is None:  # a plain lmforge run (no --peft): `merge --hf` refuses it, export does not
             model, _ = lmforge.load(base)
-            run = save(model, tok, tmp_path / "plain", run_config=SFTCheckpointConfig(
-                model=model.cfg, sft=SFTConfig(base=str(base), train_file="t.jsonl")))
+            run = save(model, tok, tmp_path / "plain", run_config=CheckpointManifest.of_run(
+                "sft", SFTConfig(base=str(base), train_file="t.jsonl"), model=model.cfg))
             assert main(["merge", str(run), "--hf", "--out", str(tmp_path / "m")]) == 2
         ours, _ = lmforge.load(run)
         out = tmp_path / f"{name}-hf"

@@ -14,12 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from lmforge.config import ModelConfig, TrainConfig
+from lmforge.config import ModelConfig, PeftConfig, TrainConfig
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.model.decoder import DecoderLM
 from lmforge.peft.export import export_peft
 from lmforge.peft.lora import (
-    LoRAConfig,
     LoRALinear,
     apply_lora,
     base_nbytes,
@@ -125,7 +124,7 @@ def test_training_starts_at_the_base(method: str):
     model, ids = _model(), _ids()
     with torch.no_grad():
         ref = model(ids)
-    names = apply_lora(model, LoRAConfig(r=4, method=method, targets=["attn", "mlp"], qlora_group_size=32))
+    names = apply_lora(model, PeftConfig(r=4, method=method, targets=["attn", "mlp"], qlora_group_size=32))
     assert len(names) == 2 * 7 and all(isinstance(model.get_submodule(n), LoRALinear) for n in names)
     with torch.no_grad():
         out = model(ids)
@@ -140,7 +139,7 @@ def test_training_starts_at_the_base(method: str):
 @pytest.mark.parametrize("method", ["lora", "dora", "pissa"])
 def test_merge_unmerge_exact(method: str):
     model, ids = _model(), _ids()
-    apply_lora(model, LoRAConfig(r=4, method=method, targets=["attn", "mlp"]))
+    apply_lora(model, PeftConfig(r=4, method=method, targets=["attn", "mlp"]))
     _train_a_little(model)
     layers = lora_layers(model)
     before = {n: m.weight.detach().clone() for n, m in layers.items()}
@@ -160,7 +159,7 @@ def test_merge_unmerge_exact(method: str):
 
 def test_qlora_layer_refuses_in_place_merge_but_merge_lora_dequantises():
     model, ids = _model(), _ids()
-    apply_lora(model, LoRAConfig(r=4, method="qlora", qlora_group_size=32, qlora_double_quant=True))
+    apply_lora(model, PeftConfig(r=4, method="qlora", qlora_group_size=32, qlora_double_quant=True))
     _train_a_little(model)
     with pytest.raises(ConfigError, match="NF4"):
         lora_layers(model)["blocks.0.attn.q"].merge()
@@ -174,7 +173,7 @@ def test_qlora_layer_refuses_in_place_merge_but_merge_lora_dequantises():
 def test_adapters_hot_swap_and_mix_as_the_math_says():
     base = nn.Linear(16, 12)
     layer = LoRALinear(base)
-    cfg_a, cfg_b = LoRAConfig(r=2, alpha=4), LoRAConfig(r=3, alpha=3, method="dora")
+    cfg_a, cfg_b = PeftConfig(r=2, alpha=4), PeftConfig(r=3, alpha=3, method="dora")
     layer.add_adapter("a", cfg_a)
     layer.add_adapter("b", cfg_b)
     with torch.no_grad():
@@ -204,8 +203,8 @@ def test_set_adapter_swaps_across_the_model():
     model, ids = _model(), _ids()
     with torch.no_grad():
         ref = model(ids)
-    apply_lora(model, LoRAConfig(r=4), "a")
-    apply_lora(model, LoRAConfig(r=2, targets=["attn.q", "mlp"]), "b")
+    apply_lora(model, PeftConfig(r=4), "a")
+    apply_lora(model, PeftConfig(r=2, targets=["attn.q", "mlp"]), "b")
     _train_a_little(model, "a")
     _train_a_little(model, "b")
     with torch.no_grad():
@@ -223,7 +222,7 @@ def test_set_adapter_swaps_across_the_model():
 def test_optimizer_sees_only_the_adapter(method: str):
     model = _model()
     n_base = sum(p.numel() for p in model.parameters())
-    apply_lora(model, LoRAConfig(r=4, method=method, qlora_group_size=32))
+    apply_lora(model, PeftConfig(r=4, method=method, qlora_group_size=32))
     adapter = {id(p) for m in lora_layers(model).values() for p in m.adapter_parameters("default")}
     optimizer = build_optimizer(model, TrainConfig())
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == adapter
@@ -270,7 +269,7 @@ def test_peft_parity(tmp_path, family: str, method: str, targets: list[str]):
         model = load_hf(tmp_path / "hf")[0]
     else:  # lmforge -> HF
         hf, model = None, _model("gpt2")
-    cfg = LoRAConfig(r=4, alpha=8, method=method, targets=targets, qlora_group_size=32)
+    cfg = PeftConfig(r=4, alpha=8, method=method, targets=targets, qlora_group_size=32)
     apply_lora(model, cfg)
     with torch.no_grad():
         before = model(ids)
@@ -296,7 +295,7 @@ def test_dora_gradients_match_peft(tmp_path):
 
     hf = _hf_llama(tmp_path)
     model = load_hf(tmp_path / "hf")[0]
-    cfg = LoRAConfig(r=4, alpha=8, method="dora", targets=["attn.q", "mlp.down"])
+    cfg = PeftConfig(r=4, alpha=8, method="dora", targets=["attn.q", "mlp.down"])
     apply_lora(model, cfg)
     _train_a_little(model)
     export_peft(model, None, tmp_path / "peft", cfg)
@@ -321,7 +320,7 @@ def test_pissa_init_matches_peft(tmp_path):
 
     _hf_llama(tmp_path)
     model = load_hf(tmp_path / "hf")[0]
-    apply_lora(model, LoRAConfig(r=4, alpha=8, method="pissa", targets=["attn.q", "attn.v"]))
+    apply_lora(model, PeftConfig(r=4, alpha=8, method="pissa", targets=["attn.q", "attn.v"]))
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights="pissa",
                                                      target_modules=["q_proj", "v_proj"])).eval()
@@ -345,7 +344,7 @@ def test_pissa_init_matches_peft(tmp_path):
 def test_save_load_round_trip_then_merge(tmp_path, method: str):
     model, ids = _model(), _ids()
     base = copy.deepcopy(model)
-    cfg = LoRAConfig(r=4, method=method, targets=["attn", "mlp"], qlora_group_size=32, qlora_double_quant=True)
+    cfg = PeftConfig(r=4, method=method, targets=["attn", "mlp"], qlora_group_size=32, qlora_double_quant=True)
     apply_lora(model, cfg)
     _train_a_little(model)
     save_adapter(model, tmp_path / "adapter", cfg)
@@ -369,7 +368,7 @@ def test_loading_an_adapter_runs_no_initialisation(tmp_path, monkeypatch, method
     """A saved adapter holds every tensor: no SVD (PiSSA) or random init to compute and throw away."""
     model = _model()
     base = copy.deepcopy(model)
-    cfg = LoRAConfig(r=4, method=method, targets=["attn", "mlp"])
+    cfg = PeftConfig(r=4, method=method, targets=["attn", "mlp"])
     apply_lora(model, cfg)
     _train_a_little(model)
     save_adapter(model, tmp_path, cfg)
@@ -385,22 +384,22 @@ def test_loading_an_adapter_runs_no_initialisation(tmp_path, monkeypatch, method
 
 def test_pattern_matching_nothing_lists_the_linear_layers():
     with pytest.raises(ConfigError, match=r"'attn\.qq' matches no Linear.*blocks\.\*\.attn\.q, .*lm_head"):
-        apply_lora(_model(), LoRAConfig(targets=["attn.q", "attn.qq"]))
+        apply_lora(_model(), PeftConfig(targets=["attn.q", "attn.qq"]))
 
 
 def test_rank_too_big_names_the_layer():
     with pytest.raises(ConfigError, match=r"r=20 exceeds .* = min\(32, 16\) of layer 'blocks\.0\.attn\.k'"):
-        apply_lora(_model(), LoRAConfig(r=20))
+        apply_lora(_model(), PeftConfig(r=20))
 
 
 def test_tied_head_is_refused():
     with pytest.raises(ConfigError, match="tied"):
-        apply_lora(_model("gpt2"), LoRAConfig(targets=["lm_head"]))
+        apply_lora(_model("gpt2"), PeftConfig(targets=["lm_head"]))
 
 
 def test_adapter_onto_another_model_is_a_checkpoint_error(tmp_path):
     model = _model()
-    cfg = LoRAConfig(r=4)
+    cfg = PeftConfig(r=4)
     apply_lora(model, cfg)
     save_adapter(model, tmp_path / "a", cfg)
     wider = _model(d_model=48)

@@ -16,11 +16,11 @@ from lmforge.config import EncoderConfig, ModelConfig, TrainConfig
 from lmforge.data.pairs import stack_pairs
 from lmforge.data.sampler import EpochSampler
 from lmforge.errors import ConfigError
+from lmforge.manifest import CheckpointManifest
 from lmforge.model import build_model
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.value_heads import RewardModel, build_reward_model
 from lmforge.train.reward import (
-    RewardCheckpointConfig,
     RewardConfig,
     bradley_terry_loss,
     pairwise_accuracy,
@@ -113,7 +113,7 @@ def test_reward_model_learns_to_rank_separable_pairs_and_its_checkpoint_loads(tm
     before = pairwise_accuracy(model, held_out_batches)
     cfg = TrainConfig(out_dir=str(tmp_path / "rm"), batch_size=16, max_steps=40, lr=3e-3, min_lr=3e-4,
                       warmup_steps=5, save_every=40, log_every=10, device="cpu", progress=False)
-    run_config = RewardCheckpointConfig(model=CFG, reward=RewardConfig(train=cfg))
+    run_config = CheckpointManifest.of_run("reward", RewardConfig(train=cfg), model=CFG, task="reward")
     sampler = EpochSampler(64, 16, cfg.seed)
     result = train(model, cfg, lambda i: rows_of(train_pairs, sampler.batch_ids(i).tolist()), reward_pair_loss,
                    run_config=run_config, perplexity=False)
@@ -135,7 +135,8 @@ def test_reward_model_learns_to_rank_separable_pairs_and_its_checkpoint_loads(tm
 def test_lmforge_load_rebuilds_a_reward_model(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = build_reward_model(DecoderLM(CFG)).eval()
-    write_model_files(tmp_path / "rm", model, None, RewardCheckpointConfig(model=CFG, reward=RewardConfig()))
+    manifest = CheckpointManifest.of_run("reward", RewardConfig(), model=CFG, task="reward")
+    write_model_files(tmp_path / "rm", model, None, manifest)
     loaded, _ = lmforge.load(tmp_path / "rm")
     batch = rows_of(synthetic_pairs(4, seed=3), [0, 1, 2, 3])
     assert isinstance(loaded, RewardModel)

@@ -10,15 +10,15 @@ import pytest
 import torch
 
 import lmforge
-from lmforge.checkpoint import read_config_tree, write_model_files
+from lmforge.checkpoint import read_manifest, write_model_files
 from lmforge.config import ModelConfig, TrainConfig
 from lmforge.errors import ConfigError
-from lmforge.export import recorded_training
 from lmforge.infer.generate import SamplingConfig, generate_ids
+from lmforge.manifest import CheckpointManifest
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.value_heads import PolicyWithValue, RewardModel
 from lmforge.tokenizer import END_OF_TURN, Tokenizer, train_tokenizer
-from lmforge.train.reward import RewardCheckpointConfig, RewardConfig
+from lmforge.train.reward import RewardConfig
 from lmforge.train.rl import (
     GRPOConfig,
     PPOConfig,
@@ -298,7 +298,8 @@ def stage_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     cfg = ModelConfig(vocab_size=tokenizer.backend.get_vocab_size(), max_seq_len=64, n_layer=1, n_head=2, d_model=32)
     lmforge.save(DecoderLM(cfg), tokenizer, root / "sft")
     reward_model = RewardModel(DecoderLM(cfg))
-    write_model_files(root / "rm", reward_model, tokenizer, RewardCheckpointConfig(model=cfg, reward=RewardConfig()))
+    write_model_files(root / "rm", reward_model, tokenizer,
+                      CheckpointManifest.of_run("reward", RewardConfig(), model=cfg, task="reward"))
     lines = [{"prompt": [{"role": "user", "content": q + " Answer with just the number."}],
               "meta": {"format": "number", "answer": a}} for q, a in QUESTIONS]
     (root / "prompts.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -352,7 +353,8 @@ def test_ppo_stage_with_a_reward_model(stage_files: dict[str, Path], tmp_path: P
     assert coefs[0] == 0.05 and coefs[1] < coefs[0]  # KL 0 < target: the adaptive controller lowers it
     assert isinstance(lmforge.load(result.policy_dir)[0], DecoderLM)
     # the policy records its chat template, which `lmforge export` carries into the Hugging Face dir
-    assert recorded_training(read_config_tree(result.policy_dir)) == ("lmforge", str(stage_files["sft"]))
+    manifest = read_manifest(result.policy_dir)
+    assert (manifest.stage, manifest.run["template"], manifest.base) == ("ppo", "lmforge", str(stage_files["sft"]))
 
 
 def test_stage_rejects_prompts_and_replies_longer_than_the_context(stage_files: dict[str, Path]) -> None:
@@ -369,7 +371,8 @@ def test_reward_model_with_another_tokenizer_is_refused(stage_files: dict[str, P
                             show_progress=False)
     reward_model, _ = lmforge.load(stage_files["rm"])
     write_model_files(tmp_path / "rm", reward_model, other,
-                      RewardCheckpointConfig(model=reward_model.backbone.cfg, reward=RewardConfig()))
+                      CheckpointManifest.of_run("reward", RewardConfig(), model=reward_model.backbone.cfg,
+                                                task="reward"))
     config = PPOConfig(policy=str(stage_files["sft"]), reward=str(tmp_path / "rm"), prompts=str(stage_files["prompts"]),
                        max_prompt_len=40, max_new_tokens=6)
     with pytest.raises(ConfigError, match=r"reward model scoring this policy needs one tokenizer.*sft.*rm"):

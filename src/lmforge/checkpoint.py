@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from safetensors.torch import load_file, save_file
 
-from lmforge.config import AnyModelConfig, PeftConfig, dump_config, validation_summary, yaml_problem
+from lmforge.config import PeftConfig, dump_config, validation_summary, yaml_problem
 from lmforge.errors import CheckpointError, one_line
 from lmforge.io import (
     atomic_write_text,
@@ -31,7 +31,8 @@ from lmforge.io import (
     replace_dir,
     unique_temp_path,
 )
-from lmforge.model import HEAD_TASKS, build_model, build_task_model, model_config_from_dict
+from lmforge.manifest import CheckpointManifest
+from lmforge.model import HEAD_TASKS, build_model, build_task_model
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
 CONFIG_FILE, WEIGHTS_FILE = "config.yaml", "model.safetensors"
@@ -62,17 +63,13 @@ def tensor_bytes(obj: Any) -> int:
 
 
 def write_model_files(directory: Path, model: torch.nn.Module, tokenizer: Tokenizer | None, config: BaseModel) -> None:
-    """Write config.yaml, model.safetensors and tokenizer.json into `directory` (not atomic alone)."""
+    """Write config.yaml (`config`: a CheckpointManifest, or a config that dumps to one, such as PretrainConfig),
+    model.safetensors and tokenizer.json into `directory` (not atomic alone)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_FILE).write_text(dump_config(config))
     save_file(_unique_state_dict(model), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     if tokenizer is not None:
         (directory / TOKENIZER_FILE).write_text(tokenizer.backend.to_str())
-
-
-class _ModelOnly(BaseModel):
-    model: AnyModelConfig
-    peft: PeftConfig | None = None
 
 
 def check_replaceable(path: Path) -> None:
@@ -114,11 +111,11 @@ def write_model_dir(path: Path, model: torch.nn.Module, tokenizer: Tokenizer | N
 
 
 def save(model: torch.nn.Module, tokenizer: Tokenizer | None, path: str | Path,
-         peft: PeftConfig | None = None, run_config: BaseModel | None = None) -> Path:
+         peft: PeftConfig | None = None, run_config: CheckpointManifest | None = None) -> Path:
     """Save a model (and tokenizer) as an lmforge checkpoint dir, atomically; `peft` records the method a
-    parameter-efficient model carries, so that loading rebuilds it. `run_config` (with `model` and `peft`
-    sections) replaces both in config.yaml, recording how the model was trained (e.g. its chat template)."""
-    return write_model_dir(Path(path), model, tokenizer, run_config or _ModelOnly(model=model.cfg, peft=peft))
+    parameter-efficient model carries, so that loading rebuilds it. `run_config` (which records its own `peft`)
+    replaces it as config.yaml, recording how the model was trained too (e.g. its chat template)."""
+    return write_model_dir(Path(path), model, tokenizer, run_config or CheckpointManifest(model=model.cfg, peft=peft))
 
 
 def write_training_checkpoint(
@@ -225,26 +222,35 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
         raise CheckpointError(f"{f} does not match the model: missing {missing}, unexpected {unexpected}")
 
 
+def read_manifest(ckpt: Path) -> CheckpointManifest:
+    """The checkpoint's config.yaml, validated (CheckpointError naming each bad key)."""
+    tree = read_config_tree(ckpt)
+    try:
+        return CheckpointManifest.model_validate(tree)
+    except ValidationError as err:
+        raise CheckpointError(f"{ckpt / CONFIG_FILE}: {validation_summary(err, CheckpointManifest)}") from None
+
+
+def build_for_manifest(manifest: CheckpointManifest) -> torch.nn.Module:
+    """The model a manifest describes, with every module its weights need, ready for them to load."""
+    model = build_model(manifest.model)
+    if manifest.task in HEAD_TASKS:  # a fine-tuned task model: backbone + head
+        model = build_task_model(manifest.task, model, manifest.num_labels)
+    if manifest.peft is not None:  # parameter-efficient weights: rebuild the same modules before loading them
+        from lmforge.peft.config import apply_peft_to_task_model
+
+        apply_peft_to_task_model(model, manifest.peft, initialise=False)
+    if manifest.quant is not None:  # weight-only int8/int4: QuantLinear shells before their codes are loaded
+        from lmforge.infer.quant import apply_quant_from_config
+
+        apply_quant_from_config(model, manifest.quant)
+    return model
+
+
 def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, Tokenizer | None]:
     """Load model (eval mode) and tokenizer from an lmforge checkpoint or run dir."""
     ckpt = resolve_checkpoint(path)
-    tree = read_config_tree(ckpt)
-    try:
-        model = build_model(model_config_from_dict(tree["model"]))
-    except ValidationError as err:
-        raise CheckpointError(f"{ckpt / CONFIG_FILE}: invalid model section: {validation_summary(err, prefix='model.')}"
-                              ) from None
-    if tree.get("task") in HEAD_TASKS:  # a fine-tuned task model: backbone + head
-        model = build_task_model(tree["task"], model, tree.get("num_labels"))
-    if tree.get("peft"):  # parameter-efficient weights: rebuild the same modules before loading them
-        from lmforge.config import PeftConfig
-        from lmforge.peft.config import apply_peft_to_task_model
-
-        apply_peft_to_task_model(model, PeftConfig.model_validate(tree["peft"]), initialise=False)
-    if tree.get("quant"):  # weight-only int8/int4: QuantLinear shells before their codes are loaded
-        from lmforge.infer.quant import apply_quant_from_config
-
-        apply_quant_from_config(model, tree)
+    model = build_for_manifest(read_manifest(ckpt))
     load_weights(model, ckpt)
     tok_file = ckpt / TOKENIZER_FILE
     tokenizer = Tokenizer.from_file(tok_file) if tok_file.is_file() else None

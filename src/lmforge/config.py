@@ -227,11 +227,16 @@ class PretrainConfig(StrictModel):
         return self
 
 
+LoraMethod = Literal["lora", "dora", "pissa", "qlora"]  # low-rank adapters on Linear layers (lmforge.peft.lora)
+PeftMethod = Literal[LoraMethod, "adapter", "parallel-adapter", "prefix", "prompt", "bitfit", "topk", "svd-diag"]
+LORA_METHODS: tuple[str, ...] = typing.get_args(LoraMethod)
+PEFT_METHODS: tuple[str, ...] = typing.get_args(PeftMethod)  # every method `--peft` takes, in this order
+
+
 class PeftConfig(StrictModel):
     """The method and its hyperparameters; each method reads only its own fields."""
 
-    method: Literal["lora", "dora", "pissa", "qlora", "adapter", "parallel-adapter", "prefix", "prompt", "bitfit",
-                    "topk", "svd-diag"] = "lora"
+    method: PeftMethod = "lora"
     # LoRA family and svd-diag: the Linear layers to adapt, by name pattern ("attn.q": every block's query
     # projection; "mlp": every Linear inside an mlp; fnmatch wildcards such as "blocks.0.*")
     targets: list[str] = Field(default_factory=lambda: ["attn.q", "attn.k", "attn.v", "attn.o"], min_length=1)
@@ -251,6 +256,11 @@ class PeftConfig(StrictModel):
     prompt_len: int = Field(20, ge=1)
     # top-k layers
     top_k: int = Field(1, ge=1)
+
+    @property
+    def scaling(self) -> float:
+        """The LoRA family's s = alpha / r."""
+        return self.alpha / self.r
 
 
 class FinetuneConfig(StrictModel):

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmforge.errors import ConfigError
 
+if TYPE_CHECKING:
+    from lmforge.manifest import CheckpointManifest
+
 FORMATS = ("hf", "peft")
-_TRAINING_SECTIONS = ("sft", "dpo", "ppo", "grpo", "reward", "finetune")  # config.yaml sections naming the base
 
 
 @dataclass
@@ -23,23 +25,14 @@ class Exported:
     note: str  # one line for the user: what was written, and any caveat
 
 
-def recorded_training(tree: dict[str, Any]) -> tuple[str | None, str | None]:
-    """(chat template name, starting model) a checkpoint's config.yaml records, each None when it has none."""
-    for key in _TRAINING_SECTIONS:
-        section = tree.get(key)
-        if isinstance(section, dict):
-            return section.get("template"), section.get("base") or section.get("policy")
-    return None, None
-
-
-def run_chat_template(tree: dict[str, Any], tokenizer: Any) -> Any:
+def run_chat_template(manifest: CheckpointManifest, tokenizer: Any) -> Any:
     """The `ChatTemplate` a run trained with (an `hf` one read from its starting model's dir), or None."""
-    name, base = recorded_training(tree)
+    name = manifest.run.get("template")
     if name is None or tokenizer is None:
         return None
     from lmforge.data.chat import get_chat_template
 
-    return get_chat_template(name, tokenizer, base)
+    return get_chat_template(name, tokenizer, manifest.base)
 
 
 def _default_base_name(ckpt: Path, base: str | None) -> str:
@@ -55,37 +48,37 @@ def _default_base_name(ckpt: Path, base: str | None) -> str:
 def export_run(checkpoint: str | Path, fmt: str, out: str | Path, base_name: str | None = None) -> Exported:
     """Export the run or checkpoint dir `checkpoint` as `fmt` (hf or peft) into `out`."""
     import lmforge
-    from lmforge.checkpoint import read_config_tree, resolve_checkpoint, tensor_bytes, write_dir
-    from lmforge.config import PeftConfig
-    from lmforge.peft.config import LORA_METHODS, lora_config, merge_peft
+    from lmforge.checkpoint import read_manifest, resolve_checkpoint, tensor_bytes, write_dir
+    from lmforge.config import LORA_METHODS
+    from lmforge.peft.config import merge_peft
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     ckpt = resolve_checkpoint(checkpoint)
-    tree = read_config_tree(ckpt)
-    peft = PeftConfig.model_validate(tree["peft"]) if tree.get("peft") else None
+    manifest = read_manifest(ckpt)
+    peft = manifest.peft
     if fmt == "hf" and base_name is not None:
         raise ConfigError("--base-name names the base of a peft adapter folder; it goes with --format peft")
     if fmt == "peft" and (peft is None or peft.method not in LORA_METHODS):
         trained = f"trained with --peft {peft.method}" if peft else "not trained with --peft"
         raise ConfigError(f"{ckpt} was {trained}; the peft format holds LoRA-family adapters ("
                           f"{', '.join(LORA_METHODS)}); use --format hf")
-    if fmt == "peft" and tree.get("task"):
-        raise ConfigError(f"{ckpt} is a '{tree['task']}' task model; the peft format holds causal-LM adapters, "
+    if fmt == "peft" and manifest.task:
+        raise ConfigError(f"{ckpt} is a '{manifest.task}' task model; the peft format holds causal-LM adapters, "
                           "so use --format hf (which merges the adapter into the task model)")
     model, tokenizer = lmforge.load(ckpt)
-    template = run_chat_template(tree, tokenizer)
+    template = run_chat_template(manifest, tokenizer)
     if fmt == "hf":
         if peft is not None:
             model = merge_peft(model, peft)
-        path = lmforge.export_hf(model, tokenizer, out, chat_template=template, labels=tree.get("labels"))
+        path = lmforge.export_hf(model, tokenizer, out, chat_template=template, labels=manifest.labels)
         merged = f" ({peft.method} merged into the weights)" if peft else ""
         chat = f", chat template {template.name}" if template is not None else ""
         return Exported(path, f"wrote a Hugging Face model{merged}{chat} -> {path}")
     from lmforge.peft.export import export_peft
 
-    base_name = base_name or _default_base_name(ckpt, recorded_training(tree)[1])
-    path = write_dir(out, lambda tmp: export_peft(model, tokenizer, tmp, lora_config(peft), base_name=base_name,
+    base_name = base_name or _default_base_name(ckpt, manifest.base)
+    path = write_dir(out, lambda tmp: export_peft(model, tokenizer, tmp, peft, base_name=base_name,
                                                   chat_template=template), tensor_bytes(model.state_dict()))
     caveat = ("; note: QLoRA trained against the NF4-quantised base, so on the full-precision base the outputs "
               "differ by the quantisation error") if peft.method == "qlora" else ""

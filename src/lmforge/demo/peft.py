@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import lmforge
-from lmforge.config import PeftConfig
+from lmforge.config import PEFT_METHODS, PeftConfig
 from lmforge.data.chat import get_chat_template
 from lmforge.data.sft import read_prompts
 from lmforge.demo.alignment import _train_cfg
@@ -19,8 +19,7 @@ from lmforge.train.sft import SFTConfig, sft
 if TYPE_CHECKING:
     from lmforge.demo import DemoData, DemoPlan
 
-METHODS = ("full", "lora", "dora", "pissa", "qlora", "adapter", "parallel-adapter", "prefix", "prompt", "bitfit",
-           "topk", "svd-diag")
+METHODS = ("full", *PEFT_METHODS)
 
 
 def training_bytes(model) -> int:

@@ -23,6 +23,7 @@ from lmforge.data.batches import PackedBatches
 from lmforge.data.shards import load_shards
 from lmforge.errors import ConfigError, DataError
 from lmforge.eval.report import Section, markdown_table, plot_series
+from lmforge.manifest import CheckpointManifest
 from lmforge.model.decoder import DecoderLM
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.objectives import causal_lm_loss
@@ -123,7 +124,8 @@ def run_position_study(
         config = PretrainConfig(model=mcfg, data=DataConfig(dir=str(shards_dir)), train=tcfg)
         torch.manual_seed(seed)
         net = DecoderLM(mcfg)
-        trained = train(net, tcfg, train_batches.batch, causal_lm_loss, run_config=config, tokenizer=tokenizer)
+        trained = train(net, tcfg, train_batches.batch, causal_lm_loss,
+                        run_config=CheckpointManifest.of_run("pretrain", config, model=mcfg), tokenizer=tokenizer)
         result.train_loss[scheme] = trained.train_loss
         result.ppl[scheme] = {
             length: window_perplexity(net, windows[length], max(1, batch_size * train_len // length), precision)

@@ -368,14 +368,10 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def apply_quant_from_config(model: nn.Module, tree: dict[str, Any]) -> None:
+def apply_quant_from_config(model: nn.Module, q: QuantConfig) -> None:
     """Rebuild empty QuantLinear shells (and a tied pair's QuantEmbedding) for a checkpoint's `quant:` section, so
     its codes can then be loaded. A section without `tied_embedding` (written before it existed) leaves the tied
     pair fp32, as it was quantised."""
-    try:
-        q = QuantConfig.model_validate(tree["quant"])  # its defaults are those of a section that omits a field
-    except ValidationError as err:
-        raise ConfigError(f"invalid quant section: {validation_summary(err, prefix='quant.')}") from None
     cfg = quant_config(q.bits, q.group_size, q.targets, q.tied_embedding)
 
     def shell(lin: nn.Linear) -> QuantLinear:

@@ -12,15 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmforge.checkpoint import write_model_dir
-from lmforge.config import AnyModelConfig, StrictModel
 from lmforge.errors import ConfigError
-from lmforge.infer.quant import QuantConfig, quant_config, quantize_model
+from lmforge.infer.quant import quant_config, quantize_model
+from lmforge.manifest import CheckpointManifest
 from lmforge.peft.lora import LoRALinear
-
-
-class QuantizedCheckpointConfig(StrictModel):
-    model: AnyModelConfig
-    quant: QuantConfig
 
 
 def quantize_checkpoint(src: str | Path, out: str | Path, bits: int = 8, group_size: int = 64,
@@ -38,5 +33,5 @@ def quantize_checkpoint(src: str | Path, out: str | Path, bits: int = 8, group_s
         raise ConfigError(f"{src} carries PEFT adapters; merge them first, then quantize the merged checkpoint")
     report = quantize_model(model, cfg)
     cfg = cfg.model_copy(update={"tied_embedding": report["tied_embedding"]})  # what was done: false when untied
-    out = write_model_dir(Path(out), model, tokenizer, QuantizedCheckpointConfig(model=model.cfg, quant=cfg))
+    out = write_model_dir(Path(out), model, tokenizer, CheckpointManifest(model=model.cfg, quant=cfg))
     return out, report

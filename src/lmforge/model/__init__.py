@@ -6,19 +6,9 @@ encoder (BERT, `encoder.py`), encoder-decoder (T5, `encdec.py`).
 
 from __future__ import annotations
 
-from typing import Any
-
-from pydantic import TypeAdapter
 from torch import nn
 
-from lmforge.config import AnyModelConfig, with_default_arch
-
-_ADAPTER: TypeAdapter = TypeAdapter(AnyModelConfig)
-
-
-def model_config_from_dict(tree: dict[str, Any]) -> AnyModelConfig:
-    """Validate a `model:` section (as saved in config.yaml) into its typed config."""
-    return _ADAPTER.validate_python(with_default_arch(tree))
+from lmforge.config import AnyModelConfig
 
 
 def build_model(cfg: AnyModelConfig) -> nn.Module:

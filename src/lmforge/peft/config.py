@@ -12,13 +12,11 @@ from pathlib import Path
 
 from torch import nn
 
-from lmforge.config import PeftConfig
+from lmforge.config import LORA_METHODS, PeftConfig
 from lmforge.errors import ConfigError
 from lmforge.peft.adapters import apply_adapters
 from lmforge.peft.select import apply_bitfit, apply_svd_diag, apply_topk, merge_svd_diag
 from lmforge.peft.soft_prompts import apply_prefix, apply_prompt
-
-LORA_METHODS = ("lora", "dora", "pissa", "qlora")
 
 NOT_MERGEABLE = {
     "adapter": "adapters add layers (with a nonlinearity) to every block; nothing to fold into the base weights",
@@ -41,14 +39,6 @@ class PeftSummary:
         return f"{self.method}: {self.trainable:,} of {self.total:,} parameters train ({self.percent:.3f}%)"
 
 
-def lora_config(cfg: PeftConfig):
-    """The LoRA family's own config from the switch's."""
-    from lmforge.peft.lora import LoRAConfig
-
-    return LoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets, method=cfg.method,
-                      qlora_group_size=cfg.qlora_group_size, qlora_double_quant=cfg.qlora_double_quant)
-
-
 def save_adapter_files(model: nn.Module, cfg: PeftConfig, run_dir: str | Path) -> Path | None:
     """A LoRA-family run also gets its adapter alone (run_dir/adapter: adapter.safetensors + adapter_config.json),
     which `lmforge.peft.lora.load_adapter` puts on any copy of the base."""
@@ -56,7 +46,7 @@ def save_adapter_files(model: nn.Module, cfg: PeftConfig, run_dir: str | Path) -
         return None
     from lmforge.peft.lora import save_adapter
 
-    return save_adapter(getattr(model, "backbone", model), Path(run_dir) / "adapter", lora_config(cfg))
+    return save_adapter(getattr(model, "backbone", model), Path(run_dir) / "adapter", cfg)
 
 
 def apply_peft(model: nn.Module, cfg: PeftConfig, initialise: bool = True) -> PeftSummary:
@@ -66,7 +56,7 @@ def apply_peft(model: nn.Module, cfg: PeftConfig, initialise: bool = True) -> Pe
     if cfg.method in LORA_METHODS:
         from lmforge.peft.lora import apply_lora, trainable_summary
 
-        apply_lora(model, lora_config(cfg), initialise=initialise)
+        apply_lora(model, cfg, initialise=initialise)
         return PeftSummary(*trainable_summary(model), cfg.method)  # counts QLoRA's NF4 base weights too
     if cfg.method in ("adapter", "parallel-adapter"):
         apply_adapters(model, cfg)

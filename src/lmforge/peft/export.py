@@ -13,11 +13,12 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from lmforge.config import PeftConfig
 from lmforge.data.chat import ChatTemplate
 from lmforge.io import atomic_write, atomic_write_text
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.hf import _LAYER, _PREFIX, config_to_hf, export_hf, write_hf_tokenizer
-from lmforge.peft.lora import BASE_DIR, PEFT_CONFIG, PEFT_WEIGHTS, LoRAConfig, LoRALinear, adapter_layers, lora_layers
+from lmforge.peft.lora import BASE_DIR, PEFT_CONFIG, PEFT_WEIGHTS, LoRALinear, adapter_layers, lora_layers
 from lmforge.tokenizer import Tokenizer
 
 
@@ -46,7 +47,7 @@ def _peft_factors(layer: LoRALinear, name: str) -> tuple[Tensor, Tensor, Tensor 
     return A, B, magnitude
 
 
-def export_peft(model: DecoderLM, tokenizer: Tokenizer | None, path: str | Path, cfg: LoRAConfig,
+def export_peft(model: DecoderLM, tokenizer: Tokenizer | None, path: str | Path, cfg: PeftConfig,
                 adapter_name: str = "default", base_name: str | None = None,
                 chat_template: ChatTemplate | None = None) -> Path:
     """Write adapter_model.safetensors + adapter_config.json in peft's format into `path`, with the tokenizer

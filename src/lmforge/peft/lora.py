@@ -4,7 +4,9 @@ LoRA (Hu et al. 2021, eq. 3): y = W0 x + b + s * B A dropout(x), s = alpha / r; 
 and loralib), B = 0, so training starts exactly at the base model. Several named adapters may sit on one base;
 `set_active` picks which contribute and with what weight: y = base(x) + sum_i w_i * delta_i(x).
 
-Target patterns (`LoRAConfig.targets`) select Linear layers by their module names. A pattern selects a layer when
+A LoRA-family `PeftConfig` (method lora, dora, pissa or qlora) describes an adapter: rank r, alpha (scaling
+s = alpha / r), dropout on the adapter's input, target patterns, and QLoRA's NF4 block size and double quant.
+Target patterns (`PeftConfig.targets`) select Linear layers by their module names. A pattern selects a layer when
 the layer's name, or the name of a module containing it, equals the pattern, ends with "." + pattern, or matches
 it as an fnmatch wildcard: "attn.q" is every block's query projection, "mlp" is every mlp.up/gate/down, "attn"
 all four attention projections, "blocks.0.*" every Linear of the first block.
@@ -26,16 +28,15 @@ import math
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, ValidationError
+from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lmforge.config import StrictModel, validation_summary
+from lmforge.config import LORA_METHODS, PeftConfig, validation_summary
 from lmforge.errors import CheckpointError, ConfigError, one_line
 from lmforge.io import atomic_write, atomic_write_text
 from lmforge.peft.nf4 import dequantize_scales, nf4_dequantize, nf4_quantize, quantize_scales
@@ -46,21 +47,14 @@ PEFT_WEIGHTS, PEFT_CONFIG, BASE_DIR = "adapter_model.safetensors", "adapter_conf
 ADAPTER_KINDS = ("lora_A", "lora_B", "lora_magnitude", "pissa_A0", "pissa_B0")
 
 
-class LoRAConfig(StrictModel):
-    """One adapter: rank, alpha (scaling s = alpha / r), dropout on the adapter's input, target patterns (see the
-    module docstring; add "mlp" for mlp.up/gate/down), the method, and QLoRA's NF4 block size and double quant."""
+# The fields of PeftConfig the LoRA family reads: what an adapter file records and what two adapters must share to be
+# the same adapter (the other methods' fields do not change a LoRA layer).
+LORA_FIELDS = frozenset({"method", "r", "alpha", "dropout", "targets", "qlora_group_size", "qlora_double_quant"})
 
-    r: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    targets: list[str] = Field(default_factory=lambda: ["attn.q", "attn.k", "attn.v", "attn.o"], min_length=1)
-    method: Literal["lora", "dora", "pissa", "qlora"] = "lora"
-    qlora_group_size: int = Field(64, ge=2, multiple_of=2)
-    qlora_double_quant: bool = False
 
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.r
+def lora_fields(cfg: PeftConfig) -> dict:
+    """The LoRA family's part of `cfg`, as JSON values."""
+    return cfg.model_dump(mode="json", include=LORA_FIELDS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +62,7 @@ class LoRAConfig(StrictModel):
 # ---------------------------------------------------------------------------------------------
 
 
-def adapter_kinds(cfg: LoRAConfig) -> tuple[str, ...]:
+def adapter_kinds(cfg: PeftConfig) -> tuple[str, ...]:
     """The tensors an adapter of `cfg.method` holds (a subset of ADAPTER_KINDS)."""
     extra = {"dora": ("lora_magnitude",), "pissa": ("pissa_A0", "pissa_B0")}.get(cfg.method, ())
     return ("lora_A", "lora_B", *extra)
@@ -100,7 +94,7 @@ class LoRALinear(nn.Module):
             self.weight = nn.Parameter(base.weight.detach().contiguous(), requires_grad=False)  # see add_adapter
         for kind in ADAPTER_KINDS:
             setattr(self, kind, nn.ParameterDict())
-        self.cfgs: dict[str, LoRAConfig] = {}
+        self.cfgs: dict[str, PeftConfig] = {}
         self.active: list[tuple[str, float]] = []
         self.unmerged_weight: Tensor | None = None  # W0 while merged, restored bit-for-bit by unmerge
 
@@ -130,7 +124,7 @@ class LoRALinear(nn.Module):
         names = [n for n, _ in self.named_buffers(recurse=False)] if self.quantized else ["weight"]
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
 
-    def check_adapter(self, name: str, cfg: LoRAConfig) -> None:
+    def check_adapter(self, name: str, cfg: PeftConfig) -> None:
         if not name.isidentifier():
             raise ConfigError(f"adapter name {name!r} must be a Python identifier (letters, digits, underscores)")
         if name in self.cfgs:
@@ -146,7 +140,7 @@ class LoRALinear(nn.Module):
             raise ConfigError("this layer holds a PiSSA adapter (its base is a residual): no other adapter fits")
 
     @torch.no_grad()
-    def add_adapter(self, name: str, cfg: LoRAConfig, weights: dict[str, Tensor] | None = None) -> None:
+    def add_adapter(self, name: str, cfg: PeftConfig, weights: dict[str, Tensor] | None = None) -> None:
         """Add adapter `name` initialised per `cfg.method`, or from `weights` (kind -> tensor, e.g. a saved file).
 
         Every tensor is stored contiguous (row-major), as a saved file gives it back, so a model and its reloaded
@@ -164,7 +158,7 @@ class LoRALinear(nn.Module):
         if cfg.method == "pissa":
             self.weight.data = weight - (cfg.scaling * self.pissa_B0[name]) @ self.pissa_A0[name]
 
-    def _initial_tensors(self, cfg: LoRAConfig, weight: Tensor) -> dict[str, Tensor]:
+    def _initial_tensors(self, cfg: PeftConfig, weight: Tensor) -> dict[str, Tensor]:
         """A new adapter's tensors. LoRA: A kaiming-uniform, B = 0. PiSSA (Meng et al. 2024): B = U_r sqrt(S_r / s),
         A = sqrt(S_r / s) V_r^T so s B A is W0's top-r part (frozen copies A0, B0 make the base the residual
         W0 - s B0 A0). DoRA's magnitude starts at ||W0 + s B A||_c."""
@@ -263,8 +257,11 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def _select(model: nn.Module, cfg: LoRAConfig) -> dict[str, nn.Linear | LoRALinear]:
+def _select(model: nn.Module, cfg: PeftConfig) -> dict[str, nn.Linear | LoRALinear]:
     """The Linear (or already adapted) layers `cfg.targets` select, in model order, checked for `cfg`."""
+    if cfg.method not in LORA_METHODS:
+        raise ConfigError(f"LoRA layers take a method of the LoRA family ({', '.join(LORA_METHODS)}), not "
+                          f"'{cfg.method}'; apply other methods with lmforge.peft.config.apply_peft")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear | LoRALinear)}
     chosen = {n: m for n, m in layers.items() if any(matches(n, p) for p in cfg.targets)}
     for pattern in cfg.targets:
@@ -283,7 +280,7 @@ def _select(model: nn.Module, cfg: LoRAConfig) -> dict[str, nn.Linear | LoRALine
     return chosen
 
 
-def _apply(model: nn.Module, cfg: LoRAConfig, adapter_name: str,
+def _apply(model: nn.Module, cfg: PeftConfig, adapter_name: str,
            weights: dict[str, dict[str, Tensor]] | None) -> list[str]:
     if not adapter_name.isidentifier():
         raise ConfigError(f"adapter name {adapter_name!r} must be a Python identifier (letters, digits, underscores)")
@@ -304,7 +301,7 @@ def _apply(model: nn.Module, cfg: LoRAConfig, adapter_name: str,
     return list(chosen)
 
 
-def apply_lora(model: nn.Module, cfg: LoRAConfig, adapter_name: str = "default", initialise: bool = True) -> list[str]:
+def apply_lora(model: nn.Module, cfg: PeftConfig, adapter_name: str = "default", initialise: bool = True) -> list[str]:
     """Add adapter `adapter_name` to every layer `cfg.targets` selects (wrapping plain Linears), make it the only
     active one there, and freeze every parameter but its own. Returns the adapted layer names. `initialise=False`
     gives every adapter tensor zeros instead, for a checkpoint's state dict to fill (no SVD computed for nothing)."""
@@ -360,12 +357,12 @@ def merge_lora(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 
 
-def adapter_layers(model: nn.Module, adapter_name: str, cfg: LoRAConfig | None = None) -> dict[str, LoRALinear]:
+def adapter_layers(model: nn.Module, adapter_name: str, cfg: PeftConfig | None = None) -> dict[str, LoRALinear]:
     layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.cfgs}
     if not layers:
         raise ConfigError(f"the model has no adapter named '{adapter_name}'")
     for name, layer in layers.items():
-        if cfg is not None and layer.cfgs[adapter_name] != cfg:
+        if cfg is not None and lora_fields(layer.cfgs[adapter_name]) != lora_fields(cfg):
             raise ConfigError(f"adapter '{adapter_name}' on '{name}' was built with {layer.cfgs[adapter_name]!r}, "
                               f"not the given {cfg!r}")
     return layers
@@ -378,31 +375,31 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str
             for kind in ADAPTER_KINDS if adapter_name in getattr(layer, kind)}
 
 
-def save_adapter(model: nn.Module, path: str | Path, cfg: LoRAConfig, adapter_name: str = "default") -> Path:
+def save_adapter(model: nn.Module, path: str | Path, cfg: PeftConfig, adapter_name: str = "default") -> Path:
     """Write adapter.safetensors, then adapter_config.json, each atomically (the config marks a complete save)."""
     path = Path(path)
     adapter_layers(model, adapter_name, cfg)
     tensors = lora_state_dict(model, adapter_name)
     atomic_write(path / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    config = {"format": "lmforge-lora", "config": cfg.model_dump(mode="json")}
+    config = {"format": "lmforge-lora", "config": lora_fields(cfg)}
     atomic_write_text(path / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
     return path
 
 
-def _expected_shapes(name: str, m: nn.Linear | LoRALinear, cfg: LoRAConfig) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(name: str, m: nn.Linear | LoRALinear, cfg: PeftConfig) -> dict[str, tuple[int, ...]]:
     shapes = {"lora_A": (cfg.r, m.in_features), "lora_B": (m.out_features, cfg.r), "lora_magnitude": (m.out_features,),
               "pissa_A0": (cfg.r, m.in_features), "pissa_B0": (m.out_features, cfg.r)}
     return {f"{name}.{kind}": shapes[kind] for kind in adapter_kinds(cfg)}
 
 
-def _by_layer(chosen: dict[str, nn.Linear | LoRALinear], cfg: LoRAConfig,
+def _by_layer(chosen: dict[str, nn.Linear | LoRALinear], cfg: PeftConfig,
               tensors: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
     """`<layer>.<kind>` tensors grouped per layer, as `_apply` takes them."""
     return {name: {key.rsplit(".", 1)[1]: tensors[key] for key in _expected_shapes(name, m, cfg)}
             for name, m in chosen.items()}
 
 
-def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> LoRAConfig:
+def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> PeftConfig:
     """Add a saved adapter to `model` (its base); everything is checked before the model is touched."""
     path = Path(path)
     config_file, weights_file = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
@@ -415,7 +412,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
             else ""
         raise CheckpointError(f"{config_file}: not an lmforge adapter{hint}")
     try:
-        cfg = LoRAConfig.model_validate(data.get("config"))
+        cfg = PeftConfig.model_validate(data.get("config"))
         tensors = load_file(str(weights_file))
     except ValidationError as err:
         raise CheckpointError(f"{config_file}: invalid adapter config: {validation_summary(err, prefix='config.')}"

@@ -21,11 +21,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from lmforge.config import PeftConfig
 from lmforge.errors import CheckpointError
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.hf import config_to_hf
 from lmforge.peft.export import hf_module_name
-from lmforge.peft.lora import PEFT_CONFIG, PEFT_WEIGHTS, LoRAConfig, LoRALinear
+from lmforge.peft.lora import PEFT_CONFIG, PEFT_WEIGHTS, LoRALinear
 
 ADAPTER_NAME = "default"
 _KEY_RE = re.compile(r"base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)")
@@ -112,7 +113,7 @@ def load_peft_adapter(model: DecoderLM, path: str | Path) -> None:
                                   f"{model_type} base has (e.g. base_model.model.{next(iter(linears))}.lora_A.weight)")
         parts.setdefault(m[1], {})[m[2].split(".")[0]] = tensor
     counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    plan: list[tuple[str, LoRAConfig, dict[str, Tensor]]] = []
+    plan: list[tuple[str, PeftConfig, dict[str, Tensor]]] = []
     for hf_name, found in parts.items():
         layers = linears[hf_name]
         A, B, magnitude = found.get("lora_A"), found.get("lora_B"), found.get("lora_magnitude_vector")
@@ -127,7 +128,7 @@ def load_peft_adapter(model: DecoderLM, path: str | Path) -> None:
                                   f"magnitude, but use_dora={config.get('use_dora')!r}")
         r = A.shape[0]
         method = "dora" if magnitude is not None else "lora"
-        cfg = LoRAConfig(r=r, alpha=_scaling(config, hf_name, r) * r, method=method,
+        cfg = PeftConfig(r=r, alpha=_scaling(config, hf_name, r) * r, method=method,
                          targets=[name for name, _ in layers])
         sizes = [m.out_features for _, m in layers]
         rows = {"lora_B": B.split(sizes)}

@@ -15,10 +15,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from lmforge.checkpoint import read_config_tree
+from lmforge.checkpoint import read_manifest
 from lmforge.config import dump_config
 from lmforge.errors import ConfigError
 from lmforge.io import append_line
+from lmforge.manifest import CheckpointManifest
 from lmforge.train.console import report
 
 CHANGES_FILE = "config_changes.jsonl"
@@ -50,8 +51,9 @@ def _show(value: Any) -> str:
 def check_resume_config(ckpt: Path, run_config: BaseModel, run_dir: Path, accept: bool) -> dict[str, tuple]:
     """The changes from `ckpt`'s config.yaml to `run_config` that are not free; ConfigError naming each of them
     unless `accept`."""
-    saved = read_config_tree(ckpt)
-    current = yaml.safe_load(dump_config(run_config))  # the same normal form as the saved file
+    # both in the manifest's normal form (the form of today's files, whichever version wrote the saved one)
+    saved = read_manifest(ckpt).model_dump(mode="json")
+    current = CheckpointManifest.model_validate(yaml.safe_load(dump_config(run_config))).model_dump(mode="json")
     changes = {k: v for k, v in config_diff(saved, current).items() if not is_free(k)}
     if changes and not accept:
         listed = ", ".join(f"{k} {_show(old)} -> {_show(new)}" for k, (old, new) in changes.items())

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import Field
 from torch import Tensor, nn
 
 from lmforge.checkpoint import resolve_checkpoint
@@ -21,6 +21,7 @@ from lmforge.config import DataConfig, ModelConfig, PeftConfig, StrictModel, Tra
 from lmforge.data.batches import PackedBatches
 from lmforge.data.shards import load_shards
 from lmforge.errors import ConfigError
+from lmforge.manifest import CheckpointManifest
 from lmforge.model.decoder import DecoderLM
 from lmforge.peft.config import apply_peft
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer, require_same_vocab
@@ -44,14 +45,6 @@ class DistillConfig(StrictModel):
     alpha: float = Field(0.5, ge=0.0, le=1.0)  # weight of the soft (teacher) term; 1 - alpha on the hard labels
     peft: PeftConfig | None = None  # parameter-efficient training of a student checkpoint
     train: TrainConfig = TrainConfig(out_dir="runs/distill", max_steps=1000, lr=1e-3, min_lr=1e-4)
-
-
-class DistillCheckpointConfig(BaseModel):
-    """config.yaml of a distilled student: a plain decoder, as `lmforge.load` rebuilds it."""
-
-    model: ModelConfig
-    peft: PeftConfig | None = None
-    distill: DistillConfig
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float,
@@ -138,6 +131,6 @@ def distill(config: DistillConfig, resume: bool = False, accept_config_change: b
     shards = load_shards(config.data.dir)
     batches = PackedBatches(shards.tokens("train"), seq_len, tcfg.batch_size, tcfg.seed)
     return train(student, tcfg, batches.batch, distill_loss_fn(teacher, config.temperature, config.alpha, vocab),
-                 run_config=DistillCheckpointConfig(model=student.cfg, peft=config.peft, distill=config),
+                 run_config=CheckpointManifest.of_run("distill", config, model=student.cfg, peft=config.peft),
                  tokenizer=tokenizer, val_batches=_val_batches(shards.tokens("val"), seq_len, tcfg), resume=resume,
                  accept_config_change=accept_config_change)

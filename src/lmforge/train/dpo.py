@@ -14,13 +14,14 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import Field
 from torch import Tensor, nn
 
-from lmforge.config import AnyModelConfig, PeftConfig, StrictModel, TrainConfig
+from lmforge.config import PeftConfig, StrictModel, TrainConfig
 from lmforge.data.pairs import Batch, collate_pairs, ordered_pair_batches, pair_reader
 from lmforge.data.sampler import EpochSampler
 from lmforge.errors import ConfigError
+from lmforge.manifest import CheckpointManifest
 from lmforge.peft.config import apply_peft
 from lmforge.train.console import report
 from lmforge.train.distributed import init_distributed
@@ -47,14 +48,6 @@ class DPOConfig(StrictModel):
     peft: PeftConfig | None = None  # parameter-efficient DPO (LoRA, ...)
     train: TrainConfig = TrainConfig(out_dir="runs/dpo", max_steps=200, lr=1e-4, min_lr=1e-5, warmup_steps=20,
                                      batch_size=8, weight_decay=0.0, eval_every=50, save_every=100)
-
-
-class DPOCheckpointConfig(BaseModel):
-    """config.yaml of a DPO-trained policy: a plain decoder, as `lmforge.load` rebuilds it."""
-
-    model: AnyModelConfig
-    peft: PeftConfig | None = None
-    dpo: DPOConfig
 
 
 def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
@@ -165,7 +158,7 @@ def train_dpo(config: DPOConfig, resume: bool = False,
 
     loss_fn = partial(dpo_batch_loss, beta=config.beta, kind=config.kind)
     val = first_batches(eval_batches, tcfg.eval_batches) if eval_batches else None
-    run_config = DPOCheckpointConfig(model=policy.cfg, peft=config.peft, dpo=config)
+    run_config = CheckpointManifest.of_run("dpo", config, model=policy.cfg, peft=config.peft)
     final_eval = partial(preference_metrics, batches=eval_batches, beta=config.beta, precision=tcfg.precision)
     result = train(policy, tcfg, batch_at, loss_fn, run_config=run_config,
                    tokenizer=tokenizer, val_batches=val, resume=resume, accept_config_change=accept_config_change,

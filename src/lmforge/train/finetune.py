@@ -11,14 +11,14 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from pydantic import BaseModel
 
-from lmforge.config import AnyModelConfig, FinetuneConfig, PeftConfig
+from lmforge.config import FinetuneConfig
 from lmforge.data import task_data
 from lmforge.data.sampler import shuffled_batches
 from lmforge.errors import ConfigError
 from lmforge.infer.generate import SamplingConfig, generate_ids
 from lmforge.infer.generate_encdec import generate_encdec
+from lmforge.manifest import CheckpointManifest
 from lmforge.model import build_model, build_task_model
 from lmforge.model.heads import best_span
 from lmforge.peft.config import apply_peft_to_task_model, save_adapter_files
@@ -30,17 +30,6 @@ from lmforge.train.task_losses import classification_loss, span_qa_loss, token_c
 from lmforge.train.trainer import TrainResult, train
 
 Example = task_data.Example
-
-
-class TaskCheckpointConfig(BaseModel):
-    """What a fine-tuned checkpoint's config.yaml holds: enough for `lmforge.load` to rebuild it."""
-
-    model: AnyModelConfig
-    task: str
-    peft: PeftConfig | None = None
-    labels: list[str] | None = None
-    num_labels: int | None = None
-    finetune: FinetuneConfig
 
 
 @dataclass
@@ -133,8 +122,8 @@ def finetune(config: FinetuneConfig, resume: bool = False, accept_config_change:
     model = build_task_model(config.task, backbone, len(labels) if labels else None, config.dropout)
     if config.peft is not None:
         report(apply_peft_to_task_model(model, config.peft))
-    run_config = TaskCheckpointConfig(model=backbone.cfg, task=config.task, peft=config.peft, labels=labels,
-                                      num_labels=len(labels) if labels else None, finetune=config)
+    run_config = CheckpointManifest.of_run("finetune", config, model=backbone.cfg, task=config.task, peft=config.peft,
+                                           labels=labels, num_labels=len(labels) if labels else None)
     batch_at = shuffled_batches(examples, config.train.batch_size, config.train.seed,
                                 partial(task_data.collate, pad_id=pad_id))
     val = None

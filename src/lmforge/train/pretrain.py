@@ -17,6 +17,7 @@ from lmforge.config import PretrainConfig
 from lmforge.data.batches import PackedBatches
 from lmforge.data.shards import load_shards
 from lmforge.errors import ConfigError, DataError
+from lmforge.manifest import CheckpointManifest
 from lmforge.model import build_model
 from lmforge.tokenizer import SENTINELS, Tokenizer
 from lmforge.train.objectives import causal_lm_loss, masked_lm_loss, seq2seq_loss
@@ -85,6 +86,6 @@ def pretrain(config: PretrainConfig, resume: bool = False, accept_config_change:
     val_batches = validation_batches(config, shards.tokens("val"), seq_len, tokenizer)
     torch.manual_seed(tcfg.seed)
     model = build_model(mcfg)
-    return train(model, tcfg, train_batches.batch, LOSSES[config.objective], run_config=config,
-                 tokenizer=tokenizer, val_batches=val_batches, resume=resume,
-                 accept_config_change=accept_config_change)
+    return train(model, tcfg, train_batches.batch, LOSSES[config.objective],
+                 run_config=CheckpointManifest.of_run("pretrain", config, model=mcfg), tokenizer=tokenizer,
+                 val_batches=val_batches, resume=resume, accept_config_change=accept_config_change)

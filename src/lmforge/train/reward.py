@@ -7,17 +7,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from functools import partial
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import Field
 from torch import Tensor, nn
 
-from lmforge.config import AnyModelConfig, PeftConfig, StrictModel, TrainConfig
+from lmforge.config import PeftConfig, StrictModel, TrainConfig
 from lmforge.data.pairs import Batch, collate_pairs, ordered_pair_batches, pair_reader
 from lmforge.data.sampler import shuffled_batches
 from lmforge.errors import ConfigError
+from lmforge.manifest import CheckpointManifest
 from lmforge.model.value_heads import build_reward_model
 from lmforge.peft.config import apply_peft_to_task_model
 from lmforge.train.console import report
@@ -41,13 +41,6 @@ class RewardConfig(StrictModel):
                                      batch_size=16, eval_every=100, save_every=100)
 
 
-class RewardCheckpointConfig(BaseModel):
-    """config.yaml of a reward model: `lmforge.load` rebuilds it through `build_task_model("reward", ...)`."""
-
-    model: AnyModelConfig
-    task: Literal["reward"] = "reward"
-    peft: PeftConfig | None = None
-    reward: RewardConfig
 
 
 def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor) -> Tensor:
@@ -97,7 +90,7 @@ def train_reward_model(config: RewardConfig, resume: bool = False,
     batch_at = shuffled_batches(examples, tcfg.batch_size, tcfg.seed, partial(collate_pairs, pad_id=pad_id))
     eval_batches = list(ordered_pair_batches(eval_examples, tcfg.batch_size, pad_id)) if eval_examples else None
     val = first_batches(eval_batches, tcfg.eval_batches) if eval_batches else None
-    run_config = RewardCheckpointConfig(model=backbone.cfg, peft=config.peft, reward=config)
+    run_config = CheckpointManifest.of_run("reward", config, model=backbone.cfg, task="reward", peft=config.peft)
     final_eval = (lambda m: {"pairwise_accuracy": pairwise_accuracy(m, eval_batches)}) if eval_batches else None
     result = train(model, tcfg, batch_at, reward_pair_loss, run_config=run_config, tokenizer=tokenizer,
                    val_batches=val, resume=resume, accept_config_change=accept_config_change, perplexity=False,

@@ -20,17 +20,18 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import Field
 from torch import Tensor
 
 import lmforge
 from lmforge.checkpoint import save as save_checkpoint
-from lmforge.config import AnyModelConfig, PeftConfig, StrictModel, TrainConfig
+from lmforge.config import PeftConfig, StrictModel, TrainConfig
 from lmforge.errors import ConfigError
+from lmforge.manifest import CheckpointManifest
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.heads import last_token_index
 from lmforge.model.value_heads import PolicyWithValue, RewardModel
@@ -141,8 +142,9 @@ def entropy(logits: Tensor) -> Tensor:
 
 
 # -- configs -----------------------------------------------------------------------------------------------
-class PPOConfig(StrictModel):
-    """PPO-RLHF. `reward`: "verifier" (lmforge.data.instructions.verify) or a reward-model checkpoint dir."""
+class RLConfig(StrictModel):
+    """What PPO and GRPO share: the policy, the reward, the prompts and how they are sampled, and the clipped
+    update's minibatches. `reward`: "verifier" (lmforge.data.instructions.verify) or a reward-model checkpoint dir."""
 
     policy: str = ""  # the SFT checkpoint the policy (and the frozen reference) start from
     reward: str = "verifier"
@@ -153,11 +155,16 @@ class PPOConfig(StrictModel):
     peft: PeftConfig | None = None  # parameter-efficient RL on the policy (the value head always trains)
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(1.0, gt=0)  # log-probs are of the same tempered distribution
+    minibatch_size: int = Field(8, ge=1)  # rollouts per micro-batch (train.batch_size is not used)
+    clip_eps: float = Field(0.2, gt=0)
+
+
+class PPOConfig(RLConfig):
+    """PPO-RLHF (Ouyang et al. 2022) with a value head and GAE."""
+
     prompts_per_round: int = Field(16, ge=1)
     samples_per_prompt: int = Field(1, ge=1)
     ppo_epochs: int = Field(4, ge=1)
-    minibatch_size: int = Field(8, ge=1)  # rollouts per micro-batch (train.batch_size is not used)
-    clip_eps: float = Field(0.2, gt=0)
     value_clip: float = Field(0.2, gt=0)
     vf_coef: float = Field(0.1, ge=0)
     gamma: float = Field(1.0, ge=0, le=1)
@@ -171,37 +178,16 @@ class PPOConfig(StrictModel):
                                      weight_decay=0.0, save_every=50, log_every=1)
 
 
-class GRPOConfig(StrictModel):
-    """GRPO. `reward`: "verifier" (the synthetic tasks' checker) or a reward-model checkpoint dir."""
+class GRPOConfig(RLConfig):
+    """GRPO (Shao et al. 2024): group-relative advantages, no value head."""
 
-    policy: str = ""
-    reward: str = "verifier"
-    prompts: str = ""
-    template: str = "lmforge"
-    max_prompt_len: int = Field(192, ge=2)
-    skip_bad_lines: bool = False
-    peft: PeftConfig | None = None  # parameter-efficient RL on the policy (the value head always trains)
-    max_new_tokens: int = Field(64, ge=1)
-    temperature: float = Field(1.0, gt=0)
     prompts_per_round: int = Field(4, ge=1)
     group_size: int = Field(8, ge=2)  # G samples per prompt
     ppo_epochs: int = Field(1, ge=1)  # mu: passes over each round
-    minibatch_size: int = Field(8, ge=1)
-    clip_eps: float = Field(0.2, gt=0)
     beta: float = Field(0.04, ge=0)  # KL coefficient (DeepSeekMath uses 0.04)
     std_eps: float = Field(1e-4, gt=0)
     train: TrainConfig = TrainConfig(out_dir="runs/grpo", max_steps=200, lr=1e-4, min_lr=1e-5, warmup_steps=0,
                                      weight_decay=0.0, save_every=50, log_every=1)
-
-
-class RLRunConfig(BaseModel):
-    """config.yaml of an RL run's training checkpoints (the loadable policy is saved to out_dir/policy)."""
-
-    model: AnyModelConfig
-    peft: PeftConfig | None = None
-    algorithm: Literal["ppo", "grpo"]
-    ppo: PPOConfig | None = None
-    grpo: GRPOConfig | None = None
 
 
 @dataclass
@@ -222,10 +208,9 @@ def _single_process() -> None:
         raise ConfigError("PPO and GRPO run in a single process; launch them without torchrun")
 
 
-def _finish(policy: DecoderLM, tokenizer: Tokenizer | None, run_config: RLRunConfig, result: TrainResult,
-            rewards: list[float]) -> RLResult:
+def _finish(policy: DecoderLM, tokenizer: Tokenizer | None, cfg: PPOConfig | GRPOConfig, run_config: CheckpointManifest,
+            result: TrainResult, rewards: list[float]) -> RLResult:
     """Save the policy to out_dir/policy with the run's config (its chat template travels to an export)."""
-    cfg = run_config.ppo or run_config.grpo
     policy_dir = save_checkpoint(policy, tokenizer, Path(cfg.train.out_dir) / "policy", run_config=run_config)
     return RLResult(result, policy_dir, rewards)
 
@@ -280,10 +265,10 @@ def run_ppo(policy: DecoderLM, prompts: Sequence[Prompt], reward_fn: RewardFn, c
 
     rows = min(cfg.prompts_per_round, len(prompts)) * cfg.samples_per_prompt
     batch_at = minibatch_stream(make_round, rows, cfg.minibatch_size, cfg.ppo_epochs, tc.seed)
-    run_config = RLRunConfig(model=policy.cfg, peft=cfg.peft, algorithm="ppo", ppo=cfg)
+    run_config = CheckpointManifest.of_run("ppo", cfg, model=policy.cfg, peft=cfg.peft)
     result = train(model, tc, batch_at, loss_fn, run_config=run_config, tokenizer=tokenizer, resume=resume,
                    accept_config_change=accept_config_change, perplexity=False)
-    return _finish(policy, tokenizer, run_config, result, rewards)
+    return _finish(policy, tokenizer, cfg, run_config, result, rewards)
 
 
 # -- GRPO --------------------------------------------------------------------------------------------------
@@ -326,10 +311,10 @@ def run_grpo(policy: DecoderLM, prompts: Sequence[Prompt], reward_fn: RewardFn, 
 
     rows = min(cfg.prompts_per_round, len(prompts)) * cfg.group_size
     batch_at = minibatch_stream(make_round, rows, cfg.minibatch_size, cfg.ppo_epochs, tc.seed)
-    run_config = RLRunConfig(model=policy.cfg, peft=cfg.peft, algorithm="grpo", grpo=cfg)
+    run_config = CheckpointManifest.of_run("grpo", cfg, model=policy.cfg, peft=cfg.peft)
     result = train(policy, tc, batch_at, loss_fn, run_config=run_config, tokenizer=tokenizer, resume=resume,
                    accept_config_change=accept_config_change, perplexity=False)
-    return _finish(policy, tokenizer, run_config, result, rewards)
+    return _finish(policy, tokenizer, cfg, run_config, result, rewards)
 
 
 # -- stages: the SFT policy, the prompts and the reward, from files --------------------------------------

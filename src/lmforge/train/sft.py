@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from functools import partial
 
-from pydantic import BaseModel
-
-from lmforge.config import AnyModelConfig, PeftConfig, StrictModel, TrainConfig
+from lmforge.config import PeftConfig, StrictModel, TrainConfig
 from lmforge.data.chat import get_chat_template
 from lmforge.data.sampler import shuffled_batches
 from lmforge.data.sft import read_sft
 from lmforge.data.task_data import collate
 from lmforge.errors import ConfigError
+from lmforge.manifest import CheckpointManifest
 from lmforge.peft.config import apply_peft, save_adapter_files
 from lmforge.train.console import report
 from lmforge.train.objectives import causal_lm_loss
@@ -33,12 +32,6 @@ class SFTConfig(StrictModel):
     peft: PeftConfig | None = None  # parameter-efficient SFT (LoRA, QLoRA, adapters, prefix, ...)
     train: TrainConfig = TrainConfig(out_dir="runs/sft", max_steps=300, lr=1e-3, min_lr=1e-4, warmup_steps=20,
                                      batch_size=16, eval_every=100, save_every=100)
-
-
-class SFTCheckpointConfig(BaseModel):
-    model: AnyModelConfig
-    peft: PeftConfig | None = None
-    sft: SFTConfig
 
 
 def sft(config: SFTConfig, resume: bool = False, accept_config_change: bool = False) -> TrainResult:
@@ -66,7 +59,7 @@ def sft(config: SFTConfig, resume: bool = False, accept_config_change: bool = Fa
     if config.peft is not None:
         report(apply_peft(model, config.peft))
     model.train()
-    run_config = SFTCheckpointConfig(model=model.cfg, peft=config.peft, sft=config)
+    run_config = CheckpointManifest.of_run("sft", config, model=model.cfg, peft=config.peft)
     result = train(model, config.train, batch_at, causal_lm_loss, run_config=run_config, tokenizer=tokenizer,
                    val_batches=val, resume=resume, accept_config_change=accept_config_change)
     if config.peft is not None:

@@ -191,9 +191,9 @@ def train(
     """Train `model` for cfg.max_steps optimizer steps, checkpointing into cfg.out_dir.
 
     `loss_fn` returns a `LossResult`; its metrics are logged with the loss, averaged over micro-batches and ranks.
-    `run_config` is saved as config.yaml in every checkpoint (it must have a `model` section
-    so the checkpoint loads with `lmforge.load`). `perplexity` adds exp(val loss) to the log:
-    meaningful for language-model losses only. `final_eval(model)` scores the trained model once after the last
+    `run_config` is saved as config.yaml in every checkpoint: a `CheckpointManifest` (or a config whose YAML is
+    one, such as PretrainConfig), so the checkpoint loads with `lmforge.load`. `perplexity` adds exp(val loss) to
+    the log: meaningful for language-model losses only. `final_eval(model)` scores the trained model once after the last
     step (held-out accuracy, say); its values are logged as `eval_<name>` and returned in `eval_metrics`. The run
     holds cfg.out_dir's lock throughout (rank 0 for all ranks). On `resume`, a config that differs from the
     checkpoint's in a key that changes the run is refused
