@@ -1,30 +1,74 @@
-"""`lmforge VERB ...`: parse arguments, load the config, call one stage. Nothing else lives here."""
+"""`lmforge VERB ...` on jsonargparse: parse the arguments, load the config, call one command. Nothing else lives here.
+
+A training stage's options are its flags plus every key of its pydantic config (`--train.lr=1e-4`, `--peft.r=16`);
+jsonargparse parses them, and the config, loaded by `load_config` over `--config FILE.yaml`, validates them."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import difflib
 import os
+import re
 import sys
-from dataclasses import dataclass, field
+import typing
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from jsonargparse import SUPPRESS, ArgumentParser, DefaultHelpFormatter, Namespace
 
 from lmforge.errors import ConfigError, LmforgeError
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, with a usage error as one line (the full usage is one `--help` away)."""
+class _Help(DefaultHelpFormatter):
+    """Help as written: descriptions and examples keep their line breaks, nothing is appended to an option's help."""
 
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
 
-
-def _parser(sub, name: str, help: str, example: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {example}",
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help or ""
 
 
-def _add_input_options(p: argparse.ArgumentParser) -> None:
+class _Parser(ArgumentParser):
+    """jsonargparse, with a usage error as an LmforgeError: one line (the full usage is one `--help` away)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(formatter_class=_Help, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None) -> typing.NoReturn:
+        raise LmforgeError(f"{_readable(self, message)} (see `{self.prog.replace(' [options]', '')} --help`)")
+
+
+def _readable(parser: argparse.ArgumentParser, message: str) -> str:
+    """jsonargparse's message in one line, naming options as the user spells them, with a did-you-mean for each
+    unknown option (jsonargparse names an option by its key: `Parser key "max_len"` -> `--max-len`)."""
+    message = re.sub(r'Parser key "([^"]+)"', lambda m: _option(parser, m[1]), message)
+    if "arguments are required: " in message:
+        head, keys = message.split("required: ", 1)
+        message = head + "required: " + ", ".join(_option(parser, key) for key in keys.split(", "))
+    if message.startswith("unrecognized arguments: "):
+        known = [o.removeprefix("--") for a in parser._actions for o in a.option_strings if o.startswith("--")]
+        unknown = [a.removeprefix("--").split("=")[0] for a in message.split()[2:] if a.startswith("--")]
+        for key in unknown:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+            message += f"; unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+    return " ".join(message.split())
+
+
+def _option(parser: argparse.ArgumentParser, key: str) -> str:
+    """The option string of `key` (`tokenizer.train.vocab_size` -> `--vocab-size`), found through sub-commands."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            verb, _, rest = key.partition(".")
+            if verb in action.choices:
+                return _option(action.choices[verb], rest)
+        elif action.dest == key and action.option_strings:
+            return action.option_strings[0]
+    return key
+
+
+def _add_input_options(p: ArgumentParser) -> None:
     p.add_argument("--input", nargs="+", required=True, metavar="FILE",
                    help="text files: .txt (one document per file), .jsonl (one per line), .parquet")
     p.add_argument("--text-field", default="text", help="JSONL key / parquet column holding the text (default: text)")
@@ -34,8 +78,7 @@ def _add_input_options(p: argparse.ArgumentParser) -> None:
 
 # ---- verbs ------------------------------------------------------------------------------------
 
-
-def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+def cmd_tokenizer_train(args: Namespace) -> None:
     from lmforge.data.readers import read_documents
     from lmforge.io import require_dir_path
     from lmforge.tokenizer import train_tokenizer
@@ -49,7 +92,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     print(f"trained a {tokenizer.vocab_size}-token byte-level BPE on {docs.documents} documents{skipped} -> {path}")
 
 
-def cmd_data_prepare(args: argparse.Namespace) -> None:
+def cmd_data_prepare(args: Namespace) -> None:
     from lmforge.data.shards import prepare_shards
     from lmforge.tokenizer import Tokenizer
 
@@ -60,52 +103,177 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
           f"({index.dtype}) to {args.out}{skipped}")
 
 
-def cmd_pretrain(args: argparse.Namespace) -> None:
-    from lmforge.config import PretrainConfig, load_config
+# ---- training stages: flags and config keys set keys of the stage's config; `load_config` validates them ------
+
+
+def _pretrain():
+    from lmforge.config import PretrainConfig
     from lmforge.train.pretrain import pretrain
 
-    overrides = args.overrides + ([f"objective={args.objective}"] if args.objective else [])
-    config = load_config(PretrainConfig, args.config, overrides)
-    result = pretrain(config, resume=args.resume, accept_config_change=args.accept_config_change)
-    val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
-    print(f"done: step {result.step}, train loss {result.train_loss:.4f}{val}; checkpoint {result.checkpoint}")
+    return PretrainConfig, pretrain
 
 
-# ---- config-driven stages: flags map onto config keys, then `load_config` validates everything ---------------
+def _finetune():
+    from lmforge.config import FinetuneConfig
+    from lmforge.train.finetune import finetune
+
+    return FinetuneConfig, finetune
 
 
-@dataclass(frozen=True)
-class Flag:
-    """A command-line flag that sets one config key (`--train-file X` -> `train_file=X`)."""
+def _sft():
+    from lmforge.train.sft import SFTConfig, sft
 
-    name: str
-    help: str
-    options: dict = field(default_factory=dict)  # extra add_argument options (type, choices, action, nargs)
-    config_key: str | None = None  # default: the flag's name with dashes as underscores
-
-    @property
-    def dest(self) -> str:  # argparse's attribute name
-        return self.name.removeprefix("--").replace("-", "_")
-
-    @property
-    def key(self) -> str:
-        return self.config_key or self.dest
+    return SFTConfig, sft
 
 
-@dataclass(frozen=True)
-class Stage:
-    config: str  # "module:Class" of the stage's pydantic config
-    run: str  # "module:function(config, resume, accept_config_change) -> result"
-    flags: tuple[Flag, ...]
+def _reward():
+    from lmforge.train.reward import RewardConfig, train_reward_model
+
+    return RewardConfig, train_reward_model
 
 
-def _import(path: str):
-    module, name = path.split(":")
-    return getattr(importlib.import_module(module), name)
+def _dpo():
+    from lmforge.train.dpo import DPOConfig, train_dpo
+
+    return DPOConfig, train_dpo
 
 
-def _describe(result: object) -> str:
+def _ppo():
+    from lmforge.train.rl import PPOConfig, train_ppo
+
+    return PPOConfig, train_ppo
+
+
+def _grpo():
+    from lmforge.train.rl import GRPOConfig, train_grpo
+
+    return GRPOConfig, train_grpo
+
+
+def _distill():
+    from lmforge.train.distill import DistillConfig, distill
+
+    return DistillConfig, distill
+
+
+def _peft_methods() -> list[str]:
+    from lmforge.config import PeftConfig
+
+    return list(typing.get_args(PeftConfig.model_fields["method"].annotation))
+
+
+# Options shared by several stages: name -> add_argument keywords. Each sets the config key of its name
+# (`--train-file` -> train_file); `--peft.method` (also spelt `--peft`) sets peft.method.
+OPTIONS: dict[str, dict[str, Any]] = {
+    "--base": dict(help="the starting model: lmforge run/checkpoint dir or Hugging Face dir"),
+    "--train-file": dict(help="JSONL training data"),
+    "--eval-file": dict(help="JSONL held-out data, scored after training"),
+    "--template": dict(help="chat template: lmforge | llama2 | alpaca | hf (the base dir's Jinja template)"),
+    "--max-len": dict(type=int, help="longest rendered example in tokens; longer lines are errors"),
+    "--skip-bad-lines": dict(action="store_true", help="skip (and count) bad JSONL lines instead of stopping"),
+    "--peft.method": dict(metavar="METHOD", help="parameter-efficient method, also spelt --peft METHOD: {choices} "
+                                                 "(hyperparameters as --peft.r=16 --peft.targets=[attn.q,mlp] ...)"),
+    "--policy": dict(help="the SFT checkpoint the policy and the frozen reference start from"),
+    "--reward": dict(help="'verifier' (the synthetic tasks' checker) or a reward-model checkpoint dir"),
+    "--prompts": dict(help="JSONL of {prompt, meta} lines (meta feeds the verifier)"),
+    "--max-new-tokens": dict(type=int, help="response length limit"),
+    "--temperature": dict(type=float, help="sampling temperature of the rollouts"),
+}
+PREFERENCE = ("--base", "--train-file", "--eval-file", "--template", "--max-len", "--skip-bad-lines")
+RL = ("--policy", "--reward", "--prompts", "--template", "--max-new-tokens", "--temperature", "--peft.method")
+
+# verb -> (help, example, loader of (config class, run function), shared options, the stage's own options)
+STAGES: dict[str, tuple[str, str, Callable[[], tuple[type, Callable]], tuple[str, ...], dict[str, dict]]] = {
+    "pretrain": (
+        "pretrain a decoder-only LM (causal LM objective) with the shared trainer",
+        "lmforge pretrain --config configs/tiny.yaml --train.max_steps=2000 --model.n_layer=6\n"
+        "  lmforge pretrain --config configs/bert-tiny.yaml --objective mlm", _pretrain, (),
+        {"--objective": dict(choices=["clm", "mlm", "span"],
+                             help="clm: causal LM (decoder, GPT); mlm: masked LM (encoder, BERT; set "
+                                  "--model.arch=encoder); span: T5 span corruption (encoder-decoder; "
+                                  "--model.arch=encdec). Default: the config's")}),
+    "finetune": (
+        "fine-tune a pretrained model on a labelled task with a task head",
+        "lmforge finetune --task classify --base runs/bert-tiny --train-file sentiment_train.jsonl "
+        "--eval-file sentiment_test.jsonl --train.max_steps=300", _finetune,
+        ("--base", "--train-file", "--eval-file"),
+        {"--task": dict(choices=["classify", "tokens", "span", "text2text"],
+                        help="classify: {text,label} lines; tokens: {tokens,tags} (NER-style); span: extractive QA "
+                             "{context,question,answer,answer_start}; text2text: {input,target}"),
+         "--labels": dict(nargs="+", help="the label set (default: every label in --train-file)"),
+         "--max-len": OPTIONS["--max-len"],
+         "--truncate": dict(action="store_true", help="cut over-long inputs instead of stopping"),
+         "--from-scratch": dict(action="store_true", help="re-initialise the base's weights (same architecture, "
+                                                          "untrained: a baseline)"),
+         "--peft.method": OPTIONS["--peft.method"]}),
+    "sft": (
+        "supervised fine-tuning on conversations (loss on assistant tokens only)",
+        "lmforge sft --base runs/demo/pretrain --train-file sft_train.jsonl --template lmforge", _sft,
+        (*PREFERENCE, "--peft.method"), {}),
+    "reward": (
+        "train a reward model (decoder + scalar head, Bradley-Terry loss) on preference pairs",
+        "lmforge reward --base runs/sft --train-file prefs_train.jsonl --eval-file prefs_eval.jsonl", _reward,
+        (*PREFERENCE, "--peft.method"), {}),
+    "dpo": (
+        "direct preference optimisation (DPO, or IPO with --kind ipo) against a frozen reference",
+        "lmforge dpo --base runs/sft --train-file prefs_train.jsonl --eval-file prefs_eval.jsonl --beta 0.1", _dpo,
+        (*PREFERENCE, "--peft.method"),
+        {"--beta": dict(type=float, help="KL strength (IPO: margin 1/(2 beta))"),
+         "--kind": dict(choices=["sigmoid", "ipo"], help="sigmoid = DPO, ipo = IPO")}),
+    "ppo": (
+        "RLHF with PPO: value head, per-token KL penalty to the reference, GAE, clipped losses",
+        "lmforge ppo --policy runs/sft --reward verifier --prompts prompts_train.jsonl --train.max_steps=100", _ppo,
+        RL,
+        {"--kl-coef": dict(type=float, help="per-token KL penalty coefficient"),
+         "--adaptive-kl": dict(action="store_true", help="adapt the KL coefficient towards --target-kl"),
+         "--target-kl": dict(type=float, help="target KL (nats per response) of the adaptive controller")}),
+    "grpo": (
+        "GRPO: G samples per prompt, group-normalised advantages, KL to the reference, verifier reward",
+        "lmforge grpo --policy runs/sft --prompts prompts_train.jsonl --group-size 8 --train.max_steps=100", _grpo,
+        RL,
+        {"--group-size": dict(type=int, help="samples per prompt (G)"),
+         "--beta": dict(type=float, help="KL coefficient")}),
+    "distill": (
+        "knowledge distillation: a student learns the teacher's softened distribution and the labels",
+        "lmforge distill --teacher runs/demo/pretrain --student_model.n_layer=2 --data.dir=runs/demo/data/shards",
+        _distill, ("--peft.method",),
+        {"--teacher": dict(help="the teacher checkpoint (shares the student's tokenizer)"),
+         "--student": dict(help="a student checkpoint (or build one with --student_model.KEY=VALUE)"),
+         "--temperature": dict(type=float, help="softmax temperature tau (soft loss scaled by tau^2)"),
+         "--alpha": dict(type=float, help="weight of the soft loss; 1 - alpha on the hard labels")}),
+}
+
+
+def _add_stage_options(p: ArgumentParser, verb: str, with_config_keys: bool) -> None:
+    """The stage's flags, --config/--resume/--accept-config-change, and (when this verb runs) every config key.
+
+    Config keys are added only to the verb being parsed: listing them imports the stage's module (and torch)."""
+    _, _, load, shared, own = STAGES[verb]
+    for name, kwargs in [*((n, OPTIONS[n]) for n in shared), *own.items()]:
+        if name == "--peft.method":
+            methods = _peft_methods()
+            kwargs = {**kwargs, "choices": methods, "help": kwargs["help"].format(choices=" | ".join(methods))}
+        p.add_argument(name, default=SUPPRESS, **kwargs)
+    p.add_argument("--config", help="YAML with the same keys (flags and --key.sub=value overrides win over it)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir "
+                                                         "(bit-identical to an unbroken run)")
+    p.add_argument("--accept-config-change", action="store_true",
+                   help="with --resume: continue although the config changed a key that alters the run (lr, model, "
+                        "data...); the change is printed and recorded in train.out_dir/config_changes.jsonl")
+    if with_config_keys:
+        from lmforge.config import config_keys
+
+        taken = {a.dest for a in p._actions}
+        for key in config_keys(load()[0], leaves_only=True):
+            if key not in taken:
+                p.add_argument(f"--{key}", type=Any, default=SUPPRESS, help=SUPPRESS)
+
+
+def _describe(verb: str, result: object) -> str:
     """One line for any stage's result: TrainResult, (TrainResult, metrics), or an object with .train/.metrics."""
+    if verb == "pretrain":
+        val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+        return f"done: step {result.step}, train loss {result.train_loss:.4f}{val}; checkpoint {result.checkpoint}"
     metrics: dict = {}
     if isinstance(result, tuple):
         result, metrics = result
@@ -117,108 +285,18 @@ def _describe(result: object) -> str:
     return f"done: step {train.step}, train loss {train.train_loss:.4f}{scores}; checkpoint {train.checkpoint}"
 
 
-def cmd_stage(args: argparse.Namespace) -> None:
+def run_stage(verb: str, args: Namespace) -> None:
     from lmforge.config import load_config
 
-    stage: Stage = args.stage
-    overrides = []
-    for flag in stage.flags:
-        value = getattr(args, flag.dest)
-        if value is None or value is False:
-            continue
-        if value is True:
-            value = "true"
-        elif isinstance(value, list):
-            value = "[" + ",".join(map(str, value)) + "]"
-        overrides.append(f"{flag.key}={value}")
-    config = load_config(_import(stage.config), args.config, overrides + args.overrides)
-    run = _import(stage.run)
-    print(_describe(run(config, resume=args.resume, accept_config_change=args.accept_config_change)))
+    config_class, run = STAGES[verb][2]()
+    options = args.clone()
+    for name in ("config", "resume", "accept_config_change"):
+        del options[name]
+    config = load_config(config_class, args.config, dict(options.items()))
+    print(_describe(verb, run(config, resume=args.resume, accept_config_change=args.accept_config_change)))
 
 
-def _add_accept_config_change(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--accept-config-change", action="store_true",
-                   help="with --resume: continue although the config changed a key that alters the run (lr, model, "
-                        "data...); the change is printed and recorded in train.out_dir/config_changes.jsonl")
-
-
-def _stage_parser(sub, name: str, help: str, example: str, stage: Stage) -> None:
-    p = _parser(sub, name, help, example)
-    for flag in stage.flags:
-        p.add_argument(flag.name, help=flag.help, **flag.options)
-    p.add_argument("--config", help="YAML with the same keys (flags win over it; --train.* overrides win over both)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
-    _add_accept_config_change(p)
-    p.epilog += ("\n\nany config key can be overridden as --key.sub=value, e.g. --train.max_steps=500 "
-                 "--train.out_dir=runs/x --train.lr=1e-4")
-    p.set_defaults(func=cmd_stage, stage=stage, accepts_overrides=True)
-
-
-BASE = Flag("--base", "the starting model: lmforge run/checkpoint dir or Hugging Face dir")
-TRAIN_FILE = Flag("--train-file", "JSONL training data")
-EVAL_FILE = Flag("--eval-file", "JSONL held-out data, scored after training")
-TEMPLATE = Flag("--template", "chat template: lmforge | llama2 | alpaca | hf (the base dir's Jinja template)")
-MAX_LEN = Flag("--max-len", "longest rendered example in tokens; longer lines are errors", {"type": int})
-SKIP = Flag("--skip-bad-lines", "skip (and count) bad JSONL lines instead of stopping", {"action": "store_true"})
-PEFT = Flag("--peft", "parameter-efficient method (hyperparameters as --peft.r=16 --peft.targets=[attn.q,mlp] ...)",
-            {"choices": ["lora", "dora", "pissa", "qlora", "adapter", "parallel-adapter", "prefix", "prompt", "bitfit",
-                         "topk", "svd-diag"]}, config_key="peft.method")
-RL_FLAGS = (Flag("--policy", "the SFT checkpoint the policy and the frozen reference start from"),
-            Flag("--reward", "'verifier' (the synthetic tasks' checker) or a reward-model checkpoint dir"),
-            Flag("--prompts", "JSONL of {prompt, meta} lines (meta feeds the verifier)"),
-            TEMPLATE, Flag("--max-new-tokens", "response length limit", {"type": int}),
-            Flag("--temperature", "sampling temperature of the rollouts", {"type": float}), PEFT)
-STAGES = {
-    "finetune": ("fine-tune a pretrained model on a labelled task with a task head",
-                 "lmforge finetune --task classify --base runs/bert-tiny --train-file sentiment_train.jsonl "
-                 "--eval-file sentiment_test.jsonl --train.max_steps=300",
-                 Stage("lmforge.config:FinetuneConfig", "lmforge.train.finetune:finetune", (
-                     Flag("--task", "classify: {text,label} lines; tokens: {tokens,tags} (NER-style); span: "
-                          "extractive QA {context,question,answer,answer_start}; text2text: {input,target}",
-                          {"choices": ["classify", "tokens", "span", "text2text"]}),
-                     BASE, TRAIN_FILE, EVAL_FILE,
-                     Flag("--labels", "the label set (default: every label in --train-file)", {"nargs": "+"}),
-                     MAX_LEN, Flag("--truncate", "cut over-long inputs instead of stopping", {"action": "store_true"}),
-                     Flag("--from-scratch", "re-initialise the base's weights (same architecture, untrained: a "
-                          "baseline)", {"action": "store_true"}), PEFT))),
-    "sft": ("supervised fine-tuning on conversations (loss on assistant tokens only)",
-            "lmforge sft --base runs/demo/pretrain --train-file sft_train.jsonl --template lmforge",
-            Stage("lmforge.train.sft:SFTConfig", "lmforge.train.sft:sft",
-                  (BASE, TRAIN_FILE, EVAL_FILE, TEMPLATE, MAX_LEN, SKIP, PEFT))),
-    "reward": ("train a reward model (decoder + scalar head, Bradley-Terry loss) on preference pairs",
-               "lmforge reward --base runs/sft --train-file prefs_train.jsonl --eval-file prefs_eval.jsonl",
-               Stage("lmforge.train.reward:RewardConfig", "lmforge.train.reward:train_reward_model",
-                     (BASE, TRAIN_FILE, EVAL_FILE, TEMPLATE, MAX_LEN, SKIP, PEFT))),
-    "dpo": ("direct preference optimisation (DPO, or IPO with --kind ipo) against a frozen reference",
-            "lmforge dpo --base runs/sft --train-file prefs_train.jsonl --eval-file prefs_eval.jsonl --beta 0.1",
-            Stage("lmforge.train.dpo:DPOConfig", "lmforge.train.dpo:train_dpo", (
-                BASE, TRAIN_FILE, EVAL_FILE, Flag("--beta", "KL strength (IPO: margin 1/(2 beta))", {"type": float}),
-                Flag("--kind", "sigmoid = DPO, ipo = IPO", {"choices": ["sigmoid", "ipo"]}),
-                TEMPLATE, MAX_LEN, SKIP, PEFT))),
-    "ppo": ("RLHF with PPO: value head, per-token KL penalty to the reference, GAE, clipped losses",
-            "lmforge ppo --policy runs/sft --reward verifier --prompts prompts_train.jsonl --train.max_steps=100",
-            Stage("lmforge.train.rl:PPOConfig", "lmforge.train.rl:train_ppo", (
-                *RL_FLAGS, Flag("--kl-coef", "per-token KL penalty coefficient", {"type": float}),
-                Flag("--adaptive-kl", "adapt the KL coefficient towards --target-kl", {"action": "store_true"}),
-                Flag("--target-kl", "target KL (nats per response) of the adaptive controller", {"type": float})))),
-    "grpo": ("GRPO: G samples per prompt, group-normalised advantages, KL to the reference, verifier reward",
-             "lmforge grpo --policy runs/sft --prompts prompts_train.jsonl --group-size 8 --train.max_steps=100",
-             Stage("lmforge.train.rl:GRPOConfig", "lmforge.train.rl:train_grpo", (
-                 *RL_FLAGS, Flag("--group-size", "samples per prompt (G)", {"type": int}),
-                 Flag("--beta", "KL coefficient", {"type": float})))),
-    "distill": ("knowledge distillation: a student learns the teacher's softened distribution and the labels",
-                "lmforge distill --teacher runs/demo/pretrain --student_model.n_layer=2 "
-                "--data.dir=runs/demo/data/shards",
-                Stage("lmforge.train.distill:DistillConfig", "lmforge.train.distill:distill", (
-                    Flag("--teacher", "the teacher checkpoint (shares the student's tokenizer)"),
-                    Flag("--student", "a student checkpoint (or build one with --student_model.KEY=VALUE)"),
-                    Flag("--temperature", "softmax temperature tau (soft loss scaled by tau^2)", {"type": float}),
-                    Flag("--alpha", "weight of the soft loss; 1 - alpha on the hard labels", {"type": float}),
-                    PEFT))),
-}
-
-
-def _generate_options(args: argparse.Namespace):
+def _generate_options(args: Namespace):
     """The SamplingConfig of `lmforge generate`'s options, each option checked (before any model loads)."""
     from lmforge.infer.beam import check_beam_options
     from lmforge.infer.generate import SamplingConfig, require_utf8
@@ -253,7 +331,7 @@ def _write_after(lead: str):
     return write
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
+def cmd_generate(args: Namespace) -> None:
     import lmforge
     from lmforge.infer.generate import generate
     from lmforge.infer.layout import column_major_linears
@@ -296,7 +374,7 @@ def _refuse_out_over_input(out: str, source: str) -> None:
                           "--out")
 
 
-def cmd_merge(args: argparse.Namespace) -> None:
+def cmd_merge(args: Namespace) -> None:
     import lmforge
     from lmforge.checkpoint import read_config_tree, resolve_checkpoint
     from lmforge.config import PeftConfig
@@ -321,14 +399,14 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(f"merged {tree['peft']['method']} into the base weights -> {path}")
 
 
-def cmd_export(args: argparse.Namespace) -> None:
+def cmd_export(args: Namespace) -> None:
     from lmforge.export import export_run
 
     _refuse_out_over_input(args.out, args.checkpoint)
     print(export_run(args.checkpoint, args.format, args.out, base_name=args.base_name).note)
 
 
-def cmd_quantize(args: argparse.Namespace) -> None:
+def cmd_quantize(args: Namespace) -> None:
     from lmforge.infer.quantize_stage import quantize_checkpoint
 
     _refuse_out_over_input(args.out, args.checkpoint)
@@ -339,7 +417,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
           f"{report['bytes_after']:,} bytes ({report['bytes_before'] / report['bytes_after']:.2f}x smaller) -> {path}")
 
 
-def _search(args: argparse.Namespace, model, tokenizer, cfg) -> str:
+def _search(args: Namespace, model, tokenizer, cfg) -> str:
     """Beam search (the best of --num-beams hypotheses) or speculative decoding with a --draft model."""
     import lmforge
     from lmforge.infer.layout import column_major_linears
@@ -363,7 +441,7 @@ def _search(args: argparse.Namespace, model, tokenizer, cfg) -> str:
     return tokenizer.decode(out)
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
+def cmd_demo(args: Namespace) -> None:
     from lmforge.demo import run_demo
 
     run_demo(out_dir=Path(args.out_dir), report_dir=Path(args.report_dir), quick=args.quick,
@@ -372,13 +450,24 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 # ---- parser -------------------------------------------------------------------------------------
 
+COMMANDS: dict[str, Callable[[Namespace], None]] = {
+    "demo": cmd_demo, "tokenizer train": cmd_tokenizer_train, "data prepare": cmd_data_prepare, "merge": cmd_merge,
+    "export": cmd_export, "quantize": cmd_quantize, "generate": cmd_generate}
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(prog="lmforge", description="The whole life of a language model.")
-    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    p = _parser(sub, "demo", "run the lifecycle on the built-in synthetic world and write report/README.md",
-                "lmforge demo --quick")
+def _verb(verbs, name: str, help: str, example: str, epilog: str = "") -> ArgumentParser:
+    p = _Parser(description=help, epilog=f"example:\n  {example}{epilog}")
+    verbs.add_subcommand(name, p, help=help)
+    return p
+
+
+def build_parser(config_keys_of: str | None = None) -> ArgumentParser:
+    """The `lmforge` parser; `config_keys_of` names the training stage whose config keys it accepts."""
+    parser = _Parser(prog="lmforge", description="The whole life of a language model.")
+    verbs = parser.add_subcommands(dest="verb", metavar="VERB")
+
+    p = _verb(verbs, "demo", "run the lifecycle on the built-in synthetic world and write report/README.md",
+              "lmforge demo --quick")
     p.add_argument("--quick", action="store_true", help="a tiny run (under 2 minutes) that exercises every stage")
     p.add_argument("--minutes", type=float, default=None,
                    help="pretraining time budget in minutes (default: 4, or 0.5 with --quick)")
@@ -388,57 +477,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scratch dir for data, tokenizer and checkpoints (replaced on each demo run; must be "
                         "missing, empty or an earlier demo's)")
     p.add_argument("--report-dir", default="report", help="where README.md and plots go (default: report)")
-    p.set_defaults(func=cmd_demo)
 
-    tok = _parser(sub, "tokenizer", "tokenizer commands", "lmforge tokenizer train --help")
-    tok_sub = tok.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = _parser(tok_sub, "train", "train a byte-level BPE tokenizer with lmforge's special tokens reserved",
-                "lmforge tokenizer train --input corpus.txt --vocab-size 2048 --out runs/tok")
+    tok = _verb(verbs, "tokenizer", "tokenizer commands", "lmforge tokenizer train --help")
+    p = _verb(tok.add_subcommands(dest="action", metavar="ACTION"), "train",
+              "train a byte-level BPE tokenizer with lmforge's special tokens reserved",
+              "lmforge tokenizer train --input corpus.txt --vocab-size 2048 --out runs/tok")
     _add_input_options(p)
     p.add_argument("--vocab-size", type=int, required=True, help="total vocabulary, special tokens included")
     p.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge (default: 2)")
     p.add_argument("--out", required=True, help="directory to write tokenizer.json into")
-    p.set_defaults(func=cmd_tokenizer_train)
 
-    data = _parser(sub, "data", "data commands", "lmforge data prepare --help")
-    data_sub = data.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = _parser(data_sub, "prepare", "tokenize text into train/validation token shards (uses all cores)",
-                "lmforge data prepare --input corpus.jsonl --tokenizer runs/tok --out runs/data")
+    data = _verb(verbs, "data", "data commands", "lmforge data prepare --help")
+    p = _verb(data.add_subcommands(dest="action", metavar="ACTION"), "prepare",
+              "tokenize text into train/validation token shards (uses all cores)",
+              "lmforge data prepare --input corpus.jsonl --tokenizer runs/tok --out runs/data")
     _add_input_options(p)
     p.add_argument("--tokenizer", required=True, help="directory (or file) with tokenizer.json")
     p.add_argument("--out", required=True, help="output directory for train.bin, val.bin, index.json")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (default: 0.01)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default: 0)")
-    p.set_defaults(func=cmd_data_prepare)
 
-    p = _parser(sub, "pretrain", "pretrain a decoder-only LM (causal LM objective) with the shared trainer",
-                "lmforge pretrain --config configs/tiny.yaml --train.max_steps=2000 --model.n_layer=6\n"
-                "  lmforge pretrain --config configs/bert-tiny.yaml --objective mlm")
-    p.add_argument("--config", help="YAML with model/data/train sections (see configs/tiny.yaml)")
-    p.add_argument("--objective", choices=["clm", "mlm", "span"], default=None,
-                   help="clm: causal LM (decoder, GPT); mlm: masked LM (encoder, BERT; set --model.arch=encoder); "
-                        "span: T5 span corruption (encoder-decoder; --model.arch=encdec). Default: the config's")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in train.out_dir (bit-identical to an unbroken run)")
-    _add_accept_config_change(p)
-    p.epilog += ("\n\nany config key can be overridden as --section.key=value, e.g. --train.lr=1e-3;"
-                 "\nsections: model (architecture), data (dir of prepared shards), train (loop settings)")
-    p.set_defaults(func=cmd_pretrain, accepts_overrides=True)
+    for name, (help_text, example, *_) in STAGES.items():
+        p = _verb(verbs, name, help_text, example, "\n\nany config key can be overridden as --section.key=value, "
+                  "e.g. --train.max_steps=500 --train.out_dir=runs/x --train.lr=1e-4 --model.n_layer=6")
+        _add_stage_options(p, name, with_config_keys=name == config_keys_of)
 
-    for name, (help_text, example, stage) in STAGES.items():
-        _stage_parser(sub, name, help_text, example, stage)
-
-    p = _parser(sub, "merge", "fold a mergeable PEFT method (LoRA family, SVD-diagonal) into plain base weights",
-                "lmforge merge runs/sft-lora --out runs/sft-merged")
+    p = _verb(verbs, "merge", "fold a mergeable PEFT method (LoRA family, SVD-diagonal) into plain base weights",
+              "lmforge merge runs/sft-lora --out runs/sft-merged")
     p.add_argument("checkpoint", help="run or checkpoint dir trained with --peft")
     p.add_argument("--out", required=True, help="where to write the merged model")
     p.add_argument("--hf", action="store_true", help="write a Hugging Face dir instead of an lmforge checkpoint")
-    p.set_defaults(func=cmd_merge)
 
-    p = _parser(sub, "export", "write a run or checkpoint as a Hugging Face model dir or a peft adapter folder",
-                "lmforge export runs/sft --out runs/sft-hf\n"
-                "  lmforge export runs/sft-lora --format hf --out runs/sft-merged-hf\n"
-                "  lmforge export runs/sft-lora --format peft --base-name gpt2 --out runs/sft-adapter")
+    p = _verb(verbs, "export", "write a run or checkpoint as a Hugging Face model dir or a peft adapter folder",
+              "lmforge export runs/sft --out runs/sft-hf\n"
+              "  lmforge export runs/sft-lora --format hf --out runs/sft-merged-hf\n"
+              "  lmforge export runs/sft-lora --format peft --base-name gpt2 --out runs/sft-adapter")
     p.add_argument("checkpoint", help="lmforge run or checkpoint dir, e.g. runs/sft (its config.yaml says how it was "
                                       "trained: chat template, labels, PEFT method)")
     p.add_argument("--format", choices=["hf", "peft"], default="hf",
@@ -449,10 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-name", help="--format peft: the base model as the folder's users will name it, written "
                                        "as base_model_name_or_path: a hub id or a path, e.g. --base-name gpt2 "
                                        "(default: the run's base, if it is a Hugging Face dir)")
-    p.set_defaults(func=cmd_export)
 
-    p = _parser(sub, "quantize", "weight-only int8 (per output channel) or int4 (group-wise) min-max quantisation",
-                "lmforge quantize runs/demo/pretrain --bits 4 --out runs/demo-int4")
+    p = _verb(verbs, "quantize", "weight-only int8 (per output channel) or int4 (group-wise) min-max quantisation",
+              "lmforge quantize runs/demo/pretrain --bits 4 --out runs/demo-int4")
     p.add_argument("checkpoint", help="lmforge checkpoint/run dir or Hugging Face dir (a decoder)")
     p.add_argument("--bits", type=int, choices=[8, 4], default=8, help="8 (per channel) or 4 (group-wise); default 8")
     p.add_argument("--group-size", type=int, default=64, help="int4 group along the input dim (default: 64)")
@@ -460,11 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-fp32-embedding", action="store_true",
                    help="leave a head tied to the token embedding (GPT-2) in fp32; by default the tied pair is "
                         "quantised once, like the other Linears, and the embedding looks its rows up in the codes")
-    p.set_defaults(func=cmd_quantize)
 
-    p = _parser(sub, "generate", "generate text from a checkpoint (lmforge or Hugging Face dir)",
-                'lmforge generate runs/demo/pretrain --prompt "The capital of" --temperature 0.8 --top-p 0.9\n'
-                '  lmforge generate --adapter runs/sft-adapter --base runs/base-hf --prompt "The capital of"')
+    p = _verb(verbs, "generate", "generate text from a checkpoint (lmforge or Hugging Face dir)",
+              'lmforge generate runs/demo/pretrain --prompt "The capital of" --temperature 0.8 --top-p 0.9\n'
+              '  lmforge generate --adapter runs/sft-adapter --base runs/base-hf --prompt "The capital of"')
     p.add_argument("checkpoint", nargs="?", help="run dir, checkpoint dir or Hugging Face model dir")
     p.add_argument("--adapter", help="instead of a checkpoint: a peft LoRA/DoRA adapter folder, put on its base "
                                      "(e.g. the output of lmforge export RUN --format peft)")
@@ -485,8 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate-prompt", action="store_true",
                    help="keep the prompt's last tokens if it does not fit the context window")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step: 10-20 s of compiling first, then on 2 CPU cores ~10%% "
-                        "faster per token at GPT-2-small size, ~4%% at the demo size (off by default)")
+                   help="torch.compile the decode step: 10-20 s of compiling first, then on 2 CPU cores ~10% "
+                        "faster per token at GPT-2-small size, ~4% at the demo size (off by default)")
     p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (1 = off)")
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log p / length^this (default 1)")
     p.add_argument("--draft", help="a smaller decoder with the same vocabulary: speculative decoding (same output "
@@ -495,18 +566,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-min-confidence", type=float, default=0.5,
                    help="greedy: end a round's drafting after a token the draft gives less than this probability "
                         "(saves work on likely rejections; output unchanged; 0 = always --num-draft; default 0.5)")
-    p.set_defaults(func=cmd_generate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    """Run one command; 2 and one line on stderr for a user error, 130 when interrupted."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = [_PEFT_ALIAS.sub("--peft.method", a) for a in argv]
     try:
-        if extra and not getattr(args, "accepts_overrides", False):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides = extra  # config keys (--key=value, --section.key=value): load_config validates each
-        args.func(args)
+        stage = argv[0] if argv and not {"-h", "--help"} & set(argv) else None  # help lists no config keys
+        args = build_parser(config_keys_of=stage).parse_args(argv)
+        verb, args = args.verb, args[args.verb]
+        if "action" in args:  # tokenizer train, data prepare
+            verb, args = f"{verb} {args.action}", args[args.action]
+        if verb in STAGES:
+            run_stage(verb, args)
+        else:
+            COMMANDS[verb](args)
     except LmforgeError as exc:
         print(f"lmforge: error: {exc}", file=sys.stderr)
         return 2
@@ -517,6 +593,9 @@ def main(argv: list[str] | None = None) -> int:
 
     shutdown_distributed()  # after success only: a rank that failed must not wait for the others at a barrier
     return 0
+
+
+_PEFT_ALIAS = re.compile(r"^--peft(?==|$)")  # `--peft lora`: jsonargparse cannot have --peft beside --peft.r
 
 
 if __name__ == "__main__":  # pragma: no cover
