@@ -12,6 +12,7 @@ import re
 import sys
 import typing
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ class _Parser(ArgumentParser):
     """jsonargparse, with a usage error as an LmforgeError: one line (the full usage is one `--help` away)."""
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(formatter_class=_Help, **kwargs)
+        super().__init__(formatter_class=_Help, allow_abbrev=True, **kwargs)  # as argparse: --max-new = --max-new-tokens
 
     def error(self, message: str, ex: Exception | None = None) -> typing.NoReturn:
         raise LmforgeError(f"{_readable(self, message)} (see `{self.prog.replace(' [options]', '')} --help`)")
@@ -43,7 +44,8 @@ class _Parser(ArgumentParser):
 def _readable(parser: argparse.ArgumentParser, message: str) -> str:
     """jsonargparse's message in one line, naming options as the user spells them, with a did-you-mean for each
     unknown option (jsonargparse names an option by its key: `Parser key "max_len"` -> `--max-len`)."""
-    message = re.sub(r'Parser key "([^"]+)"', lambda m: _option(parser, m[1]), message)
+    message = re.sub(r'Parser key "([^"]+)":\s*Expected a <class \'(\w+)\'>. Got value: (.*)',
+                     lambda m: f"argument {_option(parser, m[1])}: invalid {m[2]} value: '{m[3]}'", message)
     if "arguments are required: " in message:
         head, keys = message.split("required: ", 1)
         message = head + "required: " + ", ".join(_option(parser, key) for key in keys.split(", "))
@@ -66,14 +68,6 @@ def _option(parser: argparse.ArgumentParser, key: str) -> str:
         elif action.dest == key and action.option_strings:
             return action.option_strings[0]
     return key
-
-
-def _add_input_options(p: ArgumentParser) -> None:
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                   help="text files: .txt (one document per file), .jsonl (one per line), .parquet")
-    p.add_argument("--text-field", default="text", help="JSONL key / parquet column holding the text (default: text)")
-    p.add_argument("--skip-bad-lines", action="store_true",
-                   help="skip (and count) malformed JSONL lines instead of stopping at the first")
 
 
 # ---- verbs ------------------------------------------------------------------------------------
@@ -106,54 +100,30 @@ def cmd_data_prepare(args: Namespace) -> None:
 # ---- training stages: flags and config keys set keys of the stage's config; `load_config` validates them ------
 
 
-def _pretrain():
-    from lmforge.config import PretrainConfig
-    from lmforge.train.pretrain import pretrain
-
-    return PretrainConfig, pretrain
-
-
-def _finetune():
-    from lmforge.config import FinetuneConfig
-    from lmforge.train.finetune import finetune
-
-    return FinetuneConfig, finetune
-
-
-def _sft():
-    from lmforge.train.sft import SFTConfig, sft
-
-    return SFTConfig, sft
-
-
-def _reward():
-    from lmforge.train.reward import RewardConfig, train_reward_model
-
-    return RewardConfig, train_reward_model
+def _stage_run(verb: str) -> Callable:
+    """The stage's run(config, resume, accept_config_change); its `config` annotation is the stage's config class.
+    Imported on use: a stage's module imports torch."""
+    if verb == "pretrain":
+        from lmforge.train.pretrain import pretrain as run
+    elif verb == "finetune":
+        from lmforge.train.finetune import finetune as run
+    elif verb == "sft":
+        from lmforge.train.sft import sft as run
+    elif verb == "reward":
+        from lmforge.train.reward import train_reward_model as run
+    elif verb == "dpo":
+        from lmforge.train.dpo import train_dpo as run
+    elif verb == "ppo":
+        from lmforge.train.rl import train_ppo as run
+    elif verb == "grpo":
+        from lmforge.train.rl import train_grpo as run
+    else:
+        from lmforge.train.distill import distill as run
+    return run
 
 
-def _dpo():
-    from lmforge.train.dpo import DPOConfig, train_dpo
-
-    return DPOConfig, train_dpo
-
-
-def _ppo():
-    from lmforge.train.rl import PPOConfig, train_ppo
-
-    return PPOConfig, train_ppo
-
-
-def _grpo():
-    from lmforge.train.rl import GRPOConfig, train_grpo
-
-    return GRPOConfig, train_grpo
-
-
-def _distill():
-    from lmforge.train.distill import DistillConfig, distill
-
-    return DistillConfig, distill
+def _config_class(run: Callable) -> type:
+    return typing.get_type_hints(run)["config"]
 
 
 def _peft_methods() -> list[str]:
@@ -182,12 +152,12 @@ OPTIONS: dict[str, dict[str, Any]] = {
 PREFERENCE = ("--base", "--train-file", "--eval-file", "--template", "--max-len", "--skip-bad-lines")
 RL = ("--policy", "--reward", "--prompts", "--template", "--max-new-tokens", "--temperature", "--peft.method")
 
-# verb -> (help, example, loader of (config class, run function), shared options, the stage's own options)
-STAGES: dict[str, tuple[str, str, Callable[[], tuple[type, Callable]], tuple[str, ...], dict[str, dict]]] = {
+# verb -> (help, example, shared options, the stage's own options)
+STAGES: dict[str, tuple[str, str, tuple[str, ...], dict[str, dict]]] = {
     "pretrain": (
         "pretrain a decoder-only LM (causal LM objective) with the shared trainer",
         "lmforge pretrain --config configs/tiny.yaml --train.max_steps=2000 --model.n_layer=6\n"
-        "  lmforge pretrain --config configs/bert-tiny.yaml --objective mlm", _pretrain, (),
+        "  lmforge pretrain --config configs/bert-tiny.yaml --objective mlm", (),
         {"--objective": dict(choices=["clm", "mlm", "span"],
                              help="clm: causal LM (decoder, GPT); mlm: masked LM (encoder, BERT; set "
                                   "--model.arch=encoder); span: T5 span corruption (encoder-decoder; "
@@ -195,7 +165,7 @@ STAGES: dict[str, tuple[str, str, Callable[[], tuple[type, Callable]], tuple[str
     "finetune": (
         "fine-tune a pretrained model on a labelled task with a task head",
         "lmforge finetune --task classify --base runs/bert-tiny --train-file sentiment_train.jsonl "
-        "--eval-file sentiment_test.jsonl --train.max_steps=300", _finetune,
+        "--eval-file sentiment_test.jsonl --train.max_steps=300",
         ("--base", "--train-file", "--eval-file"),
         {"--task": dict(choices=["classify", "tokens", "span", "text2text"],
                         help="classify: {text,label} lines; tokens: {tokens,tags} (NER-style); span: extractive QA "
@@ -208,35 +178,35 @@ STAGES: dict[str, tuple[str, str, Callable[[], tuple[type, Callable]], tuple[str
          "--peft.method": OPTIONS["--peft.method"]}),
     "sft": (
         "supervised fine-tuning on conversations (loss on assistant tokens only)",
-        "lmforge sft --base runs/demo/pretrain --train-file sft_train.jsonl --template lmforge", _sft,
+        "lmforge sft --base runs/demo/pretrain --train-file sft_train.jsonl --template lmforge",
         (*PREFERENCE, "--peft.method"), {}),
     "reward": (
         "train a reward model (decoder + scalar head, Bradley-Terry loss) on preference pairs",
-        "lmforge reward --base runs/sft --train-file prefs_train.jsonl --eval-file prefs_eval.jsonl", _reward,
+        "lmforge reward --base runs/sft --train-file prefs_train.jsonl --eval-file prefs_eval.jsonl",
         (*PREFERENCE, "--peft.method"), {}),
     "dpo": (
         "direct preference optimisation (DPO, or IPO with --kind ipo) against a frozen reference",
-        "lmforge dpo --base runs/sft --train-file prefs_train.jsonl --eval-file prefs_eval.jsonl --beta 0.1", _dpo,
+        "lmforge dpo --base runs/sft --train-file prefs_train.jsonl --eval-file prefs_eval.jsonl --beta 0.1",
         (*PREFERENCE, "--peft.method"),
         {"--beta": dict(type=float, help="KL strength (IPO: margin 1/(2 beta))"),
          "--kind": dict(choices=["sigmoid", "ipo"], help="sigmoid = DPO, ipo = IPO")}),
     "ppo": (
         "RLHF with PPO: value head, per-token KL penalty to the reference, GAE, clipped losses",
-        "lmforge ppo --policy runs/sft --reward verifier --prompts prompts_train.jsonl --train.max_steps=100", _ppo,
+        "lmforge ppo --policy runs/sft --reward verifier --prompts prompts_train.jsonl --train.max_steps=100",
         RL,
         {"--kl-coef": dict(type=float, help="per-token KL penalty coefficient"),
          "--adaptive-kl": dict(action="store_true", help="adapt the KL coefficient towards --target-kl"),
          "--target-kl": dict(type=float, help="target KL (nats per response) of the adaptive controller")}),
     "grpo": (
         "GRPO: G samples per prompt, group-normalised advantages, KL to the reference, verifier reward",
-        "lmforge grpo --policy runs/sft --prompts prompts_train.jsonl --group-size 8 --train.max_steps=100", _grpo,
+        "lmforge grpo --policy runs/sft --prompts prompts_train.jsonl --group-size 8 --train.max_steps=100",
         RL,
         {"--group-size": dict(type=int, help="samples per prompt (G)"),
          "--beta": dict(type=float, help="KL coefficient")}),
     "distill": (
         "knowledge distillation: a student learns the teacher's softened distribution and the labels",
         "lmforge distill --teacher runs/demo/pretrain --student_model.n_layer=2 --data.dir=runs/demo/data/shards",
-        _distill, ("--peft.method",),
+        ("--peft.method",),
         {"--teacher": dict(help="the teacher checkpoint (shares the student's tokenizer)"),
          "--student": dict(help="a student checkpoint (or build one with --student_model.KEY=VALUE)"),
          "--temperature": dict(type=float, help="softmax temperature tau (soft loss scaled by tau^2)"),
@@ -244,11 +214,9 @@ STAGES: dict[str, tuple[str, str, Callable[[], tuple[type, Callable]], tuple[str
 }
 
 
-def _add_stage_options(p: ArgumentParser, verb: str, with_config_keys: bool) -> None:
-    """The stage's flags, --config/--resume/--accept-config-change, and (when this verb runs) every config key.
-
-    Config keys are added only to the verb being parsed: listing them imports the stage's module (and torch)."""
-    _, _, load, shared, own = STAGES[verb]
+def _add_stage_options(p: ArgumentParser, verb: str) -> None:
+    """The stage's flags and --config/--resume/--accept-config-change."""
+    _, _, shared, own = STAGES[verb]
     for name, kwargs in [*((n, OPTIONS[n]) for n in shared), *own.items()]:
         if name == "--peft.method":
             methods = _peft_methods()
@@ -260,13 +228,17 @@ def _add_stage_options(p: ArgumentParser, verb: str, with_config_keys: bool) -> 
     p.add_argument("--accept-config-change", action="store_true",
                    help="with --resume: continue although the config changed a key that alters the run (lr, model, "
                         "data...); the change is printed and recorded in train.out_dir/config_changes.jsonl")
-    if with_config_keys:
-        from lmforge.config import config_keys
 
-        taken = {a.dest for a in p._actions}
-        for key in config_keys(load()[0], leaves_only=True):
-            if key not in taken:
-                p.add_argument(f"--{key}", type=Any, default=SUPPRESS, help=SUPPRESS)
+
+def _add_config_keys(p: ArgumentParser, verb: str) -> None:
+    """Every key of the stage's config that no flag sets, as a hidden option (`--train.lr`, `--peft.r`); the config
+    validates the values (loaded as YAML scalars by jsonargparse) when it is built."""
+    from lmforge.config import config_keys
+
+    taken = {a.dest for a in p._actions}
+    for key in config_keys(_config_class(_stage_run(verb)), leaves_only=True):
+        if key not in taken:
+            p.add_argument(f"--{key}", type=Any, default=SUPPRESS, help=SUPPRESS)
 
 
 def _describe(verb: str, result: object) -> str:
@@ -288,15 +260,15 @@ def _describe(verb: str, result: object) -> str:
 def run_stage(verb: str, args: Namespace) -> None:
     from lmforge.config import load_config
 
-    config_class, run = STAGES[verb][2]()
+    run = _stage_run(verb)
     options = args.clone()
     for name in ("config", "resume", "accept_config_change"):
         del options[name]
-    config = load_config(config_class, args.config, dict(options.items()))
+    config = load_config(_config_class(run), args.config, dict(options.items()))
     print(_describe(verb, run(config, resume=args.resume, accept_config_change=args.accept_config_change)))
 
 
-def _generate_options(args: Namespace):
+def _sampling_config(args: Namespace):
     """The SamplingConfig of `lmforge generate`'s options, each option checked (before any model loads)."""
     from lmforge.infer.beam import check_beam_options
     from lmforge.infer.generate import SamplingConfig, require_utf8
@@ -336,7 +308,7 @@ def cmd_generate(args: Namespace) -> None:
     from lmforge.infer.generate import generate
     from lmforge.infer.layout import column_major_linears
 
-    cfg = _generate_options(args)
+    cfg = _sampling_config(args)
     if (args.checkpoint is None) == (args.adapter is None):
         raise LmforgeError("give one model: a checkpoint dir or --adapter DIR (a peft adapter folder)")
     if args.base is not None and args.adapter is None:
@@ -448,26 +420,18 @@ def cmd_demo(args: Namespace) -> None:
              minutes=args.minutes, precision=args.precision)
 
 
-# ---- parser -------------------------------------------------------------------------------------
-
-COMMANDS: dict[str, Callable[[Namespace], None]] = {
-    "demo": cmd_demo, "tokenizer train": cmd_tokenizer_train, "data prepare": cmd_data_prepare, "merge": cmd_merge,
-    "export": cmd_export, "quantize": cmd_quantize, "generate": cmd_generate}
+# ---- parser: one sub-command per verb, built with the options of the verb being run only ----------------------
 
 
-def _verb(verbs, name: str, help: str, example: str, epilog: str = "") -> ArgumentParser:
-    p = _Parser(description=help, epilog=f"example:\n  {example}{epilog}")
-    verbs.add_subcommand(name, p, help=help)
-    return p
+def _add_input_options(p: ArgumentParser) -> None:
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE",
+                   help="text files: .txt (one document per file), .jsonl (one per line), .parquet")
+    p.add_argument("--text-field", default="text", help="JSONL key / parquet column holding the text (default: text)")
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip (and count) malformed JSONL lines instead of stopping at the first")
 
 
-def build_parser(config_keys_of: str | None = None) -> ArgumentParser:
-    """The `lmforge` parser; `config_keys_of` names the training stage whose config keys it accepts."""
-    parser = _Parser(prog="lmforge", description="The whole life of a language model.")
-    verbs = parser.add_subcommands(dest="verb", metavar="VERB")
-
-    p = _verb(verbs, "demo", "run the lifecycle on the built-in synthetic world and write report/README.md",
-              "lmforge demo --quick")
+def _demo_options(p: ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a tiny run (under 2 minutes) that exercises every stage")
     p.add_argument("--minutes", type=float, default=None,
                    help="pretraining time budget in minutes (default: 4, or 0.5 with --quick)")
@@ -478,40 +442,29 @@ def build_parser(config_keys_of: str | None = None) -> ArgumentParser:
                         "missing, empty or an earlier demo's)")
     p.add_argument("--report-dir", default="report", help="where README.md and plots go (default: report)")
 
-    tok = _verb(verbs, "tokenizer", "tokenizer commands", "lmforge tokenizer train --help")
-    p = _verb(tok.add_subcommands(dest="action", metavar="ACTION"), "train",
-              "train a byte-level BPE tokenizer with lmforge's special tokens reserved",
-              "lmforge tokenizer train --input corpus.txt --vocab-size 2048 --out runs/tok")
+
+def _tokenizer_train_options(p: ArgumentParser) -> None:
     _add_input_options(p)
     p.add_argument("--vocab-size", type=int, required=True, help="total vocabulary, special tokens included")
     p.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge (default: 2)")
     p.add_argument("--out", required=True, help="directory to write tokenizer.json into")
 
-    data = _verb(verbs, "data", "data commands", "lmforge data prepare --help")
-    p = _verb(data.add_subcommands(dest="action", metavar="ACTION"), "prepare",
-              "tokenize text into train/validation token shards (uses all cores)",
-              "lmforge data prepare --input corpus.jsonl --tokenizer runs/tok --out runs/data")
+
+def _data_prepare_options(p: ArgumentParser) -> None:
     _add_input_options(p)
     p.add_argument("--tokenizer", required=True, help="directory (or file) with tokenizer.json")
     p.add_argument("--out", required=True, help="output directory for train.bin, val.bin, index.json")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (default: 0.01)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default: 0)")
 
-    for name, (help_text, example, *_) in STAGES.items():
-        p = _verb(verbs, name, help_text, example, "\n\nany config key can be overridden as --section.key=value, "
-                  "e.g. --train.max_steps=500 --train.out_dir=runs/x --train.lr=1e-4 --model.n_layer=6")
-        _add_stage_options(p, name, with_config_keys=name == config_keys_of)
 
-    p = _verb(verbs, "merge", "fold a mergeable PEFT method (LoRA family, SVD-diagonal) into plain base weights",
-              "lmforge merge runs/sft-lora --out runs/sft-merged")
+def _merge_options(p: ArgumentParser) -> None:
     p.add_argument("checkpoint", help="run or checkpoint dir trained with --peft")
     p.add_argument("--out", required=True, help="where to write the merged model")
     p.add_argument("--hf", action="store_true", help="write a Hugging Face dir instead of an lmforge checkpoint")
 
-    p = _verb(verbs, "export", "write a run or checkpoint as a Hugging Face model dir or a peft adapter folder",
-              "lmforge export runs/sft --out runs/sft-hf\n"
-              "  lmforge export runs/sft-lora --format hf --out runs/sft-merged-hf\n"
-              "  lmforge export runs/sft-lora --format peft --base-name gpt2 --out runs/sft-adapter")
+
+def _export_options(p: ArgumentParser) -> None:
     p.add_argument("checkpoint", help="lmforge run or checkpoint dir, e.g. runs/sft (its config.yaml says how it was "
                                       "trained: chat template, labels, PEFT method)")
     p.add_argument("--format", choices=["hf", "peft"], default="hf",
@@ -523,8 +476,8 @@ def build_parser(config_keys_of: str | None = None) -> ArgumentParser:
                                        "as base_model_name_or_path: a hub id or a path, e.g. --base-name gpt2 "
                                        "(default: the run's base, if it is a Hugging Face dir)")
 
-    p = _verb(verbs, "quantize", "weight-only int8 (per output channel) or int4 (group-wise) min-max quantisation",
-              "lmforge quantize runs/demo/pretrain --bits 4 --out runs/demo-int4")
+
+def _quantize_options(p: ArgumentParser) -> None:
     p.add_argument("checkpoint", help="lmforge checkpoint/run dir or Hugging Face dir (a decoder)")
     p.add_argument("--bits", type=int, choices=[8, 4], default=8, help="8 (per channel) or 4 (group-wise); default 8")
     p.add_argument("--group-size", type=int, default=64, help="int4 group along the input dim (default: 64)")
@@ -533,9 +486,8 @@ def build_parser(config_keys_of: str | None = None) -> ArgumentParser:
                    help="leave a head tied to the token embedding (GPT-2) in fp32; by default the tied pair is "
                         "quantised once, like the other Linears, and the embedding looks its rows up in the codes")
 
-    p = _verb(verbs, "generate", "generate text from a checkpoint (lmforge or Hugging Face dir)",
-              'lmforge generate runs/demo/pretrain --prompt "The capital of" --temperature 0.8 --top-p 0.9\n'
-              '  lmforge generate --adapter runs/sft-adapter --base runs/base-hf --prompt "The capital of"')
+
+def _generate_options(p: ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="?", help="run dir, checkpoint dir or Hugging Face model dir")
     p.add_argument("--adapter", help="instead of a checkpoint: a peft LoRA/DoRA adapter folder, put on its base "
                                      "(e.g. the output of lmforge export RUN --format peft)")
@@ -566,6 +518,60 @@ def build_parser(config_keys_of: str | None = None) -> ArgumentParser:
     p.add_argument("--draft-min-confidence", type=float, default=0.5,
                    help="greedy: end a round's drafting after a token the draft gives less than this probability "
                         "(saves work on likely rejections; output unchanged; 0 = always --num-draft; default 0.5)")
+
+
+def _stage(verb: str) -> tuple[str, str, Callable[[ArgumentParser], None], Callable[[Namespace], None]]:
+    help_text, example, *_ = STAGES[verb]
+    example += ("\n\nany config key can be overridden as --section.key=value, e.g. --train.max_steps=500 "
+                "--train.out_dir=runs/x --train.lr=1e-4 --model.n_layer=6")
+    return help_text, example, partial(_add_stage_options, verb=verb), partial(run_stage, verb)
+
+
+# "verb" or "verb action" -> (help, example, adds the options, runs the command); no options: a group of actions
+VERBS: dict[str, tuple[str, str, Callable[[ArgumentParser], None] | None, Callable[[Namespace], None] | None]] = {
+    "demo": ("run the lifecycle on the built-in synthetic world and write report/README.md", "lmforge demo --quick",
+             _demo_options, cmd_demo),
+    "tokenizer": ("tokenizer commands", "lmforge tokenizer train --help", None, None),
+    "tokenizer train": ("train a byte-level BPE tokenizer with lmforge's special tokens reserved",
+                        "lmforge tokenizer train --input corpus.txt --vocab-size 2048 --out runs/tok",
+                        _tokenizer_train_options, cmd_tokenizer_train),
+    "data": ("data commands", "lmforge data prepare --help", None, None),
+    "data prepare": ("tokenize text into train/validation token shards (uses all cores)",
+                     "lmforge data prepare --input corpus.jsonl --tokenizer runs/tok --out runs/data",
+                     _data_prepare_options, cmd_data_prepare),
+    **{verb: _stage(verb) for verb in STAGES},
+    "merge": ("fold a mergeable PEFT method (LoRA family, SVD-diagonal) into plain base weights",
+              "lmforge merge runs/sft-lora --out runs/sft-merged", _merge_options, cmd_merge),
+    "export": ("write a run or checkpoint as a Hugging Face model dir or a peft adapter folder",
+               "lmforge export runs/sft --out runs/sft-hf\n"
+               "  lmforge export runs/sft-lora --format hf --out runs/sft-merged-hf\n"
+               "  lmforge export runs/sft-lora --format peft --base-name gpt2 --out runs/sft-adapter",
+               _export_options, cmd_export),
+    "quantize": ("weight-only int8 (per output channel) or int4 (group-wise) min-max quantisation",
+                 "lmforge quantize runs/demo/pretrain --bits 4 --out runs/demo-int4", _quantize_options, cmd_quantize),
+    "generate": ("generate text from a checkpoint (lmforge or Hugging Face dir)",
+                 'lmforge generate runs/demo/pretrain --prompt "The capital of" --temperature 0.8 --top-p 0.9\n'
+                 '  lmforge generate --adapter runs/sft-adapter --base runs/base-hf --prompt "The capital of"',
+                 _generate_options, cmd_generate),
+}
+
+
+def build_parser(verb: str | None = None, config_keys: bool = False) -> ArgumentParser:
+    """The `lmforge` parser with the options of `verb` (of every verb when None); with `config_keys`, the verb's
+    config keys too. Building only what runs keeps `lmforge --help` and the non-training verbs from importing the
+    configs (pydantic) and the training stages (torch)."""
+    parser = _Parser(prog="lmforge", description="The whole life of a language model.")
+    groups = {"": parser.add_subcommands(dest="verb", metavar="VERB")}
+    for path, (help_text, example, add_options, _) in VERBS.items():
+        parent, _, name = path.rpartition(" ")
+        p = _Parser(description=help_text, epilog=f"example:\n  {example}")
+        groups[parent].add_subcommand(name, p, help=help_text)
+        if add_options is None:
+            groups[path] = p.add_subcommands(dest="action", metavar="ACTION")
+        elif verb in (None, path.split()[0]):
+            add_options(p)
+            if config_keys and path in STAGES:
+                _add_config_keys(p, path)
     return parser
 
 
@@ -574,15 +580,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     argv = [_PEFT_ALIAS.sub("--peft.method", a) for a in argv]
     try:
-        stage = argv[0] if argv and not {"-h", "--help"} & set(argv) else None  # help lists no config keys
-        args = build_parser(config_keys_of=stage).parse_args(argv)
+        parser = build_parser(argv[0] if argv else None, config_keys=not {"-h", "--help"} & set(argv))
+        args = parser.parse_args(argv)
         verb, args = args.verb, args[args.verb]
         if "action" in args:  # tokenizer train, data prepare
             verb, args = f"{verb} {args.action}", args[args.action]
-        if verb in STAGES:
-            run_stage(verb, args)
-        else:
-            COMMANDS[verb](args)
+        VERBS[verb][3](args)
     except LmforgeError as exc:
         print(f"lmforge: error: {exc}", file=sys.stderr)
         return 2
