@@ -35,7 +35,7 @@ class _Parser(ArgumentParser):
     """jsonargparse, with a usage error as an LmforgeError: one line (the full usage is one `--help` away)."""
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(formatter_class=_Help, allow_abbrev=True, **kwargs)  # as argparse: --max-new = --max-new-tokens
+        super().__init__(formatter_class=_Help, allow_abbrev=True, **kwargs)  # as argparse: --max-new works
 
     def error(self, message: str, ex: Exception | None = None) -> typing.NoReturn:
         raise LmforgeError(f"{_readable(self, message)} (see `{self.prog.replace(' [options]', '')} --help`)")
@@ -122,8 +122,9 @@ def _stage_run(verb: str) -> Callable:
     return run
 
 
-def _config_class(run: Callable) -> type:
-    return typing.get_type_hints(run)["config"]
+def stage_config(verb: str) -> type:
+    """The pydantic config class of a training stage: the `config` annotation of its run function."""
+    return typing.get_type_hints(_stage_run(verb))["config"]
 
 
 def _peft_methods() -> list[str]:
@@ -235,9 +236,9 @@ def _add_config_keys(p: ArgumentParser, verb: str) -> None:
     validates the values (loaded as YAML scalars by jsonargparse) when it is built."""
     from lmforge.config import config_keys
 
-    taken = {a.dest for a in p._actions}
-    for key in config_keys(_config_class(_stage_run(verb)), leaves_only=True):
-        if key not in taken:
+    taken = {o for a in p._actions for o in a.option_strings}
+    for key in config_keys(stage_config(verb), leaves_only=True):
+        if f"--{key}" not in taken:
             p.add_argument(f"--{key}", type=Any, default=SUPPRESS, help=SUPPRESS)
 
 
@@ -264,7 +265,7 @@ def run_stage(verb: str, args: Namespace) -> None:
     options = args.clone()
     for name in ("config", "resume", "accept_config_change"):
         del options[name]
-    config = load_config(_config_class(run), args.config, dict(options.items()))
+    config = load_config(stage_config(verb), args.config, dict(options.items()))
     print(_describe(verb, run(config, resume=args.resume, accept_config_change=args.accept_config_change)))
 
 
