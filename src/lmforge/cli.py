@@ -70,33 +70,6 @@ def _option(parser: argparse.ArgumentParser, key: str) -> str:
     return key
 
 
-# ---- verbs ------------------------------------------------------------------------------------
-
-def cmd_tokenizer_train(args: Namespace) -> None:
-    from lmforge.data.readers import read_documents
-    from lmforge.io import require_dir_path
-    from lmforge.tokenizer import train_tokenizer
-
-    require_dir_path(Path(args.out), "--out")  # before training, which may take minutes
-    docs = read_documents(args.input, text_field=args.text_field, skip_bad_lines=args.skip_bad_lines)
-    tokenizer = train_tokenizer(docs, args.vocab_size, min_frequency=args.min_frequency)
-    docs.require_text()
-    path = tokenizer.save(args.out)
-    skipped = f", {docs.skipped} bad lines skipped" if docs.skipped else ""
-    print(f"trained a {tokenizer.vocab_size}-token byte-level BPE on {docs.documents} documents{skipped} -> {path}")
-
-
-def cmd_data_prepare(args: Namespace) -> None:
-    from lmforge.data.shards import prepare_shards
-    from lmforge.tokenizer import Tokenizer
-
-    index = prepare_shards(args.input, Tokenizer.from_file(args.tokenizer), args.out, text_field=args.text_field,
-                           val_fraction=args.val_fraction, seed=args.seed, skip_bad_lines=args.skip_bad_lines)
-    skipped = f"; skipped {index.skipped_lines} bad lines" if index.skipped_lines else ""
-    print(f"wrote {index.num_tokens['train']:,} train and {index.num_tokens['val']:,} validation tokens "
-          f"({index.dtype}) to {args.out}{skipped}")
-
-
 # ---- training stages: flags and config keys set keys of the stage's config; `load_config` validates them ------
 
 
@@ -267,6 +240,34 @@ def run_stage(verb: str, args: Namespace) -> None:
         del options[name]
     config = load_config(stage_config(verb), args.config, dict(options.items()))
     print(_describe(verb, run(config, resume=args.resume, accept_config_change=args.accept_config_change)))
+
+
+# ---- the other verbs ---------------------------------------------------------------------------
+
+
+def cmd_tokenizer_train(args: Namespace) -> None:
+    from lmforge.data.readers import read_documents
+    from lmforge.io import require_dir_path
+    from lmforge.tokenizer import train_tokenizer
+
+    require_dir_path(Path(args.out), "--out")  # before training, which may take minutes
+    docs = read_documents(args.input, text_field=args.text_field, skip_bad_lines=args.skip_bad_lines)
+    tokenizer = train_tokenizer(docs, args.vocab_size, min_frequency=args.min_frequency)
+    docs.require_text()
+    path = tokenizer.save(args.out)
+    skipped = f", {docs.skipped} bad lines skipped" if docs.skipped else ""
+    print(f"trained a {tokenizer.vocab_size}-token byte-level BPE on {docs.documents} documents{skipped} -> {path}")
+
+
+def cmd_data_prepare(args: Namespace) -> None:
+    from lmforge.data.shards import prepare_shards
+    from lmforge.tokenizer import Tokenizer
+
+    index = prepare_shards(args.input, Tokenizer.from_file(args.tokenizer), args.out, text_field=args.text_field,
+                           val_fraction=args.val_fraction, seed=args.seed, skip_bad_lines=args.skip_bad_lines)
+    skipped = f"; skipped {index.skipped_lines} bad lines" if index.skipped_lines else ""
+    print(f"wrote {index.num_tokens['train']:,} train and {index.num_tokens['val']:,} validation tokens "
+          f"({index.dtype}) to {args.out}{skipped}")
 
 
 def _sampling_config(args: Namespace):
