@@ -15,7 +15,7 @@ from lmforge.config import PeftConfig, config_keys
 @pytest.mark.parametrize("verb", STAGES)
 def test_every_config_key_is_an_option(verb: str) -> None:
     """`--KEY=VALUE` parses for each key of the stage's config, spelt as in the config (flags' dashes aside)."""
-    parser = build_parser(verb, config_keys=True)
+    parser = build_parser(verb, with_config_keys=True)
     keys = config_keys(stage_config(verb), leaves_only=True)
     assert "train.lr" in keys and "train" not in keys
     for key in keys:

@@ -234,11 +234,9 @@ def _describe(verb: str, result: object) -> str:
 def run_stage(verb: str, args: Namespace) -> None:
     from lmforge.config import load_config
 
+    overrides = {key: value for key, value in args.items() if key not in ("config", "resume", "accept_config_change")}
+    config = load_config(stage_config(verb), args.config, overrides)
     run = _stage_run(verb)
-    options = args.clone()
-    for name in ("config", "resume", "accept_config_change"):
-        del options[name]
-    config = load_config(stage_config(verb), args.config, dict(options.items()))
     print(_describe(verb, run(config, resume=args.resume, accept_config_change=args.accept_config_change)))
 
 
@@ -558,8 +556,8 @@ VERBS: dict[str, tuple[str, str, Callable[[ArgumentParser], None] | None, Callab
 }
 
 
-def build_parser(verb: str | None = None, config_keys: bool = False) -> ArgumentParser:
-    """The `lmforge` parser with the options of `verb` (of every verb when None); with `config_keys`, the verb's
+def build_parser(verb: str | None = None, with_config_keys: bool = False) -> ArgumentParser:
+    """The `lmforge` parser with the options of `verb` (of every verb when None); with `with_config_keys`, the verb's
     config keys too. Building only what runs keeps `lmforge --help` and the non-training verbs from importing the
     configs (pydantic) and the training stages (torch)."""
     parser = _Parser(prog="lmforge", description="The whole life of a language model.")
@@ -572,9 +570,14 @@ def build_parser(verb: str | None = None, config_keys: bool = False) -> Argument
             groups[path] = p.add_subcommands(dest="action", metavar="ACTION")
         elif verb in (None, path.split()[0]):
             add_options(p)
-            if config_keys and path in STAGES:
+            if with_config_keys and path in STAGES:
                 _add_config_keys(p, path)
     return parser
+
+
+# `--peft lora` is read as `--peft.method lora`: beside `--peft.r`, jsonargparse takes an option `--peft` for the
+# whole peft section
+_PEFT_ALIAS = re.compile(r"^--peft(?==|$)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -582,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     argv = [_PEFT_ALIAS.sub("--peft.method", a) for a in argv]
     try:
-        parser = build_parser(argv[0] if argv else None, config_keys=not {"-h", "--help"} & set(argv))
+        parser = build_parser(argv[0] if argv else None, with_config_keys=not {"-h", "--help"} & set(argv))
         args = parser.parse_args(argv)
         verb, args = args.verb, args[args.verb]
         if "action" in args:  # tokenizer train, data prepare
@@ -598,9 +601,6 @@ def main(argv: list[str] | None = None) -> int:
 
     shutdown_distributed()  # after success only: a rank that failed must not wait for the others at a barrier
     return 0
-
-
-_PEFT_ALIAS = re.compile(r"^--peft(?==|$)")  # `--peft lora`: jsonargparse cannot have --peft beside --peft.r
 
 
 if __name__ == "__main__":  # pragma: no cover
