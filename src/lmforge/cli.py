@@ -131,8 +131,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "--max-new-tokens": dict(type=int, help="response length limit"),
     "--temperature": dict(type=float, help="sampling temperature of the rollouts"),
 }
-PREFERENCE = ("--base", "--train-file", "--eval-file", "--template", "--max-len", "--skip-bad-lines")
-RL = ("--policy", "--reward", "--prompts", "--template", "--max-new-tokens", "--temperature", "--peft.method")
+CHAT_OPTIONS = ("--base", "--train-file", "--eval-file", "--template", "--max-len", "--skip-bad-lines", "--peft.method")
+RL_OPTIONS = ("--policy", "--reward", "--prompts", "--template", "--max-new-tokens", "--temperature", "--peft.method")
 
 # verb -> (help, example, shared options, the stage's own options)
 STAGES: dict[str, tuple[str, str, tuple[str, ...], dict[str, dict]]] = {
@@ -148,41 +148,39 @@ STAGES: dict[str, tuple[str, str, tuple[str, ...], dict[str, dict]]] = {
         "fine-tune a pretrained model on a labelled task with a task head",
         "lmforge finetune --task classify --base runs/bert-tiny --train-file sentiment_train.jsonl "
         "--eval-file sentiment_test.jsonl --train.max_steps=300",
-        ("--base", "--train-file", "--eval-file"),
+        ("--base", "--train-file", "--eval-file", "--max-len", "--peft.method"),
         {"--task": dict(choices=["classify", "tokens", "span", "text2text"],
                         help="classify: {text,label} lines; tokens: {tokens,tags} (NER-style); span: extractive QA "
                              "{context,question,answer,answer_start}; text2text: {input,target}"),
          "--labels": dict(nargs="+", help="the label set (default: every label in --train-file)"),
-         "--max-len": OPTIONS["--max-len"],
          "--truncate": dict(action="store_true", help="cut over-long inputs instead of stopping"),
          "--from-scratch": dict(action="store_true", help="re-initialise the base's weights (same architecture, "
-                                                          "untrained: a baseline)"),
-         "--peft.method": OPTIONS["--peft.method"]}),
+                                                          "untrained: a baseline)")}),
     "sft": (
         "supervised fine-tuning on conversations (loss on assistant tokens only)",
         "lmforge sft --base runs/demo/pretrain --train-file sft_train.jsonl --template lmforge",
-        (*PREFERENCE, "--peft.method"), {}),
+        CHAT_OPTIONS, {}),
     "reward": (
         "train a reward model (decoder + scalar head, Bradley-Terry loss) on preference pairs",
         "lmforge reward --base runs/sft --train-file prefs_train.jsonl --eval-file prefs_eval.jsonl",
-        (*PREFERENCE, "--peft.method"), {}),
+        CHAT_OPTIONS, {}),
     "dpo": (
         "direct preference optimisation (DPO, or IPO with --kind ipo) against a frozen reference",
         "lmforge dpo --base runs/sft --train-file prefs_train.jsonl --eval-file prefs_eval.jsonl --beta 0.1",
-        (*PREFERENCE, "--peft.method"),
+        CHAT_OPTIONS,
         {"--beta": dict(type=float, help="KL strength (IPO: margin 1/(2 beta))"),
          "--kind": dict(choices=["sigmoid", "ipo"], help="sigmoid = DPO, ipo = IPO")}),
     "ppo": (
         "RLHF with PPO: value head, per-token KL penalty to the reference, GAE, clipped losses",
         "lmforge ppo --policy runs/sft --reward verifier --prompts prompts_train.jsonl --train.max_steps=100",
-        RL,
+        RL_OPTIONS,
         {"--kl-coef": dict(type=float, help="per-token KL penalty coefficient"),
          "--adaptive-kl": dict(action="store_true", help="adapt the KL coefficient towards --target-kl"),
          "--target-kl": dict(type=float, help="target KL (nats per response) of the adaptive controller")}),
     "grpo": (
         "GRPO: G samples per prompt, group-normalised advantages, KL to the reference, verifier reward",
         "lmforge grpo --policy runs/sft --prompts prompts_train.jsonl --group-size 8 --train.max_steps=100",
-        RL,
+        RL_OPTIONS,
         {"--group-size": dict(type=int, help="samples per prompt (G)"),
          "--beta": dict(type=float, help="KL coefficient")}),
     "distill": (
