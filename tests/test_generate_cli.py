@@ -61,7 +61,7 @@ def test_bad_search_arguments_fail_clearly(models: dict[str, Path], capsys) -> N
 
 def test_cli_defaults_are_the_python_defaults() -> None:
     """`lmforge generate DIR --prompt X` decodes as SamplingConfig() does: greedily, 64 tokens."""
-    args = build_parser().parse_args(["generate", "DIR", "--prompt", "x"])
+    args = build_parser().parse_args(["generate", "DIR", "--prompt", "x"]).generate
     python = SamplingConfig()
     cli = (args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, tuple(args.stop),
            not args.no_cache, args.truncate_prompt, args.compile)

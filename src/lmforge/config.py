@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -323,12 +324,16 @@ def _model_classes(annotation: Any) -> list[type[BaseModel]]:
     return [c for arg in typing.get_args(annotation) for c in _model_classes(arg)]
 
 
-def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+def config_keys(model: type[BaseModel], prefix: str = "", leaves_only: bool = False) -> list[str]:
+    """Every dotted key of `model` (`train`, `train.lr`, ...; a union's members' keys once each); with
+    `leaves_only`, just the keys that hold values rather than sections."""
     keys = []
     for name, field in model.model_fields.items():
-        keys.append(prefix + name)
-        for sub in _model_classes(field.annotation):
-            keys += [k for k in _valid_keys(sub, prefix + name + ".") if k not in keys]
+        sections = _model_classes(field.annotation)
+        if not (leaves_only and sections):
+            keys.append(prefix + name)
+        for sub in sections:
+            keys += [k for k in config_keys(sub, prefix + name + ".", leaves_only) if k not in keys]
     return keys
 
 
@@ -345,7 +350,7 @@ def validation_summary(err: ValidationError, cls: type[BaseModel] | None = None,
         loc = [str(p) for i, p in enumerate(e["loc"]) if not ((i > 0 or prefix) and p in _ARCH_TAGS)]
         key = prefix + ".".join(loc) if loc else prefix.rstrip(".")
         if e["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(key, _valid_keys(cls), n=1, cutoff=0.5) if cls is not None else []
+            close = difflib.get_close_matches(key, config_keys(cls), n=1, cutoff=0.5) if cls is not None else []
             parts.append(f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
             continue
         message = one_line(e["msg"].removeprefix("Value error, "))
@@ -372,8 +377,10 @@ def yaml_problem(exc: yaml.YAMLError) -> str:
     return one_line(text)
 
 
-def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
-    """Build `cls` from a YAML file (optional) and dotted overrides, with clear errors."""
+def load_config(cls: type[C], path: str | Path | None = None,
+                overrides: list[str] | Mapping[str, Any] | None = None) -> C:
+    """Build `cls` from a YAML file (optional) and dotted overrides, with clear errors. Overrides are
+    `["train.lr=1e-3"]` (values as YAML) or, as the command line passes them parsed, `{"train.lr": 1e-3}`."""
     tree: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -387,7 +394,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
         source = str(path)
-    pairs = parse_overrides(overrides or [])
+    pairs = list(overrides.items()) if isinstance(overrides, Mapping) else parse_overrides(overrides or [])
     for key, value in pairs:
         _set_dotted(tree, key, value)
     if pairs:

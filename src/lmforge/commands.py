@@ -1,0 +1,186 @@
+"""What `lmforge VERB` does for the verbs that are not training stages: tokenizer train, data prepare, generate,
+merge, export, quantize, demo. Each takes the parsed options (see `lmforge.cli`) and prints one result."""
+
+from __future__ import annotations
+
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+from lmforge.errors import ConfigError, LmforgeError
+
+
+def cmd_tokenizer_train(args: Namespace) -> None:
+    from lmforge.data.readers import read_documents
+    from lmforge.io import require_dir_path
+    from lmforge.tokenizer import train_tokenizer
+
+    require_dir_path(Path(args.out), "--out")  # before training, which may take minutes
+    docs = read_documents(args.input, text_field=args.text_field, skip_bad_lines=args.skip_bad_lines)
+    tokenizer = train_tokenizer(docs, args.vocab_size, min_frequency=args.min_frequency)
+    docs.require_text()
+    path = tokenizer.save(args.out)
+    skipped = f", {docs.skipped} bad lines skipped" if docs.skipped else ""
+    print(f"trained a {tokenizer.vocab_size}-token byte-level BPE on {docs.documents} documents{skipped} -> {path}")
+
+
+def cmd_data_prepare(args: Namespace) -> None:
+    from lmforge.data.shards import prepare_shards
+    from lmforge.tokenizer import Tokenizer
+
+    index = prepare_shards(args.input, Tokenizer.from_file(args.tokenizer), args.out, text_field=args.text_field,
+                           val_fraction=args.val_fraction, seed=args.seed, skip_bad_lines=args.skip_bad_lines)
+    skipped = f"; skipped {index.skipped_lines} bad lines" if index.skipped_lines else ""
+    print(f"wrote {index.num_tokens['train']:,} train and {index.num_tokens['val']:,} validation tokens "
+          f"({index.dtype}) to {args.out}{skipped}")
+
+
+def _sampling_config(args: Namespace):
+    """The SamplingConfig of `lmforge generate`'s options, each option checked (before any model loads)."""
+    from lmforge.infer.beam import check_beam_options
+    from lmforge.infer.generate import SamplingConfig, require_utf8
+    from lmforge.infer.speculative import check_draft_options
+
+    require_utf8(args.prompt, "--prompt")
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), use_cache=not args.no_cache,
+                         truncate_prompt=args.truncate_prompt, compile=args.compile)
+    if args.num_samples < 1:
+        raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}")
+    check_beam_options(args.num_beams, args.length_penalty)
+    if args.draft:
+        check_draft_options(args.num_draft, args.draft_min_confidence)
+    if args.num_beams > 1 and args.draft:
+        raise ConfigError("--num-beams and --draft are two ways to decode; choose one")
+    if args.num_samples > 1 and (args.num_beams > 1 or args.draft):
+        raise ConfigError("--num-samples works with plain decoding, not with --num-beams or --draft (they print "
+                          "one output)")
+    return cfg
+
+
+def _write_after(lead: str):
+    """sys.stdout.write that puts `lead` (the prompt) before the first text, so that a generation refused at its
+    start (a prompt that does not fit the context) prints nothing."""
+    pending = [lead]
+
+    def write(text: str) -> None:
+        sys.stdout.write((pending.pop() if pending else "") + text)
+        sys.stdout.flush()
+
+    return write
+
+
+def cmd_generate(args: Namespace) -> None:
+    import lmforge
+    from lmforge.infer.generate import generate
+    from lmforge.infer.layout import column_major_linears
+
+    cfg = _sampling_config(args)
+    if (args.checkpoint is None) == (args.adapter is None):
+        raise LmforgeError("give one model: a checkpoint dir or --adapter DIR (a peft adapter folder)")
+    if args.base is not None and args.adapter is None:
+        raise LmforgeError("--base is the base model of --adapter DIR; give --adapter too")
+    source = args.adapter or args.checkpoint
+    model, tokenizer = lmforge.load(source, base=args.base)
+    if tokenizer is None:
+        raise LmforgeError(f"{source} has no tokenizer.json; generation from text needs one")
+    arch = getattr(getattr(model, "cfg", None), "arch", None)
+    if arch not in ("decoder", "encdec"):
+        raise LmforgeError(f"{source} holds an {arch or type(model).__name__} model, which does not generate "
+                           "text; use a decoder (GPT, Llama) or an encoder-decoder (T5)")
+    if arch == "encdec":  # T5: the prompt is the encoder's input, the output a new text
+        from lmforge.infer.generate_encdec import generate_text2text as generate
+    search = args.num_beams > 1 or args.draft
+    if search and arch != "decoder":
+        raise LmforgeError("--num-beams and --draft work with decoders (GPT, Llama)")
+    column_major_linears(model)  # faster small-batch matmuls; generation only reads the weights
+    if search:
+        print(args.prompt + _search(args, model, tokenizer, cfg))
+        return
+    for i in range(args.num_samples):
+        header = f"--- sample {i + 1}\n" if args.num_samples > 1 else ""
+        if args.num_samples > 1:
+            cfg.seed = None if args.seed is None else args.seed + i
+        write = _write_after(header + (args.prompt if arch == "decoder" else ""))
+        text = generate(model, tokenizer, args.prompt, cfg, stream=None if args.no_stream else write)
+        write((text if args.no_stream else "") + "\n")
+
+
+def _refuse_out_over_input(out: str, source: str) -> None:
+    """--out must not be the input, nor hold it: the new dir replaces --out whole."""
+    if Path(out).resolve() in (Path(source).resolve(), *Path(source).resolve().parents):
+        raise ConfigError(f"--out {out} would replace the input {source}, which this command reads; choose another "
+                          "--out")
+
+
+def cmd_merge(args: Namespace) -> None:
+    import lmforge
+    from lmforge.checkpoint import read_manifest, resolve_checkpoint
+    from lmforge.export import export_run
+    from lmforge.peft.config import merge_peft
+
+    _refuse_out_over_input(args.out, args.checkpoint)
+    ckpt = resolve_checkpoint(args.checkpoint)
+    manifest = read_manifest(ckpt)
+    if manifest.peft is None:
+        raise LmforgeError(f"{ckpt} was not trained with --peft; there is nothing to merge (to write a Hugging Face "
+                           f"dir use: lmforge export {args.checkpoint} --format hf --out DIR)")
+    if manifest.task:
+        raise LmforgeError(f"{ckpt} is a '{manifest.task}' task model; merge folds language-model adapters "
+                           "(sft, text2text); keep the task model as it is")
+    if args.hf:  # the export carries the run's chat template too
+        print(export_run(ckpt, "hf", args.out).note)
+        return
+    model, tokenizer = lmforge.load(ckpt)
+    model = merge_peft(model, manifest.peft)
+    path = lmforge.save(model, tokenizer, args.out)
+    print(f"merged {manifest.peft.method} into the base weights -> {path}")
+
+
+def cmd_export(args: Namespace) -> None:
+    from lmforge.export import export_run
+
+    _refuse_out_over_input(args.out, args.checkpoint)
+    print(export_run(args.checkpoint, args.format, args.out, base_name=args.base_name).note)
+
+
+def cmd_quantize(args: Namespace) -> None:
+    from lmforge.infer.quantize_stage import quantize_checkpoint
+
+    _refuse_out_over_input(args.out, args.checkpoint)
+    path, report = quantize_checkpoint(args.checkpoint, args.out, args.bits, args.group_size,
+                                       tied_embedding=not args.keep_fp32_embedding)
+    tied = " (with the tied embedding)" if report["tied_embedding"] else ""
+    print(f"int{args.bits}: {len(report['modules'])} Linear layers{tied}, {report['bytes_before']:,} -> "
+          f"{report['bytes_after']:,} bytes ({report['bytes_before'] / report['bytes_after']:.2f}x smaller) -> {path}")
+
+
+def _search(args: Namespace, model, tokenizer, cfg) -> str:
+    """Beam search (the best of --num-beams hypotheses) or speculative decoding with a --draft model."""
+    import lmforge
+    from lmforge.infer.layout import column_major_linears
+
+    ids = tokenizer.encode(args.prompt)
+    if args.num_beams > 1:
+        from lmforge.infer.beam import beam_search
+
+        (best, score), *_ = beam_search(model, ids, args.num_beams, args.max_new_tokens, tokenizer.eos_id,
+                                        length_penalty=args.length_penalty)
+        print(f"[beam search, {args.num_beams} beams: score {score:.4f}]", file=sys.stderr)
+        return tokenizer.decode(best)
+    from lmforge.infer.speculative import speculative_generate
+
+    draft, _ = lmforge.load(args.draft)
+    column_major_linears(draft)
+    out, stats = speculative_generate(model, draft, ids, cfg, num_draft=args.num_draft, eos_id=tokenizer.eos_id,
+                                      min_confidence=args.draft_min_confidence)
+    print(f"[speculative: {stats.accepted}/{stats.proposed} draft tokens accepted, {stats.target_forwards} target "
+          f"forwards instead of {stats.plain_forwards}]", file=sys.stderr)
+    return tokenizer.decode(out)
+
+
+def cmd_demo(args: Namespace) -> None:
+    from lmforge.demo import run_demo
+
+    run_demo(out_dir=Path(args.out_dir), report_dir=Path(args.report_dir), quick=args.quick,
+             minutes=args.minutes, precision=args.precision)
