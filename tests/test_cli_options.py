@@ -60,3 +60,15 @@ def test_usage_errors_are_one_line_and_exit_status_2(argv: list[str], fragments:
     assert captured.out == ""
     for fragment in fragments:
         assert fragment in message, (fragment, message)
+
+
+def test_overrides_reach_the_config_typed(tmp_path) -> None:
+    """`--train.lr=1e-3` and `--model.n_layer 6` (both spellings) arrive in the stage's config as numbers."""
+    from lmforge.cli import config_overrides
+    from lmforge.config import load_config
+
+    argv = ["pretrain", "--train.lr=1e-3", "--model.n_layer", "6", "--train.precision=bf16", "--data.dir", "x/y"]
+    args = build_parser("pretrain", with_config_keys=True).parse_args(argv)["pretrain"]
+    cfg = load_config(stage_config("pretrain"), None, config_overrides(args))
+    assert isinstance(cfg.train.lr, float) and cfg.train.lr == pytest.approx(1e-3)
+    assert (cfg.model.n_layer, cfg.train.precision, cfg.data.dir) == (6, "bf16", "x/y")

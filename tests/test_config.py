@@ -9,7 +9,7 @@ import pytest
 
 from cli_checks import error_line
 from lmforge.cli import build_parser, main
-from lmforge.config import MODEL_FAMILIES, ModelConfig, PretrainConfig, dump_config, load_config, parse_overrides
+from lmforge.config import MODEL_FAMILIES, ModelConfig, PretrainConfig, dump_config, load_config
 from lmforge.errors import ConfigError
 
 BASE_YAML = """\
@@ -49,10 +49,10 @@ def test_load_yaml(tmp_path: Path) -> None:
     assert cfg.train.precision == "fp32"
 
 
-def test_dotted_overrides_in_both_forms(tmp_path: Path) -> None:
+def test_dotted_overrides(tmp_path: Path) -> None:
     path = write(tmp_path, BASE_YAML)
     cfg = load_config(PretrainConfig, path,
-                      ["train.lr=1e-3", "--model.n_layer", "6", "--train.precision=bf16", "--data.dir", "x/y"])
+                      {"train.lr": "1e-3", "model.n_layer": 6, "train.precision": "bf16", "data.dir": "x/y"})
     assert isinstance(cfg.train.lr, float) and cfg.train.lr == pytest.approx(1e-3)
     assert isinstance(cfg.model.n_layer, int) and cfg.model.n_layer == 6
     assert cfg.train.precision == "bf16"
@@ -62,19 +62,9 @@ def test_dotted_overrides_in_both_forms(tmp_path: Path) -> None:
 
 
 def test_overrides_without_a_file_and_new_sections() -> None:
-    cfg = load_config(PretrainConfig, None, ["model.d_model=96", "model.n_head=3", "train.tensorboard=true"])
+    cfg = load_config(PretrainConfig, None, {"model.d_model": 96, "model.n_head": 3, "train.tensorboard": True})
     assert (cfg.model.d_model, cfg.model.n_head, cfg.train.tensorboard) == (96, 3, True)
     assert load_config(PretrainConfig) == PretrainConfig()
-
-
-def test_parse_overrides_values() -> None:
-    pairs = parse_overrides(["a.b=1.0e-3", "--c.d", "4", "--e.f=bf16", "g.h=", "i.j=true", "k.l=x=y"])
-    assert pairs == [("a.b", 1e-3), ("c.d", 4), ("e.f", "bf16"), ("g.h", ""), ("i.j", True), ("k.l", "x=y")]
-
-
-def test_override_without_value() -> None:
-    with pytest.raises(ConfigError, match=r"--model.n_layer=VALUE"):
-        load_config(PretrainConfig, None, ["--model.n_layer"])
 
 
 def test_llama_family_defaults(tmp_path: Path) -> None:
@@ -98,7 +88,7 @@ def test_gpt2_family_defaults() -> None:
 
 def test_explicit_key_wins_over_family_default(tmp_path: Path) -> None:
     path = write(tmp_path, "model:\n  family: llama\n  norm: layernorm\n  tie_embeddings: true\n")
-    m = load_config(PretrainConfig, path, ["model.position=alibi"]).model
+    m = load_config(PretrainConfig, path, {"model.position": "alibi"}).model
     assert (m.norm, m.tie_embeddings, m.position) == ("layernorm", True, "alibi")
     # the family still fills every key not given
     assert (m.mlp, m.attn_bias, m.mlp_bias) == ("swiglu", False, False)
@@ -108,7 +98,7 @@ def test_explicit_key_wins_over_family_default(tmp_path: Path) -> None:
 
 
 def test_dump_round_trip(tmp_path: Path) -> None:
-    cfg = load_config(PretrainConfig, write(tmp_path, BASE_YAML), ["model.family=llama", "model.n_kv_head=2"])
+    cfg = load_config(PretrainConfig, write(tmp_path, BASE_YAML), {"model.family": "llama", "model.n_kv_head": 2})
     again = load_config(PretrainConfig, write(tmp_path, dump_config(cfg), "dumped.yaml"))
     assert again == cfg
 
@@ -128,17 +118,17 @@ def test_unknown_yaml_key_suggests_closest(tmp_path: Path) -> None:
 
 def test_unknown_override_suggests_closest(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(PretrainConfig, write(tmp_path, BASE_YAML), ["train.learning_rat=1e-3", "--trian.lr=1"])
+        load_config(PretrainConfig, write(tmp_path, BASE_YAML), {"train.learning_rat": "1e-3", "trian.lr": 1})
     msg = str(info.value)
     assert "train.learning_rat" in msg and "trian" in msg
     assert "command-line overrides" in msg
     with pytest.raises(ConfigError, match=r"did you mean 'train.max_steps'"):
-        load_config(PretrainConfig, None, ["train.max_step=5"])
+        load_config(PretrainConfig, None, {"train.max_step": 5})
 
 
 def test_unknown_key_far_from_anything_has_no_suggestion() -> None:
     with pytest.raises(ConfigError, match=r"unknown key 'zzzzzzzz'") as info:
-        load_config(PretrainConfig, None, ["zzzzzzzz=1"])
+        load_config(PretrainConfig, None, {"zzzzzzzz": 1})
     assert "did you mean" not in str(info.value)
 
 
@@ -150,7 +140,7 @@ def test_wrong_type_names_key_and_value(tmp_path: Path) -> None:
     assert "model.n_layer" in msg
     assert "four" in msg
     with pytest.raises(ConfigError, match=r"train.precision") as info:
-        load_config(PretrainConfig, None, ["train.precision=fp8"])
+        load_config(PretrainConfig, None, {"train.precision": "fp8"})
     assert "fp8" in str(info.value)
 
 
@@ -181,13 +171,13 @@ def test_empty_yaml_is_defaults(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "overrides, fields",
     [
-        (["model.d_model=130", "model.n_head=4"], ["d_model=130", "n_head=4"]),
-        (["model.n_head=4", "model.n_kv_head=3"], ["n_head=4", "n_kv_head=3"]),
-        (["model.family=llama", "model.d_model=12", "model.n_head=4"], ["rope", "head dim", "3"]),
-        (["model.position=rope", "model.d_model=36", "model.n_head=4"], ["rope", "head dim", "9"]),
+        ({"model.d_model": 130, "model.n_head": 4}, ["d_model=130", "n_head=4"]),
+        ({"model.n_head": 4, "model.n_kv_head": 3}, ["n_head=4", "n_kv_head=3"]),
+        ({"model.family": "llama", "model.d_model": 12, "model.n_head": 4}, ["rope", "head dim", "3"]),
+        ({"model.position": "rope", "model.d_model": 36, "model.n_head": 4}, ["rope", "head dim", "9"]),
     ],
 )
-def test_shape_errors(tmp_path: Path, overrides: list[str], fields: list[str]) -> None:
+def test_shape_errors(tmp_path: Path, overrides: dict, fields: list[str]) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(PretrainConfig, write(tmp_path, BASE_YAML), overrides)
     msg = str(info.value)
@@ -200,24 +190,24 @@ def test_shape_errors(tmp_path: Path, overrides: list[str], fields: list[str]) -
                                       "model.vocab_size=0", "model.n_layer=0", "model.dropout=1.5"])
 def test_non_positive_sizes_are_config_errors(override: str) -> None:
     with pytest.raises(ConfigError, match=override.split("=")[0]):
-        load_config(PretrainConfig, None, [override])
+        load_config(PretrainConfig, None, dict([override.split("=")]))
 
 
 def test_odd_head_dim_is_fine_without_rope() -> None:
-    cfg = load_config(PretrainConfig, None, ["model.d_model=12", "model.n_head=4"])
+    cfg = load_config(PretrainConfig, None, {"model.d_model": 12, "model.n_head": 4})
     assert cfg.model.head_dim == 3
 
 
 def test_train_section_checks() -> None:
     with pytest.raises(ConfigError, match=r"batch_size must be >= 1, got 0"):
-        load_config(PretrainConfig, None, ["train.batch_size=0"])
+        load_config(PretrainConfig, None, {"train.batch_size": 0})
     with pytest.raises(ConfigError, match=r"min_lr=0.1 must not exceed lr=0.01"):
-        load_config(PretrainConfig, None, ["train.lr=0.01", "train.min_lr=0.1"])
+        load_config(PretrainConfig, None, {"train.lr": 0.01, "train.min_lr": 0.1})
 
 
 def test_override_into_a_scalar_is_not_a_section() -> None:
     with pytest.raises(ConfigError, match=r"'lr' is not a section"):
-        load_config(PretrainConfig, None, ["train.lr=1", "train.lr.x=2"])
+        load_config(PretrainConfig, None, {"train.lr": 1, "train.lr.x": 2})
 
 
 def test_non_utf8_yaml_names_the_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

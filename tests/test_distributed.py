@@ -43,8 +43,8 @@ def test_ddp_two_ranks_equals_single_process_on_the_same_rows(tmp_path: Path) ->
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = load_file(str(tmp_path / "ddp" / (tmp_path / "ddp" / "latest").read_text().strip() / "model.safetensors"))
 
-    config = load_config(PretrainConfig, tmp_path / "ddp.yaml", [f"train.out_dir={tmp_path / 'single'}",
-                                                                 "train.batch_size=4"])
+    config = load_config(PretrainConfig, tmp_path / "ddp.yaml",
+                         {"train.out_dir": str(tmp_path / "single"), "train.batch_size": 4})
     batches = PackedBatches(load_shards(tmp_path / "shards").tokens("train"), 16, 2, seed=config.train.seed)
 
     def same_rows(i: int) -> dict[str, torch.Tensor]:  # micro-batch i of rank r is batch 2*i + r

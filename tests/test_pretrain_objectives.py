@@ -72,9 +72,9 @@ def test_mlm_batches_mask_only_what_they_score(shards: Path) -> None:
 
 def test_objective_must_fit_the_architecture(shards: Path) -> None:
     with pytest.raises(ConfigError, match="objective 'mlm' trains a model.arch 'encoder'"):
-        load_config(PretrainConfig, None, ["objective=mlm", f"data.dir={shards}"])
+        load_config(PretrainConfig, None, {"objective": 'mlm', "data.dir": str(shards)})
     with pytest.raises(ConfigError, match="objective 'clm'.*model.arch=decoder"):
-        load_config(PretrainConfig, None, ["model.arch=encdec"])
+        load_config(PretrainConfig, None, {"model.arch": 'encdec'})
 
 
 def test_mlm_without_mask_token_is_a_clear_error(tmp_path: Path) -> None:

@@ -82,11 +82,11 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path: Path, shards_dir: Path) 
 
 
 def small_setup(shards_dir: Path, out: Path, **train) -> tuple[DecoderLM, TrainConfig, PackedBatches, PretrainConfig]:
-    config = load_config(PretrainConfig, None, [f"data.dir={shards_dir}", f"train.out_dir={out}",
-                                                "model.vocab_size=400", "model.max_seq_len=32",
-                                                "model.n_layer=1", "model.n_head=2", "model.d_model=16",
-                                                "train.progress=false", "train.batch_size=2"]
-                         + [f"train.{k}={v}" for k, v in train.items()])
+    config = load_config(PretrainConfig, None, {"data.dir": str(shards_dir), "train.out_dir": str(out),
+                                                "model.vocab_size": 400, "model.max_seq_len": 32,
+                                                "model.n_layer": 1, "model.n_head": 2, "model.d_model": 16,
+                                                "train.progress": False, "train.batch_size": 2,
+                                                **{f"train.{k}": v for k, v in train.items()}})
     from lmforge.data.shards import load_shards
 
     batches = PackedBatches(load_shards(shards_dir).tokens("train"), 32, 2, seed=0)

@@ -233,11 +233,15 @@ def _describe(verb: str, result: object) -> str:
     return f"done: step {train.step}, train loss {train.train_loss:.4f}{scores}; checkpoint {train.checkpoint}"
 
 
+def config_overrides(args: Namespace) -> dict[str, Any]:
+    """The parsed stage options as dotted config keys (`{"train.lr": 0.001, "train_file": "x.jsonl"}`)."""
+    return {key: value for key, value in args.items() if key not in ("config", "resume", "accept_config_change")}
+
+
 def run_stage(verb: str, args: Namespace) -> None:
     from lmforge.config import load_config
 
-    overrides = {key: value for key, value in args.items() if key not in ("config", "resume", "accept_config_change")}
-    config = load_config(stage_config(verb), args.config, overrides)
+    config = load_config(stage_config(verb), args.config, config_overrides(args))
     run = _stage_run(verb)
     print(_describe(verb, run(config, resume=args.resume, accept_config_change=args.accept_config_change)))
 

@@ -298,25 +298,6 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """`["train.lr=0.001", "--model.n_layer", "4"]` -> [("train.lr", 0.001), ("model.n_layer", 4)].
-
-    Values are YAML scalars; pydantic then converts them to each field's type (so "1e-3" works too)."""
-    pairs, i = [], 0
-    while i < len(overrides):
-        item = overrides[i].removeprefix("--")
-        if "=" in item:
-            key, raw = item.split("=", 1)
-        elif i + 1 < len(overrides):
-            key, raw = item, overrides[i + 1]
-            i += 1
-        else:
-            raise ConfigError(f"override '{overrides[i]}' has no value; write it as --{item}=VALUE")
-        pairs.append((key, yaml.safe_load(raw) if raw != "" else ""))
-        i += 1
-    return pairs
-
-
 def _model_classes(annotation: Any) -> list[type[BaseModel]]:
     """The config classes a field holds: itself, or each member of a (discriminated) union."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -378,9 +359,9 @@ def yaml_problem(exc: yaml.YAMLError) -> str:
 
 
 def load_config(cls: type[C], path: str | Path | None = None,
-                overrides: list[str] | Mapping[str, Any] | None = None) -> C:
-    """Build `cls` from a YAML file (optional) and dotted overrides, with clear errors. Overrides are
-    `["train.lr=1e-3"]` (values as YAML) or, as the command line passes them parsed, `{"train.lr": 1e-3}`."""
+                overrides: Mapping[str, Any] | None = None) -> C:
+    """Build `cls` from a YAML file (optional) and dotted overrides (`{"train.lr": 1e-3}`, as the command line
+    passes them parsed), with clear errors."""
     tree: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -394,10 +375,9 @@ def load_config(cls: type[C], path: str | Path | None = None,
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
         source = str(path)
-    pairs = list(overrides.items()) if isinstance(overrides, Mapping) else parse_overrides(overrides or [])
-    for key, value in pairs:
+    for key, value in (overrides or {}).items():
         _set_dotted(tree, key, value)
-    if pairs:
+    if overrides:
         source += " + command-line overrides"
     try:
         return cls.model_validate(tree)
