@@ -63,24 +63,20 @@ def test_the_threshold_is_this_cpus_last_level_cache(monkeypatch) -> None:
 
 def _fake_cache(root, entries: list[tuple[str, str, str]]) -> None:
     for i, (level, kind, size) in enumerate(entries):
-        (root / f"index{i}").mkdir()
+        (root / f"index{i}").mkdir(parents=True)
         for name, text in (("level", level), ("type", kind), ("size", size)):
             (root / f"index{i}" / name).write_text(text + "\n")
 
 
-def test_the_last_level_cache_is_read_from_sysfs_with_a_fallback(monkeypatch, tmp_path) -> None:
-    read = layout.last_level_cache_bytes.__wrapped__  # uncached: each call reads the (fake) sysfs again
+def test_the_last_level_cache_is_read_from_sysfs_with_a_fallback(tmp_path) -> None:
     sapphire_rapids_vm = [("1", "Data", "48K"), ("1", "Instruction", "32K"), ("2", "Unified", "2048K"),
                           ("3", "Unified", "307200K")]
-    _fake_cache(tmp_path, sapphire_rapids_vm)
-    monkeypatch.setattr(layout, "_CACHE_DIR", tmp_path)
-    assert read() == 300 * 2**20
-    monkeypatch.setattr(layout, "_CACHE_DIR", tmp_path / "missing")  # no sysfs (macOS, Windows, a sandbox)
-    assert read() == layout.FALLBACK_CACHE_BYTES
-    (tmp_path / "l2_only").mkdir()
+    _fake_cache(tmp_path / "spr", sapphire_rapids_vm)
+    assert layout.largest_cache_bytes(tmp_path / "spr") == 300 * 2**20
+    missing = layout.largest_cache_bytes(tmp_path / "missing")  # no sysfs (macOS, Windows, a sandbox)
+    assert missing == layout.FALLBACK_CACHE_BYTES
     _fake_cache(tmp_path / "l2_only", [("1", "Data", "32K"), ("2", "Unified", "1M"), ("3", "Instruction", "8M")])
-    monkeypatch.setattr(layout, "_CACHE_DIR", tmp_path / "l2_only")
-    assert read() == 2**20
+    assert layout.largest_cache_bytes(tmp_path / "l2_only") == 2**20
 
 
 def test_weights_off_the_cpu_are_never_converted() -> None:
