@@ -1,10 +1,10 @@
 """Greedy choices compared across computation paths agree only where each choice is clear.
 
-Two paths to the same logits (KV cache or full forward, a batch or one row, another memory layout, transformers'
-implementation, another CPU's kernels) round differently and move the logits by ~1e-6: enough to flip a near-tie. A
-test that compares token ids (or a ranking of scores) across paths therefore first checks, on its reference path,
-that every choice won by more than MIN_MARGIN. A prompt or seed that fails this check needs changing; the comparison
-itself stays exact.
+Two paths to the same logits (KV cache or full forward, a batch or one row, fused or separate projections, another
+memory layout, transformers' implementation, another CPU's kernels) round differently and move the logits by ~1e-6:
+enough to flip a near-tie. A test that compares token ids (or a ranking of scores) across paths therefore first
+checks, on its reference path, that every choice won by more than MIN_MARGIN. A prompt or seed that fails this check
+needs changing; the comparison itself stays exact.
 """
 
 from __future__ import annotations

@@ -1,13 +1,19 @@
-"""The decode fast paths: 4-D attention bias (SDPA's fused kernel), last-position logits at prefill."""
+"""The decode fast paths: fused q/k/v projection while decoding, 4-D attention bias (SDPA's fused kernel),
+last-position logits at prefill."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lmforge.config import ModelConfig
+from lmforge.config import ModelConfig, PeftConfig
+from lmforge.infer.batched import generate_batch
+from lmforge.infer.beam import beam_search
+from lmforge.infer.generate import SamplingConfig, generate_ids
+from lmforge.infer.speculative import speculative_generate
 from lmforge.model.decoder import DecoderLM
-from lmforge.model.layers import alibi_slopes, attention_bias
+from lmforge.model.layers import Attention, alibi_slopes, attention_bias, fused_qkv
+from lmforge.peft.config import apply_peft
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -18,12 +24,66 @@ def model(family: str = "gpt2", **kw) -> DecoderLM:
     return DecoderLM(cfg)
 
 
+@pytest.mark.parametrize("family, kw", [("gpt2", {}), ("llama", {"n_kv_head": 2}), ("llama", {"n_kv_head": 1})])
+def test_fused_qkv_matches_separate_projections(family: str, kw: dict) -> None:
+    m = model(family, **kw).eval()
+    x = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        separate = m(x)
+        assert m.blocks[0].attn.concatenated_qkv() is not None  # plain Linears: the fused path runs
+        with fused_qkv(m):
+            fused = m(x)
+    torch.testing.assert_close(fused, separate, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_weight_follows_in_place_updates_and_reloads() -> None:
+    m = model().eval()
+    x = torch.randint(0, 64, (1, 7))
+    with torch.no_grad(), fused_qkv(m):
+        before = m(x)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    m.train()
+    m(x).float().pow(2).mean().backward()
+    opt.step()  # in place: bumps the version counter
+    m.eval()
+    with torch.no_grad():
+        reference = m(x)
+        with fused_qkv(m):
+            after = m(x)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, reference, atol=1e-5, rtol=1e-5)
+    fresh = model()
+    fresh.load_state_dict({k: v + 0.01 for k, v in m.state_dict().items()})  # copy_ into the same storage
+    fresh.eval()
+    with torch.no_grad():
+        with fused_qkv(fresh):
+            fresh(x)  # builds the concatenated weight
+        fresh.load_state_dict(m.state_dict())
+        with fused_qkv(fresh):
+            torch.testing.assert_close(fresh(x), reference, atol=1e-5, rtol=1e-5)
+
+
 def test_training_gradients_reach_every_projection() -> None:
     m = model().train()
     m(torch.randint(0, 64, (2, 8))).sum().backward()
     for name in ("q", "k", "v"):
         grad = getattr(m.blocks[0].attn, name).weight.grad
         assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_lora_projections_skip_fusion() -> None:
+    m = model()
+    apply_peft(m, PeftConfig(method="lora", r=4, targets=["attn.q", "attn.v"]))
+    with torch.no_grad():  # non-zero adapters (LoRA's B starts at zero): skipping them would change the output
+        for p in m.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.5)
+    assert m.blocks[0].attn.concatenated_qkv() is None
+    x = torch.randint(0, 64, (1, 7))
+    with torch.no_grad():
+        separate = m(x)
+        with fused_qkv(m):
+            torch.testing.assert_close(m(x), separate)
 
 
 @pytest.mark.parametrize("family, kw", [("gpt2", {}), ("gpt2", {"position": "alibi"}), ("llama", {"n_kv_head": 2})])
@@ -50,3 +110,26 @@ def test_keep_last_returns_the_last_positions(keep: int) -> None:
     x = torch.randint(0, 64, (2, 6))
     with torch.no_grad():
         torch.testing.assert_close(m(x, keep_last=keep), m(x)[:, -keep:])
+
+
+def _beam(m: DecoderLM) -> object:
+    return beam_search(m, [1, 2, 3], num_beams=2, max_new_tokens=3)
+
+
+@pytest.mark.parametrize("run", [
+    lambda m: generate_ids(m, [1, 2, 3], SamplingConfig(max_new_tokens=3, temperature=0.0)),
+    lambda m: generate_batch(m, [[1, 2, 3], [4]], SamplingConfig(max_new_tokens=3, temperature=0.0)),
+    lambda m: speculative_generate(m, m, [1, 2, 3], SamplingConfig(max_new_tokens=3, temperature=0.0)),
+    _beam,
+], ids=["generate_ids", "generate_batch", "speculative", "beam"])
+def test_every_decode_loop_uses_the_fused_projection(run, monkeypatch: pytest.MonkeyPatch) -> None:
+    fused_flags: list[bool] = []
+    plain = Attention.project_qkv
+
+    def spy(self: Attention, x: torch.Tensor):
+        fused_flags.append(self._fused is not None)
+        return plain(self, x)
+
+    monkeypatch.setattr(Attention, "project_qkv", spy)
+    run(model().eval())
+    assert fused_flags and all(fused_flags)

@@ -15,6 +15,7 @@ import torch
 
 from lmforge.infer.generate import SamplingConfig, _fit_prompt, next_token
 from lmforge.model.decoder import DecoderLM
+from lmforge.model.layers import fused_qkv
 
 PAD_ID = 0  # any valid id: padded slots are masked out and finished rows' outputs are dropped
 
@@ -46,22 +47,23 @@ def generate_batch(
         ids[i, width - len(r):] = torch.tensor(r, device=device)
         mask[i, width - len(r):] = 1
     cache = model.new_cache(B, width + cfg.max_new_tokens)
-    logits = model(ids, cache=cache, attention_mask=mask, keep_last=1)[:, -1]
-    new: list[list[int]] = [[] for _ in range(B)]
-    done = [False] * B
-    ones = torch.ones((B, 1), dtype=torch.long, device=device)
-    while True:
-        tokens = next_token(logits, cfg, generator).tolist()
-        for i, tid in enumerate(tokens):
-            if done[i]:
-                continue
-            if cfg.stop_at_eos and tid in stop_ids:
-                done[i] = True
-                continue
-            new[i].append(tid)
-            done[i] = len(new[i]) == cfg.max_new_tokens
-        if all(done):
-            return new
-        feed = torch.tensor([[PAD_ID if d else t] for d, t in zip(done, tokens, strict=True)], device=device)
-        mask = torch.cat([mask, ones], dim=1)
-        logits = model(feed, cache=cache, attention_mask=mask)[:, -1]
+    with fused_qkv(model):
+        logits = model(ids, cache=cache, attention_mask=mask, keep_last=1)[:, -1]
+        new: list[list[int]] = [[] for _ in range(B)]
+        done = [False] * B
+        ones = torch.ones((B, 1), dtype=torch.long, device=device)
+        while True:
+            tokens = next_token(logits, cfg, generator).tolist()
+            for i, tid in enumerate(tokens):
+                if done[i]:
+                    continue
+                if cfg.stop_at_eos and tid in stop_ids:
+                    done[i] = True
+                    continue
+                new[i].append(tid)
+                done[i] = len(new[i]) == cfg.max_new_tokens
+            if all(done):
+                return new
+            feed = torch.tensor([[PAD_ID if d else t] for d, t in zip(done, tokens, strict=True)], device=device)
+            mask = torch.cat([mask, ones], dim=1)
+            logits = model(feed, cache=cache, attention_mask=mask)[:, -1]

@@ -17,6 +17,7 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.infer.generate import bad_option
 from lmforge.model.decoder import DecoderLM
+from lmforge.model.layers import fused_qkv
 
 
 def check_beam_options(num_beams: int, length_penalty: float) -> None:
@@ -52,32 +53,33 @@ def beam_search(
     device = model.device
     vocab = model.cfg.vocab_size
     cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
-    logits = model(torch.tensor([list(prompt_ids)], device=device), cache=cache, keep_last=1)[:, -1]
-    tokens = torch.empty(1, 0, dtype=torch.long, device=device)  # generated ids of the running beams
-    scores = torch.zeros(1, device=device)  # their summed log-probs
-    finished: list[tuple[float, list[int]]] = []  # (score, ids incl. EOS), best first, at most num_beams
-    for step in range(max_new_tokens):
-        gen_len = step + 1
-        last = gen_len == max_new_tokens
-        flat = (logits.float().log_softmax(dim=-1) + scores[:, None]).flatten()
-        top_scores, top_idx = flat.topk(min(2 * num_beams, flat.numel()))
-        rows, toks = top_idx // vocab, top_idx % vocab
-        keep: list[int] = []
-        for rank in range(len(top_idx)):
-            ends = last or int(toks[rank]) == eos_id
-            if ends and rank < num_beams:
-                ids = tokens[rows[rank]].tolist() + [int(toks[rank])]
-                finished.append((float(top_scores[rank]) / gen_len ** length_penalty, ids))
-            elif not ends and len(keep) < num_beams:
-                keep.append(rank)
-        finished = sorted(finished, key=lambda f: -f[0])[:num_beams]
-        if not keep:
-            break
-        sel = torch.tensor(keep, device=device)
-        tokens = torch.cat([tokens[rows[sel]], toks[sel, None]], dim=1)
-        scores = top_scores[sel]
-        if len(finished) == num_beams and float(scores[0]) / gen_len ** length_penalty <= finished[-1][0]:
-            break
-        cache.reorder(rows[sel])
-        logits = model(toks[sel, None], cache=cache)[:, -1]
-    return [(ids[:-1] if ids[-1] == eos_id else ids, score) for score, ids in finished[:num_return]]
+    with fused_qkv(model):
+        logits = model(torch.tensor([list(prompt_ids)], device=device), cache=cache, keep_last=1)[:, -1]
+        tokens = torch.empty(1, 0, dtype=torch.long, device=device)  # generated ids of the running beams
+        scores = torch.zeros(1, device=device)  # their summed log-probs
+        finished: list[tuple[float, list[int]]] = []  # (score, ids incl. EOS), best first, at most num_beams
+        for step in range(max_new_tokens):
+            gen_len = step + 1
+            last = gen_len == max_new_tokens
+            flat = (logits.float().log_softmax(dim=-1) + scores[:, None]).flatten()
+            top_scores, top_idx = flat.topk(min(2 * num_beams, flat.numel()))
+            rows, toks = top_idx // vocab, top_idx % vocab
+            keep: list[int] = []
+            for rank in range(len(top_idx)):
+                ends = last or int(toks[rank]) == eos_id
+                if ends and rank < num_beams:
+                    ids = tokens[rows[rank]].tolist() + [int(toks[rank])]
+                    finished.append((float(top_scores[rank]) / gen_len ** length_penalty, ids))
+                elif not ends and len(keep) < num_beams:
+                    keep.append(rank)
+            finished = sorted(finished, key=lambda f: -f[0])[:num_beams]
+            if not keep:
+                break
+            sel = torch.tensor(keep, device=device)
+            tokens = torch.cat([tokens[rows[sel]], toks[sel, None]], dim=1)
+            scores = top_scores[sel]
+            if len(finished) == num_beams and float(scores[0]) / gen_len ** length_penalty <= finished[-1][0]:
+                break
+            cache.reorder(rows[sel])
+            logits = model(toks[sel, None], cache=cache)[:, -1]
+        return [(ids[:-1] if ids[-1] == eos_id else ids, score) for score, ids in finished[:num_return]]

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.model.decoder import DecoderLM
+from lmforge.model.layers import fused_qkv
 from lmforge.tokenizer import Tokenizer
 
 
@@ -157,24 +158,25 @@ def generate_ids(
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
     seq = torch.tensor([ids], device=device)
     cache = model.new_cache(1, len(ids) + cfg.max_new_tokens) if cfg.use_cache else None
-    logits = model(seq, cache=cache, keep_last=1)[:, -1]
-    step = compiled_decoder(model) if cfg.compile and cache is not None else model
-    new: list[int] = []
-    for _ in range(cfg.max_new_tokens):
-        token = next_token(logits, cfg, generator)
-        tid = int(token)
-        if cfg.stop_at_eos and tid in stop_ids:
-            break
-        new.append(tid)
-        if on_token is not None and on_token(tid):
-            break
-        if len(new) == cfg.max_new_tokens:
-            break
-        if cache is not None:
-            logits = step(token.view(1, 1), cache=cache)[:, -1]
-        else:
-            seq = torch.cat([seq, token.view(1, 1)], dim=1)
-            logits = model(seq, keep_last=1)[:, -1]
+    with fused_qkv(model):
+        logits = model(seq, cache=cache, keep_last=1)[:, -1]
+        step = compiled_decoder(model) if cfg.compile and cache is not None else model
+        new: list[int] = []
+        for _ in range(cfg.max_new_tokens):
+            token = next_token(logits, cfg, generator)
+            tid = int(token)
+            if cfg.stop_at_eos and tid in stop_ids:
+                break
+            new.append(tid)
+            if on_token is not None and on_token(tid):
+                break
+            if len(new) == cfg.max_new_tokens:
+                break
+            if cache is not None:
+                logits = step(token.view(1, 1), cache=cache)[:, -1]
+            else:
+                seq = torch.cat([seq, token.view(1, 1)], dim=1)
+                logits = model(seq, keep_last=1)[:, -1]
     return new
 
 

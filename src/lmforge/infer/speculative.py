@@ -20,6 +20,7 @@ from torch import Tensor
 from lmforge.errors import LmforgeError
 from lmforge.infer.generate import SamplingConfig, _fit_prompt, bad_option, filter_logits, greedy_ids
 from lmforge.model.decoder import DecoderLM
+from lmforge.model.layers import fused_qkv
 
 
 @dataclass
@@ -89,56 +90,57 @@ def speculative_generate(
     stats = SpeculativeStats()
     new: list[int] = []
     # invariant between rounds: each cache holds a prefix of seq[:-1]
-    while True:
-        m = min(num_draft, cfg.max_new_tokens - len(new) - 1)
-        proposal: list[int] = []
-        q: list[Tensor] = []
-        for _ in range(m):
-            fed = (seq + proposal)[d_cache.length:]
-            logits = draft(torch.tensor([fed], device=device), cache=d_cache, keep_last=1)[0, -1]
-            stats.draft_forwards += 1
+    with fused_qkv(target), fused_qkv(draft):
+        while True:
+            m = min(num_draft, cfg.max_new_tokens - len(new) - 1)
+            proposal: list[int] = []
+            q: list[Tensor] = []
+            for _ in range(m):
+                fed = (seq + proposal)[d_cache.length:]
+                logits = draft(torch.tensor([fed], device=device), cache=d_cache, keep_last=1)[0, -1]
+                stats.draft_forwards += 1
+                if greedy:
+                    proposal.append(int(greedy_ids(logits)))
+                    if min_confidence > 0 and float(logits.float().softmax(-1)[proposal[-1]]) < min_confidence:
+                        break
+                else:
+                    q.append(_probs(logits, cfg))
+                    proposal.append(_sample(q[-1], generator))
+            m = len(proposal)
+            base = len(seq) - 1
+            fed = torch.tensor([seq[t_cache.length:] + proposal], device=device)
+            logits = target(fed, cache=t_cache, keep_last=m + 1)[0]
+            stats.target_forwards += 1
+            stats.proposed += m
+            k = 0
             if greedy:
-                proposal.append(int(greedy_ids(logits)))
-                if min_confidence > 0 and float(logits.float().softmax(-1)[proposal[-1]]) < min_confidence:
-                    break
-            else:
-                q.append(_probs(logits, cfg))
-                proposal.append(_sample(q[-1], generator))
-        m = len(proposal)
-        base = len(seq) - 1
-        fed = torch.tensor([seq[t_cache.length:] + proposal], device=device)
-        logits = target(fed, cache=t_cache, keep_last=m + 1)[0]
-        stats.target_forwards += 1
-        stats.proposed += m
-        k = 0
-        if greedy:
-            choice = greedy_ids(logits).tolist()
-            while k < m and proposal[k] == choice[k]:
-                k += 1
-            token = choice[k]
-        else:
-            p = _probs(logits, cfg)
-            token = -1
-            while k < m:
-                d = proposal[k]
-                u = torch.rand((), generator=generator, device=device)
-                if u * q[k][d] < p[k, d]:
+                choice = greedy_ids(logits).tolist()
+                while k < m and proposal[k] == choice[k]:
                     k += 1
-                    continue
-                token = _sample((p[k] - q[k]).clamp(min=0), generator)
-                break
-            if token < 0:
-                token = _sample(p[m], generator)
-        stats.accepted += k
-        committed = proposal[:k] + [token]
-        # roll back past the rejected draft tokens: seq[:base + 1 + k] stays cached
-        t_cache.length = base + 1 + k
-        d_cache.length = min(d_cache.length, base + 1 + k)
-        for tid in committed:
-            stats.plain_forwards += 1
-            if tid in stop_ids:
-                return new, stats
-            new.append(tid)
-            seq.append(tid)
-            if len(new) == cfg.max_new_tokens:
-                return new, stats
+                token = choice[k]
+            else:
+                p = _probs(logits, cfg)
+                token = -1
+                while k < m:
+                    d = proposal[k]
+                    u = torch.rand((), generator=generator, device=device)
+                    if u * q[k][d] < p[k, d]:
+                        k += 1
+                        continue
+                    token = _sample((p[k] - q[k]).clamp(min=0), generator)
+                    break
+                if token < 0:
+                    token = _sample(p[m], generator)
+            stats.accepted += k
+            committed = proposal[:k] + [token]
+            # roll back past the rejected draft tokens: seq[:base + 1 + k] stays cached
+            t_cache.length = base + 1 + k
+            d_cache.length = min(d_cache.length, base + 1 + k)
+            for tid in committed:
+                stats.plain_forwards += 1
+                if tid in stop_ids:
+                    return new, stats
+                new.append(tid)
+                seq.append(tid)
+                if len(new) == cfg.max_new_tokens:
+                    return new, stats

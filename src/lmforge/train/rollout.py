@@ -22,6 +22,7 @@ from lmforge.errors import LmforgeError
 from lmforge.infer.generate import SamplingConfig, next_token
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.heads import last_token_index
+from lmforge.model.layers import fused_qkv
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.logprobs import token_logprobs
 from lmforge.train.loss import log_dtype
@@ -65,15 +66,16 @@ def sample_responses(policy: DecoderLM, prompt_ids: Sequence[int], n: int, sampl
     mask = torch.zeros(n, P + max_new, dtype=torch.bool, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     cache = policy.new_cache(n, P + max_new)
-    logits = policy(ids[:, :P], cache=cache, keep_last=1)[:, -1]
-    for t in range(max_new):
-        token = next_token(logits, sampling, generator).masked_fill(done, pad)
-        ids[:, P + t], mask[:, P + t] = token, ~done
-        if sampling.stop_at_eos:
-            done = done | torch.isin(token, stops)
-        if bool(done.all()) or t + 1 == max_new:
-            break
-        logits = policy(token[:, None], cache=cache)[:, -1]
+    with fused_qkv(policy):
+        logits = policy(ids[:, :P], cache=cache, keep_last=1)[:, -1]
+        for t in range(max_new):
+            token = next_token(logits, sampling, generator).masked_fill(done, pad)
+            ids[:, P + t], mask[:, P + t] = token, ~done
+            if sampling.stop_at_eos:
+                done = done | torch.isin(token, stops)
+            if bool(done.all()) or t + 1 == max_new:
+                break
+            logits = policy(token[:, None], cache=cache)[:, -1]
     end = P + t + 1
     return ids[:, :end], mask[:, :end]
 
