@@ -53,7 +53,8 @@ def test_models_whose_weights_fit_in_cache_keep_the_row_major_layout() -> None:
 
 
 def test_the_threshold_is_this_cpus_last_level_cache(monkeypatch) -> None:
-    """Weights of at least the LLC size go column-major, smaller ones stay: a faked cache size flips the choice."""
+    """Weights of at least the LLC size go column-major, smaller ones stay: a faked cache size flips the choice (real
+    weights of this CPU's LLC size would take up to hundreds of MiB)."""
     nbytes = sum(w.nbytes for w in linear_weights(model("gpt2")))
     monkeypatch.setattr(layout, "last_level_cache_bytes", lambda: nbytes + 1)
     assert not any(is_column_major(w) for w in linear_weights(column_major_linears(model("gpt2"))))
