@@ -123,6 +123,7 @@ def _beam(m: DecoderLM) -> object:
     _beam,
 ], ids=["generate_ids", "generate_batch", "speculative", "beam"])
 def test_every_decode_loop_uses_the_fused_projection(run, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spy on the projection: the fused path changes only the speed, not the outputs, so no output can show it."""
     fused_flags: list[bool] = []
     plain = Attention.project_qkv
 
