@@ -12,6 +12,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel
@@ -119,6 +120,7 @@ def step_rows(rows: list[dict[str, torch.Tensor]], per_step: int, step: int) -> 
     return stacked(rows[per_step * step:per_step * (step + 1)])
 
 
+@pytest.mark.slow  # three processes (torchrun and two ranks), each importing torch: ~8 s
 def test_two_ranks_with_uneven_token_counts_equal_one_process(tmp_path: Path) -> None:
     """2 gloo ranks x grad_accum 2 (or 1) x one conversation each == one process training on the 4 (or 2)
     conversations of each step as one batch: the same gradient at every step (all-reduce changes only the

@@ -181,7 +181,11 @@ def test_bad_input_gets_one_line_and_changes_nothing(world: dict[str, Path], arg
     assert tree_digest(world["root"]) == before
 
 
-@pytest.mark.parametrize("case", ["generate-non-utf8-prompt", "data-val-fraction", "pretrain-non-utf8-yaml"])
+@pytest.mark.parametrize("case", [
+    pytest.param("generate-non-utf8-prompt", marks=pytest.mark.slow),  # these two import torch: ~2.5 s a process
+    "data-val-fraction",
+    pytest.param("pretrain-non-utf8-yaml", marks=pytest.mark.slow),
+])
 def test_as_a_user_runs_it(world: dict[str, Path], case: str) -> None:
     """A few cases through a real process: the exit status and stderr a shell sees."""
     if case == "generate-non-utf8-prompt":

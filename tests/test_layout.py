@@ -16,7 +16,6 @@ from lmforge.infer.generate import SamplingConfig, generate_ids
 from lmforge.infer.layout import column_major_linears, is_column_major, linear_weights
 from lmforge.infer.quant import QuantConfig, quantize_model
 from lmforge.model.decoder import DecoderLM
-from lmforge.model.layers import fused_qkv
 from lmforge.peft.config import apply_peft
 from near_ties import assert_clear_greedy
 
@@ -54,7 +53,8 @@ def test_models_whose_weights_fit_in_cache_keep_the_row_major_layout() -> None:
 
 
 def test_the_threshold_is_this_cpus_last_level_cache(monkeypatch) -> None:
-    """Weights of at least the LLC size go column-major, smaller ones stay: a faked cache size flips the choice."""
+    """Weights of at least the LLC size go column-major, smaller ones stay: a faked cache size flips the choice (real
+    weights of this CPU's LLC size would take up to hundreds of MiB)."""
     nbytes = sum(w.nbytes for w in linear_weights(model("gpt2")))
     monkeypatch.setattr(layout, "last_level_cache_bytes", lambda: nbytes + 1)
     assert not any(is_column_major(w) for w in linear_weights(column_major_linears(model("gpt2"))))
@@ -64,24 +64,20 @@ def test_the_threshold_is_this_cpus_last_level_cache(monkeypatch) -> None:
 
 def _fake_cache(root, entries: list[tuple[str, str, str]]) -> None:
     for i, (level, kind, size) in enumerate(entries):
-        (root / f"index{i}").mkdir()
+        (root / f"index{i}").mkdir(parents=True)
         for name, text in (("level", level), ("type", kind), ("size", size)):
             (root / f"index{i}" / name).write_text(text + "\n")
 
 
-def test_the_last_level_cache_is_read_from_sysfs_with_a_fallback(monkeypatch, tmp_path) -> None:
-    read = layout.last_level_cache_bytes.__wrapped__  # uncached: each call reads the (fake) sysfs again
+def test_the_last_level_cache_is_read_from_sysfs_with_a_fallback(tmp_path) -> None:
     sapphire_rapids_vm = [("1", "Data", "48K"), ("1", "Instruction", "32K"), ("2", "Unified", "2048K"),
                           ("3", "Unified", "307200K")]
-    _fake_cache(tmp_path, sapphire_rapids_vm)
-    monkeypatch.setattr(layout, "_CACHE_DIR", tmp_path)
-    assert read() == 300 * 2**20
-    monkeypatch.setattr(layout, "_CACHE_DIR", tmp_path / "missing")  # no sysfs (macOS, Windows, a sandbox)
-    assert read() == layout.FALLBACK_CACHE_BYTES
-    (tmp_path / "l2_only").mkdir()
+    _fake_cache(tmp_path / "spr", sapphire_rapids_vm)
+    assert layout.largest_cache_bytes(tmp_path / "spr") == 300 * 2**20
+    missing = layout.largest_cache_bytes(tmp_path / "missing")  # no sysfs (macOS, Windows, a sandbox)
+    assert missing == layout.FALLBACK_CACHE_BYTES
     _fake_cache(tmp_path / "l2_only", [("1", "Data", "32K"), ("2", "Unified", "1M"), ("3", "Instruction", "8M")])
-    monkeypatch.setattr(layout, "_CACHE_DIR", tmp_path / "l2_only")
-    assert read() == 2**20
+    assert layout.largest_cache_bytes(tmp_path / "l2_only") == 2**20
 
 
 def test_weights_off_the_cpu_are_never_converted() -> None:
@@ -108,8 +104,8 @@ def test_tied_head_stays_tied_and_converts_once() -> None:
 def test_fused_qkv_copy_keeps_the_layout_and_generation_is_unchanged() -> None:
     m = model("llama", n_kv_head=2, init_std=0.5)  # logits spread out: no near-tie in the greedy choices
     converted = column_major_linears(copy.deepcopy(m), min_bytes=0)
-    with torch.no_grad(), fused_qkv(converted):
-        fused_weight, _ = converted.blocks[0].attn._fused
+    with torch.no_grad():
+        fused_weight, _ = converted.blocks[0].attn.concatenated_qkv()
         assert is_column_major(fused_weight)
     cfg = SamplingConfig(max_new_tokens=20, temperature=0.0, stop_at_eos=False)
     reference = generate_ids(m, [1, 5, 9], cfg)

@@ -33,7 +33,11 @@ from lmforge.peft.lora import (
 from lmforge.peft.nf4 import NF4, dequantize_scales, nf4_dequantize, nf4_quantize, quantize_scales
 from lmforge.train.trainer import build_optimizer
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    # peft reads transformers' deprecated `is_gradient_checkpointing`: their warning, not ours, kept off the summary
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+]
 
 ATOL = 1e-4
 VOCAB = 64

