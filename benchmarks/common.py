@@ -168,7 +168,7 @@ def _demo_spec() -> ModelSpec:
     """The decoder `lmforge demo` trains (one source of truth: the demo plan)."""
     from lmforge.demo import demo_plan
 
-    d = demo_plan(quick=False, minutes=None).decoder
+    d = demo_plan(quick=False).decoder
     return ModelSpec(vocab_size=d.vocab_size, max_seq_len=d.max_seq_len, n_layer=d.n_layer, n_head=d.n_head,
                      d_model=d.d_model)
 

@@ -97,7 +97,7 @@ def train_decoder(plan: DemoPlan, data_dir: Path, out: Path, dims: tuple[int, in
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    plan = demo_plan(quick=False, minutes=None)
+    plan = demo_plan(quick=False)
     data_dir = args.work_dir / "data"
     target_dir, draft_dir = args.target, args.draft
     if target_dir is None or draft_dir is None:

@@ -259,10 +259,9 @@ def _add_input_options(p: ArgumentParser) -> None:
 
 def _demo_options(p: ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a tiny run (under 2 minutes) that exercises every stage")
-    p.add_argument("--minutes", type=float, default=None,
-                   help="pretraining time budget in minutes (default: 4, or 0.5 with --quick)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto measures fp32 and bf16 training speed first and uses the faster (default: auto)")
+                   help="decoder pretraining precision; auto = bf16 on a CPU with AMX bf16 tiles, else fp32 "
+                        "(default: auto)")
     p.add_argument("--out-dir", default="runs/demo",
                    help="scratch dir for data, tokenizer and checkpoints (replaced on each demo run; must be "
                         "missing, empty or an earlier demo's)")

@@ -183,4 +183,4 @@ def cmd_demo(args: Namespace) -> None:
     from lmforge.demo import run_demo
 
     run_demo(out_dir=Path(args.out_dir), report_dir=Path(args.report_dir), quick=args.quick,
-             minutes=args.minutes, precision=args.precision)
+             precision=args.precision)

@@ -1,11 +1,12 @@
 """`lmforge demo`: the lifecycle end to end on the synthetic world, ending in report/README.md.
 
-world -> tokenizer -> token shards, then one module per stage, each returning its report sections:
-`decoder` (GPT pretraining on a time budget, task accuracy, samples), `inference` (quantisation,
-speculative decoding), `alignment` (SFT, reward model,
-DPO, PPO, GRPO, distillation), `peft` (every PEFT method vs full fine-tuning), `families` (BERT masked-LM and
-T5 span-corruption pretraining, and pretrained-vs-scratch fine-tuning), `positions` (the
-positional-encoding study). Every number in the report is computed by this run.
+world -> tokenizer -> token shards and instruction data, then one module per stage, each returning its report
+sections: `decoder` (GPT pretraining, task accuracy, samples), `alignment` (SFT, reward model, DPO, PPO, GRPO,
+distillation), `inference` (quantisation, speculative decoding), `peft` (every PEFT method vs full fine-tuning),
+`families` (BERT masked-LM and T5 span-corruption pretraining, and pretrained-vs-scratch fine-tuning), `positions`
+(the positional-encoding study). A stage that later stages build on also returns its checkpoint (`StageResult`);
+`run_demo` hands it on, so no stage knows where another writes. Every budget is a step count, so a run takes the
+same steps on any machine, and every number in the report is computed by this run.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmforge.config import EncDecConfig, EncoderConfig, ModelConfig
+from lmforge.data.instructions import write_instruction_data
 from lmforge.data.readers import read_documents
 from lmforge.data.shards import ShardIndex, prepare_shards
 from lmforge.data.synthetic import WorldConfig, write_corpus
 from lmforge.errors import LmforgeError
-from lmforge.eval.report import machine_description, write_report
+from lmforge.eval.report import Section, machine_description, write_report
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 
 DEMO_MARKER = ".lmforge-demo"  # written into --out-dir, so a later demo may clear it (and nothing else)
@@ -34,7 +36,7 @@ class DemoPlan:
     vocab_size: int
     decoder: ModelConfig
     batch_size: int
-    minutes: float  # decoder pretraining budget
+    decoder_steps: int  # decoder pretraining steps, each batch_size x decoder.max_seq_len tokens
     eval_per_task: int
     encoder: EncoderConfig
     encdec: EncDecConfig
@@ -53,12 +55,14 @@ class DemoPlan:
     samples: tuple[str, ...] = ("Question: What is the capital of", "One morning,", "Question: A coin is heads up.")
 
 
-def demo_plan(quick: bool, minutes: float | None) -> DemoPlan:
+def demo_plan(quick: bool) -> DemoPlan:
+    """The full plan's step budgets keep `make demo` within 25 minutes, with 20% to spare, on 2 cores of an AMD
+    Zen 4 (no AMX: fp32 throughout), where the decoder trains slowest; the same steps run on every CPU."""
     if quick:
         return DemoPlan(
             world=WorldConfig(seed=0, n_documents=2000, n_eval=8), vocab_size=512,
             decoder=ModelConfig(family="gpt2", vocab_size=512, max_seq_len=256, n_layer=2, n_head=2, d_model=64),
-            batch_size=8, minutes=0.3 if minutes is None else minutes, eval_per_task=4,
+            batch_size=8, decoder_steps=200, eval_per_task=4,
             encoder=EncoderConfig(vocab_size=512, max_seq_len=128, n_layer=1, n_head=2, d_model=64),
             encdec=EncDecConfig(vocab_size=512, n_layer=1, n_head=2, head_dim=32, d_model=64, d_ff=128),
             family_steps=20, finetune_steps=20, task_examples=(100, 40), position_steps=10,
@@ -69,23 +73,26 @@ def demo_plan(quick: bool, minutes: float | None) -> DemoPlan:
     return DemoPlan(
         world=WorldConfig(seed=0), vocab_size=1024,
         decoder=ModelConfig(family="gpt2", vocab_size=1024, max_seq_len=256, n_layer=4, n_head=6, d_model=192),
-        batch_size=16, minutes=4.0 if minutes is None else minutes, eval_per_task=40,
+        batch_size=16, decoder_steps=1100, eval_per_task=40,
         encoder=EncoderConfig(vocab_size=1024, max_seq_len=128, n_layer=4, n_head=4, d_model=128),
         encdec=EncDecConfig(vocab_size=1024, n_layer=3, n_head=4, head_dim=32, d_model=128, d_ff=512),
-        family_steps=400, finetune_steps=300, task_examples=(600, 300), position_steps=300,
+        family_steps=300, finetune_steps=300, task_examples=(600, 300), position_steps=300,
         position_model=dict(n_layer=2, n_head=4, d_model=128), position_len=64,
-        instruct_examples=(1500, 600, 100), post_steps=dict(sft=300, reward=150, dpo=100, rl=40, distill=300, peft=100),
+        instruct_examples=(1500, 600, 100), post_steps=dict(sft=300, reward=150, dpo=100, rl=40, distill=200, peft=80),
         rl_prompts=16, student=dict(n_layer=2, n_head=4, d_model=96))
 
 
 @dataclass
 class DemoData:
-    """What every stage shares: the world's files, the tokenizer and the token shards."""
+    """What every stage shares: the world's files, the tokenizer, the token shards and the instruction data, all in
+    `dir` (where a stage may add data of its own)."""
 
+    dir: Path
     files: dict[str, Path]
     tokenizer: Tokenizer
     shards: ShardIndex
     shards_dir: Path
+    instructions: dict[str, Path]  # SFT conversations, preference pairs, prompts (`write_instruction_data`)
 
 
 def prepare_world(plan: DemoPlan, data_dir: Path) -> DemoData:
@@ -93,7 +100,16 @@ def prepare_world(plan: DemoPlan, data_dir: Path) -> DemoData:
     tokenizer = train_tokenizer(read_documents([files["train"]]), plan.vocab_size, show_progress=False)
     tokenizer.save(data_dir / "tokenizer")
     shards = prepare_shards([files["train"]], tokenizer, data_dir / "shards", val_fraction=0.02, progress=False)
-    return DemoData(files, tokenizer, shards, data_dir / "shards")
+    instructions = write_instruction_data(plan.world, data_dir / "instructions", *plan.instruct_examples)
+    return DemoData(data_dir, files, tokenizer, shards, data_dir / "shards", instructions)
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """A stage's report sections and the checkpoint (run dir) that later stages build on."""
+
+    sections: list[Section]
+    checkpoint: Path
 
 
 def fresh_demo_dir(out_dir: Path) -> None:
@@ -109,31 +125,50 @@ def fresh_demo_dir(out_dir: Path) -> None:
     (out_dir / DEMO_MARKER).write_text("made by `lmforge demo`, which clears this directory on its next run\n")
 
 
-def run_demo(out_dir: Path, report_dir: Path, quick: bool = False, minutes: float | None = None,
-             precision: str = "auto") -> Path:
+def run_demo(out_dir: Path, report_dir: Path, quick: bool = False, precision: str = "auto") -> Path:
     from lmforge.demo import alignment, decoder, families, inference, peft, positions
 
-    plan = demo_plan(quick, minutes)
+    plan = demo_plan(quick)
     t_start = time.perf_counter()
     fresh_demo_dir(out_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    print("[1/7] the synthetic world: corpus, tokenizer, token shards")
+    timer = StageTimer(total=7)
+    timer.start("the synthetic world: corpus, tokenizer, token shards, instruction data")
     data = prepare_world(plan, out_dir / "data")
-    print("[2/7] decoder (GPT) pretraining, task accuracy, samples")
-    sections = decoder.run(plan, data, out_dir, report_dir, precision)
-    print("[3/7] post-training: SFT, reward model, DPO, PPO, GRPO; distillation")
-    sections += alignment.run(plan, data, out_dir, report_dir)
-    print("[4/7] inference: quantisation, speculative decoding (the distilled student drafts)")
-    sections += inference.run(plan, data, out_dir, report_dir)
-    print("[5/7] parameter-efficient fine-tuning: every method vs full fine-tuning")
-    sections += peft.run(plan, data, out_dir, report_dir)
-    print("[6/7] encoder (BERT, masked LM) and encoder-decoder (T5, span corruption); fine-tuning")
+    timer.start("decoder (GPT) pretraining, task accuracy, samples")
+    pretrained = decoder.run(plan, data, out_dir, report_dir, precision)
+    timer.start("post-training: SFT, reward model, DPO, PPO, GRPO; distillation")
+    aligned = alignment.run(plan, data, pretrained.checkpoint, out_dir, report_dir)
+    timer.start("inference: quantisation, speculative decoding (the distilled student drafts)")
+    sections = [*pretrained.sections, *aligned.sections,
+                *inference.run(plan, data, pretrained.checkpoint, aligned.checkpoint, out_dir, report_dir)]
+    timer.start("parameter-efficient fine-tuning: every method vs full fine-tuning")
+    sections += peft.run(plan, data, pretrained.checkpoint, out_dir, report_dir)
+    timer.start("encoder (BERT, masked LM) and encoder-decoder (T5, span corruption); fine-tuning")
     sections += families.run(plan, data, out_dir, report_dir)
-    print("[7/7] positional-encoding study")
+    timer.start("positional-encoding study")
     sections += positions.run(plan, data, out_dir, report_dir)
+    timer.stop()
     intro = (f"Written by `lmforge demo{' --quick' if quick else ''}` on {time.strftime('%Y-%m-%d %H:%M')} in "
              f"{time.perf_counter() - t_start:.0f} s. Machine: {machine_description()}. "
              "Every number below was computed in this run.")
     path = write_report(report_dir, "lmforge report card", intro, sections)
     print(f"report: {path}")
     return path
+
+
+class StageTimer:
+    """Prints `[i/n] what` as each stage starts and the seconds the previous one took."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.index, self.since = total, 0, 0.0
+
+    def start(self, what: str) -> None:
+        self.stop()
+        self.index += 1
+        self.since = time.perf_counter()
+        print(f"[{self.index}/{self.total}] {what}")
+
+    def stop(self) -> None:
+        if self.index:
+            print(f"      {time.perf_counter() - self.since:.0f} s")

@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import lmforge
-from lmforge.config import DataConfig, ModelConfig, TrainConfig
+from lmforge.config import DataConfig, ModelConfig
 from lmforge.data.chat import get_chat_template
-from lmforge.data.instructions import write_instruction_data
 from lmforge.data.sft import read_prompts
+from lmforge.demo import StageResult
+from lmforge.demo.training import short_run
 from lmforge.eval.instruct import instruct_scores
-from lmforge.eval.report import Section, markdown_table, plot_series, read_metrics
+from lmforge.eval.report import Section, markdown_table, metric_series, plot_series
 from lmforge.train.distill import DistillConfig, distill
 from lmforge.train.dpo import DPOConfig, train_dpo
 from lmforge.train.reward import RewardConfig, train_reward_model
@@ -25,38 +26,33 @@ if TYPE_CHECKING:
     from lmforge.demo import DemoData, DemoPlan
 
 
-def _train_cfg(out: Path, steps: int, lr: float, batch_size: int = 16, **extra) -> TrainConfig:
-    return TrainConfig(out_dir=str(out), max_steps=steps, lr=lr, min_lr=lr / 10, warmup_steps=max(1, steps // 10),
-                       batch_size=batch_size, eval_every=max(1, steps // 4), save_every=steps,
-                       log_every=max(1, steps // 20), progress=False, **extra)
-
-
-def run(plan: DemoPlan, data: DemoData, out_dir: Path, report_dir: Path) -> list[Section]:
-    files = write_instruction_data(plan.world, out_dir / "data" / "instructions", *plan.instruct_examples)
+def run(plan: DemoPlan, data: DemoData, pretrained: Path, out_dir: Path, report_dir: Path) -> StageResult:
+    """Sections for post-training and distillation; the checkpoint is the distilled student (alpha 0.5)."""
+    files = data.instructions
     steps = plan.post_steps
     runs = out_dir / "post"
     ctx = plan.decoder.max_seq_len  # every stage's examples must fit the decoder's context
-    sft(SFTConfig(base=str(out_dir / "pretrain"), train_file=str(files["sft_train"]), max_len=ctx,
-                  train=_train_cfg(runs / "sft", steps["sft"], 1e-3)))
+    sft(SFTConfig(base=str(pretrained), train_file=str(files["sft_train"]), max_len=ctx,
+                  train=short_run(runs / "sft", steps["sft"], 1e-3)))
     sft_dir = runs / "sft"
     _, reward_metrics = train_reward_model(RewardConfig(
         base=str(sft_dir), train_file=str(files["prefs_train"]), eval_file=str(files["prefs_eval"]), max_len=ctx - 1,
-        train=_train_cfg(runs / "reward", steps["reward"], 5e-4)))
+        train=short_run(runs / "reward", steps["reward"], 5e-4)))
     _, dpo_metrics = train_dpo(DPOConfig(
         base=str(sft_dir), train_file=str(files["prefs_train"]), eval_file=str(files["prefs_eval"]), max_len=ctx,
-        train=_train_cfg(runs / "dpo", steps["dpo"], 1e-4, batch_size=8, weight_decay=0.0)))
+        train=short_run(runs / "dpo", steps["dpo"], 1e-4, batch_size=8, weight_decay=0.0)))
     rl_train = dict(weight_decay=0.0)
     rollouts = dict(policy=str(sft_dir), reward="verifier", prompts=str(files["prompts_train"]), max_new_tokens=48,
                     max_prompt_len=ctx - 48, minibatch_size=plan.rl_prompts)
     ppo = train_ppo(PPOConfig(**rollouts, prompts_per_round=plan.rl_prompts,
-                              train=_train_cfg(runs / "ppo", steps["rl"], 5e-5, **rl_train)))
+                              train=short_run(runs / "ppo", steps["rl"], 5e-5, **rl_train)))
     grpo = train_grpo(GRPOConfig(**rollouts, prompts_per_round=max(1, plan.rl_prompts // 4), group_size=4,
-                                 train=_train_cfg(runs / "grpo", steps["rl"], 5e-5, **rl_train)))
+                                 train=short_run(runs / "grpo", steps["rl"], 5e-5, **rl_train)))
 
     reference, tokenizer = lmforge.load(sft_dir)
     template = get_chat_template("lmforge", tokenizer)
     prompts = read_prompts(files["prompts_eval"], tokenizer, template, ctx - 48).examples
-    models = {"base (pretrained)": out_dir / "pretrain", "SFT": sft_dir, "DPO": runs / "dpo", "PPO": ppo.policy_dir,
+    models = {"base (pretrained)": pretrained, "SFT": sft_dir, "DPO": runs / "dpo", "PPO": ppo.policy_dir,
               "GRPO": grpo.policy_dir}
     rows = []
     for name, path in models.items():
@@ -64,17 +60,15 @@ def run(plan: DemoPlan, data: DemoData, out_dir: Path, report_dir: Path) -> list
         s = instruct_scores(model, template, prompts, reference=None if name == "SFT" else reference)
         rows.append((name, f"{s.accuracy:.1%}", f"{s.reward:.3f}", "0 (reference)" if s.kl is None else f"{s.kl:.2f}"))
 
-    curves = {}
-    for name, path in (("PPO", runs / "ppo"), ("GRPO", runs / "grpo")):
-        points = [(r["step"], r["reward"]) for r in read_metrics(path / "metrics.jsonl") if "reward" in r]
-        if points:
-            curves[name] = tuple(zip(*points, strict=True))
+    curves = {name: metric_series(path / "metrics.jsonl", "reward")
+              for name, path in (("PPO", runs / "ppo"), ("GRPO", runs / "grpo"))}
+    curves = {name: series for name, series in curves.items() if series[0]}
     plot_series(report_dir / "rl_reward.png", "verifier reward of the rollouts", "optimizer step",
                 "mean reward per round", curves)
 
-    distilled = _distill_pair(plan, data, out_dir)
+    distilled = _distill_pair(plan, data, pretrained, runs)
     n_sft, n_pref, n_eval = plan.instruct_examples
-    return [
+    return StageResult([
         Section("Post-training: SFT, reward model, DPO, PPO, GRPO", "\n".join([
             f"From the pretrained decoder: SFT on {n_sft} synthetic conversations ({steps['sft']} steps); then, each "
             f"from the SFT model, a reward model and DPO on {n_pref} preference pairs, PPO and GRPO with the "
@@ -93,16 +87,19 @@ def run(plan: DemoPlan, data: DemoData, out_dir: Path, report_dir: Path) -> list
             "(alpha 0: labels only, everything else identical).", "",
             markdown_table(["student", "validation loss", "validation perplexity"], distilled["rows"]),
         ])),
-    ]
+    ], distilled["checkpoint"])
 
 
-def _distill_pair(plan: DemoPlan, data: DemoData, out_dir: Path) -> dict:
+def _distill_pair(plan: DemoPlan, data: DemoData, teacher: Path, runs: Path) -> dict:
+    """The student distilled from `teacher` (its run dir is the checkpoint) and the same student without one."""
     student = ModelConfig(**{**plan.decoder.model_dump(), **plan.student})
-    rows = []
+    rows, run_dirs = [], []
     for name, alpha in (("with the teacher (alpha 0.5)", 0.5), ("without a teacher (alpha 0)", 0.0)):
-        run_dir = out_dir / "post" / f"distill-alpha{alpha:g}"
-        result = distill(DistillConfig(teacher=str(out_dir / "pretrain"), student_model=student, alpha=alpha,
+        run_dir = runs / f"distill-alpha{alpha:g}"
+        run_dirs.append(run_dir)
+        result = distill(DistillConfig(teacher=str(teacher), student_model=student, alpha=alpha,
                                        temperature=2.0, data=DataConfig(dir=str(data.shards_dir)),
-                                       train=_train_cfg(run_dir, plan.post_steps["distill"], 3e-3, eval_batches=8)))
+                                       train=short_run(run_dir, plan.post_steps["distill"], 3e-3, eval_batches=8)))
         rows.append((name, f"{result.val_loss:.4f}", f"{math.exp(result.val_loss):.2f}"))
-    return {"rows": rows, "student": f"{student.n_layer}-layer, d_model {student.d_model}"}
+    return {"rows": rows, "student": f"{student.n_layer}-layer, d_model {student.d_model}",
+            "checkpoint": run_dirs[0]}

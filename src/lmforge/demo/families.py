@@ -9,19 +9,21 @@ from typing import TYPE_CHECKING
 
 from lmforge.config import DataConfig, FinetuneConfig, PretrainConfig, TrainConfig
 from lmforge.data.synthetic_tasks import write_task_data
-from lmforge.eval.report import Section, markdown_table, plot_series, read_metrics
+from lmforge.demo.verdicts import pretraining_note
+from lmforge.eval.report import Section, markdown_table, metric_series, plot_series
 from lmforge.train.finetune import finetune
 from lmforge.train.pretrain import pretrain
 
 if TYPE_CHECKING:
     from lmforge.demo import DemoData, DemoPlan
+    from lmforge.train.trainer import TrainResult
 
 # (task, data file stem, metric, what it is)
 FINETUNE_TASKS = (("classify", "sentiment", "accuracy", "sentiment of reviews"),
                   ("tokens", "entities", "accuracy", "entity tags (per word)"))
 
 
-def _pretrain(plan: DemoPlan, data: DemoData, out: Path, objective: str) -> dict:
+def _pretrain(plan: DemoPlan, data: DemoData, out: Path, objective: str) -> TrainResult:
     model = plan.encoder if objective == "mlm" else plan.encdec
     steps = plan.family_steps
     config = PretrainConfig(
@@ -30,8 +32,7 @@ def _pretrain(plan: DemoPlan, data: DemoData, out: Path, objective: str) -> dict
                           min_lr=1e-4, warmup_steps=max(1, steps // 20), eval_every=max(1, steps // 5),
                           save_every=steps, log_every=max(1, steps // 50), eval_batches=4, progress=False),
     )
-    result = pretrain(config)
-    return {"result": result, "metrics": read_metrics(out / "metrics.jsonl")}
+    return pretrain(config)
 
 
 def _finetune(plan: DemoPlan, base: Path, tasks: dict[str, Path], task: str, stem: str, out: Path,
@@ -51,29 +52,26 @@ def run(plan: DemoPlan, data: DemoData, out_dir: Path, report_dir: Path) -> list
     runs = {objective: _pretrain(plan, data, out_dir / objective, objective) for objective in ("mlm", "span")}
     series = {}
     for objective, name in (("mlm", "BERT masked LM"), ("span", "T5 span corruption")):
-        records = runs[objective]["metrics"]
-        series[f"{name}, train"] = tuple(zip(*[(r["step"], r["loss"]) for r in records if "loss" in r], strict=True))
-        series[f"{name}, validation"] = tuple(zip(*[(r["step"], r["val_loss"]) for r in records if "val_loss" in r],
-                                                  strict=True))
+        metrics = out_dir / objective / "metrics.jsonl"
+        series[f"{name}, train"] = metric_series(metrics, "loss")
+        series[f"{name}, validation"] = metric_series(metrics, "val_loss")
     plot_series(report_dir / "families_loss.png", "masked-LM and span-corruption pretraining", "optimizer step",
                 "cross-entropy on the scored tokens", series)
     pretrain_rows = []
     for objective, cfg, what in (("mlm", plan.encoder, "encoder (BERT), 15% masked 80/10/10"),
                                  ("span", plan.encdec, "encoder-decoder (T5), 15% noise in spans of mean 3")):
-        result = runs[objective]["result"]
+        result = runs[objective]
         pretrain_rows.append((what, f"{cfg.n_layer} layers, d_model {cfg.d_model}", f"{result.step:,}",
                               f"{result.train_loss:.4f}", f"{result.val_loss:.4f}"))
 
-    tasks = write_task_data(plan.world, out_dir / "data" / "tasks", *plan.task_examples)
+    tasks = write_task_data(plan.world, data.dir / "tasks", *plan.task_examples)
     rows, notes = [], []
     for task, stem, metric, what in FINETUNE_TASKS:
         scores = {scratch: _finetune(plan, out_dir / "mlm", tasks, task, stem,
                                      out_dir / f"finetune-{stem}-{'scratch' if scratch else 'pretrained'}", scratch)
                   for scratch in (False, True)}
         rows.append((what, f"{scores[True]:.1%}", f"{scores[False]:.1%}", f"{scores[False] - scores[True]:+.1%}"))
-        verb = "raised" if scores[False] > scores[True] else "did not raise"
-        notes.append(f"On {what}, masked-LM pretraining {verb} held-out {metric} "
-                     f"({scores[True]:.1%} from scratch, {scores[False]:.1%} pretrained).")
+        notes.append(pretraining_note(what, metric, scratch=scores[True], pretrained=scores[False]))
     n_train, n_test = plan.task_examples
     return [
         Section("Encoder and encoder-decoder pretraining", "\n".join([

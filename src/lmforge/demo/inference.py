@@ -5,6 +5,7 @@ distilled student as the draft."""
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,6 +15,7 @@ import torch
 import lmforge
 from lmforge.checkpoint import WEIGHTS_FILE, resolve_checkpoint
 from lmforge.data.batches import PackedBatches
+from lmforge.demo.verdicts import quantisation_note, speculative_note
 from lmforge.eval.report import Section, markdown_table
 from lmforge.eval.speed import kv_cache_scaling, speed_section
 from lmforge.eval.versus_hf import versus_section
@@ -48,38 +50,41 @@ def decode_tokens_per_s(model: torch.nn.Module, prompt: list[int], new_tokens: i
     return new_tokens / (time.perf_counter() - start)
 
 
-def run(plan: DemoPlan, data: DemoData, out_dir: Path, report_dir: Path) -> list[Section]:
-    base = out_dir / "pretrain"
-    fp32, tokenizer = lmforge.load(base)
+def run(plan: DemoPlan, data: DemoData, pretrained: Path, draft: Path, out_dir: Path,
+        report_dir: Path) -> list[Section]:
+    """Sections on the `pretrained` decoder's inference; `draft` (a smaller decoder) drafts for speculative decoding."""
+    fp32, tokenizer = lmforge.load(pretrained)
     column_major_linears(fp32)  # as `lmforge generate` runs it
     prompt = tokenizer.encode("Question: What is the capital of")
     seq_len = plan.decoder.max_seq_len
-    fp32_bytes = (resolve_checkpoint(base) / WEIGHTS_FILE).stat().st_size
+    fp32_bytes = (resolve_checkpoint(pretrained) / WEIGHTS_FILE).stat().st_size
+    fp32_decode, decode = decode_tokens_per_s(fp32, prompt), {}
     rows = [("fp32", f"{fp32_bytes / 2**20:.2f}", "1.00x", f"{validation_perplexity(fp32, data, seq_len):.3f}",
-             f"{decode_tokens_per_s(fp32, prompt):,.0f}")]
+             f"{fp32_decode:,.0f}")]
     for bits in (8, 4):
-        path, _ = quantize_checkpoint(base, out_dir / f"int{bits}", bits=bits, group_size=64)
+        path, _ = quantize_checkpoint(pretrained, out_dir / f"int{bits}", bits=bits, group_size=64)
         model, _ = lmforge.load(path)
         size = (path / WEIGHTS_FILE).stat().st_size
+        decode[f"int{bits}"] = decode_tokens_per_s(model, prompt)
         rows.append((f"int{bits}" + (" (group 64)" if bits == 4 else " (per channel)"), f"{size / 2**20:.2f}",
                      f"{fp32_bytes / size:.2f}x", f"{validation_perplexity(model, data, seq_len):.3f}",
-                     f"{decode_tokens_per_s(model, prompt):,.0f}"))
+                     f"{decode[f'int{bits}']:,.0f}"))
     speed = speed_section(kv_cache_scaling(fp32, prompt, lengths=(32, 64, 128, 192)), report_dir)
     versus = versus_section(fp32, tokenizer, out_dir / "hf-export", PROMPTS)
-    return [versus, speed, quantisation_section(rows), speculative_section(fp32, out_dir, tokenizer, plan)]
+    return [versus, speed, quantisation_section(rows, fp32_decode, decode),
+            speculative_section(fp32, lmforge.load(draft)[0], tokenizer, plan)]
 
 
-def quantisation_section(rows: list[tuple]) -> Section:
+def quantisation_section(rows: list[tuple], fp32_decode: float, decode: dict[str, float]) -> Section:
     return Section("Weight-only quantisation", "\n".join([
         "The pretrained decoder's Linear weights and its tied token embedding / head (codes stored once, under the "
         "head) quantised with min-max affine scaling (Delta = (max - min) / (2^b - 1)); decode steps run PyTorch's "
         "weight-only int8/int4 CPU kernels on bf16 activations, larger inputs are dequantised. The learned "
         "positions, norms and biases stay fp32. Perplexity on the validation split; decode speed = greedy, batch 1, "
-        "64 new tokens "
-        "with the KV cache. At this size the weights sit in cache, so fewer bytes do not make decoding faster "
-        "(`benchmarks/decode_speed.py --size gpt2-small` shows where they do).", "",
+        "64 new tokens with the KV cache.", "",
         markdown_table(["weights", "model.safetensors (MiB)", "smaller than fp32", "validation perplexity",
-                        "decode tokens/s"], rows),
+                        "decode tokens/s"], rows), "",
+        quantisation_note(fp32_decode, decode),
     ]))
 
 
@@ -95,15 +100,14 @@ def step_ms(model: torch.nn.Module, new_tokens: int, context: int = 32, repeats:
         start = time.perf_counter()
         model(step, cache=cache, keep_last=new_tokens)
         times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times)[len(times) // 2]
+    return 1e3 * statistics.median(times)
 
 
-def speculative_section(target: torch.nn.Module, out_dir: Path, tokenizer, plan: DemoPlan) -> Section:
+def speculative_section(target: torch.nn.Module, draft: torch.nn.Module, tokenizer, plan: DemoPlan) -> Section:
     """Greedy speculative decoding with the distilled student (from the post-training stage) as the draft, and the
     cost model that explains the wall clock: per round, m draft steps plus one (m + 1)-token target step buy on
     average (1 - a^(m+1)) / (1 - a) tokens at acceptance rate a (Leviathan et al. 2023, eq. 1)."""
     m = 4
-    draft, _ = lmforge.load(out_dir / "post" / "distill-alpha0.5")
     column_major_linears(draft)
     prompts = PROMPTS[:5]
     cfg = SamplingConfig(max_new_tokens=plan.speculative_tokens, temperature=0.0)
@@ -142,8 +146,5 @@ def speculative_section(target: torch.nn.Module, out_dir: Path, tokenizer, plan:
              f"{t_step:.2f} / {t_draft:.2f} / {t_verify:.2f} ms"),
             ("speedup the cost model predicts", f"{predicted:.2f}x"),
         ]), "",
-        "Fewer target forwards only pay when a draft step is much cheaper than a target step. At this size each "
-        "forward is mostly fixed per-operator overhead, so the draft step costs a large fraction of a target step "
-        "and the verify step more than one; `benchmarks/speculative.py` measures the same algorithm with an 11M "
-        "target and a 1-layer distilled draft, where it does pay.",
+        speculative_note(plain_time / spec_time, t_draft / t_step, t_verify / t_step),
     ]))

@@ -4,6 +4,7 @@ training state, seconds per step; and the LoRA and PiSSA loss curves from the sa
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,9 +12,10 @@ import lmforge
 from lmforge.config import PEFT_METHODS, PeftConfig
 from lmforge.data.chat import get_chat_template
 from lmforge.data.sft import read_prompts
-from lmforge.demo.alignment import _train_cfg
+from lmforge.demo.training import short_run
+from lmforge.demo.verdicts import early_loss_note
 from lmforge.eval.instruct import instruct_scores
-from lmforge.eval.report import Section, markdown_table, plot_series, read_metrics
+from lmforge.eval.report import Section, markdown_table, metric_series, plot_series
 from lmforge.train.sft import SFTConfig, sft
 
 if TYPE_CHECKING:
@@ -29,45 +31,39 @@ def training_bytes(model) -> int:
     return tensors + 3 * trainable
 
 
-def seconds_per_step(metrics: list[dict], log_every: int) -> float:
+def seconds_per_step(metrics_path: Path, log_every: int) -> float:
     """Median training seconds per optimizer step over the logged windows (checkpointing excluded)."""
-    logged = [r for r in metrics if "tokens_per_s" in r]
-    times = [(b["tokens"] - a["tokens"]) / b["tokens_per_s"] / log_every
-             for a, b in zip(logged, logged[1:], strict=False)]
-    return sorted(times)[len(times) // 2] if times else float("nan")
+    _, tokens = metric_series(metrics_path, "tokens")
+    _, rates = metric_series(metrics_path, "tokens_per_s")
+    return statistics.median((b - a) / rate / log_every for a, b, rate in zip(tokens, tokens[1:], rates[1:],
+                                                                              strict=False))
 
 
-def run(plan: DemoPlan, data: DemoData, out_dir: Path, report_dir: Path) -> list[Section]:
-    files = {"sft_train": out_dir / "data" / "instructions" / "sft_train.jsonl",
-             "prompts_eval": out_dir / "data" / "instructions" / "prompts_eval.jsonl"}
-    base = out_dir / "pretrain"
+def run(plan: DemoPlan, data: DemoData, pretrained: Path, out_dir: Path, report_dir: Path) -> list[Section]:
+    """Every method fine-tunes the `pretrained` decoder on the demo's SFT conversations."""
+    files = data.instructions
     steps, ctx = plan.post_steps["peft"], plan.decoder.max_seq_len
-    _, tokenizer = lmforge.load(base)
+    _, tokenizer = lmforge.load(pretrained)
     template = get_chat_template("lmforge", tokenizer)
     prompts = read_prompts(files["prompts_eval"], tokenizer, template, ctx - 48).examples[: plan.peft_eval]
     rows, curves = [], {}
     for method in METHODS:
         peft = None if method == "full" else PeftConfig(method=method)
         run_dir = out_dir / "peft" / method
-        train = _train_cfg(run_dir, steps, 1e-3 if method == "full" else 3e-3)
-        sft(SFTConfig(base=str(base), train_file=str(files["sft_train"]), max_len=ctx, peft=peft, train=train))
+        train = short_run(run_dir, steps, 1e-3 if method == "full" else 3e-3)
+        sft(SFTConfig(base=str(pretrained), train_file=str(files["sft_train"]), max_len=ctx, peft=peft, train=train))
         model, _ = lmforge.load(run_dir)  # rebuilt with the method's modules and trainable/frozen split
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         percent = 100.0 * trainable / sum(p.numel() for p in model.parameters())
         state_bytes = training_bytes(model)
-        metrics = read_metrics(run_dir / "metrics.jsonl")
+        metrics = run_dir / "metrics.jsonl"
         if method in ("lora", "pissa"):
-            curves[method] = tuple(zip(*[(r["step"], r["loss"]) for r in metrics if "loss" in r], strict=True))
+            curves[method] = metric_series(metrics, "loss")
         scores = instruct_scores(model, template, prompts)
         rows.append((method, f"{scores.accuracy:.1%}", f"{scores.reward:.3f}", f"{trainable:,}", f"{percent:.2f}%",
                      f"{state_bytes / 2**20:.1f}", f"{seconds_per_step(metrics, train.log_every) * 1000:.0f}"))
     plot_series(report_dir / "lora_vs_pissa.png", "LoRA vs PiSSA from the same base (r=8, alpha=16)",
                 "optimizer step", "SFT training loss", curves)
-    lora, pissa = curves["lora"][1], curves["pissa"][1]
-    early = max(1, len(lora) // 5)
-    pissa_early, lora_early = sum(pissa[:early]) / early, sum(lora[:early]) / early
-    faster = ("lower" if pissa_early < lora_early - 5e-4 else "higher" if pissa_early > lora_early + 5e-4
-              else "the same (to 3 decimals)")
     return [Section("Parameter-efficient fine-tuning", "\n".join([
         f"Each method fine-tunes the pretrained decoder on the same {plan.instruct_examples[0]} synthetic "
         f"conversations for {steps} steps (full fine-tuning: lr 1e-3; methods: lr 3e-3; defaults r=8, alpha=16 on "
@@ -77,8 +73,5 @@ def run(plan: DemoPlan, data: DemoData, out_dir: Path, report_dir: Path) -> list
         "per step.", "",
         markdown_table(["method", "instruction accuracy", "verifier reward", "trainable", "trainable %",
                         "weights + training state (MiB)", "ms / step"], rows), "",
-        f"Over the first fifth of training, PiSSA's mean loss was {faster}"
-        f"{' than' if faster in ('lower', 'higher') else ' as'} LoRA's "
-        f"({pissa_early:.3f} vs {lora_early:.3f}); final "
-        f"{pissa[-1]:.3f} vs {lora[-1]:.3f}.",
+        early_loss_note(curves["pissa"][1], curves["lora"][1]),
     ]), images=["lora_vs_pissa.png"])]

@@ -37,6 +37,12 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def metric_series(metrics_path: str | Path, key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of `key` in the records of a metrics.jsonl that log it, in file order."""
+    points = [(r["step"], r[key]) for r in read_metrics(metrics_path) if key in r]
+    return [step for step, _ in points], [value for _, value in points]
+
+
 def plot_series(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, tuple[Sequence, Sequence]],
                 logy: bool = False) -> Path:
     """One line plot (several named series) saved as PNG."""
@@ -61,12 +67,10 @@ def plot_series(path: Path, title: str, xlabel: str, ylabel: str, series: dict[s
 
 
 def plot_loss_curve(metrics_path: str | Path, out_png: Path, title: str = "pretraining loss") -> Path:
-    records = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    series = {"train": tuple(zip(*train, strict=False))}
-    if val:
-        series["validation"] = tuple(zip(*val, strict=False))
+    series = {"train": metric_series(metrics_path, "loss")}
+    val = metric_series(metrics_path, "val_loss")
+    if val[0]:
+        series["validation"] = val
     return plot_series(out_png, title, "optimizer step", "cross-entropy (nats/token)", series)
 
 

@@ -1,0 +1,57 @@
+"""The report's sentences that interpret numbers, each picked from the figures it interprets: a sentence states
+what the run measured, never what a run on some machine once did."""
+
+from __future__ import annotations
+
+NOISE = 0.05  # a speed ratio within 5% of 1 counts as the same speed (one timed run each)
+
+
+def faster(ratio: float) -> bool:
+    return ratio > 1 + NOISE
+
+
+def quantisation_note(fp32_tok_s: float, quantised_tok_s: dict[str, float]) -> str:
+    """Whether fewer weight bytes made batch-1 decoding faster, from the measured decode speeds."""
+    ratios = {name: tok_s / fp32_tok_s for name, tok_s in quantised_tok_s.items()}
+    figures = ", ".join(f"{name} {ratio:.2f}x" for name, ratio in ratios.items())
+    won = [name for name, ratio in ratios.items() if faster(ratio)]
+    if not won:
+        return (f"No quantised model decoded more than {NOISE:.0%} faster than fp32 ({figures}): at this size the "
+                "weights sit in cache, so fewer bytes do not make decoding faster (`benchmarks/decode_speed.py "
+                "--size gpt2-small` shows where they do).")
+    if len(won) == len(ratios):
+        return f"Every quantised model decoded faster than fp32 ({figures}): reading fewer weight bytes paid here."
+    return (f"{' and '.join(won)} decoded faster than fp32, the others did not ({figures}): fewer bytes paid only "
+            "where the kernel's extra work cost less than the reads it saved.")
+
+
+def speculative_note(speedup: float, draft_cost: float, verify_cost: float) -> str:
+    """Whether speculative decoding paid, from its wall-clock speedup and the draft and verify steps' costs in
+    units of one target step."""
+    costs = (f"a draft step costs {draft_cost:.2f} target steps and the verify step over m + 1 tokens "
+             f"{verify_cost:.2f}")
+    if faster(speedup):
+        return f"Speculative decoding paid here ({speedup:.2f}x the plain speed): {costs}."
+    return (f"Speculative decoding did not pay here ({speedup:.2f}x the plain speed): {costs}, and fewer target "
+            "forwards only pay when a draft step is much cheaper than a target step. `benchmarks/speculative.py` "
+            "measures the same algorithm with an 11M target and a 1-layer distilled draft, where it does pay.")
+
+
+def early_loss_note(pissa: list[float], lora: list[float]) -> str:
+    """How PiSSA's training loss compared with LoRA's over the first fifth of the logged steps (PiSSA starts from
+    the principal singular directions, so it is expected, not promised, to fall faster at first)."""
+    early = max(1, len(lora) // 5)
+    pissa_early, lora_early = sum(pissa[:early]) / early, sum(lora[:early]) / early
+    if round(pissa_early, 3) == round(lora_early, 3):
+        comparison = "the same as"
+    else:
+        comparison = "lower than" if pissa_early < lora_early else "higher than"
+    return (f"Over the first fifth of training, PiSSA's mean loss was {comparison} LoRA's ({pissa_early:.3f} vs "
+            f"{lora_early:.3f}); final {pissa[-1]:.3f} vs {lora[-1]:.3f}.")
+
+
+def pretraining_note(what: str, metric: str, scratch: float, pretrained: float) -> str:
+    """Whether masked-LM pretraining raised a fine-tuned score over the same model trained from scratch."""
+    verb = "raised" if pretrained > scratch else "did not raise"
+    return (f"On {what}, masked-LM pretraining {verb} held-out {metric} ({scratch:.1%} from scratch, "
+            f"{pretrained:.1%} pretrained).")

@@ -1,0 +1,89 @@
+"""The demo's parts without running it: stages share nothing but returned values, its budgets are step counts,
+`--precision auto` follows a rule, and the report's interpreting sentences follow the figures."""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+import lmforge.demo
+from lmforge.demo import demo_plan
+from lmforge.demo.decoder import auto_precision, cpu_flags, pretrain_config
+from lmforge.demo.verdicts import early_loss_note, pretraining_note, quantisation_note, speculative_note
+
+DEMO_DIR = Path(lmforge.demo.__file__).parent
+STAGES = ("decoder", "alignment", "inference", "peft", "families", "positions")
+
+
+def parsed(name: str) -> ast.Module:
+    path = DEMO_DIR / f"{name}.py"
+    return ast.parse(path.read_text(), filename=str(path))
+
+
+def test_no_two_demo_modules_name_the_same_run_directory() -> None:
+    """A directory name written as `path / "name"` in two demo modules means one reads what the other wrote;
+    checkpoints and data travel as returned values instead (file names such as metrics.jsonl are conventions)."""
+    modules = defaultdict(set)
+    for name in ("__init__", *STAGES):
+        for node in ast.walk(parsed(name)):
+            if (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant)
+                    and isinstance(node.right.value, str) and "." not in node.right.value):
+                modules[node.right.value].add(name)
+    assert {d: sorted(m) for d, m in modules.items() if len(m) > 1} == {}
+
+
+def test_no_demo_stage_imports_another_stage_or_a_private_name() -> None:
+    imports = [(name, node.module, alias.name) for name in STAGES for node in ast.walk(parsed(name))
+               if isinstance(node, ast.ImportFrom) and node.module for alias in node.names]
+    assert [i for i in imports if i[1].removeprefix("lmforge.demo.") in STAGES or i[2].startswith("_")] == []
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_decoder_trains_the_plans_fixed_step_budget(quick: bool, tmp_path: Path) -> None:
+    plan = demo_plan(quick)
+    config = pretrain_config(plan, tmp_path / "shards", tmp_path / "run", "fp32")
+    assert config.train.max_steps == plan.decoder_steps > 0
+    assert config.train.batch_size == plan.batch_size
+
+
+def test_auto_precision_is_bf16_only_with_amx_tiles(tmp_path: Path) -> None:
+    sapphire_rapids = "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
+    zen4 = "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n"
+    for text, expected in ((sapphire_rapids, "bf16"), (zen4, "fp32")):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\n{text}\nprocessor\t: 1\n{text}")
+        assert auto_precision(cpu_flags(tmp_path / "cpuinfo")) == expected
+    assert cpu_flags(tmp_path / "missing") == set() and auto_precision(set()) == "fp32"
+
+
+def test_quantisation_note_follows_the_decode_speeds() -> None:
+    slower = quantisation_note(1000.0, {"int8": 300.0, "int4": 1020.0})
+    both = quantisation_note(1000.0, {"int8": 1500.0, "int4": 2000.0})
+    mixed = quantisation_note(1000.0, {"int8": 900.0, "int4": 1800.0})
+    assert len({slower, both, mixed}) == 3
+    assert "int8 0.30x" in slower and "int4 1.02x" in slower and slower.startswith("No quantised model")
+    assert "int8 1.50x" in both and "int4 2.00x" in both and "not" not in both
+    assert mixed.startswith("int4") and "int8 0.90x" in mixed
+
+
+def test_speculative_note_follows_the_speedup() -> None:
+    paid, lost = speculative_note(1.6, 0.2, 1.1), speculative_note(0.6, 1.03, 1.87)
+    assert "did not pay" in lost and "0.60x" in lost and "1.03" in lost
+    assert "did not" not in paid and "1.60x" in paid
+    assert "did not pay" in speculative_note(1.03, 0.5, 1.2)  # inside the noise: no claim of a gain
+
+
+def test_early_loss_note_compares_the_printed_means() -> None:
+    lower = early_loss_note([2.0, 1.5, 1.0, 1.0, 1.0], [2.5, 2.0, 1.0, 1.0, 1.0])
+    higher = early_loss_note([2.5, 1.0, 1.0, 1.0, 1.0], [2.0, 1.5, 1.0, 1.0, 1.0])
+    same = early_loss_note([2.00001, 1.0, 1.0, 1.0, 1.0], [2.0, 1.0, 1.0, 1.0, 1.0])
+    assert "lower than" in lower and "2.000 vs 2.500" in lower
+    assert "higher than" in higher and "the same" in same and "2.000 vs 2.000" in same
+
+
+def test_pretraining_note_says_raised_only_when_the_pretrained_score_is_higher() -> None:
+    assert "did not raise" not in pretraining_note("sentiment", "accuracy", scratch=0.6, pretrained=0.8)
+    assert "did not raise" in pretraining_note("sentiment", "accuracy", scratch=0.8, pretrained=0.8)
+    assert "did not raise" in pretraining_note("sentiment", "accuracy", scratch=0.8, pretrained=0.6)
