@@ -23,9 +23,10 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
-# everything but the few tests marked slow (the demo, SIGKILL resume, DDP, torch.compile...): under a minute
+# everything but the few tests marked slow (the demo, SIGKILL resume, DDP, torch.compile...), one worker per core:
+# under a minute on 2 cores
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n auto
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
