@@ -42,11 +42,14 @@ class _Help(DefaultHelpFormatter):
 class _Parser(ArgumentParser):
     """jsonargparse, with a usage error as an LmforgeError: one line (the full usage is one `--help` away)."""
 
+    help_command: str | None = None  # where an error points (`lmforge sft --help`); default: this parser's prog
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(formatter_class=_Help, allow_abbrev=True, **kwargs)  # as argparse: --max-new works
 
     def error(self, message: str, ex: Exception | None = None) -> typing.NoReturn:
-        raise LmforgeError(f"{_readable(self, message)} (see `{self.prog.replace(' [options]', '')} --help`)")
+        command = self.help_command or self.prog.replace(" [options]", "")
+        raise LmforgeError(f"{_readable(self, message)} (see `{command} --help`)")
 
 
 def _readable(parser: argparse.ArgumentParser, message: str) -> str:
@@ -54,6 +57,9 @@ def _readable(parser: argparse.ArgumentParser, message: str) -> str:
     unknown option (jsonargparse names an option by its key: `Parser key "max_len"` -> `--max-len`)."""
     message = re.sub(r'Parser key "([^"]+)":\s*Expected a <class \'(\w+)\'>. Got value: (.*)',
                      lambda m: f"argument {_option(parser, m[1])}: invalid {m[2]} value: '{m[3]}'", message)
+    missing = re.search(r'expected "([^"]+)" to be one of .* but it was not provided', message)
+    if missing:  # `lmforge` or `lmforge tokenizer` alone
+        message = f"missing {missing[1].split('.')[-1].upper()}: one of {', '.join(_choices(parser, missing[1]))}"
     if "arguments are required: " in message:
         head, keys = message.split("required: ", 1)
         message = head + "required: " + ", ".join(_option(parser, key) for key in keys.split(", "))
@@ -64,6 +70,13 @@ def _readable(parser: argparse.ArgumentParser, message: str) -> str:
             close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
             message += f"; unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
     return " ".join(message.split())
+
+
+def _choices(parser: argparse.ArgumentParser, key: str) -> list[str]:
+    """The sub-commands a sub-command key (`verb`, `tokenizer.action`) takes."""
+    action = parser._subcommands_action
+    verb, _, rest = key.partition(".")
+    return _choices(action.choices[verb], rest) if rest else list(action.choices)
 
 
 def _option(parser: argparse.ArgumentParser, key: str) -> str:
@@ -348,7 +361,7 @@ def _generate_options(p: ArgumentParser) -> None:
 def _stage(verb: str) -> tuple[str, str, Callable[[ArgumentParser], None], Callable[[Namespace], None]]:
     help_text, example, *_ = STAGES[verb]
     example += ("\n\nany config key can be overridden as --section.key=value, e.g. --train.max_steps=500 "
-                "--train.out_dir=runs/x --train.lr=1e-4 --model.n_layer=6")
+                "--train.out_dir=runs/x --train.lr=1e-4")
     return help_text, example, partial(_add_stage_options, verb=verb), partial(run_stage, verb)
 
 
@@ -411,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = [_PEFT_ALIAS.sub("--peft.method", a) for a in argv]
     try:
         parser = build_parser(argv[0] if argv else None, with_config_keys=not {"-h", "--help"} & set(argv))
+        verb_words = next((argv[:n] for n in (2, 1) if " ".join(argv[:n]) in VERBS), None)
+        if verb_words:  # errors the top parser reports for a verb's options point at that verb's help
+            parser.help_command = "lmforge " + " ".join(verb_words)
         args = parser.parse_args(argv)
         verb, args = args.verb, args[args.verb]
         if "action" in args:  # tokenizer train, data prepare
