@@ -25,6 +25,13 @@ from lmforge.commands import (
     cmd_merge,
     cmd_quantize,
     cmd_tokenizer_train,
+    data_prepare_options,
+    demo_options,
+    export_options,
+    generate_options,
+    merge_options,
+    quantize_options,
+    tokenizer_train_options,
 )
 from lmforge.errors import LmforgeError
 
@@ -262,102 +269,6 @@ def run_stage(verb: str, args: Namespace) -> None:
 # ---- parser: one sub-command per verb, built with the options of the verb being run only ----------------------
 
 
-def _add_input_options(p: ArgumentParser) -> None:
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                   help="text files: .txt (one document per file), .jsonl (one per line), .parquet")
-    p.add_argument("--text-field", default="text", help="JSONL key / parquet column holding the text (default: text)")
-    p.add_argument("--skip-bad-lines", action="store_true",
-                   help="skip (and count) malformed JSONL lines instead of stopping at the first")
-
-
-def _demo_options(p: ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="a tiny run (under 2 minutes) that exercises every stage")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="decoder pretraining precision; auto = bf16 on a CPU with AMX bf16 tiles, else fp32 "
-                        "(default: auto)")
-    p.add_argument("--out-dir", default="runs/demo",
-                   help="scratch dir for data, tokenizer and checkpoints (replaced on each demo run; must be "
-                        "missing, empty or an earlier demo's)")
-    p.add_argument("--report-dir", default="report", help="where README.md and plots go (default: report)")
-
-
-def _tokenizer_train_options(p: ArgumentParser) -> None:
-    _add_input_options(p)
-    p.add_argument("--vocab-size", type=int, required=True, help="total vocabulary, special tokens included")
-    p.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge (default: 2)")
-    p.add_argument("--out", required=True, help="directory to write tokenizer.json into")
-
-
-def _data_prepare_options(p: ArgumentParser) -> None:
-    _add_input_options(p)
-    p.add_argument("--tokenizer", required=True, help="directory (or file) with tokenizer.json")
-    p.add_argument("--out", required=True, help="output directory for train.bin, val.bin, index.json")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (default: 0.01)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default: 0)")
-
-
-def _merge_options(p: ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="run or checkpoint dir trained with --peft")
-    p.add_argument("--out", required=True, help="where to write the merged model")
-    p.add_argument("--hf", action="store_true", help="write a Hugging Face dir instead of an lmforge checkpoint")
-
-
-def _export_options(p: ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="lmforge run or checkpoint dir, e.g. runs/sft (its config.yaml says how it was "
-                                      "trained: chat template, labels, PEFT method)")
-    p.add_argument("--format", choices=["hf", "peft"], default="hf",
-                   help="hf (default): a save_pretrained dir for transformers (a PEFT run is merged first; a chat "
-                        "run's template and stop tokens included), e.g. --format hf; peft: an adapter folder for "
-                        "peft's PeftModel / AutoPeftModelForCausalLM (LoRA-family runs), e.g. --format peft")
-    p.add_argument("--out", required=True, help="directory to write, e.g. --out runs/sft-hf")
-    p.add_argument("--base-name", help="--format peft: the base model as the folder's users will name it, written "
-                                       "as base_model_name_or_path: a hub id or a path, e.g. --base-name gpt2 "
-                                       "(default: the run's base, if it is a Hugging Face dir)")
-
-
-def _quantize_options(p: ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="lmforge checkpoint/run dir or Hugging Face dir (a decoder)")
-    p.add_argument("--bits", type=int, choices=[8, 4], default=8, help="8 (per channel) or 4 (group-wise); default 8")
-    p.add_argument("--group-size", type=int, default=64, help="int4 group along the input dim (default: 64)")
-    p.add_argument("--out", required=True, help="where to write the quantised checkpoint (loads with lmforge.load)")
-    p.add_argument("--keep-fp32-embedding", action="store_true",
-                   help="leave a head tied to the token embedding (GPT-2) in fp32; by default the tied pair is "
-                        "quantised once, like the other Linears, and the embedding looks its rows up in the codes")
-
-
-def _generate_options(p: ArgumentParser) -> None:
-    p.add_argument("checkpoint", nargs="?", help="run dir, checkpoint dir or Hugging Face model dir")
-    p.add_argument("--adapter", help="instead of a checkpoint: a peft LoRA/DoRA adapter folder, put on its base "
-                                     "(e.g. the output of lmforge export RUN --format peft)")
-    p.add_argument("--base", help="with --adapter: the base model's dir, overriding the adapter's "
-                                  "base_model_name_or_path (needed when that is a hub id: lmforge does not download)")
-    p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="0 = greedy (default, as in the Python API's SamplingConfig); > 0 samples")
-    p.add_argument("--top-k", type=int, default=0, help="sample only from the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
-    p.add_argument("--stop", nargs="*", default=[], help="stop when any of these strings appears")
-    p.add_argument("--num-samples", type=int, default=1,
-                   help="how many continuations to print (>= 1; sample i uses --seed + i)")
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (slow)")
-    p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of as it comes")
-    p.add_argument("--truncate-prompt", action="store_true",
-                   help="keep the prompt's last tokens if it does not fit the context window")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step: 10-20 s of compiling first, then on 2 CPU cores ~10% "
-                        "faster per token at GPT-2-small size, ~4% at the demo size (off by default)")
-    p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (1 = off)")
-    p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log p / length^this (default 1)")
-    p.add_argument("--draft", help="a smaller decoder with the same vocabulary: speculative decoding (same output "
-                                   "distribution as the target alone)")
-    p.add_argument("--num-draft", type=int, default=4, help="tokens the draft proposes per round (default 4)")
-    p.add_argument("--draft-min-confidence", type=float, default=0.5,
-                   help="greedy: end a round's drafting after a token the draft gives less than this probability "
-                        "(saves work on likely rejections; output unchanged; 0 = always --num-draft; default 0.5)")
-
-
 def _stage(verb: str) -> tuple[str, str, Callable[[ArgumentParser], None], Callable[[Namespace], None]]:
     help_text, example, *_ = STAGES[verb]
     example += ("\n\nany config key can be overridden as --section.key=value, e.g. --train.max_steps=500 "
@@ -368,29 +279,29 @@ def _stage(verb: str) -> tuple[str, str, Callable[[ArgumentParser], None], Calla
 # "verb" or "verb action" -> (help, example, adds the options, runs the command); no options: a group of actions
 VERBS: dict[str, tuple[str, str, Callable[[ArgumentParser], None] | None, Callable[[Namespace], None] | None]] = {
     "demo": ("run the lifecycle on the built-in synthetic world and write report/README.md", "lmforge demo --quick",
-             _demo_options, cmd_demo),
+             demo_options, cmd_demo),
     "tokenizer": ("tokenizer commands", "lmforge tokenizer train --help", None, None),
     "tokenizer train": ("train a byte-level BPE tokenizer with lmforge's special tokens reserved",
                         "lmforge tokenizer train --input corpus.txt --vocab-size 2048 --out runs/tok",
-                        _tokenizer_train_options, cmd_tokenizer_train),
+                        tokenizer_train_options, cmd_tokenizer_train),
     "data": ("data commands", "lmforge data prepare --help", None, None),
     "data prepare": ("tokenize text into train/validation token shards (uses all cores)",
                      "lmforge data prepare --input corpus.jsonl --tokenizer runs/tok --out runs/data",
-                     _data_prepare_options, cmd_data_prepare),
+                     data_prepare_options, cmd_data_prepare),
     **{verb: _stage(verb) for verb in STAGES},
     "merge": ("fold a mergeable PEFT method (LoRA family, SVD-diagonal) into plain base weights",
-              "lmforge merge runs/sft-lora --out runs/sft-merged", _merge_options, cmd_merge),
+              "lmforge merge runs/sft-lora --out runs/sft-merged", merge_options, cmd_merge),
     "export": ("write a run or checkpoint as a Hugging Face model dir or a peft adapter folder",
                "lmforge export runs/sft --out runs/sft-hf\n"
                "  lmforge export runs/sft-lora --format hf --out runs/sft-merged-hf\n"
                "  lmforge export runs/sft-lora --format peft --base-name gpt2 --out runs/sft-adapter",
-               _export_options, cmd_export),
+               export_options, cmd_export),
     "quantize": ("weight-only int8 (per output channel) or int4 (group-wise) min-max quantisation",
-                 "lmforge quantize runs/demo/pretrain --bits 4 --out runs/demo-int4", _quantize_options, cmd_quantize),
+                 "lmforge quantize runs/demo/pretrain --bits 4 --out runs/demo-int4", quantize_options, cmd_quantize),
     "generate": ("generate text from a checkpoint (lmforge or Hugging Face dir)",
                  'lmforge generate runs/demo/pretrain --prompt "The capital of" --temperature 0.8 --top-p 0.9\n'
                  '  lmforge generate --adapter runs/sft-adapter --base runs/base-hf --prompt "The capital of"',
-                 _generate_options, cmd_generate),
+                 generate_options, cmd_generate),
 }
 
 
