@@ -23,6 +23,7 @@ from tokenizers import normalizers
 from torch import Tensor
 
 from lmforge.errors import CheckpointError, ConfigError, LmforgeError
+from lmforge.io import is_inside
 from lmforge.model.encoder import EncoderModel
 from lmforge.model.hf import hf_model_type
 from lmforge.model.hf_bert import load_hf_bert
@@ -90,7 +91,7 @@ def _read_json(path: Path, kind: type = dict, required: bool = True) -> Any:
 def _module_dir(root: Path, entry: dict) -> Path:
     """A module's folder, refused when it resolves outside the sentence-transformers directory."""
     path = root / str(entry.get("path", ""))
-    if not path.resolve().is_relative_to(root.resolve()):
+    if not is_inside(path, root):
         raise CheckpointError(f"{root / 'modules.json'}: module path {entry.get('path')!r} leaves the directory")
     return path
 

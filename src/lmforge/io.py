@@ -66,10 +66,6 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_bytes(data), len(data))
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    return atomic_write(path, lambda p: p.write_bytes(data), len(data))
-
-
 def append_line(path: Path, line: str, kept: str = "") -> None:
     """Append `line` and a newline to `path`. If the write fails (a full disk: DiskFullError, see `disk_full_guard`),
     the file is cut back to its old length, so it never ends in a torn line."""
@@ -179,8 +175,10 @@ def is_disk_full(exc: BaseException, directory: str | Path, bytes_needed: int) -
         return exc.errno in DISK_FULL_ERRNOS
     if _DISK_FULL_TEXT.search(str(exc)):
         return True
+    if not isinstance(exc, RuntimeError):
+        return False
     free = _free_bytes(directory)
-    return isinstance(exc, RuntimeError) and free is not None and free < bytes_needed
+    return free is not None and free < bytes_needed
 
 
 def _free_bytes(directory: str | Path) -> int | None:

@@ -25,8 +25,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> LossResult:
-    """Cross-entropy summed over positions whose label is not IGNORE_INDEX, and their number (in fp32)."""
-    total = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+    """Cross-entropy of logits [..., V] summed over the labels [...] that are not IGNORE_INDEX, and their number
+    (in fp32)."""
+    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX,
                             reduction="sum")
     return LossResult(total, (labels != IGNORE_INDEX).sum())
 

@@ -7,38 +7,31 @@ Each maps (model, batch) to the shared trainer's `LossResult`, summed over the l
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmforge.train.loss import LossResult
-from lmforge.train.objectives import IGNORE_INDEX
+from lmforge.train.objectives import token_cross_entropy
 
 
 def _forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     return model(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))
 
 
-def _summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> LossResult:
-    """Cross-entropy of logits [N, L] summed over the labels [N] that are not IGNORE_INDEX, and their number."""
-    total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return LossResult(total, (labels != IGNORE_INDEX).sum())
-
-
 def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> LossResult:
     """Cross-entropy of `SequenceClassifier` logits [B, L] against `labels` [B]."""
-    return _summed_cross_entropy(_forward(model, batch), batch["labels"])
+    return token_cross_entropy(_forward(model, batch), batch["labels"])
 
 
 def token_classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> LossResult:
     """Per-token cross-entropy of `TokenClassifier` logits [B, T, L]; labels of -100 (padding, special tokens,
     non-first sub-tokens of a word) carry no loss."""
-    return _summed_cross_entropy(_forward(model, batch).flatten(0, 1), batch["labels"].flatten())
+    return token_cross_entropy(_forward(model, batch), batch["labels"])
 
 
 def span_qa_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> LossResult:
     """The mean of the start and end cross-entropies over positions (as HF `BertForQuestionAnswering`): summed
     over both, counted as half a loss each."""
     start_logits, end_logits = _forward(model, batch)
-    start = _summed_cross_entropy(start_logits, batch["start_positions"])
-    end = _summed_cross_entropy(end_logits, batch["end_positions"])
+    start = token_cross_entropy(start_logits, batch["start_positions"])
+    end = token_cross_entropy(end_logits, batch["end_positions"])
     return LossResult((start.total + end.total) / 2, (start.count + end.count) / 2)

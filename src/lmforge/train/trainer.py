@@ -7,6 +7,7 @@ killed run to bit-identical weights.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -235,8 +236,9 @@ class _Run:
     tokens_seen: int
     last_checkpoint: Path | None = None
 
-    @property
+    @functools.cached_property
     def params(self) -> list[torch.Tensor]:
+        """The trained parameters (the optimizer's groups never change during a run)."""
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def log(self, record: dict[str, Any]) -> None:
