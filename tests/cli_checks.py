@@ -1,7 +1,11 @@
-"""Checks shared by the tests of user errors: one `lmforge: error:` line, nothing on disk changed."""
+"""Checks shared by the tests of user errors: one `lmforge: error:` line, nothing on disk changed, and whether a
+real full disk (a private tmpfs) can be staged here."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 
@@ -21,3 +25,14 @@ def snapshot(directory: Path) -> dict[str, bytes]:
     if not directory.exists():
         return {}
     return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def tmpfs_unavailable() -> str | None:
+    """None when this process may mount a tmpfs in a private mount namespace, else why not."""
+    if os.geteuid() != 0:
+        return "needs root to mount a tmpfs"
+    if shutil.which("unshare") is None:
+        return "needs unshare (util-linux)"
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=4k tmpfs /mnt"],
+                           capture_output=True, text=True)
+    return None if probe.returncode == 0 else f"cannot mount a tmpfs here: {probe.stderr.strip()}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,8 +57,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     lmforge.save(build_model(ModelConfig(vocab_size=400, max_seq_len=256, n_layer=1, n_head=2, d_model=16)), tok,
                  w["ckpt"])
     w["garbage_ckpt"] = root / "garbage_ckpt"
-    lmforge.save(build_model(ModelConfig(vocab_size=400, max_seq_len=256, n_layer=1, n_head=2, d_model=16)), tok,
-                 w["garbage_ckpt"])
+    shutil.copytree(w["ckpt"], w["garbage_ckpt"])
     (w["garbage_ckpt"] / "tokenizer.json").write_text("\x00garbage")
     w["config"] = root / "tiny.yaml"
     w["config"].write_text(yaml.safe_dump({

@@ -4,7 +4,6 @@ and a full disk for real: `data prepare` and `tokenizer train` on a small tmpfs 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import lmforge
-from cli_checks import error_line, snapshot
+from cli_checks import error_line, snapshot, tmpfs_unavailable
 from lmforge.cli import main
 from lmforge.config import ModelConfig
 from lmforge.errors import CheckpointError, ConfigError, LmforgeError
@@ -98,21 +97,10 @@ def test_validation_errors_elsewhere_are_one_line_naming_each_value() -> None:
 # ---- a full disk, for real -------------------------------------------------------------------------------------
 
 
-def _can_mount_tmpfs() -> str | None:
-    """None when this process may mount a tmpfs in a private mount namespace, else why not."""
-    if os.geteuid() != 0:
-        return "needs root to mount a tmpfs"
-    if shutil.which("unshare") is None:
-        return "needs unshare (util-linux)"
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=4k tmpfs /mnt"],
-                           capture_output=True, text=True)
-    return None if probe.returncode == 0 else f"cannot mount a tmpfs here: {probe.stderr.strip()}"
-
-
 def test_disk_full_on_a_small_tmpfs(tmp_path: Path) -> None:
     """`data prepare` and `tokenizer train` writing to a nearly full tmpfs: exit 2, one line naming the directory and
     the bytes needed, no traceback; the dataset and the tokenizer already there stay intact and nothing is left."""
-    reason = _can_mount_tmpfs()
+    reason = tmpfs_unavailable()
     if reason:
         pytest.skip(reason)
     words = "the quick brown fox jumps over a lazy dog while seven wise owls sing softly at night".split()

@@ -20,6 +20,7 @@ import yaml
 import lmforge
 import lmforge.checkpoint as ckpt_mod
 import lmforge.io as lmforge_io
+from cli_checks import snapshot, tmpfs_unavailable
 from lmforge.cli import STAGES, build_parser, main
 from lmforge.errors import DiskFullError
 from lmforge.train.config_change import CHANGES_FILE, config_diff, is_free
@@ -40,10 +41,6 @@ def one_line_error(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lmforge: error: ") and "Traceback" not in err, err
     return lines[0]
-
-
-def snapshot(run: Path) -> dict[Path, bytes]:
-    return {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
 
 
 def latest(run: Path) -> str:
@@ -263,8 +260,8 @@ TMPFS_SCENARIO = textwrap.dedent("""
 def test_disk_full_for_real_on_a_small_tmpfs(tmp_path: Path, shards_dir: Path, finished_run: Path) -> None:
     """A checkpoint that does not fit on a small tmpfs (mounted in a private mount namespace): one line, no temp
     dir, `latest` intact; once the filler is deleted, --resume finishes the run."""
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("needs root and unshare(1) to mount a private tmpfs")
+    if reason := tmpfs_unavailable():
+        pytest.skip(reason)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     config = write_config(tmp_path / "c.yaml", shards_dir, mnt / "run", **FAST)
@@ -273,8 +270,6 @@ def test_disk_full_for_real_on_a_small_tmpfs(tmp_path: Path, shards_dir: Path, f
               f"{finished_run} {config} {mnt} {tmp_path / 'report.json'}")
     proc = subprocess.run(["unshare", "-m", "sh", "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0 and "mount" in proc.stderr and not (tmp_path / "report.json").exists():
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "report.json").read_text())
     full_err = proc.stderr.split("<full>\n", 1)[1].split("lmforge: error: ")

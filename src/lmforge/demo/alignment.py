@@ -93,13 +93,12 @@ def run(plan: DemoPlan, data: DemoData, pretrained: Path, out_dir: Path, report_
 def _distill_pair(plan: DemoPlan, data: DemoData, teacher: Path, runs: Path) -> dict:
     """The student distilled from `teacher` (its run dir is the checkpoint) and the same student without one."""
     student = ModelConfig(**{**plan.decoder.model_dump(), **plan.student})
-    rows, run_dirs = [], []
+    rows = []
     for name, alpha in (("with the teacher (alpha 0.5)", 0.5), ("without a teacher (alpha 0)", 0.0)):
         run_dir = runs / f"distill-alpha{alpha:g}"
-        run_dirs.append(run_dir)
         result = distill(DistillConfig(teacher=str(teacher), student_model=student, alpha=alpha,
                                        temperature=2.0, data=DataConfig(dir=str(data.shards_dir)),
                                        train=short_run(run_dir, plan.post_steps["distill"], 3e-3, eval_batches=8)))
         rows.append((name, f"{result.val_loss:.4f}", f"{math.exp(result.val_loss):.2f}"))
     return {"rows": rows, "student": f"{student.n_layer}-layer, d_model {student.d_model}",
-            "checkpoint": run_dirs[0]}
+            "checkpoint": runs / "distill-alpha0.5"}
