@@ -133,7 +133,8 @@ def _eos(tokenizer: Tokenizer, template: str) -> int:
     return tokenizer.eos_id
 
 
-def _literal(tokenizer: Tokenizer, tid: int | None) -> str:
+def token_text(tokenizer: Tokenizer, tid: int | None) -> str:
+    """The text of special token `tid` as a template writes it ("" when the tokenizer has none)."""
     return tokenizer.backend.id_to_token(tid) if tid is not None else ""
 
 
@@ -245,8 +246,8 @@ class HFChatTemplate(ChatTemplate):
                  eos_token: str | None = None, name: str = "hf"):
         super().__init__(tokenizer)
         self.name = name
-        self.bos_token = bos_token if bos_token is not None else _literal(tokenizer, tokenizer.bos_id)
-        self.eos_token = eos_token if eos_token is not None else _literal(tokenizer, tokenizer.eos_id)
+        self.bos_token = bos_token if bos_token is not None else token_text(tokenizer, tokenizer.bos_id)
+        self.eos_token = eos_token if eos_token is not None else token_text(tokenizer, tokenizer.eos_id)
         self.source = source
         self._template = _compile(source)
 

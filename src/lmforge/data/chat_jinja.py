@@ -18,6 +18,7 @@ from lmforge.data.chat import (
     Llama2Template,
     LmforgeTemplate,
     Message,
+    token_text,
 )
 from lmforge.errors import ConfigError, DataError
 from lmforge.tokenizer import ASSISTANT, END_OF_TURN, SYSTEM, USER
@@ -30,10 +31,6 @@ def _lit(text: str) -> str:
 
 def _raise(message: str) -> str:
     return "{{- raise_exception(" + _lit(message) + ") -}}"
-
-
-def _token(template: ChatTemplate, token_id: int | None) -> str:
-    return "" if token_id is None else template.tokenizer.backend.id_to_token(token_id)
 
 
 def _split_system(name: str, multi_turn: bool) -> str:
@@ -57,7 +54,7 @@ def _lmforge(template: LmforgeTemplate) -> str:
     role = {r: _lit(t) for r, t in (("system", SYSTEM), ("user", USER), ("assistant", ASSISTANT))}
     end = _lit(END_OF_TURN)
     return (
-        "{{- " + _lit(_token(template, tok.bos_id)) + " -}}\n"
+        "{{- " + _lit(token_text(tok, tok.bos_id)) + " -}}\n"
         "{%- for message in messages -%}\n"
         "{%- if message['role'] == 'assistant' -%}{{- " + role["assistant"] + " -}}"
         "{% generation %}{{- message['content'] + " + end + " -}}{% endgeneration %}\n"
@@ -72,7 +69,7 @@ def _lmforge(template: LmforgeTemplate) -> str:
 
 def _llama2(template: Llama2Template) -> str:
     tok = template.tokenizer
-    bos, eos = _lit(_token(template, tok.bos_id)), _lit(_token(template, tok.eos_id))
+    bos, eos = _lit(token_text(tok, tok.bos_id)), _lit(token_text(tok, tok.eos_id))
     return _split_system("llama2", multi_turn=True) + (
         "{%- for message in turns -%}\n"
         "{%- if message['role'] == 'user' -%}{%- set content = message['content'] -%}"
@@ -87,7 +84,7 @@ def _llama2(template: Llama2Template) -> str:
 
 def _alpaca(template: AlpacaTemplate) -> str:
     tok = template.tokenizer
-    bos, eos = _lit(_token(template, tok.bos_id)), _lit(_token(template, tok.eos_id))
+    bos, eos = _lit(token_text(tok, tok.bos_id)), _lit(token_text(tok, tok.eos_id))
     return _split_system("alpaca", multi_turn=False) + (
         "{{- " + bos + " + (system if system is not none else " + _lit(ALPACA_PREAMBLE) + ") + "
         "'\\n\\n### Instruction:\\n' + turns[0]['content'] + '\\n\\n### Response:\\n' -}}\n"
@@ -113,8 +110,7 @@ def jinja_chat_template(template: ChatTemplate) -> str:
         return template.source
     source = _SOURCES[type(template)](template)
     tokenizer = template.tokenizer
-    as_jinja = HFChatTemplate(source, tokenizer, _token(template, tokenizer.bos_id),
-                              _token(template, tokenizer.eos_id), name=template.name)
+    as_jinja = HFChatTemplate(source, tokenizer, name=template.name)
     for messages in _PROBES:
         for generation_prompt in (False, True):
             try:

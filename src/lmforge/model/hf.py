@@ -182,7 +182,7 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
         raise ConfigError(f"HF {model_type} config is not a valid lmforge model: {validation_summary(err)}") from None
 
 
-def _hf_model_type(cfg: ModelConfig) -> str:
+def hf_model_type_of(cfg: ModelConfig) -> str:
     """gpt2 for learned positions, llama for RoPE; raise if any other field does not fit."""
     if cfg.norm_placement != "pre":
         raise ConfigError(f"norm_placement={cfg.norm_placement!r} cannot be exported: HF models are pre-norm")
@@ -203,7 +203,7 @@ def _hf_model_type(cfg: ModelConfig) -> str:
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """The HF config.json dict for `cfg` (model fields only; export_hf adds dtype and token ids)."""
-    model_type = _hf_model_type(cfg)
+    model_type = hf_model_type_of(cfg)
     common = dict(model_type=model_type, vocab_size=cfg.vocab_size, initializer_range=cfg.init_std,
                   tie_word_embeddings=cfg.tie_embeddings)
     if model_type == "gpt2":

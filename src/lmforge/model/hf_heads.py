@@ -15,7 +15,7 @@ from torch import nn
 
 from lmforge.errors import ConfigError
 from lmforge.model.heads import SequenceClassifier, TokenClassifier
-from lmforge.model.hf import HFHead, config_to_hf, export_hf, with_eos_template
+from lmforge.model.hf import HFHead, export_hf, hf_model_type_of, with_eos_template
 from lmforge.model.hf_bert import export_hf_bert
 from lmforge.tokenizer import Tokenizer
 
@@ -43,7 +43,7 @@ def export_task_model(model: nn.Module, tokenizer: Tokenizer | None, path: str |
         head = HFHead(f"BertFor{kind}Classification", tensors, _label_config(model.num_labels, labels))
         return export_hf_bert(backbone, tokenizer, path, head)
     if kind == "Sequence" and arch == "decoder":
-        family = {"gpt2": "GPT2", "llama": "Llama"}[config_to_hf(backbone.cfg)["model_type"]]
+        family = {"gpt2": "GPT2", "llama": "Llama"}[hf_model_type_of(backbone.cfg)]
         head = HFHead(f"{family}ForSequenceClassification", {"score.weight": model.classifier.weight},
                       _label_config(model.num_labels, labels))
         return export_hf(backbone, None if tokenizer is None else with_eos_template(tokenizer), path, head=head)

@@ -17,7 +17,7 @@ from lmforge.config import PeftConfig
 from lmforge.data.chat import ChatTemplate
 from lmforge.io import atomic_write, atomic_write_text
 from lmforge.model.decoder import DecoderLM
-from lmforge.model.hf import _LAYER, _PREFIX, config_to_hf, export_hf, write_hf_tokenizer
+from lmforge.model.hf import _LAYER, _PREFIX, export_hf, hf_model_type_of, write_hf_tokenizer
 from lmforge.peft.lora import BASE_DIR, PEFT_CONFIG, PEFT_WEIGHTS, LoRALinear, adapter_layers, lora_layers
 from lmforge.tokenizer import Tokenizer
 
@@ -60,7 +60,7 @@ def export_peft(model: DecoderLM, tokenizer: Tokenizer | None, path: str | Path,
     is written into `path/base` and named by its absolute path (a self-contained folder that stays put)."""
     path = Path(path)
     layers = adapter_layers(model, adapter_name, cfg)
-    model_type = config_to_hf(model.cfg)["model_type"]
+    model_type = hf_model_type_of(model.cfg)
     if base_name is None:
         base = DecoderLM(model.cfg)
         state = {k: v for k, v in model.state_dict().items() if k in base.state_dict()}

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from lmforge.config import PeftConfig
 from lmforge.errors import CheckpointError
 from lmforge.model.decoder import DecoderLM
-from lmforge.model.hf import config_to_hf
+from lmforge.model.hf import hf_model_type_of
 from lmforge.peft.export import hf_module_name
 from lmforge.peft.lora import PEFT_CONFIG, PEFT_WEIGHTS, LoRALinear
 
@@ -103,7 +103,7 @@ def load_peft_adapter(model: DecoderLM, path: str | Path) -> None:
         tensors = load_file(str(weights_file))
     except (OSError, SafetensorError) as err:
         raise CheckpointError(f"{weights_file}: cannot read adapter weights: {err}") from None
-    model_type = config_to_hf(model.cfg)["model_type"]
+    model_type = hf_model_type_of(model.cfg)
     linears = _lmforge_linears(model, model_type)
     parts: dict[str, dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
