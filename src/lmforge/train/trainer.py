@@ -146,9 +146,9 @@ def accumulate_gradients(step: int, cfg: TrainConfig, ctx: DistContext, device: 
         for p in params:
             if p.grad is not None:
                 p.grad.mul_(scale)
-    means = (sums[2:] / (cfg.grad_accum * ctx.world_size)).tolist()
     loss = sums[0].float() / sums[1].float()  # in the loss's precision: one micro-batch logs the loss's own mean
-    return StepStats(loss.item(), dict(zip(keys, means, strict=True)), tokens)
+    loss, *means = torch.cat([loss.to(sums.dtype).reshape(1), sums[2:] / (cfg.grad_accum * ctx.world_size)]).tolist()
+    return StepStats(loss, dict(zip(keys, means, strict=True)), tokens)  # one device-to-host copy per step
 
 
 def _restore_latest(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
