@@ -1,5 +1,5 @@
-"""The decode fast paths: fused q/k/v projection while decoding, 4-D attention bias (SDPA's fused kernel),
-last-position logits at prefill."""
+"""The decode fast paths: one q|k|v matmul over a shared buffer while decoding, 4-D attention bias (SDPA's
+fused kernel), last-position logits at prefill."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from lmforge.config import ModelConfig, PeftConfig
 from lmforge.infer.batched import generate_batch
 from lmforge.infer.beam import beam_search
 from lmforge.infer.generate import SamplingConfig, generate_ids
+from lmforge.infer.layout import column_major_linears, is_column_major
 from lmforge.infer.speculative import speculative_generate
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.layers import Attention, alibi_slopes, attention_bias, fused_qkv
@@ -24,43 +25,73 @@ def model(family: str = "gpt2", **kw) -> DecoderLM:
     return DecoderLM(cfg)
 
 
+def projections(attn: Attention) -> list[torch.Tensor]:
+    return [getattr(attn, name).weight for name in "qkv"]
+
+
 @pytest.mark.parametrize("family, kw", [("gpt2", {}), ("llama", {"n_kv_head": 2}), ("llama", {"n_kv_head": 1})])
-def test_fused_qkv_matches_separate_projections(family: str, kw: dict) -> None:
+def test_fused_projection_matches_separate_projections(family: str, kw: dict) -> None:
     m = model(family, **kw).eval()
+    attn = m.blocks[0].attn
+    fused = attn.qkv_view()
+    assert fused is not None  # a new model's q, k, v share one buffer
+    torch.testing.assert_close(fused[0], torch.cat(projections(attn)), rtol=0, atol=0)
     x = torch.randint(0, 64, (2, 9))
     with torch.no_grad():
         separate = m(x)
-        assert m.blocks[0].attn.concatenated_qkv() is not None  # plain Linears: the fused path runs
         with fused_qkv(m):
-            fused = m(x)
-    torch.testing.assert_close(fused, separate, atol=1e-5, rtol=1e-5)
+            assert attn._fused is not None  # the fused path runs
+            one = m(x)
+    assert attn._fused is None
+    torch.testing.assert_close(one, separate, atol=1e-5, rtol=1e-5)
 
 
-def test_fused_weight_follows_in_place_updates_and_reloads() -> None:
+def test_the_shared_buffer_follows_training_and_reloads_and_no_copy_is_kept() -> None:
     m = model().eval()
     x = torch.randint(0, 64, (1, 7))
     with torch.no_grad(), fused_qkv(m):
         before = m(x)
-    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    opt = torch.optim.AdamW(m.parameters(), lr=0.5)
     m.train()
     m(x).float().pow(2).mean().backward()
-    opt.step()  # in place: bumps the version counter
+    opt.step()  # in place, into the shared buffer
     m.eval()
+    assert m.blocks[0].attn.qkv_view() is not None
     with torch.no_grad():
         reference = m(x)
         with fused_qkv(m):
             after = m(x)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, reference, atol=1e-5, rtol=1e-5)
-    fresh = model()
-    fresh.load_state_dict({k: v + 0.01 for k, v in m.state_dict().items()})  # copy_ into the same storage
-    fresh.eval()
+    fresh = model().eval()
+    fresh.load_state_dict(m.state_dict())  # copy_ into the same storage
+    with torch.no_grad(), fused_qkv(fresh):
+        torch.testing.assert_close(fresh(x), reference, atol=1e-5, rtol=1e-5)
+    weights = projections(fresh.blocks[0].attn)
+    assert len({w.untyped_storage().data_ptr() for w in weights}) == 1
+    assert weights[0].untyped_storage().nbytes() == sum(w.nbytes for w in weights)  # the buffer is the weights
+
+
+@pytest.mark.parametrize("convert", ["dtype", "column_major"])
+def test_decoding_shares_the_buffer_again_after_a_conversion(convert: str) -> None:
+    m = model().eval()
+    if convert == "dtype":
+        m = m.to(torch.float64)  # .to() gives every parameter its own storage
+    else:
+        column_major_linears(m, min_bytes=0)
+    attn = m.blocks[0].attn
+    assert attn.qkv_view() is None
+    ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
-        with fused_qkv(fresh):
-            fresh(x)  # builds the concatenated weight
-        fresh.load_state_dict(m.state_dict())
-        with fused_qkv(fresh):
-            torch.testing.assert_close(fresh(x), reference, atol=1e-5, rtol=1e-5)
+        separate = m(ids)
+    sampling = SamplingConfig(max_new_tokens=3, temperature=0.0, stop_at_eos=False)
+    generate_ids(m, ids[0].tolist(), sampling)  # decoding shares the buffer again
+    fused = attn.qkv_view()
+    assert fused is not None and all(w.dtype == fused[0].dtype for w in projections(attn))
+    if convert == "column_major":
+        assert all(is_column_major(w) for w in [*projections(attn), fused[0]])
+    with torch.no_grad(), fused_qkv(m):
+        torch.testing.assert_close(m(ids), separate, atol=1e-5, rtol=1e-5)
 
 
 def test_training_gradients_reach_every_projection() -> None:
@@ -71,6 +102,15 @@ def test_training_gradients_reach_every_projection() -> None:
         assert grad is not None and grad.abs().sum() > 0, name
 
 
+def test_bitfit_bias_gradients_take_the_separate_projections() -> None:
+    m = model().train()
+    apply_peft(m, PeftConfig(method="bitfit"))
+    m(torch.randint(0, 64, (2, 8))).sum().backward()
+    for name in ("q", "k", "v"):
+        bias = getattr(m.blocks[0].attn, name).bias
+        assert bias.grad is not None and bias.grad.shape == bias.shape and bias.grad.abs().sum() > 0, name
+
+
 def test_lora_projections_skip_fusion() -> None:
     m = model()
     apply_peft(m, PeftConfig(method="lora", r=4, targets=["attn.q", "attn.v"]))
@@ -78,11 +118,12 @@ def test_lora_projections_skip_fusion() -> None:
         for p in m.parameters():
             if p.requires_grad:
                 p.normal_(0.0, 0.5)
-    assert m.blocks[0].attn.concatenated_qkv() is None
+    assert m.blocks[0].attn.qkv_view() is None
     x = torch.randint(0, 64, (1, 7))
     with torch.no_grad():
         separate = m(x)
         with fused_qkv(m):
+            assert m.blocks[0].attn._fused is None
             torch.testing.assert_close(m(x), separate)
 
 
@@ -123,7 +164,8 @@ def _beam(m: DecoderLM) -> object:
     _beam,
 ], ids=["generate_ids", "generate_batch", "speculative", "beam"])
 def test_every_decode_loop_uses_the_fused_projection(run, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A spy on the projection: the fused path changes only the speed, not the outputs, so no output can show it."""
+    """A spy on the projection: the fused path changes only the speed, not the outputs, so no output can show it.
+    The model starts converted by `.to()`, so each loop must share the q|k|v buffer again itself."""
     fused_flags: list[bool] = []
     plain = Attention.project_qkv
 
@@ -132,5 +174,7 @@ def test_every_decode_loop_uses_the_fused_projection(run, monkeypatch: pytest.Mo
         return plain(self, x)
 
     monkeypatch.setattr(Attention, "project_qkv", spy)
-    run(model().eval())
+    m = model().to(torch.float64).eval()
+    assert m.blocks[0].attn.qkv_view() is None
+    run(m)
     assert fused_flags and all(fused_flags)

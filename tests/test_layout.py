@@ -101,16 +101,15 @@ def test_tied_head_stays_tied_and_converts_once() -> None:
     assert m.lm_head.weight.data_ptr() == ptr
 
 
-def test_fused_qkv_copy_keeps_the_layout_and_generation_is_unchanged() -> None:
+def test_the_shared_qkv_buffer_keeps_the_layout_and_generation_is_unchanged() -> None:
     m = model("llama", n_kv_head=2, init_std=0.5)  # logits spread out: no near-tie in the greedy choices
     converted = column_major_linears(copy.deepcopy(m), min_bytes=0)
-    with torch.no_grad():
-        fused_weight, _ = converted.blocks[0].attn.concatenated_qkv()
-        assert is_column_major(fused_weight)
     cfg = SamplingConfig(max_new_tokens=20, temperature=0.0, stop_at_eos=False)
     reference = generate_ids(m, [1, 5, 9], cfg)
     assert_clear_greedy(m, [1, 5, 9], reference)  # the layouts round differently
     assert generate_ids(converted, [1, 5, 9], cfg) == reference
+    fused_weight, _ = converted.blocks[0].attn.qkv_view()  # shared again by decoding, column-major
+    assert is_column_major(fused_weight) and fused_weight.t().is_contiguous()
     prompts = [[3, 4, 5, 6, 7], [8, 9]]
     reference = generate_batch(m, prompts, cfg)
     for prompt, new_ids in zip(prompts, reference, strict=True):

@@ -53,8 +53,9 @@ def last_level_cache_bytes() -> int:
 
 
 def is_column_major(weight: torch.Tensor) -> bool:
-    """True when a 2-D weight [out, in] is stored as its transpose, contiguous [in, out]."""
-    return weight.dim() == 2 and weight.t().is_contiguous() and not weight.is_contiguous()
+    """True when a 2-D weight [out, in] is stored as its transpose [in, out], each column contiguous (alone, or as
+    rows of a larger column-major buffer, as attention's shared q|k|v)."""
+    return weight.dim() == 2 and weight.stride(0) == 1 and weight.stride(1) >= weight.shape[0] > 1
 
 
 def linear_weights(model: nn.Module) -> list[torch.Tensor]:

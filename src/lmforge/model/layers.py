@@ -189,8 +189,7 @@ class Attention(nn.Module):
         self.o = nn.Linear(n_head * head_dim, d_model, bias=bias)
         self.dropout = dropout
         self._fused: tuple[Tensor, Tensor | None] | None = None  # set inside `fused_qkv` (decoding) only
-        self._fused_cache: tuple[Tensor, Tensor | None] | None = None
-        self._fused_key: tuple = ()
+        self.share_qkv_storage()
 
     def project_q(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
@@ -203,28 +202,46 @@ class Attention(nn.Module):
         v = self.v(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
         return k, v
 
-    def concatenated_qkv(self) -> tuple[Tensor, Tensor | None] | None:
-        """The q, k and v weights (and biases) concatenated, built on first use and rebuilt when any of them changed
-        (in place: the version counter; replaced or moved: the storage). None when a projection is not a plain
-        Linear (LoRA, quantised) or its weights were made under inference_mode (no version counter to watch)."""
-        q, k, v = self.q, self.k, self.v
-        if type(q) is not nn.Linear or type(k) is not nn.Linear or type(v) is not nn.Linear:
+    def _plain_qkv(self) -> tuple[nn.Linear, nn.Linear, nn.Linear] | None:
+        linears = self.q, self.k, self.v
+        return linears if all(type(m) is nn.Linear for m in linears) else None
+
+    def qkv_view(self) -> tuple[Tensor, Tensor | None] | None:
+        """The q|k|v weight [(H + 2 n_kv) head_dim, d_model] (and bias) as one view of the buffer the three
+        projections share; None when they do not share one (a projection is adapted or quantised, or `.to()`,
+        a layout change or an assigned state dict gave each its own storage)."""
+        linears = self._plain_qkv()
+        if linears is None:
             return None
-        tensors = [t for m in (q, k, v) for t in (m.weight, m.bias) if t is not None]
-        try:
-            key = tuple((t.data_ptr(), t._version) for t in tensors)
-        except RuntimeError:  # "Inference tensors do not track version counter"
+        fused = [_consecutive_rows([m.weight for m in linears])]
+        if linears[0].bias is not None:
+            fused.append(_consecutive_rows([m.bias for m in linears]))
+        if any(t is None for t in fused):
             return None
-        if key != self._fused_key:
-            with torch.no_grad():
-                bias = torch.cat([q.bias, k.bias, v.bias]) if q.bias is not None else None
-                if q.weight.stride(0) == 1:  # column-major weights (infer/layout.py): keep the copy column-major
-                    weight = torch.cat([q.weight.t(), k.weight.t(), v.weight.t()], dim=1).t()
+        return fused[0], fused[1] if len(fused) > 1 else None
+
+    @torch.no_grad()
+    def share_qkv_storage(self) -> None:
+        """Move the q, k and v weights (and biases) into consecutive rows of one buffer, keeping their memory
+        layout, so that decoding (`fused_qkv`) multiplies by all three at once. No copy is kept: each projection's
+        parameter is a view of the buffer, so training, optimisers and `load_state_dict` update the buffer itself."""
+        linears = self._plain_qkv()
+        if linears is None or self.qkv_view() is not None:
+            return
+        groups = [[m.weight for m in linears]] + ([[m.bias for m in linears]] if linears[0].bias is not None else [])
+        if any(len({(t.dtype, t.device) for t in group}) > 1 for group in groups):
+            return
+        # a buffer of the parameters' kind: a normal tensor, which training may use later, even if made while
+        # decoding (under inference mode), or an inference tensor for a model built under inference mode
+        with torch.inference_mode(linears[0].weight.is_inference()):
+            for group in groups:
+                column_major = group[0].dim() == 2 and group[0].stride(0) == 1 and group[0].shape[0] > 1
+                if column_major:  # infer/layout.py: the buffer stays column-major
+                    buffer = torch.cat([t.detach().t() for t in group], dim=1).t()
                 else:
-                    weight = torch.cat([q.weight, k.weight, v.weight])
-                self._fused_cache = weight, bias
-            self._fused_key = key
-        return self._fused_cache
+                    buffer = torch.cat([t.detach() for t in group])
+                for t, part in zip(group, buffer.split([t.shape[0] for t in group]), strict=True):
+                    t.data = part
 
     def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q [B, H, T, head_dim] and k, v [B, n_kv, T, head_dim] of `x`; one matmul inside `fused_qkv`."""
@@ -271,16 +288,34 @@ class Attention(nn.Module):
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
+def _consecutive_rows(parts: list[Tensor]) -> Tensor | None:
+    """`parts` (same strides and dtype) as one tensor when each starts where the previous one's rows end in a
+    shared storage, else None."""
+    first = parts[0]
+    storage, step = first.untyped_storage().data_ptr(), first.stride(0) * first.element_size()
+    address = first.data_ptr()
+    for t in parts:
+        if (t.data_ptr() != address or t.stride() != first.stride() or t.dtype != first.dtype
+                or t.untyped_storage().data_ptr() != storage):
+            return None
+        address += t.shape[0] * step
+    shape = (sum(t.shape[0] for t in parts), *first.shape[1:])
+    if first.is_inference() and not torch.is_inference_mode_enabled():  # a view of an inference tensor needs the mode
+        with torch.inference_mode():
+            return first.as_strided(shape, first.stride())
+    return first.as_strided(shape, first.stride())
+
+
 @contextmanager
 def fused_qkv(model: nn.Module) -> Iterator[None]:
-    """While decoding, every attention layer of `model` multiplies by its q|k|v weights concatenated: one matmul
-    instead of three, ~10% faster decoding at the demo size. The weights must not change inside (the generation
-    loops run under inference_mode), so each layer checks its concatenated copy once, here, not every step; the copy
-    is a second copy of those weights, kept between calls and rebuilt when they change. Not for training: gradients
-    would reach the copy, not the projections."""
+    """While decoding, every attention layer of `model` multiplies by its q, k and v weights at once, one view of
+    the buffer they share (shared again here when `.to()` or a layout change split it): one matmul instead of three,
+    faster decoding of small models, and no copy of the weights. The projections must not be replaced inside (the
+    generation loops run under inference_mode); training, which needs a gradient for each, stays outside."""
     layers = [m for m in model.modules() if isinstance(m, Attention)]
     for layer in layers:
-        layer._fused = layer.concatenated_qkv()
+        layer.share_qkv_storage()
+        layer._fused = layer.qkv_view()
     try:
         yield
     finally:
