@@ -24,6 +24,7 @@ from lmforge.commands import (
     cmd_generate,
     cmd_merge,
     cmd_quantize,
+    cmd_serve,
     cmd_tokenizer_train,
     data_prepare_options,
     demo_options,
@@ -31,6 +32,7 @@ from lmforge.commands import (
     generate_options,
     merge_options,
     quantize_options,
+    serve_options,
     tokenizer_train_options,
 )
 from lmforge.errors import LmforgeError
@@ -302,6 +304,11 @@ VERBS: dict[str, tuple[str, str, Callable[[ArgumentParser], None] | None, Callab
                  'lmforge generate runs/demo/pretrain --prompt "The capital of" --temperature 0.8 --top-p 0.9\n'
                  '  lmforge generate --adapter runs/sft-adapter --base runs/base-hf --prompt "The capital of"',
                  generate_options, cmd_generate),
+    "serve": ("serve a decoder over HTTP: OpenAI-compatible API (/v1/chat/completions, /v1/completions, "
+              "/v1/models), /health, /metrics and a chat page at /",
+              "lmforge serve runs/sft --port 8000\n"
+              "  lmforge serve runs/base --adapter support=runs/sft-lora --api-key $KEY --max-batch 16",
+              serve_options, cmd_serve),
 }
 
 
