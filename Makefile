@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml | $(PY)
 demo: $(STAMP)
 	$(VENV)/bin/lmforge demo
 
+# The chat page's browser test drives the system Chromium (Debian/Ubuntu: sudo apt-get install chromium); without one
+# it is skipped, saying so.
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q

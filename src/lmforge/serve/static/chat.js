@@ -69,6 +69,12 @@ async function readEvents(response, onData) {
   }
 }
 
+function request(messages) {
+  const body = { model: $("model").value, messages, stream: true, temperature: Number($("temperature").value) };
+  if ($("max-tokens").value) body.max_tokens = Number($("max-tokens").value);
+  return body;
+}
+
 async function send(text) {
   const messages = [];
   const system = $("system").value.trim();
@@ -82,10 +88,7 @@ async function send(text) {
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), signal: controller.signal,
-      body: JSON.stringify({
-        model: $("model").value, messages, stream: true,
-        temperature: Number($("temperature").value), max_tokens: Number($("max-tokens").value),
-      }),
+      body: JSON.stringify(request(messages)),
     });
     if (!response.ok) throw new Error(await errorText(response));
     await readEvents(response, (chunk) => {
@@ -129,5 +132,9 @@ $("clear").addEventListener("click", () => {
   turns.length = 0;
   $("log").replaceChildren();
 });
-$("api-key").addEventListener("change", loadModels);
+$("api-key").addEventListener("change", () => {
+  localStorage.setItem("lmforge-api-key", $("api-key").value);
+  loadModels();
+});
+$("api-key").value = localStorage.getItem("lmforge-api-key") || "";
 loadModels();
