@@ -181,7 +181,7 @@ def test_loader_refuses_an_adapter_of_another_base_before_touching_the_model(tmp
     assert lora_layers(good) == {}  # the good adapter, checked first, was not added either
 
 
-def test_loader_refuses_pissa_qlora_on_a_plain_base_and_active_adapters(tmp_path):
+def test_loader_refuses_pissa_qlora_on_a_plain_base_active_adapters_and_bad_names(tmp_path):
     for method in ("pissa", "qlora"):
         model = _base()
         apply_lora(model, _cfg(method, "a"), "a")
@@ -192,3 +192,5 @@ def test_loader_refuses_pissa_qlora_on_a_plain_base_and_active_adapters(tmp_path
         load_named_adapters(_base(), {"q": tmp_path / "qlora"})
     with pytest.raises(ConfigError, match=r"computes with LoRA adapter\(s\) \['a'\].*merge"):
         load_named_adapters(model, {})
+    with pytest.raises(ConfigError, match="adapter name 'my-lora' must be a Python identifier"):
+        load_named_adapters(_base(), {"my-lora": tmp_path / "qlora"})

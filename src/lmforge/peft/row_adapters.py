@@ -22,7 +22,15 @@ from torch import nn
 from lmforge.config import PeftConfig
 from lmforge.errors import CheckpointError, ConfigError, LmforgeError
 from lmforge.model.decoder import DecoderLM
-from lmforge.peft.lora import LoRALinear, RowGroups, add_lora, lora_layers, read_adapter, set_adapter
+from lmforge.peft.lora import (
+    LoRALinear,
+    RowGroups,
+    add_lora,
+    check_adapter_name,
+    lora_layers,
+    read_adapter,
+    set_adapter,
+)
 from lmforge.peft.peft_import import add_peft_adapter, read_peft_adapter, read_peft_config
 
 
@@ -98,6 +106,7 @@ def load_named_adapters(model: DecoderLM, adapters: dict[str, Path]) -> dict[str
                           "merge them into the base first (lmforge merge RUN)")
     checked = {}
     for name, path in adapters.items():
+        check_adapter_name(name)
         try:
             checked[name] = _checked(model, name, Path(path))
         except LmforgeError as err:
