@@ -90,6 +90,5 @@ class BatchSlots:
         self.mask[:, dst] = self.mask[:, src].clone()
         if by < 0:
             self.mask[:, :-by] = 0
-        self.mask[:, new:] = 0  # no real slot past the length
         self.cache.length = new
         self.start = [None if s is None else s - by for s in self.start]
