@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import pytest
 import torch
 
-from lmforge.config import ModelConfig
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.generate import SamplingConfig, filter_logits, generate, generate_ids, greedy_ids, next_token
 from lmforge.model.decoder import DecoderLM
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 from near_ties import assert_clear_greedy
-from tiny_decoders import FAMILIES, tiny_model
+from tiny_decoders import FAMILIES, forced_model, tiny_model
 
 
 def count_forwards(model: DecoderLM) -> list[torch.Tensor]:
@@ -21,28 +18,6 @@ def count_forwards(model: DecoderLM) -> list[torch.Tensor]:
     calls: list[torch.Tensor] = []
     model.register_forward_pre_hook(lambda _m, args, kwargs: calls.append(args[0].clone()), with_kwargs=True)
     return calls
-
-
-def forced_model(vocab_size: int, prompt_len: int, new_ids: Sequence[int], max_seq_len: int = 64) -> DecoderLM:
-    """A model whose greedy output after a `prompt_len`-token prompt is `new_ids`, whatever the tokens.
-
-    Blocks are zeroed (identity), token embeddings are zero and position t embeds as the one-hot e_t,
-    so the final LayerNorm sees only the position; lm_head row `tok` points at every position whose
-    next token should be `tok`."""
-    cfg = ModelConfig(vocab_size=vocab_size, max_seq_len=max_seq_len, n_layer=1, n_head=4, d_model=max_seq_len,
-                      family="gpt2", tie_embeddings=False)
-    model = DecoderLM(cfg).eval()
-    with torch.no_grad():
-        model.tok_emb.weight.zero_()
-        model.pos_emb.weight.copy_(torch.eye(max_seq_len))
-        for block in model.blocks:
-            for linear in (block.attn.o, block.mlp.down):
-                linear.weight.zero_()
-                linear.bias.zero_()
-        model.lm_head.weight.zero_()
-        for i, tid in enumerate(new_ids):
-            model.lm_head.weight[tid, prompt_len - 1 + i] = 10.0
-    return model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -28,6 +28,7 @@ import math
 import re
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,13 @@ def adapter_kinds(cfg: PeftConfig) -> tuple[str, ...]:
     return ("lora_A", "lora_B", *extra)
 
 
+class RowGroups(NamedTuple):
+    """Adapters chosen per batch row, in place of `LoRALinear.active`: each adapter's rows (None: every row)."""
+
+    batch_size: int
+    rows: dict[str, Tensor | None]
+
+
 def _row_norm(weight: Tensor, delta: Tensor) -> Tensor:
     """DoRA's ||W0 + s B A||_c (Liu et al. 2024, eq. 5): one norm per output feature, over the input dimension,
     as peft computes it (its `get_weight_norm`, dim=1 of the [out, in] weight)."""
@@ -96,6 +104,7 @@ class LoRALinear(nn.Module):
             setattr(self, kind, nn.ParameterDict())
         self.cfgs: dict[str, PeftConfig] = {}
         self.active: list[tuple[str, float]] = []
+        self.row_groups: RowGroups | None = None  # set by `lmforge.peft.row_adapters.row_adapters`
         self.unmerged_weight: Tensor | None = None  # W0 while merged, restored bit-for-bit by unmerge
 
     def extra_repr(self) -> str:
@@ -125,8 +134,7 @@ class LoRALinear(nn.Module):
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
 
     def check_adapter(self, name: str, cfg: PeftConfig) -> None:
-        if not name.isidentifier():
-            raise ConfigError(f"adapter name {name!r} must be a Python identifier (letters, digits, underscores)")
+        check_adapter_name(name)
         if name in self.cfgs:
             raise ConfigError(f"adapter '{name}' already exists on this layer")
         if self.unmerged_weight is not None:
@@ -204,24 +212,41 @@ class LoRALinear(nn.Module):
         g = self._scale(name, weight)[:, None]
         return (g - 1) * weight + g * lora
 
+    def adapter_output(self, name: str, x: Tensor, weight: Tensor, base: Tensor | None) -> Tensor:
+        """What adapter `name` adds to the output for inputs `x`: s B A dropout(x), or peft's DoRA forward
+        (g - 1) W0 x + g s B A x, which reuses `base` = W0 x + bias when given."""
+        cfg = self.cfgs[name]
+        xd = F.dropout(x, cfg.dropout, self.training) if cfg.dropout > 0 else x
+        delta = cfg.scaling * F.linear(F.linear(xd, self.lora_A[name]), self.lora_B[name])
+        if name not in self.lora_magnitude:
+            return delta
+        if xd is not x or base is None:
+            plain = F.linear(xd, weight)
+        else:
+            plain = base if self.bias is None else base - self.bias
+        g = self._scale(name, weight)
+        return (g - 1) * plain + g * delta
+
     def forward(self, x: Tensor) -> Tensor:
         weight = self.base_weight()
         base = F.linear(x, weight, self.bias)
         if self.unmerged_weight is not None:
             return base
+        if self.row_groups is not None:  # one gather and one scatter-add per adapter (row groups are disjoint)
+            if x.shape[0] != self.row_groups.batch_size:
+                raise ValueError(f"adapters were chosen for {self.row_groups.batch_size} rows, but the batch has "
+                                 f"{x.shape[0]}")
+            out = base
+            for name, rows in self.row_groups.rows.items():
+                if rows is None:
+                    out = out + self.adapter_output(name, x, weight, base)
+                else:
+                    part = base.index_select(0, rows) if name in self.lora_magnitude else None
+                    out = out.index_add_(0, rows, self.adapter_output(name, x.index_select(0, rows), weight, part))
+            return out
         out = base
         for name, w in self.active:
-            cfg = self.cfgs[name]
-            xd = F.dropout(x, cfg.dropout, self.training) if cfg.dropout > 0 else x
-            delta = cfg.scaling * F.linear(F.linear(xd, self.lora_A[name]), self.lora_B[name])
-            if name in self.lora_magnitude:  # peft's DoRA forward: (g - 1) W0 x + g s B A x
-                if xd is not x:
-                    plain = F.linear(xd, weight)
-                else:
-                    plain = base if self.bias is None else base - self.bias
-                g = self._scale(name, weight)
-                delta = (g - 1) * plain + g * delta
-            out = out + w * delta
+            out = out + w * self.adapter_output(name, x, weight, base)
         return out
 
     @torch.no_grad()
@@ -253,6 +278,11 @@ class LoRALinear(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+def check_adapter_name(name: str) -> None:
+    if not name.isidentifier():
+        raise ConfigError(f"adapter name {name!r} must be a Python identifier (letters, digits, underscores)")
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
@@ -280,14 +310,20 @@ def _select(model: nn.Module, cfg: PeftConfig) -> dict[str, nn.Linear | LoRALine
     return chosen
 
 
-def _apply(model: nn.Module, cfg: PeftConfig, adapter_name: str,
-           weights: dict[str, dict[str, Tensor]] | None) -> list[str]:
-    if not adapter_name.isidentifier():
-        raise ConfigError(f"adapter name {adapter_name!r} must be a Python identifier (letters, digits, underscores)")
+def _checked_layers(model: nn.Module, cfg: PeftConfig, adapter_name: str) -> dict[str, nn.Linear | LoRALinear]:
+    """The layers `cfg` selects (`_select`), each checked to take adapter `adapter_name`."""
+    check_adapter_name(adapter_name)
     chosen = _select(model, cfg)
     for m in chosen.values():
         if isinstance(m, LoRALinear):
             m.check_adapter(adapter_name, cfg)
+    return chosen
+
+
+def add_lora(model: nn.Module, cfg: PeftConfig, adapter_name: str,
+             weights: dict[str, dict[str, Tensor]] | None) -> list[str]:
+    """`apply_lora` with the adapter's tensors per layer (`read_adapter`), or initialised per `cfg` for None."""
+    chosen = _checked_layers(model, cfg, adapter_name)
     model.requires_grad_(False)
     for name, m in chosen.items():
         layer = m if isinstance(m, LoRALinear) else LoRALinear(m, cfg.method == "qlora", cfg.qlora_group_size,
@@ -306,10 +342,10 @@ def apply_lora(model: nn.Module, cfg: PeftConfig, adapter_name: str = "default",
     active one there, and freeze every parameter but its own. Returns the adapted layer names. `initialise=False`
     gives every adapter tensor zeros instead, for a checkpoint's state dict to fill (no SVD computed for nothing)."""
     if initialise:
-        return _apply(model, cfg, adapter_name, None)
+        return add_lora(model, cfg, adapter_name, None)
     chosen = _select(model, cfg)
     zeros = {k: torch.zeros(shape) for name, m in chosen.items() for k, shape in _expected_shapes(name, m, cfg).items()}
-    return _apply(model, cfg, adapter_name, _by_layer(chosen, cfg, zeros))
+    return add_lora(model, cfg, adapter_name, _by_layer(chosen, cfg, zeros))
 
 
 def set_adapter(model: nn.Module, names: list[str], weights: list[float] | None = None) -> None:
@@ -394,13 +430,22 @@ def _expected_shapes(name: str, m: nn.Linear | LoRALinear, cfg: PeftConfig) -> d
 
 def _by_layer(chosen: dict[str, nn.Linear | LoRALinear], cfg: PeftConfig,
               tensors: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    """`<layer>.<kind>` tensors grouped per layer, as `_apply` takes them."""
+    """`<layer>.<kind>` tensors grouped per layer, as `add_lora` takes them."""
     return {name: {key.rsplit(".", 1)[1]: tensors[key] for key in _expected_shapes(name, m, cfg)}
             for name, m in chosen.items()}
 
 
 def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> PeftConfig:
     """Add a saved adapter to `model` (its base); everything is checked before the model is touched."""
+    cfg, weights = read_adapter(model, path, adapter_name)
+    add_lora(model, cfg, adapter_name, weights)
+    return cfg
+
+
+def read_adapter(model: nn.Module, path: str | Path,
+                 adapter_name: str = "default") -> tuple[PeftConfig, dict[str, dict[str, Tensor]]]:
+    """The saved adapter in `path` and its tensors per layer, checked to fit `model` as `adapter_name` (which
+    the model does not have yet); the model is not touched."""
     path = Path(path)
     config_file, weights_file = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
     try:
@@ -420,7 +465,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     except (OSError, SafetensorError) as err:
         raise CheckpointError(f"{weights_file}: cannot read adapter weights: {one_line(err)}") from None
     try:
-        chosen = _select(model, cfg)
+        chosen = _checked_layers(model, cfg, adapter_name)
     except ConfigError as err:
         raise CheckpointError(f"{path}: the adapter does not fit this model: {err}") from None
     expected = {k: v for name, m in chosen.items() for k, v in _expected_shapes(name, m, cfg).items()}
@@ -431,5 +476,4 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         if tuple(tensors[key].shape) != shape:
             raise CheckpointError(f"{weights_file}: tensor '{key}' has shape {tuple(tensors[key].shape)}, but this "
                                   f"model needs {shape}")
-    _apply(model, cfg, adapter_name, _by_layer(chosen, cfg, tensors))
-    return cfg
+    return cfg, _by_layer(chosen, cfg, tensors)

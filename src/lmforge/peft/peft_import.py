@@ -22,13 +22,15 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from lmforge.config import PeftConfig
-from lmforge.errors import CheckpointError
+from lmforge.errors import CheckpointError, ConfigError
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.hf import hf_model_type_of
 from lmforge.peft.export import hf_module_name
-from lmforge.peft.lora import PEFT_CONFIG, PEFT_WEIGHTS, LoRALinear
+from lmforge.peft.lora import PEFT_CONFIG, PEFT_WEIGHTS, LoRALinear, check_adapter_name
 
 ADAPTER_NAME = "default"
+# (lmforge layer, its LoRA config, its tensors by kind) for every layer a peft adapter changes
+PeftPlan = list[tuple[str, PeftConfig, dict[str, Tensor]]]
 _KEY_RE = re.compile(r"base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)")
 # adapter_config.json keys whose non-default values change what the adapter computes in ways lmforge does not
 _REFUSED = {"bias": "none", "lora_bias": False, "modules_to_save": None, "layer_replication": None,
@@ -81,18 +83,29 @@ def _scaling(config: dict[str, Any], hf_name: str, r: int) -> float:
     return alpha / (math.sqrt(r) if config.get("use_rslora") else r)
 
 
-def _lmforge_linears(model: DecoderLM, model_type: str) -> dict[str, list[tuple[str, nn.Linear]]]:
-    """HF module name -> the lmforge Linear layers it stands for (GPT-2's c_attn: q, k, v in that order)."""
-    out: dict[str, list[tuple[str, nn.Linear]]] = {}
+def _lmforge_linears(model: DecoderLM, model_type: str) -> dict[str, list[tuple[str, nn.Linear | LoRALinear]]]:
+    """HF module name -> the lmforge Linear (or already adapted) layers it stands for (GPT-2's c_attn: q, k, v in
+    that order)."""
+    out: dict[str, list[tuple[str, nn.Linear | LoRALinear]]] = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear | LoRALinear):
             out.setdefault(hf_module_name(name, model_type), []).append((name, module))
     return out
 
 
-def load_peft_adapter(model: DecoderLM, path: str | Path) -> None:
-    """Put the peft adapter in `path` on `model` (its base), active; everything is checked before the model is
-    touched. Raises CheckpointError naming what does not fit."""
+def load_peft_adapter(model: DecoderLM, path: str | Path, adapter_name: str = ADAPTER_NAME) -> None:
+    """Put the peft adapter in `path` on `model` (its base) as `adapter_name`, active; everything is checked before
+    the model is touched. Raises CheckpointError naming what does not fit."""
+    _, plan = read_peft_adapter(model, path, adapter_name)
+    add_peft_adapter(model, plan, adapter_name)
+
+
+def read_peft_adapter(model: DecoderLM, path: str | Path,
+                      adapter_name: str = ADAPTER_NAME) -> tuple[PeftConfig, PeftPlan]:
+    """The peft adapter in `path` as one LoRA config per lmforge layer, checked to fit `model` as `adapter_name`;
+    the model is not touched. The first config, targeting every layer, stands for the whole adapter (rank_pattern
+    or alpha_pattern may give some layers another r or alpha)."""
+    check_adapter_name(adapter_name)
     path = Path(path)
     config_file, weights_file = path / PEFT_CONFIG, path / PEFT_WEIGHTS
     config = read_peft_config(path)
@@ -113,7 +126,7 @@ def load_peft_adapter(model: DecoderLM, path: str | Path) -> None:
                                   f"{model_type} base has (e.g. base_model.model.{next(iter(linears))}.lora_A.weight)")
         parts.setdefault(m[1], {})[m[2].split(".")[0]] = tensor
     counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    plan: list[tuple[str, PeftConfig, dict[str, Tensor]]] = []
+    plan: PeftPlan = []
     for hf_name, found in parts.items():
         layers = linears[hf_name]
         A, B, magnitude = found.get("lora_A"), found.get("lora_B"), found.get("lora_magnitude_vector")
@@ -135,12 +148,26 @@ def load_peft_adapter(model: DecoderLM, path: str | Path) -> None:
         if magnitude is not None:
             rows["lora_magnitude"] = magnitude.split(sizes)
         for i, (name, module) in enumerate(layers):
-            if counts[id(module.weight)] > 1:
+            if isinstance(module, LoRALinear):
+                try:
+                    module.check_adapter(adapter_name, cfg)
+                except ConfigError as err:
+                    raise CheckpointError(f"{path}: the adapter does not fit '{name}': {err}") from None
+            elif counts[id(module.weight)] > 1:
                 raise CheckpointError(f"{weights_file}: the adapter changes {hf_name}, whose weight this base ties to "
                                       "another (tied embeddings); untie them in the base or leave it out")
             plan.append((name, cfg, {"lora_A": A} | {kind: split[i] for kind, split in rows.items()}))
+    if not plan:
+        raise CheckpointError(f"{weights_file} holds no LoRA weights")
+    return plan[0][1].model_copy(update={"targets": [name for name, _, _ in plan]}), plan
+
+
+def add_peft_adapter(model: DecoderLM, plan: PeftPlan, adapter_name: str = ADAPTER_NAME) -> None:
+    """Add a checked adapter (`read_peft_adapter`) as `adapter_name`, the only active one on its layers."""
     for name, cfg, weights in plan:
-        layer = LoRALinear(model.get_submodule(name))
-        layer.add_adapter(ADAPTER_NAME, cfg, weights)
-        layer.set_active([ADAPTER_NAME])
-        model.set_submodule(name, layer)
+        module = model.get_submodule(name)
+        layer = module if isinstance(module, LoRALinear) else LoRALinear(module)
+        layer.add_adapter(adapter_name, cfg, weights)
+        layer.set_active([adapter_name])
+        if layer is not module:
+            model.set_submodule(name, layer)

@@ -1,0 +1,214 @@
+"""The decode engine many requests share: continuous batching over KV-cache rows, with prefix caching.
+
+Requests are submitted from any thread; one thread calls `step`, which admits waiting requests into free rows
+(each prompt prefilled alone, reusing cached prefix blocks, its first token picked from the prefill logits), then
+runs one decode step over every running row at once (`infer/slots.py`). A request leaves its row when it stops
+(a stop id, a stop string, max_new_tokens) or is cancelled, and a waiting one takes the row at the next step. Each
+request samples with its own settings and its own generator, so its tokens do not depend on what else runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lmforge.errors import ConfigError
+from lmforge.infer.generate import SamplingConfig, StopStreamer, next_token
+from lmforge.infer.prefix_cache import PrefixCache
+from lmforge.infer.slots import BatchSlots
+from lmforge.model.decoder import DecoderLM
+from lmforge.model.layers import fused_qkv
+from lmforge.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation: the engine refuses (ConfigError) a prompt that does not fit the context with max_new_tokens."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None  # the request's own generator: the same seed gives the same tokens, whatever else runs
+    stop_ids: frozenset[int] = frozenset()  # ending ids (EOS, end-of-turn), not emitted
+    stop_strings: tuple[str, ...] = ()  # text stops (needs the engine's tokenizer); the text before one is emitted
+    adapter: str | None = None  # a LoRA adapter already added to the model (None = the base model)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    request_id: int
+    token_id: int | None  # the new token, or None on a final event that adds none
+    text: str  # newly printable text: incremental, whole UTF-8 characters, a possible stop string held back
+    finish_reason: str | None  # None while running; "stop", "length" or "cancelled" on the last event
+
+
+@dataclass
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    prefill_tokens: int = 0  # prompt tokens run through the model
+    prefix_hit_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    generated_tokens: int = 0
+    prefix_cache_tokens: int = 0  # positions the prefix cache holds now
+
+
+class _Running:
+    """A request being generated: its sampling state, its text so far, and the token to feed next."""
+
+    def __init__(self, request_id: int, request: GenerationRequest, sampling: SamplingConfig,
+                 tokenizer: Tokenizer | None, device: torch.device):
+        self.id, self.request, self.sampling = request_id, request, sampling
+        self.generator = None
+        if request.seed is not None and request.temperature > 0:
+            self.generator = torch.Generator(device=device).manual_seed(request.seed)
+        self.pending: list[str] = []
+        self.streamer = None if tokenizer is None else StopStreamer(tokenizer, request.stop_strings,
+                                                                    self.pending.append)
+        self.generated = 0
+        self.token = -1
+
+    def take_text(self, final: bool) -> str:
+        if final and self.streamer is not None:
+            self.streamer.finish()
+        text = "".join(self.pending)
+        self.pending.clear()
+        return text
+
+
+class Engine:
+    """Continuous batching over `max_batch` rows of one KV cache, with an LRU prefix cache of
+    `prefix_cache_tokens` positions (0 = off). `logits_hook(request_id, logits)`, when set, sees the logits [vocab]
+    each token is picked from."""
+
+    def __init__(self, model: DecoderLM, tokenizer: Tokenizer | None = None, *, max_batch: int = 8,
+                 prefix_cache_tokens: int = 0):
+        if max_batch < 1:
+            raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
+        if prefix_cache_tokens < 0:
+            raise ConfigError(f"prefix_cache_tokens must be >= 0 (0 = off), got {prefix_cache_tokens}")
+        self.model, self.tokenizer = model, tokenizer
+        self.slots = BatchSlots(model, max_batch, model.cfg.max_seq_len)
+        self.prefix = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
+        self.stats = EngineStats()
+        self.logits_hook: Callable[[int, Tensor], None] | None = None
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._waiting: deque[tuple[int, GenerationRequest, SamplingConfig]] = deque()
+        self._cancelled: set[int] = set()
+        self._rows: dict[int, _Running] = {}  # row of the batch cache -> its request
+
+    def submit(self, request: GenerationRequest) -> int:
+        """Queue `request` (ConfigError, one line, if it cannot run); returns its id. Thread-safe."""
+        sampling = self._check(request)
+        with self._lock:
+            request_id = next(self._ids)
+            self._waiting.append((request_id, request, sampling))
+            self.stats.waiting = len(self._waiting)
+        return request_id
+
+    def cancel(self, request_id: int) -> None:
+        """Stop a request at the next step, which frees its row and emits its one "cancelled" event. Thread-safe;
+        an unknown or finished id is ignored."""
+        with self._lock:
+            self._cancelled.add(request_id)
+
+    @property
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._waiting or self._rows or self._cancelled)
+
+    def step(self) -> list[TokenEvent]:
+        """Handle cancellations, admit waiting requests into free rows, then run one decode step."""
+        events: list[TokenEvent] = []
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+            for entry in [e for e in self._waiting if e[0] in cancelled]:
+                self._waiting.remove(entry)
+                events.append(TokenEvent(entry[0], None, "", "cancelled"))
+        for row, run in list(self._rows.items()):
+            if run.id in cancelled:
+                events.append(TokenEvent(run.id, None, "", "cancelled"))
+                self._leave(row)
+        with torch.inference_mode(), fused_qkv(self.model):
+            while len(self._rows) < len(self.slots.start):
+                with self._lock:
+                    if not self._waiting:
+                        break
+                    entry = self._waiting.popleft()
+                self._admit(*entry, events)
+            if self._rows:
+                self._decode(events)
+        with self._lock:
+            self.stats.waiting, self.stats.running = len(self._waiting), len(self._rows)
+        return events
+
+    def _check(self, request: GenerationRequest) -> SamplingConfig:
+        ids, context, vocab = request.prompt_ids, self.model.cfg.max_seq_len, self.model.cfg.vocab_size
+        if not ids:
+            raise ConfigError("the prompt is empty; give at least one token (e.g. the BOS token)")
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+            bad = next(t for t in ids if not (isinstance(t, int) and 0 <= t < vocab))
+            raise ConfigError(f"prompt token id {bad!r} is not in the model's vocabulary of {vocab} ids")
+        if request.max_new_tokens >= 1 and len(ids) + request.max_new_tokens > context:
+            raise ConfigError(f"the prompt has {len(ids)} tokens; with max_new_tokens={request.max_new_tokens} it "
+                              f"needs {len(ids) + request.max_new_tokens} of the {context}-token context window: "
+                              "shorten the prompt or lower max_new_tokens")
+        if request.adapter is not None:
+            raise ConfigError(f"adapter {request.adapter!r}: this engine serves the base model only (adapter=None)")
+        if request.stop_strings and self.tokenizer is None:
+            raise ConfigError("stop strings need a tokenizer: pass one to Engine(model, tokenizer)")
+        return SamplingConfig(max_new_tokens=request.max_new_tokens, temperature=request.temperature,
+                              top_k=request.top_k, top_p=request.top_p, seed=request.seed, stop=request.stop_strings)
+
+    def _admit(self, request_id: int, request: GenerationRequest, sampling: SamplingConfig,
+               events: list[TokenEvent]) -> None:
+        """Prefill the prompt alone (after any cached prefix), pick its first token, and give it a row unless it
+        already finished."""
+        ids = request.prompt_ids
+        cache = self.model.new_cache(1, len(ids))
+        hit = 0 if self.prefix is None else self.prefix.lookup(ids, request.adapter, cache)
+        logits = self.model(torch.tensor([ids[hit:]], device=self.model.device), cache=cache, keep_last=1)[:, -1]
+        self.stats.prefill_tokens += len(ids) - hit
+        self.stats.prefix_hit_tokens += hit
+        if self.prefix is not None:
+            self.prefix.store(ids, request.adapter, cache)
+            self.stats.prefix_cache_tokens = self.prefix.tokens
+        run = _Running(request_id, request, sampling, self.tokenizer, self.model.device)
+        if not self._pick(run, logits[0], events):
+            row = self.slots.free_row()
+            self.slots.join(row, cache, len(ids))
+            self._rows[row] = run
+
+    def _decode(self, events: list[TokenEvent]) -> None:
+        logits = self.slots.decode({row: run.token for row, run in self._rows.items()})
+        for row, run in list(self._rows.items()):
+            if self._pick(run, logits[row], events):
+                self._leave(row)
+
+    def _pick(self, run: _Running, logits: Tensor, events: list[TokenEvent]) -> bool:
+        """Choose `run`'s next token from its logits [vocab] and emit its event; True when the request is done."""
+        if self.logits_hook is not None:
+            self.logits_hook(run.id, logits)
+        token = int(next_token(logits[None], run.sampling, run.generator))
+        if token in run.request.stop_ids:
+            events.append(TokenEvent(run.id, None, run.take_text(final=True), "stop"))
+            return True
+        run.generated += 1
+        self.stats.generated_tokens += 1
+        stopped = run.streamer is not None and run.streamer(token)
+        reason = "stop" if stopped else "length" if run.generated == run.request.max_new_tokens else None
+        events.append(TokenEvent(run.id, token, run.take_text(final=reason is not None), reason))
+        run.token = token
+        return reason is not None
+
+    def _leave(self, row: int) -> None:
+        del self._rows[row]
+        self.slots.leave(row)

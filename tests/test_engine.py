@@ -1,0 +1,227 @@
+"""The shared decode engine: continuous batching parity with one-request generation, cancelling, per-request
+seeds, text and stop strings, refusals, and prefix caching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.errors import ConfigError
+from lmforge.infer.engine import Engine, GenerationRequest, TokenEvent
+from lmforge.infer.generate import SamplingConfig, generate, generate_ids
+from lmforge.infer.prefix_cache import BLOCK, PrefixCache
+from lmforge.infer.slots import BatchSlots
+from lmforge.tokenizer import Tokenizer, train_tokenizer
+from near_ties import assert_clear_choices, greedy_logits
+from tiny_decoders import FAMILIES, forced_model, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+Schedule = list[tuple[int, GenerationRequest]]  # (the step before which it is submitted, the request)
+
+
+def run(engine: Engine, schedule: Schedule) -> list[list[TokenEvent]]:
+    """Step `engine` until every request of `schedule` is done; returns each request's events, in schedule order."""
+    ids: list[int] = []
+    events: dict[int, list[TokenEvent]] = {}
+    step = 0
+    while len(ids) < len(schedule) or engine.has_work:
+        ids += [engine.submit(r) for at, r in schedule if at == step]
+        for event in engine.step():
+            events.setdefault(event.request_id, []).append(event)
+        step += 1
+    return [events[i] for i in ids]
+
+
+def tokens(events: list[TokenEvent]) -> list[int]:
+    return [e.token_id for e in events if e.token_id is not None]
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    return torch.randint(1, 64, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+# prompt and output lengths, and the step each request arrives at (3 rows: some wait for a free one; one prompt is
+# longer than the shared cache so far, and the 64-token cache fills, so rows shift both ways)
+ARRIVALS = [(0, 3, 45), (0, 12, 5), (2, 1, 20), (4, 25, 30), (6, 7, 10), (20, 20, 40), (21, 9, 2)]
+
+
+def greedy_schedule() -> Schedule:
+    return [(at, GenerationRequest(prompt(n, 20 + i), new, temperature=0))
+            for i, (at, n, new) in enumerate(ARRIVALS)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_concurrent_greedy_requests_match_each_alone(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_model(family)
+    shifts: list[int] = []
+    shift = BatchSlots._shift
+    monkeypatch.setattr(BatchSlots, "_shift", lambda self, by: (shifts.append(by), shift(self, by))[1])
+    engine = Engine(model, max_batch=3)
+    seen: dict[int, list[torch.Tensor]] = {}
+    engine.logits_hook = lambda rid, logits: seen.setdefault(rid, []).append(logits.clone())
+    schedule = greedy_schedule()
+    results = run(engine, schedule)
+    assert min(shifts) < 0 < max(shifts)  # a prompt longer than the cache so far, and a full cache, both happened
+    for rid, ((_, request), events) in enumerate(zip(schedule, results, strict=True)):
+        alone = generate_ids(model, request.prompt_ids, SamplingConfig(max_new_tokens=request.max_new_tokens))
+        reference = greedy_logits(model, request.prompt_ids, alone)
+        assert_clear_choices(reference, f"request {rid}")
+        assert tokens(events) == alone
+        assert [e.finish_reason for e in events] == [None] * (len(alone) - 1) + ["length"]
+        torch.testing.assert_close(torch.stack(seen[rid]), reference, atol=1e-5, rtol=0)
+    assert engine.stats.running == engine.stats.waiting == 0
+    assert engine.stats.generated_tokens == sum(r.max_new_tokens for _, r in schedule)
+    assert engine.stats.prefill_tokens == sum(len(r.prompt_ids) for _, r in schedule)
+
+
+def test_a_stop_id_ends_only_its_request() -> None:
+    model = tiny_model("llama-gqa")
+    schedule = greedy_schedule()[:3]
+    plain = [tokens(e) for e in run(Engine(model, max_batch=3), schedule)]
+    k = next(i for i, t in enumerate(plain[0]) if i >= 3 and t not in plain[0][:i] + plain[1] + plain[2])
+    ended = GenerationRequest(schedule[0][1].prompt_ids, 45, temperature=0, stop_ids=frozenset({plain[0][k]}))
+    results = run(Engine(model, max_batch=3), [(0, ended), *schedule[1:]])
+    assert tokens(results[0]) == plain[0][:k] and results[0][-1] == TokenEvent(0, None, "", "stop")
+    assert [tokens(e) for e in results[1:]] == plain[1:]
+
+
+def test_cancel_frees_the_row_and_emits_one_event() -> None:
+    engine = Engine(tiny_model("gpt2"), max_batch=1)
+    running = engine.submit(GenerationRequest(prompt(5, 0), 30, temperature=0))
+    waiting = engine.submit(GenerationRequest(prompt(4, 1), 30, temperature=0))
+    queued = engine.submit(GenerationRequest(prompt(3, 2), 3, temperature=0))
+    engine.step()
+    assert (engine.stats.running, engine.stats.waiting) == (1, 2)
+    engine.cancel(running)
+    engine.cancel(queued)
+    events = engine.step()
+    assert [e for e in events if e.request_id in (running, queued)] == [
+        TokenEvent(queued, None, "", "cancelled"), TokenEvent(running, None, "", "cancelled")]
+    assert [e.request_id for e in events if e.token_id is not None] == [waiting, waiting]  # it took the free row
+    assert (engine.stats.running, engine.stats.waiting) == (1, 0)
+    engine.cancel(waiting)
+    engine.cancel(running)  # already gone: ignored
+    assert engine.step() == [TokenEvent(waiting, None, "", "cancelled")]
+    assert not engine.has_work and engine.stats.running == 0 and engine.slots.busy() == []
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama-gqa"])
+def test_a_seed_gives_the_same_samples_whatever_else_runs(family: str) -> None:
+    model = tiny_model(family, init_std=0.05)  # flatter logits: samples differ from greedy
+    seeded = GenerationRequest(prompt(6, 0), 20, temperature=1.0, top_k=30, top_p=0.95, seed=7)
+    alone = tokens(run(Engine(model), [(0, seeded)])[0])
+    cfg = SamplingConfig(max_new_tokens=20, temperature=1.0, top_k=30, top_p=0.95, seed=7)
+    assert alone == generate_ids(model, seeded.prompt_ids, cfg)
+    others = [(0, GenerationRequest(prompt(9, 1), 25, seed=3)), (0, GenerationRequest(prompt(2, 2), 8)),
+              (3, GenerationRequest(prompt(4, 3), 12, temperature=0))]
+    torch.manual_seed(0)
+    beside = run(Engine(model, max_batch=4), [others[0], others[1], (2, seeded), others[2]])
+    assert tokens(beside[2]) == alone
+    assert alone != tokens(run(Engine(model), [(0, GenerationRequest(prompt(6, 0), 20, seed=8))])[0])
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(prompt_ids=list(range(1, 60)), max_new_tokens=6), "59 tokens; with max_new_tokens=6 it needs 65 of the 64"),
+    (dict(prompt_ids=[]), "prompt is empty"),
+    (dict(prompt_ids=[1, 64]), "token id 64 is not in the model's vocabulary of 64"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(adapter="fr"), "adapter 'fr'"),
+    (dict(stop_strings=("x",)), "stop strings need a tokenizer"),
+])
+def test_a_request_that_cannot_run_is_refused_in_one_line(change: dict, match: str) -> None:
+    engine = Engine(tiny_model("gpt2"))
+    request = GenerationRequest(**{"prompt_ids": [1, 2, 3], "max_new_tokens": 4, **change})
+    with pytest.raises(ConfigError, match=match) as info:
+        engine.submit(request)
+    assert "\n" not in str(info.value) and not engine.has_work
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    lines = [f"once upon a time {i} the owl sang a song about the sea and the stars" for i in range(100)]
+    return train_tokenizer(lines, vocab_size=400, show_progress=False)
+
+
+@pytest.mark.parametrize("target, stop", [("once upon a time STOP the owl", ("STOP",)),
+                                          ("the owl 🦜 sang of the 🐙 sea", ()),
+                                          ("the owl sang a STORM song", ("STOP", "zebra"))])
+def test_text_streams_whole_characters_and_stops_at_a_stop_string(tok: Tokenizer, target: str,
+                                                                   stop: tuple[str, ...]) -> None:
+    """The same text as `generate`, streamed in the same pieces, beside a request without stop strings."""
+    text_prompt = "Hi"
+    model = forced_model(tok.vocab_size, len(tok.encode(text_prompt)), tok.encode(target))
+    n = len(tok.encode(target))
+    deltas: list[str] = []
+    expected = generate(model, tok, text_prompt, SamplingConfig(max_new_tokens=n, stop=stop), stream=deltas.append)
+    request = GenerationRequest(tok.encode(text_prompt), n, temperature=0, stop_strings=stop)
+    other = GenerationRequest(tok.encode(text_prompt), n, temperature=0)
+    events, plain = run(Engine(model, tok), [(0, request), (1, other)])
+    assert [e.text for e in events if e.text] == deltas and "".join(deltas) == expected
+    assert events[-1].finish_reason == ("stop" if "STOP" in target and stop else "length")
+    assert "".join(e.text for e in plain) == target
+
+
+def shared_prefix_schedule() -> Schedule:
+    """Requests after one long system prompt (2.5 blocks), with different questions, arriving over time."""
+    system = prompt(40, 100)
+    return [(at, GenerationRequest(system + prompt(n, at), 8, temperature=0))
+            for at, n in [(0, 5), (0, 3), (4, 9), (9, 1), (9, 6)]]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama-gqa"])
+def test_prefix_cache_computes_a_shared_system_prompt_once(family: str) -> None:
+    model = tiny_model(family, max_seq_len=128)
+    schedule = shared_prefix_schedule()
+    plain, cached = Engine(model, max_batch=2), Engine(model, max_batch=2, prefix_cache_tokens=256)
+    seen: dict[int, list[torch.Tensor]] = {}
+    cached.logits_hook = lambda rid, logits: seen.setdefault(rid, []).append(logits.clone())
+    expected, got = run(plain, schedule), run(cached, schedule)
+    assert [tokens(e) for e in got] == [tokens(e) for e in expected]
+    for rid, ((_, request), events) in enumerate(zip(schedule, expected, strict=True)):
+        reference = greedy_logits(model, request.prompt_ids, tokens(events))
+        assert_clear_choices(reference, f"request {rid}")
+        torch.testing.assert_close(torch.stack(seen[rid]), reference, atol=1e-5, rtol=0)
+    total = sum(len(r.prompt_ids) for _, r in schedule)
+    hits = 2 * BLOCK * (len(schedule) - 1)  # every later request reuses the system prompt's two whole blocks
+    assert plain.stats.prefill_tokens == total and plain.stats.prefix_hit_tokens == 0
+    assert (cached.stats.prefill_tokens, cached.stats.prefix_hit_tokens) == (total - hits, hits)
+
+
+def test_prefix_cache_evicts_least_recently_used_blocks_within_its_budget() -> None:
+    model = tiny_model("llama-gqa", max_seq_len=128)
+    engine = Engine(model, prefix_cache_tokens=4 * BLOCK)
+    first, second, third = (prompt(2 * BLOCK + 1, seed) for seed in (1, 2, 3))  # two whole blocks each
+    for ids in (first, second, first, third):  # `first` used again, so `second` is the least recently used
+        run(engine, [(0, GenerationRequest(ids, 1, temperature=0))])
+        assert engine.prefix.tokens <= 4 * BLOCK
+        assert engine.stats.prefix_cache_tokens == engine.prefix.tokens
+    hit = engine.stats.prefix_hit_tokens
+    assert hit == 2 * BLOCK  # `first` again: both its blocks
+    for ids, kept in ((third, 2 * BLOCK), (first, 2 * BLOCK), (second, 0)):
+        run(engine, [(0, GenerationRequest(ids, 1, temperature=0))])
+        assert engine.stats.prefix_hit_tokens - hit == kept
+        hit = engine.stats.prefix_hit_tokens
+
+
+def test_eviction_takes_the_blocks_that_extend_a_prefix_first() -> None:
+    model = tiny_model("gpt2", max_seq_len=128)
+    engine = Engine(model, prefix_cache_tokens=3 * BLOCK)
+    first, second = prompt(2 * BLOCK + 1, 1), prompt(2 * BLOCK + 1, 2)
+    for ids in (first, second, first):
+        run(engine, [(0, GenerationRequest(ids, 1, temperature=0))])
+    assert engine.stats.prefix_hit_tokens == BLOCK  # `first`'s second block went, its first stayed usable
+
+
+def test_the_prefix_cache_key_covers_the_adapter() -> None:
+    model = tiny_model("gpt2")
+    ids = prompt(BLOCK + 3, 0)
+    cache = model.new_cache(1, len(ids))
+    with torch.no_grad():
+        model(torch.tensor([ids]), cache=cache)
+    prefixes = PrefixCache(4 * BLOCK)
+    prefixes.store(ids, "fr", cache)
+    assert prefixes.lookup(ids, None, model.new_cache(1, len(ids))) == 0
+    assert prefixes.lookup(ids, "fr", model.new_cache(1, len(ids))) == BLOCK
