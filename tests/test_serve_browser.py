@@ -12,7 +12,7 @@ import pytest
 
 from serving import API_KEY, Running, serving, tiny_checkpoint
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra: pip install -e '.[test]'")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra: pip install -e .[test]")
 CHROMIUM = os.environ.get("LMFORGE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
