@@ -47,6 +47,7 @@ class Running:
     engine: Any
     worker: EngineWorker
     step_delay: Callable[[float], None]  # slow each engine step down (seconds), to watch a reply mid-way
+    fail_next_step: Callable[[], None]  # the engine's next step raises, as a bug or out-of-memory would
 
     def wait_idle(self, timeout: float = 5.0) -> float:
         """Seconds until nothing is in flight and the engine's slots are empty (AssertionError after `timeout`)."""
@@ -63,12 +64,14 @@ def serving(checkpoint: Path, *, max_batch: int = 8, max_queue: int = 64, api_ke
             ) -> Iterator[Running]:
     served = load_served(checkpoint, name="tiny", template=None, adapters={}, max_batch=max_batch)
     engine = Engine(served.model, served.tokenizer, max_batch=max_batch)
-    delay = [0.0]
+    delay, faults = [0.0], []
     step = engine.step
 
     def slowed_step() -> list:
         if delay[0]:
             time.sleep(delay[0])
+        if faults:
+            raise faults.pop()
         return step()
 
     engine.step = slowed_step
@@ -84,7 +87,8 @@ def serving(checkpoint: Path, *, max_batch: int = 8, max_queue: int = 64, api_ke
         time.sleep(0.01)
     try:
         yield Running(f"http://127.0.0.1:{port}", port, served, engine, worker,
-                      lambda seconds: delay.__setitem__(0, seconds))
+                      lambda seconds: delay.__setitem__(0, seconds),
+                      lambda: faults.append(RuntimeError("injected failure")))
     finally:
         server.should_exit = True
         thread.join(10)

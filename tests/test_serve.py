@@ -4,6 +4,7 @@ leaves mid-stream, and 64 concurrent clients."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -191,6 +192,28 @@ def test_a_client_leaving_mid_stream_frees_its_slot_at_once(server: Running) -> 
     assert "lmforge_running_requests 0" in metrics and "lmforge_in_flight_requests 0" in metrics
 
 
+def test_a_client_leaving_before_a_plain_reply_frees_its_slot(server: Running) -> None:
+    server.step_delay(0.02)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps({**CHAT, "temperature": 0}).encode(),
+                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    deadline = time.perf_counter() + 5
+    while server.engine.stats.running == 0:
+        assert time.perf_counter() < deadline
+        time.sleep(0.005)
+    conn.close()
+    assert server.wait_idle(timeout=0.6) < 0.6  # the reply would take about a second; disconnects are polled 4/s
+
+
+def test_an_engine_failure_is_a_500_and_the_server_goes_on(server: Running, client: openai.OpenAI) -> None:
+    server.fail_next_step()
+    status, _, reply = request(server.port, "POST", "/v1/chat/completions", {**CHAT, "max_tokens": 4})
+    assert status == 500 and reply["error"]["type"] == "server_error"
+    assert "injected failure" in reply["error"]["message"]
+    server.wait_idle()
+    assert client.chat.completions.create(model="tiny", messages=USER, max_tokens=4).choices[0].finish_reason
+
+
 def streamed_text(line: bytes) -> str:
     """The content of a chat chunk's server-sent event line ("" for other lines)."""
     if not line.startswith(b"data: {"):
@@ -208,10 +231,18 @@ def test_64_concurrent_clients_get_their_own_greedy_outputs(server: Running, cli
         choice = client.completions.create(model="tiny", prompt=prompt, temperature=0, max_tokens=6).choices[0]
         return choice.text, choice.finish_reason
 
+    errors_before = server_errors(server)
     with ThreadPoolExecutor(64) as pool:
         answers = list(pool.map(ask, prompts))  # a 5xx would raise openai.InternalServerError
     assert answers == expected
     server.wait_idle(timeout=1)
-    metrics = request(server.port, "GET", "/metrics")[2]
-    assert 'lmforge_requests_total{endpoint="/v1/completions",status="200"}' in metrics
-    assert 'status="5' not in metrics
+    assert server_errors(server) == errors_before
+    assert 'lmforge_requests_total{endpoint="/v1/completions",status="200"}' in request(server.port, "GET",
+                                                                                       "/metrics")[2]
+
+
+def server_errors(server: Running) -> int:
+    """The 5xx answers /metrics has counted."""
+    counts = [line for line in request(server.port, "GET", "/metrics")[2].splitlines()
+              if line.startswith("lmforge_requests_total{")]
+    return sum(int(line.split()[-1]) for line in counts if 'status="5' in line)

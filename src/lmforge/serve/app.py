@@ -31,6 +31,10 @@ ENDPOINTS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/health",
 RETRY_AFTER_SECONDS = 1
 
 
+class ClientGone(Exception):
+    """The client disconnected before its reply was ready: nothing is sent."""
+
+
 @dataclass
 class Choices:
     """What the engine sent for one HTTP request's choices: text, token counts and finish reasons by index."""
@@ -98,6 +102,10 @@ def create_app(served: ServedModel, worker: EngineWorker, metrics: Metrics, api_
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> Response:
         return exc.response()
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(_: Request, __: ClientGone) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -181,8 +189,8 @@ async def _unless_disconnected(request: Request, work: Any, poll_seconds: float 
     while not (await asyncio.wait({task}, timeout=poll_seconds))[0]:
         if await request.is_disconnected():
             task.cancel()
-            break
-    return await task
+            raise ClientGone
+    return task.result()
 
 
 @dataclass

@@ -99,7 +99,8 @@ class EngineWorker:
 
     def _dispatch(self, events: list[Any]) -> None:
         with self._cond:
-            routed = [(self._routes.pop(e.request_id) if e.finish_reason else self._routes.get(e.request_id), e)
+            # a request failed by _fail_all has no route left when the engine reports it cancelled
+            routed = [((self._routes.pop if e.finish_reason else self._routes.get)(e.request_id, None), e)
                       for e in events]
         for route, event in routed:
             if route is not None:
