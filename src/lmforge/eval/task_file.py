@@ -59,6 +59,8 @@ def _item(obj: dict, where: str) -> TaskItem:
             raise DataError(f"{where}: field 'choices' must be a list of strings")
         if len(choices) < 2:
             raise DataError(f"{where}: a choice task needs at least two choices, got {len(choices)}")
+        if "" in choices:
+            raise DataError(f"{where}: choice {choices.index('')} is empty; every choice needs text")
         answer = obj["answer"]
         if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
             raise DataError(f"{where}: field 'answer' must be the index of the right choice, 0 to "
