@@ -106,19 +106,23 @@ def test_cli_writes_json_per_file_and_overall(setup, tmp_path, capsys):
     root, ckpt, corpus, docs = setup
     txt = tmp_path / "one.txt"
     txt.write_text(docs[0])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "the king"}\n{"text": oops}\n')
     out = tmp_path / "ppl.json"
-    assert main(["eval", "perplexity", str(ckpt), "--input", str(corpus), str(txt), "--stride", "16",
-                 "--batch-size", "4", "--json", str(out)]) == 0
+    assert main(["eval", "perplexity", str(ckpt), "--input", str(corpus), str(txt), str(bad), "--stride", "16",
+                 "--batch-size", "4", "--skip-bad-lines", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
-    assert [f["source"] for f in result["files"]] == [str(corpus), str(txt)] and result["stride"] == 16
+    assert [f["source"] for f in result["files"]] == [str(corpus), str(txt), str(bad)] and result["stride"] == 16
+    assert [f["skipped_lines"] for f in result["files"]] == [0, 0, 1] and "skipped 1 bad lines" in printed
     model, tokenizer = lmforge.load(ckpt)
-    want = file_perplexity(model, tokenizer, [corpus, txt], stride=16, progress=False)
+    want = file_perplexity(model, tokenizer, [corpus, txt, bad], stride=16, skip_bad_lines=True, progress=False)
     for got, expect in zip([*result["files"], result["overall"]], want, strict=True):
         assert got["perplexity"] == pytest.approx(expect.perplexity, rel=1e-6)
         assert got["bits_per_byte"] == pytest.approx(expect.bits_per_byte, rel=1e-6)
         assert f"{expect.perplexity:.4f}" in printed
-    assert result["overall"]["tokens"] == result["files"][0]["tokens"] + result["files"][1]["tokens"]
+    assert result["overall"]["tokens"] == sum(f["tokens"] for f in result["files"])
+    assert result["files"][2]["tokens"] == len(tokenizer.encode("the king")) and result["files"][1]["documents"] == 1
 
 
 @pytest.mark.parametrize("case, problem", [

@@ -48,20 +48,22 @@ def perplexity_options(p: ArgumentParser) -> None:
 
 
 def cmd_eval_perplexity(args: Namespace) -> None:
-    from lmforge.eval.perplexity import file_perplexity
+    from lmforge.eval.perplexity import default_stride, file_perplexity
     from lmforge.eval.report import markdown_table
     from lmforge.io import atomic_write_text, require_dir_path
 
     if args.json:
         require_dir_path(Path(args.json).parent, "--json")
     model, tokenizer = _load_model(args.checkpoint, ("decoder",), "perplexity")
-    results = file_perplexity(model, tokenizer, args.input, args.stride, args.batch_size, args.text_field,
+    stride = default_stride(model.cfg.max_seq_len) if args.stride is None else args.stride
+    results = file_perplexity(model, tokenizer, args.input, stride, args.batch_size, args.text_field,
                               args.skip_bad_lines)
     print(markdown_table(["file", "documents", "tokens", "perplexity", "bits per byte"],
                          [(r.source, r.documents, r.tokens, f"{r.perplexity:.4f}", f"{r.bits_per_byte:.4f}")
                           for r in results]))
+    if results[-1].skipped_lines:
+        print(f"skipped {results[-1].skipped_lines} bad lines")
     if args.json:
-        stride = model.cfg.max_seq_len // 2 if args.stride is None else args.stride
         atomic_write_text(args.json, json.dumps({"model": args.checkpoint, "context": model.cfg.max_seq_len,
                                                  "stride": stride, "files": [r.as_dict() for r in results[:-1]],
                                                  "overall": results[-1].as_dict()}, indent=2))

@@ -31,6 +31,7 @@ class Perplexity:
     tokens: int  # tokens scored
     bytes: int  # UTF-8 bytes of the documents
     nll: float  # summed negative log-likelihood, nats
+    skipped_lines: int = 0  # bad JSONL lines or null parquet rows skipped (--skip-bad-lines)
 
     @property
     def perplexity(self) -> float:
@@ -60,16 +61,24 @@ def window_plan(length: int, context: int, stride: int) -> list[tuple[int, int, 
     return plan
 
 
-def document_ids(tokenizer: Tokenizer, text: str, where: str) -> list[int]:
-    """The scored sequence of one document: the document separator, then the document's tokens."""
-    ids = tokenizer.encode(text)
-    if not ids:
-        raise DataError(f"{where} tokenises to no tokens (an empty text); remove it or give it text")
+def default_stride(context: int) -> int:
+    """Half the context, as the guide's 512 of 1024: each token scored with at least half a context before it."""
+    return max(1, context // 2)
+
+
+def document_ids(tokenizer: Tokenizer, texts: Sequence[str], source: str) -> list[list[int]]:
+    """The scored sequence of each document: the document separator, then the document's tokens."""
     start = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.bos_id
     if start is None:
         raise DataError("the tokenizer has neither an EOS nor a BOS token to start a document with; perplexity "
                         "scores every token of a document after one of them")
-    return [start, *ids]
+    sequences = []
+    for d, ids in enumerate(tokenizer.encode_batch(texts), start=1):
+        if not ids:
+            raise DataError(f"{source}: document {d} tokenises to no tokens (an empty text); remove it or give it "
+                            "text")
+        sequences.append([start, *ids])
+    return sequences
 
 
 @torch.inference_mode()
@@ -105,28 +114,29 @@ def file_perplexity(model: DecoderLM, tokenizer: Tokenizer, paths: Sequence[str 
                     batch_size: int = 8, text_field: str = "text", skip_bad_lines: bool = False,
                     progress: bool = True) -> list[Perplexity]:
     """Perplexity per file (read as `lmforge data prepare` reads them) and "overall", the last entry. `stride`
-    defaults to half the context (the guide's 512 of 1024)."""
-    context = model.cfg.max_seq_len
-    stride = context // 2 if stride is None else stride
-    window_plan(2, context, stride)  # checks the stride before any file is read
+    defaults to `default_stride` of the model's context."""
+    stride = default_stride(model.cfg.max_seq_len) if stride is None else stride
+    window_plan(2, model.cfg.max_seq_len, stride)  # checks the stride before any file is read
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     texts: list[tuple[str, list[str]]] = []
+    skipped = []
     for path in paths:
         docs = read_documents([path], text_field=text_field, skip_bad_lines=skip_bad_lines)
         texts.append((str(path), list(docs)))
         docs.require_text()
+        skipped.append(docs.skipped)
     sequences, owner = [], []
     for f, (path, docs) in enumerate(texts):
-        for d, text in enumerate(docs, start=1):
-            sequences.append(document_ids(tokenizer, text, f"{path}: document {d}"))
-            owner.append(f)
+        sequences += document_ids(tokenizer, docs, path)
+        owner += [f] * len(docs)
     nlls = sequence_nlls(model.eval(), sequences, stride, batch_size, progress)
     results = []
     for f, (path, docs) in enumerate(texts):
         mine = [i for i, o in enumerate(owner) if o == f]
         results.append(Perplexity(path, len(docs), sum(len(sequences[i]) - 1 for i in mine),
-                                  sum(len(t.encode("utf-8")) for t in docs), sum(nlls[i] for i in mine)))
-    results.append(Perplexity("overall", sum(r.documents for r in results), sum(r.tokens for r in results),
-                              sum(r.bytes for r in results), sum(r.nll for r in results)))
+                                  sum(len(t.encode("utf-8")) for t in docs), sum(nlls[i] for i in mine),
+                                  skipped[f]))
+    results.append(Perplexity("overall", *(sum(getattr(r, k) for r in results)
+                                           for k in ("documents", "tokens", "bytes", "nll", "skipped_lines"))))
     return results
