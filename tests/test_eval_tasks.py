@@ -144,3 +144,20 @@ def test_bad_task_file_is_one_line_exit_2(models, tmp_path, capsys, content, pro
     err = capsys.readouterr().err
     assert problem in err and err.count("\n") == 1 and "Traceback" not in err
     assert not out.exists()  # nothing half-written
+
+
+def test_sampled_generation_is_reproducible_by_seed(models, tmp_path):
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps({"type": "generate", "prompt": p, "answer": "gold"}) + "\n"
+                             for p in ["the king"] * 3))
+
+    def completions(seed: int, out: str) -> list[str]:
+        assert main(["eval", "tasks", str(models["decoder"]), "--tasks", str(tasks), "--out", str(tmp_path / out),
+                     "--temperature", "1.0", "--seed", str(seed), "--max-new-tokens", "8"]) == 0
+        results = json.loads((tmp_path / out / "results.json").read_text())
+        assert results["generation"] == {"max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0, "seed": seed}
+        return [r["completion"] for r in results["tasks"]["generate"]["items"]]
+
+    first = completions(5, "a")
+    assert completions(5, "b") == first and completions(6, "c") != first
+    assert len(set(first)) == 3  # the same prompt thrice: item i samples with seed + i

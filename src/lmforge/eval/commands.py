@@ -95,19 +95,20 @@ def tasks_options(p: ArgumentParser) -> None:
 def cmd_eval_tasks(args: Namespace) -> None:
     from lmforge.errors import ConfigError
     from lmforge.eval.task_file import read_tasks
-    from lmforge.eval.task_suite import Generation, evaluate_tasks, results_table, write_results
+    from lmforge.eval.task_suite import evaluate_tasks, results_table, write_results
     from lmforge.infer.generate import SamplingConfig
     from lmforge.io import require_dir_path
 
     require_dir_path(Path(args.out), "--out")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)  # checks
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              seed=args.seed)
     tasks = read_tasks(args.tasks)  # before the model loads: a bad line costs nothing
     model, tokenizer = _load_model(args.checkpoint, ("decoder", "encdec"), "tasks")
-    settings = Generation(args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    results = evaluate_tasks(model, tokenizer, tasks, settings, args.batch_size)
-    header = {"model": args.checkpoint, "tasks_file": args.tasks, "generation": vars(settings)}
+    results = evaluate_tasks(model, tokenizer, tasks, sampling, args.batch_size)
+    generation = {k: getattr(sampling, k) for k in ("max_new_tokens", "temperature", "top_p", "seed")}
+    header = {"model": args.checkpoint, "tasks_file": args.tasks, "generation": generation}
     json_path, md_path = write_results(Path(args.out), header, results)
     print(results_table(results))
     print(f"wrote {json_path} and {md_path}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 from torch import nn
@@ -30,16 +30,9 @@ from lmforge.tokenizer import Tokenizer
 ACCURACIES = ("exact_match", "acc", "acc_norm")  # the metrics that are shares of items right
 
 
-@dataclass
-class Generation:
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int | None = None  # item i samples with seed + i
-
-
-def _generator(model: nn.Module, tokenizer: Tokenizer, settings: Generation) -> Callable[[TaskItem, int], str]:
-    """item, index -> the model's generation for the item's prompt."""
+def _generator(model: nn.Module, tokenizer: Tokenizer, sampling: SamplingConfig) -> Callable[[TaskItem, int], str]:
+    """item, index -> the model's generation for the item's prompt: `sampling` with the item's stop strings, item i
+    seeded with sampling.seed + i, an over-long prompt keeping its last tokens."""
     if model.cfg.arch == "encdec":
         from lmforge.infer.generate_encdec import generate_text2text as generate
     else:
@@ -48,10 +41,9 @@ def _generator(model: nn.Module, tokenizer: Tokenizer, settings: Generation) -> 
     def run(item: TaskItem, index: int) -> str:
         if not tokenizer.encode(item.prompt):
             raise DataError(f"{item.where}: the prompt {item.prompt!r} tokenises to no tokens; give it text")
-        seed = None if settings.seed is None else settings.seed + index
-        cfg = SamplingConfig(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                             top_p=settings.top_p, seed=seed, stop=item.stop, truncate_prompt=True)
-        return generate(model, tokenizer, item.prompt, cfg)
+        seed = None if sampling.seed is None else sampling.seed + index
+        return generate(model, tokenizer, item.prompt, replace(sampling, stop=item.stop, seed=seed,
+                                                               truncate_prompt=True))
 
     return run
 
@@ -107,10 +99,10 @@ def score_text2text(items: list[TaskItem], generate: Callable[[TaskItem, int], s
 
 
 def evaluate_tasks(model: nn.Module, tokenizer: Tokenizer, tasks: dict[str, list[TaskItem]],
-                   settings: Generation | None = None, batch_size: int = 16) -> dict:
+                   sampling: SamplingConfig | None = None, batch_size: int = 16) -> dict:
     """{task: {"type", "n", "metrics": {name: {"value"[, "ci95"]}}, "items": [per-item record]}}."""
     model.eval()
-    generate = _generator(model, tokenizer, settings or Generation())
+    generate = _generator(model, tokenizer, sampling or SamplingConfig())
     results = {}
     for name, items in tasks.items():
         kind = items[0].kind
