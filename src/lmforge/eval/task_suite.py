@@ -3,7 +3,8 @@
 generate: greedy (or sampled) generation, the answer extracted by the line's pattern, exact match and token F1.
 choice: the log-likelihood of each choice after the prompt (" " + choice for a decoder, as lm-evaluation-harness
 joins them); acc picks the most likely choice, acc_norm the most likely per character of the choice (lm-eval's
-`len(choice)`, its "byte length" for ASCII text). text2text: generation scored with corpus BLEU and ROUGE-1/2/L.
+`len(choice)`, which its docs call the byte length: the same for ASCII text). text2text: generation scored with
+corpus BLEU and ROUGE-1/2/L.
 Every accuracy comes with its Wilson 95% interval; every item's outcome is kept for paired tests between models.
 """
 
