@@ -164,18 +164,22 @@ def test_text_streams_whole_characters_and_stops_at_a_stop_string(tok: Tokenizer
     assert "".join(e.text for e in plain) == target
 
 
-def shared_prefix_schedule() -> Schedule:
-    """Requests after one long system prompt (2.5 blocks), with different questions, arriving over time."""
+def shared_prefix_schedule() -> tuple[Schedule, int]:
+    """Requests after one long system prompt (2.5 blocks) with different questions, arriving over time, then three
+    at once (one prefill): one sharing only the system prompt's first block, one sharing nothing, one sharing it
+    all. Also returns how many prompt tokens the prefix cache can serve."""
     system = prompt(40, 100)
-    return [(at, GenerationRequest(system + prompt(n, at), 8, temperature=0))
-            for at, n in [(0, 5), (0, 3), (4, 9), (9, 1), (9, 6)]]
+    alone = [(at, system + prompt(n, at)) for at, n in [(0, 5), (1, 3), (4, 9)]]
+    together = [(20, system[:20] + prompt(7, 20)), (20, prompt(30, 21)), (20, system + prompt(1, 22))]
+    hits = (0 + 2 + 2 + 1 + 0 + 2) * BLOCK
+    return [(at, GenerationRequest(ids, 8, temperature=0)) for at, ids in alone + together], hits
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama-gqa"])
 def test_prefix_cache_computes_a_shared_system_prompt_once(family: str) -> None:
     model = tiny_model(family, max_seq_len=128)
-    schedule = shared_prefix_schedule()
-    plain, cached = Engine(model, max_batch=2), Engine(model, max_batch=2, prefix_cache_tokens=256)
+    schedule, hits = shared_prefix_schedule()
+    plain, cached = Engine(model, max_batch=3), Engine(model, max_batch=3, prefix_cache_tokens=256)
     seen: dict[int, list[torch.Tensor]] = {}
     cached.logits_hook = lambda rid, logits: seen.setdefault(rid, []).append(logits.clone())
     expected, got = run(plain, schedule), run(cached, schedule)
@@ -185,7 +189,6 @@ def test_prefix_cache_computes_a_shared_system_prompt_once(family: str) -> None:
         assert_clear_choices(reference, f"request {rid}")
         torch.testing.assert_close(torch.stack(seen[rid]), reference, atol=1e-5, rtol=0)
     total = sum(len(r.prompt_ids) for _, r in schedule)
-    hits = 2 * BLOCK * (len(schedule) - 1)  # every later request reuses the system prompt's two whole blocks
     assert plain.stats.prefill_tokens == total and plain.stats.prefix_hit_tokens == 0
     assert (cached.stats.prefill_tokens, cached.stats.prefix_hit_tokens) == (total - hits, hits)
 
@@ -222,6 +225,6 @@ def test_the_prefix_cache_key_covers_the_adapter() -> None:
     with torch.no_grad():
         model(torch.tensor([ids]), cache=cache)
     prefixes = PrefixCache(4 * BLOCK)
-    prefixes.store(ids, "fr", cache)
-    assert prefixes.lookup(ids, None, model.new_cache(1, len(ids))) == 0
-    assert prefixes.lookup(ids, "fr", model.new_cache(1, len(ids))) == BLOCK
+    prefixes.store(ids, "fr", [t[0, :, :len(ids)] for t in cache.keys + cache.values])
+    assert prefixes.lookup(ids, None) == []
+    assert len(prefixes.lookup(ids, "fr")) == 1

@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from lmforge.errors import ConfigError
-from lmforge.infer.generate import SamplingConfig, StopStreamer, next_token
-from lmforge.infer.prefix_cache import PrefixCache
-from lmforge.infer.slots import BatchSlots
+from lmforge.infer.generate import SamplingConfig, StopStreamer, greedy_ids, next_token
+from lmforge.infer.prefix_cache import BLOCK, PrefixCache
+from lmforge.infer.slots import PAD_ID, BatchSlots
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.layers import fused_qkv
 from lmforge.tokenizer import Tokenizer
@@ -60,6 +60,10 @@ class EngineStats:
     prefix_cache_tokens: int = 0  # positions the prefix cache holds now
 
 
+_Waiting = tuple[int, GenerationRequest, SamplingConfig]  # a request's id, itself, and its checked settings
+PREFILL_SLOTS = 8192  # padded prompt slots one prefill forward may take (its attention bias grows with their square)
+
+
 class _Running:
     """A request being generated: its sampling state, its text so far, and the token to feed next."""
 
@@ -94,14 +98,18 @@ class Engine:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
         if prefix_cache_tokens < 0:
             raise ConfigError(f"prefix_cache_tokens must be >= 0 (0 = off), got {prefix_cache_tokens}")
+        header = model.new_cache(1, 1).max_len - 1  # a prompt-tuned model's soft prompt, in front of every cache
+        if header and prefix_cache_tokens:
+            raise ConfigError("prefix caching (prefix_cache_tokens) does not support prompt-tuned models: set it to 0")
         self.model, self.tokenizer = model, tokenizer
-        self.slots = BatchSlots(model, max_batch, model.cfg.max_seq_len)
+        self.context = model.cfg.max_seq_len - header
+        self.slots = BatchSlots(model, max_batch, self.context, header)
         self.prefix = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self.stats = EngineStats()
         self.logits_hook: Callable[[int, Tensor], None] | None = None
         self._lock = threading.Lock()
         self._ids = itertools.count()
-        self._waiting: deque[tuple[int, GenerationRequest, SamplingConfig]] = deque()
+        self._waiting: deque[_Waiting] = deque()
         self._cancelled: set[int] = set()
         self._rows: dict[int, _Running] = {}  # row of the batch cache -> its request
 
@@ -125,6 +133,7 @@ class Engine:
         with self._lock:
             return bool(self._waiting or self._rows or self._cancelled)
 
+    @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
         """Handle cancellations, admit waiting requests into free rows, then run one decode step."""
         events: list[TokenEvent] = []
@@ -137,13 +146,9 @@ class Engine:
             if run.id in cancelled:
                 events.append(TokenEvent(run.id, None, "", "cancelled"))
                 self._leave(row)
-        with torch.inference_mode(), fused_qkv(self.model):
-            while len(self._rows) < len(self.slots.start):
-                with self._lock:
-                    if not self._waiting:
-                        break
-                    entry = self._waiting.popleft()
-                self._admit(*entry, events)
+        with fused_qkv(self.model):
+            while group := self._next_group():
+                self._admit(group, events)
             if self._rows:
                 self._decode(events)
         with self._lock:
@@ -151,7 +156,7 @@ class Engine:
         return events
 
     def _check(self, request: GenerationRequest) -> SamplingConfig:
-        ids, context, vocab = request.prompt_ids, self.model.cfg.max_seq_len, self.model.cfg.vocab_size
+        ids, context, vocab = request.prompt_ids, self.context, self.model.cfg.vocab_size
         if not ids:
             raise ConfigError("the prompt is empty; give at least one token (e.g. the BOS token)")
         if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
@@ -168,36 +173,70 @@ class Engine:
         return SamplingConfig(max_new_tokens=request.max_new_tokens, temperature=request.temperature,
                               top_k=request.top_k, top_p=request.top_p, seed=request.seed, stop=request.stop_strings)
 
-    def _admit(self, request_id: int, request: GenerationRequest, sampling: SamplingConfig,
-               events: list[TokenEvent]) -> None:
-        """Prefill the prompt alone (after any cached prefix), pick its first token, and give it a row unless it
-        already finished."""
-        ids = request.prompt_ids
-        cache = self.model.new_cache(1, len(ids))
-        hit = 0 if self.prefix is None else self.prefix.lookup(ids, request.adapter, cache)
-        logits = self.model(torch.tensor([ids[hit:]], device=self.model.device), cache=cache, keep_last=1)[:, -1]
-        self.stats.prefill_tokens += len(ids) - hit
-        self.stats.prefix_hit_tokens += hit
-        if self.prefix is not None:
-            self.prefix.store(ids, request.adapter, cache)
-            self.stats.prefix_cache_tokens = self.prefix.tokens
-        run = _Running(request_id, request, sampling, self.tokenizer, self.model.device)
-        if not self._pick(run, logits[0], events):
-            row = self.slots.free_row()
-            self.slots.join(row, cache, len(ids))
-            self._rows[row] = run
+    def _next_group(self) -> list[_Waiting]:
+        """The waiting requests (oldest first) that fit the free rows and one prefill of PREFILL_SLOTS padded slots."""
+        free = len(self.slots.start) - len(self._rows)
+        group: list[_Waiting] = []
+        with self._lock:
+            while self._waiting and len(group) < free:
+                width = max(len(e[1].prompt_ids) for e in [*group, self._waiting[0]])
+                if group and (len(group) + 1) * width > PREFILL_SLOTS:
+                    break
+                group.append(self._waiting.popleft())
+        return group
+
+    def _admit(self, group: list[_Waiting], events: list[TokenEvent]) -> None:
+        """Prefill the prompts of `group` in one forward (left-padded; a cached prefix is put in front of the
+        tokens still to compute), pick each one's first token, and give a row to each that has not finished."""
+        prefixes = [[] if self.prefix is None else self.prefix.lookup(r.prompt_ids, r.adapter) for _, r, _ in group]
+        hits = [len(blocks) * BLOCK for blocks in prefixes]
+        cached, width = max(hits), max(len(r.prompt_ids) - h for (_, r, _), h in zip(group, hits, strict=True))
+        cache = self.model.new_cache(len(group), cached + width)
+        feed = torch.full((len(group), width), PAD_ID, dtype=torch.long)
+        mask = torch.zeros((len(group), cached + width), dtype=torch.long)
+        for j, ((_, request, _), blocks, hit) in enumerate(zip(group, prefixes, hits, strict=True)):
+            for b, block in enumerate(blocks):
+                at = slice(cached - hit + b * BLOCK, cached - hit + (b + 1) * BLOCK)
+                for mine, theirs in zip(cache.keys + cache.values, block, strict=True):
+                    mine[j, :, at] = theirs
+            suffix = request.prompt_ids[hit:]
+            feed[j, width - len(suffix):] = torch.tensor(suffix)
+            mask[j, cached - hit:cached] = mask[j, cached + width - len(suffix):] = 1
+        cache.length = cached
+        device = self.model.device
+        logits = self.model(feed.to(device), cache=cache, attention_mask=None if mask.all() else mask.to(device),
+                            keep_last=1)[:, -1]
+        header = self.slots.header
+        if header and self.slots.header_kv is None:
+            self.slots.header_kv = [t[0, :, :header].clone() for t in cache.keys + cache.values]
+        greedy = greedy_ids(logits).tolist()
+        for j, ((request_id, request, sampling), hit) in enumerate(zip(group, hits, strict=True)):
+            real = header + mask[j].nonzero().squeeze(1).to(device)
+            kv = [t[j].index_select(1, real) for t in cache.keys + cache.values]
+            self.stats.prefill_tokens += len(request.prompt_ids) - hit
+            self.stats.prefix_hit_tokens += hit
+            if self.prefix is not None:
+                self.prefix.store(request.prompt_ids, request.adapter, kv)
+                self.stats.prefix_cache_tokens = self.prefix.tokens
+            run = _Running(request_id, request, sampling, self.tokenizer, device)
+            if not self._pick(run, logits[j], greedy[j], events):
+                row = self.slots.free_row()
+                self.slots.join(row, kv, len(request.prompt_ids) + request.max_new_tokens - 1)
+                self._rows[row] = run
 
     def _decode(self, events: list[TokenEvent]) -> None:
         logits = self.slots.decode({row: run.token for row, run in self._rows.items()})
+        greedy = greedy_ids(logits).tolist()
         for row, run in list(self._rows.items()):
-            if self._pick(run, logits[row], events):
+            if self._pick(run, logits[row], greedy[row], events):
                 self._leave(row)
 
-    def _pick(self, run: _Running, logits: Tensor, events: list[TokenEvent]) -> bool:
-        """Choose `run`'s next token from its logits [vocab] and emit its event; True when the request is done."""
+    def _pick(self, run: _Running, logits: Tensor, greedy: int, events: list[TokenEvent]) -> bool:
+        """Choose `run`'s next token (`greedy`, the argmax of its `logits` [vocab], unless it samples) and emit its
+        event; True when the request is done."""
         if self.logits_hook is not None:
             self.logits_hook(run.id, logits)
-        token = int(next_token(logits[None], run.sampling, run.generator))
+        token = greedy if run.sampling.temperature == 0 else int(next_token(logits[None], run.sampling, run.generator))
         if token in run.request.stop_ids:
             events.append(TokenEvent(run.id, None, run.take_text(final=True), "stop"))
             return True
