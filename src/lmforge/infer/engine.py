@@ -13,6 +13,7 @@ import itertools
 import threading
 from collections import deque
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -80,7 +81,9 @@ class _Running:
         self.token = -1
 
     def take_text(self, final: bool) -> str:
-        if final and self.streamer is not None:
+        if self.streamer is None:
+            return ""
+        if final:
             self.streamer.finish()
         text = "".join(self.pending)
         self.pending.clear()
@@ -112,6 +115,9 @@ class Engine:
         self._waiting: deque[_Waiting] = deque()
         self._cancelled: set[int] = set()
         self._rows: dict[int, _Running] = {}  # row of the batch cache -> its request
+        # `fused_qkv` from the step that starts running requests to the step that leaves none (or fails): entering
+        # it once per step would cost more than a small model's decode step
+        self._fused: ExitStack | None = None
 
     def submit(self, request: GenerationRequest) -> int:
         """Queue `request` (ConfigError, one line, if it cannot run); returns its id. Thread-safe."""
@@ -133,9 +139,11 @@ class Engine:
         with self._lock:
             return bool(self._waiting or self._rows or self._cancelled)
 
-    @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
         """Handle cancellations, admit waiting requests into free rows, then run one decode step."""
+        if not torch.is_inference_mode_enabled():  # a caller's loop may already run in it: entering it costs
+            with torch.inference_mode():
+                return self.step()
         events: list[TokenEvent] = []
         with self._lock:
             cancelled, self._cancelled = self._cancelled, set()
@@ -146,11 +154,19 @@ class Engine:
             if run.id in cancelled:
                 events.append(TokenEvent(run.id, None, "", "cancelled"))
                 self._leave(row)
-        with fused_qkv(self.model):
+        if self._fused is None:
+            self._fused = ExitStack()
+            self._fused.enter_context(fused_qkv(self.model))
+        try:
             while group := self._next_group():
                 self._admit(group, events)
             if self._rows:
                 self._decode(events)
+        except BaseException:
+            self._unfuse()
+            raise
+        if not self._rows:
+            self._unfuse()
         with self._lock:
             self.stats.waiting, self.stats.running = len(self._waiting), len(self._rows)
         return events
@@ -219,7 +235,7 @@ class Engine:
                 self.prefix.store(request.prompt_ids, request.adapter, kv)
                 self.stats.prefix_cache_tokens = self.prefix.tokens
             run = _Running(request_id, request, sampling, self.tokenizer, device)
-            if not self._pick(run, logits[j], greedy[j], events):
+            if not self._pick(run, logits, j, greedy[j], events):
                 row = self.slots.free_row()
                 self.slots.join(row, kv, len(request.prompt_ids) + request.max_new_tokens - 1)
                 self._rows[row] = run
@@ -228,15 +244,18 @@ class Engine:
         logits = self.slots.decode({row: run.token for row, run in self._rows.items()})
         greedy = greedy_ids(logits).tolist()
         for row, run in list(self._rows.items()):
-            if self._pick(run, logits[row], greedy[row], events):
+            if self._pick(run, logits, row, greedy[row], events):
                 self._leave(row)
 
-    def _pick(self, run: _Running, logits: Tensor, greedy: int, events: list[TokenEvent]) -> bool:
-        """Choose `run`'s next token (`greedy`, the argmax of its `logits` [vocab], unless it samples) and emit its
-        event; True when the request is done."""
+    def _pick(self, run: _Running, logits: Tensor, row: int, greedy: int, events: list[TokenEvent]) -> bool:
+        """Choose `run`'s next token (`greedy`, the argmax of its row of `logits` [rows, vocab], unless it samples)
+        and emit its event; True when the request is done."""
         if self.logits_hook is not None:
-            self.logits_hook(run.id, logits)
-        token = greedy if run.sampling.temperature == 0 else int(next_token(logits[None], run.sampling, run.generator))
+            self.logits_hook(run.id, logits[row])
+        if run.sampling.temperature == 0:
+            token = greedy
+        else:
+            token = int(next_token(logits[row:row + 1], run.sampling, run.generator))
         if token in run.request.stop_ids:
             events.append(TokenEvent(run.id, None, run.take_text(final=True), "stop"))
             return True
@@ -247,6 +266,10 @@ class Engine:
         events.append(TokenEvent(run.id, token, run.take_text(final=reason is not None), reason))
         run.token = token
         return reason is not None
+
+    def _unfuse(self) -> None:
+        self._fused.close()
+        self._fused = None
 
     def _leave(self, row: int) -> None:
         del self._rows[row]

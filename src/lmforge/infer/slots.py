@@ -32,6 +32,7 @@ class BatchSlots:
         self.model, self.max_columns, self.header = model, columns, header
         self.header_kv: list[Tensor] | None = None  # every layer's keys then values of the header slots
         self.cache: KVCache | None = None  # allocated when the first row joins, then grown
+        self._view: KVCache | None = None
         self.capacity = 0  # columns the cache holds (after the header)
         self.length = 0
         self.mask = torch.zeros((rows, 0), dtype=torch.long, device=model.device)
@@ -71,16 +72,25 @@ class BatchSlots:
         """One decode step: feed busy row r the token tokens[r]; returns logits [rows used, vocab] (row r at r)."""
         self._make_room()
         used = max(tokens) + 1
-        feed = torch.full((used, 1), PAD_ID, dtype=torch.long)
-        feed[list(tokens), 0] = torch.tensor(list(tokens.values()))
-        self.mask[list(tokens), self.length] = 1
-        view = copy.copy(self.cache)  # the first `used` rows, sharing the storage
-        view.keys = [k[:used] for k in self.cache.keys]
-        view.values = [v[:used] for v in self.cache.values]
+        device = self.mask.device
+        feed = torch.tensor([[tokens.get(r, PAD_ID)] for r in range(used)], device=device)
+        if len(tokens) == used:
+            self.mask[:used, self.length] = 1
+        else:
+            self.mask[list(tokens), self.length] = 1
+        view = self._rows_view(used)
         view.length = self.header + self.length
-        logits = self.model(feed.to(self.mask.device), cache=view, attention_mask=self.mask[:used, :self.length + 1])
+        logits = self.model(feed, cache=view, attention_mask=self.mask[:used, :self.length + 1])
         self.length += 1
         return logits[:, -1]
+
+    def _rows_view(self, used: int) -> KVCache:
+        """The cache's first `used` rows, sharing its storage (kept while the cache and `used` stay the same)."""
+        if self._view is None or self._view.keys[0].shape[0] != used:
+            self._view = copy.copy(self.cache)
+            self._view.keys = [k[:used] for k in self.cache.keys]
+            self._view.values = [v[:used] for v in self.cache.values]
+        return self._view
 
     def _reserve(self, columns: int) -> None:
         """Grow the cache to hold `columns` columns (at least doubling it; at most the context)."""
@@ -89,7 +99,7 @@ class BatchSlots:
             return
         self.capacity = min(self.max_columns, max(columns, 2 * self.capacity))
         old, old_mask = self.cache, self.mask
-        self.cache = self.model.new_cache(len(self.start), self.capacity)
+        self.cache, self._view = self.model.new_cache(len(self.start), self.capacity), None
         self.mask = torch.zeros((len(self.start), self.capacity), dtype=torch.long, device=old_mask.device)
         self.mask[:, :self.length] = old_mask[:, :self.length]
         if old is not None:
