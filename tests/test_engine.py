@@ -3,14 +3,20 @@ seeds, text and stop strings, refusals, and prefix caching."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
+from lmforge.config import PeftConfig
 from lmforge.errors import ConfigError
 from lmforge.infer.engine import Engine, GenerationRequest, TokenEvent
 from lmforge.infer.generate import SamplingConfig, generate, generate_ids
 from lmforge.infer.prefix_cache import BLOCK, PrefixCache
 from lmforge.infer.slots import BatchSlots
+from lmforge.model.decoder import DecoderLM
+from lmforge.model.layers import Attention
+from lmforge.peft.config import apply_peft
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 from near_ties import assert_clear_choices, greedy_logits
 from tiny_decoders import FAMILIES, forced_model, tiny_model
@@ -51,9 +57,26 @@ def greedy_schedule() -> Schedule:
             for i, (at, n, new) in enumerate(ARRIVALS)]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_concurrent_greedy_requests_match_each_alone(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def soft_prompted(family: str, peft: PeftConfig) -> DecoderLM:
+    """A tiny model with random soft-prompt parameters (prompt tuning keeps its slots in front of every cache row)."""
     model = tiny_model(family)
+    apply_peft(model, peft)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.5)
+    return model.eval()
+
+
+MODELS = {**{family: lambda f=family: tiny_model(f) for family in FAMILIES},
+          "gpt2-prompt-tuned": lambda: soft_prompted("gpt2", PeftConfig(method="prompt", prompt_len=4)),
+          "llama-prefix-tuned": lambda: soft_prompted("llama-gqa", PeftConfig(method="prefix", prefix_len=3,
+                                                                              reparam=False))}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_concurrent_greedy_requests_match_each_alone(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = MODELS[name]()
     shifts: list[int] = []
     shift = BatchSlots._shift
     monkeypatch.setattr(BatchSlots, "_shift", lambda self, by: (shifts.append(by), shift(self, by))[1])
@@ -71,6 +94,7 @@ def test_concurrent_greedy_requests_match_each_alone(family: str, monkeypatch: p
         assert [e.finish_reason for e in events] == [None] * (len(alone) - 1) + ["length"]
         torch.testing.assert_close(torch.stack(seen[rid]), reference, atol=1e-5, rtol=0)
     assert engine.stats.running == engine.stats.waiting == 0
+    assert all(m._fused is None for m in model.modules() if isinstance(m, Attention))  # unfused once idle
     assert engine.stats.generated_tokens == sum(r.max_new_tokens for _, r in schedule)
     assert engine.stats.prefill_tokens == sum(len(r.prompt_ids) for _, r in schedule)
 
@@ -162,6 +186,38 @@ def test_text_streams_whole_characters_and_stops_at_a_stop_string(tok: Tokenizer
     assert [e.text for e in events if e.text] == deltas and "".join(deltas) == expected
     assert events[-1].finish_reason == ("stop" if "STOP" in target and stop else "length")
     assert "".join(e.text for e in plain) == target
+
+
+def test_a_stop_id_releases_the_text_held_back(tok: Tokenizer) -> None:
+    """Text held back as a possible stop string start is emitted on the final event when a stop id ends the text."""
+    text_prompt, body = "Hi", tok.encode("the owl ST")
+    model = forced_model(tok.vocab_size, len(tok.encode(text_prompt)), [*body, tok.eos_id, *tok.encode(" sang")])
+    request = GenerationRequest(tok.encode(text_prompt), 20, temperature=0, stop_ids=frozenset({tok.eos_id}),
+                                stop_strings=("STOP",))
+    [events] = run(Engine(model, tok), [(0, request)])
+    assert tokens(events) == body and "".join(e.text for e in events) == "the owl ST"
+    assert events[-1].token_id is None and events[-1].finish_reason == "stop" and events[-1].text.endswith("ST")
+
+
+def test_requests_submitted_from_other_threads_all_finish() -> None:
+    engine = Engine(tiny_model("gpt2"), max_batch=4)
+    ids: list[int] = []
+
+    def client(seed: int) -> None:
+        ids.extend(engine.submit(GenerationRequest(prompt(3 + i, seed * 10 + i), 5 + i, temperature=0))
+                   for i in range(5))
+
+    threads = [threading.Thread(target=client, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    finished: dict[int, int] = {}
+    while any(t.is_alive() for t in threads) or engine.has_work:
+        for event in engine.step():
+            finished[event.request_id] = finished.get(event.request_id, 0) + (event.token_id is not None)
+            assert event.finish_reason in (None, "length")
+    assert sorted(ids) == sorted(finished) == list(range(20))
+    assert sorted(finished.values()) == sorted(5 + i for _ in range(4) for i in range(5))
+    assert engine.stats.running == engine.stats.waiting == 0 and engine.slots.busy() == []
 
 
 def shared_prefix_schedule() -> tuple[Schedule, int]:
