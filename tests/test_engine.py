@@ -137,10 +137,11 @@ def test_a_seed_gives_the_same_samples_whatever_else_runs(family: str) -> None:
     alone = tokens(run(Engine(model), [(0, seeded)])[0])
     cfg = SamplingConfig(max_new_tokens=20, temperature=1.0, top_k=30, top_p=0.95, seed=7)
     assert alone == generate_ids(model, seeded.prompt_ids, cfg)
-    others = [(0, GenerationRequest(prompt(9, 1), 25, seed=3)), (0, GenerationRequest(prompt(2, 2), 8)),
-              (3, GenerationRequest(prompt(4, 3), 12, temperature=0))]
+    same = dict(temperature=1.0, top_k=30, top_p=0.95)  # sampled together with the seeded request
+    others = [(0, GenerationRequest(prompt(9, 1), 25, **same, seed=3)), (0, GenerationRequest(prompt(2, 2), 8, **same)),
+              (3, GenerationRequest(prompt(4, 3), 12, temperature=0)), (2, GenerationRequest(prompt(5, 4), 9))]
     torch.manual_seed(0)
-    beside = run(Engine(model, max_batch=4), [others[0], others[1], (2, seeded), others[2]])
+    beside = run(Engine(model, max_batch=5), [others[0], others[1], (2, seeded), *others[2:]])
     assert tokens(beside[2]) == alone
     assert alone != tokens(run(Engine(model), [(0, GenerationRequest(prompt(6, 0), 20, seed=8))])[0])
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from lmforge.errors import ConfigError
-from lmforge.infer.generate import SamplingConfig, StopStreamer, greedy_ids, next_token
+from lmforge.infer.generate import SamplingConfig, StopStreamer, greedy_ids, sampling_probs
 from lmforge.infer.prefix_cache import BLOCK, PrefixCache
 from lmforge.infer.slots import PAD_ID, BatchSlots
 from lmforge.model.decoder import DecoderLM
@@ -88,6 +88,30 @@ class _Running:
         text = "".join(self.pending)
         self.pending.clear()
         return text
+
+
+def pick_tokens(logits: Tensor, runs: dict[int, _Running]) -> dict[int, int]:
+    """Each run's next token from its row of `logits` [rows, vocab]: the argmax for greedy runs; runs that sample with
+    the same settings get their distributions computed together, then draw with their own generator (runs without
+    one draw together from torch's global generator)."""
+    picks = dict(enumerate(greedy_ids(logits).tolist()))
+    groups: dict[tuple[float, int, float], list[int]] = {}
+    for row, run in runs.items():
+        cfg = run.sampling
+        if cfg.temperature > 0:
+            groups.setdefault((cfg.temperature, cfg.top_k, cfg.top_p), []).append(row)
+    drawn: dict[int, Tensor] = {}
+    for rows in groups.values():
+        probs = sampling_probs(logits[rows], runs[rows[0]].sampling)
+        unseeded = [i for i, row in enumerate(rows) if runs[row].generator is None]
+        if unseeded:
+            drawn.update(zip((rows[i] for i in unseeded), torch.multinomial(probs[unseeded], 1), strict=True))
+        for i, row in enumerate(rows):
+            if runs[row].generator is not None:
+                drawn[row] = torch.multinomial(probs[i:i + 1], 1, generator=runs[row].generator)[0]
+    if drawn:
+        picks.update(zip(drawn, torch.cat(list(drawn.values())).tolist(), strict=True))
+    return picks
 
 
 class Engine:
@@ -225,8 +249,10 @@ class Engine:
         header = self.slots.header
         if header and self.slots.header_kv is None:
             self.slots.header_kv = [t[0, :, :header].clone() for t in cache.keys + cache.values]
-        greedy = greedy_ids(logits).tolist()
-        for j, ((request_id, request, sampling), hit) in enumerate(zip(group, hits, strict=True)):
+        runs = {j: _Running(request_id, request, sampling, self.tokenizer, device)
+                for j, (request_id, request, sampling) in enumerate(group)}
+        picks = pick_tokens(logits, runs)
+        for j, ((_, request, _), hit) in enumerate(zip(group, hits, strict=True)):
             real = header + mask[j].nonzero().squeeze(1).to(device)
             kv = [t[j].index_select(1, real) for t in cache.keys + cache.values]
             self.stats.prefill_tokens += len(request.prompt_ids) - hit
@@ -234,28 +260,22 @@ class Engine:
             if self.prefix is not None:
                 self.prefix.store(request.prompt_ids, request.adapter, kv)
                 self.stats.prefix_cache_tokens = self.prefix.tokens
-            run = _Running(request_id, request, sampling, self.tokenizer, device)
-            if not self._pick(run, logits, j, greedy[j], events):
+            if not self._pick(runs[j], logits, j, picks[j], events):
                 row = self.slots.free_row()
                 self.slots.join(row, kv, len(request.prompt_ids) + request.max_new_tokens - 1)
-                self._rows[row] = run
+                self._rows[row] = runs[j]
 
     def _decode(self, events: list[TokenEvent]) -> None:
         logits = self.slots.decode({row: run.token for row, run in self._rows.items()})
-        greedy = greedy_ids(logits).tolist()
+        picks = pick_tokens(logits, self._rows)
         for row, run in list(self._rows.items()):
-            if self._pick(run, logits, row, greedy[row], events):
+            if self._pick(run, logits, row, picks[row], events):
                 self._leave(row)
 
-    def _pick(self, run: _Running, logits: Tensor, row: int, greedy: int, events: list[TokenEvent]) -> bool:
-        """Choose `run`'s next token (`greedy`, the argmax of its row of `logits` [rows, vocab], unless it samples)
-        and emit its event; True when the request is done."""
+    def _pick(self, run: _Running, logits: Tensor, row: int, token: int, events: list[TokenEvent]) -> bool:
+        """Emit `run`'s event for `token`, picked from its row of `logits`; True when the request is done."""
         if self.logits_hook is not None:
             self.logits_hook(run.id, logits[row])
-        if run.sampling.temperature == 0:
-            token = greedy
-        else:
-            token = int(next_token(logits[row:row + 1], run.sampling, run.generator))
         if token in run.request.stop_ids:
             events.append(TokenEvent(run.id, None, run.take_text(final=True), "stop"))
             return True
