@@ -228,6 +228,7 @@ class Engine:
     def _admit(self, group: list[_Waiting], events: list[TokenEvent]) -> None:
         """Prefill the prompts of `group` in one forward (left-padded; a cached prefix is put in front of the
         tokens still to compute), pick each one's first token, and give a row to each that has not finished."""
+        group = sorted(group, key=lambda e: -len(e[1].prompt_ids))  # longest first: rows shift right once at most
         prefixes = [[] if self.prefix is None else self.prefix.lookup(r.prompt_ids, r.adapter) for _, r, _ in group]
         hits = [len(blocks) * BLOCK for blocks in prefixes]
         cached, width = max(hits), max(len(r.prompt_ids) - h for (_, r, _), h in zip(group, hits, strict=True))
