@@ -1,10 +1,14 @@
 """The decode engine many requests share: continuous batching over KV-cache rows, with prefix caching.
 
 Requests are submitted from any thread; one thread calls `step`, which admits waiting requests into free rows
-(each prompt prefilled alone, reusing cached prefix blocks, its first token picked from the prefill logits), then
-runs one decode step over every running row at once (`infer/slots.py`). A request leaves its row when it stops
-(a stop id, a stop string, max_new_tokens) or is cancelled, and a waiting one takes the row at the next step. Each
-request samples with its own settings and its own generator, so its tokens do not depend on what else runs.
+(their prompts prefilled together, left-padded, after any cached prefix blocks; each one's first token picked from
+its prefill logits), then runs one decode step over every running row at once (`infer/slots.py`). A request leaves
+its row when it stops (a stop id, a stop string, max_new_tokens) or is cancelled, and a waiting one takes the row at
+the next step. Each request samples with its own settings and its own generator, so its tokens do not depend on
+what else runs.
+
+While requests run, the model's attention layers stay fused (`fused_qkv`, entered by the step that starts them and
+left by the one that finishes the last): do not train or change the model meanwhile.
 """
 
 from __future__ import annotations
