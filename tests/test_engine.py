@@ -10,6 +10,7 @@ import torch
 
 from lmforge.config import PeftConfig
 from lmforge.errors import ConfigError
+from lmforge.infer import engine as engine_module
 from lmforge.infer.engine import Engine, GenerationRequest, TokenEvent
 from lmforge.infer.generate import SamplingConfig, generate, generate_ids
 from lmforge.infer.prefix_cache import BLOCK, PrefixCache
@@ -97,6 +98,21 @@ def test_concurrent_greedy_requests_match_each_alone(name: str, monkeypatch: pyt
     assert all(m._fused is None for m in model.modules() if isinstance(m, Attention))  # unfused once idle
     assert engine.stats.generated_tokens == sum(r.max_new_tokens for _, r in schedule)
     assert engine.stats.prefill_tokens == sum(len(r.prompt_ids) for _, r in schedule)
+
+
+def test_a_prefill_takes_at_most_its_padded_slots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Arrivals whose padded prompts exceed PREFILL_SLOTS are prefilled in several forwards, with the same outputs."""
+    model = tiny_model("gpt2")
+    schedule = [(0, r) for _, r in greedy_schedule()]  # all at once: 3, 12, 1, 25, 7, 20 and 9 tokens
+    together = [tokens(e) for e in run(Engine(model, max_batch=7), schedule)]
+    monkeypatch.setattr(engine_module, "PREFILL_SLOTS", 40)
+    groups: list[list[int]] = []
+    admit = Engine._admit
+    monkeypatch.setattr(Engine, "_admit", lambda self, group, events: (
+        groups.append([len(r.prompt_ids) for _, r, _ in group]), admit(self, group, events))[1])
+    assert [tokens(e) for e in run(Engine(model, max_batch=7), schedule)] == together
+    assert len(groups) > 1 and sorted(n for g in groups for n in g) == sorted(len(r.prompt_ids) for _, r in schedule)
+    assert all(len(g) * max(g) <= 40 for g in groups if len(g) > 1)
 
 
 def test_a_stop_id_ends_only_its_request() -> None:
