@@ -18,6 +18,7 @@ from lmforge.infer.slots import BatchSlots
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.layers import Attention
 from lmforge.peft.config import apply_peft
+from lmforge.peft.lora import apply_lora, lora_layers, set_adapter
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 from near_ties import assert_clear_choices, greedy_logits
 from tiny_decoders import FAMILIES, forced_model, tiny_model
@@ -169,7 +170,7 @@ def test_a_seed_gives_the_same_samples_whatever_else_runs(family: str) -> None:
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(temperature=-1.0), "temperature"),
     (dict(top_p=0.0), "top_p"),
-    (dict(adapter="fr"), "adapter 'fr'"),
+    (dict(adapter="fr"), r"unknown adapter\(s\) \['fr'\]; this model has no adapters"),
     (dict(stop_strings=("x",)), "stop strings need a tokenizer"),
 ])
 def test_a_request_that_cannot_run_is_refused_in_one_line(change: dict, match: str) -> None:
@@ -301,3 +302,44 @@ def test_the_prefix_cache_key_covers_the_adapter() -> None:
     prefixes.store(ids, "fr", [t[0, :, :len(ids)] for t in cache.keys + cache.values])
     assert prefixes.lookup(ids, None) == []
     assert len(prefixes.lookup(ids, "fr")) == 1
+
+
+def adapted_model() -> DecoderLM:
+    """Adapters "a" (q, v) and "b" (the MLP) on one base, neither active, both moved off their zero start."""
+    torch.manual_seed(0)
+    model = tiny_model("llama-gqa", init_std=0.5)
+    for name, targets in (("a", ["attn.q", "attn.v"]), ("b", ["mlp"])):
+        apply_lora(model, PeftConfig(method="lora", r=4, alpha=8, targets=targets), name)
+        with torch.no_grad():
+            for layer in lora_layers(model).values():
+                if name in layer.cfgs:
+                    layer.lora_B[name].normal_(0, 0.3)
+    set_adapter(model, [])
+    return model.eval()
+
+
+def test_requests_choose_their_adapter_in_one_batch() -> None:
+    """Rows with adapter a, none and b run side by side (and join mid-run); each gives what its adapter alone
+    gives, and the adapters do change the output."""
+    model = adapted_model()
+    names = ["a", None, "b", "a", "b"]
+    schedule = [(2 * i, GenerationRequest(prompt(5 + 3 * i, 40 + i), 12, temperature=0, adapter=name))
+                for i, name in enumerate(names)]
+    outputs = [tokens(e) for e in run(Engine(model, max_batch=3, prefix_cache_tokens=4 * BLOCK), schedule)]
+    cfg = SamplingConfig(max_new_tokens=12, temperature=0, stop_at_eos=False)
+    alone = []
+    for (_, request), name in zip(schedule, names, strict=True):
+        set_adapter(model, [name] if name else [])
+        alone.append(generate_ids(model, request.prompt_ids, cfg))
+        assert_clear_choices(greedy_logits(model, request.prompt_ids, alone[-1]), f"adapter {name}")
+    set_adapter(model, [])
+    assert outputs == alone
+    base = [generate_ids(model, r.prompt_ids, cfg) for _, r in schedule]
+    assert all(o != b for o, b, n in zip(outputs, base, names, strict=True) if n)
+
+
+def test_adapter_requests_need_a_model_without_an_active_adapter() -> None:
+    model = adapted_model()
+    set_adapter(model, ["a"])
+    with pytest.raises(ConfigError, match=r"adapter 'b': the model runs with adapter\(s\) \['a'\] active"):
+        Engine(model).submit(GenerationRequest([1, 2, 3], 4, adapter="b"))

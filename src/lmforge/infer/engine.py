@@ -17,7 +17,7 @@ import itertools
 import threading
 from collections import deque
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +29,8 @@ from lmforge.infer.prefix_cache import BLOCK, PrefixCache
 from lmforge.infer.slots import PAD_ID, BatchSlots
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.layers import fused_qkv
+from lmforge.peft.lora import lora_layers
+from lmforge.peft.row_adapters import check_row_adapters, row_adapters
 from lmforge.tokenizer import Tokenizer
 
 
@@ -211,7 +213,12 @@ class Engine:
                               f"needs {len(ids) + request.max_new_tokens} of the {context}-token context window: "
                               "shorten the prompt or lower max_new_tokens")
         if request.adapter is not None:
-            raise ConfigError(f"adapter {request.adapter!r}: this engine serves the base model only (adapter=None)")
+            active = sorted({n for layer in lora_layers(self.model).values() for n, _ in layer.active})
+            if active:
+                raise ConfigError(f"adapter {request.adapter!r}: the model runs with adapter(s) {active} active, so "
+                                  "a request without one would not get the base model; load the adapters with "
+                                  "lmforge.peft.row_adapters.load_named_adapters (none active)")
+            check_row_adapters(self.model, [request.adapter])
         if request.stop_strings and self.tokenizer is None:
             raise ConfigError("stop strings need a tokenizer: pass one to Engine(model, tokenizer)")
         return SamplingConfig(max_new_tokens=request.max_new_tokens, temperature=request.temperature,
@@ -249,8 +256,9 @@ class Engine:
             mask[j, cached - hit:cached] = mask[j, cached + width - len(suffix):] = 1
         cache.length = cached
         device = self.model.device
-        logits = self.model(feed.to(device), cache=cache, attention_mask=None if mask.all() else mask.to(device),
-                            keep_last=1)[:, -1]
+        with self._adapters([r.adapter for _, r, _ in group]):
+            logits = self.model(feed.to(device), cache=cache, attention_mask=None if mask.all() else mask.to(device),
+                                keep_last=1)[:, -1]
         header = self.slots.header
         if header and self.slots.header_kv is None:
             self.slots.header_kv = [t[0, :, :header].clone() for t in cache.keys + cache.values]
@@ -270,8 +278,14 @@ class Engine:
                 self.slots.join(row, kv, len(request.prompt_ids) + request.max_new_tokens - 1)
                 self._rows[row] = runs[j]
 
+    def _adapters(self, names: list[str | None]) -> AbstractContextManager:
+        """Each row with its request's adapter (`row_adapters`), when any names one; else the model as it is."""
+        return row_adapters(self.model, names) if any(names) else nullcontext()
+
     def _decode(self, events: list[TokenEvent]) -> None:
-        logits = self.slots.decode({row: run.token for row, run in self._rows.items()})
+        used = max(self._rows) + 1
+        with self._adapters([self._rows[r].request.adapter if r in self._rows else None for r in range(used)]):
+            logits = self.slots.decode({row: run.token for row, run in self._rows.items()})
         picks = pick_tokens(logits, self._rows)
         for row, run in list(self._rows.items()):
             if self._pick(run, logits, row, picks[row], events):
