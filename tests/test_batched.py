@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -50,6 +52,7 @@ def test_seeded_sampling_is_reproducible(family):
     first = generate_batch(model, batch, cfg)
     assert first == generate_batch(model, batch, cfg)
     assert [len(r) for r in first] == [8] * 4
+    assert first == [generate_ids(model, p, replace(cfg, seed=3 + i)) for i, p in enumerate(batch)]  # row i: seed + i
     assert first != generate_batch(model, batch, SamplingConfig(max_new_tokens=8, temperature=1.0, top_k=20, seed=4))
 
 

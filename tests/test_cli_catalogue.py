@@ -144,6 +144,12 @@ CASES = [
     ("merge-not-peft", "merge {ckpt} --out {root}/m1", ["--peft"]),
     ("quantize-missing", "quantize {root}/nope --out {root}/q1", ["nope"]),
     ("demo-foreign-dir", "demo --quick --out-dir {demo_like}", ["precious"]),
+    ("eval-ppl-bad-jsonl", "eval perplexity {ckpt} --input {bad_jsonl}", ["bad.jsonl:2"]),
+    ("eval-ppl-stride", "eval perplexity {ckpt} --input {txt} --stride 0", ["--stride", "got 0"]),
+    ("eval-ppl-json-under-a-file", "eval perplexity {ckpt} --input {txt} --json {a_file}/ppl.json", ["a_file"]),
+    ("eval-tasks-missing", "eval tasks {ckpt} --tasks {root}/nope.jsonl --out {root}/e1", ["nope.jsonl"]),
+    ("eval-tasks-no-type", "eval tasks {ckpt} --tasks {bad_jsonl} --out {root}/e1", ["bad.jsonl:1", "'type'"]),
+    ("eval-tasks-out-is-a-file", "eval tasks {ckpt} --tasks {prompts} --out {a_file}", ["--out", "a_file"]),
     ("unknown-verb", "frobnicate", ["frobnicate"]),
 ]
 

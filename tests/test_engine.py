@@ -3,14 +3,22 @@ seeds, text and stop strings, refusals, and prefix caching."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
+from lmforge.config import PeftConfig
 from lmforge.errors import ConfigError
+from lmforge.infer import engine as engine_module
 from lmforge.infer.engine import Engine, GenerationRequest, TokenEvent
 from lmforge.infer.generate import SamplingConfig, generate, generate_ids
 from lmforge.infer.prefix_cache import BLOCK, PrefixCache
 from lmforge.infer.slots import BatchSlots
+from lmforge.model.decoder import DecoderLM
+from lmforge.model.layers import Attention
+from lmforge.peft.config import apply_peft
+from lmforge.peft.lora import apply_lora, lora_layers, set_adapter
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 from near_ties import assert_clear_choices, greedy_logits
 from tiny_decoders import FAMILIES, forced_model, tiny_model
@@ -51,9 +59,26 @@ def greedy_schedule() -> Schedule:
             for i, (at, n, new) in enumerate(ARRIVALS)]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_concurrent_greedy_requests_match_each_alone(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def soft_prompted(family: str, peft: PeftConfig) -> DecoderLM:
+    """A tiny model with random soft-prompt parameters (prompt tuning keeps its slots in front of every cache row)."""
     model = tiny_model(family)
+    apply_peft(model, peft)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.5)
+    return model.eval()
+
+
+MODELS = {**{family: lambda f=family: tiny_model(f) for family in FAMILIES},
+          "gpt2-prompt-tuned": lambda: soft_prompted("gpt2", PeftConfig(method="prompt", prompt_len=4)),
+          "llama-prefix-tuned": lambda: soft_prompted("llama-gqa", PeftConfig(method="prefix", prefix_len=3,
+                                                                              reparam=False))}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_concurrent_greedy_requests_match_each_alone(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = MODELS[name]()
     shifts: list[int] = []
     shift = BatchSlots._shift
     monkeypatch.setattr(BatchSlots, "_shift", lambda self, by: (shifts.append(by), shift(self, by))[1])
@@ -71,8 +96,24 @@ def test_concurrent_greedy_requests_match_each_alone(family: str, monkeypatch: p
         assert [e.finish_reason for e in events] == [None] * (len(alone) - 1) + ["length"]
         torch.testing.assert_close(torch.stack(seen[rid]), reference, atol=1e-5, rtol=0)
     assert engine.stats.running == engine.stats.waiting == 0
+    assert all(m._fused is None for m in model.modules() if isinstance(m, Attention))  # unfused once idle
     assert engine.stats.generated_tokens == sum(r.max_new_tokens for _, r in schedule)
     assert engine.stats.prefill_tokens == sum(len(r.prompt_ids) for _, r in schedule)
+
+
+def test_a_prefill_takes_at_most_its_padded_slots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Arrivals whose padded prompts exceed PREFILL_SLOTS are prefilled in several forwards, with the same outputs."""
+    model = tiny_model("gpt2")
+    schedule = [(0, r) for _, r in greedy_schedule()]  # all at once: 3, 12, 1, 25, 7, 20 and 9 tokens
+    together = [tokens(e) for e in run(Engine(model, max_batch=7), schedule)]
+    monkeypatch.setattr(engine_module, "PREFILL_SLOTS", 40)
+    groups: list[list[int]] = []
+    admit = Engine._admit
+    monkeypatch.setattr(Engine, "_admit", lambda self, group, events: (
+        groups.append([len(r.prompt_ids) for _, r, _ in group]), admit(self, group, events))[1])
+    assert [tokens(e) for e in run(Engine(model, max_batch=7), schedule)] == together
+    assert len(groups) > 1 and sorted(n for g in groups for n in g) == sorted(len(r.prompt_ids) for _, r in schedule)
+    assert all(len(g) * max(g) <= 40 for g in groups if len(g) > 1)
 
 
 def test_a_stop_id_ends_only_its_request() -> None:
@@ -113,10 +154,11 @@ def test_a_seed_gives_the_same_samples_whatever_else_runs(family: str) -> None:
     alone = tokens(run(Engine(model), [(0, seeded)])[0])
     cfg = SamplingConfig(max_new_tokens=20, temperature=1.0, top_k=30, top_p=0.95, seed=7)
     assert alone == generate_ids(model, seeded.prompt_ids, cfg)
-    others = [(0, GenerationRequest(prompt(9, 1), 25, seed=3)), (0, GenerationRequest(prompt(2, 2), 8)),
-              (3, GenerationRequest(prompt(4, 3), 12, temperature=0))]
+    same = dict(temperature=1.0, top_k=30, top_p=0.95)  # sampled together with the seeded request
+    others = [(0, GenerationRequest(prompt(9, 1), 25, **same, seed=3)), (0, GenerationRequest(prompt(2, 2), 8, **same)),
+              (3, GenerationRequest(prompt(4, 3), 12, temperature=0)), (2, GenerationRequest(prompt(5, 4), 9))]
     torch.manual_seed(0)
-    beside = run(Engine(model, max_batch=4), [others[0], others[1], (2, seeded), others[2]])
+    beside = run(Engine(model, max_batch=5), [others[0], others[1], (2, seeded), *others[2:]])
     assert tokens(beside[2]) == alone
     assert alone != tokens(run(Engine(model), [(0, GenerationRequest(prompt(6, 0), 20, seed=8))])[0])
 
@@ -128,7 +170,7 @@ def test_a_seed_gives_the_same_samples_whatever_else_runs(family: str) -> None:
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(temperature=-1.0), "temperature"),
     (dict(top_p=0.0), "top_p"),
-    (dict(adapter="fr"), "adapter 'fr'"),
+    (dict(adapter="fr"), r"unknown adapter\(s\) \['fr'\]; this model has no adapters"),
     (dict(stop_strings=("x",)), "stop strings need a tokenizer"),
 ])
 def test_a_request_that_cannot_run_is_refused_in_one_line(change: dict, match: str) -> None:
@@ -164,18 +206,54 @@ def test_text_streams_whole_characters_and_stops_at_a_stop_string(tok: Tokenizer
     assert "".join(e.text for e in plain) == target
 
 
-def shared_prefix_schedule() -> Schedule:
-    """Requests after one long system prompt (2.5 blocks), with different questions, arriving over time."""
+def test_a_stop_id_releases_the_text_held_back(tok: Tokenizer) -> None:
+    """Text held back as a possible stop string start is emitted on the final event when a stop id ends the text."""
+    text_prompt, body = "Hi", tok.encode("the owl ST")
+    model = forced_model(tok.vocab_size, len(tok.encode(text_prompt)), [*body, tok.eos_id, *tok.encode(" sang")])
+    request = GenerationRequest(tok.encode(text_prompt), 20, temperature=0, stop_ids=frozenset({tok.eos_id}),
+                                stop_strings=("STOP",))
+    [events] = run(Engine(model, tok), [(0, request)])
+    assert tokens(events) == body and "".join(e.text for e in events) == "the owl ST"
+    assert events[-1].token_id is None and events[-1].finish_reason == "stop" and events[-1].text.endswith("ST")
+
+
+def test_requests_submitted_from_other_threads_all_finish() -> None:
+    engine = Engine(tiny_model("gpt2"), max_batch=4)
+    ids: list[int] = []
+
+    def client(seed: int) -> None:
+        ids.extend(engine.submit(GenerationRequest(prompt(3 + i, seed * 10 + i), 5 + i, temperature=0))
+                   for i in range(5))
+
+    threads = [threading.Thread(target=client, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    finished: dict[int, int] = {}
+    while any(t.is_alive() for t in threads) or engine.has_work:
+        for event in engine.step():
+            finished[event.request_id] = finished.get(event.request_id, 0) + (event.token_id is not None)
+            assert event.finish_reason in (None, "length")
+    assert sorted(ids) == sorted(finished) == list(range(20))
+    assert sorted(finished.values()) == sorted(5 + i for _ in range(4) for i in range(5))
+    assert engine.stats.running == engine.stats.waiting == 0 and engine.slots.busy() == []
+
+
+def shared_prefix_schedule() -> tuple[Schedule, int]:
+    """Requests after one long system prompt (2.5 blocks) with different questions, arriving over time, then three
+    at once (one prefill): one sharing only the system prompt's first block, one sharing nothing, one sharing it
+    all. Also returns how many prompt tokens the prefix cache can serve."""
     system = prompt(40, 100)
-    return [(at, GenerationRequest(system + prompt(n, at), 8, temperature=0))
-            for at, n in [(0, 5), (0, 3), (4, 9), (9, 1), (9, 6)]]
+    alone = [(at, system + prompt(n, at)) for at, n in [(0, 5), (1, 3), (4, 9)]]
+    together = [(20, system[:20] + prompt(7, 20)), (20, prompt(30, 21)), (20, system + prompt(1, 22))]
+    hits = (0 + 2 + 2 + 1 + 0 + 2) * BLOCK
+    return [(at, GenerationRequest(ids, 8, temperature=0)) for at, ids in alone + together], hits
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama-gqa"])
 def test_prefix_cache_computes_a_shared_system_prompt_once(family: str) -> None:
     model = tiny_model(family, max_seq_len=128)
-    schedule = shared_prefix_schedule()
-    plain, cached = Engine(model, max_batch=2), Engine(model, max_batch=2, prefix_cache_tokens=256)
+    schedule, hits = shared_prefix_schedule()
+    plain, cached = Engine(model, max_batch=3), Engine(model, max_batch=3, prefix_cache_tokens=256)
     seen: dict[int, list[torch.Tensor]] = {}
     cached.logits_hook = lambda rid, logits: seen.setdefault(rid, []).append(logits.clone())
     expected, got = run(plain, schedule), run(cached, schedule)
@@ -185,7 +263,6 @@ def test_prefix_cache_computes_a_shared_system_prompt_once(family: str) -> None:
         assert_clear_choices(reference, f"request {rid}")
         torch.testing.assert_close(torch.stack(seen[rid]), reference, atol=1e-5, rtol=0)
     total = sum(len(r.prompt_ids) for _, r in schedule)
-    hits = 2 * BLOCK * (len(schedule) - 1)  # every later request reuses the system prompt's two whole blocks
     assert plain.stats.prefill_tokens == total and plain.stats.prefix_hit_tokens == 0
     assert (cached.stats.prefill_tokens, cached.stats.prefix_hit_tokens) == (total - hits, hits)
 
@@ -222,6 +299,47 @@ def test_the_prefix_cache_key_covers_the_adapter() -> None:
     with torch.no_grad():
         model(torch.tensor([ids]), cache=cache)
     prefixes = PrefixCache(4 * BLOCK)
-    prefixes.store(ids, "fr", cache)
-    assert prefixes.lookup(ids, None, model.new_cache(1, len(ids))) == 0
-    assert prefixes.lookup(ids, "fr", model.new_cache(1, len(ids))) == BLOCK
+    prefixes.store(ids, "fr", [t[0, :, :len(ids)] for t in cache.keys + cache.values])
+    assert prefixes.lookup(ids, None) == []
+    assert len(prefixes.lookup(ids, "fr")) == 1
+
+
+def adapted_model() -> DecoderLM:
+    """Adapters "a" (q, v) and "b" (the MLP) on one base, neither active, both moved off their zero start."""
+    torch.manual_seed(0)
+    model = tiny_model("llama-gqa", init_std=0.5)
+    for name, targets in (("a", ["attn.q", "attn.v"]), ("b", ["mlp"])):
+        apply_lora(model, PeftConfig(method="lora", r=4, alpha=8, targets=targets), name)
+        with torch.no_grad():
+            for layer in lora_layers(model).values():
+                if name in layer.cfgs:
+                    layer.lora_B[name].normal_(0, 0.3)
+    set_adapter(model, [])
+    return model.eval()
+
+
+def test_requests_choose_their_adapter_in_one_batch() -> None:
+    """Rows with adapter a, none and b run side by side (and join mid-run); each gives what its adapter alone
+    gives, and the adapters do change the output."""
+    model = adapted_model()
+    names = ["a", None, "b", "a", "b"]
+    schedule = [(2 * i, GenerationRequest(prompt(5 + 3 * i, 40 + i), 12, temperature=0, adapter=name))
+                for i, name in enumerate(names)]
+    outputs = [tokens(e) for e in run(Engine(model, max_batch=3, prefix_cache_tokens=4 * BLOCK), schedule)]
+    cfg = SamplingConfig(max_new_tokens=12, temperature=0, stop_at_eos=False)
+    alone = []
+    for (_, request), name in zip(schedule, names, strict=True):
+        set_adapter(model, [name] if name else [])
+        alone.append(generate_ids(model, request.prompt_ids, cfg))
+        assert_clear_choices(greedy_logits(model, request.prompt_ids, alone[-1]), f"adapter {name}")
+    set_adapter(model, [])
+    assert outputs == alone
+    base = [generate_ids(model, r.prompt_ids, cfg) for _, r in schedule]
+    assert all(o != b for o, b, n in zip(outputs, base, names, strict=True) if n)
+
+
+def test_adapter_requests_need_a_model_without_an_active_adapter() -> None:
+    model = adapted_model()
+    set_adapter(model, ["a"])
+    with pytest.raises(ConfigError, match=r"adapter 'b': the model runs with adapter\(s\) \['a'\] active"):
+        Engine(model).submit(GenerationRequest([1, 2, 3], 4, adapter="b"))

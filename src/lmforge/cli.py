@@ -36,6 +36,7 @@ from lmforge.commands import (
     tokenizer_train_options,
 )
 from lmforge.errors import LmforgeError
+from lmforge.eval.commands import cmd_eval_perplexity, cmd_eval_tasks, perplexity_options, tasks_options
 
 
 class _Help(DefaultHelpFormatter):
@@ -300,6 +301,14 @@ VERBS: dict[str, tuple[str, str, Callable[[ArgumentParser], None] | None, Callab
                export_options, cmd_export),
     "quantize": ("weight-only int8 (per output channel) or int4 (group-wise) min-max quantisation",
                  "lmforge quantize runs/demo/pretrain --bits 4 --out runs/demo-int4", quantize_options, cmd_quantize),
+    "eval": ("evaluate a model on your own data", "lmforge eval perplexity --help", None, None),
+    "eval perplexity": ("perplexity and bits per byte of a decoder on text files (sliding window over long texts)",
+                        "lmforge eval perplexity runs/demo/pretrain --input held.jsonl --stride 128 --json ppl.json",
+                        perplexity_options, cmd_eval_perplexity),
+    "eval tasks": ("score a decoder or T5 on a JSONL task file: generation (exact match, F1), multiple choice (acc, "
+                   "acc_norm), text-to-text (BLEU, ROUGE); writes results.json and results.md",
+                   "lmforge eval tasks runs/sft --tasks my_tasks.jsonl --out runs/sft/eval", tasks_options,
+                   cmd_eval_tasks),
     "generate": ("generate text from a checkpoint (lmforge or Hugging Face dir)",
                  'lmforge generate runs/demo/pretrain --prompt "The capital of" --temperature 0.8 --top-p 0.9\n'
                  '  lmforge generate --adapter runs/sft-adapter --base runs/base-hf --prompt "The capital of"',

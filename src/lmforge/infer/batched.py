@@ -1,10 +1,8 @@
-"""Batched generation of prompts of different lengths over one preallocated KV cache.
+"""Batched generation of prompts of different lengths: every prompt a request of one run of the shared engine.
 
-The prompts are left-padded into one [B, T] block with an attention mask, so every row's last prompt
-token sits in the same column: one prefill, then one decode step of a single position for all rows at once.
-The mask hides the padding from attention and restarts each row's positions at 0 on its first real token
-(`DecoderLM.forward(..., attention_mask=...)`). A row that has stopped (EOS or max_new_tokens) keeps being
-fed a pad token until every row is done; its outputs are ignored. Generation always uses the cache.
+The engine (`infer/engine.py`) prefills the prompts together, left-padded into one block with an attention mask, so
+every row's last prompt token sits in the same column, then decodes one position for all rows at once; a row that
+stops (EOS or max_new_tokens) leaves the batch.
 """
 
 from __future__ import annotations
@@ -13,11 +11,9 @@ from collections.abc import Collection
 
 import torch
 
-from lmforge.infer.generate import SamplingConfig, _fit_prompt, next_token
+from lmforge.infer.engine import Engine, GenerationRequest
+from lmforge.infer.generate import SamplingConfig, _fit_prompt
 from lmforge.model.decoder import DecoderLM
-from lmforge.model.layers import fused_qkv
-
-PAD_ID = 0  # any valid id: padded slots are masked out and finished rows' outputs are dropped
 
 
 @torch.inference_mode()
@@ -29,41 +25,20 @@ def generate_batch(
 ) -> list[list[int]]:
     """Generate up to cfg.max_new_tokens ids after each prompt; returns each row's new ids.
 
-    Greedy rows match `generate_ids` on that prompt alone; a seeded sampling run is reproducible (but draws
-    from one generator for the whole batch, so its rows differ from single-prompt runs)."""
+    Greedy rows match `generate_ids` on that prompt alone; with a seed, row i samples as `generate_ids` with seed
+    cfg.seed + i does (each row has its own generator)."""
     cfg.validate()
     if not prompts:
         return []
-    stop_ids = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
-    rows = [_fit_prompt(list(p), model.cfg.max_seq_len, cfg) for p in prompts]
-    B, width = len(rows), max(len(r) for r in rows)
-    device = model.device
-    generator = None
-    if cfg.seed is not None and cfg.temperature > 0:
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    ids = torch.full((B, width), PAD_ID, dtype=torch.long, device=device)
-    mask = torch.zeros((B, width), dtype=torch.long, device=device)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, device=device)
-        mask[i, width - len(r):] = 1
-    cache = model.new_cache(B, width + cfg.max_new_tokens)
-    with fused_qkv(model):
-        logits = model(ids, cache=cache, attention_mask=mask, keep_last=1)[:, -1]
-        new: list[list[int]] = [[] for _ in range(B)]
-        done = [False] * B
-        ones = torch.ones((B, 1), dtype=torch.long, device=device)
-        while True:
-            tokens = next_token(logits, cfg, generator).tolist()
-            for i, tid in enumerate(tokens):
-                if done[i]:
-                    continue
-                if cfg.stop_at_eos and tid in stop_ids:
-                    done[i] = True
-                    continue
-                new[i].append(tid)
-                done[i] = len(new[i]) == cfg.max_new_tokens
-            if all(done):
-                return new
-            feed = torch.tensor([[PAD_ID if d else t] for d, t in zip(done, tokens, strict=True)], device=device)
-            mask = torch.cat([mask, ones], dim=1)
-            logits = model(feed, cache=cache, attention_mask=mask)[:, -1]
+    stop_ids = frozenset({eos_id} if isinstance(eos_id, int) else eos_id or ()) if cfg.stop_at_eos else frozenset()
+    engine = Engine(model, max_batch=len(prompts))
+    ids = [engine.submit(GenerationRequest(
+        _fit_prompt(list(p), engine.context, cfg), cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+        top_k=cfg.top_k, seed=None if cfg.seed is None else cfg.seed + i, stop_ids=stop_ids,
+    )) for i, p in enumerate(prompts)]
+    new: dict[int, list[int]] = {i: [] for i in ids}
+    while engine.has_work:
+        for event in engine.step():
+            if event.token_id is not None:
+                new[event.request_id].append(event.token_id)
+    return [new[i] for i in ids]

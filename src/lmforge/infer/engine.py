@@ -1,10 +1,14 @@
 """The decode engine many requests share: continuous batching over KV-cache rows, with prefix caching.
 
 Requests are submitted from any thread; one thread calls `step`, which admits waiting requests into free rows
-(each prompt prefilled alone, reusing cached prefix blocks, its first token picked from the prefill logits), then
-runs one decode step over every running row at once (`infer/slots.py`). A request leaves its row when it stops
-(a stop id, a stop string, max_new_tokens) or is cancelled, and a waiting one takes the row at the next step. Each
-request samples with its own settings and its own generator, so its tokens do not depend on what else runs.
+(their prompts prefilled together, left-padded, after any cached prefix blocks; each one's first token picked from
+its prefill logits), then runs one decode step over every running row at once (`infer/slots.py`). A request leaves
+its row when it stops (a stop id, a stop string, max_new_tokens) or is cancelled, and a waiting one takes the row at
+the next step. Each request samples with its own settings and its own generator, so its tokens do not depend on
+what else runs.
+
+While requests run, the model's attention layers stay fused (`fused_qkv`, entered by the step that starts them and
+left by the one that finishes the last): do not train or change the model meanwhile.
 """
 
 from __future__ import annotations
@@ -13,17 +17,20 @@ import itertools
 import threading
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from lmforge.errors import ConfigError
-from lmforge.infer.generate import SamplingConfig, StopStreamer, next_token
-from lmforge.infer.prefix_cache import PrefixCache
-from lmforge.infer.slots import BatchSlots
+from lmforge.infer.generate import SamplingConfig, StopStreamer, greedy_ids, sampling_probs
+from lmforge.infer.prefix_cache import BLOCK, PrefixCache
+from lmforge.infer.slots import PAD_ID, BatchSlots
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.layers import fused_qkv
+from lmforge.peft.lora import lora_layers
+from lmforge.peft.row_adapters import check_row_adapters, row_adapters
 from lmforge.tokenizer import Tokenizer
 
 
@@ -60,6 +67,10 @@ class EngineStats:
     prefix_cache_tokens: int = 0  # positions the prefix cache holds now
 
 
+_Waiting = tuple[int, GenerationRequest, SamplingConfig]  # a request's id, itself, and its checked settings
+PREFILL_SLOTS = 8192  # padded prompt slots one prefill forward may take (its attention bias grows with their square)
+
+
 class _Running:
     """A request being generated: its sampling state, its text so far, and the token to feed next."""
 
@@ -76,11 +87,37 @@ class _Running:
         self.token = -1
 
     def take_text(self, final: bool) -> str:
-        if final and self.streamer is not None:
+        if self.streamer is None:
+            return ""
+        if final:
             self.streamer.finish()
         text = "".join(self.pending)
         self.pending.clear()
         return text
+
+
+def pick_tokens(logits: Tensor, runs: dict[int, _Running]) -> dict[int, int]:
+    """Each run's next token from its row of `logits` [rows, vocab]: the argmax for greedy runs; runs that sample with
+    the same settings get their distributions computed together, then draw with their own generator (runs without
+    one draw together from torch's global generator)."""
+    picks = dict(enumerate(greedy_ids(logits).tolist()))
+    groups: dict[tuple[float, int, float], list[int]] = {}
+    for row, run in runs.items():
+        cfg = run.sampling
+        if cfg.temperature > 0:
+            groups.setdefault((cfg.temperature, cfg.top_k, cfg.top_p), []).append(row)
+    drawn: dict[int, Tensor] = {}
+    for rows in groups.values():
+        probs = sampling_probs(logits[rows], runs[rows[0]].sampling)
+        unseeded = [i for i, row in enumerate(rows) if runs[row].generator is None]
+        if unseeded:
+            drawn.update(zip((rows[i] for i in unseeded), torch.multinomial(probs[unseeded], 1), strict=True))
+        for i, row in enumerate(rows):
+            if runs[row].generator is not None:
+                drawn[row] = torch.multinomial(probs[i:i + 1], 1, generator=runs[row].generator)[0]
+    if drawn:
+        picks.update(zip(drawn, torch.cat(list(drawn.values())).tolist(), strict=True))
+    return picks
 
 
 class Engine:
@@ -94,16 +131,23 @@ class Engine:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
         if prefix_cache_tokens < 0:
             raise ConfigError(f"prefix_cache_tokens must be >= 0 (0 = off), got {prefix_cache_tokens}")
+        header = model.new_cache(1, 1).max_len - 1  # a prompt-tuned model's soft prompt, in front of every cache
+        if header and prefix_cache_tokens:
+            raise ConfigError("prefix caching (prefix_cache_tokens) does not support prompt-tuned models: set it to 0")
         self.model, self.tokenizer = model, tokenizer
-        self.slots = BatchSlots(model, max_batch, model.cfg.max_seq_len)
+        self.context = model.cfg.max_seq_len - header
+        self.slots = BatchSlots(model, max_batch, self.context, header)
         self.prefix = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self.stats = EngineStats()
         self.logits_hook: Callable[[int, Tensor], None] | None = None
         self._lock = threading.Lock()
         self._ids = itertools.count()
-        self._waiting: deque[tuple[int, GenerationRequest, SamplingConfig]] = deque()
+        self._waiting: deque[_Waiting] = deque()
         self._cancelled: set[int] = set()
         self._rows: dict[int, _Running] = {}  # row of the batch cache -> its request
+        # `fused_qkv` from the step that starts running requests to the step that leaves none (or fails): entering
+        # it once per step would cost more than a small model's decode step
+        self._fused: ExitStack | None = None
 
     def submit(self, request: GenerationRequest) -> int:
         """Queue `request` (ConfigError, one line, if it cannot run); returns its id. Thread-safe."""
@@ -127,6 +171,9 @@ class Engine:
 
     def step(self) -> list[TokenEvent]:
         """Handle cancellations, admit waiting requests into free rows, then run one decode step."""
+        if not torch.is_inference_mode_enabled():  # a caller's loop may already run in it: entering it costs
+            with torch.inference_mode():
+                return self.step()
         events: list[TokenEvent] = []
         with self._lock:
             cancelled, self._cancelled = self._cancelled, set()
@@ -137,21 +184,25 @@ class Engine:
             if run.id in cancelled:
                 events.append(TokenEvent(run.id, None, "", "cancelled"))
                 self._leave(row)
-        with torch.inference_mode(), fused_qkv(self.model):
-            while len(self._rows) < len(self.slots.start):
-                with self._lock:
-                    if not self._waiting:
-                        break
-                    entry = self._waiting.popleft()
-                self._admit(*entry, events)
+        if self._fused is None:
+            self._fused = ExitStack()
+            self._fused.enter_context(fused_qkv(self.model))
+        try:
+            while group := self._next_group():
+                self._admit(group, events)
             if self._rows:
                 self._decode(events)
+        except BaseException:
+            self._unfuse()
+            raise
+        if not self._rows:
+            self._unfuse()
         with self._lock:
             self.stats.waiting, self.stats.running = len(self._waiting), len(self._rows)
         return events
 
     def _check(self, request: GenerationRequest) -> SamplingConfig:
-        ids, context, vocab = request.prompt_ids, self.model.cfg.max_seq_len, self.model.cfg.vocab_size
+        ids, context, vocab = request.prompt_ids, self.context, self.model.cfg.vocab_size
         if not ids:
             raise ConfigError("the prompt is empty; give at least one token (e.g. the BOS token)")
         if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
@@ -162,42 +213,88 @@ class Engine:
                               f"needs {len(ids) + request.max_new_tokens} of the {context}-token context window: "
                               "shorten the prompt or lower max_new_tokens")
         if request.adapter is not None:
-            raise ConfigError(f"adapter {request.adapter!r}: this engine serves the base model only (adapter=None)")
+            active = sorted({n for layer in lora_layers(self.model).values() for n, _ in layer.active})
+            if active:
+                raise ConfigError(f"adapter {request.adapter!r}: the model runs with adapter(s) {active} active, so "
+                                  "a request without one would not get the base model; load the adapters with "
+                                  "lmforge.peft.row_adapters.load_named_adapters (none active)")
+            check_row_adapters(self.model, [request.adapter])
         if request.stop_strings and self.tokenizer is None:
             raise ConfigError("stop strings need a tokenizer: pass one to Engine(model, tokenizer)")
         return SamplingConfig(max_new_tokens=request.max_new_tokens, temperature=request.temperature,
                               top_k=request.top_k, top_p=request.top_p, seed=request.seed, stop=request.stop_strings)
 
-    def _admit(self, request_id: int, request: GenerationRequest, sampling: SamplingConfig,
-               events: list[TokenEvent]) -> None:
-        """Prefill the prompt alone (after any cached prefix), pick its first token, and give it a row unless it
-        already finished."""
-        ids = request.prompt_ids
-        cache = self.model.new_cache(1, len(ids))
-        hit = 0 if self.prefix is None else self.prefix.lookup(ids, request.adapter, cache)
-        logits = self.model(torch.tensor([ids[hit:]], device=self.model.device), cache=cache, keep_last=1)[:, -1]
-        self.stats.prefill_tokens += len(ids) - hit
-        self.stats.prefix_hit_tokens += hit
-        if self.prefix is not None:
-            self.prefix.store(ids, request.adapter, cache)
-            self.stats.prefix_cache_tokens = self.prefix.tokens
-        run = _Running(request_id, request, sampling, self.tokenizer, self.model.device)
-        if not self._pick(run, logits[0], events):
-            row = self.slots.free_row()
-            self.slots.join(row, cache, len(ids))
-            self._rows[row] = run
+    def _next_group(self) -> list[_Waiting]:
+        """The waiting requests (oldest first) that fit the free rows and one prefill of PREFILL_SLOTS padded slots."""
+        free = len(self.slots.start) - len(self._rows)
+        group: list[_Waiting] = []
+        with self._lock:
+            while self._waiting and len(group) < free:
+                width = max(len(e[1].prompt_ids) for e in [*group, self._waiting[0]])
+                if group and (len(group) + 1) * width > PREFILL_SLOTS:
+                    break
+                group.append(self._waiting.popleft())
+        return group
+
+    def _admit(self, group: list[_Waiting], events: list[TokenEvent]) -> None:
+        """Prefill the prompts of `group` in one forward (left-padded; a cached prefix is put in front of the
+        tokens still to compute), pick each one's first token, and give a row to each that has not finished."""
+        group = sorted(group, key=lambda e: -len(e[1].prompt_ids))  # longest first: rows shift right once at most
+        prefixes = [[] if self.prefix is None else self.prefix.lookup(r.prompt_ids, r.adapter) for _, r, _ in group]
+        hits = [len(blocks) * BLOCK for blocks in prefixes]
+        cached, width = max(hits), max(len(r.prompt_ids) - h for (_, r, _), h in zip(group, hits, strict=True))
+        cache = self.model.new_cache(len(group), cached + width)
+        feed = torch.full((len(group), width), PAD_ID, dtype=torch.long)
+        mask = torch.zeros((len(group), cached + width), dtype=torch.long)
+        for j, ((_, request, _), blocks, hit) in enumerate(zip(group, prefixes, hits, strict=True)):
+            for b, block in enumerate(blocks):
+                at = slice(cached - hit + b * BLOCK, cached - hit + (b + 1) * BLOCK)
+                for mine, theirs in zip(cache.keys + cache.values, block, strict=True):
+                    mine[j, :, at] = theirs
+            suffix = request.prompt_ids[hit:]
+            feed[j, width - len(suffix):] = torch.tensor(suffix)
+            mask[j, cached - hit:cached] = mask[j, cached + width - len(suffix):] = 1
+        cache.length = cached
+        device = self.model.device
+        with self._adapters([r.adapter for _, r, _ in group]):
+            logits = self.model(feed.to(device), cache=cache, attention_mask=None if mask.all() else mask.to(device),
+                                keep_last=1)[:, -1]
+        header = self.slots.header
+        if header and self.slots.header_kv is None:
+            self.slots.header_kv = [t[0, :, :header].clone() for t in cache.keys + cache.values]
+        runs = {j: _Running(request_id, request, sampling, self.tokenizer, device)
+                for j, (request_id, request, sampling) in enumerate(group)}
+        picks = pick_tokens(logits, runs)
+        for j, ((_, request, _), hit) in enumerate(zip(group, hits, strict=True)):
+            real = header + mask[j].nonzero().squeeze(1).to(device)
+            kv = [t[j].index_select(1, real) for t in cache.keys + cache.values]
+            self.stats.prefill_tokens += len(request.prompt_ids) - hit
+            self.stats.prefix_hit_tokens += hit
+            if self.prefix is not None:
+                self.prefix.store(request.prompt_ids, request.adapter, kv)
+                self.stats.prefix_cache_tokens = self.prefix.tokens
+            if not self._pick(runs[j], logits, j, picks[j], events):
+                row = self.slots.free_row()
+                self.slots.join(row, kv, len(request.prompt_ids) + request.max_new_tokens - 1)
+                self._rows[row] = runs[j]
+
+    def _adapters(self, names: list[str | None]) -> AbstractContextManager:
+        """Each row with its request's adapter (`row_adapters`), when any names one; else the model as it is."""
+        return row_adapters(self.model, names) if any(names) else nullcontext()
 
     def _decode(self, events: list[TokenEvent]) -> None:
-        logits = self.slots.decode({row: run.token for row, run in self._rows.items()})
+        used = max(self._rows) + 1
+        with self._adapters([self._rows[r].request.adapter if r in self._rows else None for r in range(used)]):
+            logits = self.slots.decode({row: run.token for row, run in self._rows.items()})
+        picks = pick_tokens(logits, self._rows)
         for row, run in list(self._rows.items()):
-            if self._pick(run, logits[row], events):
+            if self._pick(run, logits, row, picks[row], events):
                 self._leave(row)
 
-    def _pick(self, run: _Running, logits: Tensor, events: list[TokenEvent]) -> bool:
-        """Choose `run`'s next token from its logits [vocab] and emit its event; True when the request is done."""
+    def _pick(self, run: _Running, logits: Tensor, row: int, token: int, events: list[TokenEvent]) -> bool:
+        """Emit `run`'s event for `token`, picked from its row of `logits`; True when the request is done."""
         if self.logits_hook is not None:
-            self.logits_hook(run.id, logits)
-        token = int(next_token(logits[None], run.sampling, run.generator))
+            self.logits_hook(run.id, logits[row])
         if token in run.request.stop_ids:
             events.append(TokenEvent(run.id, None, run.take_text(final=True), "stop"))
             return True
@@ -208,6 +305,10 @@ class Engine:
         events.append(TokenEvent(run.id, token, run.take_text(final=reason is not None), reason))
         run.token = token
         return reason is not None
+
+    def _unfuse(self) -> None:
+        self._fused.close()
+        self._fused = None
 
     def _leave(self, row: int) -> None:
         del self._rows[row]

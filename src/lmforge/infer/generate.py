@@ -97,12 +97,16 @@ def greedy_ids(logits: Tensor) -> Tensor:
     return logits.max(dim=-1).indices
 
 
+def sampling_probs(logits: Tensor, cfg: SamplingConfig) -> Tensor:
+    """The distribution [..., V] sampling draws from: `logits` after temperature, top-k and top-p."""
+    return filter_logits(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p).softmax(dim=-1)
+
+
 def next_token(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> Tensor:
     """Pick the next token ids [B] from last-position logits [B, V]."""
     if cfg.temperature == 0:
         return greedy_ids(logits)
-    probs = filter_logits(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(sampling_probs(logits, cfg), 1, generator=generator).squeeze(-1)
 
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -14,8 +14,6 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from lmforge.model.layers import KVCache
-
 BLOCK = 16  # positions per block: a prefix is reused in whole blocks
 
 BlockKey = tuple[str | None, tuple[int, ...]]
@@ -36,28 +34,24 @@ class PrefixCache:
     def _keys(ids: Sequence[int], adapter: str | None, limit: int) -> list[BlockKey]:
         return [(adapter, tuple(ids[:end])) for end in range(BLOCK, limit + 1, BLOCK)]
 
-    def lookup(self, ids: Sequence[int], adapter: str | None, cache: KVCache) -> int:
-        """Copy the longest cached prefix of `ids` into the one-row `cache` (at least the last token is left to
-        compute, for its logits); returns the prefix's length, also the cache's new length."""
-        hits = 0
+    def lookup(self, ids: Sequence[int], adapter: str | None) -> list[list[Tensor]]:
+        """The blocks of the longest cached prefix of `ids` (at least its last token is left to compute, for its
+        logits), each as every layer's keys then values [n_kv, BLOCK, head_dim]."""
+        hits = []
         for key in self._keys(ids, adapter, len(ids) - 1):
             block = self.blocks.get(key)
             if block is None:
                 break
-            at = slice(hits * BLOCK, (hits + 1) * BLOCK)
-            for dst, src in zip(cache.keys + cache.values, block, strict=True):
-                dst[0, :, at] = src
-            hits += 1
-        cache.length = hits * BLOCK
-        return cache.length
+            hits.append(block)
+        return hits
 
-    def store(self, ids: Sequence[int], adapter: str | None, cache: KVCache) -> None:
-        """Keep the whole blocks of the prompt `ids` (as many as the budget holds) from its prefilled `cache`."""
+    def store(self, ids: Sequence[int], adapter: str | None, kv: list[Tensor]) -> None:
+        """Keep the whole blocks (as many as the budget holds) of the prompt `ids`, whose every layer's keys then
+        values [n_kv, len(ids), head_dim] are `kv`."""
         keys = self._keys(ids, adapter, len(ids))[: self.budget // BLOCK]
         for i, key in enumerate(keys):
             if key not in self.blocks:
-                at = slice(i * BLOCK, (i + 1) * BLOCK)
-                self.blocks[key] = [t[0, :, at].clone() for t in cache.keys + cache.values]
+                self.blocks[key] = [t[:, i * BLOCK:(i + 1) * BLOCK].clone() for t in kv]
         for key in reversed(keys):
             self.blocks.move_to_end(key)
         while self.tokens > self.budget:

@@ -2,10 +2,14 @@
 
 Every row's tokens sit right-aligned in columns [start, length) of a shared cache whose `length` grows by one column
 per decode step; a [rows, columns] attention mask marks each row's real slots, so `DecoderLM.forward` hides the
-other columns and counts each row's positions from its own first token. A joining sequence is prefilled alone and
-its keys and values copied into a free row, ending at the shared length; a leaving row's mask goes to 0 and the row
-is free. When the cache's end is reached (or half the columns are padding every row shares), all rows shift left by
-that shared padding.
+other columns and counts each row's positions from its own first token. A joining sequence's keys and values (from
+its prefill) are copied into a free row, ending at the shared length (every row shifts right first when they are
+longer than the cache so far); a leaving row's mask goes to 0 and the row is free. The cache grows (by doubling, up
+to the model's context) when a joining row may need more columns; once it spans the context and is full, or when
+half its columns are padding every row shares, all rows shift left by that shared padding.
+
+A prompt-tuned model's cache starts with `header` slots of its soft prompt, the same for every sequence: they stay
+in front of every row, outside the columns above.
 """
 
 from __future__ import annotations
@@ -18,21 +22,22 @@ from torch import Tensor
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.layers import KVCache
 
-PAD_ID = 0  # what free rows are fed: any valid id, since their outputs are dropped and their slots masked
+PAD_ID = 0  # what free rows and padding are fed: any valid id, since their slots are masked and outputs dropped
 
 
 class BatchSlots:
-    """`rows` sequences of up to `columns` tokens each over one KV cache."""
+    """`rows` sequences of up to `columns` tokens each over one KV cache, after `header` shared slots."""
 
-    def __init__(self, model: DecoderLM, rows: int, columns: int):
-        self.model = model
-        self.cache = model.new_cache(rows, columns)
-        self.mask = torch.zeros((rows, columns), dtype=torch.long, device=model.device)
+    def __init__(self, model: DecoderLM, rows: int, columns: int, header: int = 0):
+        self.model, self.max_columns, self.header = model, columns, header
+        self.header_kv: list[Tensor] | None = None  # every layer's keys then values of the header slots
+        self.cache: KVCache | None = None  # allocated when the first row joins, then grown
+        self._view: KVCache | None = None
+        self.capacity = 0  # columns the cache holds (after the header)
+        self.length = 0
+        self.mask = torch.zeros((rows, 0), dtype=torch.long, device=model.device)
         self.start: list[int | None] = [None] * rows  # first column of each busy row; None = free
-
-    @property
-    def length(self) -> int:
-        return self.cache.length
+        self.span = [0] * rows  # the most columns each busy row fills before it finishes
 
     def free_row(self) -> int | None:
         """The lowest free row (keeping busy rows low keeps the decode batch small), or None."""
@@ -41,43 +46,74 @@ class BatchSlots:
     def busy(self) -> list[int]:
         return [r for r, s in enumerate(self.start) if s is not None]
 
-    def join(self, row: int, prefill: KVCache, n: int) -> None:
-        """Copy the first `n` positions of a one-row cache into `row`, ending at the shared length."""
-        if self.length < n:
-            self._shift(self.length - n)
-        end = self.length
-        for mine, theirs in zip(self.cache.keys + self.cache.values, prefill.keys + prefill.values, strict=True):
-            mine[row, :, end - n:end] = theirs[0, :, :n]
+    def join(self, row: int, kv: list[Tensor], span: int) -> None:
+        """Put a sequence into free `row`: `kv` holds every layer's keys then values [n_kv, n, head_dim] of its n
+        tokens; `span` is the most columns it will fill (its prompt and the tokens it will be fed)."""
+        n = kv[0].shape[1]
+        right = max(0, n - self.length)  # the shift that makes room for n columns before the length
+        start = self.length + right - n
+        self._reserve(max([self.start[r] + right + self.span[r] for r in self.busy()] + [start + span]))
+        if right:
+            self._shift(-right)
+        self.start[row], self.span[row] = start, span
+        at = slice(self.header + start, self.header + self.length)
+        for mine, theirs in zip(self.cache.keys + self.cache.values, kv, strict=True):
+            mine[row, :, at] = theirs
         self.mask[row] = 0
-        self.mask[row, end - n:end] = 1
-        self.start[row] = end - n
+        self.mask[row, start:self.length] = 1
 
     def leave(self, row: int) -> None:
         self.start[row] = None
         self.mask[row] = 0
         if not self.busy():
-            self.cache.length = 0
+            self.length = 0
 
     def decode(self, tokens: dict[int, int]) -> Tensor:
         """One decode step: feed busy row r the token tokens[r]; returns logits [rows used, vocab] (row r at r)."""
         self._make_room()
         used = max(tokens) + 1
-        feed = torch.full((used, 1), PAD_ID, dtype=torch.long)
-        for row, token in tokens.items():
-            feed[row, 0] = token
-            self.mask[row, self.length] = 1
-        view = copy.copy(self.cache)  # the first `used` rows, sharing the storage
-        view.keys = [k[:used] for k in self.cache.keys]
-        view.values = [v[:used] for v in self.cache.values]
-        logits = self.model(feed.to(self.mask.device), cache=view, attention_mask=self.mask[:used, :self.length + 1])
-        self.cache.length = view.length
+        device = self.mask.device
+        feed = torch.tensor([[tokens.get(r, PAD_ID)] for r in range(used)], device=device)
+        if len(tokens) == used:
+            self.mask[:used, self.length] = 1
+        else:
+            self.mask[list(tokens), self.length] = 1
+        view = self._rows_view(used)
+        view.length = self.header + self.length
+        logits = self.model(feed, cache=view, attention_mask=self.mask[:used, :self.length + 1])
+        self.length += 1
         return logits[:, -1]
+
+    def _rows_view(self, used: int) -> KVCache:
+        """The cache's first `used` rows, sharing its storage (kept while the cache and `used` stay the same)."""
+        if self._view is None or self._view.keys[0].shape[0] != used:
+            self._view = copy.copy(self.cache)
+            self._view.keys = [k[:used] for k in self.cache.keys]
+            self._view.values = [v[:used] for v in self.cache.values]
+        return self._view
+
+    def _reserve(self, columns: int) -> None:
+        """Grow the cache to hold `columns` columns (at least doubling it; at most the context)."""
+        columns = min(columns, self.max_columns)
+        if columns <= self.capacity:
+            return
+        self.capacity = min(self.max_columns, max(columns, 2 * self.capacity))
+        old, old_mask = self.cache, self.mask
+        self.cache, self._view = self.model.new_cache(len(self.start), self.capacity), None
+        self.mask = torch.zeros((len(self.start), self.capacity), dtype=torch.long, device=old_mask.device)
+        self.mask[:, :self.length] = old_mask[:, :self.length]
+        if old is not None:
+            kept, sources = self.header + self.length, old.keys + old.values
+        else:
+            kept, sources = self.header, [t[None] for t in self.header_kv or []]
+        for mine, theirs in zip(self.cache.keys + self.cache.values, sources, strict=False):
+            mine[:, :, :kept] = theirs[:, :, :kept]
 
     def _make_room(self) -> None:
         """Shift every row left by the padding all busy rows share when the cache is full or that padding is at
         least half of it (attention would spend half its work on it)."""
         shared = min(s for s in self.start if s is not None)
-        if shared > 0 and (self.length == self.cache.max_len or 2 * shared >= self.length):
+        if shared > 0 and (self.length == self.capacity or 2 * shared >= self.length):
             self._shift(shared)
 
     def _shift(self, by: int) -> None:
@@ -85,10 +121,11 @@ class BatchSlots:
         old = self.length
         new = old - by
         src, dst = (slice(by, old), slice(0, new)) if by > 0 else (slice(0, old), slice(-by, new))
+        h = self.header
         for t in self.cache.keys + self.cache.values:
-            t[:, :, dst] = t[:, :, src].clone()
+            t[:, :, h + dst.start:h + dst.stop] = t[:, :, h + src.start:h + src.stop].clone()
         self.mask[:, dst] = self.mask[:, src].clone()
         if by < 0:
             self.mask[:, :-by] = 0
-        self.cache.length = new
+        self.length = new
         self.start = [None if s is None else s - by for s in self.start]
