@@ -16,9 +16,10 @@ from typing import Any
 import torch
 
 import lmforge
-from lmforge.config import ModelConfig
+from lmforge.config import ModelConfig, PeftConfig
 from lmforge.infer.engine import Engine
 from lmforge.model import build_model
+from lmforge.peft.lora import apply_lora, lora_layers, save_adapter
 from lmforge.serve.app import create_app
 from lmforge.serve.metrics import Metrics
 from lmforge.serve.served import ServedModel, load_served
@@ -37,6 +38,19 @@ def tiny_checkpoint(directory: Path, max_seq_len: int = 64) -> Path:
     model = build_model(ModelConfig(vocab_size=400, max_seq_len=max_seq_len, n_layer=2, n_head=2, d_model=32,
                                     init_std=0.5))
     return lmforge.save(model, tok, directory)
+
+
+@torch.no_grad()
+def adapter_dir(path: Path, d_model: int = 32) -> Path:
+    """A LoRA adapter (on q and v, moved off its init so that it changes the outputs) saved from a decoder shaped like
+    `tiny_checkpoint`'s but `d_model` wide (another width: an adapter for another base)."""
+    torch.manual_seed(1)
+    model = build_model(ModelConfig(vocab_size=400, max_seq_len=64, n_layer=2, n_head=2, d_model=d_model))
+    cfg = PeftConfig(method="lora", r=4, alpha=8, targets=["attn.q", "attn.v"])
+    apply_lora(model, cfg, "a")
+    for layer in lora_layers(model).values():
+        layer.lora_B["a"].normal_(0, 0.5)
+    return save_adapter(model, path, cfg, "a")
 
 
 @dataclass
@@ -60,9 +74,9 @@ class Running:
 
 
 @contextmanager
-def serving(checkpoint: Path, *, max_batch: int = 8, max_queue: int = 64, api_key: str | None = API_KEY
-            ) -> Iterator[Running]:
-    served = load_served(checkpoint, name="tiny", template=None, adapters={}, max_batch=max_batch)
+def serving(checkpoint: Path, *, max_batch: int = 8, max_queue: int = 64, api_key: str | None = API_KEY,
+            adapters: dict[str, Path] | None = None) -> Iterator[Running]:
+    served = load_served(checkpoint, name="tiny", template=None, adapters=adapters or {}, max_batch=max_batch)
     engine = Engine(served.model, served.tokenizer, max_batch=max_batch)
     delay, faults = [0.0], []
     step = engine.step

@@ -13,9 +13,11 @@ from pathlib import Path
 import openai
 import pytest
 
+import lmforge
 from lmforge.infer.generate import SamplingConfig, generate_ids
+from lmforge.peft.row_adapters import load_named_adapters, row_adapters
 from near_ties import assert_clear_greedy
-from serving import API_KEY, Running, open_stream, request, serving, tiny_checkpoint
+from serving import API_KEY, Running, adapter_dir, open_stream, request, serving, tiny_checkpoint
 from tiny_pretraining import WORDS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,8 +31,13 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint: Path) -> Running:
-    with serving(checkpoint, max_batch=8, max_queue=64) as running:
+def adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return adapter_dir(tmp_path_factory.mktemp("serve") / "support")
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint: Path, adapter: Path) -> Running:
+    with serving(checkpoint, max_batch=8, max_queue=64, adapters={"support": adapter}) as running:
         yield running
 
 
@@ -57,10 +64,29 @@ def chat_ids(server: Running, messages: list[dict]) -> list[int]:
 
 
 def test_models(client: openai.OpenAI) -> None:
-    assert [m.id for m in client.models.list()] == ["tiny"]
+    assert [m.id for m in client.models.list()] == ["tiny", "support"]
     assert client.models.retrieve("tiny").id == "tiny"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4")
+
+
+def test_an_adapter_is_chosen_by_model_name_in_a_shared_batch(server: Running, client: openai.OpenAI,
+                                                              checkpoint: Path, adapter: Path) -> None:
+    server.step_delay(0.01)  # both requests are in flight together
+
+    def ask(model: str) -> str:
+        return client.completions.create(model=model, prompt="the queen", temperature=0, max_tokens=8).choices[0].text
+
+    with ThreadPoolExecutor(2) as pool:
+        base, adapted = pool.map(ask, ["tiny", "support"])
+    tok = server.served.tokenizer
+    assert base == greedy(server, tok.encode("the queen"), 8, {tok.eos_id})[0]
+    model, _ = lmforge.load(checkpoint)
+    load_named_adapters(model, {"support": adapter})
+    with row_adapters(model, ["support"]):
+        new = generate_ids(model, tok.encode("the queen"), SamplingConfig(max_new_tokens=8), tok.eos_id)
+        assert_clear_greedy(model, tok.encode("the queen"), new + [tok.eos_id] * (len(new) < 8))
+    assert adapted == tok.decode(new) and adapted != base
 
 
 def test_chat_is_greedy_decoding_through_the_chat_template(server: Running, client: openai.OpenAI) -> None:

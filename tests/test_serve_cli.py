@@ -13,18 +13,16 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import lmforge
 from cli_checks import error_line
 from lmforge.cli import main
-from lmforge.config import EncoderConfig, ModelConfig, PeftConfig
+from lmforge.config import EncoderConfig
 from lmforge.model import build_model
-from lmforge.peft.lora import apply_lora, save_adapter
 from lmforge.serve.served import load_served
 from lmforge.serve.server import clear_text_key_warning, is_loopback
 from lmforge.tokenizer import train_tokenizer
-from serving import tiny_checkpoint
+from serving import adapter_dir, tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,15 +59,6 @@ def test_an_encoder_is_refused_at_start_up(tmp_path: Path, capsys) -> None:
 def test_bad_options_are_one_line(checkpoint: Path, capsys, options: list[str], named: str) -> None:
     assert main(["serve", str(checkpoint), *options]) == 2
     assert named in error_line(capsys.readouterr().err)
-
-
-def adapter_dir(path: Path, d_model: int) -> Path:
-    """A LoRA adapter saved from a 2-layer decoder of width `d_model` (the served one has 32)."""
-    torch.manual_seed(1)
-    model = build_model(ModelConfig(vocab_size=400, max_seq_len=64, n_layer=2, n_head=2, d_model=d_model))
-    cfg = PeftConfig(method="lora", r=4, alpha=8, targets=["attn.q", "attn.v"])
-    apply_lora(model, cfg, "a")
-    return save_adapter(model, path, cfg, "a")
 
 
 def test_adapters_are_named_models_and_one_for_another_base_is_refused(checkpoint: Path, tmp_path: Path,
