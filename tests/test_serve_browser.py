@@ -77,6 +77,13 @@ def test_errors_are_shown(server: Running, page) -> None:
     page.press("#input", "Enter")
     error = page.wait_for_selector(".msg.error >> text=max_tokens=100000")
     assert "context" in error.inner_text()
+    sent: list[dict] = []
+    page.on("request", lambda r: sent.append(json.loads(r.post_data)) if r.method == "POST" else None)
+    page.fill("#max-tokens", "2")
+    page.fill("#input", "hello again")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".msg.assistant[data-state=done]")
+    assert [m["content"] for m in sent[-1]["messages"]] == ["hello again"]  # the failed turn is not history
     page.fill("#api-key", "sk-wrong")
     page.dispatch_event("#api-key", "change")
     page.wait_for_selector(".msg.error >> text=Incorrect or missing API key")

@@ -111,7 +111,9 @@ async function send(text) {
     controller = null;
     setBusy(false);
   }
-  turns.push({ role: "user", content: text }, { role: "assistant", content: reply.textContent });
+  if (reply.dataset.state !== "error") {  // a failed turn stays out of the conversation sent next time
+    turns.push({ role: "user", content: text }, { role: "assistant", content: reply.textContent });
+  }
 }
 
 $("form").addEventListener("submit", (event) => {
