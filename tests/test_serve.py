@@ -240,6 +240,13 @@ def test_an_engine_failure_is_a_500_and_the_server_goes_on(server: Running, clie
     assert client.chat.completions.create(model="tiny", messages=USER, max_tokens=4).choices[0].finish_reason
 
 
+def test_a_bug_in_a_route_is_an_openai_style_500(server: Running, monkeypatch) -> None:
+    monkeypatch.setattr(server.served, "chat_prompt", lambda body: 1 / 0)
+    status, _, reply = request(server.port, "POST", "/v1/chat/completions", CHAT)
+    assert status == 500 and reply["error"] == {"message": "internal error: ZeroDivisionError: division by zero",
+                                                "type": "server_error", "param": None, "code": None}
+
+
 def streamed_text(line: bytes) -> str:
     """The content of a chat chunk's server-sent event line ("" for other lines)."""
     if not line.startswith(b"data: {"):

@@ -103,6 +103,10 @@ def create_app(served: ServedModel, worker: EngineWorker, metrics: Metrics, api_
     async def api_error(_: Request, exc: APIError) -> Response:
         return exc.response()
 
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> Response:  # a bug: uvicorn logs the traceback
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+
     @app.exception_handler(ClientGone)
     async def client_gone(_: Request, __: ClientGone) -> Response:
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
