@@ -170,6 +170,22 @@ def test_greedy_reply_is_generation_from_the_rendered_prompt(world, monkeypatch,
     assert main(["generate", str(world["plain"]), "--chat", "--template", "lmforge", "--messages", str(messages),
                  "--max-new-tokens", "10", "--no-stream"]) == 0
     assert capsys.readouterr().out == expected + "\n"
+    # exported to Hugging Face format, the template travels as Jinja in tokenizer_config.json and renders the same ids
+    exported = lmforge.export_hf(model, tok, world["root"] / "chatty-hf", chat_template="lmforge")
+    assert main(["generate", str(exported), "--chat", "--prompt", "Where did the king ride?",
+                 "--max-new-tokens", "10"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_a_single_turn_template_answers_each_message_on_its_own(world, prompts, monkeypatch, capsys) -> None:
+    code, _, err = chat(monkeypatch, capsys, world["turns"], ["First question", "Second question"],
+                        "--template", "alpaca", "--max-new-tokens", "8", "--system", "Answer.")
+    assert code == 0 and len(prompts) == 2, err
+    template = get_chat_template("alpaca", world["tok"])
+    assert prompts[1]["ids"] == template.render([{"role": "system", "content": "Answer."},
+                                                 {"role": "user", "content": "Second question"}],
+                                                add_generation_prompt=True).ids
+    assert "single-turn" in err and "dropped" not in err
 
 
 @pytest.mark.parametrize("content, fragments", [
