@@ -152,22 +152,12 @@ def _write_after(lead: str):
     return write
 
 
-def load_text_model(source: str, verb: str, kinds: tuple[str, ...], base: str | None = None):
-    """(model, tokenizer) of `source` for a verb that reads and writes text with a model of one of `kinds`."""
-    import lmforge
-    from lmforge.infer.model_kind import require_kind
-
-    model, tokenizer = lmforge.load(source, base=base)
-    if tokenizer is None:
-        raise LmforgeError(f"{source} has no tokenizer.json; `{verb}` reads and writes text and needs one")
-    return model, tokenizer, require_kind(model, source, verb, kinds)
-
-
 def cmd_generate(args: Namespace) -> None:
     from functools import partial
 
     from lmforge.infer.generate import generate
     from lmforge.infer.layout import column_major_linears
+    from lmforge.infer.model_kind import load_for_verb
 
     cfg = _sampling_config(args)
     if (args.checkpoint is None) == (args.adapter is None):
@@ -177,7 +167,7 @@ def cmd_generate(args: Namespace) -> None:
     source = args.adapter or args.checkpoint
     messages = _chat_messages(args)  # a bad messages file fails before the model loads
     verb = "lmforge generate --chat" if args.chat else "lmforge generate"
-    model, tokenizer, kind = load_text_model(source, verb, ("decoder",) if args.chat else ("decoder", "encdec"),
+    model, tokenizer, kind = load_for_verb(source, verb, ("decoder",) if args.chat else ("decoder", "encdec"),
                                              args.base)
     if kind == "encdec":  # T5: the prompt is the encoder's input, the output a new text
         from lmforge.infer.generate_encdec import generate_text2text as generate
@@ -227,7 +217,7 @@ def _chat_template(args: Namespace, source: str, tokenizer, messages: list[dict]
 
 def chat_options(p: ArgumentParser) -> None:
     p.add_argument("checkpoint", help="the chat model: run dir, checkpoint dir or Hugging Face dir of a decoder, "
-                                      "e.g. runs/demo/sft")
+                                      "e.g. runs/sft")
     p.add_argument("--system", help="system prompt, e.g. --system 'Answer in one sentence.' (in the chat: /system "
                                     "TEXT replaces it)")
     p.add_argument("--template", help="this chat template instead of the model's own (the one its run trained with, or "
@@ -243,12 +233,13 @@ def cmd_chat(args: Namespace) -> None:
     from lmforge.infer.chat_repl import COMMANDS, ChatSession, model_chat_template, run_repl
     from lmforge.infer.generate import SamplingConfig, require_utf8
     from lmforge.infer.layout import column_major_linears
+    from lmforge.infer.model_kind import load_for_verb
 
     if args.system is not None:
         require_utf8(args.system, "--system")
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens or 1, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, seed=args.seed)  # checks the options before the model loads
-    model, tokenizer, _ = load_text_model(args.checkpoint, "lmforge chat", ("decoder",))
+    model, tokenizer, _ = load_for_verb(args.checkpoint, "lmforge chat", ("decoder",))
     template = model_chat_template(args.checkpoint, tokenizer, args.template)
     context = model.cfg.max_seq_len
     cfg.max_new_tokens = args.max_new_tokens or min(256, context // 2)

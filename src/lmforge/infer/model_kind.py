@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from torch.nn import Module
+from typing import TYPE_CHECKING
 
 from lmforge.errors import LmforgeError
+
+if TYPE_CHECKING:
+    from torch.nn import Module
+
+    from lmforge.tokenizer import Tokenizer
 
 KIND_NAMES = {"decoder": "a decoder (GPT, Llama)", "encoder": "an encoder (BERT)",
               "encdec": "an encoder-decoder (T5)"}
@@ -34,3 +39,15 @@ def require_kind(model: Module, source: str, verb: str, kinds: tuple[str, ...]) 
         raise LmforgeError(f"{source} holds {what}, and `{verb}` needs {needs}; this model works with: "
                            f"{KIND_VERBS[kind]}")
     return kind
+
+
+def load_for_verb(source: str, verb: str, kinds: tuple[str, ...],
+                  base: str | None = None) -> tuple[Module, Tokenizer, str]:
+    """(model, tokenizer, kind) of `source` (`base`: a peft folder's base) for a verb that reads text with a model
+    of one of `kinds`; an LmforgeError when it has no tokenizer or is of another kind."""
+    import lmforge
+
+    model, tokenizer = lmforge.load(source, base=base)
+    if tokenizer is None:
+        raise LmforgeError(f"{source} has no tokenizer.json; `{verb}` reads text and needs one")
+    return model, tokenizer, require_kind(model, source, verb, kinds)
