@@ -23,7 +23,7 @@ from lmforge.infer.generate import SamplingConfig, generate_ids
 from lmforge.infer.layout import column_major_linears
 from lmforge.manifest import CheckpointManifest
 from lmforge.model import build_model
-from lmforge.tokenizer import END_OF_TURN, train_tokenizer
+from lmforge.tokenizer import END_OF_TURN, USER, train_tokenizer
 from tiny_decoders import forced_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,20 +38,26 @@ def _sft_run(model: torch.nn.Module, tok, path: Path) -> Path:
                                                                 run={"template": "lmforge"}))
 
 
+def _turn_model(tok, word: int) -> torch.nn.Module:
+    """A model whose greedy token depends on the position only: `word` three times in four, end of turn on the
+    fourth."""
+    model = forced_model(tok.vocab_size, 1, [], max_seq_len=CONTEXT)
+    with torch.no_grad():
+        for position in range(CONTEXT):
+            model.lm_head.weight[tok.token_id(END_OF_TURN) if position % 4 == 3 else word, position] = 10.0
+    return model
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("chat")
     tok = train_tokenizer([TEXT] * 40, vocab_size=400, show_progress=False)
-    word, stop = tok.encode(" the")[0], tok.token_id(END_OF_TURN)
-    # a model whose greedy token depends on the position only: " the" three times in four, end of turn on the fourth
-    turns = forced_model(tok.vocab_size, 1, [], max_seq_len=CONTEXT)
-    with torch.no_grad():
-        for position in range(CONTEXT):
-            turns.lm_head.weight[stop if position % 4 == 3 else word, position] = 10.0
+    word = tok.encode(" the")[0]
     torch.manual_seed(0)
     chatty = build_model(ModelConfig(vocab_size=tok.vocab_size, max_seq_len=CONTEXT, n_layer=1, n_head=2, d_model=32,
                                      init_std=0.2))
-    w = {"root": root, "tok": tok, "word": word, "turns": _sft_run(turns, tok, root / "turns"),
+    w = {"root": root, "tok": tok, "word": word, "turns": _sft_run(_turn_model(tok, word), tok, root / "turns"),
+         "role_writer": _sft_run(_turn_model(tok, tok.token_id(USER)), tok, root / "role_writer"),
          "chatty": _sft_run(chatty, tok, root / "chatty"), "plain": lmforge.save(chatty, tok, root / "plain")}
     w["encoder"] = lmforge.save(build_model(EncoderConfig(vocab_size=tok.vocab_size, max_seq_len=CONTEXT, n_layer=1,
                                                           n_head=2, d_model=16)), tok, root / "encoder")
@@ -159,7 +165,8 @@ def test_greedy_reply_is_generation_from_the_rendered_prompt(world, monkeypatch,
     column_major_linears(model)  # as the commands run it
     conversation = [{"role": "user", "content": "Where did the king ride?"}]
     prompt = template.render(conversation, add_generation_prompt=True).ids
-    expected = tok.decode(generate_ids(model, prompt, SamplingConfig(max_new_tokens=10), template.stop_ids))
+    expected = tok.decode(generate_ids(model, prompt, SamplingConfig(max_new_tokens=10), template.stop_ids),
+                          skip_special_tokens=True)
     code, out, err = chat(monkeypatch, capsys, world["chatty"], ["Where did the king ride?"], "--max-new-tokens", "10")
     assert (code, out) == (0, expected + "\n"), err
     assert main(["generate", str(world["chatty"]), "--chat", "--prompt", "Where did the king ride?",
@@ -226,3 +233,19 @@ def test_a_message_that_cannot_fit_is_refused_and_the_chat_goes_on(world, prompt
     assert code == 0
     assert "does not fit the 64-token context" in err and "unknown command /frobnicate" in err
     assert len(prompts) == 1 and out.count("\n") == 1  # the short message got its reply
+
+
+def test_a_reply_holding_a_role_token_does_not_break_the_next_turn(world, prompts, monkeypatch, capsys) -> None:
+    """Special tokens are left out of replies: a <|user|> the model writes would make the history unrenderable."""
+    code, out, err = chat(monkeypatch, capsys, world["role_writer"], ["First question", "Second question"],
+                          "--max-new-tokens", "8")
+    assert (code, len(prompts), out) == (0, 2, "\n\n"), err
+    assert "error" not in err
+
+
+def test_a_line_that_is_not_utf8_is_one_error_and_the_chat_goes_on(world, prompts, monkeypatch, capsys) -> None:
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9\nhello\n"), encoding="utf-8"))
+    assert main(["chat", str(world["turns"]), "--max-new-tokens", "8"]) == 0
+    err = capsys.readouterr().err
+    assert "the message is not valid UTF-8 text (the byte 0xe9" in err and "Traceback" not in err
+    assert len(prompts) == 1

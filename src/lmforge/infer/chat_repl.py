@@ -16,7 +16,7 @@ from typing import TextIO
 
 from lmforge.data.chat import ChatTemplate, Message, get_chat_template
 from lmforge.errors import ConfigError, DataError, LmforgeError
-from lmforge.infer.generate import SamplingConfig, StopStreamer, generate_ids
+from lmforge.infer.generate import SamplingConfig, StopStreamer, generate_ids, require_utf8
 from lmforge.model.decoder import DecoderLM
 from lmforge.tokenizer import Tokenizer
 
@@ -78,13 +78,17 @@ def chat_prompt(template: ChatTemplate, messages: list[Message]) -> list[int]:
 
 
 def reply(model: DecoderLM, tokenizer: Tokenizer, template: ChatTemplate, messages: list[Message],
-          cfg: SamplingConfig, stream: Callable[[str], None] | None = None) -> str:
+          cfg: SamplingConfig, stream: Callable[[str], None] | None = None, interruptible: bool = False) -> str:
     """The assistant's reply to `messages`, ending at the template's stop ids (or cfg.stop strings); `stream(delta)`
-    receives its text as it comes."""
-    streamer = StopStreamer(tokenizer, cfg.stop, stream)
+    receives its text as it comes. Special tokens are left out of the text: a role token the model writes would
+    otherwise make its reply one the template refuses to render on the next turn. `interruptible`: Ctrl-C ends the
+    reply (kept as far as it got), not the program."""
+    streamer = StopStreamer(tokenizer, cfg.stop, stream, skip_special_tokens=True)
     try:
         generate_ids(model, chat_prompt(template, messages), cfg, template.stop_ids, on_token=streamer)
-    except KeyboardInterrupt:  # Ctrl-C ends the reply, not the conversation
+    except KeyboardInterrupt:
+        if not interruptible:
+            raise
         print("\n[reply interrupted]", file=sys.stderr)
     return streamer.finish()
 
@@ -120,8 +124,9 @@ class ChatSession:
             start += 2  # one exchange: a user turn and its reply
         if self.template.multi_turn and start > self.first_kept:
             dropped = (start - self.first_kept) // 2
+            kept = "; the system prompt is kept" if self.system else ""
             print(f"[dropped the {dropped} oldest exchange{'s' * (dropped > 1)} to fit the "
-                  f"{self.model.cfg.max_seq_len}-token context; the system prompt is kept]", file=sys.stderr)
+                  f"{self.model.cfg.max_seq_len}-token context{kept}]", file=sys.stderr)
             self.first_kept = start
         return self.messages(start)
 
@@ -129,7 +134,8 @@ class ChatSession:
         """Add the user's `text`, generate and add the reply; on an error the user turn is taken back."""
         self.turns.append({"role": "user", "content": text})
         try:
-            answer = reply(self.model, self.tokenizer, self.template, self._fit(), self.cfg, stream)
+            answer = reply(self.model, self.tokenizer, self.template, self._fit(), self.cfg, stream,
+                           interruptible=True)
         except LmforgeError:
             self.turns.pop()
             raise
@@ -167,7 +173,10 @@ def _write(text: str) -> None:
 
 
 def run_repl(session: ChatSession, stdin: TextIO) -> None:
-    """Read lines until /exit or end of input: a command, or a message answered with a streamed reply."""
+    """Read lines until /exit or end of input: a command, or a message answered with a streamed reply. Bytes that
+    are not UTF-8 make that line an error, not the end of the chat."""
+    if hasattr(stdin, "reconfigure"):
+        stdin.reconfigure(errors="surrogateescape")
     for line in _lines(stdin):
         command, _, argument = line.strip().partition(" ")
         try:
@@ -187,6 +196,7 @@ def run_repl(session: ChatSession, stdin: TextIO) -> None:
             elif command.startswith("/"):
                 raise LmforgeError(f"unknown command {command}; the commands are {COMMANDS}")
             elif line.strip():
+                require_utf8(line, "the message")
                 session.say(line, stream=_write)
                 _write("\n")
         except LmforgeError as err:
