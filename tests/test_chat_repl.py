@@ -198,6 +198,8 @@ def test_a_single_turn_template_answers_each_message_on_its_own(world, prompts, 
 @pytest.mark.parametrize("content, fragments", [
     ("[{\"role\": \"user\", ", ["bad.json", "not valid JSON", "line 1"]),
     ("{\"role\": \"user\", \"content\": \"hi\"}", ["bad.json", "JSON list", "dict"]),
+    ("{}", ["bad.json", "JSON list", "got dict"]),
+    ("[]", ["bad.json", "got an empty list"]),
     ("[{\"role\": \"robot\", \"content\": \"hi\"}]", ["bad.json", "message 0", "'robot'"]),
     ("[{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"yo\"}]",
      ["bad.json", "last message is an assistant turn"]),

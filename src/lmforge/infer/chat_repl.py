@@ -68,7 +68,7 @@ def read_messages(path: str) -> list[Message]:
                         f"{err.msg})") from None
     if not isinstance(messages, list) or not messages:
         raise DataError(f"--messages {path}: expected a non-empty JSON list of {{\"role\", \"content\"}} objects, got "
-                        f"{type(messages).__name__ if messages else 'an empty list'}")
+                        f"{'an empty list' if messages == [] else type(messages).__name__}")
     return messages
 
 
