@@ -50,7 +50,7 @@ def test_peft_sets_the_method(spelling: list[str], capsys: pytest.CaptureFixture
     (["grpo", "--max_new_tokenz=4"], ["did you mean 'max_new_tokens'?"]),
     (["generate", "DIR", "--prompt", "x", "--top-k", "two"], ["argument --top-k: invalid int value: 'two'"]),
     (["tokenizer", "train", "--input", "a.txt"], ["required: --vocab-size, --out", "`lmforge tokenizer train --help`"]),
-    (["generate"], ["required: --prompt", "`lmforge generate --help`"]),
+    (["generate"], ["give --prompt TEXT", "`lmforge generate --help`"]),
     ([], ["missing VERB: one of demo, tokenizer, data, pretrain"]),
     (["tokenizer"], ["missing ACTION: one of train", "`lmforge tokenizer --help`"]),
     (["quantize", "DIR", "--out", "q", "--bits", "3"], ["--bits", "3"]),

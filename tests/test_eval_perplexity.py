@@ -130,7 +130,8 @@ def test_cli_writes_json_per_file_and_overall(setup, tmp_path, capsys):
     ("empty file", "no documents in"),
     ("stride", "--stride must be between 1 and the context minus one (31), got 32"),
     ("missing field", "missing field 'text'"),
-    ("encdec", "holds an encdec model; `lmforge eval perplexity` scores a decoder"),
+    ("encdec", "holds an encoder-decoder (T5), and `lmforge eval perplexity` needs a decoder (GPT, Llama); this "
+               "model works with: lmforge generate (text to text), eval tasks"),
 ])
 def test_bad_input_is_one_line_exit_2(setup, tmp_path, capsys, case, problem):
     root, ckpt, corpus, docs = setup

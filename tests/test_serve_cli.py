@@ -48,7 +48,7 @@ def test_an_encoder_is_refused_at_start_up(tmp_path: Path, capsys) -> None:
     path = lmforge.save(encoder, tok, tmp_path / "bert")
     assert main(["serve", str(path)]) == 2
     message = error_line(capsys.readouterr().err)
-    assert "/v1/chat/completions" in message and "/v1/completions" in message and "decoder" in message
+    assert "`serve` needs a decoder" in message and "lmforge finetune" in message  # where an encoder belongs
 
 
 @pytest.mark.parametrize(("options", "named"), [

@@ -18,6 +18,8 @@ from typing import Any
 from jsonargparse import SUPPRESS, ArgumentParser, DefaultHelpFormatter, Namespace
 
 from lmforge.commands import (
+    chat_options,
+    cmd_chat,
     cmd_data_prepare,
     cmd_demo,
     cmd_export,
@@ -311,8 +313,14 @@ VERBS: dict[str, tuple[str, str, Callable[[ArgumentParser], None] | None, Callab
                    cmd_eval_tasks),
     "generate": ("generate text from a checkpoint (lmforge or Hugging Face dir)",
                  'lmforge generate runs/demo/pretrain --prompt "The capital of" --temperature 0.8 --top-p 0.9\n'
+                 '  lmforge generate runs/sft --chat --prompt "Name a colour."\n'
                  '  lmforge generate --adapter runs/sft-adapter --base runs/base-hf --prompt "The capital of"',
                  generate_options, cmd_generate),
+    "chat": ("talk to a chat model in the terminal: history kept and rendered with its chat template, replies "
+             "streamed; /reset, /system TEXT, /save FILE, /exit",
+             'lmforge chat runs/sft --system "Answer briefly." --temperature 0.7 --top-p 0.9\n'
+             "  lmforge generate runs/sft --chat --prompt \"Name a colour.\"   (one reply, no REPL)",
+             chat_options, cmd_chat),
     "serve": ("serve a decoder over HTTP: OpenAI-compatible API (/v1/chat/completions, /v1/completions, "
               "/v1/models), /health, /metrics and a chat page at /",
               "lmforge serve runs/sft --port 8000\n"

@@ -1,7 +1,6 @@
-"""The verbs that are not training stages: tokenizer train, data prepare, generate, merge, export, quantize, demo,
-serve.
-Each has its options (`*_options`, added to its sub-command by `lmforge.cli`) and its command (`cmd_*`), which takes
-the parsed options and prints one result."""
+"""The verbs that are not training stages: tokenizer train, data prepare, generate, chat, merge, export, quantize,
+demo, serve. Each has its options (`*_options`, added to its sub-command by `lmforge.cli`) and its command (`cmd_*`),
+which takes the parsed options and prints one result."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser, Namespace
 
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.errors import ConfigError, DataError, LmforgeError
 
 
 def _add_input_options(p: ArgumentParser) -> None:
@@ -61,19 +60,35 @@ def cmd_data_prepare(args: Namespace) -> None:
           f"({index.dtype}) to {args.out}{skipped}")
 
 
+def _add_sampling_options(p: ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (default, as in the Python API's SamplingConfig); > 0 samples, e.g. "
+                        "--temperature 0.8")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="sample only from the k most likely tokens, e.g. --top-k 50 (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling mass in (0, 1], e.g. --top-p 0.9 (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output), e.g. --seed 1")
+
+
 def generate_options(p: ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="?", help="run dir, checkpoint dir or Hugging Face model dir")
     p.add_argument("--adapter", help="instead of a checkpoint: a peft LoRA/DoRA adapter folder, put on its base "
                                      "(e.g. the output of lmforge export RUN --format peft)")
     p.add_argument("--base", help="with --adapter: the base model's dir, overriding the adapter's "
                                   "base_model_name_or_path (needed when that is a hub id: lmforge does not download)")
-    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--prompt", help="text to continue; with --chat, the user's message, e.g. --prompt 'The capital of'")
+    p.add_argument("--chat", action="store_true",
+                   help="render --prompt as a user turn with the model's chat template (the one its run trained with, "
+                        "or its Hugging Face chat_template) and print the assistant's reply, which ends at the "
+                        "template's end of turn, e.g. --chat --prompt 'Name a colour.'")
+    p.add_argument("--messages", metavar="FILE",
+                   help="with --chat: the conversation so far, a JSON list of {role, content} objects (system, user, "
+                        "assistant); --prompt, if given, is one more user turn, e.g. --chat --messages chat.json")
+    p.add_argument("--template", help="with --chat: this chat template instead of the model's own: lmforge | llama2 | "
+                                      "alpaca | hf, e.g. --template llama2")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="0 = greedy (default, as in the Python API's SamplingConfig); > 0 samples")
-    p.add_argument("--top-k", type=int, default=0, help="sample only from the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
+    _add_sampling_options(p)
     p.add_argument("--stop", nargs="*", default=[], help="stop when any of these strings appears")
     p.add_argument("--num-samples", type=int, default=1,
                    help="how many continuations to print (>= 1; sample i uses --seed + i)")
@@ -100,7 +115,13 @@ def _sampling_config(args: Namespace):
     from lmforge.infer.generate import SamplingConfig, require_utf8
     from lmforge.infer.speculative import check_draft_options
 
-    require_utf8(args.prompt, "--prompt")
+    if not args.chat and (args.messages or args.template):
+        raise ConfigError(f"{'--messages' if args.messages else '--template'} goes with --chat (a conversation "
+                          "rendered with a chat template); add --chat")
+    if args.prompt is None and not args.messages:
+        raise ConfigError("give --prompt TEXT (or --chat --messages FILE.json) (see `lmforge generate --help`)")
+    if args.prompt is not None:
+        require_utf8(args.prompt, "--prompt")
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), use_cache=not args.no_cache,
                          truncate_prompt=args.truncate_prompt, compile=args.compile)
@@ -111,6 +132,8 @@ def _sampling_config(args: Namespace):
         check_draft_options(args.num_draft, args.draft_min_confidence)
     if args.num_beams > 1 and args.draft:
         raise ConfigError("--num-beams and --draft are two ways to decode; choose one")
+    if args.chat and (args.num_beams > 1 or args.draft):
+        raise ConfigError("--chat works with plain decoding, not with --num-beams or --draft")
     if args.num_samples > 1 and (args.num_beams > 1 or args.draft):
         raise ConfigError("--num-samples works with plain decoding, not with --num-beams or --draft (they print "
                           "one output)")
@@ -130,9 +153,11 @@ def _write_after(lead: str):
 
 
 def cmd_generate(args: Namespace) -> None:
-    import lmforge
+    from functools import partial
+
     from lmforge.infer.generate import generate
     from lmforge.infer.layout import column_major_linears
+    from lmforge.infer.model_kind import load_for_verb
 
     cfg = _sampling_config(args)
     if (args.checkpoint is None) == (args.adapter is None):
@@ -140,29 +165,90 @@ def cmd_generate(args: Namespace) -> None:
     if args.base is not None and args.adapter is None:
         raise LmforgeError("--base is the base model of --adapter DIR; give --adapter too")
     source = args.adapter or args.checkpoint
-    model, tokenizer = lmforge.load(source, base=args.base)
-    if tokenizer is None:
-        raise LmforgeError(f"{source} has no tokenizer.json; generation from text needs one")
-    arch = getattr(getattr(model, "cfg", None), "arch", None)
-    if arch not in ("decoder", "encdec"):
-        raise LmforgeError(f"{source} holds an {arch or type(model).__name__} model, which does not generate "
-                           "text; use a decoder (GPT, Llama) or an encoder-decoder (T5)")
-    if arch == "encdec":  # T5: the prompt is the encoder's input, the output a new text
+    messages = _chat_messages(args)  # a bad messages file fails before the model loads
+    verb = "lmforge generate --chat" if args.chat else "lmforge generate"
+    model, tokenizer, kind = load_for_verb(source, verb, ("decoder",) if args.chat else ("decoder", "encdec"),
+                                             args.base)
+    if kind == "encdec":  # T5: the prompt is the encoder's input, the output a new text
         from lmforge.infer.generate_encdec import generate_text2text as generate
     search = args.num_beams > 1 or args.draft
-    if search and arch != "decoder":
+    if search and kind != "decoder":
         raise LmforgeError("--num-beams and --draft work with decoders (GPT, Llama)")
     column_major_linears(model)  # faster small-batch matmuls; generation only reads the weights
     if search:
         print(args.prompt + _search(args, model, tokenizer, cfg))
         return
+    if args.chat:  # the reply alone is printed: the rendered prompt is the template's markup
+        from lmforge.infer.chat_repl import reply
+
+        template = _chat_template(args, source, tokenizer, messages)
+        produce, lead = partial(reply, model, tokenizer, template, messages), ""
+    else:
+        produce, lead = partial(generate, model, tokenizer, args.prompt), args.prompt if kind == "decoder" else ""
     for i in range(args.num_samples):
         header = f"--- sample {i + 1}\n" if args.num_samples > 1 else ""
         if args.num_samples > 1:
             cfg.seed = None if args.seed is None else args.seed + i
-        write = _write_after(header + (args.prompt if arch == "decoder" else ""))
-        text = generate(model, tokenizer, args.prompt, cfg, stream=None if args.no_stream else write)
+        write = _write_after(header + lead)
+        text = produce(cfg=cfg, stream=None if args.no_stream else write)
         write((text if args.no_stream else "") + "\n")
+
+
+def _chat_messages(args: Namespace) -> list[dict]:
+    """The conversation of `generate --chat`: --messages FILE, then --prompt as a user turn."""
+    from lmforge.infer.chat_repl import read_messages
+
+    messages = read_messages(args.messages) if args.messages else []
+    return messages + ([{"role": "user", "content": args.prompt}] if args.prompt is not None else [])
+
+
+def _chat_template(args: Namespace, source: str, tokenizer, messages: list[dict]):
+    """The model's chat template (or --template's), with `messages` checked by rendering them once (an error names
+    --messages FILE)."""
+    from lmforge.infer.chat_repl import chat_prompt, model_chat_template
+
+    template = model_chat_template(source, tokenizer, args.template, args.base)
+    try:
+        chat_prompt(template, messages)
+    except DataError as err:
+        raise DataError(f"--messages {args.messages}: {err}" if args.messages else str(err)) from None
+    return template
+
+
+def chat_options(p: ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="the chat model: run dir, checkpoint dir or Hugging Face dir of a decoder, "
+                                      "e.g. runs/sft")
+    p.add_argument("--system", help="system prompt, e.g. --system 'Answer in one sentence.' (in the chat: /system "
+                                    "TEXT replaces it)")
+    p.add_argument("--template", help="this chat template instead of the model's own (the one its run trained with, or "
+                                      "its Hugging Face chat_template): lmforge | llama2 | alpaca | hf, e.g. "
+                                      "--template lmforge")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="longest reply in tokens, e.g. --max-new-tokens 128 (default: half the context, at most "
+                        "256); the prompt gets the rest of the context")
+    _add_sampling_options(p)
+
+
+def cmd_chat(args: Namespace) -> None:
+    from lmforge.infer.chat_repl import COMMANDS, ChatSession, model_chat_template, run_repl
+    from lmforge.infer.generate import SamplingConfig, require_utf8
+    from lmforge.infer.layout import column_major_linears
+    from lmforge.infer.model_kind import load_for_verb
+
+    if args.system is not None:
+        require_utf8(args.system, "--system")
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens or 1, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, seed=args.seed)  # checks the options before the model loads
+    model, tokenizer, _ = load_for_verb(args.checkpoint, "lmforge chat", ("decoder",))
+    template = model_chat_template(args.checkpoint, tokenizer, args.template)
+    context = model.cfg.max_seq_len
+    cfg.max_new_tokens = args.max_new_tokens or min(256, context // 2)
+    session = ChatSession(model, tokenizer, template, cfg, args.system)
+    column_major_linears(model)  # faster small-batch matmuls; generation only reads the weights
+    single = "; single-turn: each message is answered on its own" if not template.multi_turn else ""
+    print(f"[chat with {args.checkpoint}: {template.name} template, {context}-token context{single}; commands: "
+          f"{COMMANDS}]", file=sys.stderr)
+    run_repl(session, sys.stdin)
 
 
 def _refuse_out_over_input(out: str, source: str) -> None:

@@ -54,6 +54,7 @@ class ChatTemplate(ABC):
     """Renders conversations for one tokenizer; subclasses define the format."""
 
     name: str
+    multi_turn = True  # False: a conversation is one user turn (and its reply), as Alpaca's format has
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
@@ -217,6 +218,7 @@ class AlpacaTemplate(_EosTemplate):
     prompt without a reply always ends with ``### Response:\\n``, with or without the generation prompt."""
 
     name = "alpaca"
+    multi_turn = False
 
     def _pieces(self, messages: list[Message], add_generation_prompt: bool) -> list[_Piece]:
         system, turns = _turns(messages, self.name, multi_turn=False)

@@ -9,22 +9,13 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser, Namespace
 
-from lmforge.errors import LmforgeError
-
 
 def _load_model(source: str, archs: tuple[str, ...], action: str):
-    """(model, tokenizer) of `source`; LmforgeError when it has no tokenizer or is not one of `archs`."""
-    import lmforge
+    """(model, tokenizer) of `source`; LmforgeError when it has no tokenizer or is not one of `archs` (naming the
+    verbs it works with)."""
+    from lmforge.infer.model_kind import load_for_verb
 
-    model, tokenizer = lmforge.load(source)
-    if tokenizer is None:
-        raise LmforgeError(f"{source} has no tokenizer.json; `lmforge eval {action}` reads text and needs one")
-    arch = getattr(getattr(model, "cfg", None), "arch", None)
-    if arch not in archs:
-        kinds = " or ".join({"decoder": "a decoder (GPT, Llama)", "encdec": "an encoder-decoder (T5)"}[a]
-                            for a in archs)
-        raise LmforgeError(f"{source} holds an {arch or type(model).__name__} model; `lmforge eval {action}` scores "
-                           f"{kinds}")
+    model, tokenizer, _ = load_for_verb(source, f"lmforge eval {action}", archs)
     return model.eval(), tokenizer
 
 

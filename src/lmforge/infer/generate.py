@@ -185,16 +185,19 @@ def generate_ids(
 
 
 class StopStreamer:
-    """Turns new token ids into text deltas, holding back text that may begin a stop string."""
+    """Turns new token ids into text deltas, holding back text that may begin a stop string (`skip_special_tokens`:
+    special tokens decode to nothing)."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], emit: Callable[[str], None] | None):
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], emit: Callable[[str], None] | None,
+                 skip_special_tokens: bool = False):
         self.tokenizer, self.stop, self.emit = tokenizer, list(stop), emit
+        self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
         self.text, self.sent, self.stopped = "", 0, False
 
     def __call__(self, tid: int) -> bool:
         self.ids.append(tid)
-        self.text = self.tokenizer.decode(self.ids)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
         hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
         if hits:
             self.text, self.stopped = self.text[: min(hits)], True

@@ -139,18 +139,11 @@ def chat_template_for(path: str | Path, tokenizer: Any, name: str | None) -> Any
 
 def load_served(path: str | Path, *, name: str | None, template: str | None, adapters: dict[str, str],
                 max_batch: int) -> ServedModel:
-    """Load the run/checkpoint at `path` (and its adapters) for serving; ConfigError in one line when it cannot be
-    served: no tokenizer, or not a decoder (an encoder answers no generation endpoint)."""
-    import lmforge
+    """Load the run/checkpoint at `path` (and its adapters) for serving; one line when it cannot be served: no
+    tokenizer, or not a decoder (an encoder or a task model answers neither chat nor completions)."""
+    from lmforge.infer.model_kind import load_for_verb
 
-    model, tokenizer = lmforge.load(path)
-    arch = getattr(getattr(model, "cfg", None), "arch", None)
-    if arch != "decoder" or hasattr(model, "backbone"):
-        kind = "a task model" if hasattr(model, "backbone") else f"an {arch or type(model).__name__} model"
-        raise ConfigError(f"{path} holds {kind}; lmforge serve answers /v1/chat/completions and /v1/completions, "
-                          "which need a decoder (GPT, Llama)")
-    if tokenizer is None:
-        raise ConfigError(f"{path} has no tokenizer.json; serving text needs one")
+    model, tokenizer, _ = load_for_verb(str(path), "serve", ("decoder",))
     if adapters:
         load_adapters(model, adapters)
     return ServedModel(name=name or Path(path).resolve().name, model=model.eval(), tokenizer=tokenizer,
