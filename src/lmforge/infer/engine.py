@@ -47,6 +47,7 @@ class GenerationRequest:
     stop_ids: frozenset[int] = frozenset()  # ending ids (EOS, end-of-turn), not emitted
     stop_strings: tuple[str, ...] = ()  # text stops (needs the engine's tokenizer); the text before one is emitted
     adapter: str | None = None  # a LoRA adapter already added to the model (None = the base model)
+    skip_special_tokens: bool = False  # the text leaves special tokens out (a chat reply: no role token in history)
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,8 @@ class _Running:
         if request.seed is not None and request.temperature > 0:
             self.generator = torch.Generator(device=device).manual_seed(request.seed)
         self.pending: list[str] = []
-        self.streamer = None if tokenizer is None else StopStreamer(tokenizer, request.stop_strings,
-                                                                    self.pending.append)
+        self.streamer = None if tokenizer is None else StopStreamer(
+            tokenizer, request.stop_strings, self.pending.append, skip_special_tokens=request.skip_special_tokens)
         self.generated = 0
         self.token = -1
 

@@ -89,7 +89,8 @@ class ServedModel:
 
     def generation_requests(self, body: SamplingRequest, prompts: list[list[int]], chat: bool) -> list[Any]:
         """One engine request per choice: for each prompt, n of them. With a seed, choice i gets seed + i (as
-        `lmforge generate --num-samples` does), so n choices differ and each is reproducible alone."""
+        `lmforge generate --num-samples` does), so n choices differ and each is reproducible alone. A chat reply's
+        text leaves special tokens out, as `lmforge chat` does: sent back as history, one would be refused."""
         from lmforge.infer.engine import GenerationRequest
 
         if body.n > self.max_batch:
@@ -104,7 +105,7 @@ class ServedModel:
                 requests.append(GenerationRequest(
                     prompt_ids=ids, max_new_tokens=max_new, temperature=body.temperature, top_p=body.top_p,
                     seed=None if body.seed is None else body.seed + i, stop_ids=self.stop_ids(chat),
-                    stop_strings=stops, adapter=adapter))
+                    stop_strings=stops, adapter=adapter, skip_special_tokens=chat))
         return requests
 
 
