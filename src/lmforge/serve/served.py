@@ -76,8 +76,8 @@ class ServedModel:
         asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
         room = self.context - prompt_len
         if room < 1:
-            raise APIError(400, f"the prompt has {prompt_len} tokens, and this model's context is {self.context} "
-                                "tokens with room for at least one new token; shorten the prompt",
+            raise APIError(400, f"the prompt has {prompt_len} tokens, but this model's context is {self.context} "
+                                "tokens, the reply included; shorten the prompt (or the conversation)",
                            param="messages" if hasattr(body, "messages") else "prompt", code="context_length_exceeded")
         if asked is None:
             return room if default is None else min(default, room)

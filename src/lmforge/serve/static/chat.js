@@ -105,6 +105,7 @@ async function send(text) {
       reply.dataset.state = "stopped";
     } else {
       reply.dataset.state = "error";
+      if (!reply.textContent) reply.remove();
       bubble("error", "Error: " + err.message);
     }
   } finally {
