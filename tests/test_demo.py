@@ -27,8 +27,9 @@ from near_ties import MIN_MARGIN, greedy_logits, top2_margin
 
 SECTIONS = ("Pretraining (decoder, causal LM)", "Held-out task accuracy", "Samples", "Post-training", "Distillation",
             "Decode speed against transformers", "Decode speed: KV cache vs none", "Weight-only quantisation",
-            "Speculative decoding", "Parameter-efficient fine-tuning", "Encoder and encoder-decoder pretraining",
-            "Fine-tuning: MLM-pretrained encoder", "Position encodings past the training length")
+            "Speculative decoding", "Serving", "Parameter-efficient fine-tuning",
+            "Encoder and encoder-decoder pretraining", "Fine-tuning: MLM-pretrained encoder",
+            "Position encodings past the training length")
 
 
 def near_ties(out: Path, n_prompts: int) -> int:
@@ -150,6 +151,15 @@ def test_demo_quick_writes_a_report_computed_in_the_run(tmp_path: Path) -> None:
     if not near(speedup):
         verdict = speculative_note(speedup, t_draft / t_step, t_verify / t_step)
         assert verdict.split(" (")[0] in spec_body
+
+    # serving: a row per server and concurrency level, then sequential generation, and the sentence they call for
+    serve_body = section(report, "Serving")
+    serving = table(serve_body)
+    assert [(r["server"], num(r["clients"])) for r in serving[:-1]] == [
+        (s, n) for s in plan.serve_servers for n in plan.serve_clients]
+    assert all(num(r["output tok/s"]) > 0 and num(r["req/s"]) > 0 for r in serving)
+    assert all(0 < num(r["TTFT p50 ms"]) <= num(r["TTFT p95 ms"]) for r in serving[:-1])
+    assert "of one-at-a-time generation" in serve_body
 
     # parameter-efficient fine-tuning: a row per method, each run reloads, the PiSSA sentence from the logged losses
     peft_body = section(report, "Parameter-efficient fine-tuning")

@@ -12,7 +12,13 @@ import pytest
 import lmforge.demo
 from lmforge.demo import demo_plan
 from lmforge.demo.decoder import auto_precision, cpu_flags, pretrain_config
-from lmforge.demo.verdicts import early_loss_note, pretraining_note, quantisation_note, speculative_note
+from lmforge.demo.verdicts import (
+    early_loss_note,
+    pretraining_note,
+    quantisation_note,
+    serving_note,
+    speculative_note,
+)
 
 DEMO_DIR = Path(lmforge.demo.__file__).parent
 STAGES = ("decoder", "alignment", "inference", "peft", "families", "positions")
@@ -73,6 +79,20 @@ def test_speculative_note_follows_the_speedup() -> None:
     assert "did not pay" in lost and "0.60x" in lost and "1.03" in lost
     assert "did not" not in paid and "1.60x" in paid
     assert "did not pay" in speculative_note(1.03, 0.5, 1.2)  # inside the noise: no claim of a gain
+
+
+def test_serving_note_follows_the_throughput_ratios() -> None:
+    met = serving_note({"1": {"vs_sequential": 1.0, "vs_best_transformers": 9.0},
+                        "8": {"vs_sequential": 3.5, "vs_best_transformers": 2.4}})
+    part = serving_note({"8": {"vs_sequential": 3.0, "vs_best_transformers": 2.5},
+                         "32": {"vs_sequential": 4.0, "vs_best_transformers": 1.5}})
+    missed = serving_note({"8": {"vs_sequential": 1.2, "vs_best_transformers": 0.8}})
+    alone = serving_note({"1": {"vs_sequential": 0.9}, "4": {"vs_sequential": 2.1}})
+    assert "3.50x at 8 clients" in met and "met the 2x target" in met and "2.40x at 8 clients" in met
+    assert "1 clients" not in met  # one client is no test of batching
+    assert "only in part" in part and "1.50x at 32 clients" in part
+    assert "missed the 2x target" in missed and "0.80x at 8 clients" in missed
+    assert "2.10x at 4 clients" in alone and "target" not in alone
 
 
 def test_early_loss_note_compares_the_printed_means() -> None:

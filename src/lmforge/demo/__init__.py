@@ -2,11 +2,12 @@
 
 world -> tokenizer -> token shards and instruction data, then one module per stage, each returning its report
 sections: `decoder` (GPT pretraining, task accuracy, samples), `alignment` (SFT, reward model, DPO, PPO, GRPO,
-distillation), `inference` (quantisation, speculative decoding), `peft` (every PEFT method vs full fine-tuning),
-`families` (BERT masked-LM and T5 span-corruption pretraining, and pretrained-vs-scratch fine-tuning), `positions`
-(the positional-encoding study). A stage that later stages build on also returns its checkpoint (`StageResult`);
-`run_demo` hands it on, so no stage knows where another writes. Every budget is a step count, so a run takes the
-same steps on any machine, and every number in the report is computed by this run.
+distillation), `inference` (quantisation, speculative decoding), `serving` (lmforge serve under load), `peft`
+(every PEFT method vs full fine-tuning), `families` (BERT masked-LM and T5 span-corruption pretraining, and
+pretrained-vs-scratch fine-tuning), `positions` (the positional-encoding study). A stage that later stages build on
+also returns its checkpoint (`StageResult`); `run_demo` hands it on, so no stage knows where another writes. Every
+budget is a step count, so a run takes the same steps on any machine, and every number in the report is computed by
+this run.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class DemoPlan:
     peft_eval: int = 50  # held-out instructions scoring each PEFT method
     speculative_tokens: int = 64
     samples: tuple[str, ...] = ("Question: What is the capital of", "One morning,", "Question: A coin is heads up.")
+    serve_servers: tuple[str, ...] = ("lmforge", "transformers", "transformers-cb")  # `lmforge.serve.load_test.SERVERS`
+    serve_clients: tuple[int, ...] = (1, 8)
+    serve_requests: int = 2  # streamed completions each client sends
+    serve_tokens: int = 32  # max_tokens of each
 
 
 def demo_plan(quick: bool) -> DemoPlan:
@@ -69,7 +74,8 @@ def demo_plan(quick: bool) -> DemoPlan:
             position_model=dict(n_layer=1, n_head=2, d_model=32), position_len=32,
             instruct_examples=(100, 40, 8), peft_eval=4,
             post_steps=dict(sft=20, reward=10, dpo=10, rl=3, distill=10, peft=6),
-            rl_prompts=4, student=dict(n_layer=1, n_head=2, d_model=32))
+            rl_prompts=4, student=dict(n_layer=1, n_head=2, d_model=32),
+            serve_servers=("lmforge",), serve_clients=(1, 4), serve_requests=1, serve_tokens=8)
     return DemoPlan(
         world=WorldConfig(seed=0), vocab_size=1024,
         decoder=ModelConfig(family="gpt2", vocab_size=1024, max_seq_len=256, n_layer=4, n_head=6, d_model=192),
@@ -126,13 +132,13 @@ def fresh_demo_dir(out_dir: Path) -> None:
 
 
 def run_demo(out_dir: Path, report_dir: Path, quick: bool = False, precision: str = "auto") -> Path:
-    from lmforge.demo import alignment, decoder, families, inference, peft, positions
+    from lmforge.demo import alignment, decoder, families, inference, peft, positions, serving
 
     plan = demo_plan(quick)
     t_start = time.perf_counter()
     fresh_demo_dir(out_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    timer = StageTimer(total=7)
+    timer = StageTimer(total=8)
     timer.start("the synthetic world: corpus, tokenizer, token shards, instruction data")
     data = prepare_world(plan, out_dir / "data")
     timer.start("decoder (GPT) pretraining, task accuracy, samples")
@@ -142,6 +148,8 @@ def run_demo(out_dir: Path, report_dir: Path, quick: bool = False, precision: st
     timer.start("inference: quantisation, speculative decoding (the distilled student drafts)")
     sections = [*pretrained.sections, *aligned.sections,
                 *inference.run(plan, data, pretrained.checkpoint, aligned.checkpoint, out_dir, report_dir)]
+    timer.start("serving: lmforge serve (and transformers serve) under concurrent clients")
+    sections += serving.run(plan, pretrained.checkpoint)
     timer.start("parameter-efficient fine-tuning: every method vs full fine-tuning")
     sections += peft.run(plan, data, pretrained.checkpoint, out_dir, report_dir)
     timer.start("encoder (BERT, masked LM) and encoder-decoder (T5, span corruption); fine-tuning")

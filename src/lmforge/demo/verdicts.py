@@ -55,3 +55,23 @@ def pretraining_note(what: str, metric: str, scratch: float, pretrained: float) 
     verb = "raised" if pretrained > scratch else "did not raise"
     return (f"On {what}, masked-LM pretraining {verb} held-out {metric} ({scratch:.1%} from scratch, "
             f"{pretrained:.1%} pretrained).")
+
+
+def serving_note(ratios: dict[str, dict[str, float]], target: float = 2.0) -> str:
+    """Whether lmforge serve met its throughput target (2x the best transformers serve) at each measured concurrency
+    level above one client, and what serving several clients at once gained over sequential generation."""
+    levels = [n for n in ratios if int(n) > 1]
+    gains = ", ".join(f"{ratios[n]['vs_sequential']:.2f}x at {n} clients" for n in levels)
+    sentence = f"Serving clients together gave lmforge serve {gains} the throughput of one-at-a-time generation."
+    versus = [n for n in levels if "vs_best_transformers" in ratios[n]]
+    if not versus:
+        return sentence
+    figures = ", ".join(f"{ratios[n]['vs_best_transformers']:.2f}x at {n} clients" for n in versus)
+    met = [n for n in versus if ratios[n]["vs_best_transformers"] >= target]
+    if len(met) == len(versus):
+        verdict = f"It met the {target:g}x target over the best transformers serve configuration ({figures})."
+    elif met:
+        verdict = f"It met the {target:g}x target over the best transformers serve only in part ({figures})."
+    else:
+        verdict = f"It missed the {target:g}x target over the best transformers serve ({figures})."
+    return f"{sentence} {verdict}"

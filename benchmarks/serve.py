@@ -1,0 +1,62 @@
+"""Serving under load: `lmforge serve` vs `transformers serve` (with and without its continuous batching) on the
+same exported weights, and vs lmforge's own sequential generation (`lmforge.serve.load_test` measures).
+
+Each server runs alone as a subprocess on loopback; at each concurrency level that many clients (the official
+`openai` async client) each send `--requests` streamed greedy completions of up to `--max-tokens` tokens, one
+after another, every prompt distinct. Printed per server and level: output tokens/s, requests/s, p50/p95 time to
+first token and latency; then lmforge serve's throughput over the best transformers server and over sequential
+generation. Targets (issue 13): >= 2x transformers serve's best throughput at 8 and 32 clients, and a lower p50 time
+to first token.
+
+    python benchmarks/serve.py --run runs/sft                       # 1, 8 and 32 clients, every server
+    python benchmarks/serve.py --run runs/sft --clients 1 8 --requests 2 --max-tokens 32 --json serve.json
+    python benchmarks/serve.py --run runs/sft --servers lmforge transformers-cb
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from lmforge.serve.load_test import SERVERS, compare  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--run", type=Path, required=True,
+                   help="lmforge run or checkpoint dir (a decoder with a tokenizer), e.g. --run runs/sft")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="concurrency levels, e.g. 1 8 32")
+    p.add_argument("--requests", type=int, default=4, help="requests each client sends one after another, e.g. 4")
+    p.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each completion, e.g. 64")
+    p.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS),
+                   help="servers to measure, e.g. lmforge transformers-cb (transformers serve --continuous-batching)")
+    p.add_argument("--json", type=Path, default=None, help="also write every figure here, e.g. --json serve.json")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    print(common.machine_line())
+    results = compare(args.run, args.servers, args.clients, args.requests, args.max_tokens)
+    header = f"{'server':<20}{'clients':>8}{'tok/s':>10}{'req/s':>8}{'TTFT p50':>10}{'p95':>8}{'lat p50':>9}{'p95':>8}"
+    print(header + "\n" + "-" * len(header))
+    for name, levels in results["servers"].items():
+        for clients, m in levels.items():
+            print(f"{name:<20}{clients:>8}{m['tokens_per_s']:>10.1f}{m['requests_per_s']:>8.2f}{m['ttft_p50_s']:>10.3f}"
+                  f"{m['ttft_p95_s']:>8.3f}{m['latency_p50_s']:>9.3f}{m['latency_p95_s']:>8.3f}")
+    seq = results["sequential"]
+    print(f"{'lmforge sequential':<20}{1:>8}{seq['tokens_per_s']:>10.1f}{seq['requests_per_s']:>8.2f}")
+    for clients, ratio in results["ratios"].items():
+        print(f"{clients} clients: lmforge serve throughput "
+              + ", ".join(f"{v:.2f}x {k.replace('_', ' ')}" for k, v in ratio.items()))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": common.machine_line(), **results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

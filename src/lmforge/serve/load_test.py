@@ -1,0 +1,183 @@
+"""Measure OpenAI-compatible servers under load: each server runs alone as a subprocess on loopback, and at each
+concurrency level that many clients (the official `openai` async client) send streamed greedy completions one
+after another. Per level: output tokens/s and requests/s over the level's wall time, and p50/p95 of time to first
+token (first streamed text) and of request latency. Output tokens are counted by encoding each reply with the
+served model's tokenizer, the same count for every server. `benchmarks/serve.py` and the demo's serving table
+run on this; `sequential_baseline` is lmforge's own generation, one prompt at a time, for comparison.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+SERVERS = ("lmforge", "transformers", "transformers-cb")  # transformers-cb: transformers serve --continuous-batching
+PROMPT_WORDS = ("the", "king", "said", "to", "his", "friend", "that", "night", "we", "shall", "go", "where", "rain",
+                "falls", "and", "all", "men", "sing")
+
+
+def prompts(n: int) -> list[str]:
+    """n distinct short prompts of a few words (deterministic)."""
+    k = len(PROMPT_WORDS)
+    return [" ".join(PROMPT_WORDS[(i * 7 + j * (i % 5 + 1)) % k] for j in range(4 + i % 6)) + f" {i}"
+            for i in range(n)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(name: str, run: Path, hf_dir: Path, port: int, max_batch: int) -> list[str]:
+    """The command line that serves `run` (lmforge) or its export `hf_dir` (transformers serve) on `port`."""
+    if name == "lmforge":
+        return [sys.executable, "-m", "lmforge.cli", "serve", str(run), "--port", str(port),
+                "--max-batch", str(max_batch), "--max-queue", str(4 * max_batch)]
+    tool = shutil.which("transformers") or str(Path(sys.executable).with_name("transformers"))
+    command = [tool, "serve", str(hf_dir), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+    return command + (["--continuous-batching"] if name == "transformers-cb" else [])
+
+
+def wait_healthy(port: int, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with status {process.returncode} before answering /health")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"no answer on /health within {timeout:.0f} s")
+
+
+async def _one_request(client, model: str, prompt: str, max_tokens: int) -> tuple[float, float, str]:
+    """(time to first text, latency, text) of one streamed greedy completion."""
+    start = time.perf_counter()
+    first, text = None, []
+    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
+                                             stream=True)
+    async for chunk in stream:
+        piece = chunk.choices[0].text if chunk.choices else ""
+        if piece and first is None:
+            first = time.perf_counter() - start
+        text.append(piece)
+    latency = time.perf_counter() - start
+    return (latency if first is None else first), latency, "".join(text)
+
+
+async def _load_level(port: int, model: str, texts: list[str], clients: int, max_tokens: int) -> tuple[float, list]:
+    """`clients` concurrent clients over `texts` (split between them): (wall seconds, per-request results)."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
+    shares = [texts[i::clients] for i in range(clients)]
+
+    async def worker(share: list[str]) -> list:
+        return [await _one_request(client, model, prompt, max_tokens) for prompt in share]
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(worker(s) for s in shares))
+    wall = time.perf_counter() - start
+    await client.close()
+    return wall, [r for share in results for r in share]
+
+
+def _percentile(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def summarise(wall: float, results: list, count_tokens: Callable[[str], int]) -> dict[str, float]:
+    ttft, latency = [r[0] for r in results], [r[1] for r in results]
+    tokens = sum(count_tokens(r[2]) for r in results)
+    return {"tokens_per_s": tokens / wall, "requests_per_s": len(results) / wall, "output_tokens": tokens,
+            "ttft_p50_s": _percentile(ttft, 50), "ttft_p95_s": _percentile(ttft, 95),
+            "latency_p50_s": _percentile(latency, 50), "latency_p95_s": _percentile(latency, 95)}
+
+
+def measure_server(name: str, run: Path, hf_dir: Path, clients: list[int], requests: int, max_tokens: int,
+                   count_tokens: Callable[[str], int], startup_timeout: float = 180.0) -> dict[str, dict]:
+    """Start server `name`, warm it up, and measure each concurrency level; {clients: figures}."""
+    port = free_port()
+    log = tempfile.TemporaryFile()
+    process = subprocess.Popen(server_command(name, run, hf_dir, port, max(clients)), stdout=log,
+                               stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        wait_healthy(port, process, startup_timeout)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10) as r:
+            model = json.load(r)["data"][0]["id"]
+        asyncio.run(_load_level(port, model, prompts(2), 1, 4))  # first-call costs stay out of the figures
+        levels = {}
+        for n in clients:
+            wall, results = asyncio.run(_load_level(port, model, prompts(n * requests), n, max_tokens))
+            levels[str(n)] = summarise(wall, results, count_tokens)
+        return levels
+    except Exception as err:
+        log.seek(0)
+        tail = log.read().decode(errors="replace").strip().splitlines()[-5:]
+        raise RuntimeError(f"{name} serve: {err}; its last output: {' | '.join(tail)}") from None
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def sequential_baseline(run: Path, texts: list[str], max_tokens: int,
+                        count_tokens: Callable[[str], int]) -> dict[str, float]:
+    """lmforge's own generation of `texts`, one at a time in this process (greedy, as the servers run)."""
+    import lmforge
+    from lmforge.infer.generate import SamplingConfig, generate
+
+    model, tokenizer = lmforge.load(run)
+    model.eval()
+    generate(model, tokenizer, texts[0], SamplingConfig(max_new_tokens=4, temperature=0.0))
+    cfg = SamplingConfig(max_new_tokens=max_tokens, temperature=0.0)
+    start = time.perf_counter()
+    tokens = sum(count_tokens(generate(model, tokenizer, t, cfg)) for t in texts)
+    wall = time.perf_counter() - start
+    return {"tokens_per_s": tokens / wall, "requests_per_s": len(texts) / wall, "output_tokens": tokens}
+
+
+def compare(run: Path, servers: list[str], clients: list[int], requests: int, max_tokens: int) -> dict:
+    """Every figure of `servers` on `run` (the transformers servers on its Hugging Face export) and of lmforge's
+    sequential generation, with lmforge serve's throughput ratios per level."""
+    import lmforge
+    from lmforge.export import export_run
+
+    _, tokenizer = lmforge.load(run)
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer.encode(text)) if text else 0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = Path(tmp) / "hf"
+        if any(s != "lmforge" for s in servers):
+            export_run(run, "hf", hf_dir)
+        figures = {s: measure_server(s, run, hf_dir, clients, requests, max_tokens, count_tokens) for s in servers}
+    sequential = sequential_baseline(run, prompts(max(clients) * requests), max_tokens, count_tokens)
+    ratios = {}
+    if "lmforge" in figures:
+        for n in map(str, clients):
+            ours = figures["lmforge"][n]["tokens_per_s"]
+            ratio = {"vs_sequential": ours / sequential["tokens_per_s"]}
+            peers = [figures[s][n]["tokens_per_s"] for s in servers if s != "lmforge"]
+            if peers:
+                ratio["vs_best_transformers"] = ours / max(peers)
+            ratios[n] = ratio
+    return {"clients": clients, "requests_per_client": requests, "max_tokens": max_tokens, "servers": figures,
+            "sequential": sequential, "ratios": ratios}
