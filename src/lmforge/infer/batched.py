@@ -9,7 +9,7 @@ fed a pad token until every row is done; its outputs are ignored. Generation alw
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import torch
 
@@ -26,9 +26,12 @@ def generate_batch(
     prompts: list[list[int]],
     cfg: SamplingConfig,
     eos_id: int | Collection[int] | None = None,
+    row_done: Callable[[int, list[int]], bool] | None = None,
 ) -> list[list[int]]:
     """Generate up to cfg.max_new_tokens ids after each prompt; returns each row's new ids.
 
+    `row_done(i, new_ids)` is asked after each token row i takes (e.g. whether a stop string has appeared); True
+    ends that row.
     Greedy rows match `generate_ids` on that prompt alone; a seeded sampling run is reproducible (but draws
     from one generator for the whole batch, so its rows differ from single-prompt runs)."""
     cfg.validate()
@@ -61,7 +64,7 @@ def generate_batch(
                     done[i] = True
                     continue
                 new[i].append(tid)
-                done[i] = len(new[i]) == cfg.max_new_tokens
+                done[i] = len(new[i]) == cfg.max_new_tokens or (row_done is not None and row_done(i, new[i]))
             if all(done):
                 return new
             feed = torch.tensor([[PAD_ID if d else t] for d, t in zip(done, tokens, strict=True)], device=device)

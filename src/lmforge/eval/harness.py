@@ -1,0 +1,262 @@
+"""lm-evaluation-harness adapter: an lmforge decoder as lm_eval's model "lmforge".
+
+Importing this module registers the model: after `import lmforge.eval.harness`,
+`lm_eval.simple_evaluate(model="lmforge", model_args="pretrained=RUN", ...)` evaluates an lmforge run or checkpoint.
+The requests are the ones lm-eval's own `hf` model would score: pairs are tokenised by lm-eval's `TemplateLM`,
+loglikelihood_rolling cuts lm-eval's rolling windows, generate_until takes lm-eval's stop sequences and
+max_gen_toks. What differs is how they run:
+
+- loglikelihood: requests that share a context (a multiple-choice item's choices) are grouped; a batch of contexts,
+  left-padded, runs once into a KV cache, the cache rows are repeated for each continuation, and the continuations,
+  right-padded, run on top of it in one more forward. The vocabulary projection is applied only where a token is
+  scored, and a one-token continuation needs only the first forward.
+- generate_until: left-padded batches over one KV cache (`infer.batched.generate_batch`); a row ends at EOS, at a stop
+  sequence or after max_gen_toks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from lmforge.errors import CheckpointError, ConfigError, LmforgeError
+
+try:
+    import lm_eval.models  # noqa: F401  (lm-eval's registry fills itself from this only while it is empty)
+    from lm_eval import utils as lm_utils
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+except ImportError as exc:
+    raise LmforgeError(f"lm-evaluation-harness is not installed ({exc.name} is missing): "
+                       "pip install 'lmforge[eval]'") from None
+
+from lmforge.infer.batched import generate_batch
+from lmforge.infer.generate import SamplingConfig
+from lmforge.model.decoder import DecoderLM
+from lmforge.model.layers import fused_qkv
+from lmforge.tokenizer import Tokenizer
+
+# a loglikelihood request as TemplateLM hands it over: (the key lm-eval caches the answer under, context ids,
+# continuation ids)
+Request = tuple[Any, list[int], list[int]]
+GENERATION_KEYS = ("until", "max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens", "do_sample",
+                   "temperature", "top_k", "top_p")
+
+
+def _padded(rows: Sequence[Sequence[int]], width: int, left: bool, device: torch.device) -> tuple[torch.Tensor,
+                                                                                                  torch.Tensor]:
+    """rows as one [B, width] id block and its mask (1 = real), padded on the left or the right with id 0."""
+    ids = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        cols = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, cols] = torch.tensor(row, dtype=torch.long, device=device)
+        mask[i, cols] = 1
+    return ids, mask
+
+
+@register_model("lmforge")
+class LmforgeLM(TemplateLM):
+    """lm-eval's model interface over an lmforge decoder (GPT-2 or Llama family).
+
+    `pretrained`: an lmforge run/checkpoint dir or Hugging Face dir, or a loaded `DecoderLM` (then pass `tokenizer`).
+    `batch_size`: requests per forward (loglikelihood continuations, generate_until prompts)."""
+
+    def __init__(self, pretrained: str | Path | DecoderLM, tokenizer: Tokenizer | None = None,
+                 batch_size: int | str = 16, max_gen_toks: int = 256, device: str | None = None) -> None:
+        super().__init__()
+        if isinstance(pretrained, (str, Path)):
+            import lmforge
+            from lmforge.infer.layout import column_major_linears
+
+            model, own_tokenizer = lmforge.load(pretrained)
+            column_major_linears(model)  # faster small-batch matmuls; the adapter only reads the weights
+            tokenizer = tokenizer or own_tokenizer
+        else:
+            model = pretrained
+        if getattr(getattr(model, "cfg", None), "arch", None) != "decoder":
+            raise ConfigError(f"{pretrained} is not a decoder (GPT-2, Llama): the lm-eval adapter scores and "
+                              "generates with decoders")
+        if tokenizer is None:
+            raise CheckpointError(f"{pretrained} has no tokenizer.json; lm-eval passes text, so the model needs one")
+        if tokenizer.eos_id is None and tokenizer.bos_id is None:
+            raise CheckpointError(f"{pretrained}'s tokenizer has neither a BOS nor an EOS token; lm-eval conditions "
+                                  "a text's first token on one of them")
+        if not str(batch_size).isdigit() or int(batch_size) < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.model = (model.to(device) if device else model).eval()
+        self.tokenizer = tokenizer
+        self._batch_size = int(batch_size)
+        self._max_gen_toks = int(max_gen_toks)
+        self._prefix_text = tokenizer.decode([self.prefix_token_id])
+
+    # -- what lm-eval asks of a model -------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_id if self.tokenizer.eos_id is not None else self.tokenizer.bos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        """What a text's first token is conditioned on: BOS, else EOS (as lm-eval's hf model)."""
+        return self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.tokenizer.eos_id
+
+    @property
+    def max_length(self) -> int:
+        return self.model.cfg.max_seq_len
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def tokenizer_name(self) -> str:
+        return "lmforge"
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        """The tokenizer's ids; its post-processor (if any adds BOS) applies unless told not to or the text already
+        starts with the prefix token, as for lm-eval's hf model."""
+        add = add_special_tokens if add_special_tokens is not None else not string.startswith(self._prefix_text)
+        return self.tokenizer.backend.encode(string, add_special_tokens=add).ids
+
+    def tok_decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # -- loglikelihood ------------------------------------------------------------------------------
+    def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
+                              **kwargs: Any) -> list[tuple[float, bool]]:
+        """(log p(continuation | context), whether greedy decoding yields the continuation) per request."""
+        limit = self.max_length
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, (_, context, continuation) in enumerate(requests):
+            if not continuation:
+                raise LmforgeError(f"loglikelihood request {i} has a continuation that tokenises to nothing: "
+                                   f"{requests[i][0]!r}")
+            if len(continuation) > limit:
+                raise LmforgeError(f"a continuation of {len(continuation)} tokens does not fit the {limit}-token "
+                                   "context window")
+            # as the hf model: a context that does not fit with the continuation loses its first tokens
+            groups[tuple(context[-(limit + 1 - len(continuation)):])].append(i)
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        progress = tqdm(total=len(requests), disable=disable_tqdm, desc="lmforge loglikelihood")
+        batch: list[tuple[tuple[int, ...], list[int]]] = []
+        for context, members in sorted(groups.items(), key=lambda g: -len(g[0])):
+            if batch and not self._fits(batch + [(context, members)], requests):
+                self._score(batch, requests, results)
+                progress.update(sum(len(m) for _, m in batch))
+                batch = []
+            batch.append((context, members))
+        if batch:
+            self._score(batch, requests, results)
+            progress.update(sum(len(m) for _, m in batch))
+        progress.close()
+        return results
+
+    def _fits(self, batch: list[tuple[tuple[int, ...], list[int]]], requests: list[Request]) -> bool:
+        """Whether a batch of context groups stays within batch_size continuations and, padded, within the context
+        window (a group alone always does)."""
+        rows = [i for _, members in batch for i in members]
+        width = max(len(c) for c, _ in batch) + max(len(requests[i][2]) for i in rows) - 1
+        return len(rows) <= self.batch_size and width <= self.max_length
+
+    @torch.inference_mode()
+    def _score(self, batch: list[tuple[tuple[int, ...], list[int]]], requests: list[Request],
+               results: list[tuple[float, bool]]) -> None:
+        """Score one batch of context groups into `results`: a forward over the contexts, one over the continuations."""
+        model, device = self.model, self.model.device
+        members = [i for _, group in batch for i in group]
+        continuations = [requests[i][2] for i in members]
+        owner = torch.tensor([g for g, (_, group) in enumerate(batch) for _ in group], device=device)
+        context_ids, context_mask = _padded([c for c, _ in batch], max(len(c) for c, _ in batch), True, device)
+        rest = max(len(c) for c in continuations) - 1
+        cache = model.new_cache(len(batch), context_ids.shape[1] + rest)
+        with fused_qkv(model):
+            first = model(context_ids, cache=cache, attention_mask=context_mask, keep_last=1)
+            logits = first[owner]  # [N, 1, V]: each continuation's first token, predicted by its context's last
+            if rest:
+                cache.reorder(owner)
+                ids, mask = _padded([c[:-1] for c in continuations], rest, False, device)
+                later = model(ids, cache=cache, attention_mask=torch.cat([context_mask[owner], mask], dim=1))
+                logits = torch.cat([logits, later], dim=1)
+        log_probs = F.log_softmax(logits.float(), dim=-1)
+        targets, real = _padded(continuations, rest + 1, False, device)
+        token_log_probs = log_probs.gather(-1, targets[..., None]).squeeze(-1).masked_fill(real == 0, 0.0)
+        greedy = ((log_probs.argmax(-1) == targets) | (real == 0)).all(dim=1)
+        for i, total, is_greedy in zip(members, token_log_probs.sum(dim=1).tolist(), greedy.tolist(), strict=True):
+            results[i] = (total, is_greedy)
+            if requests[i][0] is not None:
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
+
+    def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
+        """Each text's log-likelihood over lm-eval's rolling windows of the context length (each token predicted
+        once, with as much context as fits), summed per text."""
+        windows: list[Request] = []
+        owners: list[int] = []
+        for n, (text,) in enumerate(r.args for r in requests):
+            tokens = self.tok_encode(text)
+            for context, continuation in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+                    token_list=tokens, prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1)):
+                windows.append((None, context, continuation))
+                owners.append(n)
+        totals = [0.0] * len(requests)
+        for n, (log_prob, _) in zip(owners, self._loglikelihood_tokens(windows, disable_tqdm), strict=True):
+            totals[n] += log_prob
+        for request, total in zip(requests, totals, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+        return totals
+
+    # -- generation ---------------------------------------------------------------------------------
+    def _sampling(self, gen_kwargs: dict) -> tuple[SamplingConfig, list[str]]:
+        """The SamplingConfig and stop strings of a task's generation_kwargs."""
+        unknown = sorted(set(gen_kwargs) - set(GENERATION_KEYS))
+        if unknown:
+            raise ConfigError(f"generation_kwargs {', '.join(unknown)} not supported by the lmforge model; it takes "
+                              f"{', '.join(GENERATION_KEYS)}")
+        kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+        until = handle_stop_sequences(kwargs["until"], eos=self.tokenizer.decode([self.eot_token_id]))
+        temperature = float(kwargs["temperature"]) if kwargs["do_sample"] else 0.0
+        cfg = SamplingConfig(max_new_tokens=kwargs["max_gen_toks"], temperature=temperature,
+                             top_k=int(kwargs.get("top_k") or 0), top_p=float(kwargs.get("top_p") or 1.0),
+                             truncate_prompt=True)  # as the hf model, a prompt keeps its last tokens
+        return cfg, until
+
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        """Each context's continuation up to the first stop sequence (the text before it), EOS or max_gen_toks."""
+        by_kwargs: dict[str, list[int]] = defaultdict(list)
+        for i, request in enumerate(requests):
+            by_kwargs[json.dumps(request.args[1], sort_keys=True, default=str)].append(i)
+        outputs = [""] * len(requests)
+        progress = tqdm(total=len(requests), disable=disable_tqdm, desc="lmforge generate_until")
+        for members in by_kwargs.values():
+            cfg, until = self._sampling(requests[members[0]].args[1])
+            prompts = {i: self.tok_encode(requests[i].args[0]) for i in members}
+            members.sort(key=lambda i: -len(prompts[i]))  # similar lengths share a batch: less padding
+
+            def stopped(_row: int, ids: list[int]) -> bool:
+                text = self.tok_decode(ids)
+                return any(stop in text for stop in until)
+
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start:start + self.batch_size]
+                new = generate_batch(self.model, [prompts[i] for i in chunk], cfg, self.eot_token_id, stopped)
+                for i, ids in zip(chunk, new, strict=True):
+                    outputs[i] = postprocess_generated_text(self.tok_decode(ids), until, None)
+                    self.cache_hook.add_partial("generate_until", requests[i].args, outputs[i])
+                progress.update(len(chunk))
+        progress.close()
+        return outputs
