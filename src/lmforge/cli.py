@@ -20,6 +20,7 @@ from jsonargparse import SUPPRESS, ArgumentParser, DefaultHelpFormatter, Namespa
 from lmforge.commands import (
     cmd_data_prepare,
     cmd_demo,
+    cmd_eval_harness,
     cmd_export,
     cmd_generate,
     cmd_merge,
@@ -29,6 +30,7 @@ from lmforge.commands import (
     demo_options,
     export_options,
     generate_options,
+    harness_options,
     merge_options,
     quantize_options,
     tokenizer_train_options,
@@ -302,6 +304,10 @@ VERBS: dict[str, tuple[str, str, Callable[[ArgumentParser], None] | None, Callab
                  'lmforge generate runs/demo/pretrain --prompt "The capital of" --temperature 0.8 --top-p 0.9\n'
                  '  lmforge generate --adapter runs/sft-adapter --base runs/base-hf --prompt "The capital of"',
                  generate_options, cmd_generate),
+    "eval": ("evaluation commands", "lmforge eval harness --help", None, None),
+    "eval harness": ("run lm-evaluation-harness tasks on a model (needs: pip install 'lmforge[eval]')",
+                     "lmforge eval harness runs/demo/pretrain --tasks my_task --include-path my_tasks/ "
+                     "--output results.json", harness_options, cmd_eval_harness),
 }
 
 

@@ -1,4 +1,5 @@
-"""lm-evaluation-harness adapter: an lmforge decoder as lm_eval's model "lmforge".
+"""lm-evaluation-harness adapter: an lmforge decoder as lm_eval's model "lmforge", and `evaluate`, which runs named
+lm-eval tasks on it (`lmforge eval harness`).
 
 Importing this module registers the model: after `import lmforge.eval.harness`,
 `lm_eval.simple_evaluate(model="lmforge", model_args="pretrained=RUN", ...)` evaluates an lmforge run or checkpoint.
@@ -16,9 +17,11 @@ max_gen_toks. What differs is how they run:
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections import defaultdict
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +29,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lmforge.errors import CheckpointError, ConfigError, LmforgeError
+from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError, one_line
 
 try:
     import lm_eval.models  # noqa: F401  (lm-eval's registry fills itself from this only while it is empty)
+    from lm_eval import simple_evaluate
     from lm_eval import utils as lm_utils
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
     from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+    from lm_eval.tasks import TaskManager
 except ImportError as exc:
     raise LmforgeError(f"lm-evaluation-harness is not installed ({exc.name} is missing): "
                        "pip install 'lmforge[eval]'") from None
@@ -235,6 +240,10 @@ class LmforgeLM(TemplateLM):
                              truncate_prompt=True)  # as the hf model, a prompt keeps its last tokens
         return cfg, until
 
+    def _has_stop(self, until: list[str], _row: int, ids: list[int]) -> bool:
+        text = self.tok_decode(ids)
+        return any(stop in text for stop in until)
+
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
         """Each context's continuation up to the first stop sequence (the text before it), EOS or max_gen_toks."""
         by_kwargs: dict[str, list[int]] = defaultdict(list)
@@ -246,11 +255,7 @@ class LmforgeLM(TemplateLM):
             cfg, until = self._sampling(requests[members[0]].args[1])
             prompts = {i: self.tok_encode(requests[i].args[0]) for i in members}
             members.sort(key=lambda i: -len(prompts[i]))  # similar lengths share a batch: less padding
-
-            def stopped(_row: int, ids: list[int]) -> bool:
-                text = self.tok_decode(ids)
-                return any(stop in text for stop in until)
-
+            stopped = partial(self._has_stop, until)
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start:start + self.batch_size]
                 new = generate_batch(self.model, [prompts[i] for i in chunk], cfg, self.eot_token_id, stopped)
@@ -260,3 +265,56 @@ class LmforgeLM(TemplateLM):
                 progress.update(len(chunk))
         progress.close()
         return outputs
+
+
+# -- running named tasks ------------------------------------------------------------------------------
+
+
+def task_manager(include_path: str | Path | None) -> TaskManager:
+    """lm-eval's task index: only the tasks under `include_path` when given (its ~14,000 bundled tasks are not
+    indexed), else the bundled ones."""
+    if include_path is None:
+        return TaskManager()
+    if not Path(include_path).is_dir():
+        raise ConfigError(f"--include-path {include_path} is not a directory; give a directory of lm-eval task YAML "
+                          "files (each with a `task: NAME` key)")
+    manager = TaskManager(include_defaults=False, include_path=str(include_path))
+    if not manager.all_tasks:
+        raise ConfigError(f"--include-path {include_path} holds no lm-eval task YAML (files with a `task: NAME` key)")
+    return manager
+
+
+def require_tasks(manager: TaskManager, names: Sequence[str], include_path: str | Path | None) -> None:
+    """ConfigError naming the first task (or group or tag) `manager` does not know, with what it knows."""
+    for name in names:
+        if name in manager.all_tasks:
+            continue
+        if include_path is not None:
+            raise ConfigError(f"unknown lm-eval task '{name}' (--tasks); --include-path {include_path} has: "
+                              f"{', '.join(manager.all_tasks)}")
+        close = difflib.get_close_matches(name, manager.all_tasks, n=5)
+        hint = f"closest: {', '.join(close)}; " if close else ""
+        raise ConfigError(f"unknown lm-eval task '{name}' (--tasks); {hint}lm-eval bundles {len(manager.all_tasks)} "
+                          "(`lm-eval ls tasks` lists them), or give your own with --include-path DIR")
+
+
+def evaluate(pretrained: str | Path, tasks: Sequence[str], include_path: str | Path | None = None,
+             limit: int | None = None, batch_size: int = 16) -> dict:
+    """lm-eval's results dict for `tasks` on an lmforge run or checkpoint (samples left out)."""
+    manager = task_manager(include_path)
+    require_tasks(manager, tasks, include_path)
+    model = LmforgeLM(pretrained, batch_size=batch_size)
+    try:
+        return simple_evaluate(model=model, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False)
+    except FileNotFoundError as exc:  # a task's data_files
+        raise DataError(f"a task's data is missing: {one_line(exc)} (relative data_files are read from the working "
+                        "directory)") from None
+
+
+def results_json(results: dict) -> str:
+    """`results` as lm-eval's own CLI writes it (values JSON does not know become strings)."""
+    return json.dumps(results, indent=2, default=lm_utils.handle_non_serializable, ensure_ascii=False) + "\n"
+
+
+def results_table(results: dict) -> str:
+    return lm_utils.make_table(results)
