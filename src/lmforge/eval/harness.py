@@ -68,6 +68,14 @@ def _padded(rows: Sequence[Sequence[int]], width: int, left: bool, device: torch
     return ids, mask
 
 
+def _shares(batch: list[tuple[tuple[int, ...], list[int]]]) -> bool:
+    """Whether running each context once for all its continuations (`_logits_shared`: padding masks, a second
+    forward) is worth it: when that saves at least half the context tokens a row per continuation would run.
+    It is for multiple choice over a long question; not for rolling windows, whose shared context is one token."""
+    saved = sum((len(members) - 1) * len(context) for context, members in batch)
+    return saved * 2 >= sum(len(members) * len(context) for context, members in batch) and saved > 0
+
+
 @register_model("lmforge")
 class LmforgeLM(TemplateLM):
     """lm-eval's model interface over an lmforge decoder (GPT-2 or Llama family).
@@ -176,36 +184,64 @@ class LmforgeLM(TemplateLM):
         """Whether a batch of context groups stays within batch_size continuations and, padded, within the context
         window (a group alone always does)."""
         rows = [i for _, members in batch for i in members]
-        width = max(len(c) for c, _ in batch) + max(len(requests[i][2]) for i in rows) - 1
+        if _shares(batch):  # contexts, then continuations
+            width = max(len(c) for c, _ in batch) + max(len(requests[i][2]) for i in rows) - 1
+        else:  # each context and continuation in one row
+            width = max(len(c) + len(requests[i][2]) - 1 for c, members in batch for i in members)
         return len(rows) <= self.batch_size and width <= self.max_length
 
     @torch.inference_mode()
     def _score(self, batch: list[tuple[tuple[int, ...], list[int]]], requests: list[Request],
                results: list[tuple[float, bool]]) -> None:
-        """Score one batch of context groups into `results`: a forward over the contexts, one over the continuations."""
-        model, device = self.model, self.model.device
+        """Score one batch of context groups into `results`."""
         members = [i for _, group in batch for i in group]
         continuations = [requests[i][2] for i in members]
-        owner = torch.tensor([g for g, (_, group) in enumerate(batch) for _ in group], device=device)
-        context_ids, context_mask = _padded([c for c, _ in batch], max(len(c) for c, _ in batch), True, device)
-        rest = max(len(c) for c in continuations) - 1
-        cache = model.new_cache(len(batch), context_ids.shape[1] + rest)
-        with fused_qkv(model):
-            first = model(context_ids, cache=cache, attention_mask=context_mask, keep_last=1)
-            logits = first[owner]  # [N, 1, V]: each continuation's first token, predicted by its context's last
-            if rest:
-                cache.reorder(owner)
-                ids, mask = _padded([c[:-1] for c in continuations], rest, False, device)
-                later = model(ids, cache=cache, attention_mask=torch.cat([context_mask[owner], mask], dim=1))
-                logits = torch.cat([logits, later], dim=1)
+        with fused_qkv(self.model):
+            if _shares(batch):
+                logits = self._logits_shared(batch, continuations)
+            else:
+                logits = self._logits_whole([c for c, group in batch for _ in group], continuations)
         log_probs = F.log_softmax(logits.float(), dim=-1)
-        targets, real = _padded(continuations, rest + 1, False, device)
+        targets, real = _padded(continuations, logits.shape[1], False, logits.device)
         token_log_probs = log_probs.gather(-1, targets[..., None]).squeeze(-1).masked_fill(real == 0, 0.0)
         greedy = ((log_probs.argmax(-1) == targets) | (real == 0)).all(dim=1)
         for i, total, is_greedy in zip(members, token_log_probs.sum(dim=1).tolist(), greedy.tolist(), strict=True):
             results[i] = (total, is_greedy)
             if requests[i][0] is not None:
                 self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
+
+    def _logits_whole(self, contexts: list[tuple[int, ...]], continuations: list[list[int]]) -> torch.Tensor:
+        """[N, W, V] logits predicting each continuation's tokens (right-padded to the longest, W), with one
+        context per continuation: each context + continuation (less its last token) in one right-padded forward.
+        Right padding needs no mask (a causal model's real positions never see it), so attention takes the fast
+        causal kernel."""
+        model, device = self.model, self.model.device
+        rows = [list(c) + cont[:-1] for c, cont in zip(contexts, continuations, strict=True)]
+        ids, _ = _padded(rows, max(len(r) for r in rows), False, device)
+        width = max(len(c) for c in continuations)
+        # the hidden state before each continuation token: positions len(context) - 1 onwards
+        starts = torch.tensor([len(c) - 1 for c in contexts], device=device)
+        where = (starts[:, None] + torch.arange(width, device=device)).clamp(max=ids.shape[1] - 1)
+        hidden = model.hidden(ids)
+        return model.lm_head(hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1])))
+
+    def _logits_shared(self, batch: list[tuple[tuple[int, ...], list[int]]],
+                       continuations: list[list[int]]) -> torch.Tensor:
+        """As `_logits_whole` for contexts that several continuations share: the contexts, left-padded, run once into
+        a KV cache, whose rows are then repeated for each continuation, and the continuations run on top of it."""
+        model, device = self.model, self.model.device
+        owner = torch.tensor([g for g, (_, group) in enumerate(batch) for _ in group], device=device)
+        context_ids, context_mask = _padded([c for c, _ in batch], max(len(c) for c, _ in batch), True, device)
+        rest = max(len(c) for c in continuations) - 1
+        cache = model.new_cache(len(batch), context_ids.shape[1] + rest)
+        first = model(context_ids, cache=cache, attention_mask=context_mask, keep_last=1)
+        logits = first[owner]  # [N, 1, V]: each continuation's first token, predicted by its context's last
+        if rest:
+            cache.reorder(owner)
+            ids, mask = _padded([c[:-1] for c in continuations], rest, False, device)
+            later = model(ids, cache=cache, attention_mask=torch.cat([context_mask[owner], mask], dim=1))
+            logits = torch.cat([logits, later], dim=1)
+        return logits
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
         """Each text's log-likelihood over lm-eval's rolling windows of the context length (each token predicted
