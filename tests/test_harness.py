@@ -174,3 +174,26 @@ def test_cli_without_lm_eval_says_what_to_install(env: dict, capsys: pytest.Capt
     assert main(["eval", "harness", str(env["run"]), "--tasks", TASKS[0], "--include-path", TASKS_DIR]) == 2
     err = _one_error_line(capsys)
     assert "lm-evaluation-harness is not installed" in err and "pip install 'lmforge[eval]'" in err
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["contexts-once", "one-row-per-request"])
+def test_both_ways_of_scoring_match_a_plain_forward(env: dict, monkeypatch: pytest.MonkeyPatch, shared: bool) -> None:
+    """Each loglikelihood batch is scored one of two ways (contexts once then continuations, or a row per request);
+    both give a plain forward's log-probabilities, also for a context cut to fit and one-token continuations."""
+    from lmforge.eval import harness
+
+    model = env["model"]
+    lm = harness.LmforgeLM(model, env["tokenizer"], batch_size=5)
+    gen = torch.Generator().manual_seed(0)
+    contexts = [torch.randint(5, 400, (n,), generator=gen).tolist() for n in (3, 17, 30, 45)]  # 45: cut to fit
+    requests = [(None, ctx, torch.randint(5, 400, (n,), generator=gen).tolist())
+                for ctx in contexts for n in (1, 4, 2)]
+    monkeypatch.setattr(harness, "_shares", lambda batch, reqs: shared)
+    scores = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    for (_, ctx, cont), (log_prob, is_greedy) in zip(requests, scores, strict=True):
+        ids = torch.tensor([(ctx + cont)[-33:][:-1]])
+        with torch.inference_mode():
+            log_probs = F.log_softmax(model(ids)[0, -len(cont):], dim=-1)
+        expected = log_probs.gather(-1, torch.tensor(cont)[:, None]).sum()
+        assert log_prob == pytest.approx(float(expected), rel=1e-5, abs=1e-4)
+        assert is_greedy == bool((log_probs.argmax(-1) == torch.tensor(cont)).all())

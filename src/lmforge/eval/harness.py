@@ -68,12 +68,13 @@ def _padded(rows: Sequence[Sequence[int]], width: int, left: bool, device: torch
     return ids, mask
 
 
-def _shares(batch: list[tuple[tuple[int, ...], list[int]]]) -> bool:
+def _shares(batch: list[tuple[tuple[int, ...], list[int]]], requests: list[Request]) -> bool:
     """Whether running each context once for all its continuations (`_logits_shared`: padding masks, a second
-    forward) is worth it: when that saves at least half the context tokens a row per continuation would run.
-    It is for multiple choice over a long question; not for rolling windows, whose shared context is one token."""
+    forward) is worth it: when that saves at least half the tokens a row per request would run. It is for multiple
+    choice over a long question; not for rolling windows, whose shared context is one token."""
     saved = sum((len(members) - 1) * len(context) for context, members in batch)
-    return saved * 2 >= sum(len(members) * len(context) for context, members in batch) and saved > 0
+    whole = sum(len(context) + len(requests[i][2]) - 1 for context, members in batch for i in members)
+    return saved > 0 and 2 * saved >= whole
 
 
 @register_model("lmforge")
@@ -184,7 +185,7 @@ class LmforgeLM(TemplateLM):
         """Whether a batch of context groups stays within batch_size continuations and, padded, within the context
         window (a group alone always does)."""
         rows = [i for _, members in batch for i in members]
-        if _shares(batch):  # contexts, then continuations
+        if _shares(batch, requests):  # contexts, then continuations
             width = max(len(c) for c, _ in batch) + max(len(requests[i][2]) for i in rows) - 1
         else:  # each context and continuation in one row
             width = max(len(c) + len(requests[i][2]) - 1 for c, members in batch for i in members)
@@ -197,7 +198,7 @@ class LmforgeLM(TemplateLM):
         members = [i for _, group in batch for i in group]
         continuations = [requests[i][2] for i in members]
         with fused_qkv(self.model):
-            if _shares(batch):
+            if _shares(batch, requests):
                 logits = self._logits_shared(batch, continuations)
             else:
                 logits = self._logits_whole([c for c, group in batch for _ in group], continuations)
