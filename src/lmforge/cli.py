@@ -20,7 +20,6 @@ from jsonargparse import SUPPRESS, ArgumentParser, DefaultHelpFormatter, Namespa
 from lmforge.commands import (
     cmd_data_prepare,
     cmd_demo,
-    cmd_eval_harness,
     cmd_export,
     cmd_generate,
     cmd_merge,
@@ -30,12 +29,12 @@ from lmforge.commands import (
     demo_options,
     export_options,
     generate_options,
-    harness_options,
     merge_options,
     quantize_options,
     tokenizer_train_options,
 )
 from lmforge.errors import LmforgeError
+from lmforge.eval.commands import cmd_eval_harness, harness_options
 
 
 class _Help(DefaultHelpFormatter):
@@ -300,14 +299,14 @@ VERBS: dict[str, tuple[str, str, Callable[[ArgumentParser], None] | None, Callab
                export_options, cmd_export),
     "quantize": ("weight-only int8 (per output channel) or int4 (group-wise) min-max quantisation",
                  "lmforge quantize runs/demo/pretrain --bits 4 --out runs/demo-int4", quantize_options, cmd_quantize),
+    "eval": ("evaluate a model on your own data", "lmforge eval perplexity --help", None, None),
+    "eval harness": ("run lm-evaluation-harness tasks on a model (needs: pip install 'lmforge[eval]')",
+                     "lmforge eval harness runs/demo/pretrain --tasks my_task --include-path my_tasks/ "
+                     "--output results.json", harness_options, cmd_eval_harness),
     "generate": ("generate text from a checkpoint (lmforge or Hugging Face dir)",
                  'lmforge generate runs/demo/pretrain --prompt "The capital of" --temperature 0.8 --top-p 0.9\n'
                  '  lmforge generate --adapter runs/sft-adapter --base runs/base-hf --prompt "The capital of"',
                  generate_options, cmd_generate),
-    "eval": ("evaluation commands", "lmforge eval harness --help", None, None),
-    "eval harness": ("run lm-evaluation-harness tasks on a model (needs: pip install 'lmforge[eval]')",
-                     "lmforge eval harness runs/demo/pretrain --tasks my_task --include-path my_tasks/ "
-                     "--output results.json", harness_options, cmd_eval_harness),
 }
 
 
