@@ -7,10 +7,11 @@ The requests are the ones lm-eval's own `hf` model would score: pairs are tokeni
 loglikelihood_rolling cuts lm-eval's rolling windows, generate_until takes lm-eval's stop sequences and
 max_gen_toks. What differs is how they run:
 
-- loglikelihood: requests that share a context (a multiple-choice item's choices) are grouped; a batch of contexts,
-  left-padded, runs once into a KV cache, the cache rows are repeated for each continuation, and the continuations,
-  right-padded, run on top of it in one more forward. The vocabulary projection is applied only where a token is
-  scored, and a one-token continuation needs only the first forward.
+- loglikelihood: requests that share a context (a multiple-choice item's choices) are grouped; a batch of contexts
+  runs once into a KV cache, the cache rows are repeated for each continuation, and the continuations run on top of
+  it in one more forward (where that saves half the tokens; else each request is one row of a right-padded forward).
+  The vocabulary projection is applied only where a token is scored, and a one-token continuation needs only the
+  first forward.
 - generate_until: left-padded batches over one KV cache (`infer.batched.generate_batch`); a row ends at EOS, at a stop
   sequence or after max_gen_toks.
 """
@@ -69,8 +70,8 @@ def _padded(rows: Sequence[Sequence[int]], width: int, left: bool, device: torch
 
 
 def _shares(batch: list[tuple[tuple[int, ...], list[int]]], requests: list[Request]) -> bool:
-    """Whether running each context once for all its continuations (`_logits_shared`: padding masks, a second
-    forward) is worth it: when that saves at least half the tokens a row per request would run. It is for multiple
+    """Whether running each context once for all its continuations (`_logits_shared`: a second forward, with a
+    padding mask) is worth it: when that saves at least half the tokens a row per request would run. It is for multiple
     choice over a long question; not for rolling windows, whose shared context is one token."""
     saved = sum((len(members) - 1) * len(context) for context, members in batch)
     whole = sum(len(context) + len(requests[i][2]) - 1 for context, members in batch for i in members)
@@ -228,15 +229,18 @@ class LmforgeLM(TemplateLM):
 
     def _logits_shared(self, batch: list[tuple[tuple[int, ...], list[int]]],
                        continuations: list[list[int]]) -> torch.Tensor:
-        """As `_logits_whole` for contexts that several continuations share: the contexts, left-padded, run once into
-        a KV cache, whose rows are then repeated for each continuation, and the continuations run on top of it."""
+        """As `_logits_whole` for contexts that several continuations share: the contexts, right-padded (the causal
+        kernel again), run once into a KV cache, whose rows are then repeated for each continuation, and the
+        continuations run on top of it, with a mask hiding the contexts' padding."""
         model, device = self.model, self.model.device
         owner = torch.tensor([g for g, (_, group) in enumerate(batch) for _ in group], device=device)
-        context_ids, context_mask = _padded([c for c, _ in batch], max(len(c) for c, _ in batch), True, device)
+        context_ids, context_mask = _padded([c for c, _ in batch], max(len(c) for c, _ in batch), False, device)
         rest = max(len(c) for c in continuations) - 1
         cache = model.new_cache(len(batch), context_ids.shape[1] + rest)
-        first = model(context_ids, cache=cache, attention_mask=context_mask, keep_last=1)
-        logits = first[owner]  # [N, 1, V]: each continuation's first token, predicted by its context's last
+        hidden = model.hidden(context_ids, cache=cache)
+        last = torch.tensor([len(c) - 1 for c, _ in batch], device=device)
+        # [N, 1, V]: each continuation's first token, predicted at its context's last token
+        logits = model.lm_head(hidden[torch.arange(len(batch), device=device), last])[owner, None]
         if rest:
             cache.reorder(owner)
             ids, mask = _padded([c[:-1] for c in continuations], rest, False, device)
