@@ -167,6 +167,13 @@ def test_cli_unknown_task_or_include_path(env: dict, capsys: pytest.CaptureFixtu
     assert not out.exists()
 
 
+@pytest.mark.parametrize("option", ["--limit", "--batch-size"])
+def test_cli_counts_below_one(env: dict, capsys: pytest.CaptureFixture[str], option: str) -> None:
+    argv = ["eval", "harness", str(env["run"]), "--tasks", TASKS[0], "--include-path", TASKS_DIR, option, "0"]
+    assert main(argv) == 2
+    assert f"{option} must be >= 1, got 0" in _one_error_line(capsys)
+
+
 def test_cli_without_lm_eval_says_what_to_install(env: dict, capsys: pytest.CaptureFixture[str],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delitem(sys.modules, "lmforge.eval.harness")

@@ -16,19 +16,20 @@ def harness_options(p: ArgumentParser) -> None:
     p.add_argument("checkpoint", help="lmforge run or checkpoint dir (or Hugging Face dir) of a decoder")
     p.add_argument("--tasks", nargs="+", required=True, metavar="NAME",
                    help="lm-eval task, group or tag names (space- or comma-separated)")
-    p.add_argument("--include-path", help="a directory of your own lm-eval task YAML files; only these are indexed "
-                                          "(default: lm-eval's bundled tasks, whose data sets must be in the "
-                                          "Hugging Face cache: nothing is downloaded)")
-    p.add_argument("--output", help="write lm-eval's results dict here as JSON")
-    p.add_argument("--limit", type=int, help="evaluate only the first N items of each task")
-    p.add_argument("--batch-size", type=int, default=16, help="requests per forward (default: 16)")
+    p.add_argument("--include-path", metavar="DIR",
+                   help="a directory of your own lm-eval task YAML files; only these are indexed (default: lm-eval's "
+                        "bundled tasks, whose data sets must be in the Hugging Face cache: nothing is downloaded)")
+    p.add_argument("--output", metavar="FILE", help="write lm-eval's results dict here as JSON, e.g. results.json")
+    p.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N items of each task")
+    p.add_argument("--batch-size", type=int, default=16, metavar="B", help="requests per forward (default: 16)")
 
 
 def cmd_eval_harness(args: Namespace) -> None:
     from lmforge.io import atomic_write_text, require_dir_path
 
-    if args.limit is not None and args.limit < 1:
-        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
     if args.output and Path(args.output).is_dir():
         raise ConfigError(f"--output {args.output} is a directory; give the path of the JSON file to write")
     if args.output:
