@@ -41,7 +41,7 @@ try:
     from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
     from lm_eval.tasks import TaskManager
 except ImportError as exc:
-    raise LmforgeError(f"lm-evaluation-harness is not installed ({exc.name} is missing): "
+    raise LmforgeError(f"lm-evaluation-harness is not installed ({exc.name or one_line(exc)} is missing): "
                        "pip install 'lmforge[eval]'") from None
 
 from lmforge.infer.batched import generate_batch
