@@ -83,7 +83,8 @@ class LmforgeLM(TemplateLM):
     """lm-eval's model interface over an lmforge decoder (GPT-2 or Llama family).
 
     `pretrained`: an lmforge run/checkpoint dir or Hugging Face dir, or a loaded `DecoderLM` (then pass `tokenizer`).
-    `batch_size`: requests per forward (loglikelihood continuations, generate_until prompts)."""
+    `batch_size`: rows of a full-context forward; shorter loglikelihood requests pack into more rows, up to
+    batch_size x max_length tokens; generate_until prompts per batch."""
 
     def __init__(self, pretrained: str | Path | DecoderLM, tokenizer: Tokenizer | None = None,
                  batch_size: int | str = 16, max_gen_toks: int = 256, device: str | None = None) -> None:
@@ -183,14 +184,15 @@ class LmforgeLM(TemplateLM):
         return results
 
     def _fits(self, batch: list[tuple[tuple[int, ...], list[int]]], requests: list[Request]) -> bool:
-        """Whether a batch of context groups stays within batch_size continuations and, padded, within the context
-        window (a group alone always does)."""
+        """Whether a batch of context groups, padded, fits the context window (a group alone always does) and holds
+        at most batch_size rows of the full context: short requests pack into more rows (fewer, fuller forwards),
+        in no more memory than batch_size full-length rows."""
         rows = [i for _, members in batch for i in members]
         if _shares(batch, requests):  # contexts, then continuations
             width = max(len(c) for c, _ in batch) + max(len(requests[i][2]) for i in rows) - 1
         else:  # each context and continuation in one row
             width = max(len(c) + len(requests[i][2]) - 1 for c, members in batch for i in members)
-        return len(rows) <= self.batch_size and width <= self.max_length
+        return width <= self.max_length and len(rows) * width <= self.batch_size * self.max_length
 
     @torch.inference_mode()
     def _score(self, batch: list[tuple[tuple[int, ...], list[int]]], requests: list[Request],
