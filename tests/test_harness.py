@@ -168,6 +168,20 @@ def test_cli_unknown_task_or_include_path(env: dict, capsys: pytest.CaptureFixtu
     assert not out.exists()
 
 
+def test_unknown_bundled_task_names_the_closest(env: dict) -> None:
+    """Without --include-path lm-eval's ~14,000 bundled tasks are the choice: the line names the closest few."""
+    from types import SimpleNamespace
+
+    from lmforge.errors import ConfigError
+    from lmforge.eval.harness import require_tasks
+
+    bundled = SimpleNamespace(all_tasks=["arc_easy", "hellaswag", "hellaswag_de", "mmlu", "wikitext"])
+    require_tasks(bundled, ["hellaswag", "mmlu"], None)
+    with pytest.raises(ConfigError, match=r"unknown lm-eval task 'hellaswg' \(--tasks\); closest: hellaswag, "
+                                          r"hellaswag_de; lm-eval bundles 5 "):
+        require_tasks(bundled, ["hellaswg"], None)
+
+
 @pytest.mark.parametrize("option", ["--limit", "--batch-size"])
 def test_cli_counts_below_one(env: dict, capsys: pytest.CaptureFixture[str], option: str) -> None:
     argv = ["eval", "harness", str(env["run"]), "--tasks", TASKS[0], "--include-path", TASKS_DIR, option, "0"]
