@@ -38,7 +38,14 @@ from lmforge.commands import (
     tokenizer_train_options,
 )
 from lmforge.errors import LmforgeError
-from lmforge.eval.commands import cmd_eval_perplexity, cmd_eval_tasks, perplexity_options, tasks_options
+from lmforge.eval.commands import (
+    cmd_eval_harness,
+    cmd_eval_perplexity,
+    cmd_eval_tasks,
+    harness_options,
+    perplexity_options,
+    tasks_options,
+)
 
 
 class _Help(DefaultHelpFormatter):
@@ -311,6 +318,9 @@ VERBS: dict[str, tuple[str, str, Callable[[ArgumentParser], None] | None, Callab
                    "acc_norm), text-to-text (BLEU, ROUGE); writes results.json and results.md",
                    "lmforge eval tasks runs/sft --tasks my_tasks.jsonl --out runs/sft/eval", tasks_options,
                    cmd_eval_tasks),
+    "eval harness": ("run lm-evaluation-harness tasks on a model (needs: pip install 'lmforge[eval]')",
+                     "lmforge eval harness runs/demo/pretrain --tasks my_task --include-path my_tasks/ "
+                     "--output results.json", harness_options, cmd_eval_harness),
     "generate": ("generate text from a checkpoint (lmforge or Hugging Face dir)",
                  'lmforge generate runs/demo/pretrain --prompt "The capital of" --temperature 0.8 --top-p 0.9\n'
                  '  lmforge generate runs/sft --chat --prompt "Name a colour."\n'
