@@ -46,6 +46,7 @@ from lmforge.eval.commands import (
     perplexity_options,
     tasks_options,
 )
+from lmforge.eval.judge_command import cmd_judge, judge_options
 
 
 class _Help(DefaultHelpFormatter):
@@ -321,6 +322,11 @@ VERBS: dict[str, tuple[str, str, Callable[[ArgumentParser], None] | None, Callab
     "eval harness": ("run lm-evaluation-harness tasks on a model (needs: pip install 'lmforge[eval]')",
                      "lmforge eval harness runs/demo/pretrain --tasks my_task --include-path my_tasks/ "
                      "--output results.json", harness_options, cmd_eval_harness),
+    "judge": ("label which of two responses is better with a chat model as the judge, asked in both orders; "
+              "pairs the two orders disagree on, or whose answer names neither response, are ties (counted)",
+              "lmforge judge --judge runs/judge --pairs judge_pairs.jsonl --out labelled.jsonl\n"
+              "  lmforge judge --judge runs/judge-hf --pairs pairs.jsonl --out labelled.jsonl --template hf",
+              judge_options, cmd_judge),
     "generate": ("generate text from a checkpoint (lmforge or Hugging Face dir)",
                  'lmforge generate runs/demo/pretrain --prompt "The capital of" --temperature 0.8 --top-p 0.9\n'
                  '  lmforge generate runs/sft --chat --prompt "Name a colour."\n'

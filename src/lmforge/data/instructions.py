@@ -78,10 +78,15 @@ def _relation(question: str) -> str:
     return re.sub(r"(?<=\s)[A-Z]\w*", "X", question)
 
 
-def _problems(config: WorldConfig, world: World, split: str, n: int, stream: str) -> list[tuple[str, Problem]]:
-    """`n` (task, problem) pairs whose questions belong to `split`; distinct questions for eval."""
+def _problems(config: WorldConfig, world: World, split: str, n: int, stream: str,
+              keep: Callable[[str], bool] = lambda question: True) -> list[tuple[str, Problem]]:
+    """`n` (task, problem) pairs whose questions belong to `split` and pass `keep`; distinct questions for eval."""
     is_eval = split == "eval"
-    facts = [f for group in world.fact_groups for f in group if _in_eval(config.seed, f.question) == is_eval]
+
+    def wanted(question: str) -> bool:
+        return _in_eval(config.seed, question) == is_eval and keep(question)
+
+    facts = [f for group in world.fact_groups for f in group if wanted(f.question)]
     tasks = [t for t in TASKS if t != "facts" or facts]
     rng, problems, seen = _rng(config.seed, stream), [], set()
     for _ in range(1000 * n + 1000):
@@ -94,7 +99,7 @@ def _problems(config: WorldConfig, world: World, split: str, n: int, stream: str
         else:
             make, sizes = _REASONING[task]
             problem = make(rng, world, rng.choice(sizes))
-        if _in_eval(config.seed, problem[0]) == is_eval and not (is_eval and problem[0] in seen):
+        if wanted(problem[0]) and not (is_eval and problem[0] in seen):
             seen.add(problem[0])
             problems.append((task, problem))
     raise RuntimeError(f"could not draw {n} distinct {split} problems; the world is too small")
@@ -141,15 +146,42 @@ def _prompt(rng: random.Random, task: str, problem: Problem) -> tuple[list[dict[
     return [*system, user], {"task": task, "answer": problem[2], "format": fmt}
 
 
+def _fact_answers(world: World) -> dict[str, list[str]]:
+    """Every fact's answer, grouped by relation (the pool `_wrong` draws plausible wrong answers from)."""
+    answers: dict[str, list[str]] = {}
+    for fact in (f for group in world.fact_groups for f in group):
+        answers.setdefault(_relation(fact.question), []).append(fact.answer)
+    return answers
+
+
+def _pair(rng: random.Random, task: str, problem: Problem, messages: list[dict[str, str]], meta: dict,
+          fact_answers: dict[str, list[str]]) -> Record:
+    """A preference pair for the prompt `messages`: the correct reply in the asked format, and a rejection."""
+    rejection = rng.choice(REJECTIONS if meta["format"] != "plain" else REJECTIONS[:2])
+    rejected = _rejected(rng, rejection, task, problem, meta["format"], fact_answers)
+    return {"prompt": messages, "chosen": _respond(meta["format"], problem[1], problem[2]), "rejected": rejected,
+            "meta": {**meta, "rejection": rejection}}
+
+
+def preference_pairs(config: WorldConfig, n: int, stream: str, keep: Callable[[str], bool]) -> list[Record]:
+    """`n` preference pairs (as in prefs_train) on train-split questions that `keep` accepts, drawn from random
+    streams of their own named by `stream`."""
+    world = build_world(config)
+    fact_answers, rng = _fact_answers(world), _rng(config.seed, f"{stream}/format")
+    pairs = []
+    for task, problem in _problems(config, world, "train", n, stream, keep):
+        messages, meta = _prompt(rng, task, problem)
+        pairs.append(_pair(rng, task, problem, messages, meta, fact_answers))
+    return pairs
+
+
 def instruction_data(config: WorldConfig, n_sft: int, n_pref: int, n_eval: int) -> dict[str, list[Record]]:
     """The records of every file in `FILES`: sft_train (n_sft), prefs_train and prompts_train (n_pref each),
     prefs_eval and prompts_eval (n_eval each)."""
     if min(n_sft, n_pref, n_eval) < 0:
         raise ValueError(f"counts must be >= 0, got n_sft={n_sft}, n_pref={n_pref}, n_eval={n_eval}")
     world = build_world(config)
-    fact_answers: dict[str, list[str]] = {}
-    for fact in (f for group in world.fact_groups for f in group):
-        fact_answers.setdefault(_relation(fact.question), []).append(fact.answer)
+    fact_answers = _fact_answers(world)
     counts = {"sft_train": n_sft, "prefs_train": n_pref, "prefs_eval": n_eval, "prompts_train": n_pref,
               "prompts_eval": n_eval}
     data: dict[str, list[Record]] = {}
@@ -163,10 +195,7 @@ def instruction_data(config: WorldConfig, n_sft: int, n_pref: int, n_eval: int) 
             if kind == "sft":
                 records.append({"messages": [*messages, {"role": "assistant", "content": chosen}], "meta": meta})
             elif kind == "prefs":
-                rejection = rng.choice(REJECTIONS if meta["format"] != "plain" else REJECTIONS[:2])
-                rejected = _rejected(rng, rejection, task, problem, meta["format"], fact_answers)
-                records.append({"prompt": messages, "chosen": chosen, "rejected": rejected,
-                                "meta": {**meta, "rejection": rejection}})
+                records.append(_pair(rng, task, problem, messages, meta, fact_answers))
             else:
                 records.append({"prompt": messages, "meta": meta})
         data[name] = records
