@@ -57,8 +57,11 @@ def test_transcripts_carry_the_verifiers_verdict_and_the_halves_are_disjoint() -
     assert not any(in_judge_half(0, q) for q in questions(held_out))
     evals = instruction_data(WORLD, 0, 0, 60)["prefs_eval"]  # the instructions every post-trained model is scored on
     assert not questions(trained_on | held_out) & questions(p["prompt"][-1]["content"] for p in evals)
-    labels = [r["meta"]["better"] for r in data["judge_train"]]
-    assert 0.3 < labels.count("A") / len(labels) < 0.7  # the verdict is not a position
+    for first, second in zip(data["judge_train"][::2], data["judge_train"][1::2], strict=True):
+        (_, a, b), (_, a2, b2) = (_SHOWN.match(t["messages"][0]["content"]).groups() for t in (first, second))
+        assert (a2, b2) == (b, a) and first["meta"]["better"] != second["meta"]["better"]  # each pair in both orders
+    labels = [r["meta"]["better"] for r in data["judge_pairs"]]
+    assert 0.3 < labels.count("A") / len(labels) < 0.7  # a held-out pair's better response is in a random position
 
 
 @pytest.mark.parametrize("ab, ba, expected", [
@@ -171,6 +174,8 @@ def test_judge_study_trains_a_judge_and_writes_dpo_pairs_under_both_labellings(t
     assert len(labelled) == study.counts.pairs and study.counts.pairs > 0
     assert study.agreed == sum(p["label"] == p["meta"]["better"] for p in labelled)
     assert study.interval[0] <= study.agreement <= study.interval[1]
+    assert sum(n for n, _, _ in study.by_rejection.values()) == study.counts.pairs
+    assert sum(agreed for _, agreed, _ in study.by_rejection.values()) == study.agreed
     if study.decisive:
         for path in (study.judge_prefs, study.verifier_prefs):
             assert len(read_preferences(path, tok, template, 320).examples) == study.decisive

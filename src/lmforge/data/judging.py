@@ -2,7 +2,7 @@
 
 The train-split instructions (`lmforge.data.instructions`) are cut in two halves by a stable hash of the question.
 On the *judge* half, a judging transcript is an SFT conversation whose user turn (`judge_prompt`) shows the
-instruction and two responses, A and B (a preference pair in a random order), and asks which is better; the
+instruction and two responses, A and B (a preference pair, once in each order), and asks which is better; the
 assistant answers with the verifier's verdict as ``Better: A`` or ``Better: B`` (`verdict`). On the other half,
 the held-out pairs hold the same three texts as fields ``instruction``, ``response_a`` and ``response_b`` (what
 `lmforge judge` reads), the pair's prompt messages, and in ``meta["better"]`` the verifier's verdict. No question of
@@ -65,20 +65,29 @@ def _ordered(rng: random.Random, pair: Record) -> Record | None:
             "meta": {**pair["meta"], "better": "A" if scores[0] > scores[1] else "B", "scores": scores}}
 
 
+def _swapped(pair: Record) -> Record:
+    better = "B" if pair["meta"]["better"] == "A" else "A"
+    return {**pair, "response_a": pair["response_b"], "response_b": pair["response_a"],
+            "meta": {**pair["meta"], "better": better, "scores": pair["meta"]["scores"][::-1]}}
+
+
+def _transcript(pair: Record) -> Record:
+    return {"messages": [{"role": "user", "content": judge_prompt(*(pair[k] for k in PAIR_FIELDS))},
+                         {"role": "assistant", "content": verdict(pair["meta"]["better"])}], "meta": pair["meta"]}
+
+
 def judging_data(config: WorldConfig, n_train: int, n_pairs: int) -> dict[str, list[Record]]:
-    """judge_train: `n_train` judging transcripts ({"messages", "meta"}) on the judge half of the instructions;
-    judge_pairs: `n_pairs` held-out pairs (`PAIR_FIELDS`, "prompt", "meta") on the other half."""
+    """judge_train: `n_train` judging transcripts ({"messages", "meta"}) on the judge half of the instructions, each
+    pair in both orders one after the other (so the verdict never follows a position); judge_pairs: `n_pairs`
+    held-out pairs (`PAIR_FIELDS`, "prompt", "meta"), each in a random order, on the other half."""
     if min(n_train, n_pairs) < 0:
         raise ValueError(f"counts must be >= 0, got n_train={n_train}, n_pairs={n_pairs}")
     data: dict[str, list[Record]] = {}
-    for name, n, judged in (("judge_train", n_train, True), ("judge_pairs", n_pairs, False)):
+    for name, n, judged in (("judge_train", (n_train + 1) // 2, True), ("judge_pairs", n_pairs, False)):
         pairs = preference_pairs(config, n, name, lambda q, judged=judged: in_judge_half(config.seed, q) == judged)
         rng = random.Random(f"lmforge-judging/{config.seed}/{name}/order")
-        ordered = [o for o in (_ordered(rng, p) for p in pairs) if o is not None]
-        data[name] = ordered if name == "judge_pairs" else [
-            {"messages": [{"role": "user", "content": judge_prompt(*(o[k] for k in PAIR_FIELDS))},
-                          {"role": "assistant", "content": verdict(o["meta"]["better"])}], "meta": o["meta"]}
-            for o in ordered]
+        data[name] = [o for o in (_ordered(rng, p) for p in pairs) if o is not None]
+    data["judge_train"] = [_transcript(t) for pair in data["judge_train"] for t in (pair, _swapped(pair))][:n_train]
     return data
 
 

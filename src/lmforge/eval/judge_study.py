@@ -38,6 +38,7 @@ class JudgeStudy:
     labelled_file: Path  # every held-out pair with the judge's answers in both orders, its label and outcome
     judge_prefs: Path | None  # DPO pairs (prompt, chosen, rejected) chosen by the judge, ties left out
     verifier_prefs: Path | None  # the same pairs, chosen by the verifier; None (both) when no pair was decisive
+    by_rejection: dict[str, tuple[int, int, int]]  # the rejected response's kind -> (pairs, agreed, ties)
 
     @property
     def decisive(self) -> int:
@@ -75,8 +76,18 @@ def _jsonl(path: Path, records: list[dict]) -> Path:
     return atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
+def _by_rejection(labelled: list[dict]) -> dict[str, tuple[int, int, int]]:
+    """The rejected response's kind (wrong, rambling, ignores_format) -> (pairs, agreed with the verifier, ties)."""
+    table = {}
+    for kind in sorted({p["meta"]["rejection"] for p in labelled}):
+        rows = [p for p in labelled if p["meta"]["rejection"] == kind]
+        table[kind] = (len(rows), sum(p["label"] == p["meta"]["better"] for p in rows),
+                       sum(p["label"] == "tie" for p in rows))
+    return table
+
+
 def judge_study(pretrained: str | Path, world: WorldConfig, out_dir: str | Path, *, n_train: int, n_pairs: int,
-                steps: int, lr: float = 1e-3, batch_size: int = 16, template: str = "lmforge") -> JudgeStudy:
+                steps: int, lr: float = 2e-3, batch_size: int = 16, template: str = "lmforge") -> JudgeStudy:
     """Fine-tune `pretrained` (a decoder dir) into a judge on `n_train` judging transcripts of `world` for `steps`
     steps, label `n_pairs` held-out pairs with it, and write under `out_dir`: data/ (the transcripts and pairs that fit
     the decoder's context), judge/ (the judge's run), labelled.jsonl, judge_prefs.jsonl and verifier_prefs.jsonl."""
@@ -110,4 +121,4 @@ def judge_study(pretrained: str | Path, world: WorldConfig, out_dir: str | Path,
             labelled, lambda p: p["meta"]["better"] if p["label"] != "tie" else "tie"))
     return JudgeStudy(judge_dir, len(transcripts), steps, counts, agreed, wilson_interval(agreed, len(labelled)),
                       wilson_interval(agreed, decisive) if decisive else None,
-                      _jsonl(out / "labelled.jsonl", labelled), judge_prefs, verifier_prefs)
+                      _jsonl(out / "labelled.jsonl", labelled), judge_prefs, verifier_prefs, _by_rejection(labelled))
