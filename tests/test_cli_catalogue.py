@@ -150,6 +150,9 @@ CASES = [
     ("eval-tasks-missing", "eval tasks {ckpt} --tasks {root}/nope.jsonl --out {root}/e1", ["nope.jsonl"]),
     ("eval-tasks-no-type", "eval tasks {ckpt} --tasks {bad_jsonl} --out {root}/e1", ["bad.jsonl:1", "'type'"]),
     ("eval-tasks-out-is-a-file", "eval tasks {ckpt} --tasks {prompts} --out {a_file}", ["--out", "a_file"]),
+    ("judge-missing-field", "judge --judge {ckpt} --pairs {prompts} --out {root}/j1.jsonl",
+     ["prompts.jsonl:1", "'instruction'"]),
+    ("judge-out-over-pairs", "judge --judge {ckpt} --pairs {prompts} --out {prompts}", ["--out", "--pairs"]),
     ("unknown-verb", "frobnicate", ["frobnicate"]),
 ]
 
