@@ -16,7 +16,14 @@ from lmforge.cli import main
 from lmforge.config import ModelConfig
 from lmforge.data.chat import get_chat_template
 from lmforge.data.instructions import instruction_data, verify
-from lmforge.data.judging import in_judge_half, judge_prompt, judging_data, parse_verdict, verdict
+from lmforge.data.judging import (
+    in_judge_half,
+    judge_prompt,
+    judging_data,
+    parse_verdict,
+    verdict,
+    write_judging_data,
+)
 from lmforge.data.sft import read_preferences, read_sft
 from lmforge.data.synthetic import WorldConfig, pretraining_documents
 from lmforge.eval.judge import LABELS, OUTCOMES, judge_pairs, preference_records, swap_label
@@ -31,7 +38,7 @@ _SHOWN = re.compile(r"\AInstruction: (.*)\nResponse A: (.*)\nResponse B: (.*)\nW
                     re.DOTALL)
 
 
-def test_transcripts_carry_the_verifiers_verdict_and_the_halves_are_disjoint() -> None:
+def test_transcripts_carry_the_verifiers_verdict_and_the_halves_are_disjoint(tmp_path: Path) -> None:
     data = judging_data(WORLD, 120, 60)
     assert data == judging_data(WORLD, 120, 60)  # deterministic
     assert len(data["judge_train"]) == 120 and len(data["judge_pairs"]) == 60
@@ -60,6 +67,9 @@ def test_transcripts_carry_the_verifiers_verdict_and_the_halves_are_disjoint() -
     for first, second in zip(data["judge_train"][::2], data["judge_train"][1::2], strict=True):
         (_, a, b), (_, a2, b2) = (_SHOWN.match(t["messages"][0]["content"]).groups() for t in (first, second))
         assert (a2, b2) == (b, a) and first["meta"]["better"] != second["meta"]["better"]  # each pair in both orders
+    written = write_judging_data(WORLD, tmp_path, 120, 60)
+    assert {name: [json.loads(line) for line in path.read_text().splitlines()]
+            for name, path in written.items()} == data
     labels = [r["meta"]["better"] for r in data["judge_pairs"]]
     assert 0.3 < labels.count("A") / len(labels) < 0.7  # a held-out pair's better response is in a random position
 
@@ -181,6 +191,7 @@ def test_judge_study_trains_a_judge_and_writes_dpo_pairs_under_both_labellings(t
             assert len(read_preferences(path, tok, template, 320).examples) == study.decisive
     else:
         assert study.judge_prefs is None and study.verifier_prefs is None
+    assert len(read_preferences(study.verifier_prefs_all, tok, template, 320).examples) == study.counts.pairs
     assert study.at_chance and "no better than chance" in study.sentence()  # two steps of a 1-layer model
 
 

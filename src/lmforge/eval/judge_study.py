@@ -38,6 +38,7 @@ class JudgeStudy:
     labelled_file: Path  # every held-out pair with the judge's answers in both orders, its label and outcome
     judge_prefs: Path | None  # DPO pairs (prompt, chosen, rejected) chosen by the judge, ties left out
     verifier_prefs: Path | None  # the same pairs, chosen by the verifier; None (both) when no pair was decisive
+    verifier_prefs_all: Path  # every held-out pair, chosen by the verifier (the labels a judge could at best give)
     by_rejection: dict[str, tuple[int, int, int]]  # the rejected response's kind -> (pairs, agreed, ties)
 
     @property
@@ -90,11 +91,13 @@ def judge_study(pretrained: str | Path, world: WorldConfig, out_dir: str | Path,
                 steps: int, lr: float = 2e-3, batch_size: int = 16, template: str = "lmforge") -> JudgeStudy:
     """Fine-tune `pretrained` (a decoder dir) into a judge on `n_train` judging transcripts of `world` for `steps`
     steps, label `n_pairs` held-out pairs with it, and write under `out_dir`: data/ (the transcripts and pairs that fit
-    the decoder's context), judge/ (the judge's run), labelled.jsonl, judge_prefs.jsonl and verifier_prefs.jsonl."""
+    the decoder's context), judge/ (the judge's run), labelled.jsonl, and DPO pairs: judge_prefs.jsonl (the judge's
+    labels, ties left out), verifier_prefs.jsonl (the same pairs, the verifier's labels: only the labels differ) and
+    verifier_prefs_all.jsonl (every pair, the verifier's labels: what the judge's ties cost too)."""
     out = Path(out_dir)
     base, tokenizer = lmforge.load(pretrained)
     context = base.cfg.max_seq_len
-    chat = get_chat_template(template, tokenizer)
+    chat = get_chat_template(template, tokenizer, pretrained)
     data = judging_data(world, n_train, n_pairs)
     # SFT reads up to max_len + 1 rendered tokens; a prompt leaves room for the answer
     transcripts = [r for r in data["judge_train"] if len(chat.render(r["messages"]).ids) <= context + 1]
@@ -114,11 +117,11 @@ def judge_study(pretrained: str | Path, world: WorldConfig, out_dir: str | Path,
     labelled, counts = judge_pairs(pairs, model_decider(judge, chat, ANSWER_TOKENS))
     agreed = sum(p["label"] == p["meta"]["better"] for p in labelled)
     decisive = counts.a + counts.b
-    judge_prefs = verifier_prefs = None
-    if decisive:
-        judge_prefs = _jsonl(out / "judge_prefs.jsonl", preference_records(labelled, lambda p: p["label"]))
-        verifier_prefs = _jsonl(out / "verifier_prefs.jsonl", preference_records(
-            labelled, lambda p: p["meta"]["better"] if p["label"] != "tie" else "tie"))
+    prefs = {name: preference_records(labelled, label_of) for name, label_of in (
+        ("judge_prefs", lambda p: p["label"]),
+        ("verifier_prefs", lambda p: p["meta"]["better"] if p["label"] != "tie" else "tie"),
+        ("verifier_prefs_all", lambda p: p["meta"]["better"]))}
+    paths = {name: _jsonl(out / f"{name}.jsonl", records) if records else None for name, records in prefs.items()}
     return JudgeStudy(judge_dir, len(transcripts), steps, counts, agreed, wilson_interval(agreed, len(labelled)),
-                      wilson_interval(agreed, decisive) if decisive else None,
-                      _jsonl(out / "labelled.jsonl", labelled), judge_prefs, verifier_prefs, _by_rejection(labelled))
+                      wilson_interval(agreed, decisive) if decisive else None, _jsonl(out / "labelled.jsonl", labelled),
+                      by_rejection=_by_rejection(labelled), **paths)
