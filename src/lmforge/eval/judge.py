@@ -94,8 +94,8 @@ def model_decider(model: nn.Module, template: ChatTemplate, max_new_tokens: int 
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             replies = generate_batch(model, [ids[i] for i in chunk], cfg, template.stop_ids)
-            answers.update((i, template.tokenizer.decode(r, skip_special_tokens=True)) for i, r in zip(chunk, replies,
-                                                                                                          strict=True))
+            for i, reply in zip(chunk, replies, strict=True):
+                answers[i] = template.tokenizer.decode(reply, skip_special_tokens=True)
         return [answers[i] for i in range(len(prompts))]
 
     return decide
