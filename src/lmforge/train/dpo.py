@@ -117,23 +117,30 @@ def with_reference(batch: Batch, ref: Tensor) -> Batch:
 @torch.inference_mode()
 def preference_metrics(model: nn.Module, batches: Iterable[Batch], beta: float, precision: str = "fp32"
                        ) -> dict[str, float]:
-    """Held-out implicit-reward accuracy (chosen reward > rejected) and mean margin, under the precision the
-    reference log-probs were computed in (the model's mode is restored after)."""
+    """Held-out implicit-reward accuracy (chosen reward > rejected), mean margin, and the mean change of the chosen
+    and of the rejected replies' log-probs from the reference's (`chosen_logp_change`, `rejected_logp_change`: DPO
+    widens their gap, and may do so by lowering both), under the precision the reference log-probs were computed in
+    (the model's mode is restored after)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     correct = total = 0
-    margin = 0.0
+    margin = chosen_change = rejected_change = 0.0
     for batch in batches:
         with autocast(device, precision):
             policy = sequence_logprob(model, batch["input_ids"].to(device), batch["response_mask"].to(device))
         chosen, rejected = policy.float().cpu().chunk(2)
-        diff = beta * ((chosen - batch["ref_chosen_logps"]) - (rejected - batch["ref_rejected_logps"]))
+        chosen_ratio, rejected_ratio = chosen - batch["ref_chosen_logps"], rejected - batch["ref_rejected_logps"]
+        diff = beta * (chosen_ratio - rejected_ratio)
         correct += int((diff > 0).sum())
         margin += float(diff.sum())
+        chosen_change += float(chosen_ratio.sum())
+        rejected_change += float(rejected_ratio.sum())
         total += len(diff)
     model.train(was_training)
-    return {"reward_accuracy": correct / max(total, 1), "reward_margin": margin / max(total, 1)}
+    n = max(total, 1)
+    return {"reward_accuracy": correct / n, "reward_margin": margin / n, "chosen_logp_change": chosen_change / n,
+            "rejected_logp_change": rejected_change / n}
 
 
 def train_dpo(config: DPOConfig, resume: bool = False,
