@@ -60,12 +60,13 @@ def section(sft: InstructScores, runs: dict[str, DPORun], scores: dict[str, Inst
                      f"{held['chosen_logp_change']:+.2f}", f"{held['rejected_logp_change']:+.2f}"))
         notes += [paired_accuracy_note(name, "SFT", test, sft.n),
                   logp_change_note(name, held["chosen_logp_change"], held["rejected_logp_change"])]
-    curves = {}
+    curves = {}  # log pi/pi_ref = implicit reward / beta: the change from SFT, free of the batches' own spread
     for name, run in runs.items():
         for side in ("chosen", "rejected"):
-            curves[f"{name}: {side}"] = metric_series(run.path / "metrics.jsonl", f"logps/{side}")
-    plot_series(report_dir / CURVES_PNG, "policy log-prob of the training batches' replies", "optimizer step",
-                "mean log pi(y|x), nats per reply", curves)
+            steps_logged, rewards = metric_series(run.path / "metrics.jsonl", f"rewards/{side}")
+            curves[f"{name}: {side}"] = (steps_logged, [r / BETA for r in rewards])
+    plot_series(report_dir / CURVES_PNG, "log-prob change from SFT of the training batches' replies",
+                "optimizer step", "mean log pi(y|x) - log pi_sft(y|x), nats", curves)
     return Section("DPO: plain vs with the NLL of the chosen replies", "\n".join([
         f"Both from the SFT model, {steps} steps on the same preference pairs (beta {BETA:g}, learning rate {LR:g}); "
         f"the recipe adds {SFT_WEIGHT:g} x the mean NLL per chosen-reply token (trl's loss_type=[\"sigmoid\", "
