@@ -56,7 +56,7 @@ def section(sft: InstructScores, runs: dict[str, DPORun], scores: dict[str, Inst
         held = run.held_out
         rows.append((name, accuracy_cell(scores[name]),
                      f"{test.difference:+.1%} (p = {test.p_value:.3g}; {test.detail['only_a']} items only SFT right, "
-                     f"{test.detail['only_b']} only {name})", f"{held['reward_accuracy']:.1%}",
+                     f"{test.detail['only_b']} only this one)", f"{held['reward_accuracy']:.1%}",
                      f"{held['chosen_logp_change']:+.2f}", f"{held['rejected_logp_change']:+.2f}"))
         notes += [paired_accuracy_note(name, "SFT", test, sft.n),
                   logp_change_note(name, held["chosen_logp_change"], held["rejected_logp_change"])]
