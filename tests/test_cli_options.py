@@ -54,6 +54,7 @@ def test_peft_sets_the_method(spelling: list[str], capsys: pytest.CaptureFixture
     ([], ["missing VERB: one of demo, tokenizer, data, pretrain"]),
     (["tokenizer"], ["missing ACTION: one of train", "`lmforge tokenizer --help`"]),
     (["quantize", "DIR", "--out", "q", "--bits", "3"], ["--bits", "3"]),
+    (["dpo", "--sft-weight", "-1"], ["sft_weight", "greater than or equal to 0", "-1"]),
 ])
 def test_usage_errors_are_one_line_and_exit_status_2(argv: list[str], fragments: list[str],
                                                      capsys: pytest.CaptureFixture[str]) -> None:

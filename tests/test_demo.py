@@ -15,17 +15,19 @@ import lmforge.demo
 from cli_checks import error_line, snapshot
 from lmforge.cli import main
 from lmforge.data.synthetic import EVAL_SETS
-from lmforge.demo import demo_plan
+from lmforge.demo import demo_plan, dpo_study
 from lmforge.demo.decoder import pretrain_config
 from lmforge.demo.inference import PROMPTS
 from lmforge.demo.peft import METHODS
 from lmforge.demo.verdicts import NOISE, early_loss_note, pretraining_note, quantisation_note, speculative_note
 from lmforge.eval.report import metric_series
+from lmforge.eval.stats import wilson_interval
 from lmforge.infer.generate import SamplingConfig, generate_ids
 from lmforge.train.pretrain import pretrain
 from near_ties import MIN_MARGIN, greedy_logits, top2_margin
 
-SECTIONS = ("Pretraining (decoder, causal LM)", "Held-out task accuracy", "Samples", "Post-training", "Distillation",
+SECTIONS = ("Pretraining (decoder, causal LM)", "Held-out task accuracy", "Samples", "Post-training", "DPO: plain vs",
+            "Distillation",
             "Decode speed against transformers", "Decode speed: KV cache vs none", "Weight-only quantisation",
             "Speculative decoding", "Serving", "Parameter-efficient fine-tuning",
             "Encoder and encoder-decoder pretraining", "Fine-tuning: MLM-pretrained encoder",
@@ -90,7 +92,7 @@ def test_demo_quick_writes_a_report_computed_in_the_run(tmp_path: Path) -> None:
     for start in SECTIONS:
         assert section(report, start).strip()
     for name in ("pretrain_loss.png", "families_loss.png", "position_study.png", "lora_vs_pissa.png",
-                 "kv_cache_scaling.png"):
+                 "kv_cache_scaling.png", "dpo_logps.png"):
         png = report_dir / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
         assert f"]({name})" in text
@@ -123,7 +125,25 @@ def test_demo_quick_writes_a_report_computed_in_the_run(tmp_path: Path) -> None:
     assert len(distilled) == 2 and all(
         num(r["validation perplexity"]) == pytest.approx(math.exp(num(r["validation loss"])), rel=1e-3)
         for r in distilled)
-    for policy in ("dpo", "ppo/policy", "grpo/policy"):  # every aligned policy loads as a decoder
+    dpo_section = section(report, "DPO: plain vs")
+    n_eval = plan.instruct_examples[2]
+    dpo_rows = {r["model"]: r for r in table(dpo_section)}
+    assert list(dpo_rows) == ["SFT", dpo_study.PLAIN, dpo_study.RECIPE]
+    main_table = {r["model"]: num(r["instruction accuracy"]) for r in rows}  # the same scores, in both tables
+    assert num(dpo_rows["SFT"]["instruction accuracy [95% CI]"]) == main_table["SFT"]
+    assert num(dpo_rows[dpo_study.RECIPE]["instruction accuracy [95% CI]"]) == main_table["DPO"]
+    for name, run in ((dpo_study.PLAIN, "dpo-plain"), (dpo_study.RECIPE, "dpo")):
+        cell = dpo_rows[name]["instruction accuracy [95% CI]"]
+        accuracy, low, high = (num(x) for x in re.findall(r"[\d.]+%", cell))
+        assert (low, high) == pytest.approx(wilson_interval(round(accuracy * n_eval), n_eval), abs=5e-4)
+        assert num(dpo_rows[name]["implicit-reward accuracy"]) == pytest.approx(
+            last_logged(out / "post" / run, "eval_reward_accuracy"), abs=5e-4)
+        p_value = float(re.search(r"p = ([\d.e-]+)", dpo_rows[name]["vs SFT (paired)"]).group(1))
+        if p_value >= 0.05:
+            assert f"{name} against SFT: within noise" in dpo_section
+        assert metric_series(out / "post" / run / "metrics.jsonl", "logps/chosen")[0]
+    assert "](dpo_logps.png)" in text
+    for policy in ("dpo", "dpo-plain", "ppo/policy", "grpo/policy"):  # every aligned policy loads as a decoder
         assert lmforge.load(out / "post" / policy)[0].cfg.arch == "decoder"
 
     # inference

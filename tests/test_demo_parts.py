@@ -14,11 +14,14 @@ from lmforge.demo import demo_plan
 from lmforge.demo.decoder import auto_precision, cpu_flags, pretrain_config
 from lmforge.demo.verdicts import (
     early_loss_note,
+    logp_change_note,
+    paired_accuracy_note,
     pretraining_note,
     quantisation_note,
     serving_note,
     speculative_note,
 )
+from lmforge.eval.stats import mcnemar_exact
 
 DEMO_DIR = Path(lmforge.demo.__file__).parent
 STAGES = ("decoder", "alignment", "inference", "peft", "families", "positions")
@@ -107,3 +110,21 @@ def test_pretraining_note_says_raised_only_when_the_pretrained_score_is_higher()
     assert "did not raise" not in pretraining_note("sentiment", "accuracy", scratch=0.6, pretrained=0.8)
     assert "did not raise" in pretraining_note("sentiment", "accuracy", scratch=0.8, pretrained=0.8)
     assert "did not raise" in pretraining_note("sentiment", "accuracy", scratch=0.8, pretrained=0.6)
+
+
+def test_paired_accuracy_note_claims_a_change_only_when_mcnemar_finds_one() -> None:
+    sft = [True] * 30 + [False] * 70
+    worse = [False] * 30 + [False] * 70  # 30 discordant items, all SFT's: p ~ 2e-9
+    noisy = [True] * 27 + [False] * 3 + [False] * 70  # 3 discordant: p = 0.25
+    better = [True] * 30 + [True] * 20 + [False] * 50
+    assert paired_accuracy_note("DPO", "SFT", mcnemar_exact(sft, worse), 100).startswith("DPO was less accurate")
+    assert paired_accuracy_note("DPO", "SFT", mcnemar_exact(sft, better), 100).startswith("DPO was more accurate")
+    note = paired_accuracy_note("DPO", "SFT", mcnemar_exact(sft, noisy), 100)
+    assert "within noise" in note and "-3.0%" in note and "p = 0.25" in note and "accurate than" not in note
+
+
+def test_logp_change_note_follows_the_signs() -> None:
+    fell = logp_change_note("DPO", -3.5, -20.25)
+    assert "lowered the held-out chosen replies' log-prob by 3.50" in fell
+    assert "lowered the rejected ones' by 20.25" in fell
+    assert "raised the held-out chosen replies' log-prob by 0.40" in logp_change_note("DPO", 0.4, -9.0)

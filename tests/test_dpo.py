@@ -159,6 +159,35 @@ def test_a_few_dpo_steps_raise_the_chosen_rejected_margin(tmp_path: Path, kind: 
     assert logged[-1]["rewards/margin"] > logged[0]["rewards/margin"]
     assert logged[-1]["rewards/chosen"] - logged[-1]["rewards/rejected"] == pytest.approx(
         logged[-1]["rewards/margin"], abs=1e-5)
+    assert all(r["logps/chosen"] < 0 and r["logps/rejected"] < 0 for r in logged)  # summed log pi(y|x) per reply
+    assert after["reward_margin"] == pytest.approx(
+        0.1 * (after["chosen_logp_change"] - after["rejected_logp_change"]), abs=1e-5)
+
+
+def test_the_nll_term_holds_the_chosen_log_probs_up(tmp_path: Path) -> None:
+    """The same DPO steps with and without sft_weight: with it, held-out chosen replies end more likely (RPO)."""
+    pairs, held_out = synthetic_pairs(32, seed=1), synthetic_pairs(32, seed=2)
+    changes = {}
+    for sft_weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        policy = DecoderLM(CFG)
+        reference = frozen_copy(policy)
+        ref = reference_logps(reference, [pairs])
+        eval_batches = [with_reference(held_out, reference_logps(reference, [held_out]))]
+        cfg = TrainConfig(out_dir=str(tmp_path / str(sft_weight)), batch_size=8, max_steps=15, lr=3e-3, min_lr=3e-4,
+                          warmup_steps=2, weight_decay=0.0, save_every=15, log_every=5, device="cpu", progress=False)
+
+        def batch_at(index: int, ref: torch.Tensor = ref, seed: int = cfg.seed) -> dict[str, torch.Tensor]:
+            rows = EpochSampler(32, 8, seed).batch_ids(index).tolist()
+            return with_reference(select(pairs, rows), ref[rows])
+
+        train(policy, cfg, batch_at, partial(dpo_batch_loss, beta=0.1, sft_weight=sft_weight),
+              run_config=CheckpointManifest.of_run("dpo", DPOConfig(sft_weight=sft_weight, train=cfg), model=CFG),
+              perplexity=False)
+        changes[sft_weight] = preference_metrics(policy, eval_batches, beta=0.1)["chosen_logp_change"]
+        records = [json.loads(line) for line in (tmp_path / str(sft_weight) / "metrics.jsonl").read_text().splitlines()]
+        assert ("nll/chosen" in records[-1]) == (sft_weight > 0)
+    assert changes[1.0] > changes[0.0] + 0.3, changes
 
 
 # -- the stage, on JSONL pairs read by lmforge.data.sft ------------------------------------------------

@@ -196,7 +196,9 @@ STAGES: dict[str, tuple[str, str, tuple[str, ...], dict[str, dict]]] = {
         "lmforge dpo --base runs/sft --train-file prefs_train.jsonl --eval-file prefs_eval.jsonl --beta 0.1",
         CHAT_OPTIONS,
         {"--beta": dict(type=float, help="KL strength (IPO: margin 1/(2 beta))"),
-         "--kind": dict(choices=["sigmoid", "ipo"], help="sigmoid = DPO, ipo = IPO")}),
+         "--kind": dict(choices=["sigmoid", "ipo"], help="sigmoid = DPO, ipo = IPO"),
+         "--sft-weight": dict(type=float, help="weight of the chosen replies' NLL per token added to the loss "
+                                               "(RPO; trl's sigmoid+sft); 0 = plain DPO")}),
     "ppo": (
         "RLHF with PPO: value head, per-token KL penalty to the reference, GAE, clipped losses",
         "lmforge ppo --policy runs/sft --reward verifier --prompts prompts_train.jsonl --train.max_steps=100",

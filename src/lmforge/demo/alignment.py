@@ -12,12 +12,11 @@ import lmforge
 from lmforge.config import DataConfig, ModelConfig
 from lmforge.data.chat import get_chat_template
 from lmforge.data.sft import read_prompts
-from lmforge.demo import StageResult
+from lmforge.demo import StageResult, dpo_study
 from lmforge.demo.training import short_run
 from lmforge.eval.instruct import instruct_scores
 from lmforge.eval.report import Section, markdown_table, metric_series, plot_series
 from lmforge.train.distill import DistillConfig, distill
-from lmforge.train.dpo import DPOConfig, train_dpo
 from lmforge.train.reward import RewardConfig, train_reward_model
 from lmforge.train.rl import GRPOConfig, PPOConfig, train_grpo, train_ppo
 from lmforge.train.sft import SFTConfig, sft
@@ -38,9 +37,8 @@ def run(plan: DemoPlan, data: DemoData, pretrained: Path, out_dir: Path, report_
     _, reward_metrics = train_reward_model(RewardConfig(
         base=str(sft_dir), train_file=str(files["prefs_train"]), eval_file=str(files["prefs_eval"]), max_len=ctx - 1,
         train=short_run(runs / "reward", steps["reward"], 5e-4)))
-    _, dpo_metrics = train_dpo(DPOConfig(
-        base=str(sft_dir), train_file=str(files["prefs_train"]), eval_file=str(files["prefs_eval"]), max_len=ctx,
-        train=short_run(runs / "dpo", steps["dpo"], 1e-4, batch_size=8, weight_decay=0.0)))
+    dpo_runs = dpo_study.train_both(files, sft_dir, runs, steps["dpo"], ctx)
+    dpo_metrics = dpo_runs[dpo_study.RECIPE].held_out
     rl_train = dict(weight_decay=0.0)
     rollouts = dict(policy=str(sft_dir), reward="verifier", prompts=str(files["prompts_train"]), max_new_tokens=48,
                     max_prompt_len=ctx - 48, minibatch_size=plan.rl_prompts)
@@ -52,13 +50,16 @@ def run(plan: DemoPlan, data: DemoData, pretrained: Path, out_dir: Path, report_
     reference, tokenizer = lmforge.load(sft_dir)
     template = get_chat_template("lmforge", tokenizer)
     prompts = read_prompts(files["prompts_eval"], tokenizer, template, ctx - 48).examples
-    models = {"base (pretrained)": pretrained, "SFT": sft_dir, "DPO": runs / "dpo", "PPO": ppo.policy_dir,
-              "GRPO": grpo.policy_dir}
-    rows = []
+    models = {"base (pretrained)": pretrained, "SFT": sft_dir, "DPO": dpo_runs[dpo_study.RECIPE].path,
+              "PPO": ppo.policy_dir, "GRPO": grpo.policy_dir}
+    scores = {}
     for name, path in models.items():
         model, _ = lmforge.load(path)
-        s = instruct_scores(model, template, prompts, reference=None if name == "SFT" else reference)
-        rows.append((name, f"{s.accuracy:.1%}", f"{s.reward:.3f}", "0 (reference)" if s.kl is None else f"{s.kl:.2f}"))
+        scores[name] = instruct_scores(model, template, prompts, reference=None if name == "SFT" else reference)
+    rows = [(name, f"{s.accuracy:.1%}", f"{s.reward:.3f}", "0 (reference)" if s.kl is None else f"{s.kl:.2f}")
+            for name, s in scores.items()]
+    plain, _ = lmforge.load(dpo_runs[dpo_study.PLAIN].path)
+    dpo_scores = {dpo_study.PLAIN: instruct_scores(plain, template, prompts), dpo_study.RECIPE: scores["DPO"]}
 
     curves = {name: metric_series(path / "metrics.jsonl", "reward")
               for name, path in (("PPO", runs / "ppo"), ("GRPO", runs / "grpo"))}
@@ -78,9 +79,10 @@ def run(plan: DemoPlan, data: DemoData, pretrained: Path, out_dir: Path, report_
             "KL from the SFT model in nats per reply, estimated on sampled replies.", "",
             markdown_table(["model", "instruction accuracy", "verifier reward", "KL from SFT"], rows), "",
             f"Reward model: held-out pairwise accuracy {reward_metrics['pairwise_accuracy']:.1%}. "
-            f"DPO: held-out implicit-reward accuracy {dpo_metrics['reward_accuracy']:.1%}, "
-            f"margin {dpo_metrics['reward_margin']:.3f}.",
+            f"DPO ({dpo_study.RECIPE}, compared with plain DPO below): held-out implicit-reward accuracy "
+            f"{dpo_metrics['reward_accuracy']:.1%}, margin {dpo_metrics['reward_margin']:.3f}.",
         ]), images=["rl_reward.png"] if curves else []),
+        dpo_study.section(scores["SFT"], dpo_runs, dpo_scores, steps["dpo"], report_dir),
         Section("Distillation", "\n".join([
             f"A {distilled['student']} student trained {plan.post_steps['distill']} steps on the same shards, with "
             f"the pretrained decoder as teacher (soft targets at temperature 2, alpha 0.5) and without it "

@@ -3,6 +3,8 @@ what the run measured, never what a run on some machine once did."""
 
 from __future__ import annotations
 
+from lmforge.eval.stats import PairedTest
+
 NOISE = 0.05  # a speed ratio within 5% of 1 counts as the same speed (one timed run each)
 
 
@@ -75,3 +77,26 @@ def serving_note(ratios: dict[str, dict[str, float]], target: float = 2.0) -> st
     else:
         verdict = f"It missed the {target:g}x target over the best transformers serve ({figures})."
     return f"{sentence} {verdict}"
+
+
+ALPHA = 0.05  # a paired difference counts as a finding only when significant at this level
+
+
+def paired_accuracy_note(model: str, baseline: str, test: PairedTest, n: int) -> str:
+    """Whether `model` was more or less accurate than `baseline` on the same `n` items, from McNemar's exact test:
+    "within noise" unless p < ALPHA."""
+    figures = (f"{test.difference:+.1%} on {n} items, p = {test.p_value:.3g}; only {baseline} right on "
+               f"{test.detail['only_a']}, only {model} on {test.detail['only_b']}")
+    if not test.significant(ALPHA):
+        return f"{model} against {baseline}: within noise ({figures})."
+    direction = "more" if test.difference > 0 else "less"
+    return f"{model} was {direction} accurate than {baseline} ({figures}; McNemar's exact test, alpha {ALPHA:g})."
+
+
+def logp_change_note(model: str, chosen_change: float, rejected_change: float) -> str:
+    """How `model` moved the held-out chosen and rejected replies' log-probs from the reference's (nats per reply)."""
+    def moved(change: float) -> str:
+        return "raised" if change > 0 else "lowered"
+
+    return (f"{model} {moved(chosen_change)} the held-out chosen replies' log-prob by {abs(chosen_change):.2f} nats "
+            f"and {moved(rejected_change)} the rejected ones' by {abs(rejected_change):.2f}.")

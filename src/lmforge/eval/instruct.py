@@ -24,6 +24,7 @@ class InstructScores:
     reward: float
     kl: float | None  # nats per reply, against the reference; None without one
     n: int
+    correct: list[bool]  # per prompt, in order: whether the verifier gave the greedy reply 1.0 (for paired tests)
 
 
 @torch.inference_mode()
@@ -52,5 +53,5 @@ def instruct_scores(model: nn.Module, template: ChatTemplate, prompts: list[dict
                 mask[0, len(p["prompt_ids"]):] = True
                 total += float(sequence_logprob(model, ids, mask) - sequence_logprob(reference, ids, mask))
         kl = total / (len(prompts) * kl_samples)
-    return InstructScores(sum(r == 1.0 for r in rewards) / len(rewards), sum(rewards) / len(rewards), kl,
-                          len(prompts))
+    correct = [r == 1.0 for r in rewards]
+    return InstructScores(sum(correct) / len(correct), sum(rewards) / len(rewards), kl, len(prompts), correct)

@@ -25,7 +25,7 @@ from lmforge.manifest import CheckpointManifest
 from lmforge.peft.config import apply_peft
 from lmforge.train.console import report
 from lmforge.train.distributed import init_distributed
-from lmforge.train.logprobs import frozen_copy, sequence_logprob
+from lmforge.train.logprobs import frozen_copy, response_logprobs, sequence_logprob
 from lmforge.train.loss import LossResult
 from lmforge.train.pair_metrics import reward_metrics
 from lmforge.train.stage_setup import first_batches, load_decoder, pad_id_of, require_fits
@@ -42,6 +42,10 @@ class DPOConfig(StrictModel):
     eval_file: str | None = None  # held-out pairs: implicit-reward accuracy and margin are reported on them
     beta: float = Field(0.1, gt=0.0)  # DPO: KL strength; IPO: the target log-ratio margin is 1/(2*beta)
     kind: Kind = "sigmoid"  # sigmoid = DPO (Rafailov et al. eq. 7); ipo = Azar et al. eq. 17
+    # weight of the chosen replies' NLL added to the loss (RPO, Pang et al. 2024; Llama 3): per chosen token, as
+    # trl's loss_type=["sigmoid", "sft"] with loss_weights=[1, sft_weight]. It keeps the chosen log-probs from
+    # falling, which plain DPO only constrains relative to the rejected ones
+    sft_weight: float = Field(0.0, ge=0.0)
     template: str = "lmforge"
     max_len: int = Field(256, ge=2)
     skip_bad_lines: bool = False
@@ -71,14 +75,26 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
     return losses.mean(), beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-def dpo_batch_loss(model: nn.Module, batch: Batch, *, beta: float, kind: Kind = "sigmoid") -> LossResult:
+def dpo_batch_loss(model: nn.Module, batch: Batch, *, beta: float, kind: Kind = "sigmoid",
+                   sft_weight: float = 0.0) -> LossResult:
     """The trainer's loss, summed over pairs: one policy forward over the stacked pairs (`input_ids`,
-    `response_mask`: chosen rows, then rejected) against the precomputed `ref_chosen_logps` / `ref_rejected_logps`;
-    its metrics are the implicit rewards' `reward_metrics`."""
-    chosen, rejected = sequence_logprob(model, batch["input_ids"], batch["response_mask"]).chunk(2)
+    `response_mask`: chosen rows, then rejected) against the precomputed `ref_chosen_logps` / `ref_rejected_logps`,
+    plus `sft_weight` times the mean NLL per chosen response token of the micro-batch (trl's "sft" term). Its
+    metrics are the implicit rewards' `reward_metrics` and the policy's mean summed log-probs of the chosen and
+    rejected replies (`logps/chosen`, `logps/rejected`, as trl logs them)."""
+    token_logps = response_logprobs(model, batch["input_ids"], batch["response_mask"])
+    chosen_tokens, _ = token_logps.chunk(2)
+    chosen, rejected = token_logps.sum(-1).chunk(2)
     loss, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, batch["ref_chosen_logps"],
                                                       batch["ref_rejected_logps"], beta, kind)
-    return LossResult(loss * len(chosen), len(chosen), reward_metrics(chosen_rewards, rejected_rewards))
+    metrics = {**reward_metrics(chosen_rewards, rejected_rewards), "logps/chosen": chosen.detach().float().mean(),
+               "logps/rejected": rejected.detach().float().mean()}
+    if sft_weight > 0:
+        chosen_mask, _ = batch["response_mask"][:, 1:].chunk(2)
+        nll = -chosen_tokens.float().sum() / chosen_mask.sum().clamp(min=1)
+        loss = loss + sft_weight * nll
+        metrics["nll/chosen"] = nll.detach()
+    return LossResult(loss * len(chosen), len(chosen), metrics)
 
 
 def reference_logps(reference: nn.Module, batches: Iterable[Batch], precision: str = "fp32") -> Tensor:
@@ -101,23 +117,30 @@ def with_reference(batch: Batch, ref: Tensor) -> Batch:
 @torch.inference_mode()
 def preference_metrics(model: nn.Module, batches: Iterable[Batch], beta: float, precision: str = "fp32"
                        ) -> dict[str, float]:
-    """Held-out implicit-reward accuracy (chosen reward > rejected) and mean margin, under the precision the
-    reference log-probs were computed in (the model's mode is restored after)."""
+    """Held-out implicit-reward accuracy (chosen reward > rejected), mean margin, and the mean change of the chosen
+    and of the rejected replies' log-probs from the reference's (`chosen_logp_change`, `rejected_logp_change`: DPO
+    widens their gap, and may do so by lowering both), under the precision the reference log-probs were computed in
+    (the model's mode is restored after)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     correct = total = 0
-    margin = 0.0
+    margin = chosen_change = rejected_change = 0.0
     for batch in batches:
         with autocast(device, precision):
             policy = sequence_logprob(model, batch["input_ids"].to(device), batch["response_mask"].to(device))
         chosen, rejected = policy.float().cpu().chunk(2)
-        diff = beta * ((chosen - batch["ref_chosen_logps"]) - (rejected - batch["ref_rejected_logps"]))
+        chosen_ratio, rejected_ratio = chosen - batch["ref_chosen_logps"], rejected - batch["ref_rejected_logps"]
+        diff = beta * (chosen_ratio - rejected_ratio)
         correct += int((diff > 0).sum())
         margin += float(diff.sum())
+        chosen_change += float(chosen_ratio.sum())
+        rejected_change += float(rejected_ratio.sum())
         total += len(diff)
     model.train(was_training)
-    return {"reward_accuracy": correct / max(total, 1), "reward_margin": margin / max(total, 1)}
+    n = max(total, 1)
+    return {"reward_accuracy": correct / n, "reward_margin": margin / n, "chosen_logp_change": chosen_change / n,
+            "rejected_logp_change": rejected_change / n}
 
 
 def train_dpo(config: DPOConfig, resume: bool = False,
@@ -156,7 +179,7 @@ def train_dpo(config: DPOConfig, resume: bool = False,
         rows = sampler.batch_ids(index)
         return with_reference(collate_pairs([examples[i] for i in rows], pad_id), ref_train[torch.from_numpy(rows)])
 
-    loss_fn = partial(dpo_batch_loss, beta=config.beta, kind=config.kind)
+    loss_fn = partial(dpo_batch_loss, beta=config.beta, kind=config.kind, sft_weight=config.sft_weight)
     val = first_batches(eval_batches, tcfg.eval_batches) if eval_batches else None
     run_config = CheckpointManifest.of_run("dpo", config, model=policy.cfg, peft=config.peft)
     final_eval = partial(preference_metrics, batches=eval_batches, beta=config.beta, precision=tcfg.precision)
