@@ -4,6 +4,7 @@ sentences, which claim a difference only when the numbers bear it out (the stage
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +17,7 @@ from lmforge.demo.evaluation import (
     DISTRACTORS,
     GENERATE_TASK,
     agreement_note,
+    harness_section,
     question_kind,
     write_held_out_text,
     write_task_file,
@@ -80,3 +82,12 @@ def test_agreement_note_counts_only_clear_items() -> None:
     agree, disagree = agreement_note(40, 0, 2, 3e-6), agreement_note(40, 1, 0, 0.2)
     assert agree.startswith("They agree") and "all 40" in agree and "2 item-metrics on a near-tie" in agree
     assert disagree.startswith("They disagree") and "1 of 40" in disagree and "2.0e-01" in disagree
+
+
+def test_without_lm_eval_the_cross_check_says_it_was_skipped(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed: importing it raises ImportError
+    monkeypatch.delitem(sys.modules, "lmforge.eval.harness", raising=False)
+    skipped = harness_section(tmp_path / "no-model", tmp_path / "no-tasks.jsonl", tmp_path / "lm-eval")
+    assert skipped.body.startswith("Skipped: lm-evaluation-harness is not installed")
+    assert "pip install 'lmforge[eval]'" in skipped.body
+    assert not (tmp_path / "lm-eval").exists()

@@ -181,11 +181,10 @@ def harness_section(base: Path, task_file: Path, work: Path) -> Section:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded, as `lmforge eval harness`
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
-        import lm_eval
-
         from lmforge.eval.harness import LmforgeLM, task_manager
     except LmforgeError as exc:  # lm-eval is an optional extra
         return Section(title, f"Skipped: {exc}")
+    import lm_eval
     items = [item for task in read_tasks(task_file).values() for item in task if item.kind == "choice"]
     write_harness_task(items, work / "task", work / "datasets")
     model, tokenizer = lmforge.load(base)
