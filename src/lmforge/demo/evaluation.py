@@ -39,6 +39,7 @@ BASE, TUNED = "base (pretrained)", "SFT"
 GENERATE_TASK, CHOICE_TASK = "arithmetic (generate)", "facts (multiple choice)"
 ANSWER_PATTERN = r"[Tt]he answer is\s*(-?\d+)"
 STOP = ["\nQuestion:", "\n\n"]
+MAX_NEW_TOKENS = 64  # enough for a two-step worked answer
 DISTRACTORS = 3  # wrong choices per multiple-choice item
 HARNESS_TASK = "lmforge_demo_facts"
 MARGIN = 1e-4  # items whose best two choices are closer than this may rank differently on two correct paths
@@ -46,7 +47,8 @@ MARGIN = 1e-4  # items whose best two choices are closer than this may rank diff
 
 def run(plan: DemoPlan, data: DemoData, checkpoints: dict[str, Path], base: Path, tuned: Path,
         out_dir: Path) -> list[Section]:
-    """Sections on `checkpoints` (report name -> checkpoint); the task table and lm-eval run on `base` and `tuned`."""
+    """Sections on `checkpoints` (report name -> checkpoint); the task table compares `base` with `tuned` (SFT), the
+    lm-eval cross-check runs on `base`."""
     work = out_dir / "evaluation"
     per_set, per_task = plan.eval_items
     held_out = write_held_out_text(data, work / "held_out.jsonl", per_set)
@@ -123,27 +125,26 @@ def _accuracy_cell(score: dict) -> str:
 
 def task_section(base: Path, tuned: Path, task_file: Path, work: Path) -> Section:
     tasks = read_tasks(task_file)
-    sampling = SamplingConfig(max_new_tokens=64, temperature=0.0)
+    sampling = SamplingConfig(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0)
     results = {}
     for name, path, slug in ((BASE, base, "base"), (TUNED, tuned, "sft")):
         model, tokenizer = lmforge.load(path)
         results[name] = evaluate_tasks(model, tokenizer, tasks, sampling)
-        write_results(work / f"tasks-{slug}", {"model": str(path), "tasks_file": str(task_file),
-                                               "generation": {"max_new_tokens": 64, "temperature": 0.0}},
-                      results[name])
+        header = {"model": str(path), "tasks_file": str(task_file), "generation": "greedy"}
+        write_results(work / f"tasks-{slug}", header, results[name])
     rows, notes = [], []
     for task in tasks:
-        ours, theirs = results[BASE][task], results[TUNED][task]
-        for metric in (m for m in ours["metrics"] if m in ACCURACIES):
-            test = mcnemar_exact([r[metric] for r in ours["items"]], [r[metric] for r in theirs["items"]])
-            rows.append((task, metric, ours["n"], _accuracy_cell(ours["metrics"][metric]),
-                         _accuracy_cell(theirs["metrics"][metric]), f"{test.difference:+.1%}", f"{test.p_value:.3g}"))
-            notes.append(f"- {task}, {metric}: {paired_accuracy_note(TUNED, BASE, test, ours['n'])}")
+        before, after = results[BASE][task], results[TUNED][task]
+        for metric in (m for m in before["metrics"] if m in ACCURACIES):
+            test = mcnemar_exact([r[metric] for r in before["items"]], [r[metric] for r in after["items"]])
+            rows.append((task, metric, before["n"], _accuracy_cell(before["metrics"][metric]),
+                         _accuracy_cell(after["metrics"][metric]), f"{test.difference:+.1%}", f"{test.p_value:.3g}"))
+            notes.append(f"- {task}, {metric}: {paired_accuracy_note(TUNED, BASE, test, before['n'])}")
     return Section("Task evaluation: base vs SFT", "\n".join([
         "`lmforge eval tasks` on a task file written from held-out items, the same items for both models, prompts "
-        "in the pretraining format: arithmetic word problems answered by greedy generation (up to 64 tokens, "
-        f"exact match of the number the pattern `{ANSWER_PATTERN}` extracts), and fact questions completed after "
-        f"\"The answer is\" by the most likely of {DISTRACTORS + 1} answers to questions of the same kind "
+        f"in the pretraining format: arithmetic word problems answered by greedy generation (up to {MAX_NEW_TOKENS} "
+        f"tokens, exact match of the number the pattern `{ANSWER_PATTERN}` extracts), and fact questions completed "
+        f"after \"The answer is\" by the most likely of {DISTRACTORS + 1} answers to questions of the same kind "
         "(log-likelihood: acc, and acc_norm per character). Accuracies with their Wilson 95% interval; the "
         "difference is judged by McNemar's exact test on the paired outcomes.", "",
         markdown_table(["task", "metric", "n", f"{BASE} [95% CI]", f"{TUNED} [95% CI]", "SFT - base",
