@@ -4,6 +4,7 @@ the runs logged, sentences consistent with the figures), not by its wording."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -17,11 +18,19 @@ from lmforge.cli import main
 from lmforge.data.synthetic import EVAL_SETS
 from lmforge.demo import demo_plan, dpo_study
 from lmforge.demo.decoder import pretrain_config
+from lmforge.demo.evaluation import CHOICE_TASK, GENERATE_TASK
 from lmforge.demo.inference import PROMPTS
 from lmforge.demo.peft import METHODS
-from lmforge.demo.verdicts import NOISE, early_loss_note, pretraining_note, quantisation_note, speculative_note
+from lmforge.demo.verdicts import (
+    NOISE,
+    early_loss_note,
+    paired_accuracy_note,
+    pretraining_note,
+    quantisation_note,
+    speculative_note,
+)
 from lmforge.eval.report import metric_series
-from lmforge.eval.stats import wilson_interval
+from lmforge.eval.stats import mcnemar_exact, wilson_interval
 from lmforge.infer.generate import SamplingConfig, generate_ids
 from lmforge.train.pretrain import pretrain
 from near_ties import MIN_MARGIN, greedy_logits, top2_margin
@@ -29,7 +38,8 @@ from near_ties import MIN_MARGIN, greedy_logits, top2_margin
 SECTIONS = ("Pretraining (decoder, causal LM)", "Held-out task accuracy", "Samples", "Post-training", "DPO: plain vs",
             "Distillation",
             "Decode speed against transformers", "Decode speed: KV cache vs none", "Weight-only quantisation",
-            "Speculative decoding", "Serving", "Parameter-efficient fine-tuning",
+            "Speculative decoding", "Held-out perplexity of every checkpoint", "Task evaluation: base vs SFT",
+            "lm-evaluation-harness cross-check", "Serving", "Parameter-efficient fine-tuning",
             "Encoder and encoder-decoder pretraining", "Fine-tuning: MLM-pretrained encoder",
             "Position encodings past the training length")
 
@@ -171,6 +181,48 @@ def test_demo_quick_writes_a_report_computed_in_the_run(tmp_path: Path) -> None:
     if not near(speedup):
         verdict = speculative_note(speedup, t_draft / t_step, t_verify / t_step)
         assert verdict.split(" (")[0] in spec_body
+
+    # evaluation: every checkpoint's held-out perplexity (the base model's as `lmforge eval perplexity` gives it), the
+    # task table's accuracies, intervals and paired tests from the per-item results, and the lm-eval cross-check
+    perplexity = table(section(report, "Held-out perplexity"))
+    assert [r["checkpoint"] for r in perplexity] == ["base (pretrained)", "SFT", "DPO", "PPO", "GRPO",
+                                                      "distilled student", "int8 (quantised base)",
+                                                      "int4 (quantised base)"]
+    for r in perplexity:
+        assert num(r["perplexity"]) == pytest.approx(math.exp(num(r["mean NLL (nats/token)"])), rel=1e-3)
+        assert num(r["perplexity"]) > 1 and num(r["bits per byte"]) > 0
+    held_out = out / "evaluation" / "held_out.jsonl"
+    assert main(["eval", "perplexity", str(out / "pretrain"), "--input", str(held_out), "--json",
+                 str(tmp_path / "ppl.json")]) == 0
+    overall = json.loads((tmp_path / "ppl.json").read_text())["overall"]
+    assert overall["documents"] == len(EVAL_SETS) * plan.eval_items[0]
+    assert num(perplexity[0]["perplexity"]) == pytest.approx(overall["perplexity"], abs=6e-4)
+    assert num(perplexity[0]["bits per byte"]) == pytest.approx(overall["bits_per_byte"], abs=6e-5)
+    task_body = section(report, "Task evaluation")
+    per_item = {m: json.loads((out / "evaluation" / f"tasks-{m}" / "results.json").read_text())["tasks"]
+                for m in ("base", "sft")}
+    task_rows = table(task_body)
+    assert [(r["task"], r["metric"]) for r in task_rows] == [(GENERATE_TASK, "exact_match"), (CHOICE_TASK, "acc"),
+                                                         (CHOICE_TASK, "acc_norm")]
+    for r in task_rows:
+        n = int(r["n"])
+        assert n == plan.eval_items[1]
+        outcomes = {m: [item[r["metric"]] for item in per_item[m][r["task"]]["items"]] for m in per_item}
+        for m, column in (("base", "base (pretrained) [95% CI]"), ("sft", "SFT [95% CI]")):
+            accuracy, low, high = (num(x) for x in re.findall(r"[\d.]+%", r[column]))
+            assert accuracy == pytest.approx(sum(outcomes[m]) / n, abs=5e-4)
+            assert (low, high) == pytest.approx(wilson_interval(sum(outcomes[m]), n), abs=5e-4)
+        paired = mcnemar_exact(outcomes["base"], outcomes["sft"])
+        assert float(r["McNemar p"]) == pytest.approx(paired.p_value, rel=1e-2)
+        assert paired_accuracy_note("SFT", "base (pretrained)", paired, n) in task_body
+    harness_body = section(report, "lm-evaluation-harness cross-check")
+    harness = {r["metric"]: r for r in table(harness_body)}
+    assert list(harness) == ["acc", "acc_norm"]
+    columns = ("lmforge adapter", "lm-eval `hf` model")
+    assert all(0 <= num(r[c]) <= 1 for r in harness.values() for c in columns)
+    assert "They agree: the same choice on all" in harness_body
+    if re.search(r"; 0 item-metrics on a near-tie", harness_body):
+        assert all(r[columns[0]] == r[columns[1]] for r in harness.values())
 
     # serving: a row per server and concurrency level, then sequential generation, and the sentence they call for
     serve_body = section(report, "Serving")

@@ -24,7 +24,7 @@ from lmforge.demo.verdicts import (
 from lmforge.eval.stats import mcnemar_exact
 
 DEMO_DIR = Path(lmforge.demo.__file__).parent
-STAGES = ("decoder", "alignment", "inference", "peft", "families", "positions")
+STAGES = ("decoder", "alignment", "inference", "evaluation", "peft", "families", "positions")
 
 
 def parsed(name: str) -> ast.Module:

@@ -2,12 +2,13 @@
 
 world -> tokenizer -> token shards and instruction data, then one module per stage, each returning its report
 sections: `decoder` (GPT pretraining, task accuracy, samples), `alignment` (SFT, reward model, DPO, PPO, GRPO,
-distillation), `inference` (quantisation, speculative decoding), `serving` (lmforge serve under load), `peft`
+distillation), `inference` (quantisation, speculative decoding), `evaluation` (held-out perplexity of every
+checkpoint, base vs SFT on a task file, the lm-eval cross-check), `serving` (lmforge serve under load), `peft`
 (every PEFT method vs full fine-tuning), `families` (BERT masked-LM and T5 span-corruption pretraining, and
 pretrained-vs-scratch fine-tuning), `positions` (the positional-encoding study). A stage that later stages build on
-also returns its checkpoint (`StageResult`); `run_demo` hands it on, so no stage knows where another writes. Every
-budget is a step count, so a run takes the same steps on any machine, and every number in the report is computed by
-this run.
+also returns its checkpoint, and by name the checkpoints to evaluate (`StageResult`); `run_demo` hands them on, so
+no stage knows where another writes. Every budget is a step count, so a run takes the same steps on any machine, and
+every number in the report is computed by this run.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class DemoPlan:
     student: dict[str, int] = field(default_factory=dict)  # the distillation student's size
     peft_eval: int = 50  # held-out instructions scoring each PEFT method
     speculative_tokens: int = 64
+    eval_items: tuple[int, int] = (40, 100)  # evaluation stage: documents per held-out set (perplexity), items per task
     samples: tuple[str, ...] = ("Question: What is the capital of", "One morning,", "Question: A coin is heads up.")
     serve_servers: tuple[str, ...] = ("lmforge", "transformers", "transformers-cb")  # `lmforge.serve.load_test.SERVERS`
     serve_clients: tuple[int, ...] = (1, 8)
@@ -72,7 +74,7 @@ def demo_plan(quick: bool) -> DemoPlan:
             encdec=EncDecConfig(vocab_size=512, n_layer=1, n_head=2, head_dim=32, d_model=64, d_ff=128),
             family_steps=20, finetune_steps=20, task_examples=(100, 40), position_steps=10,
             position_model=dict(n_layer=1, n_head=2, d_model=32), position_len=32,
-            instruct_examples=(100, 40, 8), peft_eval=4,
+            instruct_examples=(100, 40, 8), peft_eval=4, eval_items=(4, 8),
             post_steps=dict(sft=20, reward=10, dpo=10, rl=3, distill=10, peft=6),
             rl_prompts=4, student=dict(n_layer=1, n_head=2, d_model=32),
             serve_servers=("lmforge",), serve_clients=(1, 4), serve_requests=1, serve_tokens=8)
@@ -112,10 +114,12 @@ def prepare_world(plan: DemoPlan, data_dir: Path) -> DemoData:
 
 @dataclass(frozen=True)
 class StageResult:
-    """A stage's report sections and the checkpoint (run dir) that later stages build on."""
+    """A stage's report sections, the checkpoint (run dir) that later stages build on, and the checkpoints it wrote
+    that the evaluation stage scores, by their name in the report."""
 
     sections: list[Section]
-    checkpoint: Path
+    checkpoint: Path | None = None
+    checkpoints: dict[str, Path] = field(default_factory=dict)
 
 
 def fresh_demo_dir(out_dir: Path) -> None:
@@ -132,13 +136,13 @@ def fresh_demo_dir(out_dir: Path) -> None:
 
 
 def run_demo(out_dir: Path, report_dir: Path, quick: bool = False, precision: str = "auto") -> Path:
-    from lmforge.demo import alignment, decoder, families, inference, peft, positions, serving
+    from lmforge.demo import alignment, decoder, evaluation, families, inference, peft, positions, serving
 
     plan = demo_plan(quick)
     t_start = time.perf_counter()
     fresh_demo_dir(out_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    timer = StageTimer(total=8)
+    timer = StageTimer(total=9)
     timer.start("the synthetic world: corpus, tokenizer, token shards, instruction data")
     data = prepare_world(plan, out_dir / "data")
     timer.start("decoder (GPT) pretraining, task accuracy, samples")
@@ -146,8 +150,11 @@ def run_demo(out_dir: Path, report_dir: Path, quick: bool = False, precision: st
     timer.start("post-training: SFT, reward model, DPO, PPO, GRPO; distillation")
     aligned = alignment.run(plan, data, pretrained.checkpoint, out_dir, report_dir)
     timer.start("inference: quantisation, speculative decoding (the distilled student drafts)")
-    sections = [*pretrained.sections, *aligned.sections,
-                *inference.run(plan, data, pretrained.checkpoint, aligned.checkpoint, out_dir, report_dir)]
+    inferred = inference.run(plan, data, pretrained.checkpoint, aligned.checkpoint, out_dir, report_dir)
+    sections = [*pretrained.sections, *aligned.sections, *inferred.sections]
+    timer.start("evaluation: held-out perplexity of every checkpoint, base vs SFT on tasks, lm-eval cross-check")
+    checkpoints = {"base (pretrained)": pretrained.checkpoint, **aligned.checkpoints, **inferred.checkpoints}
+    sections += evaluation.run(plan, data, checkpoints, pretrained.checkpoint, aligned.checkpoints["SFT"], out_dir)
     timer.start("serving: lmforge serve (and transformers serve) under concurrent clients")
     sections += serving.run(plan, pretrained.checkpoint)
     timer.start("parameter-efficient fine-tuning: every method vs full fine-tuning")

@@ -89,7 +89,7 @@ def run(plan: DemoPlan, data: DemoData, pretrained: Path, out_dir: Path, report_
             "(alpha 0: labels only, everything else identical).", "",
             markdown_table(["student", "validation loss", "validation perplexity"], distilled["rows"]),
         ])),
-    ], distilled["checkpoint"])
+    ], distilled["checkpoint"], {**models, "distilled student": distilled["checkpoint"]})
 
 
 def _distill_pair(plan: DemoPlan, data: DemoData, teacher: Path, runs: Path) -> dict:

@@ -15,6 +15,7 @@ import torch
 import lmforge
 from lmforge.checkpoint import WEIGHTS_FILE, resolve_checkpoint
 from lmforge.data.batches import PackedBatches
+from lmforge.demo import StageResult
 from lmforge.demo.verdicts import quantisation_note, speculative_note
 from lmforge.eval.report import Section, markdown_table
 from lmforge.eval.speed import kv_cache_scaling, speed_section
@@ -51,18 +52,20 @@ def decode_tokens_per_s(model: torch.nn.Module, prompt: list[int], new_tokens: i
 
 
 def run(plan: DemoPlan, data: DemoData, pretrained: Path, draft: Path, out_dir: Path,
-        report_dir: Path) -> list[Section]:
-    """Sections on the `pretrained` decoder's inference; `draft` (a smaller decoder) drafts for speculative decoding."""
+        report_dir: Path) -> StageResult:
+    """Sections on the `pretrained` decoder's inference, and its quantised checkpoints; `draft` (a smaller decoder)
+    drafts for speculative decoding."""
     fp32, tokenizer = lmforge.load(pretrained)
     column_major_linears(fp32)  # as `lmforge generate` runs it
     prompt = tokenizer.encode("Question: What is the capital of")
     seq_len = plan.decoder.max_seq_len
     fp32_bytes = (resolve_checkpoint(pretrained) / WEIGHTS_FILE).stat().st_size
-    fp32_decode, decode = decode_tokens_per_s(fp32, prompt), {}
+    fp32_decode, decode, quantised = decode_tokens_per_s(fp32, prompt), {}, {}
     rows = [("fp32", f"{fp32_bytes / 2**20:.2f}", "1.00x", f"{validation_perplexity(fp32, data, seq_len):.3f}",
              f"{fp32_decode:,.0f}")]
     for bits in (8, 4):
         path, _ = quantize_checkpoint(pretrained, out_dir / f"int{bits}", bits=bits, group_size=64)
+        quantised[f"int{bits} (quantised base)"] = path
         model, _ = lmforge.load(path)
         size = (path / WEIGHTS_FILE).stat().st_size
         decode[f"int{bits}"] = decode_tokens_per_s(model, prompt)
@@ -71,8 +74,8 @@ def run(plan: DemoPlan, data: DemoData, pretrained: Path, draft: Path, out_dir: 
                      f"{decode[f'int{bits}']:,.0f}"))
     speed = speed_section(kv_cache_scaling(fp32, prompt, lengths=(32, 64, 128, 192)), report_dir)
     versus = versus_section(fp32, tokenizer, out_dir / "hf-export", PROMPTS)
-    return [versus, speed, quantisation_section(rows, fp32_decode, decode),
-            speculative_section(fp32, lmforge.load(draft)[0], tokenizer, plan)]
+    return StageResult([versus, speed, quantisation_section(rows, fp32_decode, decode),
+                        speculative_section(fp32, lmforge.load(draft)[0], tokenizer, plan)], checkpoints=quantised)
 
 
 def quantisation_section(rows: list[tuple], fp32_decode: float, decode: dict[str, float]) -> Section:
