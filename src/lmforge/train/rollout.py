@@ -1,4 +1,4 @@
-"""Rollouts for RL fine-tuning: batched sampling of several responses to one prompt, and scalar rewards.
+"""Rollouts for RL fine-tuning: several responses to each prompt, sampled on the shared decode engine, and rewards.
 
 A rollout batch is right-padded `input_ids` [N, T] (prompt, response, padding) with a `response_mask`
 [N, T] that is True exactly on the tokens the policy wrote, the closing stop token (EOS or a chat template's
