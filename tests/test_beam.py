@@ -101,3 +101,19 @@ def test_beam_matches_transformers(family: str, tmp_path) -> None:
             assert_clear_ranking([s for _, s in ours], f"{beams} beams after {prompt}")
             assert [ids for ids, _ in ours] == expected
             assert [s for _, s in ours] == pytest.approx(out.sequences_scores.tolist(), abs=1e-4)
+
+
+def test_a_prompt_too_long_is_refused_or_cut_to_its_last_tokens_as_generate_does() -> None:
+    model = _tiny(6)
+    prompt = [1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 0, 1, 2]  # 14 tokens: 8 new ones need 22 of the 16-token context
+    with pytest.raises(LmforgeError, match="--truncate-prompt"):
+        beam_search(model, prompt, num_beams=2, max_new_tokens=8)
+    cut = beam_search(model, prompt, num_beams=2, max_new_tokens=8, truncate_prompt=True)
+    assert cut == beam_search(model, prompt[-8:], num_beams=2, max_new_tokens=8)
+
+
+def test_any_of_several_stop_ids_ends_a_hypothesis() -> None:
+    model = _tiny(6)
+    (best, _), = beam_search(model, [1, 2], num_beams=3, max_new_tokens=6)
+    first = best[0]  # a stop id the best hypothesis starts with: listed with another, it ends that hypothesis at once
+    assert all(ids == [] or first not in ids for ids, _ in beam_search(model, [1, 2], 3, 6, eos_id=[first, 99]))

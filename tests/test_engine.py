@@ -123,7 +123,7 @@ def test_a_stop_id_ends_only_its_request() -> None:
     k = next(i for i, t in enumerate(plain[0]) if i >= 3 and t not in plain[0][:i] + plain[1] + plain[2])
     ended = GenerationRequest(schedule[0][1].prompt_ids, 45, temperature=0, stop_ids=frozenset({plain[0][k]}))
     results = run(Engine(model, max_batch=3), [(0, ended), *schedule[1:]])
-    assert tokens(results[0]) == plain[0][:k] and results[0][-1] == TokenEvent(0, None, "", "stop")
+    assert tokens(results[0]) == plain[0][:k] and results[0][-1] == TokenEvent(0, None, "", "stop", stop_id=plain[0][k])
     assert [tokens(e) for e in results[1:]] == plain[1:]
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.infer.generate import SamplingConfig, filter_logits, generate, generate_ids, greedy_ids, next_token
+from lmforge.infer.decoding import filter_logits, greedy_ids, next_token
+from lmforge.infer.generate import SamplingConfig, generate, generate_ids
 from lmforge.model.decoder import DecoderLM
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 from near_ties import assert_clear_greedy

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ from lmforge.train.rl import (
     train_ppo,
     whiten,
 )
-from lmforge.train.rollout import collect_rollouts, reward_model_reward, sample_responses, verifier_reward
+from lmforge.train.rollout import _seed, collect_rollouts, reward_model_reward, sample_responses, verifier_reward
 
 VOCAB, EOS, TARGET = 32, 0, 5
 
@@ -201,6 +202,20 @@ def test_one_row_sampler_matches_generate_ids() -> None:
         ids, mask = sample_responses(policy, [1, 2], 1, cfg, EOS)
         response = ids[0, mask[0]].tolist()
         assert response[:-1] + [t for t in response[-1:] if t != EOS] == generate_ids(policy, [1, 2], cfg, EOS)
+
+
+def test_every_sampled_row_is_generate_ids_with_its_own_seed_in_one_engine_batch() -> None:
+    policy = tiny_policy(1).eval()
+    cfg = SamplingConfig(max_new_tokens=12, temperature=1.0, seed=3)
+    prompts = [([1, 2], {}), ([4, 5, 6, 7], {})]
+    ids, mask, _ = collect_rollouts(policy, prompts, 3, cfg, EOS, 0, lambda p, r, m: 0.0)
+    for k, (prompt, _) in enumerate(prompts):
+        alone, alone_mask = sample_responses(policy, prompt, 3, replace(cfg, seed=_seed(3, k)), EOS)
+        for i in range(3):
+            row, response = 3 * k + i, alone[i, alone_mask[i]].tolist()
+            assert ids[row, mask[row]].tolist() == response  # the round's rows run together, as each prompt alone
+            expected = generate_ids(policy, prompt, replace(cfg, seed=_seed(3, k) + i), EOS)
+            assert response[:-1] + [t for t in response[-1:] if t != EOS] == expected
 
 
 def test_collect_rollouts_pads_prompts_of_different_lengths() -> None:

@@ -339,7 +339,7 @@ def _search(args: Namespace, model, tokenizer, cfg) -> str:
         from lmforge.infer.beam import beam_search
 
         (best, score), *_ = beam_search(model, ids, args.num_beams, args.max_new_tokens, tokenizer.eos_id,
-                                        length_penalty=args.length_penalty)
+                                        length_penalty=args.length_penalty, truncate_prompt=args.truncate_prompt)
         print(f"[beam search, {args.num_beams} beams: score {score:.4f}]", file=sys.stderr)
         return tokenizer.decode(best)
     from lmforge.infer.speculative import speculative_generate

@@ -7,12 +7,11 @@ stops (EOS or max_new_tokens) leaves the batch.
 
 from __future__ import annotations
 
-from collections.abc import Collection
-
 import torch
 
+from lmforge.infer.decoding import StopIds, fit_prompt, stop_id_set
 from lmforge.infer.engine import Engine, GenerationRequest
-from lmforge.infer.generate import SamplingConfig, _fit_prompt
+from lmforge.infer.generate import SamplingConfig
 from lmforge.model.decoder import DecoderLM
 
 
@@ -21,7 +20,7 @@ def generate_batch(
     model: DecoderLM,
     prompts: list[list[int]],
     cfg: SamplingConfig,
-    eos_id: int | Collection[int] | None = None,
+    eos_id: StopIds = None,
 ) -> list[list[int]]:
     """Generate up to cfg.max_new_tokens ids after each prompt; returns each row's new ids.
 
@@ -30,11 +29,12 @@ def generate_batch(
     cfg.validate()
     if not prompts:
         return []
-    stop_ids = frozenset({eos_id} if isinstance(eos_id, int) else eos_id or ()) if cfg.stop_at_eos else frozenset()
+    stop_ids = stop_id_set(eos_id, cfg.stop_at_eos)
     engine = Engine(model, max_batch=len(prompts))
     ids = [engine.submit(GenerationRequest(
-        _fit_prompt(list(p), engine.context, cfg), cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-        top_k=cfg.top_k, seed=None if cfg.seed is None else cfg.seed + i, stop_ids=stop_ids,
+        fit_prompt(list(p), engine.context, cfg.max_new_tokens, cfg.truncate_prompt), cfg.max_new_tokens,
+        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=None if cfg.seed is None else cfg.seed + i,
+        stop_ids=stop_ids,
     )) for i, p in enumerate(prompts)]
     new: dict[int, list[int]] = {i: [] for i in ids}
     while engine.has_work:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.infer.decoding import StopIds, fit_prompt, stop_id_set
 from lmforge.infer.generate import bad_option
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.layers import fused_qkv
@@ -34,27 +35,25 @@ def beam_search(
     prompt_ids: Sequence[int],
     num_beams: int,
     max_new_tokens: int,
-    eos_id: int | None = None,
+    eos_id: StopIds = None,
     length_penalty: float = 1.0,
     num_return: int = 1,
+    truncate_prompt: bool = False,
 ) -> list[tuple[list[int], float]]:
-    """The `num_return` best hypotheses as (new ids without the EOS token, score), best first."""
+    """The `num_return` best hypotheses as (new ids without the EOS token, score), best first. A prompt too long for
+    the context with max_new_tokens is refused, or cut to its last tokens with `truncate_prompt`."""
     check_beam_options(num_beams, length_penalty)
     if not 1 <= num_return <= num_beams:
         raise LmforgeError(f"num_return must be in [1, num_beams={num_beams}], got {num_return}")
     if max_new_tokens < 1:
         raise LmforgeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not prompt_ids:
-        raise LmforgeError("the prompt is empty; give at least one token (e.g. the BOS token)")
-    context = model.cfg.max_seq_len
-    if len(prompt_ids) + max_new_tokens > context:
-        raise LmforgeError(f"a {len(prompt_ids)}-token prompt plus max_new_tokens={max_new_tokens} exceeds "
-                           f"the {context}-token context window")
+    stops = stop_id_set(eos_id)
+    prompt_ids = fit_prompt(list(prompt_ids), model.cfg.max_seq_len, max_new_tokens, truncate_prompt)
     device = model.device
     vocab = model.cfg.vocab_size
     cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
     with fused_qkv(model):
-        logits = model(torch.tensor([list(prompt_ids)], device=device), cache=cache, keep_last=1)[:, -1]
+        logits = model(torch.tensor([prompt_ids], device=device), cache=cache, keep_last=1)[:, -1]
         tokens = torch.empty(1, 0, dtype=torch.long, device=device)  # generated ids of the running beams
         scores = torch.zeros(1, device=device)  # their summed log-probs
         finished: list[tuple[float, list[int]]] = []  # (score, ids incl. EOS), best first, at most num_beams
@@ -66,7 +65,7 @@ def beam_search(
             rows, toks = top_idx // vocab, top_idx % vocab
             keep: list[int] = []
             for rank in range(len(top_idx)):
-                ends = last or int(toks[rank]) == eos_id
+                ends = last or int(toks[rank]) in stops
                 if ends and rank < num_beams:
                     ids = tokens[rows[rank]].tolist() + [int(toks[rank])]
                     finished.append((float(top_scores[rank]) / gen_len ** length_penalty, ids))
@@ -82,4 +81,4 @@ def beam_search(
                 break
             cache.reorder(rows[sel])
             logits = model(toks[sel, None], cache=cache)[:, -1]
-        return [(ids[:-1] if ids[-1] == eos_id else ids, score) for score, ids in finished[:num_return]]
+        return [(ids[:-1] if ids[-1] in stops else ids, score) for score, ids in finished[:num_return]]

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from lmforge.errors import ConfigError
-from lmforge.infer.generate import SamplingConfig, StopStreamer, greedy_ids, sampling_probs
+from lmforge.infer.decoding import greedy_ids, new_generator, sampling_probs
+from lmforge.infer.generate import SamplingConfig, StopStreamer
 from lmforge.infer.prefix_cache import BLOCK, PrefixCache
 from lmforge.infer.slots import PAD_ID, BatchSlots
 from lmforge.model.decoder import DecoderLM
@@ -56,6 +57,7 @@ class TokenEvent:
     token_id: int | None  # the new token, or None on a final event that adds none
     text: str  # newly printable text: incremental, whole UTF-8 characters, a possible stop string held back
     finish_reason: str | None  # None while running; "stop", "length" or "cancelled" on the last event
+    stop_id: int | None = None  # on a "stop" event for one of the request's stop ids: that id (never emitted)
 
 
 @dataclass
@@ -78,9 +80,7 @@ class _Running:
     def __init__(self, request_id: int, request: GenerationRequest, sampling: SamplingConfig,
                  tokenizer: Tokenizer | None, device: torch.device):
         self.id, self.request, self.sampling = request_id, request, sampling
-        self.generator = None
-        if request.seed is not None and request.temperature > 0:
-            self.generator = torch.Generator(device=device).manual_seed(request.seed)
+        self.generator = new_generator(request.seed, request.temperature, device)
         self.pending: list[str] = []
         self.streamer = None if tokenizer is None else StopStreamer(
             tokenizer, request.stop_strings, self.pending.append, skip_special_tokens=request.skip_special_tokens)
@@ -297,7 +297,7 @@ class Engine:
         if self.logits_hook is not None:
             self.logits_hook(run.id, logits[row])
         if token in run.request.stop_ids:
-            events.append(TokenEvent(run.id, None, run.take_text(final=True), "stop"))
+            events.append(TokenEvent(run.id, None, run.take_text(final=True), "stop", stop_id=token))
             return True
         run.generated += 1
         self.stats.generated_tokens += 1

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
 
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.errors import ConfigError
+from lmforge.infer.decoding import StopIds, fit_prompt, new_generator, next_token, stop_id_set
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.layers import fused_qkv
 from lmforge.tokenizer import Tokenizer
@@ -76,39 +76,6 @@ class SamplingConfig:
             require_utf8(s, "a stop string (--stop)")
 
 
-def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
-    """Set logits outside the top-k and outside the smallest set with mass >= top_p to -inf."""
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(dim=-1)
-        # drop a token when the mass before it already reaches top_p (the first token always stays)
-        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def greedy_ids(logits: Tensor) -> Tensor:
-    """logits.argmax(-1), with the same tie-break (the first maximum): on CPU `max(-1).indices` is the faster kernel
-    for a large vocabulary."""
-    return logits.max(dim=-1).indices
-
-
-def sampling_probs(logits: Tensor, cfg: SamplingConfig) -> Tensor:
-    """The distribution [..., V] sampling draws from: `logits` after temperature, top-k and top-p."""
-    return filter_logits(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p).softmax(dim=-1)
-
-
-def next_token(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> Tensor:
-    """Pick the next token ids [B] from last-position logits [B, V]."""
-    if cfg.temperature == 0:
-        return greedy_ids(logits)
-    return torch.multinomial(sampling_probs(logits, cfg), 1, generator=generator).squeeze(-1)
-
-
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -121,32 +88,12 @@ def compiled_decoder(model: DecoderLM) -> torch.nn.Module:
     return _COMPILED[model]
 
 
-def _fit_prompt(ids: list[int], context: int, cfg: SamplingConfig) -> list[int]:
-    if not ids:
-        raise LmforgeError("the prompt is empty; give at least one token (e.g. the BOS token)")
-    room = context - cfg.max_new_tokens
-    if room < 1:
-        raise LmforgeError(
-            f"max_new_tokens={cfg.max_new_tokens} (--max-new-tokens) leaves no room for a prompt in the "
-            f"{context}-token context window"
-        )
-    if len(ids) > room:
-        if not cfg.truncate_prompt:
-            raise LmforgeError(
-                f"the prompt has {len(ids)} tokens; with max_new_tokens={cfg.max_new_tokens} it must fit "
-                f"{room} tokens of the {context}-token context window: shorten it, lower max_new_tokens, "
-                "or pass --truncate-prompt to keep its last tokens"
-            )
-        ids = ids[-room:]
-    return ids
-
-
 @torch.inference_mode()
 def generate_ids(
     model: DecoderLM,
     prompt_ids: Sequence[int],
     cfg: SamplingConfig,
-    eos_id: int | Collection[int] | None = None,
+    eos_id: StopIds = None,
     on_token: Callable[[int], bool | None] | None = None,
 ) -> list[int]:
     """Generate up to cfg.max_new_tokens ids after `prompt_ids`; returns only the new ids.
@@ -154,12 +101,10 @@ def generate_ids(
     Generation stops at `eos_id` (one id, or several: e.g. a chat template's end-of-turn and EOS).
     `on_token(id)` is called for each new token; returning True stops generation."""
     cfg.validate()
-    stop_ids = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
-    ids = _fit_prompt(list(prompt_ids), model.cfg.max_seq_len, cfg)
+    stop_ids = stop_id_set(eos_id, cfg.stop_at_eos)
+    ids = fit_prompt(list(prompt_ids), model.cfg.max_seq_len, cfg.max_new_tokens, cfg.truncate_prompt)
     device = model.device
-    generator = None
-    if cfg.seed is not None and cfg.temperature > 0:
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    generator = new_generator(cfg.seed, cfg.temperature, device)
     seq = torch.tensor([ids], device=device)
     cache = model.new_cache(1, len(ids) + cfg.max_new_tokens) if cfg.use_cache else None
     with fused_qkv(model):
@@ -169,7 +114,7 @@ def generate_ids(
         for _ in range(cfg.max_new_tokens):
             token = next_token(logits, cfg, generator)
             tid = int(token)
-            if cfg.stop_at_eos and tid in stop_ids:
+            if tid in stop_ids:
                 break
             new.append(tid)
             if on_token is not None and on_token(tid):

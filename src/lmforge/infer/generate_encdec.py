@@ -2,7 +2,7 @@
 
 The encoder runs once per request and each decoder layer's cross-attention keys/values of its output are
 projected once; every step then costs one decoder position over the self-attention KV cache. Token
-choice (greedy, temperature, top-k, top-p) is the decoder-only path's `next_token`.
+choice (greedy, temperature, top-k, top-p), seeding and stop ids are the shared `infer/decoding.py`'s.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.infer.generate import SamplingConfig, StopStreamer, next_token
+from lmforge.infer.decoding import new_generator, next_token, stop_id_set
+from lmforge.infer.generate import SamplingConfig, StopStreamer
 from lmforge.model.encdec import EncDecLM
 from lmforge.tokenizer import Tokenizer
 
@@ -50,9 +51,8 @@ def generate_encdec(
     ids, mask = _fit_input(list(input_ids), None if attention_mask is None else list(attention_mask),
                            model.cfg.max_seq_len, cfg)
     device = model.tok_emb.weight.device
-    generator = None
-    if cfg.seed is not None and cfg.temperature > 0:
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    generator = new_generator(cfg.seed, cfg.temperature, device)
+    stop_ids = stop_id_set(eos_id, cfg.stop_at_eos)
     enc_mask = None if mask is None else torch.tensor([mask], device=device)
     encoder_hidden = model.encode(torch.tensor([ids], device=device), enc_mask)
     cross_kv = model.cross_kv(encoder_hidden)
@@ -67,7 +67,7 @@ def generate_encdec(
     for _ in range(cfg.max_new_tokens):
         token = next_token(logits, cfg, generator)
         tid = int(token)
-        if cfg.stop_at_eos and eos_id is not None and tid == eos_id:
+        if tid in stop_ids:
             break
         new.append(tid)
         if (on_token is not None and on_token(tid)) or len(new) == cfg.max_new_tokens:

@@ -11,14 +11,15 @@ Both KV caches are static, so rolling back a rejected suffix is just setting `ca
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from lmforge.errors import LmforgeError
-from lmforge.infer.generate import SamplingConfig, _fit_prompt, bad_option, filter_logits, greedy_ids
+from lmforge.infer.decoding import StopIds, fit_prompt, greedy_ids, new_generator, sampling_probs, stop_id_set
+from lmforge.infer.generate import SamplingConfig, bad_option
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.layers import fused_qkv
 
@@ -38,11 +39,6 @@ class SpeculativeStats:
     @property
     def forwards_saved(self) -> int:
         return self.plain_forwards - self.target_forwards
-
-
-def _probs(logits: Tensor, cfg: SamplingConfig) -> Tensor:
-    """The sampling distribution [..., V] after temperature, top-k and top-p."""
-    return filter_logits(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p).softmax(dim=-1)
 
 
 def _sample(probs: Tensor, generator: torch.Generator | None) -> int:
@@ -65,7 +61,7 @@ def speculative_generate(
     prompt_ids: Sequence[int],
     cfg: SamplingConfig,
     num_draft: int = 4,
-    eos_id: int | Collection[int] | None = None,
+    eos_id: StopIds = None,
     min_confidence: float = 0.5,
 ) -> tuple[list[int], SpeculativeStats]:
     """Generate up to cfg.max_new_tokens ids after `prompt_ids` (only the new ids, EOS excluded) and stats.
@@ -78,13 +74,12 @@ def speculative_generate(
         raise LmforgeError(f"the draft's vocab_size={draft.cfg.vocab_size} differs from the target's "
                            f"{target.cfg.vocab_size}; both models must share one tokenizer")
     check_draft_options(num_draft, min_confidence)
-    stop_ids = ({eos_id} if isinstance(eos_id, int) else set(eos_id or ())) if cfg.stop_at_eos else set()
-    seq = _fit_prompt(list(prompt_ids), min(target.cfg.max_seq_len, draft.cfg.max_seq_len), cfg)
+    stop_ids = stop_id_set(eos_id, cfg.stop_at_eos)
+    context = min(target.cfg.max_seq_len, draft.cfg.max_seq_len)
+    seq = fit_prompt(list(prompt_ids), context, cfg.max_new_tokens, cfg.truncate_prompt)
     device = target.device
     greedy = cfg.temperature == 0
-    generator = None
-    if cfg.seed is not None and not greedy:
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    generator = new_generator(cfg.seed, cfg.temperature, device)
     budget = len(seq) + cfg.max_new_tokens
     t_cache, d_cache = target.new_cache(1, budget), draft.new_cache(1, budget)
     stats = SpeculativeStats()
@@ -104,7 +99,7 @@ def speculative_generate(
                     if min_confidence > 0 and float(logits.float().softmax(-1)[proposal[-1]]) < min_confidence:
                         break
                 else:
-                    q.append(_probs(logits, cfg))
+                    q.append(sampling_probs(logits, cfg))
                     proposal.append(_sample(q[-1], generator))
             m = len(proposal)
             base = len(seq) - 1
@@ -119,7 +114,7 @@ def speculative_generate(
                     k += 1
                 token = choice[k]
             else:
-                p = _probs(logits, cfg)
+                p = sampling_probs(logits, cfg)
                 token = -1
                 while k < m:
                     d = proposal[k]

@@ -1,4 +1,4 @@
-"""Rollouts for RL fine-tuning: batched sampling of several responses to one prompt, and scalar rewards.
+"""Rollouts for RL fine-tuning: several responses to each prompt, sampled on the shared decode engine, and rewards.
 
 A rollout batch is right-padded `input_ids` [N, T] (prompt, response, padding) with a `response_mask`
 [N, T] that is True exactly on the tokens the policy wrote, the closing stop token (EOS or a chat template's
@@ -8,7 +8,6 @@ end of turn) included, as SFT's assistant mask marks it.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -18,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmforge.errors import LmforgeError
-from lmforge.infer.generate import SamplingConfig, next_token
+from lmforge.infer.decoding import StopIds, fit_prompt, stop_id_set
+from lmforge.infer.engine import Engine, GenerationRequest
+from lmforge.infer.generate import SamplingConfig
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.heads import last_token_index
-from lmforge.model.layers import fused_qkv
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.logprobs import token_logprobs
 from lmforge.train.loss import log_dtype
@@ -40,44 +39,47 @@ def _seed(*parts: int) -> int:
 
 @torch.inference_mode()
 def sample_responses(policy: DecoderLM, prompt_ids: Sequence[int], n: int, sampling: SamplingConfig,
-                     eos_id: int | Sequence[int] | None) -> tuple[Tensor, Tensor]:
-    """Sample `n` responses to one prompt in a batch over the KV cache: (ids [n, T], response_mask [n, T]).
+                     eos_id: StopIds) -> tuple[Tensor, Tensor]:
+    """Sample `n` responses to one prompt as rows of the shared decode engine: (ids [n, T], response_mask [n, T]).
 
     Each row stops at its first `eos_id` (one id or several stop ids; kept, and masked in); positions after
-    it hold padding, masked out. T is the prompt length plus the longest response. `sampling.seed` makes the
-    draw reproducible; stop strings are not applied."""
+    it hold padding (the first stop id), masked out. T is the prompt length plus the longest response. Row i
+    draws with its own generator seeded `sampling.seed + i` (row 0 samples as `generate_ids` does with
+    `sampling.seed`), so the draw is reproducible; stop strings are not applied."""
+    return _sample_blocks(policy, [list(prompt_ids)], n, sampling, [sampling.seed], eos_id)[0]
+
+
+def _sample_blocks(policy: DecoderLM, prompts: Sequence[list[int]], n: int, sampling: SamplingConfig,
+                   seeds: Sequence[int | None], eos_id: StopIds) -> list[tuple[Tensor, Tensor]]:
+    """`n` rows for each prompt, all requests of one engine run; prompt k's row i seeded seeds[k] + i. One
+    (ids, response_mask) block per prompt, as `sample_responses` describes."""
     sampling.validate()
-    prompt = list(prompt_ids)
-    if not prompt:
-        raise LmforgeError("the prompt is empty; give at least one token (e.g. the BOS token)")
-    P, max_new = len(prompt), sampling.max_new_tokens
-    if P + max_new > policy.cfg.max_seq_len:
-        raise LmforgeError(f"a {P}-token prompt plus max_new_tokens={max_new} exceeds the "
-                           f"{policy.cfg.max_seq_len}-token context; shorten the prompts or lower max_new_tokens")
+    engine = Engine(policy, max_batch=len(prompts) * n)
+    max_new = sampling.max_new_tokens
+    prompts = [fit_prompt(p, engine.context, max_new, sampling.truncate_prompt) for p in prompts]
+    stops = stop_id_set(eos_id, sampling.stop_at_eos)
+    pad = next(iter([eos_id] if isinstance(eos_id, int) else eos_id or []), 0)
+    rows = {engine.submit(GenerationRequest(prompt, max_new, temperature=sampling.temperature, top_p=sampling.top_p,
+                                            top_k=sampling.top_k, seed=None if seed is None else seed + i,
+                                            stop_ids=stops)): []
+            for prompt, seed in zip(prompts, seeds, strict=True) for i in range(n)}
+    while engine.has_work:
+        for event in engine.step():
+            rows[event.request_id] += [t for t in (event.token_id, event.stop_id) if t is not None]
+    responses = list(rows.values())
     device = policy.device
-    generator = None
-    if sampling.seed is not None and sampling.temperature > 0:
-        generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    stops = torch.tensor([] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id),
-                         dtype=torch.long, device=device)
-    pad = int(stops[0]) if len(stops) else 0
-    ids = torch.full((n, P + max_new), pad, dtype=torch.long, device=device)
-    ids[:, :P] = torch.tensor(prompt, device=device)
-    mask = torch.zeros(n, P + max_new, dtype=torch.bool, device=device)
-    done = torch.zeros(n, dtype=torch.bool, device=device)
-    cache = policy.new_cache(n, P + max_new)
-    with fused_qkv(policy):
-        logits = policy(ids[:, :P], cache=cache, keep_last=1)[:, -1]
-        for t in range(max_new):
-            token = next_token(logits, sampling, generator).masked_fill(done, pad)
-            ids[:, P + t], mask[:, P + t] = token, ~done
-            if sampling.stop_at_eos:
-                done = done | torch.isin(token, stops)
-            if bool(done.all()) or t + 1 == max_new:
-                break
-            logits = policy(token[:, None], cache=cache)[:, -1]
-    end = P + t + 1
-    return ids[:, :end], mask[:, :end]
+    blocks = []
+    for k, prompt in enumerate(prompts):
+        block = responses[k * n:(k + 1) * n]
+        P, width = len(prompt), max(len(r) for r in block)
+        ids = torch.full((n, P + width), pad, dtype=torch.long, device=device)
+        ids[:, :P] = torch.tensor(prompt, device=device)
+        mask = torch.zeros(n, P + width, dtype=torch.bool, device=device)
+        for i, response in enumerate(block):
+            ids[i, P:P + len(response)] = torch.tensor(response, device=device)
+            mask[i, P:P + len(response)] = True
+        blocks.append((ids, mask))
+    return blocks
 
 
 def right_pad(rows: Sequence[tuple[Tensor, Tensor]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -89,18 +91,18 @@ def right_pad(rows: Sequence[tuple[Tensor, Tensor]], pad_id: int) -> tuple[Tenso
 
 
 def collect_rollouts(policy: DecoderLM, prompts: Sequence[Prompt], n: int, sampling: SamplingConfig,
-                     eos_id: int | Sequence[int] | None, pad_id: int,
+                     eos_id: StopIds, pad_id: int,
                      reward_fn: RewardFn) -> tuple[Tensor, Tensor, Tensor]:
     """`n` samples of each prompt (rows grouped by prompt) and their rewards: (ids, response_mask, scores [N]).
 
-    Prompt k is sampled with seed = f(sampling.seed, k), so a round is reproducible from one seed."""
-    rows, scores = [], []
-    for k, (prompt, meta) in enumerate(prompts):
-        seed = None if sampling.seed is None else _seed(sampling.seed, k)
-        ids, mask = sample_responses(policy, prompt, n, dataclasses.replace(sampling, seed=seed), eos_id)
-        rows.append((ids, mask))
-        scores += [float(reward_fn(prompt, i[m].tolist(), meta)) for i, m in zip(ids, mask, strict=True)]
-    ids, mask = right_pad(rows, pad_id)
+    Every row of the round runs in one engine batch; prompt k's rows are seeded from f(sampling.seed, k) as
+    `sample_responses` seeds them, so a round is reproducible from one seed."""
+    seeds = [None if sampling.seed is None else _seed(sampling.seed, k) for k in range(len(prompts))]
+    blocks = _sample_blocks(policy, [list(p) for p, _ in prompts], n, sampling, seeds, eos_id)
+    scores = [float(reward_fn(prompt, row[m].tolist(), meta))
+              for (prompt, meta), (ids, mask) in zip(prompts, blocks, strict=True)
+              for row, m in zip(ids, mask, strict=True)]
+    ids, mask = right_pad(blocks, pad_id)
     return ids, mask, torch.tensor(scores, device=ids.device)
 
 
@@ -170,7 +172,7 @@ def forward_logps(model: torch.nn.Module, ids: Tensor, temperature: float, chunk
 
 def rollout_round(policy: DecoderLM, prompts: Sequence[Prompt], reward_fn: RewardFn, round_idx: int, *,
                   prompts_per_round: int, n: int, max_new_tokens: int, temperature: float, seed: int,
-                  eos_id: int | Sequence[int] | None, pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+                  eos_id: StopIds, pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
     """Round `round_idx`: a seeded draw of `prompts_per_round` prompts, `n` samples each from the policy in
     eval mode, and their rewards: (ids, response_mask, scores)."""
     rng = np.random.default_rng([seed, round_idx])
