@@ -43,8 +43,9 @@ except ImportError as exc:
     raise LmforgeError(f"lm-evaluation-harness is not installed ({exc.name or one_line(exc)} is missing): "
                        "pip install 'lmforge[eval]'") from None
 
+from lmforge.infer.decoding import fit_prompt
 from lmforge.infer.engine import Engine, GenerationRequest
-from lmforge.infer.generate import SamplingConfig, _fit_prompt
+from lmforge.infer.generate import SamplingConfig
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.layers import fused_qkv
 from lmforge.tokenizer import Tokenizer
@@ -280,8 +281,8 @@ class LmforgeLM(TemplateLM):
         cfg = SamplingConfig(max_new_tokens=kwargs["max_gen_toks"], truncate_prompt=True,
                              temperature=float(kwargs["temperature"]) if kwargs["do_sample"] else 0.0,
                              top_k=int(kwargs.get("top_k") or 0), top_p=float(kwargs.get("top_p") or 1.0))
-        return [GenerationRequest(_fit_prompt(ids, self.max_length, cfg), cfg.max_new_tokens,
-                                  temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+        return [GenerationRequest(fit_prompt(ids, self.max_length, cfg.max_new_tokens, truncate=True),
+                                  cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                   stop_ids=frozenset({self.eot_token_id}), stop_strings=tuple(until),
                                   skip_special_tokens=True) for ids in prompts]
 
