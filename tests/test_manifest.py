@@ -124,6 +124,7 @@ def test_resuming_a_run_written_before_the_manifest_sees_no_config_change(tmp_pa
     """Today's stage writes the same run's config.yaml without the empty sections (`peft: null`, RL's
     `algorithm`); `--resume` compares the two in the manifest's form, so it finds no change to refuse."""
     from lmforge.config import FinetuneConfig, PretrainConfig
+    from lmforge.errors import ConfigError
     from lmforge.train.config_change import check_resume_config
     from lmforge.train.distill import DistillConfig
     from lmforge.train.dpo import DPOConfig
@@ -143,3 +144,10 @@ def test_resuming_a_run_written_before_the_manifest_sees_no_config_change(tmp_pa
         today = CheckpointManifest.of_run(old.stage, config, model=old.model, **what)
         assert check_resume_config(FIXTURES / name, today, tmp_path, accept=False) == {}, name
         assert "peft" not in today.model_dump() or old.peft is not None
+    # a key added after the checkpoint was written is no change at its default, and a change at another value
+    old = read_manifest(FIXTURES / "dpo-adapter")
+    assert "sft_weight" not in old.run
+    changed = DPOConfig.model_validate({**old.run, "sft_weight": 0.5})
+    today = CheckpointManifest.of_run("dpo", changed, model=old.model, peft=old.peft)
+    with pytest.raises(ConfigError, match=r"dpo.sft_weight 0.0 -> 0.5"):
+        check_resume_config(FIXTURES / "dpo-adapter", today, tmp_path, accept=False)

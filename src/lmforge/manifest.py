@@ -12,7 +12,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from lmforge.config import AnyModelConfig, PeftConfig, with_default_arch
 from lmforge.infer.quant import QuantConfig
@@ -37,12 +46,27 @@ class CheckpointManifest(BaseModel):
     quant: QuantConfig | None = None  # the Linear weights are int8/int4 codes (`lmforge quantize`)
     stage: Stage | None = None  # None: written by `lmforge.save` or `lmforge quantize`, not by a training stage
     run: dict[str, Any] = Field(default_factory=dict)  # the stage's config, as its YAML keys
+    _run_type: type[BaseModel] | None = PrivateAttr(None)  # the class of that config, in a manifest made by `of_run`
 
     @classmethod
     def of_run(cls, stage: Stage, config: BaseModel, model: AnyModelConfig, **what: Any) -> CheckpointManifest:
         """The manifest of a model that `stage` trained with `config` (`what`: task, labels, peft, ...)."""
         run = config.model_dump(mode="json", exclude={"model"} if stage == "pretrain" else None)
-        return cls(model=model, stage=stage, run=run, **what)
+        manifest = cls(model=model, stage=stage, run=run, **what)
+        manifest._run_type = type(config)
+        return manifest
+
+    def with_run_defaults(self, run_type: type[BaseModel] | None) -> CheckpointManifest:
+        """This manifest with the stage-config keys it lacks (added to lmforge after it was written) at their
+        defaults in `run_type`; as it is without a type or when its run no longer validates as one."""
+        pretrain = self.stage == "pretrain"
+        if run_type is None:
+            return self
+        try:
+            config = run_type.model_validate({**self.run, **({"model": self.model} if pretrain else {})})
+        except ValidationError:
+            return self
+        return self.model_copy(update={"run": config.model_dump(mode="json", exclude={"model"} if pretrain else None)})
 
     @property
     def base(self) -> str | None:

@@ -52,8 +52,10 @@ def check_resume_config(ckpt: Path, run_config: BaseModel, run_dir: Path, accept
     """The changes from `ckpt`'s config.yaml to `run_config` that are not free; ConfigError naming each of them
     unless `accept`."""
     # both in the manifest's normal form (the form of today's files, whichever version wrote the saved one)
-    saved = read_manifest(ckpt).model_dump(mode="json")
-    current = CheckpointManifest.model_validate(yaml.safe_load(dump_config(run_config))).model_dump(mode="json")
+    current = CheckpointManifest.model_validate(yaml.safe_load(dump_config(run_config)))
+    run_type = run_config._run_type if isinstance(run_config, CheckpointManifest) else type(run_config)
+    saved = read_manifest(ckpt).with_run_defaults(run_type).model_dump(mode="json")
+    current = current.model_dump(mode="json")
     changes = {k: v for k, v in config_diff(saved, current).items() if not is_free(k)}
     if changes and not accept:
         listed = ", ".join(f"{k} {_show(old)} -> {_show(new)}" for k, (old, new) in changes.items())
