@@ -1,4 +1,5 @@
-# The whole set-up is `make demo` and `make test` (`make test-fast` leaves out the few tests marked slow).
+# The whole set-up is `make demo` and `make test` (`make test-fast` leaves out the few tests marked slow). Both test
+# targets run one pytest-xdist worker per core.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lmforge-installed
@@ -23,7 +24,7 @@ demo: $(STAMP)
 # it is skipped, saying so.
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --durations=15
 
 # everything but the few tests marked slow (the demo, SIGKILL resume, DDP, torch.compile...), one worker per core:
 # under a minute on 2 cores
