@@ -156,7 +156,7 @@ def run_demo(out_dir: Path, report_dir: Path, quick: bool = False, precision: st
     checkpoints = {"base (pretrained)": pretrained.checkpoint, **aligned.checkpoints, **inferred.checkpoints}
     sections += evaluation.run(plan, data, checkpoints, pretrained.checkpoint, aligned.checkpoints["SFT"], out_dir)
     timer.start("serving: lmforge serve (and transformers serve) under concurrent clients")
-    sections += serving.run(plan, pretrained.checkpoint)
+    sections += serving.run(plan, data, pretrained.checkpoint)
     timer.start("parameter-efficient fine-tuning: every method vs full fine-tuning")
     sections += peft.run(plan, data, pretrained.checkpoint, out_dir, report_dir)
     timer.start("encoder (BERT, masked LM) and encoder-decoder (T5, span corruption); fine-tuning")

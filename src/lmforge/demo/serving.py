@@ -4,20 +4,26 @@ behind `transformers serve` with and without its continuous batching, under conc
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lmforge.data.readers import read_documents
 from lmforge.demo.verdicts import serving_note
 from lmforge.eval.report import Section, markdown_table
 from lmforge.serve.load_test import compare
 
 if TYPE_CHECKING:
-    from lmforge.demo import DemoPlan
+    from lmforge.demo import DemoData, DemoPlan
 
 
-def run(plan: DemoPlan, pretrained: Path) -> list[Section]:
+def run(plan: DemoPlan, data: DemoData, pretrained: Path) -> list[Section]:
+    # prompts: the first words of training documents, which the model goes on writing (an unfamiliar prompt may get
+    # an end of text at once, and then the table would time requests, not decoding)
+    n = max(plan.serve_clients) * plan.serve_requests
+    openings = [" ".join(doc.split()[:6]) for doc in itertools.islice(read_documents([data.files["train"]]), n)]
     results = compare(pretrained, list(plan.serve_servers), list(plan.serve_clients), plan.serve_requests,
-                      plan.serve_tokens)
+                      plan.serve_tokens, openings)
     rows = [(name, clients, f"{m['tokens_per_s']:,.0f}", f"{m['requests_per_s']:.2f}",
              f"{m['ttft_p50_s'] * 1000:,.0f}", f"{m['ttft_p95_s'] * 1000:,.0f}", f"{m['latency_p50_s'] * 1000:,.0f}",
              f"{m['latency_p95_s'] * 1000:,.0f}")
@@ -29,7 +35,8 @@ def run(plan: DemoPlan, pretrained: Path) -> list[Section]:
                             "latency p50 ms", "latency p95 ms"], rows)
     return [Section("Serving", "\n".join([
         f"The pretrained decoder served over HTTP on loopback: each client sends {plan.serve_requests} streamed "
-        f"greedy completions of up to {plan.serve_tokens} tokens one after another (the official `openai` client); "
+        f"greedy completions of up to {plan.serve_tokens} tokens one after another (the official `openai` client), "
+        "each prompt the first words of a different training document; "
         "`transformers` is `transformers serve` on the same weights exported, `transformers-cb` the same with "
         "`--continuous-batching`. Output tokens are counted with the model's tokenizer. `benchmarks/serve.py` runs "
         "the longer comparison.",

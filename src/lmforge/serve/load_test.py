@@ -109,8 +109,10 @@ def summarise(wall: float, results: list, count_tokens: Callable[[str], int]) ->
 
 
 def measure_server(name: str, run: Path, hf_dir: Path, clients: list[int], requests: int, max_tokens: int,
-                   count_tokens: Callable[[str], int], startup_timeout: float = 180.0) -> dict[str, dict]:
-    """Start server `name`, warm it up, and measure each concurrency level; {clients: figures}."""
+                   count_tokens: Callable[[str], int], texts: list[str], startup_timeout: float = 180.0
+                   ) -> dict[str, dict]:
+    """Start server `name`, warm it up, and measure each concurrency level on the first clients x requests of
+    `texts`; {clients: figures}."""
     port = free_port()
     log = tempfile.TemporaryFile()
     process = subprocess.Popen(server_command(name, run, hf_dir, port, max(clients)), stdout=log,
@@ -119,10 +121,10 @@ def measure_server(name: str, run: Path, hf_dir: Path, clients: list[int], reque
         wait_healthy(port, process, startup_timeout)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10) as r:
             model = json.load(r)["data"][0]["id"]
-        asyncio.run(_load_level(port, model, prompts(2), 1, 4))  # first-call costs stay out of the figures
+        asyncio.run(_load_level(port, model, texts[:2], 1, 4))  # first-call costs stay out of the figures
         levels = {}
         for n in clients:
-            wall, results = asyncio.run(_load_level(port, model, prompts(n * requests), n, max_tokens))
+            wall, results = asyncio.run(_load_level(port, model, texts[:n * requests], n, max_tokens))
             levels[str(n)] = summarise(wall, results, count_tokens)
         return levels
     except Exception as err:
@@ -153,9 +155,12 @@ def sequential_baseline(run: Path, texts: list[str], max_tokens: int,
     return {"tokens_per_s": tokens / wall, "requests_per_s": len(texts) / wall, "output_tokens": tokens}
 
 
-def compare(run: Path, servers: list[str], clients: list[int], requests: int, max_tokens: int) -> dict:
+def compare(run: Path, servers: list[str], clients: list[int], requests: int, max_tokens: int,
+            texts: list[str] | None = None) -> dict:
     """Every figure of `servers` on `run` (the transformers servers on its Hugging Face export) and of lmforge's
-    sequential generation, with lmforge serve's throughput ratios per level."""
+    sequential generation, with lmforge serve's throughput ratios per level. `texts`: the prompts (at least
+    max(clients) x requests; default `prompts`): openings of in-domain text keep a trained model writing, where it
+    may end its reply at once after words it never saw together."""
     import lmforge
     from lmforge.export import export_run
 
@@ -168,8 +173,10 @@ def compare(run: Path, servers: list[str], clients: list[int], requests: int, ma
         hf_dir = Path(tmp) / "hf"
         if any(s != "lmforge" for s in servers):
             export_run(run, "hf", hf_dir)
-        figures = {s: measure_server(s, run, hf_dir, clients, requests, max_tokens, count_tokens) for s in servers}
-    sequential = sequential_baseline(run, prompts(max(clients) * requests), max_tokens, count_tokens)
+        texts = texts or prompts(max(clients) * requests)
+        figures = {s: measure_server(s, run, hf_dir, clients, requests, max_tokens, count_tokens, texts)
+                   for s in servers}
+    sequential = sequential_baseline(run, texts[:max(clients) * requests], max_tokens, count_tokens)
     ratios = {}
     if "lmforge" in figures:
         for n in map(str, clients):
