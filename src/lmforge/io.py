@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import errno
 import glob
+import json
 import os
 import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from lmforge.errors import DiskFullError, LmforgeError
 
@@ -64,6 +66,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], bytes_needed: 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     data = text.encode("utf-8")
     return atomic_write(path, lambda p: p.write_bytes(data), len(data))
+
+
+def atomic_write_jsonl(path: str | Path, records: Iterable[Any]) -> Path:
+    """`records` as JSON lines, written atomically."""
+    return atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def append_line(path: Path, line: str, kept: str = "") -> None:

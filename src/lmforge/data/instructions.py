@@ -23,7 +23,6 @@ eval), so no eval question is ever in a training file, in any format. Everything
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import re
 from collections.abc import Callable
@@ -39,7 +38,7 @@ from lmforge.data.synthetic import (
     last_letter,
     word_problem,
 )
-from lmforge.io import atomic_write_text
+from lmforge.io import atomic_write_jsonl
 
 TASKS = ("facts", "arithmetic", "last_letter", "coin_flip")
 FORMATS = {"plain": "", "one_word": "Answer in one word.", "number": "Answer with just the number.",
@@ -206,7 +205,7 @@ def write_instruction_data(config: WorldConfig, out_dir: str | Path, n_sft: int,
                            n_eval: int) -> dict[str, Path]:
     """Write `<name>.jsonl` for every name in `FILES` (atomically); returns {name: path}."""
     out = Path(out_dir)
-    return {name: atomic_write_text(out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    return {name: atomic_write_jsonl(out / f"{name}.jsonl", records)
             for name, records in instruction_data(config, n_sft, n_pref, n_eval).items()}
 
 

@@ -13,7 +13,6 @@ neither half: models trained on judge-labelled pairs are still scored on unseen 
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import re
 from pathlib import Path
@@ -22,7 +21,7 @@ from lmforge.data.instructions import Record, preference_pairs, verify
 from lmforge.data.readers import jsonl_objects
 from lmforge.data.synthetic import WorldConfig
 from lmforge.errors import DataError
-from lmforge.io import atomic_write_text
+from lmforge.io import atomic_write_jsonl
 
 PAIR_FIELDS = ("instruction", "response_a", "response_b")
 JUDGING_FILES = ("judge_train", "judge_pairs")
@@ -95,7 +94,7 @@ def write_judging_data(config: WorldConfig, out_dir: str | Path, n_train: int, n
     """Write judge_train.jsonl and judge_pairs.jsonl (atomically) into `out_dir`, e.g. beside the instruction data
     (`write_instruction_data`); returns {name: path}."""
     out = Path(out_dir)
-    return {name: atomic_write_text(out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    return {name: atomic_write_jsonl(out / f"{name}.jsonl", records)
             for name, records in judging_data(config, n_train, n_pairs).items()}
 
 

@@ -30,7 +30,7 @@ from lmforge.eval.stats import mcnemar_exact
 from lmforge.eval.task_file import TaskItem, read_tasks
 from lmforge.eval.task_suite import ACCURACIES, evaluate_tasks, write_results
 from lmforge.infer.generate import SamplingConfig
-from lmforge.io import atomic_write_text
+from lmforge.io import atomic_write_jsonl, atomic_write_text
 
 if TYPE_CHECKING:
     from lmforge.demo import DemoData, DemoPlan
@@ -66,7 +66,7 @@ def write_held_out_text(data: DemoData, path: Path, per_set: int) -> Path:
     """The first `per_set` items of every held-out set as documents: the question and its worked answer, as the
     pretraining documents format them."""
     texts = [f"{e.prompt} {e.completion}" for name in EVAL_SETS for e in held_out_examples(data, name)[:per_set]]
-    return atomic_write_text(path, "".join(json.dumps({"text": text}) + "\n" for text in texts))
+    return atomic_write_jsonl(path, ({"text": text} for text in texts))
 
 
 def question_kind(question: str) -> str:
@@ -96,7 +96,7 @@ def write_task_file(plan: DemoPlan, data: DemoData, path: Path, per_task: int) -
     generate = [{"type": "generate", "task": GENERATE_TASK, "prompt": e.prompt, "answer": e.answer,
                  "pattern": ANSWER_PATTERN, "stop": STOP} for e in held_out_examples(data, "arithmetic")[:per_task]]
     lines = generate + choice_lines(plan, held_out_examples(data, "facts")[:per_task])
-    return atomic_write_text(path, "".join(json.dumps(line) + "\n" for line in lines))
+    return atomic_write_jsonl(path, lines)
 
 
 def perplexity_section(checkpoints: dict[str, Path], held_out: Path, per_set: int) -> Section:

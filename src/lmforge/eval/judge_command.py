@@ -3,7 +3,6 @@ imports torch until the command runs."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from jsonargparse import ArgumentParser, Namespace
@@ -47,7 +46,7 @@ def cmd_judge(args: Namespace) -> None:
     from lmforge.infer.chat_repl import model_chat_template
     from lmforge.infer.layout import column_major_linears
     from lmforge.infer.model_kind import load_for_verb
-    from lmforge.io import atomic_write_text
+    from lmforge.io import atomic_write_jsonl
 
     for option, value in (("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size)):
         if value < 1:
@@ -72,5 +71,5 @@ def cmd_judge(args: Namespace) -> None:
     column_major_linears(model)  # faster small-batch matmuls; generation only reads the weights
     labelled, counts = judge_pairs([pair for _, pair in located],
                                    model_decider(model, template, args.max_new_tokens, args.batch_size))
-    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in labelled))
+    atomic_write_jsonl(out, labelled)
     print(f"judged {counts.summary()} -> {out}")

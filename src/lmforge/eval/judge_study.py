@@ -9,7 +9,6 @@ with a Wilson 95% interval; the judge is "at chance" when the interval of its de
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from lmforge.data.judging import judging_data
 from lmforge.data.synthetic import WorldConfig
 from lmforge.eval.judge import JudgeCounts, both_orders, judge_pairs, model_decider, preference_records, prompt_ids
 from lmforge.eval.stats import wilson_interval
-from lmforge.io import atomic_write_text
+from lmforge.io import atomic_write_jsonl
 from lmforge.train.sft import SFTConfig, sft
 
 ANSWER_TOKENS = 8  # "Better: A" and the end of turn, with room to spare
@@ -73,10 +72,6 @@ class JudgeStudy:
         return text + on_decisive + f": no better than chance (50%){worse}; its labels carry no reliable signal."
 
 
-def _jsonl(path: Path, records: list[dict]) -> Path:
-    return atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
-
-
 def _by_rejection(labelled: list[dict]) -> dict[str, tuple[int, int, int]]:
     """The rejected response's kind (wrong, rambling, ignores_format) -> (pairs, agreed with the verifier, ties)."""
     table = {}
@@ -105,8 +100,8 @@ def judge_study(pretrained: str | Path, world: WorldConfig, out_dir: str | Path,
              if max(len(prompt_ids(chat, prompt)) for prompt in both_orders(p)) <= context - ANSWER_TOKENS]
     if not transcripts or not pairs:
         raise ValueError(f"no judging transcript or pair fits the {context}-token context")
-    train_file = _jsonl(out / "data" / "judge_train.jsonl", transcripts)
-    _jsonl(out / "data" / "judge_pairs.jsonl", pairs)
+    train_file = atomic_write_jsonl(out / "data" / "judge_train.jsonl", transcripts)
+    atomic_write_jsonl(out / "data" / "judge_pairs.jsonl", pairs)
     del base
     judge_dir = out / "judge"
     sft(SFTConfig(base=str(pretrained), train_file=str(train_file), template=template, max_len=context,
@@ -121,7 +116,9 @@ def judge_study(pretrained: str | Path, world: WorldConfig, out_dir: str | Path,
         ("judge_prefs", lambda p: p["label"]),
         ("verifier_prefs", lambda p: p["meta"]["better"] if p["label"] != "tie" else "tie"),
         ("verifier_prefs_all", lambda p: p["meta"]["better"]))}
-    paths = {name: _jsonl(out / f"{name}.jsonl", records) if records else None for name, records in prefs.items()}
+    paths = {name: atomic_write_jsonl(out / f"{name}.jsonl", records) if records else None
+             for name, records in prefs.items()}
     return JudgeStudy(judge_dir, len(transcripts), steps, counts, agreed, wilson_interval(agreed, len(labelled)),
-                      wilson_interval(agreed, decisive) if decisive else None, _jsonl(out / "labelled.jsonl", labelled),
+                      wilson_interval(agreed, decisive) if decisive else None,
+                      atomic_write_jsonl(out / "labelled.jsonl", labelled),
                       by_rejection=_by_rejection(labelled), **paths)
