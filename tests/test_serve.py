@@ -83,7 +83,7 @@ def test_an_adapter_is_chosen_by_model_name_in_a_shared_batch(server: Running, c
     with ThreadPoolExecutor(2) as pool:
         base, adapted = pool.map(ask, ["tiny", "support"])
     tok = server.served.tokenizer
-    assert base == greedy(server, tok.encode("the queen"), 8, {tok.eos_id})[0]
+    assert base == greedy(server, tok.encode("the queen"), 8, server.served.stop_ids(chat=False))[0]
     model, _ = lmforge.load(checkpoint)
     load_named_adapters(model, {"support": adapter})
     with row_adapters(model, ["support"]):
@@ -119,13 +119,32 @@ def test_chat_streams_the_same_text_and_ends_with_done(server: Running, client: 
 
 def test_completions_plain_and_streamed(server: Running, client: openai.OpenAI) -> None:
     tok = server.served.tokenizer
-    text, finish = greedy(server, tok.encode("the queen"), 8, {tok.eos_id})
+    text, finish = greedy(server, tok.encode("the queen"), 8, server.served.stop_ids(chat=False))
     reply = client.completions.create(model="tiny", prompt="the queen", temperature=0, max_tokens=8)
     assert reply.choices[0].text == text and reply.choices[0].finish_reason == finish
     streamed = client.completions.create(model="tiny", prompt="the queen", temperature=0, max_tokens=8, stream=True)
     assert "".join(c.choices[0].text for c in streamed) == text
     default = client.completions.create(model="tiny", prompt="the queen", temperature=0)
     assert default.usage.completion_tokens <= 16  # OpenAI's default max_tokens for completions
+
+
+@pytest.mark.parametrize("trained_template", [False, True])
+def test_text_completions_stop_where_the_exported_generation_config_says(checkpoint: Path, tmp_path: Path,
+                                                                         trained_template: bool) -> None:
+    """EOS alone for a model without a chat template of its own; also the end of turn for one trained with one,
+    as transformers serve and vLLM stop at generation_config.json's eos ids."""
+    from lmforge.data.chat import get_chat_template
+    from lmforge.model.hf import export_hf
+    from lmforge.serve.served import load_served
+
+    model, tok = lmforge.load(checkpoint)
+    template = get_chat_template("lmforge", tok) if trained_template else None
+    hf_dir = export_hf(model, tok, tmp_path / "hf", chat_template=template)
+    generation = json.loads((hf_dir / "generation_config.json").read_text())
+    served = load_served(hf_dir, name=None, template=None, adapters={}, max_batch=2)
+    assert served.stop_ids(chat=False) == set(generation["eos_token_id"])
+    assert (len(served.stop_ids(chat=False)) == 2) == trained_template
+    assert served.stop_ids(chat=True) == set(template.stop_ids if trained_template else served.template.stop_ids)
 
 
 def test_n_choices_with_a_seed_are_reproducible_and_each_its_own_seed(client: openai.OpenAI) -> None:
@@ -262,7 +281,7 @@ def test_64_concurrent_clients_get_their_own_greedy_outputs(server: Running, cli
     tok = server.served.tokenizer
     prompts = [f"the {WORDS[i % len(WORDS)]} {WORDS[(i * 5) % len(WORDS)]} {WORDS[(i * 3) % len(WORDS)]}"
                for i in range(64)]
-    expected = [greedy(server, tok.encode(p), 6, {tok.eos_id}) for p in prompts]
+    expected = [greedy(server, tok.encode(p), 6, server.served.stop_ids(chat=False)) for p in prompts]
 
     def ask(prompt: str) -> tuple[str, str]:
         choice = client.completions.create(model="tiny", prompt=prompt, temperature=0, max_tokens=6).choices[0]

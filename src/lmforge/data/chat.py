@@ -134,6 +134,14 @@ def _eos(tokenizer: Tokenizer, template: str) -> int:
     return tokenizer.eos_id
 
 
+def ending_ids(tokenizer: Tokenizer, template: ChatTemplate | None) -> list[int]:
+    """Every id that ends a reply of a model trained with `template`: its end of turn, then EOS. The HF export
+    lists them as generation_config.json's `eos_token_id`, and lmforge serve stops text completions at them too,
+    as transformers and vLLM do with that file."""
+    stops = list(template.stop_ids) if template is not None else []
+    return list(dict.fromkeys(stops + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])))
+
+
 def token_text(tokenizer: Tokenizer, tid: int | None) -> str:
     """The text of special token `tid` as a template writes it ("" when the tokenizer has none)."""
     return tokenizer.backend.id_to_token(tid) if tid is not None else ""

@@ -25,7 +25,7 @@ from tokenizers import processors
 from torch import Tensor
 
 from lmforge.config import ModelConfig, validation_summary
-from lmforge.data.chat import ChatTemplate
+from lmforge.data.chat import ChatTemplate, ending_ids
 from lmforge.data.chat_jinja import jinja_chat_template
 from lmforge.errors import CheckpointError, ConfigError, one_line
 from lmforge.io import atomic_write, atomic_write_text, is_inside
@@ -423,9 +423,7 @@ def export_hf(model: DecoderLM, tokenizer: Tokenizer | None, path: str | Path,
         for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
             (path / name).unlink(missing_ok=True)
     if head is None and tokenizer is not None:
-        stops = chat_template.stop_ids if chat_template is not None else []
-        eos = list(dict.fromkeys(stops + ([ids["eos_token_id"]] if ids["eos_token_id"] is not None else [])))
-        generation = {**ids, "eos_token_id": eos or None}
+        generation = {**ids, "eos_token_id": ending_ids(tokenizer, chat_template) or None}
         atomic_write_text(path / GENERATION_CONFIG_FILE, json.dumps(generation, indent=2) + "\n")
     else:
         (path / GENERATION_CONFIG_FILE).unlink(missing_ok=True)

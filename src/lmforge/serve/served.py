@@ -22,6 +22,9 @@ class ServedModel:
     template: Any  # the ChatTemplate chat requests are rendered with, or None (then only completions work)
     adapters: tuple[str, ...] = ()
     max_batch: int = 8  # the engine's slots: the most choices (n) one request may ask for
+    # the ids a text completion ends at: EOS, and the end of turn of a model trained with a chat template (what
+    # its HF export lists in generation_config.json, where transformers serve and vLLM stop)
+    completion_stop_ids: frozenset[int] = frozenset()
 
     @property
     def context(self) -> int:
@@ -66,10 +69,10 @@ class ServedModel:
         return prompts
 
     def stop_ids(self, chat: bool) -> frozenset[int]:
-        """A chat reply ends at its template's end-of-turn or EOS; a text completion at EOS."""
-        if chat:
-            return frozenset(self.template.stop_ids)
-        return frozenset() if self.tokenizer.eos_id is None else frozenset({self.tokenizer.eos_id})
+        """A chat reply ends at its template's end of turn or EOS; a text completion at `completion_stop_ids`."""
+        from lmforge.data.chat import ending_ids
+
+        return frozenset(ending_ids(self.tokenizer, self.template)) if chat else self.completion_stop_ids
 
     def max_new_tokens(self, body: SamplingRequest, prompt_len: int, default: int | None) -> int:
         """The request's max_tokens, checked: the prompt and the reply must fit the context together."""
@@ -109,29 +112,35 @@ class ServedModel:
         return requests
 
 
-def chat_template_for(path: str | Path, tokenizer: Any, name: str | None) -> Any:
-    """The template chat requests use: `name` if given; else the one the run trained with; else a Hugging Face
-    dir's own; else lmforge's, when the tokenizer has its role tokens; else None."""
+def own_chat_template(path: str | Path, tokenizer: Any) -> Any:
+    """The template the model at `path` comes with: the one an lmforge run trained with, or a Hugging Face dir's
+    own; None when it has none."""
     from lmforge.data.chat import get_chat_template
-
-    if tokenizer is None:
-        return None
-    if name is not None:
-        return get_chat_template(name, tokenizer, path)
     from lmforge.model.hf import hf_model_type
 
     if hf_model_type(path) is None:  # an lmforge run or checkpoint
         from lmforge.checkpoint import read_manifest, resolve_checkpoint
         from lmforge.export import run_chat_template
 
-        recorded = run_chat_template(read_manifest(resolve_checkpoint(path)), tokenizer)
-        if recorded is not None:
-            return recorded
-    else:
-        try:
-            return get_chat_template("hf", tokenizer, path)
-        except LmforgeError:
-            pass  # a base model without a template: lmforge's below, if its tokenizer can
+        return run_chat_template(read_manifest(resolve_checkpoint(path)), tokenizer)
+    try:
+        return get_chat_template("hf", tokenizer, path)
+    except LmforgeError:
+        return None
+
+
+def chat_template_for(path: str | Path, tokenizer: Any, name: str | None) -> Any:
+    """The template chat requests use: `name` if given; else the model's own; else lmforge's, when the tokenizer
+    has its role tokens; else None."""
+    from lmforge.data.chat import get_chat_template
+
+    if tokenizer is None:
+        return None
+    if name is not None:
+        return get_chat_template(name, tokenizer, path)
+    own = own_chat_template(path, tokenizer)
+    if own is not None:
+        return own
     try:
         return get_chat_template("lmforge", tokenizer)
     except LmforgeError:
@@ -147,9 +156,12 @@ def load_served(path: str | Path, *, name: str | None, template: str | None, ada
     model, tokenizer, _ = load_for_verb(str(path), "serve", ("decoder",))
     if adapters:
         load_adapters(model, adapters)
+    from lmforge.data.chat import ending_ids
+
+    own = own_chat_template(path, tokenizer)
     return ServedModel(name=name or Path(path).resolve().name, model=model.eval(), tokenizer=tokenizer,
                        template=chat_template_for(path, tokenizer, template), adapters=tuple(adapters),
-                       max_batch=max_batch)
+                       max_batch=max_batch, completion_stop_ids=frozenset(ending_ids(tokenizer, own)))
 
 
 def load_adapters(model: Any, adapters: dict[str, str]) -> None:
