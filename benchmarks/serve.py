@@ -8,6 +8,7 @@ first token and latency; then lmforge serve's throughput over the best transform
 generation. Targets (issue 13): >= 2x transformers serve's best throughput at 8 and 32 clients, and a lower p50 time
 to first token.
 
+    python benchmarks/serve.py --run runs/demo/pretrain --prompts runs/demo/data/world/train.jsonl
     python benchmarks/serve.py --run runs/sft                       # 1, 8 and 32 clients, every server
     python benchmarks/serve.py --run runs/sft --clients 1 8 --requests 2 --max-tokens 32 --json serve.json
     python benchmarks/serve.py --run runs/sft --servers lmforge transformers-cb
@@ -22,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from lmforge.serve.load_test import SERVERS, compare  # noqa: E402
+from lmforge.serve.load_test import SERVERS, compare, document_openings  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,6 +36,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each completion, e.g. 64")
     p.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS),
                    help="servers to measure, e.g. lmforge transformers-cb (transformers serve --continuous-batching)")
+    p.add_argument("--prompts", type=Path, nargs="+", default=None,
+                   help="take each prompt from the opening words of a document of these files (txt/jsonl/parquet, as "
+                        "`data prepare` reads them), e.g. --prompts runs/demo/data/world/train.jsonl; default: short "
+                        "word lists, which a trained model may answer with an end of text at once")
     p.add_argument("--json", type=Path, default=None, help="also write every figure here, e.g. --json serve.json")
     return p.parse_args(argv)
 
@@ -42,7 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     print(common.machine_line())
-    results = compare(args.run, args.servers, args.clients, args.requests, args.max_tokens)
+    texts = None
+    if args.prompts:
+        texts = document_openings(args.prompts, max(args.clients) * args.requests)
+    results = compare(args.run, args.servers, args.clients, args.requests, args.max_tokens, texts)
     header = f"{'server':<20}{'clients':>8}{'tok/s':>10}{'req/s':>8}{'TTFT p50':>10}{'p95':>8}{'lat p50':>9}{'p95':>8}"
     print(header + "\n" + "-" * len(header))
     for name, levels in results["servers"].items():

@@ -460,7 +460,7 @@ def test_empty_prompt_raises(tok: Tokenizer) -> None:
 @pytest.mark.slow
 def test_compiled_decode_step_gives_the_same_greedy_ids() -> None:
     """SamplingConfig(compile=True) runs the decode step under torch.compile; the output must not change."""
-    from lmforge.infer.generate import _COMPILED
+    from lmforge.infer.decoding import _COMPILED
 
     model = tiny_model("llama-gqa")
     prompt = [3, 9, 27, 14]

@@ -4,24 +4,19 @@ behind `transformers serve` with and without its continuous batching, under conc
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lmforge.data.readers import read_documents
 from lmforge.demo.verdicts import serving_note
 from lmforge.eval.report import Section, markdown_table
-from lmforge.serve.load_test import compare
+from lmforge.serve.load_test import compare, document_openings
 
 if TYPE_CHECKING:
     from lmforge.demo import DemoData, DemoPlan
 
 
 def run(plan: DemoPlan, data: DemoData, pretrained: Path) -> list[Section]:
-    # prompts: the first words of training documents, which the model goes on writing (an unfamiliar prompt may get
-    # an end of text at once, and then the table would time requests, not decoding)
-    n = max(plan.serve_clients) * plan.serve_requests
-    openings = [" ".join(doc.split()[:6]) for doc in itertools.islice(read_documents([data.files["train"]]), n)]
+    openings = document_openings([data.files["train"]], max(plan.serve_clients) * plan.serve_requests)
     results = compare(pretrained, list(plan.serve_servers), list(plan.serve_clients), plan.serve_requests,
                       plan.serve_tokens, openings)
     rows = [(name, clients, f"{m['tokens_per_s']:,.0f}", f"{m['requests_per_s']:.2f}",

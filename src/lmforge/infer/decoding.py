@@ -7,6 +7,7 @@ decoding verifies several tokens at once, encoder-decoder generation cross-atten
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,7 @@ from lmforge.errors import LmforgeError
 
 if TYPE_CHECKING:
     from lmforge.infer.generate import SamplingConfig
+    from lmforge.model.decoder import DecoderLM
 
 StopIds = int | Collection[int] | None  # one stop id (e.g. EOS), several (a chat template's end of turn and EOS), none
 
@@ -89,3 +91,15 @@ def fit_prompt(ids: list[int], context: int, max_new_tokens: int, truncate: bool
             )
         ids = ids[-room:]
     return ids
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled_decoder(model: DecoderLM) -> torch.nn.Module:
+    """The model under torch.compile (dynamic shapes: the cache grows each step), compiled once per model and
+    kept outside it (an attribute would register the wrapper as a submodule of the model it wraps). The C++ wrapper
+    calls the kernels without Python in between, a little faster per token than the Python one."""
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(model, dynamic=True, options={"cpp_wrapper": True})
+    return _COMPILED[model]

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from lmforge.errors import ConfigError
-from lmforge.infer.decoding import greedy_ids, new_generator, sampling_probs
+from lmforge.infer.decoding import compiled_decoder, greedy_ids, new_generator, sampling_probs
 from lmforge.infer.generate import SamplingConfig, StopStreamer
 from lmforge.infer.prefix_cache import BLOCK, PrefixCache
 from lmforge.infer.slots import PAD_ID, BatchSlots
@@ -127,7 +127,7 @@ class Engine:
     each token is picked from."""
 
     def __init__(self, model: DecoderLM, tokenizer: Tokenizer | None = None, *, max_batch: int = 8,
-                 prefix_cache_tokens: int = 0):
+                 prefix_cache_tokens: int = 0, compile: bool = False):
         if max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
         if prefix_cache_tokens < 0:
@@ -137,7 +137,8 @@ class Engine:
             raise ConfigError("prefix caching (prefix_cache_tokens) does not support prompt-tuned models: set it to 0")
         self.model, self.tokenizer = model, tokenizer
         self.context = model.cfg.max_seq_len - header
-        self.slots = BatchSlots(model, max_batch, self.context, header)
+        self.slots = BatchSlots(model, max_batch, self.context, header,
+                                decode_model=compiled_decoder(model) if compile else model)
         self.prefix = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self.stats = EngineStats()
         self.logits_hook: Callable[[int, Tensor], None] | None = None

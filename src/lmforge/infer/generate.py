@@ -7,7 +7,6 @@ of a single position over the preallocated KV cache.
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -76,18 +75,6 @@ class SamplingConfig:
             require_utf8(s, "a stop string (--stop)")
 
 
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def compiled_decoder(model: DecoderLM) -> torch.nn.Module:
-    """The model under torch.compile (dynamic shapes: the cache grows each step), compiled once per model and
-    kept outside it (an attribute would register the wrapper as a submodule of the model it wraps). The C++ wrapper
-    calls the kernels without Python in between, a little faster per token than the Python one."""
-    if model not in _COMPILED:
-        _COMPILED[model] = torch.compile(model, dynamic=True, options={"cpp_wrapper": True})
-    return _COMPILED[model]
-
-
 @torch.inference_mode()
 def generate_ids(
     model: DecoderLM,
@@ -99,33 +86,46 @@ def generate_ids(
     """Generate up to cfg.max_new_tokens ids after `prompt_ids`; returns only the new ids.
 
     Generation stops at `eos_id` (one id, or several: e.g. a chat template's end-of-turn and EOS).
-    `on_token(id)` is called for each new token; returning True stops generation."""
+    `on_token(id)` is called for each new token; returning True stops generation. With the KV cache (the default)
+    this is the decode engine with one row; without it, every step reruns the whole sequence (the baseline the
+    cache is measured against)."""
+    from lmforge.infer.engine import Engine, GenerationRequest
+
     cfg.validate()
     stop_ids = stop_id_set(eos_id, cfg.stop_at_eos)
-    ids = fit_prompt(list(prompt_ids), model.cfg.max_seq_len, cfg.max_new_tokens, cfg.truncate_prompt)
-    device = model.device
-    generator = new_generator(cfg.seed, cfg.temperature, device)
-    seq = torch.tensor([ids], device=device)
-    cache = model.new_cache(1, len(ids) + cfg.max_new_tokens) if cfg.use_cache else None
+    if not cfg.use_cache:
+        ids = fit_prompt(list(prompt_ids), model.cfg.max_seq_len, cfg.max_new_tokens, cfg.truncate_prompt)
+        return _generate_without_cache(model, ids, cfg, stop_ids, on_token)
+    engine = Engine(model, max_batch=1, compile=cfg.compile)
+    ids = fit_prompt(list(prompt_ids), engine.context, cfg.max_new_tokens, cfg.truncate_prompt)
+    request = engine.submit(GenerationRequest(ids, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                              top_k=cfg.top_k, seed=cfg.seed, stop_ids=stop_ids))
+    new: list[int] = []
+    while engine.has_work:
+        for event in engine.step():
+            if event.token_id is None:
+                continue
+            new.append(event.token_id)
+            if on_token is not None and on_token(event.token_id):
+                engine.cancel(request)
+    return new
+
+
+def _generate_without_cache(model: DecoderLM, ids: list[int], cfg: SamplingConfig, stop_ids: frozenset[int],
+                            on_token: Callable[[int], bool | None] | None) -> list[int]:
+    generator = new_generator(cfg.seed, cfg.temperature, model.device)
+    seq = torch.tensor([ids], device=model.device)
+    new: list[int] = []
     with fused_qkv(model):
-        logits = model(seq, cache=cache, keep_last=1)[:, -1]
-        step = compiled_decoder(model) if cfg.compile and cache is not None else model
-        new: list[int] = []
         for _ in range(cfg.max_new_tokens):
-            token = next_token(logits, cfg, generator)
+            token = next_token(model(seq, keep_last=1)[:, -1], cfg, generator)
             tid = int(token)
             if tid in stop_ids:
                 break
             new.append(tid)
             if on_token is not None and on_token(tid):
                 break
-            if len(new) == cfg.max_new_tokens:
-                break
-            if cache is not None:
-                logits = step(token.view(1, 1), cache=cache)[:, -1]
-            else:
-                seq = torch.cat([seq, token.view(1, 1)], dim=1)
-                logits = model(seq, keep_last=1)[:, -1]
+            seq = torch.cat([seq, token.view(1, 1)], dim=1)
     return new
 
 

@@ -28,8 +28,10 @@ PAD_ID = 0  # what free rows and padding are fed: any valid id, since their slot
 class BatchSlots:
     """`rows` sequences of up to `columns` tokens each over one KV cache, after `header` shared slots."""
 
-    def __init__(self, model: DecoderLM, rows: int, columns: int, header: int = 0):
+    def __init__(self, model: DecoderLM, rows: int, columns: int, header: int = 0,
+                 decode_model: torch.nn.Module | None = None):
         self.model, self.max_columns, self.header = model, columns, header
+        self.decode_model = model if decode_model is None else decode_model  # what runs the decode step (the model, or it compiled)
         self.header_kv: list[Tensor] | None = None  # every layer's keys then values of the header slots
         self.cache: KVCache | None = None  # allocated when the first row joins, then grown
         self._view: KVCache | None = None
@@ -80,7 +82,11 @@ class BatchSlots:
             self.mask[list(tokens), self.length] = 1
         view = self._rows_view(used)
         view.length = self.header + self.length
-        logits = self.model(feed, cache=view, attention_mask=self.mask[:used, :self.length + 1])
+        # rows that all start at column 0 and are all fed have nothing to hide: the plain causal path (one sequence
+        # alone always is)
+        whole = len(tokens) == used and not any(self.start[:used])
+        logits = self.decode_model(feed, cache=view,
+                                   attention_mask=None if whole else self.mask[:used, :self.length + 1])
         self.length += 1
         return logits[:, -1]
 

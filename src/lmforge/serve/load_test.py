@@ -9,6 +9,7 @@ run on this; `sequential_baseline` is lmforge's own generation, one prompt at a 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -32,6 +33,15 @@ def prompts(n: int) -> list[str]:
     k = len(PROMPT_WORDS)
     return [" ".join(PROMPT_WORDS[(i * 7 + j * (i % 5 + 1)) % k] for j in range(4 + i % 6)) + f" {i}"
             for i in range(n)]
+
+
+def document_openings(files: list[Path], n: int, words: int = 6) -> list[str]:
+    """The first `words` words of the first `n` documents of `files` (as `data prepare` reads them): prompts a model
+    trained on such text goes on writing, where an unfamiliar prompt may get an end of text at once, and a load
+    test would then time requests, not decoding."""
+    from lmforge.data.readers import read_documents
+
+    return [" ".join(doc.split()[:words]) for doc in itertools.islice(read_documents(files), n)]
 
 
 def free_port() -> int:
