@@ -36,9 +36,10 @@ def cmd_rag_index(args: Namespace) -> None:
     from lmforge.rag.chunker import ChunkerSettings
     from lmforge.rag.documents import read_collection
     from lmforge.rag.embedders import DEFAULT_EMBEDDER
-    from lmforge.rag.index import Index, is_index
+    from lmforge.rag.index import Index, is_index, require_index_dir
 
-    docs = read_collection(args.docs)  # an empty or unreadable collection fails before any model loads
+    require_index_dir(Path(args.out))  # bad output and input fail before any model loads
+    docs = read_collection(args.docs)
     if is_index(Path(args.out)):
         index = Index.load(Path(args.out), embedder=args.embedder)
         _require_same_chunking(args, index.settings)

@@ -53,9 +53,9 @@ class IndexUpdate:
 
 
 def embedder_mismatch(where: str, recorded: str, asking: str) -> ConfigError:
-    return ConfigError(f"{where} was built with embedder {recorded!r}, but this asks with {asking!r}: vectors of two "
-                       f"models cannot be compared; use --embedder {recorded} or rebuild the index with --embedder "
-                       f"{asking} and a new --out")
+    return ConfigError(f"{where} was built with embedder {recorded!r}, not {asking!r}: vectors of two models cannot be "
+                       f"compared; use --embedder {recorded} with this index, or build a new index (another --out) "
+                       f"with --embedder {asking}")
 
 
 class Index:
@@ -179,7 +179,7 @@ class Index:
     def save(self, path: str | Path) -> Path:
         """Write the index as the directory `path`, replacing an earlier index there whole (never other files)."""
         path = Path(path)
-        _require_index_dir(path)
+        require_index_dir(path)
         record = {"format": FORMAT, "version": VERSION, "embedder": self.embedder_name,
                   "dim": int(self.vectors.shape[1]), "chunker": asdict(self.settings),
                   "documents": [{"id": doc_id, **info} for doc_id, info in self.documents.items()],
@@ -224,8 +224,8 @@ def is_index(path: Path) -> bool:
     return (path / INDEX_FILE).is_file()
 
 
-def _require_index_dir(path: Path) -> None:
-    """An index is written only where nothing but an earlier index would be replaced."""
+def require_index_dir(path: Path) -> None:
+    """ConfigError unless `path` can take an index: new, empty, or an earlier index (never other files)."""
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {path} is a file; give a new directory or an existing index")
     if path.is_dir() and any(path.iterdir()) and not is_index(path):
