@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.errors import ConfigError, DataError, LmforgeError
 from lmforge.rag import ChunkerSettings, Document, Hit, Index, cited_numbers, grounded_prompt, recall_at_k
 from lmforge.rag.bm25 import BM25Ranker
 from lmforge.rag.chunker import chunk_text, chunk_token_spans
@@ -88,6 +88,9 @@ def test_reindexing_embeds_only_new_and_changed_documents():
     assert [c[0] for c in index.chunks] == ["a", "a", "a", "b", "b", "d"]
     assert np.array_equal(index.vectors[:3], a_rows)
     assert index.documents["b"]["chunks"] == 2 and len(index.vectors) == len(index.chunks) == 6
+    with pytest.raises(DataError, match="document id 'a' comes twice"):
+        index.add([Document("a", "x", "a.txt"), Document("a", "y", "a2.txt")])
+    assert len(index.chunks) == 6
 
 
 def test_numpy_and_faiss_give_the_same_top_k():

@@ -94,9 +94,13 @@ class Index:
         self.settings.validate(embedder.max_tokens, embedder.name)
         counts = {"added": 0, "changed": 0, "unchanged": 0}
         replaced: set[str] = set()
+        seen: set[str] = set()
         new_chunks: list[tuple[str, int, str]] = []
         new_docs: dict[str, dict] = {}
         for doc in documents:
+            if doc.doc_id in seen:
+                raise DataError(f"{doc.source}: document id {doc.doc_id!r} comes twice; give every document its own id")
+            seen.add(doc.doc_id)
             old = self.documents.get(doc.doc_id)
             if old is not None and old["sha256"] == doc.sha256:
                 counts["unchanged"] += 1
