@@ -19,7 +19,7 @@ def index_options(p: ArgumentParser) -> None:
                         "{\"text\": ..., \"id\": ...}) or directories holding them, e.g. notes/ faq.jsonl")
     p.add_argument("--out", required=True, metavar="INDEX",
                    help="the index directory; an existing index gets the documents added (only new and changed ones "
-                        "are embedded), e.g. --out runs/faq-index")
+                        "are embedded; those it holds and DOCS do not name are kept), e.g. --out runs/faq-index")
     p.add_argument("--chunk-tokens", type=int, default=None,
                    help="tokens per chunk, counted in the embedder's tokenizer, e.g. --chunk-tokens 64 (default: 128, "
                         "or the existing index's)")
