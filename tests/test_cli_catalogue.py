@@ -153,6 +153,13 @@ CASES = [
     ("judge-missing-field", "judge --judge {ckpt} --pairs {prompts} --out {root}/j1.jsonl",
      ["prompts.jsonl:1", "'instruction'"]),
     ("judge-out-over-pairs", "judge --judge {ckpt} --pairs {prompts} --out {prompts}", ["--out", "--pairs"]),
+    ("rag-index-missing", "rag index {root}/nope --out {root}/i1", ["nope"]),
+    ("rag-index-bad-jsonl", "rag index {bad_jsonl} --out {root}/i1", ["bad.jsonl:2"]),
+    ("rag-index-empty", "rag index {empty} --out {root}/i1", ["empty document collection", "empty.txt"]),
+    ("rag-index-over-foreign-files", "rag index {txt} --out {demo_like}", ["precious", "not an lmforge rag index"]),
+    ("rag-index-overlap", "rag index {txt} --out {root}/i1 --chunk-tokens 8 --overlap 8", ["--overlap", "8"]),
+    ("rag-ask-missing-index", "rag ask {ckpt} --index {root}/nope --question x", ["no index at", "nope"]),
+    ("rag-ask-not-an-index", "rag ask {ckpt} --index {demo_like} --question x", ["precious", "index.json"]),
     ("unknown-verb", "frobnicate", ["frobnicate"]),
 ]
 

@@ -47,6 +47,7 @@ from lmforge.eval.commands import (
     tasks_options,
 )
 from lmforge.eval.judge_command import cmd_judge, judge_options
+from lmforge.rag.command import ask_options, cmd_rag_ask, cmd_rag_index, index_options
 
 
 class _Help(DefaultHelpFormatter):
@@ -329,6 +330,16 @@ VERBS: dict[str, tuple[str, str, Callable[[ArgumentParser], None] | None, Callab
               "lmforge judge --judge runs/judge --pairs judge_pairs.jsonl --out labelled.jsonl\n"
               "  lmforge judge --judge runs/judge-hf --pairs pairs.jsonl --out labelled.jsonl --template hf",
               judge_options, cmd_judge),
+    "rag": ("retrieval-augmented generation: index documents, answer questions from them", "lmforge rag index --help",
+            None, None),
+    "rag index": ("chunk and embed documents into a retrieval index (an existing index gets only new and changed "
+                  "documents embedded)",
+                  "lmforge rag index notes/ faq.jsonl --out runs/faq-index --chunk-tokens 64 --overlap 16\n"
+                  "  lmforge rag index notes/ --out runs/faq-index-own --embedder mean:runs/demo/sft",
+                  index_options, cmd_rag_index),
+    "rag ask": ("answer a question with a decoder from passages retrieved from an index, printing its numbered sources",
+                'lmforge rag ask runs/demo/sft --index runs/faq-index --question "What is the capital of Velmora?" '
+                "--k 3 --mode hybrid", ask_options, cmd_rag_ask),
     "generate": ("generate text from a checkpoint (lmforge or Hugging Face dir)",
                  'lmforge generate runs/demo/pretrain --prompt "The capital of" --temperature 0.8 --top-p 0.9\n'
                  '  lmforge generate runs/sft --chat --prompt "Name a colour."\n'

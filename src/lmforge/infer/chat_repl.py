@@ -37,6 +37,16 @@ def model_chat_template(source: str, tokenizer: Tokenizer, name: str | None = No
                         base: str | None = None) -> ChatTemplate:
     """The chat template of the model at `source`: `name` (lmforge, llama2, alpaca, hf) when given, else the one its
     lmforge run trained with (config.yaml) or its Hugging Face dir's chat_template. `base`: a peft folder's base."""
+    template = optional_chat_template(source, tokenizer, name, base)
+    if template is None:
+        raise ConfigError(f"{source} records no chat template (it was not trained by lmforge sft, dpo, ppo or grpo, "
+                          "and has no Hugging Face chat_template); pass --template lmforge, llama2, alpaca or hf")
+    return template
+
+
+def optional_chat_template(source: str, tokenizer: Tokenizer, name: str | None = None,
+                           base: str | None = None) -> ChatTemplate | None:
+    """`model_chat_template`, or None when `name` is None and the model records no template (a plain LM)."""
     from lmforge.checkpoint import read_manifest, resolve_checkpoint
     from lmforge.model.hf import is_hf_dir
     from lmforge.peft.peft_import import peft_base, read_peft_config
@@ -50,8 +60,7 @@ def model_chat_template(source: str, tokenizer: Tokenizer, name: str | None = No
         manifest = read_manifest(resolve_checkpoint(path))
         recorded, template_dir = manifest.run.get("template"), manifest.base
     if name is None and recorded is None:
-        raise ConfigError(f"{source} records no chat template (it was not trained by lmforge sft, dpo, ppo or grpo, "
-                          "and has no Hugging Face chat_template); pass --template lmforge, llama2, alpaca or hf")
+        return None
     return get_chat_template(name or recorded, tokenizer, template_dir)
 
 
