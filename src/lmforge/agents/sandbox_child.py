@@ -1,0 +1,244 @@
+"""The sandboxed process itself: `python -I -S -B -X utf8 sandbox_child.py CONFIG_JSON`, started by sandbox.py.
+
+Standard library only, and no lmforge import (the child must not read the project's files). In order, while still
+privileged: read the code, enter new network, mount and IPC namespaces (a user namespace too when not root), make
+every mount read-only except a small tmpfs on the working directory and a read-only bind of the standard library,
+set the resource limits, forbid new privileges, drop to the sandbox's own UID, install an audit hook, and only then
+run the code. It reports which protections engaged on the status fd, as one JSON line, before the code runs.
+"""
+
+import json
+import linecache
+import os
+import resource
+import sys
+import traceback
+import types
+
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x08000000, 0x10000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 2048, 4096, 16384, 1 << 18, 1 << 21
+PR_SET_NO_NEW_PRIVS = 38
+# statvfs flags -> mount flags a read-only remount must keep (a user namespace may not clear locked ones)
+_KEPT_FLAGS = ((os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV), (os.ST_NOEXEC, MS_NOEXEC),
+               (os.ST_NOATIME, MS_NOATIME), (os.ST_NODIRATIME, MS_NODIRATIME), (os.ST_RELATIME, MS_RELATIME))
+
+EXIT_REFUSED, EXIT_MEMORY, EXIT_SETUP = 70, 71, 72
+
+# What the audit hook refuses outright: event prefixes, with the reason shown to the code.
+REFUSED_EVENTS = (
+    ("socket.", "network access"), ("subprocess.", "running programs"), ("os.system", "running programs"),
+    ("os.exec", "running programs"), ("os.posix_spawn", "running programs"), ("os.spawn", "running programs"),
+    ("os.fork", "creating processes"), ("os.startfile", "running programs"), ("ctypes.", "native code (ctypes)"),
+    ("os.symlink", "making links"), ("os.link", "making links"), ("os.unshare", "changing namespaces"),
+    ("os.setns", "changing namespaces"), ("gc.get_", "walking the interpreter's objects"),
+)
+# Modules whose import is refused: native back doors that raise no audit event of their own.
+REFUSED_IMPORTS = {
+    "_ctypes": "native code (ctypes)", "_posixsubprocess": "running programs", "_socket": "network access",
+    "_xxsubinterpreters": "sub-interpreters (they would run without this hook)", "_testcapi": "native code",
+    "_testinternalcapi": "native code",
+}
+WRITE_EVENTS = ("os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.replace", "os.chmod", "os.chown",
+                "os.truncate", "os.utime", "os.chflags", "os.lchflags", "os.setxattr", "os.removexattr",
+                "shutil.")
+READ_EVENTS = ("os.listdir", "os.scandir", "glob.glob", "os.chdir", "os.listxattr", "os.getxattr")
+
+
+class SandboxRefusal(PermissionError):
+    """What the audit hook raises; uncaught, the sandbox exits with EXIT_REFUSED and this message."""
+
+
+def _libc():
+    import ctypes
+
+    return ctypes, ctypes.CDLL(None, use_errno=True)
+
+
+def _call(ctypes, fn, *args):
+    if fn(*args) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _mount_points():
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    # mountinfo escapes space, tab, newline and backslash as \ooo
+    return [p.encode().decode("unicode_escape").encode("latin-1").decode() for p in points]
+
+
+def _isolate_mounts(ctypes, libc, base, work, stdlib, uid):
+    """Everything read-only; the stdlib bound read-only at base/stdlib (its real path may be unreachable after the
+    UID drop, e.g. under /root); a size-limited tmpfs, owned by the sandbox UID, on the working directory."""
+    mount = libc.mount
+    mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+    _call(ctypes, mount, None, b"/", None, MS_REC | MS_PRIVATE, None)
+    bound = os.path.join(base, "stdlib")
+    if uid is not None:
+        _call(ctypes, mount, stdlib.encode(), bound.encode(), None, MS_BIND | MS_REC, None)
+    failed = []
+    for point in _mount_points():
+        try:
+            kept = os.statvfs(point).f_flag
+            flags = MS_BIND | MS_REMOUNT | MS_RDONLY
+            flags |= sum(ms for st, ms in _KEPT_FLAGS if kept & st)
+            _call(ctypes, mount, None, point.encode(), None, flags, None)
+        except OSError:
+            failed.append(point)
+    if "/" in failed:
+        raise OSError(f"could not make / read-only ({len(failed)} mounts failed)")
+    owner = f",uid={uid},gid={uid}" if uid is not None else ""
+    _call(ctypes, mount, b"tmpfs", work.encode(), b"tmpfs", MS_NOSUID | MS_NODEV,
+          f"size=64m,nr_inodes=4096,mode=0700{owner}".encode())
+    return bound if uid is not None else stdlib
+
+
+def _rebase_imports(old, new):
+    """Import from the read-only bind from now on: sys.path, and the packages already imported (their __path__)."""
+    def rebase(paths):
+        return [p.replace(old, new, 1) for p in paths if os.path.exists(p)]
+
+    sys.path[:] = rebase(sys.path)
+    for module in list(sys.modules.values()):
+        if isinstance(getattr(module, "__path__", None), list):
+            module.__path__[:] = rebase(module.__path__)
+    sys.path_importer_cache.clear()
+
+
+def _enter_user_namespace(ctypes, libc):
+    """Not root: a user namespace (mapping our own ids) is what lets us make the network namespace."""
+    uid, gid = os.getuid(), os.getgid()
+    _call(ctypes, libc.unshare, CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWIPC)
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+
+
+def _set_limits(cfg):
+    limits = [(resource.RLIMIT_CPU, cfg["cpu_s"]), (resource.RLIMIT_AS, cfg["memory_bytes"]),
+              (resource.RLIMIT_FSIZE, cfg["file_bytes"]), (resource.RLIMIT_NOFILE, cfg["open_files"]),
+              (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, cfg["processes"])]
+    for which, value in limits:
+        hard = value + 1 if which == resource.RLIMIT_CPU else value  # SIGXCPU at the soft limit, SIGKILL after
+        resource.setrlimit(which, (value, hard))
+
+
+def _setup(cfg):
+    """Isolate this process as far as the kernel allows; returns (stdlib root to allow reads under, engaged)."""
+    stdlib = os.path.realpath(os.path.dirname(os.__file__))
+    uid, work = cfg["uid"], cfg["work"]
+    engaged = {"network namespace": False, "mount namespace": False, "own UID": False, "no_new_privs": False}
+    failures = []
+    ctypes, libc = _libc()
+    try:
+        if uid is None:
+            _enter_user_namespace(ctypes, libc)
+        else:
+            _call(ctypes, libc.unshare, CLONE_NEWNET | CLONE_NEWIPC)
+        engaged["network namespace"] = True
+    except OSError as e:
+        failures.append(f"network namespace: {e}")
+    if uid is not None:  # unprivileged users cannot mount in the host's user namespace
+        try:
+            _call(ctypes, libc.unshare, CLONE_NEWNS)
+            stdlib = _isolate_mounts(ctypes, libc, cfg["base"], work, stdlib, uid)
+            _rebase_imports(os.path.dirname(os.__file__), stdlib)
+            engaged["mount namespace"] = True
+        except OSError as e:
+            failures.append(f"mount namespace: {e}")
+    os.chdir(work)
+    _set_limits(cfg)
+    if uid is not None:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+        engaged["own UID"] = True
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    engaged["no_new_privs"] = libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+    for name in [m for m in sys.modules if m == "ctypes" or m.startswith(("ctypes.", "_ctypes"))]:
+        del sys.modules[name]  # so that `import ctypes` by the code raises its audit event again
+    return stdlib, engaged, failures
+
+
+def _audit_hook(work, readable):
+    """The hook, closed over immutable data only. Paths are resolved (symlinks, `..`) before they are judged."""
+    realpath, fspath, sep = os.path.realpath, os.fsdecode, os.sep
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+
+    def inside(path, roots):
+        resolved = realpath(fspath(path))
+        return any(resolved == root or resolved.startswith(root + sep) for root in roots)
+
+    def refuse(what):
+        raise SandboxRefusal(f"refused by the sandbox: {what}")
+
+    def hook(event, args):
+        for prefix, why in REFUSED_EVENTS:
+            if event.startswith(prefix):
+                refuse(f"{why} ({event})")
+        if event == "import" and args[0] in REFUSED_IMPORTS:
+            refuse(f"{REFUSED_IMPORTS[args[0]]} (import {args[0]})")
+        if event == "object.__setattr__" and args[1] == "__code__":
+            refuse("replacing a function's code")
+        if event == "open":
+            path, mode, flags = (tuple(args) + (None, None))[:3]
+            if path is None or isinstance(path, int):
+                return
+            writes = any(c in (mode or "") for c in "wax+") or bool((flags or 0) & write_flags)
+            if writes and not inside(path, (work,)):
+                refuse(f"writing {fspath(path)} (outside the working directory)")
+            if not writes and not inside(path, readable):
+                refuse(f"reading {fspath(path)} (outside the working directory)")
+        elif event.startswith(WRITE_EVENTS) or event.startswith(READ_EVENTS):
+            roots = (work,) if event.startswith(WRITE_EVENTS) or event == "os.chdir" else readable
+            for path in args[:2] if event in ("os.rename", "os.replace") else args[:1]:
+                if isinstance(path, (str, bytes)) and not inside(path, roots):  # None: the working directory
+                    refuse(f"{event} on {fspath(path)} (outside the working directory)")
+
+    return hook
+
+
+def _run(code):
+    """Run the code as __main__ (a fresh module, so the code cannot reach this file's globals by that name)."""
+    lines = code.splitlines(keepends=True)
+    linecache.cache["<code>"] = (len(code), None, lines, "<code>")
+    main = types.ModuleType("__main__")
+    sys.modules["__main__"] = main
+    try:
+        exec(compile(code, "<code>", "exec"), main.__dict__)
+    except SandboxRefusal as e:
+        sys.stdout.flush()
+        print(str(e).splitlines()[0] if str(e) else "refused by the sandbox", file=sys.stderr)
+        sys.exit(EXIT_REFUSED)
+    except MemoryError:
+        sys.stdout.flush()
+        print("MemoryError", file=sys.stderr)
+        sys.exit(EXIT_MEMORY)
+    except SystemExit:
+        raise
+    except BaseException as e:
+        traceback.print_exception(type(e), e, e.__traceback__.tb_next)  # from the code's first frame on
+        sys.exit(1)
+
+
+def main():
+    cfg = json.loads(sys.argv[1])
+    with open(os.path.join(cfg["base"], "code.py"), encoding="utf-8") as f:
+        code = f.read()
+    try:
+        stdlib, engaged, failures = _setup(cfg)
+    except Exception as e:  # the sandbox could not be built: nothing of the code has run
+        print(f"sandbox setup failed: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(EXIT_SETUP)
+    with os.fdopen(cfg["status_fd"], "w") as status:
+        status.write(json.dumps({"engaged": engaged, "failures": failures}) + "\n")
+    os.environ.clear()  # the parent passed none; this also drops what Python set itself (LC_CTYPE)
+    work = os.path.realpath(cfg["work"])
+    if cfg["audit_hook"]:
+        sys.addaudithook(_audit_hook(work, (work, stdlib)))
+    _run(code)
+
+
+if __name__ == "__main__":
+    main()
