@@ -161,17 +161,18 @@ def _free_uid() -> int:
 
 
 def _process_uids() -> dict[int, int]:
-    """pid -> real UID of every process visible in /proc (from its status: a process that changed UID is no longer
-    dumpable, so its /proc directory belongs to root)."""
+    """pid -> real UID of every live process in /proc (zombies, already dead, are left out). Read from its status:
+    a process that changed UID is no longer dumpable, so its /proc directory belongs to root."""
     uids = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             try:
                 with open(os.path.join(entry.path, "status"), "rb") as f:
-                    line = next(line for line in f if line.startswith(b"Uid:"))
-                uids[int(entry.name)] = int(line.split()[1])
-            except (OSError, StopIteration):
-                pass  # it ended meanwhile
+                    fields = dict(line.split(b":", 1) for line in f if line.startswith((b"State:", b"Uid:")))
+            except OSError:
+                continue  # it ended meanwhile
+            if b"State" in fields and b"Uid" in fields and fields[b"State"].split()[0] not in (b"Z", b"X"):
+                uids[int(entry.name)] = int(fields[b"Uid"].split()[0])
     return uids
 
 
@@ -219,4 +220,4 @@ def _note_protections(status: bytes, uid: int | None) -> None:
         _warned = True
         who = "lmforge is not running as root" if uid is None else "the kernel refused some"
         warnings.warn(f"the Python sandbox runs without: {', '.join(missing)} ({who}); the audit hook and the "
-                      "resource limits still apply (see docs/SANDBOX.md)", RuntimeWarning, stacklevel=3)
+                      "resource limits still apply (see docs/SANDBOX.md)", RuntimeWarning, stacklevel=4)
