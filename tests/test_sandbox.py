@@ -34,6 +34,8 @@ ATTACKS = {
     "subprocess": "import subprocess\nsubprocess.run(['sh', '-c', 'echo pwned'])",
     "output_flood": "import sys\nchunk = 'x' * 2**20\nfor _ in range(100):\n    sys.stdout.write(chunk)",
     "crash": "print('before')\n1 / 0",
+    "tamper": "import sys\ntables = sys._getframe(1).f_globals\ntables['REFUSED_EVENTS'] = ()\n"
+              "tables['REFUSED_IMPORTS'].clear()\nimport os\nos.system('echo pwned')",
 }
 # With the audit hook off, the kernel's layers alone (own UID, namespaces, read-only mounts, RLIMIT_NPROC).
 KERNEL_ONLY = {
@@ -160,3 +162,7 @@ def test_not_root_still_runs_and_warns_once_naming_what_it_lacks(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once only
         assert run_python("print(7)", timeout_s=2).stdout == "7\n"
+
+
+def test_emptying_the_hooks_tables_through_the_frames_changes_nothing(results):
+    assert results["tamper"][0].error == "refused by the sandbox: running programs (os.system)"

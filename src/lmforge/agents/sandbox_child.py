@@ -39,7 +39,7 @@ REFUSED_IMPORTS = {
     "_xxsubinterpreters": "sub-interpreters (they would run without this hook)", "_testcapi": "native code",
     "_testinternalcapi": "native code",
 }
-WRITE_EVENTS = ("os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.replace", "os.chmod", "os.chown",
+WRITE_EVENTS = ("os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.chmod", "os.chown",
                 "os.truncate", "os.utime", "os.chflags", "os.lchflags", "os.setxattr", "os.removexattr",
                 "shutil.")
 READ_EVENTS = ("os.listdir", "os.scandir", "glob.glob", "os.chdir", "os.listxattr", "os.getxattr")
@@ -162,23 +162,26 @@ def _setup(cfg):
 
 
 def _audit_hook(work, readable):
-    """The hook, closed over immutable data only. Paths are resolved (symlinks, `..`) before they are judged."""
-    realpath, fspath, sep = os.path.realpath, os.fsdecode, os.sep
+    """The hook, closed over its own copies of the tables (the code can reach this module's globals through its
+    frames, not the hook). Paths are resolved (symlinks, `..`) before they are judged."""
+    realpath, fspath, sep, refusal = os.path.realpath, os.fsdecode, os.sep, SandboxRefusal
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+    refused_events, refused_imports = tuple(REFUSED_EVENTS), dict(REFUSED_IMPORTS)
+    write_events, read_events = tuple(WRITE_EVENTS), tuple(READ_EVENTS)
 
     def inside(path, roots):
         resolved = realpath(fspath(path))
         return any(resolved == root or resolved.startswith(root + sep) for root in roots)
 
     def refuse(what):
-        raise SandboxRefusal(f"refused by the sandbox: {what}")
+        raise refusal(f"refused by the sandbox: {what}")
 
     def hook(event, args):
-        for prefix, why in REFUSED_EVENTS:
+        for prefix, why in refused_events:
             if event.startswith(prefix):
                 refuse(f"{why} ({event})")
-        if event == "import" and args[0] in REFUSED_IMPORTS:
-            refuse(f"{REFUSED_IMPORTS[args[0]]} (import {args[0]})")
+        if event == "import" and args[0] in refused_imports:
+            refuse(f"{refused_imports[args[0]]} (import {args[0]})")
         if event == "object.__setattr__" and args[1] == "__code__":
             refuse("replacing a function's code")
         if event == "open":
@@ -190,9 +193,9 @@ def _audit_hook(work, readable):
                 refuse(f"writing {fspath(path)} (outside the working directory)")
             if not writes and not inside(path, readable):
                 refuse(f"reading {fspath(path)} (outside the working directory)")
-        elif event.startswith(WRITE_EVENTS) or event.startswith(READ_EVENTS):
-            roots = (work,) if event.startswith(WRITE_EVENTS) or event == "os.chdir" else readable
-            for path in args[:2] if event in ("os.rename", "os.replace") else args[:1]:
+        elif event.startswith(write_events) or event.startswith(read_events):
+            roots = (work,) if event.startswith(write_events) or event == "os.chdir" else readable
+            for path in args[:2] if event == "os.rename" else args[:1]:
                 if isinstance(path, (str, bytes)) and not inside(path, roots):  # None: the working directory
                     refuse(f"{event} on {fspath(path)} (outside the working directory)")
 
