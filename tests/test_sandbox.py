@@ -4,6 +4,7 @@ cap). Where lmforge runs as root, the kernel's layers are also shown to hold wit
 
 from __future__ import annotations
 
+import ast
 import os
 import time
 import warnings
@@ -42,11 +43,12 @@ KERNEL_ONLY = {
     "fork_bomb": "import os, time\nborn = 0\nwhile True:\n    try:\n        pid = os.fork()\n    except OSError:\n"
                  "        break\n    if pid == 0:\n        time.sleep(30)\n        os._exit(0)\n    born += 1\n"
                  "print(born, os.getuid(), flush=True)",
-    "files_and_network": "import socket\nfor attempt in (lambda: open('/etc/shadow').read(),\n"
+    "files_and_network": "import os, socket\nfor attempt in (lambda: open('/etc/passwd').read(),\n"
                          f"                lambda: open({OUTSIDE_FILE!r}, 'w'),\n"
                          "                lambda: socket.create_connection(('1.1.1.1', 53), timeout=0.5)):\n"
                          "    try:\n        attempt()\n        print('allowed')\n"
-                         "    except OSError as e:\n        print(type(e).__name__, e.strerror)",
+                         "    except OSError as e:\n        print(type(e).__name__, e.strerror)\n"
+                         "print(sorted(os.listdir('/')))",
 }
 
 
@@ -134,10 +136,11 @@ def test_socket_and_shell_are_refused(results):
 
 @pytest.mark.skipif(not AS_ROOT, reason="the UID, namespaces and read-only mounts are root's protections")
 def test_kernel_layers_hold_without_the_audit_hook(results):
-    shadow, outside, network = results["kernel_files_and_network"][0].stdout.splitlines()
-    assert shadow == "PermissionError Permission denied"  # another UID: root's files are out of reach
-    assert outside == "OSError Read-only file system"  # the mount namespace's read-only binds
+    passwd, outside, network, root = results["kernel_files_and_network"][0].stdout.splitlines()
+    assert passwd == "FileNotFoundError No such file or directory"  # the new root holds no /etc
+    assert outside == "OSError Read-only file system"  # ... and is read-only but for the working directory
     assert network == "OSError Network is unreachable"  # the empty network namespace
+    assert not {"etc", "proc", "sys", "dev", "home", "work"} & set(ast.literal_eval(root))
     assert not Path(OUTSIDE_FILE).exists()
 
 

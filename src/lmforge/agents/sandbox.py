@@ -72,11 +72,10 @@ def _run(code: str, *, timeout_s: float, memory_mb: int, max_output_bytes: int,
     try:
         work = base / "work"
         work.mkdir()
-        (base / "stdlib").mkdir()
         (base / "code.py").write_text(code, encoding="utf-8")
         if uid is not None:
             os.chown(work, uid, uid)
-            base.chmod(0o711)  # the sandbox UID passes through to work/ and stdlib/; code.py stays root's
+            base.chmod(0o711)  # without a mount namespace the sandbox's UID works in here; code.py stays root's
         config = {"base": str(base), "work": str(work), "uid": uid, "status_fd": status_w,
                   "cpu_s": math.ceil(timeout_s) + 1, "memory_bytes": memory_mb * 2**20, "file_bytes": FILE_BYTES,
                   "open_files": OPEN_FILES, "processes": PROCESSES if uid is not None else _own_processes() + 16,

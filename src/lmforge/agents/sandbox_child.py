@@ -16,12 +16,10 @@ import traceback
 import types
 
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x08000000, 0x10000000, 0x40000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
-MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 2048, 4096, 16384, 1 << 18, 1 << 21
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
 PR_SET_NO_NEW_PRIVS = 38
-# statvfs flags -> mount flags a read-only remount must keep (a user namespace may not clear locked ones)
-_KEPT_FLAGS = ((os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV), (os.ST_NOEXEC, MS_NOEXEC),
-               (os.ST_NOATIME, MS_NOATIME), (os.ST_NODIRATIME, MS_NODIRATIME), (os.ST_RELATIME, MS_RELATIME))
+# What the new root holds besides the standard library: the programs' libraries (/usr) and the links into it.
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 
 EXIT_REFUSED, EXIT_MEMORY, EXIT_SETUP = 70, 71, 72
 
@@ -61,49 +59,38 @@ def _call(ctypes, fn, *args):
         raise OSError(err, os.strerror(err))
 
 
-def _mount_points():
-    with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4] for line in f]
-    # mountinfo escapes space, tab, newline and backslash as \ooo
-    return [p.encode().decode("unicode_escape").encode("latin-1").decode() for p in points]
-
-
-def _isolate_mounts(ctypes, libc, base, work, stdlib, uid):
-    """Everything read-only; the stdlib bound read-only at base/stdlib (its real path may be unreachable after the
-    UID drop, e.g. under /root); a size-limited tmpfs, owned by the sandbox UID, on the working directory."""
+def _enter_new_root(ctypes, libc, base, work, stdlib, uid):
+    """In the new mount namespace, chroot into an empty read-only tmpfs holding only read-only binds of /usr (with
+    the top-level links into it), of the standard library (at its own path: that may be under /root, which the
+    sandbox's UID could not pass) and a 64 MB tmpfs for the working directory, owned by the sandbox's UID. /etc,
+    /proc, /sys, /dev, /tmp, /home, /root and the project do not exist in there."""
     mount = libc.mount
     mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-    _call(ctypes, mount, None, b"/", None, MS_REC | MS_PRIVATE, None)
-    bound = os.path.join(base, "stdlib")
-    if uid is not None:
-        _call(ctypes, mount, stdlib.encode(), bound.encode(), None, MS_BIND | MS_REC, None)
-    failed = []
-    for point in _mount_points():
-        try:
-            kept = os.statvfs(point).f_flag
-            flags = MS_BIND | MS_REMOUNT | MS_RDONLY
-            flags |= sum(ms for st, ms in _KEPT_FLAGS if kept & st)
-            _call(ctypes, mount, None, point.encode(), None, flags, None)
-        except OSError:
-            failed.append(point)
-    if "/" in failed:
-        raise OSError(f"could not make / read-only ({len(failed)} mounts failed)")
-    owner = f",uid={uid},gid={uid}" if uid is not None else ""
-    _call(ctypes, mount, b"tmpfs", work.encode(), b"tmpfs", MS_NOSUID | MS_NODEV,
-          f"size=64m,nr_inodes=4096,mode=0700{owner}".encode())
-    return bound if uid is not None else stdlib
+    _call(ctypes, mount, None, b"/", None, MS_REC | MS_PRIVATE, None)  # nothing below reaches the host
+    new_root = os.path.join(base, "root")
+    os.mkdir(new_root)
+    _call(ctypes, mount, b"tmpfs", new_root.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=1m,mode=0755")
+    bound = []
 
+    def bind(source):
+        target = (new_root + source).encode()
+        os.makedirs(target, mode=0o755)
+        _call(ctypes, mount, source.encode(), target, None, MS_BIND, None)
+        _call(ctypes, mount, None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+        bound.append(source)
 
-def _rebase_imports(old, new):
-    """Import from the read-only bind from now on: sys.path, and the packages already imported (their __path__)."""
-    def rebase(paths):
-        return [p.replace(old, new, 1) for p in paths if os.path.exists(p)]
-
-    sys.path[:] = rebase(sys.path)
-    for module in list(sys.modules.values()):
-        if isinstance(getattr(module, "__path__", None), list):
-            module.__path__[:] = rebase(module.__path__)
-    sys.path_importer_cache.clear()
+    for top in SYSTEM_DIRS:
+        if os.path.islink(top):
+            os.symlink(os.readlink(top), new_root + top)
+        elif os.path.isdir(top):
+            bind(top)
+    if not any(stdlib.startswith(d + os.sep) for d in bound):
+        bind(stdlib)
+    os.makedirs(new_root + work, mode=0o755)
+    _call(ctypes, mount, b"tmpfs", (new_root + work).encode(), b"tmpfs", MS_NOSUID | MS_NODEV,
+          f"size=64m,nr_inodes=4096,mode=0700,uid={uid},gid={uid}".encode())
+    _call(ctypes, mount, None, new_root.encode(), None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+    os.chroot(new_root)
 
 
 def _enter_user_namespace(ctypes, libc):
@@ -125,7 +112,8 @@ def _set_limits(cfg):
 
 
 def _setup(cfg):
-    """Isolate this process as far as the kernel allows; returns (stdlib root to allow reads under, engaged)."""
+    """Isolate this process as far as the kernel allows; returns (the stdlib's directory, which protections engaged,
+    why the others did not)."""
     stdlib = os.path.realpath(os.path.dirname(os.__file__))
     uid, work = cfg["uid"], cfg["work"]
     engaged = {"network namespace": False, "mount namespace": False, "own UID": False, "no_new_privs": False}
@@ -142,8 +130,7 @@ def _setup(cfg):
     if uid is not None:  # unprivileged users cannot mount in the host's user namespace
         try:
             _call(ctypes, libc.unshare, CLONE_NEWNS)
-            stdlib = _isolate_mounts(ctypes, libc, cfg["base"], work, stdlib, uid)
-            _rebase_imports(os.path.dirname(os.__file__), stdlib)
+            _enter_new_root(ctypes, libc, cfg["base"], work, stdlib, uid)
             engaged["mount namespace"] = True
         except OSError as e:
             failures.append(f"mount namespace: {e}")
