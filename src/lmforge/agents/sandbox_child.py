@@ -27,7 +27,8 @@ EXIT_REFUSED, EXIT_MEMORY, EXIT_SETUP = 70, 71, 72
 REFUSED_EVENTS = (
     ("socket.", "network access"), ("subprocess.", "running programs"), ("os.system", "running programs"),
     ("os.exec", "running programs"), ("os.posix_spawn", "running programs"), ("os.spawn", "running programs"),
-    ("os.fork", "creating processes"), ("os.startfile", "running programs"), ("ctypes.", "native code (ctypes)"),
+    ("os.fork", "creating processes"), ("os.startfile", "running programs"), ("os.kill", "signalling processes"),
+    ("ctypes.", "native code (ctypes)"),
     ("os.symlink", "making links"), ("os.link", "making links"), ("os.unshare", "changing namespaces"),
     ("os.setns", "changing namespaces"), ("gc.get_", "walking the interpreter's objects"),
 )
