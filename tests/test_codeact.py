@@ -18,11 +18,12 @@ class Scripted:
     """A Completer that returns its turns in order and records each prompt it was given."""
 
     def __init__(self, *turns: str):
-        self.turns, self.prompts = list(turns), []
+        self.turns, self.prompts, self.seeds = list(turns), [], []
 
     def __call__(self, prompt, *, stop=(), max_new_tokens=128, temperature=0.0, seed=None):
         assert tuple(stop) == STOP
         self.prompts.append(prompt)
+        self.seeds.append(seed)
         return self.turns.pop(0)
 
 
@@ -31,8 +32,9 @@ def block(code: str, thought: str = "I will compute it in Python.") -> str:
 
 
 def test_code_runs_and_its_output_is_the_observation():
-    model = Scripted(block("print(37 * 48)"), "Thought: I have the answer.\nFinal answer: 1776")
-    t = run_codeact(model, "What is 37 * 48?", OPENING, limits=FAST)
+    model = Scripted(block("print(37 * 48)"), "Thought: I have the answer.\nFinal answer: 1776\nThought: more")
+    t = run_codeact(model, "What is 37 * 48?", opening=OPENING, limits=FAST, seed=7)
+    assert model.seeds == [7, 8]  # each step its own seed
     assert (t.answer, t.stop_reason) == ("1776", "answer")
     assert [s.kind for s in t.steps] == ["thought", "code", "observation", "thought", "answer"]
     assert model.prompts[1] == OPENING + block("print(37 * 48)") + "```\nObservation: 1776\n"
@@ -46,7 +48,7 @@ def test_refusal_timeout_crash_and_unparseable_block_become_observations_and_the
     model = Scripted(block("print(open('/etc/passwd').read())"), block("while True:\n    pass"),
                      block("print(1 / 0)"), block("print((37 * 48)"), "```py\nprint(1)\n",
                      block("print(37 * 48)"), "Final answer: 1776")
-    t = run_codeact(model, "What is 37 * 48?", OPENING, max_steps=7, limits=FAST)
+    t = run_codeact(model, "What is 37 * 48?", opening=OPENING, max_steps=7, limits=FAST)
     assert t.answer == "1776"
     observations = [s.text for s in t.steps if s.kind in ("observation", "error")]
     assert observations == [
@@ -58,20 +60,21 @@ def test_refusal_timeout_crash_and_unparseable_block_become_observations_and_the
         "1776",
     ]
     assert all(f"Observation: {o}\n" in t.prompt for o in observations)
+    assert "```py" not in [s.text for s in t.steps if s.kind == "thought"]
 
 
 def test_step_limit_records_no_answer():
     model = Scripted(block("print(1)"), block("print(2)"))
-    t = run_codeact(model, "Loop forever?", OPENING, max_steps=2, limits=FAST)
+    t = run_codeact(model, "Loop forever?", opening=OPENING, max_steps=2, limits=FAST)
     assert (t.answer, t.stop_reason) == (None, "step_limit")
     assert t.prompt.endswith("```\nObservation: 2\n")
 
 
 def test_a_turn_without_code_or_answer_ends_the_run():
-    t = run_codeact(Scripted("I do not know."), "What?", OPENING, limits=FAST)
+    t = run_codeact(Scripted("I do not know."), "What?", opening=OPENING, limits=FAST)
     assert (t.answer, t.stop_reason, [s.kind for s in t.steps]) == (None, "no_action", ["thought"])
 
 
 def test_no_steps_is_refused_in_one_line():
-    with pytest.raises(ConfigError, match="max_steps=0"):
-        run_codeact(Scripted(), "What?", OPENING, max_steps=0)
+    with pytest.raises(ConfigError, match="max_steps"):
+        run_codeact(Scripted(), "What?", opening=OPENING, max_steps=0)

@@ -28,6 +28,7 @@ FINAL_ANSWER = "Final answer:"
 # Generation stops at the closing fence (the block is complete: run it), or where the model would invent an
 # observation of its own. The opening fence "```python\n" does not contain "```\n".
 STOP = (CLOSE_FENCE, "\n" + OBSERVATION)
+DEFAULT_MAX_STEPS = 5
 
 
 class Completer(Protocol):
@@ -45,7 +46,7 @@ class Step:
 
 @dataclass
 class Transcript:
-    """One agent run; `record()` is the JSON line AGENTS_API.md specifies."""
+    """One agent run; `record()` is the JSON line AGENTS_API.md specifies (the same shape as the ReAct loop's)."""
 
     question: str
     method: Literal["react", "codeact"]
@@ -53,6 +54,7 @@ class Transcript:
     answer: str | None = None
     stop_reason: Literal["answer", "step_limit", "no_action"] = "no_action"
     prompt: str = ""
+    opening: str = field(default="", repr=False)  # the text `prompt` began with (not written)
 
     def record(self) -> dict:
         return {"question": self.question, "method": self.method, "steps": [asdict(s) for s in self.steps],
@@ -68,48 +70,45 @@ class SandboxLimits:
     max_output_bytes: int = 65536
 
 
-def run_codeact(complete: Completer, question: str, opening: str, *, max_steps: int = 5,
+def run_codeact(complete: Completer, question: str, *, opening: str, max_steps: int = DEFAULT_MAX_STEPS,
                 limits: SandboxLimits = SandboxLimits(), max_new_tokens: int = 256, temperature: float = 0.0,
                 seed: int | None = None) -> Transcript:
-    """Answer `question` by CodeAct. `opening` is the chat template rendered with the generation prompt open (system
-    and user turn); each step the model continues the text so far. A refused, timed-out or crashed block, and a
-    block that does not parse, become the observation and the loop goes on; a turn with neither a block nor a final
-    answer ends it ("no_action"); `max_steps` turns without an answer end it with answer None ("step_limit")."""
+    """Answer `question` by CodeAct. `opening` is the prompt text the assistant's turn starts from (the chat template
+    rendered with the generation prompt open); each step the model continues the text so far. A refused, timed-out
+    or crashed block, and a block that does not parse, become the observation and the loop goes on; a turn with
+    neither a block nor a final answer ends it ("no_action"); `max_steps` turns without a final answer end it
+    ("step_limit"); either way the answer is recorded as None."""
     if max_steps < 1:
-        raise ConfigError(f"max_steps={max_steps}: a CodeAct run needs at least 1 step")
-    transcript = Transcript(question, "codeact", prompt=opening)
-    for _ in range(max_steps):
-        completion = complete(transcript.prompt, stop=STOP, max_new_tokens=max_new_tokens,
-                              temperature=temperature, seed=seed)
-        transcript.prompt += completion
-        fence = completion.find(OPEN_FENCE)
-        before = completion if fence < 0 else completion[:fence]
-        _add_thought(transcript, before)
-        if FINAL_ANSWER in before:
-            answer = before.split(FINAL_ANSWER, 1)[1].strip().split("\n", 1)[0].strip()
-            transcript.steps.append(Step("answer", answer))
-            transcript.answer, transcript.stop_reason = answer, "answer"
-            return transcript
-        if fence < 0 and "```" not in completion:
-            transcript.stop_reason = "no_action"
-            return transcript
-        if not transcript.prompt.endswith("\n"):
-            transcript.prompt += "\n"
-        if fence >= 0:
-            transcript.prompt += CLOSE_FENCE
-        code = completion[fence + len(OPEN_FENCE):] if fence >= 0 else ""
-        problem = _unparseable(code) if fence >= 0 else "a code block must open with ```python on its own line"
+        raise ConfigError(f"max_steps (--max-steps) must be >= 1, got {max_steps}")
+    run = Transcript(question, "codeact", prompt=opening, opening=opening)
+    for step in range(max_steps):
+        completion = complete(run.prompt, stop=STOP, max_new_tokens=max_new_tokens, temperature=temperature,
+                              seed=None if seed is None else seed + step)
+        prose, fence, code = completion.partition(OPEN_FENCE)
+        kept = _read(prose, run)
+        if run.answer is not None:
+            run.prompt += kept
+            run.stop_reason = "answer"
+            return run
+        if not fence and "```" not in prose:
+            run.prompt += completion
+            run.stop_reason = "no_action"
+            return run
+        run.prompt += completion if completion.endswith("\n") else completion + "\n"
+        if fence:
+            run.prompt += CLOSE_FENCE
+        problem = _unparseable(code) if fence else "a code block must open with ```python on its own line"
         if problem:
             observation = f"Unparseable code block: {problem}"
-            transcript.steps.append(Step("error", observation))
+            run.steps.append(Step("error", observation))
         else:
-            transcript.steps.append(Step("code", code))
+            run.steps.append(Step("code", code))
             observation = observe(run_python(code, timeout_s=limits.timeout_s, memory_mb=limits.memory_mb,
                                              max_output_bytes=limits.max_output_bytes))
-            transcript.steps.append(Step("observation", observation))
-        transcript.prompt += f"{OBSERVATION} {observation}\n"
-    transcript.stop_reason = "step_limit"
-    return transcript
+            run.steps.append(Step("observation", observation))
+        run.prompt += f"{OBSERVATION} {observation}\n"
+    run.stop_reason = "step_limit"
+    return run
 
 
 def observe(result: SandboxResult) -> str:
@@ -122,11 +121,21 @@ def observe(result: SandboxResult) -> str:
     return result.stdout.rstrip("\n") or "(the code printed nothing)"
 
 
-def _add_thought(transcript: Transcript, text: str) -> None:
-    thought = text.split(FINAL_ANSWER, 1)[0].strip()
-    thought = thought.removeprefix("Thought:").strip()
-    if thought:
-        transcript.steps.append(Step("thought", thought))
+def _read(prose: str, run: Transcript) -> str:
+    """Record the thoughts before a code block and a final answer; returns `prose` up to the answer's line (what
+    follows it is dropped), or whole."""
+    lines = prose.split("\n")
+    for i, line in enumerate(lines):
+        text = line.strip()
+        if text.startswith("```"):  # a fence that is not ```python: the caller observes it
+            break
+        if text.startswith(FINAL_ANSWER) and text[len(FINAL_ANSWER):].strip():
+            run.answer = text[len(FINAL_ANSWER):].strip()
+            run.steps.append(Step("answer", run.answer))
+            return "\n".join(lines[:i + 1])
+        if text:
+            run.steps.append(Step("thought", text.removeprefix("Thought:").strip()))
+    return prose
 
 
 def _unparseable(code: str) -> str | None:
