@@ -11,7 +11,7 @@ from lmforge.agents.codeact import STOP, SandboxLimits, run_codeact
 from lmforge.errors import ConfigError
 
 OPENING = "<|user|>What is 37 * 48?<|assistant|>"
-FAST = SandboxLimits(timeout_s=1, memory_mb=256, max_output_bytes=4096)
+FAST = SandboxLimits(timeout_s=0.5, memory_mb=256, max_output_bytes=4096)
 
 
 class Scripted:
@@ -53,7 +53,7 @@ def test_refusal_timeout_crash_and_unparseable_block_become_observations_and_the
     observations = [s.text for s in t.steps if s.kind in ("observation", "error")]
     assert observations == [
         "refused by the sandbox: reading /etc/passwd (outside the working directory)",
-        "timed out after 1 s (the wall-clock limit); the process was killed",
+        "timed out after 0.5 s (the wall-clock limit); the process was killed",
         "ZeroDivisionError: division by zero",
         "Unparseable code block: SyntaxError: '(' was never closed (line 1)",
         "Unparseable code block: a code block must open with ```python on its own line",
