@@ -15,6 +15,7 @@ import pytest
 
 from lmforge.agents import sandbox
 from lmforge.agents.sandbox import SandboxResult, run_python
+from lmforge.errors import ConfigError
 
 AS_ROOT = os.geteuid() == 0
 OUTSIDE_FILE = f"/tmp/lmforge-sandbox-escape-{os.getpid()}"
@@ -172,3 +173,9 @@ def test_not_root_still_runs_and_warns_once_naming_what_it_lacks(monkeypatch):
 
 def test_emptying_the_hooks_tables_through_the_frames_changes_nothing(results):
     assert results["tamper"][0].error == "refused by the sandbox: running programs (os.system)"
+
+
+@pytest.mark.parametrize("limit", ["timeout_s", "memory_mb", "max_output_bytes"])
+def test_a_limit_that_is_not_positive_is_refused_in_one_line(limit):
+    with pytest.raises(ConfigError, match=f"^the sandbox's {limit} must be > 0, got 0$"):
+        run_python("print(1)", **{limit: 0})

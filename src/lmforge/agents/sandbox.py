@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.agents import sandbox_child
+from lmforge.errors import ConfigError
 
 # Each sandbox runs under its own UID from this range when lmforge runs as root (RLIMIT_NPROC counts per UID, and
 # every process of that UID can be found and killed afterwards). No account uses these numbers.
@@ -44,7 +45,7 @@ class SandboxResult:
 
     stdout: str
     stderr: str
-    exit_code: int | None
+    exit_code: int
     timed_out: bool
     error: str | None = None
 
@@ -53,6 +54,9 @@ def run_python(code: str, *, timeout_s: float = 5, memory_mb: int = 256,
                max_output_bytes: int = 65536) -> SandboxResult:
     """Run `code` with `python -I -S` in a fresh temporary working directory, under the limits, and return what it
     printed (each stream cut at `max_output_bytes`; more than that kills the code)."""
+    for name, value in (("timeout_s", timeout_s), ("memory_mb", memory_mb), ("max_output_bytes", max_output_bytes)):
+        if not value > 0:
+            raise ConfigError(f"the sandbox's {name} must be > 0, got {value}")
     return _run(code, timeout_s=timeout_s, memory_mb=memory_mb, max_output_bytes=max_output_bytes)
 
 
@@ -79,7 +83,7 @@ def _run(code: str, *, timeout_s: float, memory_mb: int, max_output_bytes: int,
             base.chmod(0o711)  # without a mount namespace the sandbox's UID works in here; code.py stays root's
         config = {"base": str(base), "work": str(work), "uid": uid, "status_fd": status_w,
                   "cpu_s": math.ceil(timeout_s) + 1, "memory_bytes": memory_mb * 2**20, "file_bytes": FILE_BYTES,
-                  "open_files": OPEN_FILES, "processes": PROCESSES if uid is not None else _own_processes() + 16,
+                  "open_files": OPEN_FILES, "processes": PROCESSES + (0 if uid is not None else _own_processes()),
                   "audit_hook": audit_hook}
         proc = subprocess.Popen(
             [sys.executable, "-I", "-S", "-B", "-X", "utf8", sandbox_child.__file__, json.dumps(config)],
@@ -213,14 +217,15 @@ def _note_protections(status: bytes, uid: int | None) -> None:
     """Remember what engaged; warn once when a protection is missing (not root, or the kernel refused one)."""
     global _warned
     try:
-        engaged = json.loads(status)["engaged"]
-    except (ValueError, KeyError):
+        report = json.loads(status)
+    except ValueError:
         return  # the sandbox did not start; its error says why
     _last_protections.clear()
-    _last_protections.update(engaged)
-    missing = [name for name, on in engaged.items() if not on]
+    _last_protections.update(report["engaged"])
+    missing = [name for name, on in report["engaged"].items() if not on]
     if missing and not _warned:
         _warned = True
-        who = "lmforge is not running as root" if uid is None else "the kernel refused some"
-        warnings.warn(f"the Python sandbox runs without: {', '.join(missing)} ({who}); the audit hook and the "
-                      "resource limits still apply (see docs/SANDBOX.md)", RuntimeWarning, stacklevel=4)
+        why = ["lmforge is not running as root"] if uid is None else []
+        warnings.warn(f"the Python sandbox runs without: {', '.join(missing)} ({'; '.join(why + report['failures'])})"
+                      "; the audit hook and the resource limits still apply (see docs/SANDBOX.md)",
+                      RuntimeWarning, stacklevel=4)

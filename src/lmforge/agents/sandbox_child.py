@@ -1,10 +1,11 @@
 """The sandboxed process itself: `python -I -S -B -X utf8 sandbox_child.py CONFIG_JSON`, started by sandbox.py.
 
 Standard library only, and no lmforge import (the child must not read the project's files). In order, while still
-privileged: read the code, enter new network, mount and IPC namespaces (a user namespace too when not root), make
-every mount read-only except a small tmpfs on the working directory and a read-only bind of the standard library,
-set the resource limits, forbid new privileges, drop to the sandbox's own UID, install an audit hook, and only then
-run the code. It reports which protections engaged on the status fd, as one JSON line, before the code runs.
+privileged: read the code; enter new network and IPC namespaces (through a user namespace when not root); as root, a
+mount namespace too, chrooted into a read-only tmpfs that holds only /usr, the standard library and a small tmpfs for
+the working directory; set the resource limits; drop to the sandbox's own UID (root) and forbid new privileges;
+report which protections engaged on the status fd (one JSON line); install the audit hook; and only then run the
+code.
 """
 
 import json
