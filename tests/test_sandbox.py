@@ -25,7 +25,7 @@ ATTACKS = {
     "normal": "import json, math\nfrom fractions import Fraction\nprint(37 * 48, math.sqrt(16))\n"
               "print(json.dumps({'x': str(Fraction(1, 3) + Fraction(1, 6))}))",
     "environment": "import os\nprint(sorted(os.environ))",
-    "workdir": "import os\nopen('notes.txt', 'w').write('kept?')\nprint(os.getcwd())",
+    "workdir": "import os\nprint(os.listdir())\nopen('notes.txt', 'w').write('kept?')\nprint(os.getcwd())",
     "infinite_loop": "import os, sys\nprint(os.getpid(), os.getuid(), flush=True)\nwhile True:\n    pass",
     "fork_bomb": "import os\nwhile True:\n    os.fork()",
     "allocation": "x = bytearray(10 * 2**30)",
@@ -90,7 +90,9 @@ def test_no_variable_of_the_parent_reaches_the_code(results):
 
 def test_working_directory_is_fresh_and_removed(results):
     result, _ = results["workdir"]
-    workdir = Path(result.stdout.strip())
+    listing, cwd = result.stdout.splitlines()
+    workdir = Path(cwd)
+    assert listing == "[]"
     assert workdir.name == "work" and workdir.parent.name.startswith("lmforge-sandbox-")
     assert not workdir.parent.exists()
 
@@ -115,6 +117,7 @@ def test_fork_bomb_without_the_hook_stops_at_the_process_limit_and_is_cleaned_up
     result, _ = results["kernel_fork_bomb"]
     born, uid = (int(n) for n in result.stdout.split())
     assert 0 < born < sandbox.PROCESSES
+    assert uid != int(results["infinite_loop"][0].stdout.split()[1])  # each sandbox its own UID
     assert uid not in _uids_alive()  # the sleeping children were killed too
 
 
