@@ -36,6 +36,7 @@ ATTACKS = {
     "subprocess": "import subprocess\nsubprocess.run(['sh', '-c', 'echo pwned'])",
     "output_flood": "import sys\nchunk = 'x' * 2**20\nfor _ in range(100):\n    sys.stdout.write(chunk)",
     "crash": "print('before')\n1 / 0",
+    "bytecode": "def f():\n    pass\nf.__code__.replace(co_code=b'\\x00' * 8)",
     "tamper": "import sys\ntables = sys._getframe(1).f_globals\ntables['REFUSED_EVENTS'] = ()\n"
               "tables['REFUSED_IMPORTS'].clear()\nimport os\nos.system('echo pwned')",
 }
@@ -182,3 +183,7 @@ def test_emptying_the_hooks_tables_through_the_frames_changes_nothing(results):
 def test_a_limit_that_is_not_positive_is_refused_in_one_line(limit):
     with pytest.raises(ConfigError, match=f"^the sandbox's {limit} must be > 0, got 0$"):
         run_python("print(1)", **{limit: 0})
+
+
+def test_hand_built_bytecode_is_refused(results):
+    assert results["bytecode"][0].error == "refused by the sandbox: building bytecode by hand (code.__new__)"

@@ -32,6 +32,7 @@ REFUSED_EVENTS = (
     ("ctypes.", "native code (ctypes)"),
     ("os.symlink", "making links"), ("os.link", "making links"), ("os.unshare", "changing namespaces"),
     ("os.setns", "changing namespaces"), ("gc.get_", "walking the interpreter's objects"),
+    ("code.__new__", "building bytecode by hand"),
 )
 # Modules whose import is refused: native back doors that raise no audit event of their own.
 REFUSED_IMPORTS = {
