@@ -177,7 +177,7 @@ def test_not_root_still_runs_and_warns_once_naming_what_it_lacks(monkeypatch):
     monkeypatch.setattr(sandbox.os, "geteuid", lambda: 1000)
     monkeypatch.setattr(sandbox, "_warned", False)
     monkeypatch.setattr(sandbox, "_last_protections", {})  # what root's sandboxes engaged stays as it was
-    with pytest.warns(RuntimeWarning, match=r"runs without: .*mount namespace, own UID \(lmforge is not running as"):
+    with pytest.warns(RuntimeWarning, match=r"runs without: (.*, )?own UID \(lmforge is not running as root"):
         assert run_python("print(6 * 7)", timeout_s=2).stdout == "42\n"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once only

@@ -1,9 +1,10 @@
 """The sandboxed process itself: `python -I -S -B -X utf8 sandbox_child.py CONFIG_JSON`, started by sandbox.py.
 
 Standard library only, and no lmforge import (the child must not read the project's files). In order, while still
-privileged: read the code; enter new network and IPC namespaces (through a user namespace when not root); as root, a
-mount namespace too, chrooted into a read-only tmpfs that holds only /usr, the standard library and a small tmpfs for
-the working directory; set the resource limits; drop to the sandbox's own UID (root) and forbid new privileges;
+privileged: read the code; enter new network, IPC and mount namespaces (through a user namespace when not root) and
+chroot into a read-only tmpfs that holds only /usr, the standard library and a small tmpfs for the working
+directory; set the resource limits; drop to the sandbox's own UID (root) or every capability (not root), and forbid
+new privileges;
 report which protections engaged on the status fd (one JSON line); install the audit hook; and only then run the
 code.
 """
@@ -17,7 +18,12 @@ import traceback
 import types
 
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x08000000, 0x10000000, 0x40000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 8, 32, 4096, 16384
+MS_NOATIME, MS_NODIRATIME, MS_PRIVATE, MS_RELATIME = 1024, 2048, 1 << 18, 1 << 21
+# A read-only bind keeps its source's flags: in a user namespace the kernel refuses to clear them (they are locked).
+KEPT_FLAGS = ((os.ST_NOEXEC, MS_NOEXEC), (os.ST_NOATIME, MS_NOATIME), (os.ST_NODIRATIME, MS_NODIRATIME),
+              (os.ST_RELATIME, MS_RELATIME))
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 PR_SET_NO_NEW_PRIVS = 38
 # What the new root holds besides the standard library: the programs' libraries (/usr) and the links into it.
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -65,8 +71,8 @@ def _call(ctypes, fn, *args):
 def _enter_new_root(ctypes, libc, base, work, stdlib, uid):
     """In the new mount namespace, chroot into an empty read-only tmpfs holding only read-only binds of /usr (with
     the top-level links into it), of the standard library (at its own path: that may be under /root, which the
-    sandbox's UID could not pass) and a 64 MB tmpfs for the working directory, owned by the sandbox's UID. /etc,
-    /proc, /sys, /dev, /tmp, /home, /root and the project do not exist in there."""
+    sandbox's UID could not pass) and a 64 MB tmpfs for the working directory, owned by `uid`. /etc, /proc, /sys,
+    /dev, /tmp, /home, /root and the project do not exist in there."""
     mount = libc.mount
     mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
     _call(ctypes, mount, None, b"/", None, MS_REC | MS_PRIVATE, None)  # nothing below reaches the host
@@ -79,7 +85,8 @@ def _enter_new_root(ctypes, libc, base, work, stdlib, uid):
         target = (new_root + source).encode()
         os.makedirs(target, mode=0o755)
         _call(ctypes, mount, source.encode(), target, None, MS_BIND, None)
-        _call(ctypes, mount, None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+        kept = sum(ms for st, ms in KEPT_FLAGS if os.statvfs(source).f_flag & st)
+        _call(ctypes, mount, None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | kept, None)
         bound.append(source)
 
     for top in SYSTEM_DIRS:
@@ -97,12 +104,20 @@ def _enter_new_root(ctypes, libc, base, work, stdlib, uid):
 
 
 def _enter_user_namespace(ctypes, libc):
-    """Not root: a user namespace (mapping our own ids) is what lets us make the network namespace."""
+    """Not root: a user namespace (mapping our own ids) is what lets us make the other namespaces."""
     uid, gid = os.getuid(), os.getgid()
-    _call(ctypes, libc.unshare, CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWIPC)
+    _call(ctypes, libc.unshare, CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWNS)
     for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
         with open(f"/proc/self/{name}", "w") as f:
             f.write(text)
+
+
+def _drop_capabilities(ctypes, libc):
+    """The user namespace gave this process every capability inside it: enough to leave the chroot or remount the
+    binds read-write. Drop them all (capset with empty sets)."""
+    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # two (effective, permitted, inheritable) triples, all zero
+    _call(ctypes, libc.capset, header, data)
 
 
 def _set_limits(cfg):
@@ -126,24 +141,25 @@ def _setup(cfg):
         if uid is None:
             _enter_user_namespace(ctypes, libc)
         else:
-            _call(ctypes, libc.unshare, CLONE_NEWNET | CLONE_NEWIPC)
+            _call(ctypes, libc.unshare, CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWNS)
         engaged["network namespace"] = True
     except OSError as e:
-        failures.append(f"network namespace: {e}")
-    if uid is not None:  # unprivileged users cannot mount in the host's user namespace
+        failures.append(f"namespaces: {e}")
+    else:
         try:
-            _call(ctypes, libc.unshare, CLONE_NEWNS)
-            _enter_new_root(ctypes, libc, cfg["base"], work, stdlib, uid)
+            _enter_new_root(ctypes, libc, cfg["base"], work, stdlib, os.getuid() if uid is None else uid)
             engaged["mount namespace"] = True
         except OSError as e:
             failures.append(f"mount namespace: {e}")
     os.chdir(work)
     _set_limits(cfg)
-    if uid is not None:
+    if uid is not None:  # from root to the sandbox's UID: every capability goes with it
         os.setgroups([])
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
         engaged["own UID"] = True
+    elif engaged["network namespace"]:
+        _drop_capabilities(ctypes, libc)
     libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
     engaged["no_new_privs"] = libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
     for name in [m for m in sys.modules if m == "ctypes" or m.startswith(("ctypes.", "_ctypes"))]:
