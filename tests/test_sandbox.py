@@ -182,6 +182,10 @@ def test_not_root_still_runs_and_warns_once_naming_what_it_lacks(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once only
         assert run_python("print(7)", timeout_s=2).stdout == "7\n"
+        if sandbox.protections()["mount namespace"]:  # made in a user namespace: its capabilities must be gone
+            escape = "import os\ntry:\n    os.chroot('/usr')\nexcept OSError as e:\n    print(e.strerror)"
+            result = sandbox._run(escape, timeout_s=2, memory_mb=256, max_output_bytes=OUTPUT_CAP, audit_hook=False)
+            assert result.stdout == "Operation not permitted\n"
 
 
 def test_emptying_the_hooks_tables_through_the_frames_changes_nothing(results):
