@@ -26,7 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.agents.calculator import calculate
 from lmforge.data import formats as fmt
 from lmforge.data.synthetic import (
     World,
@@ -91,17 +90,20 @@ def _documents(rng: random.Random, world: World, n: int, prefix: str, used: set[
 
 # ---- arithmetic: (question, expression, answer) -------------------------------------------------------------
 
-def _digits_expression(rng: random.Random, n_ops: int) -> str:
-    """Multi-digit arithmetic with `n_ops` operations: a product of a 2-3 digit and a 2 digit number, then sums
-    and differences of 3-4 digit numbers; never negative."""
-    terms = [f"{rng.randint(12, 999)} * {rng.randint(12, 99)}" if rng.random() < 0.5 else str(rng.randint(100, 9999))]
-    while len(terms) < n_ops + 1 - terms[0].count("*"):
-        terms.append(str(rng.randint(100, 9999)))
-    expression = terms[0]
-    for term in terms[1:]:
-        op = "-" if rng.random() < 0.4 and int(calculate(f"{expression} - {term}")) >= 0 else "+"
-        expression += f" {op} {term}"
-    return expression
+def _digits_expression(rng: random.Random, n_ops: int) -> tuple[str, int]:
+    """(expression, value): multi-digit arithmetic with `n_ops` operations, a product of a 2-3 digit and a 2 digit
+    number, then sums and differences of 3-4 digit numbers; never negative."""
+    if rng.random() < 0.5:
+        a, b = rng.randint(12, 999), rng.randint(12, 99)
+        expression, value, n_ops = f"{a} * {b}", a * b, n_ops - 1
+    else:
+        value = rng.randint(100, 9999)
+        expression = str(value)
+    for _ in range(n_ops):
+        term = rng.randint(100, 9999)
+        minus = rng.random() < 0.4 and value >= term
+        expression, value = f"{expression} {'-' if minus else '+'} {term}", value - term if minus else value + term
+    return expression, value
 
 
 def _word_expression(rationale: str) -> str:
@@ -113,8 +115,8 @@ def _word_expression(rationale: str) -> str:
 def _arithmetic(rng: random.Random, world: World, ood: bool) -> tuple[str, str, str, str]:
     """(task, question, expression, answer): multi-digit arithmetic or a word problem; `ood` ones take more steps."""
     if rng.random() < 0.5:
-        expression = _digits_expression(rng, rng.choice((3, 4) if ood else (1, 2)))
-        return "arithmetic_digits", f"What is {expression}?", expression, calculate(expression)
+        expression, value = _digits_expression(rng, rng.choice((3, 4) if ood else (1, 2)))
+        return "arithmetic_digits", f"What is {expression}?", expression, str(value)
     question, rationale, answer = word_problem(rng, world, rng.choice((3, 4) if ood else (1, 2)))
     return "word_problem", question, _word_expression(rationale), answer
 
