@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from lmforge.agents.calculator import calculate
-from lmforge.data.formats import TOOL_NAMES
+from lmforge.data.formats import SEARCH_HITS, SEARCH_SEPARATOR, TOOL_NAMES
 from lmforge.errors import ConfigError, LmforgeError, one_line
 
 MAX_OBSERVATION_CHARS = 400
-SEARCH_HITS = 2
 Tool = Callable[[str], str]
 
 
@@ -34,7 +33,8 @@ class ToolError(LmforgeError):
 
 @dataclass
 class SearchTool:
-    """The top `k` hits of `retriever` for a query, joined by " | "; it keeps their texts for `LookupTool`."""
+    """The top `k` hits of `retriever` for a query, joined by `SEARCH_SEPARATOR` as the SFT data writes them; it keeps
+    their texts for `LookupTool`."""
 
     retriever: Retriever
     k: int = SEARCH_HITS
@@ -45,7 +45,7 @@ class SearchTool:
             raise ToolError("empty search query; write search[words to look for]")
         hits = self.retriever.search(query, k=self.k)
         self.passages = [hit.text for hit in hits]
-        return " | ".join(self.passages) if hits else f"No results for {query!r}"
+        return SEARCH_SEPARATOR.join(self.passages) if hits else f"No results for {query!r}"
 
 
 @dataclass

@@ -11,9 +11,12 @@ SFT conversations (`FORMATS`, meta ``{"format", "task", "answer"}``):
 * ``codeact``: the same problems computed by ``print(<expression>)``;
 * ``grounded``: 2-3 invented passages as context, a question on one, the answer and its citation.
 
-Held-out sets (`HELD_OUT_FILES`): ``formats_eval_reasoning`` (the world's in-domain and longer out-of-domain
-reasoning eval problems, which no training text holds), ``formats_eval_arithmetic`` (multi-digit expressions and word
-problems, in-domain sizes and longer ones), and for RAG ``rag_docs`` (``{"doc_id", "text"}``: invented facts whose
+Held-out sets (`HELD_OUT_FILES`), each question in no training text (not a pretraining question, not in these SFT
+conversations, and in the instruction data's eval split, so in no instruction training file either):
+``formats_eval_reasoning`` (``{"task", "set", "question", "answer", "rationale"}``: the world's reasoning eval
+problems, set "in_domain" at training sizes and "ood" with more steps or words), ``formats_eval_arithmetic``
+(``{"task", "set", "question", "expression", "answer"}``: multi-digit expressions and word problems, "in_domain" and
+"ood" with more operations), and for RAG ``rag_docs`` (``{"doc_id", "text"}``: invented facts whose
 names appear in no training text, pretraining corpus included) with ``rag_questions`` (``{"question", "answer",
 "doc_id"}``). Training documents for search and grounded QA are other invented facts, drawn apart from them.
 """
@@ -27,13 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.data import formats as fmt
+from lmforge.data.instructions import _in_eval
 from lmforge.data.synthetic import (
+    _REASONING_EVALS,
     World,
     WorldConfig,
     _name,
     build_world,
     coin_flip,
-    eval_sets,
     last_letter,
     pretraining_documents,
     word_problem,
@@ -46,7 +50,6 @@ SFT_FILE = "formats_sft_train"
 HELD_OUT_FILES = ("formats_eval_reasoning", "formats_eval_arithmetic", "rag_docs", "rag_questions")
 REASONING_TASKS = ("arithmetic", "last_letter", "coin_flip")  # the world's eval sets; each also has an "_ood" set
 TRAIN_DOCUMENTS = 80  # invented documents the search and grounded-QA training conversations draw from
-SEARCH_HITS = 2  # passages in a training search observation (the search tool's default k)
 _LANDMARKS = ("Tower", "Bridge", "Mill", "Library", "Gate", "Fountain", "Market", "Observatory", "Temple", "Harbor")
 Record = dict
 
@@ -150,7 +153,8 @@ def _conversation(rng: random.Random, world: World, form: str, docs: list[Docume
         if form in ("grounded", "react") and (form == "grounded" or rng.random() < 0.4):
             doc = rng.choice(docs)
             question, answer = rng.choice(doc.questions())
-            others = rng.sample([d for d in docs if d is not doc], rng.randint(1, 2) if form == "grounded" else 1)
+            n_others = rng.randint(1, 2) if form == "grounded" else fmt.SEARCH_HITS - 1
+            others = rng.sample([d for d in docs if d is not doc], n_others)
             passages = [d.text for d in others]
             at = rng.randint(0, len(passages))
             passages.insert(at, doc.text)
@@ -158,7 +162,7 @@ def _conversation(rng: random.Random, world: World, form: str, docs: list[Docume
                 return fmt.grounded_messages(passages, question), fmt.grounded_reply(answer, at + 1), "documents", \
                     answer
             title = doc.name.removeprefix("the ")
-            turn = (f"I need to search for {doc.name}.", f"search[{title}]", " | ".join(passages))
+            turn = (f"I need to search for {doc.name}.", f"search[{title}]", fmt.SEARCH_SEPARATOR.join(passages))
             return (fmt.react_messages(question, _tools(rng, "search")),
                     fmt.react_reply([turn], "I have the answer.", answer), "documents", answer)
         task, question, expression, answer = _arithmetic(rng, world, ood=False)
@@ -175,6 +179,53 @@ def _conversation(rng: random.Random, world: World, form: str, docs: list[Docume
                 fmt.react_reply([turn], "I have the answer.", answer), task, answer)
 
 
+# ---- held-out sets -------------------------------------------------------------------------------------------
+
+def _held_out(n: int, draw: Callable[[], dict], trained: set[str], seed: int) -> list[dict]:
+    """`n` distinct records from `draw` whose questions no training text holds: not a pretraining question
+    (`trained`), and in the instruction data's eval split (`instructions._in_eval`), which no instruction training
+    file ever holds, whatever its size."""
+    records: list[dict] = []
+    seen: set[str] = set()
+    for _ in range(1000 * n + 1000):
+        if len(records) == n:
+            return records
+        record = draw()
+        question = record["question"]
+        if question not in seen and question not in trained and _in_eval(seed, question):
+            seen.add(question)
+            records.append(record)
+    raise RuntimeError(f"could not draw {n} held-out problems; the world is too small")
+
+
+def _reasoning_held_out(config: WorldConfig, world: World, n: int, trained: set[str]) -> list[Record]:
+    """The world's reasoning eval problems (`REASONING_TASKS`, in-domain sizes, and the longer "_ood" ones)."""
+    records = []
+    for name in (f"{task}{suffix}" for task in REASONING_TASKS for suffix in ("", "_ood")):
+        make, sizes = _REASONING_EVALS[name]
+        rng = _rng(config.seed, f"eval/{name}")
+
+        def draw(make=make, sizes=sizes, rng=rng, name=name) -> dict:
+            question, rationale, answer = make(rng, world, rng.choice(sizes))
+            return {"task": name.removesuffix("_ood"), "set": "ood" if name.endswith("_ood") else "in_domain",
+                    "question": question, "answer": answer, "rationale": rationale}
+
+        records += _held_out(n, draw, trained, config.seed)
+    return records
+
+
+def _arithmetic_held_out(config: WorldConfig, world: World, n: int, trained: set[str]) -> list[Record]:
+    """Multi-digit expressions and word problems: in-domain sizes, and more operations ("ood")."""
+    rng, records = _rng(config.seed, "eval/arithmetic"), []
+    for split in ("in_domain", "ood"):
+        def draw(split=split) -> dict:
+            task, question, expression, answer = _arithmetic(rng, world, ood=split == "ood")
+            return {"task": task, "set": split, "question": question, "expression": expression, "answer": answer}
+
+        records += _held_out(n, draw, trained, config.seed)
+    return records
+
+
 # ---- everything together --------------------------------------------------------------------------------------
 
 def format_data(config: WorldConfig, n_sft: int, n_eval: int) -> dict[str, list[Record]]:
@@ -183,32 +234,21 @@ def format_data(config: WorldConfig, n_sft: int, n_eval: int) -> dict[str, list[
     if min(n_sft, n_eval) < 0:
         raise ValueError(f"counts must be >= 0, got n_sft={n_sft}, n_eval={n_eval}")
     world = build_world(config)
-    training_text = "\n".join(pretraining_documents(config))
+    documents = pretraining_documents(config)
+    training_text = "\n".join(documents)
+    trained = {d.removeprefix("Question: ").split("\nAnswer:")[0] for d in documents if d.startswith("Question: ")}
     used = set(re.findall(r"[A-Z][a-z]+", training_text))
     docs_rng = _rng(config.seed, "documents")
     train_docs = _documents(docs_rng, world, TRAIN_DOCUMENTS, "train", used, training_text)
     rag_docs = _documents(docs_rng, world, n_eval, "doc", used, training_text)
-    data: dict[str, list[Record]] = {"rag_docs": [{"doc_id": d.doc_id, "text": d.text} for d in rag_docs]}
     question_rng = _rng(config.seed, "rag_questions")
-    data["rag_questions"] = [{"question": q, "answer": a, "doc_id": d.doc_id}
-                             for d in rag_docs for q, a in [question_rng.choice(d.questions())]]
-
-    world_evals = eval_sets(config)
-    data["formats_eval_reasoning"] = [
-        {"task": task, "set": "ood" if name.endswith("_ood") else "in_domain", "answer": e.answer,
-         "question": e.prompt.removeprefix("Question: ").removesuffix("\nAnswer:"), "rationale": e.rationale}
-        for task in REASONING_TASKS for name in (task, f"{task}_ood") for e in world_evals[name][:n_eval]]
-    arithmetic_rng, seen, arithmetic = _rng(config.seed, "eval/arithmetic"), set(), []
-    for split in ("in_domain", "ood"):
-        while sum(r["set"] == split for r in arithmetic) < n_eval:
-            task, question, expression, answer = _arithmetic(arithmetic_rng, world, ood=split == "ood")
-            if question not in seen:
-                seen.add(question)
-                arithmetic.append({"task": task, "set": split, "question": question, "expression": expression,
-                                   "answer": answer})
-    data["formats_eval_arithmetic"] = arithmetic
-
-    held_out = seen | {r["question"] for r in data["formats_eval_reasoning"]}
+    data: dict[str, list[Record]] = {
+        "formats_eval_reasoning": _reasoning_held_out(config, world, n_eval, trained),
+        "formats_eval_arithmetic": _arithmetic_held_out(config, world, n_eval, trained),
+        "rag_docs": [{"doc_id": d.doc_id, "text": d.text} for d in rag_docs],
+        "rag_questions": [{"question": q, "answer": a, "doc_id": d.doc_id}
+                          for d in rag_docs for q, a in [question_rng.choice(d.questions())]]}
+    held_out = {r["question"] for name in ("formats_eval_reasoning", "formats_eval_arithmetic") for r in data[name]}
     sft_rng = _rng(config.seed, "sft")
     sft = []
     for form in sft_rng.choices(FORMATS, _FORMAT_WEIGHTS, k=n_sft):

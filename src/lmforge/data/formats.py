@@ -20,6 +20,8 @@ from lmforge.data.chat import Message
 THINK_TRIGGER = "Let's think step by step."
 TOOL_NAMES = ("calculator", "search", "lookup")
 OBSERVATION_STOP = "\nObservation:"  # a ReAct completion stops here; the loop writes the observation
+SEARCH_HITS = 2  # passages a search observation shows
+SEARCH_SEPARATOR = " | "  # between them
 CODEACT_INSTRUCTION = "Answer with Python."
 FINAL_ANSWER = "Final answer:"
 ReActTurn = tuple[str, str, str]  # (thought, action as "tool[input]", observation)
