@@ -13,6 +13,7 @@ import torch
 
 from cli_checks import error_line
 from lmforge.agents.calculator import MAX_DIGITS, CalculatorError, calculate
+from lmforge.agents.completer import ContextFull, load_completer
 from lmforge.agents.react import run_react
 from lmforge.agents.tools import make_tools
 from lmforge.agents.transcript import write_transcripts
@@ -94,6 +95,9 @@ def test_search_and_lookup_read_the_retrievers_passages() -> None:
     assert tools.run("lookup", "built") == "It was built by Meli Dorn in 1742."
     assert tools.run("lookup", "built") == "It was built by Kado in 1511."
     assert tools.run("lookup", "built") == "No more sentences mention 'built' in the search results"
+    assert tools.run("search", "Brelk Mill") == f"{DOCS['b']} | {DOCS['a']}"
+    assert tools.run("lookup", "built") == "It was built by Kado in 1511."  # each search starts the lookups anew
+    assert tools.run("lookup", "Oslo") == "No sentences mention 'Oslo' in the search results"
 
 
 @pytest.mark.parametrize(("names", "retriever", "message"), [
@@ -186,6 +190,21 @@ def agent_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             model.lm_head.weight[next_id, position] = 10.0
     return save(model, tok, tmp_path_factory.mktemp("agent") / "run",
                 run_config=CheckpointManifest(model=model.cfg, stage="sft", run={"template": "lmforge"}))
+
+
+def test_the_engine_completer_stops_at_stop_strings_and_refuses_a_full_context(agent_run: Path) -> None:
+    complete = load_completer(str(agent_run))
+    messages = react_messages(QUESTION, ["calculator"])
+    opening = complete.opening(messages)
+    assert complete.tokenizer.encode(opening) == complete.template.render(messages, add_generation_prompt=True).ids
+    assert complete(opening, stop=("\nObservation:",)) == REPLY.split("\nObservation:")[0]
+    assert complete(opening, max_new_tokens=3) == complete.tokenizer.decode(complete.tokenizer.encode(REPLY)[:3])
+    assert complete(opening) == REPLY  # to the end of the turn
+    crowded = opening + " seven" * 200
+    with pytest.raises(ContextFull, match="fills the model's 128-token context"):
+        complete(crowded)
+    run = run_react(complete, QUESTION, make_tools(["calculator"]), opening=crowded)
+    assert (run.answer, run.stop_reason, run.steps[-1].kind) == (None, "step_limit", "error")
 
 
 def test_lmforge_agent_writes_the_transcript(agent_run: Path, tmp_path: Path,

@@ -102,10 +102,9 @@ def _same(given: str | None, expected: object) -> bool:
 
 def cmd_agent(args: Namespace) -> None:
     from lmforge.agents.completer import load_completer
-    from lmforge.agents.react import run_react
+    from lmforge.agents.react import run_react_chat
     from lmforge.agents.tools import make_tools
     from lmforge.agents.transcript import write_transcripts
-    from lmforge.data.formats import react_messages
     from lmforge.infer.generate import SamplingConfig, require_utf8
 
     tools = _check(args)
@@ -117,11 +116,8 @@ def cmd_agent(args: Namespace) -> None:
     complete = load_completer(args.checkpoint, args.template)
     transcripts, correct = [], 0
     for task in tasks:
-        registry = make_tools(tools, retriever)
-        run = run_react(complete, task["question"], registry,
-                        opening=complete.opening(react_messages(task["question"], registry.names)),
-                        max_steps=args.max_steps, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, seed=args.seed)
+        run = run_react_chat(complete, task["question"], make_tools(tools, retriever), max_steps=args.max_steps,
+                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
         transcripts.append(run)
         correct += _same(run.answer, task["answer"]) if "answer" in task else 0
         if args.question is not None:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from lmforge.data.chat import ChatTemplate, Message
-from lmforge.errors import LmforgeError
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.engine import Engine, GenerationRequest
 from lmforge.model.decoder import DecoderLM
 from lmforge.tokenizer import Tokenizer
@@ -42,6 +42,8 @@ class EngineCompleter:
 
     def __call__(self, prompt: str, *, stop: Sequence[str] = (), max_new_tokens: int = 128,
                  temperature: float = 0.0, seed: int | None = None) -> str:
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         ids = self.tokenizer.encode(prompt)
         room = self.engine.context - len(ids)
         if room < 1:

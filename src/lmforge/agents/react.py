@@ -8,10 +8,10 @@ so (the unknown tool's lists the tools). A completion with neither an action nor
 
 from __future__ import annotations
 
-from lmforge.agents.completer import Completer, ContextFull
+from lmforge.agents.completer import Completer, ContextFull, EngineCompleter
 from lmforge.agents.tools import ToolRegistry
 from lmforge.agents.transcript import Step, Transcript
-from lmforge.data.formats import FINAL_ANSWER, OBSERVATION_STOP, parse_action
+from lmforge.data.formats import FINAL_ANSWER, OBSERVATION_STOP, parse_action, react_messages
 from lmforge.errors import ConfigError
 
 DEFAULT_MAX_STEPS = 5
@@ -45,6 +45,13 @@ def run_react(complete: Completer, question: str, tools: ToolRegistry, *, openin
         run.prompt += f"\nObservation: {observation}\n"
     run.stop_reason = "step_limit"
     return run
+
+
+def run_react_chat(complete: EngineCompleter, question: str, tools: ToolRegistry, **options) -> Transcript:
+    """`run_react` on a chat model, from the ReAct user turn the synthetic SFT data teaches
+    (`lmforge.data.formats.react_messages`: the tools offered, then the question); `options` as `run_react`'s."""
+    opening = complete.opening(react_messages(question, tools.names))
+    return run_react(complete, question, tools, opening=opening, **options)
 
 
 def _read(completion: str, run: Transcript) -> str | None:

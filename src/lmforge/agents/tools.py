@@ -32,41 +32,34 @@ class ToolError(LmforgeError):
 
 
 @dataclass
-class SearchTool:
-    """The top `k` hits of `retriever` for a query, joined by `SEARCH_SEPARATOR` as the SFT data writes them; it keeps
-    their texts for `LookupTool`."""
+class DocumentTools:
+    """search: the top `k` hits of `retriever` for a query, joined by `SEARCH_SEPARATOR` as the SFT data writes them;
+    lookup: the next sentence of those hits that mentions a term (case-insensitive), from the first after each
+    search."""
 
     retriever: Retriever
     k: int = SEARCH_HITS
     passages: list[str] = field(default_factory=list)
+    shown: dict[str, int] = field(default_factory=dict)  # term -> matching sentences returned since the last search
 
-    def __call__(self, query: str) -> str:
+    def search(self, query: str) -> str:
         if not query.strip():
             raise ToolError("empty search query; write search[words to look for]")
         hits = self.retriever.search(query, k=self.k)
-        self.passages = [hit.text for hit in hits]
+        self.passages, self.shown = [hit.text for hit in hits], {}
         return SEARCH_SEPARATOR.join(self.passages) if hits else f"No results for {query!r}"
 
-
-@dataclass
-class LookupTool:
-    """The next sentence mentioning a term (case-insensitive) in the passages of the last search."""
-
-    search: SearchTool
-    shown: dict[str, int] = field(default_factory=dict)  # term -> matching sentences already returned
-
-    def __call__(self, term: str) -> str:
-        if not term.strip():
+    def lookup(self, term: str) -> str:
+        term = term.strip()
+        if not term:
             raise ToolError("empty lookup term; write lookup[word]")
-        if not self.search.passages:
+        if not self.passages:
             raise ToolError("nothing to look in yet: search first")
-        sentences = [s for p in self.search.passages for s in re.split(r"(?<=[.!?])\s+", p)
-                     if term.strip().lower() in s.lower()]
-        key = term.strip().lower()
-        seen = self.shown.get(key, 0)
+        sentences = [s for p in self.passages for s in re.split(r"(?<=[.!?])\s+", p) if term.lower() in s.lower()]
+        seen = self.shown.get(term.lower(), 0)
         if seen >= len(sentences):
-            return f"No {'more ' if seen else ''}sentences mention {term.strip()!r} in the search results"
-        self.shown[key] = seen + 1
+            return f"No {'more ' if seen else ''}sentences mention {term!r} in the search results"
+        self.shown[term.lower()] = seen + 1
         return sentences[seen]
 
 
@@ -103,8 +96,8 @@ def make_tools(names: Sequence[str], retriever: Retriever | None = None, k: int 
                           "`lmforge rag index`)")
     if "lookup" in names and "search" not in names:
         raise ConfigError("lookup reads the last search's results; add the search tool (--tools search,lookup)")
-    search = SearchTool(retriever, k) if retriever is not None else None
     made: dict[str, Tool] = {"calculator": calculate}
-    if search is not None:
-        made |= {"search": search, "lookup": LookupTool(search)}
+    if retriever is not None:
+        documents = DocumentTools(retriever, k)
+        made |= {"search": documents.search, "lookup": documents.lookup}
     return ToolRegistry({name: made[name] for name in dict.fromkeys(names)})
