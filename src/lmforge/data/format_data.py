@@ -139,44 +139,51 @@ def _tools(rng: random.Random, needed: str) -> list[str]:
     return [t for t in fmt.TOOL_NAMES if t == needed or (t != "lookup" or needed == "search") and rng.random() < 0.5]
 
 
+_SOURCES = {  # format -> the problems its conversations are about, with their shares
+    "step_by_step": {"reasoning": 1.0}, "direct": {"reasoning": 0.7, "arithmetic": 0.3},
+    "react": {"arithmetic": 0.6, "documents": 0.4}, "codeact": {"arithmetic": 1.0}, "grounded": {"documents": 1.0}}
+
+
+def _document_conversation(rng: random.Random, form: str, docs: list[Document]) -> tuple[list[dict], str, str, str]:
+    """A question on one document, answered from a context of it and others (grounded) or found by a search (react:
+    the observation holds it and a distractor, in either order)."""
+    doc = rng.choice(docs)
+    question, answer = rng.choice(doc.questions())
+    n_others = rng.randint(1, 2) if form == "grounded" else fmt.SEARCH_HITS - 1
+    passages = [d.text for d in rng.sample([d for d in docs if d is not doc], n_others)]
+    at = rng.randint(0, len(passages))
+    passages.insert(at, doc.text)
+    if form == "grounded":
+        return fmt.grounded_messages(passages, question), fmt.grounded_reply(answer, at + 1), "documents", answer
+    turn = (f"I need to search for {doc.name}.", f"search[{doc.name.removeprefix('the ')}]",
+            fmt.SEARCH_SEPARATOR.join(passages))
+    return (fmt.react_messages(question, _tools(rng, "search")),
+            fmt.react_reply([turn], "I have the answer.", answer), "documents", answer)
+
+
 def _conversation(rng: random.Random, world: World, form: str, docs: list[Document],
                   held_out: set[str]) -> tuple[list[dict], str, str, str]:
     """(messages, reply, task, answer) of one conversation in format `form`, on no held-out question."""
+    source = rng.choices(list(_SOURCES[form]), list(_SOURCES[form].values()))[0]
+    if source == "documents":
+        return _document_conversation(rng, form, docs)
     while True:
-        if form in ("step_by_step", "direct") and (form == "step_by_step" or rng.random() < 0.7):
+        if source == "reasoning":
             task, question, rationale, answer = rng.choice(_REASONING)(rng, world)
-            if question in held_out:
-                continue
-            if form == "direct":
-                return fmt.direct_messages(question), fmt.direct_reply(answer), task, answer
-            return fmt.think_messages(question), fmt.step_by_step_reply(rationale, answer), task, answer
-        if form in ("grounded", "react") and (form == "grounded" or rng.random() < 0.4):
-            doc = rng.choice(docs)
-            question, answer = rng.choice(doc.questions())
-            n_others = rng.randint(1, 2) if form == "grounded" else fmt.SEARCH_HITS - 1
-            others = rng.sample([d for d in docs if d is not doc], n_others)
-            passages = [d.text for d in others]
-            at = rng.randint(0, len(passages))
-            passages.insert(at, doc.text)
-            if form == "grounded":
-                return fmt.grounded_messages(passages, question), fmt.grounded_reply(answer, at + 1), "documents", \
-                    answer
-            title = doc.name.removeprefix("the ")
-            turn = (f"I need to search for {doc.name}.", f"search[{title}]", fmt.SEARCH_SEPARATOR.join(passages))
-            return (fmt.react_messages(question, _tools(rng, "search")),
-                    fmt.react_reply([turn], "I have the answer.", answer), "documents", answer)
-        task, question, expression, answer = _arithmetic(rng, world, ood=False)
-        if question in held_out:
-            continue
-        if form == "direct":
-            return fmt.direct_messages(question), fmt.direct_reply(answer), task, answer
-        if form == "codeact":
-            return (fmt.codeact_messages(question),
-                    fmt.codeact_reply("I will compute it in Python.", f"print({expression})", answer, answer),
-                    task, answer)
-        turn = (f"I need to compute {expression}.", f"calculator[{expression}]", answer)
-        return (fmt.react_messages(question, _tools(rng, "calculator")),
-                fmt.react_reply([turn], "I have the answer.", answer), task, answer)
+        else:
+            task, question, expression, answer = _arithmetic(rng, world, ood=False)
+        if question not in held_out:
+            break
+    if form == "step_by_step":
+        return fmt.think_messages(question), fmt.step_by_step_reply(rationale, answer), task, answer
+    if form == "direct":
+        return fmt.direct_messages(question), fmt.direct_reply(answer), task, answer
+    if form == "codeact":
+        return (fmt.codeact_messages(question),
+                fmt.codeact_reply("I will compute it in Python.", f"print({expression})", answer, answer), task, answer)
+    turn = (f"I need to compute {expression}.", f"calculator[{expression}]", answer)
+    return (fmt.react_messages(question, _tools(rng, "calculator")),
+            fmt.react_reply([turn], "I have the answer.", answer), task, answer)
 
 
 # ---- held-out sets -------------------------------------------------------------------------------------------
