@@ -17,6 +17,7 @@ from typing import Any
 
 from jsonargparse import SUPPRESS, ArgumentParser, DefaultHelpFormatter, Namespace
 
+from lmforge.agents.command import AGENT_EXAMPLE, agent_options, cmd_agent
 from lmforge.commands import (
     chat_options,
     cmd_chat,
@@ -355,6 +356,9 @@ VERBS: dict[str, tuple[str, str, Callable[[ArgumentParser], None] | None, Callab
               "lmforge serve runs/sft --port 8000\n"
               "  lmforge serve runs/base --adapter support=runs/sft-lora --api-key $KEY --max-batch 16",
               serve_options, cmd_serve),
+    "agent": ("answer questions with a ReAct agent (Thought / Action: tool[input] / Observation ... / Final answer) "
+              "and tools: a safe calculator, search and lookup over a document index; transcripts as JSON lines",
+              AGENT_EXAMPLE, agent_options, cmd_agent),
 }
 
 
