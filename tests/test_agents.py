@@ -249,3 +249,16 @@ def test_lmforge_agent_help_has_an_example(capsys: pytest.CaptureFixture[str]) -
     with pytest.raises(SystemExit):
         main(["agent", "--help"])
     assert "lmforge agent runs/sft --tools calculator --question" in capsys.readouterr().out
+
+
+def test_lmforge_agent_searches_a_rag_index(agent_run: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from lmforge.rag import Document, Index
+
+    index = Index()
+    index.add([Document("velmora", "The capital of Velmora is Quenby.", "a"), Document("tarn", "Tarn is a river.", "b")])
+    index.save(tmp_path / "index")
+    argv = ["agent", str(agent_run), "--tools", "calculator,search", "--question", QUESTION, "--max-steps", "1"]
+    assert main(argv + ["--index", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert main(argv + ["--index", str(tmp_path / "index")]) == 0

@@ -78,3 +78,17 @@ def test_a_turn_without_code_or_answer_ends_the_run():
 def test_no_steps_is_refused_in_one_line():
     with pytest.raises(ConfigError, match="max_steps"):
         run_codeact(Scripted(), "What?", opening=OPENING, max_steps=0)
+
+
+def test_a_full_context_ends_the_run_without_an_answer():
+    from lmforge.agents.completer import ContextFull
+
+    class Full(Scripted):
+        def __call__(self, prompt, **kw):
+            if not self.turns:
+                raise ContextFull("the transcript fills the 64-token context")
+            return super().__call__(prompt, **kw)
+
+    t = run_codeact(Full(block("print(1)")), "q", opening=OPENING, limits=FAST, max_steps=3)
+    assert (t.answer, t.stop_reason) == (None, "step_limit")
+    assert t.steps[-1].kind == "error" and "context" in t.steps[-1].text

@@ -14,51 +14,21 @@ The text format, the Completer and the transcript record are AGENTS_API.md's:
 from __future__ import annotations
 
 import ast
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Literal, Protocol
+from dataclasses import dataclass
 
+from lmforge.agents.completer import Completer, ContextFull, EngineCompleter
 from lmforge.agents.sandbox import SandboxResult, run_python
+from lmforge.agents.transcript import Step, Transcript
+from lmforge.data.formats import FINAL_ANSWER
 from lmforge.errors import ConfigError, one_line
 
 OPEN_FENCE = "```python\n"
 CLOSE_FENCE = "```\n"
 OBSERVATION = "Observation:"
-FINAL_ANSWER = "Final answer:"
 # Generation stops at the closing fence (the block is complete: run it), or where the model would invent an
 # observation of its own. The opening fence "```python\n" does not contain "```\n".
 STOP = (CLOSE_FENCE, "\n" + OBSERVATION)
 DEFAULT_MAX_STEPS = 5
-
-
-class Completer(Protocol):
-    """AGENTS_API.md's: the model's continuation of `prompt`, without the stop string."""
-
-    def __call__(self, prompt: str, *, stop: Sequence[str] = (), max_new_tokens: int = 128,
-                 temperature: float = 0.0, seed: int | None = None) -> str: ...
-
-
-@dataclass(frozen=True)
-class Step:
-    kind: Literal["thought", "action", "code", "observation", "answer", "error"]
-    text: str
-
-
-@dataclass
-class Transcript:
-    """One agent run; `record()` is the JSON line AGENTS_API.md specifies (the same shape as the ReAct loop's)."""
-
-    question: str
-    method: Literal["react", "codeact"]
-    steps: list[Step] = field(default_factory=list)
-    answer: str | None = None
-    stop_reason: Literal["answer", "step_limit", "no_action"] = "no_action"
-    prompt: str = ""
-    opening: str = field(default="", repr=False)  # the text `prompt` began with (not written)
-
-    def record(self) -> dict:
-        return {"question": self.question, "method": self.method, "steps": [asdict(s) for s in self.steps],
-                "answer": self.answer, "stop_reason": self.stop_reason, "prompt": self.prompt}
 
 
 @dataclass(frozen=True)
@@ -82,8 +52,12 @@ def run_codeact(complete: Completer, question: str, *, opening: str, max_steps: 
         raise ConfigError(f"max_steps (--max-steps) must be >= 1, got {max_steps}")
     run = Transcript(question, "codeact", prompt=opening, opening=opening)
     for step in range(max_steps):
-        completion = complete(run.prompt, stop=STOP, max_new_tokens=max_new_tokens, temperature=temperature,
-                              seed=None if seed is None else seed + step)
+        try:
+            completion = complete(run.prompt, stop=STOP, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  seed=None if seed is None else seed + step)
+        except ContextFull as err:
+            run.steps.append(Step("error", str(err)))
+            break
         prose, fence, code = completion.partition(OPEN_FENCE)
         kept = _read(prose, run)
         if run.answer is not None:
@@ -109,6 +83,14 @@ def run_codeact(complete: Completer, question: str, *, opening: str, max_steps: 
         run.prompt += f"{OBSERVATION} {observation}\n"
     run.stop_reason = "step_limit"
     return run
+
+
+def run_codeact_chat(complete: EngineCompleter, question: str, **options) -> Transcript:
+    """`run_codeact` on a chat model, from the CodeAct user turn the synthetic SFT data teaches
+    (`lmforge.data.formats.codeact_messages`); `options` as `run_codeact`'s."""
+    from lmforge.data.formats import codeact_messages
+
+    return run_codeact(complete, question, opening=complete.opening(codeact_messages(question)), **options)
 
 
 def observe(result: SandboxResult) -> str:

@@ -63,10 +63,8 @@ def read_tasks(path: str) -> list[dict]:
 
 def _load_index(path: str):
     """lmforge.rag's Index at `path` (the search tool takes any object with search(query, k))."""
-    try:
-        from lmforge.rag import Index
-    except ImportError:
-        raise ConfigError("--index needs lmforge.rag, which this installation lacks") from None
+    from lmforge.rag import Index
+
     return Index.load(path)
 
 

@@ -31,7 +31,8 @@ class BatchSlots:
     def __init__(self, model: DecoderLM, rows: int, columns: int, header: int = 0,
                  decode_model: torch.nn.Module | None = None):
         self.model, self.max_columns, self.header = model, columns, header
-        self.decode_model = model if decode_model is None else decode_model  # what runs the decode step (the model, or it compiled)
+        # what runs the decode step: the model, or the model compiled
+        self.decode_model = model if decode_model is None else decode_model
         self.header_kv: list[Tensor] | None = None  # every layer's keys then values of the header slots
         self.cache: KVCache | None = None  # allocated when the first row joins, then grown
         self._view: KVCache | None = None
