@@ -256,7 +256,8 @@ def test_lmforge_agent_searches_a_rag_index(agent_run: Path, tmp_path: Path,
     from lmforge.rag import Document, Index
 
     index = Index()
-    index.add([Document("velmora", "The capital of Velmora is Quenby.", "a"), Document("tarn", "Tarn is a river.", "b")])
+    index.add([Document("velmora", "The capital of Velmora is Quenby.", "a"),
+               Document("tarn", "Tarn is a river.", "b")])
     index.save(tmp_path / "index")
     argv = ["agent", str(agent_run), "--tools", "calculator,search", "--question", QUESTION, "--max-steps", "1"]
     assert main(argv + ["--index", str(tmp_path / "missing")]) == 2
