@@ -33,10 +33,9 @@ def _has_hf_template(directory: Path) -> bool:
         return False
 
 
-def model_chat_template(source: str, tokenizer: Tokenizer, name: str | None = None,
-                        base: str | None = None) -> ChatTemplate:
-    """The chat template of the model at `source`: `name` (lmforge, llama2, alpaca, hf) when given, else the one its
-    lmforge run trained with (config.yaml) or its Hugging Face dir's chat_template. `base`: a peft folder's base."""
+def recorded_chat_template(source: str, base: str | None = None) -> tuple[str | None, Path]:
+    """(the name of the chat template the model at `source` carries, or None; the dir holding it): the one its
+    lmforge run trained with (config.yaml), or "hf" for a Hugging Face dir with a chat_template."""
     from lmforge.checkpoint import read_manifest, resolve_checkpoint
     from lmforge.model.hf import is_hf_dir
     from lmforge.peft.peft_import import peft_base, read_peft_config
@@ -45,10 +44,16 @@ def model_chat_template(source: str, tokenizer: Tokenizer, name: str | None = No
     if read_peft_config(path) is not None and not _has_hf_template(path):
         path = peft_base(path, base)
     if is_hf_dir(path) or read_peft_config(path) is not None:
-        recorded, template_dir = ("hf" if _has_hf_template(path) else None), path
-    else:
-        manifest = read_manifest(resolve_checkpoint(path))
-        recorded, template_dir = manifest.run.get("template"), manifest.base
+        return ("hf" if _has_hf_template(path) else None), path
+    manifest = read_manifest(resolve_checkpoint(path))
+    return manifest.run.get("template"), manifest.base
+
+
+def model_chat_template(source: str, tokenizer: Tokenizer, name: str | None = None,
+                        base: str | None = None) -> ChatTemplate:
+    """The chat template of the model at `source`: `name` (lmforge, llama2, alpaca, hf) when given, else the one its
+    lmforge run trained with (config.yaml) or its Hugging Face dir's chat_template. `base`: a peft folder's base."""
+    recorded, template_dir = recorded_chat_template(source, base)
     if name is None and recorded is None:
         raise ConfigError(f"{source} records no chat template (it was not trained by lmforge sft, dpo, ppo or grpo, "
                           "and has no Hugging Face chat_template); pass --template lmforge, llama2, alpaca or hf")

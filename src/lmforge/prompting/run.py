@@ -1,0 +1,177 @@
+"""A prompting method run over task questions: prompts built and fitted to the context, completions from one
+batched engine run per stage, answers extracted and scored, every prompt and completion kept for the transcript."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from lmforge.data.synthetic import extract_answer
+from lmforge.errors import ConfigError
+from lmforge.eval.stats import wilson_interval
+from lmforge.eval.text_metrics import exact_match
+from lmforge.prompting.answers import answer_of, majority_vote
+from lmforge.prompting.autocot import AutoCotResult, auto_cot_demos
+from lmforge.prompting.budget import FittedPrompt, fit_shots
+from lmforge.prompting.completion import Completer
+from lmforge.prompting.examples import Example, ShotRanker, sentence_embed
+from lmforge.prompting.methods import (
+    ANSWER_TOKENS,
+    ANSWER_TRIGGER,
+    COT_TRIGGER,
+    PromptingConfig,
+    demonstration,
+)
+from lmforge.prompting.prompt import Prompt, PromptRenderer, Shot, repeat_question
+
+
+@dataclass(frozen=True)
+class Question:
+    task: str
+    example: Example  # its answer is the gold one, never shown
+    pattern: re.Pattern | None = None  # the task line's answer pattern, a fallback to "The answer is X."
+
+
+@dataclass
+class QuestionResult:
+    question: Question
+    shots: int  # demonstrations in the prompt
+    dropped: int  # demonstrations left out to fit the context (many-shot: those beyond the budget)
+    calls: list[dict] = field(default_factory=list)  # {"stage", "prompt", "completion"}
+    prediction: str | None = None
+    votes: dict[str, float] | None = None  # self-consistency: each answer's share of the samples
+
+    @property
+    def correct(self) -> bool:
+        return self.prediction is not None and exact_match(self.prediction, self.question.example.answer)
+
+    def record(self, method: str) -> dict:
+        q = self.question
+        record = {"where": q.example.where, "task": q.task, "method": method, "question": q.example.question,
+                  "answer": q.example.answer, "prediction": self.prediction, "correct": self.correct,
+                  "shots": self.shots, "dropped_shots": self.dropped, "calls": self.calls}
+        if self.votes is not None:
+            record["votes"] = self.votes
+        return record
+
+
+@dataclass
+class PromptingRun:
+    config: PromptingConfig
+    results: list[QuestionResult]
+    auto_cot: dict[str, AutoCotResult] = field(default_factory=dict)  # task -> its demonstrations
+
+    def summary(self) -> dict:
+        """Accuracy with its Wilson 95% interval, overall and per task, and the demonstrations dropped to fit."""
+        def accuracy(results: list[QuestionResult]) -> dict:
+            right = sum(r.correct for r in results)
+            low, high = wilson_interval(right, len(results))
+            return {"n": len(results), "correct": right, "accuracy": right / len(results), "ci95": [low, high]}
+
+        tasks = sorted({r.question.task for r in self.results})
+        fitted = [r for r in self.results if r.dropped] if self.config.method != "many-shot" else []
+        return {"method": self.config.method, **accuracy(self.results),
+                "tasks": {t: accuracy([r for r in self.results if r.question.task == t]) for t in tasks},
+                "mean_shots": sum(r.shots for r in self.results) / len(self.results),
+                "questions_with_dropped_shots": len(fitted), "dropped_shots": sum(r.dropped for r in fitted)}
+
+    def transcript(self) -> list[dict]:
+        records = [r.record(self.config.method) for r in self.results]
+        for task, built in self.auto_cot.items():
+            records.append({"task": task, "method": "auto-cot", "stage": "demonstrations",
+                            "demonstrations": [vars(d) for d in built.demos], "rejected": built.rejected})
+        return records
+
+
+def run_prompting(questions: Sequence[Question], completer: Completer, renderer: PromptRenderer, context: int,
+                  config: PromptingConfig, pools: dict[str, list[Example]] | None = None,
+                  embed: Callable[[list[str]], Tensor] = sentence_embed) -> PromptingRun:
+    """Run `config`'s method on `questions`; demonstrations come from `pools[task]` (default: the task's own other
+    questions). `context`: the model's context in tokens, which each prompt and its reply must fit."""
+    if not questions:
+        raise ConfigError("no questions to prompt with")
+    pools = pools or {}
+    run = PromptingRun(config, [])
+    budget = context - config.max_new_tokens
+    if config.budget is not None:
+        if config.budget > budget:
+            raise ConfigError(f"--budget {config.budget} leaves no room for --max-new-tokens {config.max_new_tokens} "
+                              f"in the {context}-token context: give at most {budget}")
+        budget = config.budget
+    fitted: list[FittedPrompt] = []
+    for task in dict.fromkeys(q.task for q in questions):
+        asked = [q for q in questions if q.task == task]
+        pool = pools.get(task, [q.example for q in asked])
+        ranked, lead = _ranked_shots(run, task, asked, pool, completer, renderer, budget, config, embed)
+        for q, shots in zip(asked, ranked, strict=True):
+            question = repeat_question(q.example.question) if config.repeat else q.example.question
+            fit = fit_shots(renderer, shots, question, budget, lead=lead, order=config.order, seed=config.seed,
+                            where=q.example.where)
+            fitted.append(fit)
+            run.results.append(QuestionResult(q, len(fit.prompt.shots), fit.dropped))
+    _answer(run, fitted, completer, renderer, config)
+    return run
+
+
+def _ranked_shots(run: PromptingRun, task: str, asked: list[Question], pool: list[Example], completer: Completer,
+                  renderer: PromptRenderer, budget: int, config: PromptingConfig,
+                  embed: Callable[[list[str]], Tensor]) -> tuple[list[list[Shot]], str]:
+    """Each question's demonstrations, best first, and the lead of its reply."""
+    method = config.method
+    if method == "zero-shot-cot":
+        return [[] for _ in asked], COT_TRIGGER
+    if method == "auto-cot":
+        def rationales(texts: list[str]) -> list[str]:
+            prompts = [fit_shots(renderer, [], t, budget, lead=COT_TRIGGER).rendered for t in texts]
+            return completer(prompts, max_new_tokens=config.max_new_tokens)
+
+        built = auto_cot_demos([e.question for e in pool], config.n_shots, rationales,
+                               lambda text: len(renderer.tokenizer.encode(text)), embed, seed=config.seed)
+        run.auto_cot[task] = built
+        shots = [Shot(d.question, f"{COT_TRIGGER} {d.rationale}") for d in built.demos]
+        return [shots for _ in asked], COT_TRIGGER
+    ranker = ShotRanker(pool, config.selection, config.seed, embed)
+    limit = None if method == "many-shot" else config.n_shots
+    ranked = ranker.rank([q.example.question for q in asked]) if limit != 0 else [[] for _ in asked]
+    return [[demonstration(e, config.worked) for e in examples[:limit]] for examples in ranked], ""
+
+
+def _answer(run: PromptingRun, fitted: list[FittedPrompt], completer: Completer, renderer: PromptRenderer,
+            config: PromptingConfig) -> None:
+    """Generate and extract every question's answer: one batched call per stage."""
+    results, temperature, seed = run.results, config.sampling_temperature, config.seed
+    rendered = [f.rendered for f in fitted]
+    if config.method == "self-consistency":
+        k = config.k
+        samples = completer([p for p in rendered for _ in range(k)], max_new_tokens=config.max_new_tokens,
+                            temperature=temperature, seeds=[seed + i for i in range(len(rendered) * k)])
+        for i, result in enumerate(results):
+            mine = samples[i * k:(i + 1) * k]
+            result.calls = [{"stage": f"sample {j}", "prompt": rendered[i].text, "completion": c}
+                            for j, c in enumerate(mine)]
+            vote = majority_vote([answer_of(c, result.question.pattern) for c in mine])
+            result.prediction, result.votes = vote.answer, vote.shares
+        return
+    seeds = [seed + i for i in range(len(rendered))] if temperature > 0 else None
+    completions = completer(rendered, max_new_tokens=config.max_new_tokens, temperature=temperature, seeds=seeds)
+    for result, prompt, completion in zip(results, rendered, completions, strict=True):
+        result.calls.append({"stage": "answer" if config.method != "zero-shot-cot" else "reasoning",
+                             "prompt": prompt.text, "completion": completion})
+        result.prediction = answer_of(completion, result.question.pattern)
+    if config.method == "zero-shot-cot":
+        _extract_stage(results, fitted, completions, completer, renderer)
+
+
+def _extract_stage(results: list[QuestionResult], fitted: list[FittedPrompt], rationales: list[str],
+                   completer: Completer, renderer: PromptRenderer) -> None:
+    """Kojima et al.'s second prompt: the first one, its rationale, then "Therefore, the answer is"; the answer is
+    what the model writes next (the prompt keeps its last tokens if the rationale filled the context)."""
+    prompts = [renderer.render(Prompt((), f.prompt.question, f"{COT_TRIGGER} {r} {ANSWER_TRIGGER}"))
+               for f, r in zip(fitted, rationales, strict=True)]
+    answers = completer(prompts, max_new_tokens=ANSWER_TOKENS, keep_last=True)
+    for result, prompt, answer in zip(results, prompts, answers, strict=True):
+        result.calls.append({"stage": "answer extraction", "prompt": prompt.text, "completion": answer})
+        result.prediction = extract_answer(f"The answer is {answer}")
