@@ -247,7 +247,9 @@ def test_auto_cot_prompts_with_the_model_written_demonstrations(tok) -> None:
     demo_blocks = [f"Question: {d.question}\nAnswer: Let's think step by step. It is double. The answer is 9."
                    for d in demos]
     assert final == "\n\n".join([*demo_blocks, "Question: One plus one?\nAnswer: Let's think step by step."])
-    assert run.transcript()[-1]["stage"] == "demonstrations"
+    last = run.transcript()[-1]
+    assert last["stage"] == "demonstrations" and [c["prompt"] for c in last["calls"]] == scripted.calls[0]["prompts"]
+    assert run.summary()["auto_cot"] == {"t": {"clusters": 2, "demonstrations": 2, "rejected": 0}}
 
 
 def test_the_engine_completer_gives_each_prompt_what_generation_alone_gives(tok) -> None:

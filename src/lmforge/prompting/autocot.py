@@ -74,9 +74,10 @@ def auto_cot_demos(questions: Sequence[str], n_clusters: int, rationales: Callab
         for (c, i), rationale in zip(candidates.items(), written, strict=True):
             answer, steps = extract_answer(rationale), reasoning_steps(rationale)
             if answer is None:
-                rejected.append({"cluster": c, "question": unique[i], "reason": "the rationale gives no answer"})
+                rejected.append({"cluster": c, "question": unique[i], "reason": "the rationale gives no answer",
+                                 "rationale": rationale})
             elif steps > max_steps:
-                rejected.append({"cluster": c, "question": unique[i],
+                rejected.append({"cluster": c, "question": unique[i], "rationale": rationale,
                                  "reason": f"{steps} reasoning steps, more than {max_steps}"})
             else:
                 chosen[c] = AutoCotDemo(c, unique[i], rationale, answer)

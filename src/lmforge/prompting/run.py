@@ -63,6 +63,7 @@ class PromptingRun:
     config: PromptingConfig
     results: list[QuestionResult]
     auto_cot: dict[str, AutoCotResult] = field(default_factory=dict)  # task -> its demonstrations
+    auto_cot_calls: dict[str, list[dict]] = field(default_factory=dict)  # task -> the zero-shot CoT calls writing them
 
     def summary(self) -> dict:
         """Accuracy with its Wilson 95% interval, overall and per task, and the demonstrations dropped to fit."""
@@ -76,13 +77,17 @@ class PromptingRun:
         return {"method": self.config.method, **accuracy(self.results),
                 "tasks": {t: accuracy([r for r in self.results if r.question.task == t]) for t in tasks},
                 "mean_shots": sum(r.shots for r in self.results) / len(self.results),
-                "questions_with_dropped_shots": len(fitted), "dropped_shots": sum(r.dropped for r in fitted)}
+                "questions_with_dropped_shots": len(fitted), "dropped_shots": sum(r.dropped for r in fitted),
+                **({"auto_cot": {task: {"clusters": self.config.n_shots, "demonstrations": len(built.demos),
+                                        "rejected": len(built.rejected)} for task, built in self.auto_cot.items()}}
+                   if self.auto_cot else {})}
 
     def transcript(self) -> list[dict]:
         records = [r.record(self.config.method) for r in self.results]
         for task, built in self.auto_cot.items():
             records.append({"task": task, "method": "auto-cot", "stage": "demonstrations",
-                            "demonstrations": [vars(d) for d in built.demos], "rejected": built.rejected})
+                            "demonstrations": [vars(d) for d in built.demos], "rejected": built.rejected,
+                            "calls": self.auto_cot_calls[task]})
         return records
 
 
@@ -124,9 +129,14 @@ def _ranked_shots(run: PromptingRun, task: str, asked: list[Question], pool: lis
     if method == "zero-shot-cot":
         return [[] for _ in asked], COT_TRIGGER
     if method == "auto-cot":
+        calls = run.auto_cot_calls.setdefault(task, [])
+
         def rationales(texts: list[str]) -> list[str]:
             prompts = [fit_shots(renderer, [], t, budget, lead=COT_TRIGGER).rendered for t in texts]
-            return completer(prompts, max_new_tokens=config.max_new_tokens)
+            written = completer(prompts, max_new_tokens=config.max_new_tokens)
+            calls.extend({"stage": "rationale", "prompt": p.text, "completion": c}
+                         for p, c in zip(prompts, written, strict=True))
+            return written
 
         built = auto_cot_demos([e.question for e in pool], config.n_shots, rationales,
                                lambda text: len(renderer.tokenizer.encode(text)), embed, seed=config.seed)
