@@ -67,7 +67,8 @@ def test_a_plain_few_shot_prompt_is_the_filled_demonstrations_then_the_query(tok
     renderer = PromptRenderer(tok, CLOZE)
     prompt = Prompt((Shot("Great film.", "good"), Shot("Dull plot.", "bad")), "Loved it.")
     rendered = renderer.render(prompt)
-    assert rendered.text == "Great film. Overall, it was good\n\nDull plot. Overall, it was bad\n\nLoved it. Overall, it was"
+    assert rendered.text == ("Great film. Overall, it was good\n\nDull plot. Overall, it was bad\n\n"
+                             "Loved it. Overall, it was")
     assert rendered.ids == tok.encode(rendered.text)
     assert renderer.stop_strings == ("\n\n",)  # the cloze has no opening text; QA's "Question:" adds one
     assert PromptRenderer(tok).stop_strings == ("\n\n", "\nQuestion:")
