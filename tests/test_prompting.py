@@ -81,6 +81,10 @@ def test_a_chat_prompt_puts_demonstrations_in_earlier_turns_and_the_lead_after_t
                 {"role": "user", "content": "3+3?"}]
     assert rendered.ids == chat.render(messages, add_generation_prompt=True).ids + tok.encode("Let's")
     assert rendered.text == tok.decode(rendered.ids)
+    alpaca = get_chat_template("alpaca", tok)  # one user turn per conversation: the plain-text prompt goes in it
+    single = PromptRenderer(tok, chat=alpaca).render(Prompt((Shot("2+2?", "The answer is 4."),), "3+3?"))
+    user = "Question: 2+2?\nAnswer: The answer is 4.\n\nQuestion: 3+3?\nAnswer:"
+    assert single.ids == alpaca.render([{"role": "user", "content": user}], add_generation_prompt=True).ids
 
 
 def test_prompt_repetition_writes_the_question_twice(tok) -> None:

@@ -74,22 +74,6 @@ def prompt_options(p: ArgumentParser) -> None:
                                                   "cot.json")
 
 
-def _questions(path: str):
-    from lmforge.eval.task_file import read_tasks
-    from lmforge.prompting.examples import Example
-    from lmforge.prompting.run import Question
-
-    questions = []
-    for items in read_tasks(path).values():
-        for item in items:
-            if item.kind != "generate":
-                raise DataError(f"{item.where}: a {item.kind} line; `lmforge prompt` asks questions the model answers "
-                                "in words: give generate lines ({\"type\": \"generate\", \"prompt\", \"answer\"})")
-            questions.append(Question(item.task, Example(item.prompt, str(item.answer), item.rationale, item.where),
-                                      item.pattern))
-    return questions
-
-
 def _chat_template(source: str, tokenizer, name: str | None):
     from lmforge.infer.chat_repl import model_chat_template, recorded_chat_template
 
@@ -101,10 +85,8 @@ def _chat_template(source: str, tokenizer, name: str | None):
 def cmd_prompt(args: Namespace) -> None:
     from lmforge.infer.model_kind import load_for_verb
     from lmforge.io import atomic_write_jsonl, atomic_write_text, require_dir_path
-    from lmforge.prompting.completion import EngineCompleter
     from lmforge.prompting.methods import PromptingConfig
-    from lmforge.prompting.prompt import PromptRenderer
-    from lmforge.prompting.run import run_prompting
+    from lmforge.prompting.run import prompt_model, read_questions
     from lmforge.prompting.template import SlotTemplate
 
     config = PromptingConfig(args.method, args.shots, args.selection, args.order, args.k, args.temperature, args.seed,
@@ -113,22 +95,21 @@ def cmd_prompt(args: Namespace) -> None:
     for flag, out in (("--transcript", args.transcript), ("--json", args.json)):
         if out:
             require_dir_path(Path(out).parent, flag)
-    questions = _questions(args.tasks)  # before the model loads: a bad line costs nothing
+    questions = read_questions(args.tasks)  # before the model loads: a bad line costs nothing
     pools = None
     if args.demos:
         pools = {}
-        for q in _questions(args.demos):
+        for q in read_questions(args.demos):
             pools.setdefault(q.task, []).append(q.example)
         missing = sorted({q.task for q in questions} - set(pools))
         if missing:
             raise DataError(f"--demos {args.demos} has no lines of task(s) {', '.join(map(repr, missing))} that "
                             f"--tasks asks; give demonstrations for every task (lines with the same \"task\")")
     model, tokenizer, _ = load_for_verb(args.checkpoint, "lmforge prompt", ("decoder",))
-    renderer = PromptRenderer(tokenizer, template, _chat_template(args.checkpoint, tokenizer, args.chat_template))
-    run = run_prompting(questions, EngineCompleter(model.eval(), renderer), renderer, model.cfg.max_seq_len, config,
-                        pools)
+    chat = _chat_template(args.checkpoint, tokenizer, args.chat_template)
+    run = prompt_model(model, tokenizer, questions, config, chat=chat, template=template, pools=pools)
     summary = run.summary()
-    _print_summary(summary, renderer.chat is not None)
+    _print_summary(summary, chat is not None)
     if args.transcript:
         print(f"wrote {atomic_write_jsonl(args.transcript, run.transcript())}")
     if args.json:

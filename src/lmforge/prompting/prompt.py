@@ -41,28 +41,31 @@ class PromptRenderer:
     """Turns prompts into token ids. Without a chat template each demonstration fills `template` ([x] the
     question, [z] the reply) and the question fills it up to [z], blocks joined by a blank line; with one, each
     demonstration is a user turn (the question) and an assistant turn (the reply), and the question the last user
-    turn: the chat template does the slot template's work. A lead follows the generation prompt."""
+    turn: the chat template does the slot template's work (a single-turn template, such as Alpaca's, gets the
+    plain-text prompt as its one user turn). A lead follows the generation prompt."""
 
     def __init__(self, tokenizer: Tokenizer, template: SlotTemplate = QA, chat: ChatTemplate | None = None):
         self.tokenizer, self.template, self.chat = tokenizer, template, chat
 
     def render(self, prompt: Prompt) -> RenderedPrompt:
         if self.chat is None:
-            blocks = [self.template.fill(s.question, s.reply) for s in prompt.shots]
-            query = self.template.query(prompt.question)
-            text = SHOT_SEPARATOR.join([*blocks, f"{query} {prompt.lead}" if prompt.lead else query])
+            text = self._plain(prompt)
             return RenderedPrompt(text, self.tokenizer.encode(text))
         if self.chat.multi_turn:
             messages = [m for s in prompt.shots for m in ({"role": "user", "content": s.question},
                                                           {"role": "assistant", "content": s.reply})]
             messages.append({"role": "user", "content": prompt.question})
-        else:  # one user turn per conversation (Alpaca): the demonstrations go into it as text
-            blocks = [self.template.fill(s.question, s.reply) for s in prompt.shots]
-            messages = [{"role": "user", "content": SHOT_SEPARATOR.join([*blocks, prompt.question])}]
+        else:  # one user turn per conversation (Alpaca): it holds the plain-text prompt
+            messages = [{"role": "user", "content": self._plain(Prompt(prompt.shots, prompt.question))}]
         ids = self.chat.render(messages, add_generation_prompt=True).ids
         if prompt.lead:
             ids = ids + self.tokenizer.encode(prompt.lead)
         return RenderedPrompt(self.tokenizer.decode(ids), ids)
+
+    def _plain(self, prompt: Prompt) -> str:
+        blocks = [self.template.fill(s.question, s.reply) for s in prompt.shots]
+        query = self.template.query(prompt.question)
+        return SHOT_SEPARATOR.join([*blocks, f"{query} {prompt.lead}" if prompt.lead else query])
 
     @property
     def stop_ids(self) -> list[int]:

@@ -6,17 +6,20 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from torch import Tensor
 
+from lmforge.data.chat import ChatTemplate
 from lmforge.data.synthetic import extract_answer
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, DataError
 from lmforge.eval.stats import wilson_interval
 from lmforge.eval.text_metrics import exact_match
+from lmforge.model.decoder import DecoderLM
 from lmforge.prompting.answers import answer_of, majority_vote
 from lmforge.prompting.autocot import AutoCotResult, auto_cot_demos
 from lmforge.prompting.budget import FittedPrompt, fit_shots
-from lmforge.prompting.completion import Completer
+from lmforge.prompting.completion import Completer, EngineCompleter
 from lmforge.prompting.examples import Example, ShotRanker, sentence_embed
 from lmforge.prompting.methods import (
     ANSWER_TOKENS,
@@ -26,6 +29,8 @@ from lmforge.prompting.methods import (
     demonstration,
 )
 from lmforge.prompting.prompt import Prompt, PromptRenderer, Shot, repeat_question
+from lmforge.prompting.template import QA, SlotTemplate
+from lmforge.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,32 @@ class PromptingRun:
                             "demonstrations": [vars(d) for d in built.demos], "rejected": built.rejected,
                             "calls": self.auto_cot_calls[task]})
         return records
+
+
+def read_questions(path: str | Path) -> list[Question]:
+    """The generate lines of a task file (`lmforge eval tasks`' format) as questions: the prompt is the question;
+    a DataError naming file:line for any other kind of line."""
+    from lmforge.eval.task_file import read_tasks
+
+    questions = []
+    for items in read_tasks(path).values():
+        for item in items:
+            if item.kind != "generate":
+                raise DataError(f"{item.where}: a {item.kind} line; `lmforge prompt` asks questions the model answers "
+                                "in words: give generate lines ({\"type\": \"generate\", \"prompt\", \"answer\"})")
+            questions.append(Question(item.task, Example(item.prompt, str(item.answer), item.rationale, item.where),
+                                      item.pattern))
+    return questions
+
+
+def prompt_model(model: DecoderLM, tokenizer: Tokenizer, questions: Sequence[Question], config: PromptingConfig, *,
+                 chat: ChatTemplate | None = None, template: SlotTemplate = QA,
+                 pools: dict[str, list[Example]] | None = None,
+                 embed: Callable[[list[str]], Tensor] = sentence_embed) -> PromptingRun:
+    """`run_prompting` on a decoder through the decode engine: plain text through `template`, or `chat`'s turns."""
+    renderer = PromptRenderer(tokenizer, template, chat)
+    return run_prompting(questions, EngineCompleter(model.eval(), renderer), renderer, model.cfg.max_seq_len, config,
+                         pools, embed)
 
 
 def run_prompting(questions: Sequence[Question], completer: Completer, renderer: PromptRenderer, context: int,
