@@ -17,7 +17,7 @@ from lmforge.prompting.prompt import PromptRenderer, RenderedPrompt
 MAX_BATCH = 32  # rows of the engine's KV cache
 
 
-class Completer(Protocol):
+class BatchCompleter(Protocol):
     def __call__(self, prompts: Sequence[RenderedPrompt], *, max_new_tokens: int, temperature: float = 0.0,
                  seeds: Sequence[int | None] | None = None, keep_last: bool = False) -> list[str]:
         """The text each prompt's reply continues with (its stop string or id left out). `seeds[i]` seeds prompt
@@ -26,14 +26,11 @@ class Completer(Protocol):
 
 
 class EngineCompleter:
-    """A Completer on `model` that stops where the renderer's replies end (end of turn, EOS, a new block)."""
+    """A BatchCompleter on `model` that stops where the renderer's replies end (end of turn, EOS, a new block)."""
 
     def __init__(self, model: DecoderLM, renderer: PromptRenderer, max_batch: int = MAX_BATCH):
         self.model, self.renderer, self.max_batch = model, renderer, max_batch
-
-    @property
-    def context(self) -> int:
-        return self.model.cfg.max_seq_len
+        self.context = Engine(model, max_batch=1).context  # tokens a prompt and its reply share (a soft prompt aside)
 
     @torch.inference_mode()
     def __call__(self, prompts: Sequence[RenderedPrompt], *, max_new_tokens: int, temperature: float = 0.0,

@@ -19,7 +19,7 @@ from lmforge.model.decoder import DecoderLM
 from lmforge.prompting.answers import answer_of, majority_vote
 from lmforge.prompting.autocot import AutoCotResult, auto_cot_demos
 from lmforge.prompting.budget import FittedPrompt, fit_shots
-from lmforge.prompting.completion import Completer, EngineCompleter
+from lmforge.prompting.completion import BatchCompleter, EngineCompleter
 from lmforge.prompting.examples import Example, ShotRanker, sentence_embed
 from lmforge.prompting.methods import (
     ANSWER_TOKENS,
@@ -118,11 +118,11 @@ def prompt_model(model: DecoderLM, tokenizer: Tokenizer, questions: Sequence[Que
                  embed: Callable[[list[str]], Tensor] = sentence_embed) -> PromptingRun:
     """`run_prompting` on a decoder through the decode engine: plain text through `template`, or `chat`'s turns."""
     renderer = PromptRenderer(tokenizer, template, chat)
-    return run_prompting(questions, EngineCompleter(model.eval(), renderer), renderer, model.cfg.max_seq_len, config,
-                         pools, embed)
+    completer = EngineCompleter(model.eval(), renderer)
+    return run_prompting(questions, completer, renderer, completer.context, config, pools, embed)
 
 
-def run_prompting(questions: Sequence[Question], completer: Completer, renderer: PromptRenderer, context: int,
+def run_prompting(questions: Sequence[Question], completer: BatchCompleter, renderer: PromptRenderer, context: int,
                   config: PromptingConfig, pools: dict[str, list[Example]] | None = None,
                   embed: Callable[[list[str]], Tensor] = sentence_embed) -> PromptingRun:
     """Run `config`'s method on `questions`; demonstrations come from `pools[task]` (default: the task's own other
@@ -152,7 +152,7 @@ def run_prompting(questions: Sequence[Question], completer: Completer, renderer:
     return run
 
 
-def _ranked_shots(run: PromptingRun, task: str, asked: list[Question], pool: list[Example], completer: Completer,
+def _ranked_shots(run: PromptingRun, task: str, asked: list[Question], pool: list[Example], completer: BatchCompleter,
                   renderer: PromptRenderer, budget: int, config: PromptingConfig,
                   embed: Callable[[list[str]], Tensor]) -> tuple[list[list[Shot]], str]:
     """Each question's demonstrations, best first, and the lead of its reply."""
@@ -180,7 +180,7 @@ def _ranked_shots(run: PromptingRun, task: str, asked: list[Question], pool: lis
     return [[demonstration(e, config.worked) for e in examples[:limit]] for examples in ranked], ""
 
 
-def _answer(run: PromptingRun, fitted: list[FittedPrompt], completer: Completer, renderer: PromptRenderer,
+def _answer(run: PromptingRun, fitted: list[FittedPrompt], completer: BatchCompleter, renderer: PromptRenderer,
             config: PromptingConfig) -> None:
     """Generate and extract every question's answer: one batched call per stage."""
     results, temperature, seed = run.results, config.sampling_temperature, config.seed
@@ -207,7 +207,7 @@ def _answer(run: PromptingRun, fitted: list[FittedPrompt], completer: Completer,
 
 
 def _extract_stage(results: list[QuestionResult], fitted: list[FittedPrompt], rationales: list[str],
-                   completer: Completer, renderer: PromptRenderer) -> None:
+                   completer: BatchCompleter, renderer: PromptRenderer) -> None:
     """Kojima et al.'s second prompt: the first one, its rationale, then "Therefore, the answer is"; the answer is
     what the model writes next (the prompt keeps its last tokens if the rationale filled the context)."""
     prompts = [renderer.render(Prompt((), f.prompt.question, f"{COT_TRIGGER} {r} {ANSWER_TRIGGER}"))
