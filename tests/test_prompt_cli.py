@@ -83,6 +83,7 @@ def test_self_consistency_saves_the_vote_shares(world, tmp_path, capsys) -> None
                  "--shots", "0", "--k", "3", "--max-new-tokens", "4", "--transcript", str(transcript)]) == 0
     records = [json.loads(line) for line in transcript.read_text().splitlines()]
     assert all(len(r["calls"]) == 3 and sum(r["votes"].values()) <= 1 for r in records)
+    assert records[0]["calls"][0]["prompt"].endswith("Answer: Let's think step by step.")  # zero-shot CoT samples
 
 
 def test_demonstrations_beyond_the_context_are_dropped_and_the_count_said(world, tmp_path, capsys) -> None:

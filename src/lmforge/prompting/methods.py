@@ -5,8 +5,8 @@
 * ``cot``: few-shot chain of thought, demonstrations worked step by step (Wei et al. 2022);
 * ``zero-shot-cot``: "Let's think step by step", then a second prompt holding that rationale asks for the answer
   (Kojima et al. 2022);
-* ``self-consistency``: k chain-of-thought samples at temperature T > 0, majority vote over their answers (Wang et
-  al. 2023);
+* ``self-consistency``: k chain-of-thought samples at temperature T > 0 (after worked demonstrations, or with zero
+  shots after "Let's think step by step."), majority vote over their answers (Wang et al. 2023);
 * ``auto-cot``: demonstrations the model writes by zero-shot CoT for one question per k-means cluster (Zhang et al.
   2022).
 """

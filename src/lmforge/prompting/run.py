@@ -174,9 +174,10 @@ def _ranked_shots(run: PromptingRun, task: str, asked: list[Question], pool: lis
         run.auto_cot[task] = built
         shots = [Shot(d.question, f"{COT_TRIGGER} {d.rationale}") for d in built.demos]
         return [shots for _ in asked], COT_TRIGGER
-    ranker = ShotRanker(pool, config.selection, config.seed, embed)
     limit = None if method == "many-shot" else config.n_shots
-    ranked = ranker.rank([q.example.question for q in asked]) if limit != 0 else [[] for _ in asked]
+    if limit == 0:  # zero-shot; self-consistency then samples zero-shot chains of thought
+        return [[] for _ in asked], COT_TRIGGER if method == "self-consistency" else ""
+    ranked = ShotRanker(pool, config.selection, config.seed, embed).rank([q.example.question for q in asked])
     return [[demonstration(e, config.worked) for e in examples[:limit]] for examples in ranked], ""
 
 
