@@ -51,6 +51,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     w["choice"] = _write(root / "choice.jsonl", [LINES[0], {"type": "choice", "prompt": "Sky?",
                                                             "choices": ["blue", "red"], "answer": 0}])
     w["too_long"] = _write(root / "too_long.jsonl", [LINES[0], {**LINES[1], "prompt": "cups " * 200}])
+    w["bad_rationale"] = _write(root / "bad_rationale.jsonl", [LINES[0], {**LINES[1], "rationale": ["9 - 2"]}])
     w["other_task"] = _write(root / "other_task.jsonl", [{**LINES[0], "task": "other"}])
     return w
 
@@ -107,6 +108,7 @@ def test_nearest_selection_uses_minilm_sentence_embeddings() -> None:
     (["--tasks", "{choice}", "--method", "standard"], ["choice.jsonl:2", "generate lines"]),
     (["--tasks", "{too_long}", "--method", "standard"], ["too_long.jsonl:2", "the question alone is"]),
     (["--tasks", "{no_rationale}", "--method", "cot"], ["no_rationale.jsonl:", "rationale"]),
+    (["--tasks", "{bad_rationale}", "--method", "cot"], ["bad_rationale.jsonl:2", "'rationale'", "expected a string"]),
     (["--tasks", "{tasks}", "--method", "zero-shot-cot", "--shots", "2"], ["--shots does not apply"]),
     (["--tasks", "{tasks}", "--method", "self-consistency", "--temperature", "0"], ["temperature > 0"]),
     (["--tasks", "{tasks}", "--method", "standard", "--demos", "{other_task}"], ["no lines of task(s) 'generate'"]),

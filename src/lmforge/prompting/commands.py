@@ -131,7 +131,7 @@ def _print_summary(summary: dict, chat: bool) -> None:
         if built["demonstrations"] < built["clusters"]:
             print(f"note: auto-cot on task {task!r}: {built['demonstrations']} of {built['clusters']} clusters have a "
                   f"question passing the rules; {built['rejected']} candidates were turned down (the transcript's "
-                  "last line says why)", file=sys.stderr)
+                  "demonstrations line says why)", file=sys.stderr)
     if summary["questions_with_dropped_shots"]:
         print(f"note: {summary['questions_with_dropped_shots']} of {summary['n']} prompts did not fit the context "
               f"with all their demonstrations; {summary['dropped_shots']} demonstrations were dropped (the transcript "
