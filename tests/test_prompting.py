@@ -24,6 +24,8 @@ from lmforge.prompting.template import CLOZE, QA, SlotTemplate
 from lmforge.tokenizer import train_tokenizer
 from tiny_decoders import tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TEXT = "Question: Tom has 3 pens. He buys 4 more. How many pens does Tom have now?\nAnswer: The answer is 7."
 
 
