@@ -41,10 +41,10 @@ class Scripted:
         self.reply, self.calls = reply, []
 
     def __call__(self, prompts: Sequence[RenderedPrompt], *, max_new_tokens: int, temperature: float = 0.0,
-                 seeds=None, keep_last: bool = False) -> list[str]:
+                 seeds=None, stops=None, keep_last: bool = False) -> list[str]:
         seeds = [None] * len(prompts) if seeds is None else list(seeds)
         self.calls.append({"prompts": [p.text for p in prompts], "temperature": temperature, "seeds": seeds,
-                           "max_new_tokens": max_new_tokens})
+                           "max_new_tokens": max_new_tokens, "stops": stops})
         return [self.reply(p.text, s) for p, s in zip(prompts, seeds, strict=True)]
 
 
@@ -181,9 +181,11 @@ def test_zero_shot_cot_asks_step_by_step_then_extracts_the_answer_from_a_second_
         return "7." if text.endswith("Therefore, the answer is") else "Tom has 3 and buys 4, so 3 + 4 = 7."
 
     scripted = Scripted(reply)
-    questions = _questions(("Tom has 3 pens. He buys 4. How many?", "7", ""))
+    questions = [Question("t", Example("Tom has 3 pens. He buys 4. How many?", "7", "", "tasks.jsonl:1"),
+                          stop=("Q:",))]
     run = run_prompting(questions, scripted, PromptRenderer(tok), 256, PromptingConfig("zero-shot-cot"))
     first, second = scripted.calls
+    assert first["stops"] == second["stops"] == [("Q:",)]  # the task line's stop strings end both replies
     assert first["prompts"] == ["Question: Tom has 3 pens. He buys 4. How many?\nAnswer: Let's think step by step."]
     assert second["prompts"] == ["Question: Tom has 3 pens. He buys 4. How many?\nAnswer: Let's think step by step. "
                                  "Tom has 3 and buys 4, so 3 + 4 = 7. Therefore, the answer is"]
@@ -270,3 +272,7 @@ def test_the_engine_completer_gives_each_prompt_what_generation_alone_gives(tok)
         generate_ids(model, p.ids, SamplingConfig(max_new_tokens=12), renderer.stop_ids, on_token=streamer)
         alone.append(streamer.finish().strip())
     assert batched == alone
+    cut = next(alone[0][i:i + 2] for i in range(len(alone[0]) // 2, len(alone[0]) - 1)
+               if not alone[0][i:i + 2].isspace())  # a task line's own stop string, found late in the reply
+    stopped = EngineCompleter(model, renderer)(prompts, max_new_tokens=12, stops=[(cut,), ()])
+    assert stopped == [alone[0][:alone[0].index(cut)].strip(), alone[1]]

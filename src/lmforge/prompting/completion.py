@@ -19,9 +19,11 @@ MAX_BATCH = 32  # rows of the engine's KV cache
 
 class BatchCompleter(Protocol):
     def __call__(self, prompts: Sequence[RenderedPrompt], *, max_new_tokens: int, temperature: float = 0.0,
-                 seeds: Sequence[int | None] | None = None, keep_last: bool = False) -> list[str]:
+                 seeds: Sequence[int | None] | None = None, stops: Sequence[Sequence[str]] | None = None,
+                 keep_last: bool = False) -> list[str]:
         """The text each prompt's reply continues with (its stop string or id left out). `seeds[i]` seeds prompt
-        i's sampling; `keep_last`: a prompt too long for the context keeps its last tokens (else an error)."""
+        i's sampling; `stops[i]`: more strings that end its reply; `keep_last`: a prompt too long for the context
+        keeps its last tokens (else an error)."""
         ...
 
 
@@ -34,17 +36,19 @@ class EngineCompleter:
 
     @torch.inference_mode()
     def __call__(self, prompts: Sequence[RenderedPrompt], *, max_new_tokens: int, temperature: float = 0.0,
-                 seeds: Sequence[int | None] | None = None, keep_last: bool = False) -> list[str]:
+                 seeds: Sequence[int | None] | None = None, stops: Sequence[Sequence[str]] | None = None,
+                 keep_last: bool = False) -> list[str]:
         if not prompts:
             return []
         SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature).validate()
         seeds = [None] * len(prompts) if seeds is None else list(seeds)
+        stops = [()] * len(prompts) if stops is None else list(stops)
         engine = Engine(self.model, self.renderer.tokenizer, max_batch=min(len(prompts), self.max_batch))
         ids = [engine.submit(GenerationRequest(
             fit_prompt(list(p.ids), engine.context, max_new_tokens, keep_last), max_new_tokens,
             temperature=temperature, seed=seed, stop_ids=frozenset(self.renderer.stop_ids),
-            stop_strings=self.renderer.stop_strings, skip_special_tokens=True,
-        )) for p, seed in zip(prompts, seeds, strict=True)]
+            stop_strings=(*self.renderer.stop_strings, *stop), skip_special_tokens=True,
+        )) for p, seed, stop in zip(prompts, seeds, stops, strict=True)]
         text: dict[int, list[str]] = {i: [] for i in ids}
         while engine.has_work:
             for event in engine.step():

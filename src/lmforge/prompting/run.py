@@ -38,6 +38,7 @@ class Question:
     task: str
     example: Example  # its answer is the gold one, never shown
     pattern: re.Pattern | None = None  # the task line's answer pattern, a fallback to "The answer is X."
+    stop: tuple[str, ...] = ()  # the task line's stop strings: its replies end at any of them
 
 
 @dataclass
@@ -108,7 +109,7 @@ def read_questions(path: str | Path) -> list[Question]:
                 raise DataError(f"{item.where}: a {item.kind} line; `lmforge prompt` asks questions the model answers "
                                 "in words: give generate lines ({\"type\": \"generate\", \"prompt\", \"answer\"})")
             questions.append(Question(item.task, Example(item.prompt, str(item.answer), item.rationale, item.where),
-                                      item.pattern))
+                                      item.pattern, item.stop))
     return questions
 
 
@@ -185,11 +186,12 @@ def _answer(run: PromptingRun, fitted: list[FittedPrompt], completer: BatchCompl
             config: PromptingConfig) -> None:
     """Generate and extract every question's answer: one batched call per stage."""
     results, temperature, seed = run.results, config.sampling_temperature, config.seed
-    rendered = [f.rendered for f in fitted]
+    rendered, stops = [f.rendered for f in fitted], [r.question.stop for r in results]
     if config.method == "self-consistency":
         k = config.k
         samples = completer([p for p in rendered for _ in range(k)], max_new_tokens=config.max_new_tokens,
-                            temperature=temperature, seeds=[seed + i for i in range(len(rendered) * k)])
+                            temperature=temperature, seeds=[seed + i for i in range(len(rendered) * k)],
+                            stops=[s for s in stops for _ in range(k)])
         for i, result in enumerate(results):
             mine = samples[i * k:(i + 1) * k]
             result.calls = [{"stage": f"sample {j}", "prompt": rendered[i].text, "completion": c}
@@ -198,7 +200,8 @@ def _answer(run: PromptingRun, fitted: list[FittedPrompt], completer: BatchCompl
             result.prediction, result.votes = vote.answer, vote.shares
         return
     seeds = [seed + i for i in range(len(rendered))] if temperature > 0 else None
-    completions = completer(rendered, max_new_tokens=config.max_new_tokens, temperature=temperature, seeds=seeds)
+    completions = completer(rendered, max_new_tokens=config.max_new_tokens, temperature=temperature, seeds=seeds,
+                            stops=stops)
     for result, prompt, completion in zip(results, rendered, completions, strict=True):
         result.calls.append({"stage": "answer" if config.method != "zero-shot-cot" else "reasoning",
                              "prompt": prompt.text, "completion": completion})
@@ -213,7 +216,8 @@ def _extract_stage(results: list[QuestionResult], fitted: list[FittedPrompt], ra
     what the model writes next (the prompt keeps its last tokens if the rationale filled the context)."""
     prompts = [renderer.render(Prompt((), f.prompt.question, f"{COT_TRIGGER} {r} {ANSWER_TRIGGER}"))
                for f, r in zip(fitted, rationales, strict=True)]
-    answers = completer(prompts, max_new_tokens=ANSWER_TOKENS, keep_last=True)
+    answers = completer(prompts, max_new_tokens=ANSWER_TOKENS, stops=[r.question.stop for r in results],
+                        keep_last=True)
     for result, prompt, answer in zip(results, prompts, answers, strict=True):
         result.calls.append({"stage": "answer extraction", "prompt": prompt.text, "completion": answer})
         result.prediction = extract_answer(f"The answer is {answer}")
