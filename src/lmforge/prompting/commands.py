@@ -33,8 +33,8 @@ def prompt_options(p: ArgumentParser) -> None:
                         "\"answer\": \"7\", \"rationale\": \"Mia starts with 3 pens. She buys 4, so 3 + 4 = 7.\"}; "
                         "optional keys: "
                         "task (lines of a task share demonstrations), rationale (needed by cot demonstrations), "
-                        "pattern (extracts the answer when the reply has no \"The answer is X.\"), stop (strings ending "
-                        "a reply)")
+                        "pattern (extracts the answer when the reply has no \"The answer is X.\"), stop (strings "
+                        "ending a reply)")
     p.add_argument("--demos", metavar="FILE.jsonl",
                    help="demonstrations from this task file (same format, same task names) instead of the other "
                         "questions of --tasks, e.g. --demos train_tasks.jsonl")
