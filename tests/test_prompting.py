@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lmforge.data.chat import get_chat_template
+from lmforge.data.synthetic import EvalExample
 from lmforge.errors import ConfigError, DataError
 from lmforge.infer.generate import SamplingConfig, StopStreamer, generate_ids
 from lmforge.prompting.answers import majority_vote
@@ -19,7 +20,7 @@ from lmforge.prompting.completion import EngineCompleter
 from lmforge.prompting.examples import Example, ShotRanker, arrange
 from lmforge.prompting.methods import PromptingConfig
 from lmforge.prompting.prompt import Prompt, PromptRenderer, RenderedPrompt, Shot, repeat_question
-from lmforge.prompting.run import Question, run_prompting
+from lmforge.prompting.run import Question, run_prompting, synthetic_questions
 from lmforge.prompting.template import CLOZE, QA, SlotTemplate
 from lmforge.tokenizer import train_tokenizer
 from tiny_decoders import tiny_model
@@ -276,3 +277,13 @@ def test_the_engine_completer_gives_each_prompt_what_generation_alone_gives(tok)
                if not alone[0][i:i + 2].isspace())  # a task line's own stop string, found late in the reply
     stopped = EngineCompleter(model, renderer)(prompts, max_new_tokens=12, stops=[(cut,), ()])
     assert stopped == [alone[0][:alone[0].index(cut)].strip(), alone[1]]
+
+
+def test_the_synthetic_worlds_held_out_examples_become_questions(tok) -> None:
+    examples = [EvalExample("arithmetic", "Question: Tom has 3 pens. He buys 4. How many?\nAnswer:", "7",
+                            "Tom starts with 3 pens. He buys 4, so 3 + 4 = 7.")]
+    (question,) = synthetic_questions(examples)
+    worked = "Tom starts with 3 pens. He buys 4, so 3 + 4 = 7."
+    assert question == Question("arithmetic", Example("Tom has 3 pens. He buys 4. How many?", "7", worked,
+                                                      "arithmetic:1"))
+    assert PromptRenderer(tok).render(Prompt((), question.example.question)).text == examples[0].prompt

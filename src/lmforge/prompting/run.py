@@ -11,7 +11,7 @@ from pathlib import Path
 from torch import Tensor
 
 from lmforge.data.chat import ChatTemplate
-from lmforge.data.synthetic import extract_answer
+from lmforge.data.synthetic import EvalExample, extract_answer
 from lmforge.errors import ConfigError, DataError
 from lmforge.eval.stats import wilson_interval
 from lmforge.eval.text_metrics import exact_match
@@ -111,6 +111,14 @@ def read_questions(path: str | Path) -> list[Question]:
             questions.append(Question(item.task, Example(item.prompt, str(item.answer), item.rationale, item.where),
                                       item.pattern, item.stop))
     return questions
+
+
+def synthetic_questions(examples: Sequence[EvalExample]) -> list[Question]:
+    """The synthetic world's held-out examples (`lmforge.data.synthetic.eval_sets`) as questions: each prompt
+    "Question: Q\nAnswer:" gives its question Q; `where` is task:number."""
+    prefix, suffix = QA.query("\0").split("\0")
+    return [Question(e.task, Example(e.prompt.removeprefix(prefix).removesuffix(suffix), e.answer, e.rationale,
+                                     f"{e.task}:{i + 1}")) for i, e in enumerate(examples)]
 
 
 def prompt_model(model: DecoderLM, tokenizer: Tokenizer, questions: Sequence[Question], config: PromptingConfig, *,
