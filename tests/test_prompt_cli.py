@@ -56,14 +56,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return w
 
 
-@pytest.mark.parametrize("model, marker", [("base", "Question: Ann has 3 pens."), ("sft", "<|user|>")])
-def test_a_run_reports_accuracy_with_its_interval_and_writes_every_prompt_and_completion(world, model, marker, capsys,
-                                                                                         tmp_path) -> None:
+@pytest.mark.parametrize("model, extra, marker", [
+    ("base", [], "Question: Ann has 3 pens."), ("sft", [], "<|user|>"),
+    ("sft", ["--chat-template", "none"], "Question: Ann has 3 pens."),  # a chat model prompted with plain text
+])
+def test_a_run_reports_accuracy_with_its_interval_and_writes_every_prompt_and_completion(world, model, extra, marker,
+                                                                                         capsys, tmp_path) -> None:
     transcript, summary = tmp_path / "cot.jsonl", tmp_path / "cot.json"
     assert main(["prompt", str(world[model]), "--method", "cot", "--tasks", str(world["tasks"]), "--shots", "1",
-                 "--max-new-tokens", "6", "--transcript", str(transcript), "--json", str(summary)]) == 0
+                 "--max-new-tokens", "6", "--transcript", str(transcript), "--json", str(summary), *extra]) == 0
     out = capsys.readouterr().out
-    assert ("chat template" if model == "sft" else "plain text") in out and "95% CI [" in out
+    assert ("chat template" if marker == "<|user|>" else "plain text") in out and "95% CI [" in out
     records = [json.loads(line) for line in transcript.read_text().splitlines()]
     assert [r["question"] for r in records] == [line["prompt"] for line in LINES]
     for i, record in enumerate(records):
@@ -72,6 +75,7 @@ def test_a_run_reports_accuracy_with_its_interval_and_writes_every_prompt_and_co
         assert record["shots"] == 1 and isinstance(call["completion"], str) and record["question"] in call["prompt"]
         assert f"{demo['rationale']} The answer is {demo['answer']}." in call["prompt"]
     assert marker in records[1]["calls"][0]["prompt"]
+    assert ("<|user|>" in records[1]["calls"][0]["prompt"]) == (marker == "<|user|>")
     numbers = json.loads(summary.read_text())
     assert numbers["n"] == 3 and numbers["correct"] == sum(r["correct"] for r in records)
     low, high = numbers["ci95"]
