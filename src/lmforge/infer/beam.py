@@ -1,4 +1,5 @@
-"""Beam search (e.g. Graves 2012; Wu et al. 2016 for the length penalty) with transformers' semantics.
+"""Beam search (e.g. Graves 2012; Wu et al. 2016 for the length penalty) with transformers' semantics, on the decode
+engine's rows (`infer/slots.py`): one row per beam, reordered to the survivors each step.
 
 Each step keeps the best `num_beams` unfinished hypotheses by summed log-probability. A candidate that
 ends in EOS and ranks among the top `num_beams` of the step joins the finished set with score
@@ -17,6 +18,7 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.infer.decoding import StopIds, fit_prompt, stop_id_set
 from lmforge.infer.generate import bad_option
+from lmforge.infer.slots import BatchSlots
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.layers import fused_qkv
 
@@ -48,12 +50,12 @@ def beam_search(
     if max_new_tokens < 1:
         raise LmforgeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     stops = stop_id_set(eos_id)
-    prompt_ids = fit_prompt(list(prompt_ids), model.cfg.max_seq_len, max_new_tokens, truncate_prompt)
+    slots = BatchSlots.for_model(model, num_beams)
+    prompt_ids = fit_prompt(list(prompt_ids), slots.max_columns, max_new_tokens, truncate_prompt)
     device = model.device
     vocab = model.cfg.vocab_size
-    cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
     with fused_qkv(model):
-        logits = model(torch.tensor([prompt_ids], device=device), cache=cache, keep_last=1)[:, -1]
+        logits = slots.prefill(0, prompt_ids, len(prompt_ids) + max_new_tokens - 1)
         tokens = torch.empty(1, 0, dtype=torch.long, device=device)  # generated ids of the running beams
         scores = torch.zeros(1, device=device)  # their summed log-probs
         finished: list[tuple[float, list[int]]] = []  # (score, ids incl. EOS), best first, at most num_beams
@@ -79,6 +81,6 @@ def beam_search(
             scores = top_scores[sel]
             if len(finished) == num_beams and float(scores[0]) / gen_len ** length_penalty <= finished[-1][0]:
                 break
-            cache.reorder(rows[sel])
-            logits = model(toks[sel, None], cache=cache)[:, -1]
+            slots.reorder(rows[sel].tolist())
+            logits = slots.decode(dict(enumerate(toks[sel].tolist())))
         return [(ids[:-1] if ids[-1] in stops else ids, score) for score, ids in finished[:num_return]]

@@ -132,13 +132,11 @@ class Engine:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
         if prefix_cache_tokens < 0:
             raise ConfigError(f"prefix_cache_tokens must be >= 0 (0 = off), got {prefix_cache_tokens}")
-        header = model.new_cache(1, 1).max_len - 1  # a prompt-tuned model's soft prompt, in front of every cache
-        if header and prefix_cache_tokens:
+        self.slots = BatchSlots.for_model(model, max_batch, compiled_decoder(model) if compile else model)
+        if self.slots.header and prefix_cache_tokens:
             raise ConfigError("prefix caching (prefix_cache_tokens) does not support prompt-tuned models: set it to 0")
         self.model, self.tokenizer = model, tokenizer
-        self.context = model.cfg.max_seq_len - header
-        self.slots = BatchSlots(model, max_batch, self.context, header,
-                                decode_model=compiled_decoder(model) if compile else model)
+        self.context = self.slots.max_columns
         self.prefix = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self.stats = EngineStats()
         self.logits_hook: Callable[[int, Tensor], None] | None = None

@@ -42,6 +42,12 @@ class BatchSlots:
         self.start: list[int | None] = [None] * rows  # first column of each busy row; None = free
         self.span = [0] * rows  # the most columns each busy row fills before it finishes
 
+    @classmethod
+    def for_model(cls, model: DecoderLM, rows: int, decode_model: torch.nn.Module | None = None) -> BatchSlots:
+        """`rows` rows as long as the model's context, after a prompt-tuned model's soft prompt (the header)."""
+        header = model.new_cache(1, 1).max_len - 1
+        return cls(model, rows, model.cfg.max_seq_len - header, header, decode_model)
+
     def free_row(self) -> int | None:
         """The lowest free row (keeping busy rows low keeps the decode batch small), or None."""
         return next((r for r, s in enumerate(self.start) if s is None), None)
@@ -64,6 +70,44 @@ class BatchSlots:
             mine[row, :, at] = theirs
         self.mask[row] = 0
         self.mask[row, start:self.length] = 1
+
+    def prefill(self, row: int, ids: list[int], span: int, keep_last: int = 1) -> Tensor:
+        """Run prompt `ids` alone and put it into free `row` (`span` as `join`'s); returns the logits of its last
+        `keep_last` tokens [keep_last, vocab]."""
+        cache = self.model.new_cache(1, self.header + len(ids))
+        logits = self.model(torch.tensor([ids], device=self.mask.device), cache=cache, keep_last=keep_last)[0]
+        if self.header and self.header_kv is None:
+            self.header_kv = [t[0, :, :self.header].clone() for t in cache.keys + cache.values]
+        self.join(row, [t[0, :, self.header:] for t in cache.keys + cache.values], span)
+        return logits
+
+    def reorder(self, sources: list[int]) -> None:
+        """Row i becomes a copy of busy row sources[i] (beam search keeping its best hypotheses); the rows after
+        them are freed."""
+        rest = len(self.start) - len(sources)
+        index = torch.tensor(sources + [sources[0]] * rest, device=self.mask.device)
+        for t in self.cache.keys + self.cache.values:
+            t.copy_(t.index_select(0, index))
+        self.mask = self.mask.index_select(0, index)
+        self.mask[len(sources):] = 0
+        self.start = [self.start[r] for r in sources] + [None] * rest
+        self.span = [self.span[r] for r in sources] + [0] * rest
+
+    def extend(self, ids: list[int]) -> Tensor:
+        """Feed row 0, the one busy row, several tokens in one forward; returns their logits [len(ids), vocab]
+        (speculative decoding's verify step). A row alone starts at column 0, so nothing needs masking."""
+        self._reserve(self.length + len(ids))
+        self.mask[0, self.length:self.length + len(ids)] = 1
+        view = self._rows_view(1)
+        view.length = self.header + self.length
+        logits = self.model(torch.tensor([ids], device=self.mask.device), cache=view, keep_last=len(ids))
+        self.length += len(ids)
+        return logits[0]
+
+    def rewind(self, length: int) -> None:
+        """Forget every column from `length` on (speculative decoding dropping rejected draft tokens)."""
+        self.mask[:, length:] = 0
+        self.length = min(self.length, length)
 
     def leave(self, row: int) -> None:
         self.start[row] = None

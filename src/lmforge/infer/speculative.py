@@ -6,7 +6,7 @@ accepted with probability min(1, p(d_i) / q(d_i)); at the first rejection a toke
 norm(max(0, p - q)) and the round ends; if all m are accepted a bonus token is drawn from the target's next
 distribution. The output is distributed exactly as sampling from the target alone. With temperature 0 a
 draft token is accepted iff it is the target's argmax, so the output equals the target's greedy output.
-Both KV caches are static, so rolling back a rejected suffix is just setting `cache.length`.
+Each model decodes in one row of the engine's cache; rolling back a rejected suffix is `BatchSlots.rewind`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from torch import Tensor
 from lmforge.errors import LmforgeError
 from lmforge.infer.decoding import StopIds, fit_prompt, greedy_ids, new_generator, sampling_probs, stop_id_set
 from lmforge.infer.generate import SamplingConfig, bad_option
+from lmforge.infer.slots import BatchSlots
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.layers import fused_qkv
 
@@ -43,6 +44,11 @@ class SpeculativeStats:
 
 def _sample(probs: Tensor, generator: torch.Generator | None) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _feed(row: BatchSlots, ids: list[int], span: int, keep: int) -> Tensor:
+    """The logits [keep, vocab] of the last `keep` of `ids`, fed after what `row` holds (its prefill when empty)."""
+    return row.extend(ids)[-keep:] if row.busy() else row.prefill(0, ids, span, keep_last=keep)
 
 
 def check_draft_options(num_draft: int, min_confidence: float) -> None:
@@ -75,24 +81,23 @@ def speculative_generate(
                            f"{target.cfg.vocab_size}; both models must share one tokenizer")
     check_draft_options(num_draft, min_confidence)
     stop_ids = stop_id_set(eos_id, cfg.stop_at_eos)
-    context = min(target.cfg.max_seq_len, draft.cfg.max_seq_len)
-    seq = fit_prompt(list(prompt_ids), context, cfg.max_new_tokens, cfg.truncate_prompt)
+    # one row of the decode engine's cache each (`infer/slots.py`), holding a prefix of seq[:-1] between rounds
+    t_row, d_row = BatchSlots.for_model(target, 1), BatchSlots.for_model(draft, 1)
+    seq = fit_prompt(list(prompt_ids), min(t_row.max_columns, d_row.max_columns), cfg.max_new_tokens,
+                     cfg.truncate_prompt)
     device = target.device
     greedy = cfg.temperature == 0
     generator = new_generator(cfg.seed, cfg.temperature, device)
-    budget = len(seq) + cfg.max_new_tokens
-    t_cache, d_cache = target.new_cache(1, budget), draft.new_cache(1, budget)
+    span = len(seq) + cfg.max_new_tokens - 1
     stats = SpeculativeStats()
     new: list[int] = []
-    # invariant between rounds: each cache holds a prefix of seq[:-1]
     with fused_qkv(target), fused_qkv(draft):
         while True:
             m = min(num_draft, cfg.max_new_tokens - len(new) - 1)
             proposal: list[int] = []
             q: list[Tensor] = []
             for _ in range(m):
-                fed = (seq + proposal)[d_cache.length:]
-                logits = draft(torch.tensor([fed], device=device), cache=d_cache, keep_last=1)[0, -1]
+                logits = _feed(d_row, (seq + proposal)[d_row.length:], span, 1)[-1]
                 stats.draft_forwards += 1
                 if greedy:
                     proposal.append(int(greedy_ids(logits)))
@@ -103,8 +108,7 @@ def speculative_generate(
                     proposal.append(_sample(q[-1], generator))
             m = len(proposal)
             base = len(seq) - 1
-            fed = torch.tensor([seq[t_cache.length:] + proposal], device=device)
-            logits = target(fed, cache=t_cache, keep_last=m + 1)[0]
+            logits = _feed(t_row, seq[t_row.length:] + proposal, span, m + 1)
             stats.target_forwards += 1
             stats.proposed += m
             k = 0
@@ -129,8 +133,8 @@ def speculative_generate(
             stats.accepted += k
             committed = proposal[:k] + [token]
             # roll back past the rejected draft tokens: seq[:base + 1 + k] stays cached
-            t_cache.length = base + 1 + k
-            d_cache.length = min(d_cache.length, base + 1 + k)
+            t_row.rewind(base + 1 + k)
+            d_row.rewind(base + 1 + k)
             for tid in committed:
                 stats.plain_forwards += 1
                 if tid in stop_ids:
