@@ -31,6 +31,7 @@ from lmforge.checkpoint import (
 )
 from lmforge.config import TrainConfig
 from lmforge.errors import CheckpointError, ConfigError, TrainingError
+from lmforge.model.activation_checkpointing import set_activation_checkpointing
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.config_change import check_resume_config, record_config_change
 from lmforge.train.distributed import DistContext, gather_objects, init_distributed, sum_across_ranks
@@ -274,6 +275,7 @@ def _set_up(model: torch.nn.Module, cfg: TrainConfig, run_config: BaseModel, tok
     saves step 0), wrapped for DDP and torch.compile, and the run's metrics log opened."""
     run_dir = Path(cfg.out_dir)
     model.to(device).train()
+    set_activation_checkpointing(model, cfg.activation_checkpointing)
     optimizer = build_optimizer(model, cfg)
     scaler = new_grad_scaler(cfg, device)
     state, resumed_from = {"step": 0, "tokens_seen": 0}, None
