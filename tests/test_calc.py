@@ -183,3 +183,16 @@ def test_unknown_accelerator_lists_the_known_ones(capsys: pytest.CaptureFixture[
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown accelerator 'TPU9'" in err
     assert all(name in err for name in ("A100", "H100", "H200", "MI300X", "L4"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["calc", "model", "nowhere"], "neither a preset"),
+    (["calc", "model", "demo", "--batch", "0"], "--batch must be positive"),
+    (["calc", "model", "demo", "--seq", "100000"], "--seq 100000 must be between 1 and the model's context"),
+    (["calc", "model", "demo", "--accelerator", "V100"], "V100 does not support bf16; pick --precision fp16 or fp32"),
+    (["calc", "linear", "--n", "0", "--d-in", "2", "--d-out", "3"], "--n must be at least 1"),
+])
+def test_bad_calc_input_is_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err

@@ -38,8 +38,8 @@ def find_accelerator(name: str) -> Accelerator:
 def peak_flops(accelerator: Accelerator, precision: str) -> float:
     """Peak FLOP/s of `accelerator` in `precision` (bf16 | fp16 | fp32)."""
     if precision not in accelerator.peak_tflops:
-        supported = ", ".join(accelerator.peak_tflops)
-        raise ConfigError(f"{accelerator.name} has no {precision} tensor cores; pick one of {supported}")
+        supported = " or ".join(accelerator.peak_tflops)
+        raise ConfigError(f"{accelerator.name} does not support {precision}; pick --precision {supported}")
     return accelerator.peak_tflops[precision] * 1e12
 
 

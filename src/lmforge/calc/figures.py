@@ -6,9 +6,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from lmforge.calc.accelerators import find_accelerator, training_seconds
+from lmforge.calc.accelerators import find_accelerator, peak_flops, training_seconds
 from lmforge.calc.flops import count_model
 from lmforge.calc.memory import REGIMES, activation_bytes, kv_cache_bytes, lora_params, training_memory
+from lmforge.errors import ConfigError
 
 # (method, precision regime, activation checkpointing): the training set-ups whose memory is shown
 MEMORY_SETUPS: tuple[tuple[str, str, bool], ...] = (
@@ -29,7 +30,11 @@ def model_figures(cfg: BaseModel, *, seq: int | None = None, batch: int = 1, tok
     """Parameters, exact per-layer FLOPs, 6ND, training memory of each set-up in `MEMORY_SETUPS` for `batch`
     sequences of `seq` tokens, the KV cache of `batch` sequences of `context` tokens, and the training time of
     `tokens` tokens (default: 20 per parameter) on `devices` x `accelerator` at `mfu` of its `precision` peak."""
-    device = find_accelerator(accelerator)  # an unknown name fails before any counting
+    device = find_accelerator(accelerator)  # an unknown name or precision fails before any counting
+    peak_flops(device, precision)
+    for option, value in (("--batch", batch), ("--lora-r", lora_r), ("--context", context), ("--tokens", tokens)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{option} must be positive, got {value}")
     count = count_model(cfg, seq)
     seq = count.seq_len
     tokens = float(tokens if tokens is not None else TOKENS_PER_PARAM * count.params)
