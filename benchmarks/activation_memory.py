@@ -7,6 +7,7 @@ Two figures per setting, each above what was live before the step (weights, Adam
   held:  bytes still live after the forward, i.e. kept for the backward (the activations)
   peak:  the most bytes live at any op over forward and backward (adds the gradients and the
          recomputed block's activations)
+and, beside them, what `lmforge calc` estimates for the same step.
 
     python benchmarks/activation_memory.py                     # the demo decoder, batch 16 x its context
     python benchmarks/activation_memory.py --family llama --layers 8
@@ -24,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from lmforge.calc.memory import activation_bytes  # noqa: E402
 from lmforge.config import ModelConfig  # noqa: E402
 from lmforge.model.activation_checkpointing import set_activation_checkpointing  # noqa: E402
 from lmforge.model.decoder import DecoderLM  # noqa: E402
@@ -106,6 +108,12 @@ def main(argv: list[str] | None = None) -> None:
     (held_off, peak_off), (held_on, peak_on) = figures[False], figures[True]
     print(f"checkpointing keeps {held_on / held_off:.2f}x the activations (held) and peaks at "
           f"{peak_on / peak_off:.2f}x the memory, for one more forward of every block")
+    tokens = args.batch * seq
+    estimate = {flag: activation_bytes(model.cfg, tokens, 4, flag) / mib for flag in (False, True)}
+    gradients = 4 * common.num_params(model) / mib
+    print(f"lmforge calc's estimate (lmforge.calc.memory.activation_bytes): {estimate[False]:.1f} MiB plain (vs "
+          f"held), {estimate[True]:.1f} MiB checkpointed at the peak (vs peak less the {gradients:.1f} MiB of "
+          "gradients)")
     print(f"machine: {common.machine_line()}")
 
 

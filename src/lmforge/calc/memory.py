@@ -111,15 +111,15 @@ def activation_bytes(cfg: BaseModel, tokens: int, bytes_per_value: int, checkpoi
                      lora_r: int = 0) -> int:
     """Bytes autograd keeps for the backward of a batch of `tokens` tokens (estimate; see the module docstring).
 
-    Checkpointing (per block, as lmforge does) keeps each block's input and, during the backward, one block's
-    activations at a time. The head keeps its inputs, the logits (16-bit or fp32) and their fp32 log-softmax."""
+    Checkpointing (per block, as lmforge does) keeps each block's input, and at the peak either the head's
+    activations (its backward runs first) or one block's, recomputed. The head keeps its inputs, the logits (16-bit
+    or fp32) and their fp32 log-softmax."""
     values, masks, layers = _block_values_per_token(cfg, lora_r)
     head = 2 * cfg.d_model * bytes_per_value + cfg.vocab_size * (bytes_per_value + 4)
+    blocks = values * bytes_per_value + masks
     if checkpointing:
-        per_token = layers * cfg.d_model * bytes_per_value + (values * bytes_per_value + masks) / layers
-    else:
-        per_token = values * bytes_per_value + masks
-    return int(tokens * (per_token + head))
+        return int(tokens * (layers * cfg.d_model * bytes_per_value + max(head, blocks / layers)))
+    return int(tokens * (blocks + head))
 
 
 def training_memory(cfg: BaseModel, count: ModelCount, regime: Regime, tokens: int, method: str = "full",
