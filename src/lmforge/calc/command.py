@@ -9,6 +9,21 @@ from typing import Any
 from jsonargparse import ArgumentParser, Namespace
 
 GB = 1e9
+UNITS = (("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("bytes", 1))
+
+
+def _unit(largest: float, at_least: float = 10) -> tuple[str, float]:
+    """The unit bytes up to `largest` read best in: the largest unit it holds `at_least` of (10 in a table: one
+    decimal still shows small entries)."""
+    return next((unit, size) for unit, size in UNITS if largest >= at_least * size or size == 1)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 3600:
+        return f"{seconds:,.3g} s"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:,.3g} hours"
+    return f"{seconds / 86400:,.4g} days"
 
 
 def linear_options(p: ArgumentParser) -> None:
@@ -99,9 +114,7 @@ def describe(name: str, figures: dict[str, Any]) -> list[str]:
               f"compute for D = {compute['tokens']:.4g} tokens: 6ND = {compute['six_nd']:.4g} FLOPs; counted "
               f"{compute['counted']:.4g}"]
     memory = figures["memory"]
-    largest = max(setup["total"] for setup in memory["setups"])
-    unit, size = next((unit, size) for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("bytes", 1))
-                      if largest >= 10 * size or size == 1)
+    unit, size = _unit(max(setup["total"] for setup in memory["setups"]))
     lines += [f"training memory with Adam, one step of {memory['batch']} x {memory['seq_len']} tokens ({unit}; "
               f"LoRA / QLoRA: rank {memory['lora_r']} on every block Linear, {memory['lora_params']:,} trained "
               "parameters):",
@@ -116,9 +129,10 @@ def describe(name: str, figures: dict[str, Any]) -> list[str]:
                  "estimated; QLoRA: block Linears in NF4 (double quantisation), the rest 16-bit")
     if figures["kv_cache"] is not None:
         kv = figures["kv_cache"]
-        lines.append(f"KV cache (16-bit) of {kv['batch']} x {kv['context']} tokens: {kv['bytes_16bit'] / GB:.3g} GB")
+        kv_unit, kv_size = _unit(kv["bytes_16bit"], at_least=1)
+        lines.append(f"KV cache (16-bit) of {kv['batch']} x {kv['context']} tokens: "
+                     f"{kv['bytes_16bit'] / kv_size:.3g} {kv_unit}")
     t = figures["training_time"]
     lines.append(f"training time: {t['flops']:.4g} FLOPs on {t['devices']} x {t['accelerator']} at {t['mfu']:.0%} of "
-                 f"{t['peak_tflops']:g} {t['precision']} TFLOP/s: {t['seconds'] / 3600:,.3g} hours "
-                 f"({t['days']:,.3g} days)")
+                 f"{t['peak_tflops']:g} {t['precision']} TFLOP/s: {_duration(t['seconds'])}")
     return lines
