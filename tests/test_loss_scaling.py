@@ -52,8 +52,8 @@ def fp16_setup(shards_dir: Path, out: Path, max_steps: int) -> tuple[DecoderLM, 
     config = load_config(PretrainConfig, None, {
         "data.dir": str(shards_dir), "model.vocab_size": 400, "model.max_seq_len": 8, "model.n_layer": 1,
         "model.n_head": 2, "model.d_model": 16, "train.out_dir": str(out), "train.batch_size": 2,
-        "train.max_steps": max_steps, "train.warmup_steps": 1, "train.save_every": 1, "train.log_every": 1,
-        "train.progress": False, "train.device": "cpu", "train.precision": "fp16", "train.loss_scale_init": 1024.0,
+        "train.max_steps": max_steps, "train.warmup_steps": 1, "train.save_every": 1, "train.keep_checkpoints": 10,
+        "train.log_every": 1, "train.progress": False, "train.device": "cpu", "train.precision": "fp16", "train.loss_scale_init": 1024.0,
         "train.loss_scale_growth_interval": 2})
     torch.manual_seed(0)
     return DecoderLM(config.model), config, PackedBatches(load_shards(shards_dir).tokens("train"), 8, 2, seed=0)
@@ -69,16 +69,22 @@ def step_records(run: Path) -> list[dict]:
             for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
-def test_inf_gradients_skip_the_step_halve_the_scale_and_good_steps_grow_it(tmp_path: Path,
-                                                                            shards_dir: Path) -> None:
-    model, config, batches = fp16_setup(shards_dir, tmp_path / "run", max_steps=6)
-    config.train.keep_checkpoints = 10
+@pytest.fixture(scope="module")
+def reference_run(shards_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DecoderLM]:
+    """5 fp16 steps, step 2's gradients infinite, every checkpoint kept: (run dir, trained model)."""
+    run = tmp_path_factory.mktemp("fp16") / "ref"
+    model, config, batches = fp16_setup(shards_dir, run, max_steps=5)
     train(model, config.train, batches.batch, poisoned_loss({"n": 0}), run_config=config)
-    run = tmp_path / "run"
+    return run, model
+
+
+def test_inf_gradients_skip_the_step_halve_the_scale_and_good_steps_grow_it(
+        reference_run: tuple[Path, DecoderLM]) -> None:
+    run, model = reference_run
     records = step_records(run)
-    # scale after each step: growth interval 2, so 1024 -> (skip) 512 -> 512 -> 1024 -> 1024 -> 2048
-    assert [r["loss_scale"] for r in records] == [1024.0, 512.0, 512.0, 1024.0, 1024.0, 2048.0]
-    assert [r["skipped_steps"] for r in records] == [0, 1, 1, 1, 1, 1]
+    # the scale after each step: growth interval 2, so 1024 -> (skipped) 512 -> 512 -> 1024 -> 1024
+    assert [r["loss_scale"] for r in records] == [1024.0, 512.0, 512.0, 1024.0, 1024.0]
+    assert [r["skipped_steps"] for r in records] == [0, 1, 1, 1, 1]
     before, skipped, after = weights_at(run, 1), weights_at(run, 2), weights_at(run, 3)
     assert all(torch.equal(before[k], skipped[k]) for k in before), "the skipped step changed the weights"
     assert any(not torch.equal(skipped[k], after[k]) for k in before), "the step after the skip did not train"
@@ -88,9 +94,8 @@ def test_inf_gradients_skip_the_step_halve_the_scale_and_good_steps_grow_it(tmp_
     assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
 
 
-def test_fp16_resume_restores_the_loss_scale_exactly(tmp_path: Path, shards_dir: Path) -> None:
-    model, config, batches = fp16_setup(shards_dir, tmp_path / "ref", max_steps=5)
-    train(model, config.train, batches.batch, poisoned_loss({"n": 0}), run_config=config)
+def test_fp16_resume_restores_the_loss_scale_exactly(reference_run: tuple[Path, DecoderLM], tmp_path: Path,
+                                                     shards_dir: Path) -> None:
     model, config, batches = fp16_setup(shards_dir, tmp_path / "run", max_steps=5)
     with pytest.raises(KeyboardInterrupt):  # killed during step 4, after step 3's checkpoint
         train(model, config.train, batches.batch, poisoned_loss({"n": 0}, crash_at=4), run_config=config)
@@ -98,8 +103,9 @@ def test_fp16_resume_restores_the_loss_scale_exactly(tmp_path: Path, shards_dir:
     assert state["grad_scaler"]["scale"] == 512.0 and state["skipped_steps"] == 1
     model, config, batches = fp16_setup(shards_dir, tmp_path / "run", max_steps=5)
     train(model, config.train, batches.batch, poisoned_loss({"n": POISONED_CALL}), run_config=config, resume=True)
-    assert step_records(tmp_path / "run") == step_records(tmp_path / "ref")
-    ref, resumed = weights_at(tmp_path / "ref", 5), weights_at(tmp_path / "run", 5)
+    ref_run, _ = reference_run
+    assert step_records(tmp_path / "run") == step_records(ref_run)
+    ref, resumed = weights_at(ref_run, 5), weights_at(tmp_path / "run", 5)
     assert all(torch.equal(ref[k], resumed[k]) for k in ref)
 
 
