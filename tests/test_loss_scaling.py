@@ -53,8 +53,8 @@ def fp16_setup(shards_dir: Path, out: Path, max_steps: int) -> tuple[DecoderLM, 
         "data.dir": str(shards_dir), "model.vocab_size": 400, "model.max_seq_len": 8, "model.n_layer": 1,
         "model.n_head": 2, "model.d_model": 16, "train.out_dir": str(out), "train.batch_size": 2,
         "train.max_steps": max_steps, "train.warmup_steps": 1, "train.save_every": 1, "train.keep_checkpoints": 10,
-        "train.log_every": 1, "train.progress": False, "train.device": "cpu", "train.precision": "fp16", "train.loss_scale_init": 1024.0,
-        "train.loss_scale_growth_interval": 2})
+        "train.log_every": 1, "train.progress": False, "train.device": "cpu", "train.precision": "fp16",
+        "train.loss_scale_init": 1024.0, "train.loss_scale_growth_interval": 2})
     torch.manual_seed(0)
     return DecoderLM(config.model), config, PackedBatches(load_shards(shards_dir).tokens("train"), 8, 2, seed=0)
 
