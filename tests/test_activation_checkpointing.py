@@ -15,6 +15,8 @@ from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.trainer import train
 from test_trainer import small_setup
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: fastest on one thread
+
 MODELS = {
     "gpt2": ModelConfig(family="gpt2", vocab_size=64, max_seq_len=16, n_layer=2, n_head=2, d_model=16, dropout=0.1),
     "llama": ModelConfig(family="llama", vocab_size=64, max_seq_len=16, n_layer=2, n_head=2, n_kv_head=1,
@@ -67,3 +69,20 @@ def test_trainer_switches_it_on_and_trains_to_the_same_weights(tmp_path: Path, s
         weights[flag] = model.state_dict()
     for name, tensor in weights[False].items():
         assert torch.allclose(tensor, weights[True][name], rtol=0, atol=1e-6), name
+
+
+@pytest.mark.parametrize("method", ["qlora", "dora", "adapter", "prefix", "prompt", "topk"])
+def test_peft_models_get_the_same_gradients(method: str) -> None:
+    """PEFT modules inside the blocks (adapters, prefixes, NF4 bases) and frozen blocks recompute alike."""
+    from lmforge.config import PeftConfig
+    from lmforge.peft.config import apply_peft
+
+    torch.manual_seed(0)
+    model = build_model(MODELS["gpt2"]).train()
+    apply_peft(model, PeftConfig(method=method, r=2, prefix_len=3, prompt_len=3, reparam_hidden=8))
+    _, plain = loss_and_grads(model, "gpt2")
+    set_activation_checkpointing(model, True)
+    _, checkpointed = loss_and_grads(model, "gpt2")
+    assert plain and plain.keys() == checkpointed.keys()
+    for name, grad in plain.items():
+        assert torch.allclose(grad, checkpointed[name], rtol=0, atol=1e-6), name

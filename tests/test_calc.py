@@ -27,6 +27,8 @@ from lmforge.cli import main
 from lmforge.config import EncDecConfig, EncoderConfig, ModelConfig, PeftConfig, TrainConfig
 from lmforge.model import build_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: fastest on one thread
+
 TINY = {
     "gpt2": ModelConfig(family="gpt2", vocab_size=64, max_seq_len=16, n_layer=3, n_head=2, d_model=16),
     "llama": ModelConfig(family="llama", vocab_size=64, max_seq_len=16, n_layer=3, n_head=4, n_kv_head=2,

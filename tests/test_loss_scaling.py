@@ -20,6 +20,8 @@ from lmforge.train.loss import LossResult
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.trainer import train
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: fastest on one thread
+
 POISONED_CALL = 2  # the loss of optimizer step 2 (one micro-batch per step) gets infinite gradients
 
 
