@@ -18,6 +18,7 @@ from typing import Any
 from jsonargparse import SUPPRESS, ArgumentParser, DefaultHelpFormatter, Namespace
 
 from lmforge.agents.command import AGENT_EXAMPLE, agent_options, cmd_agent
+from lmforge.calc.command import cmd_calc_linear, cmd_calc_model, linear_options, model_options
 from lmforge.commands import (
     chat_options,
     cmd_chat,
@@ -351,6 +352,15 @@ VERBS: dict[str, tuple[str, str, Callable[[ArgumentParser], None] | None, Callab
                "--temperature 0.7 --seed 0 --json sc.json\n"
                "  lmforge prompt runs/demo/pretrain --method many-shot --tasks arithmetic.jsonl --budget 200 --repeat",
                prompt_options, cmd_prompt),
+    "calc": ("the accounting behind scale: parameters, FLOPs, training memory, KV cache, training time",
+             "lmforge calc model --help", None, None),
+    "calc model": ("parameters, exact per-layer FLOPs, 6ND, training memory (fp32, mixed precision, activation "
+                   "checkpointing, LoRA, QLoRA), KV cache and training time of a model config or checkpoint",
+                   "lmforge calc model llama-65b --batch 4\n"
+                   "  lmforge calc model runs/demo/pretrain --tokens 1e9 --accelerator A100 --mfu 0.5 --json\n"
+                   "  lmforge calc model gpt3-175b --tokens 300e9 --devices 1024", model_options, cmd_calc_model),
+    "calc linear": ("FLOPs, parameters, activations and fp32 training memory of one linear layer",
+                    "lmforge calc linear --n 16384 --d-in 32768 --d-out 8192", linear_options, cmd_calc_linear),
     "generate": ("generate text from a checkpoint (lmforge or Hugging Face dir)",
                  'lmforge generate runs/demo/pretrain --prompt "The capital of" --temperature 0.8 --top-p 0.9\n'
                  '  lmforge generate runs/sft --chat --prompt "Name a colour."\n'

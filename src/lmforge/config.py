@@ -107,7 +107,12 @@ class TrainConfig(StrictModel):
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast over fp32 master weights
+    # fp16 only: dynamic loss scaling (torch.amp.GradScaler). A step with inf/nan gradients is skipped and the
+    # scale halved; after loss_scale_growth_interval good steps in a row it doubles
+    loss_scale_init: float = Field(2.0**16, gt=0)
+    loss_scale_growth_interval: int = Field(2000, ge=1)
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward: less memory
     compile: bool = False  # torch.compile the training forward (pays for Llama blocks; costs a warm-up)
     device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
     eval_every: int = 100

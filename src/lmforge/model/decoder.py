@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
+from lmforge.model.activation_checkpointing import CheckpointableBlock
 from lmforge.model.layers import (
     MLP,
     Attention,
@@ -30,7 +31,7 @@ def _identity(x: Tensor) -> Tensor:
     return x
 
 
-class Block(nn.Module):
+class Block(CheckpointableBlock):
     """One Transformer layer; pre-norm x + f(norm(x)) or post-norm norm(x + f(x))."""
 
     def __init__(self, cfg: ModelConfig):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.config import EncDecConfig
+from lmforge.model.activation_checkpointing import CheckpointableBlock
 from lmforge.model.layers import MLP, Attention, KVCache, RMSNorm, attention_bias, padding_bias
 
 
@@ -54,7 +55,7 @@ def _attention(cfg: EncDecConfig) -> Attention:
     return Attention(cfg.d_model, cfg.n_head, cfg.n_head, cfg.head_dim, bias=False, dropout=cfg.dropout, scale=1.0)
 
 
-class EncoderBlock(nn.Module):
+class EncoderBlock(CheckpointableBlock):
     """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, cfg: EncDecConfig):
@@ -70,7 +71,7 @@ class EncoderBlock(nn.Module):
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
-class DecoderBlock(nn.Module):
+class DecoderBlock(CheckpointableBlock):
     """Pre-norm causal self-attention, cross-attention over the encoder output, then the MLP."""
 
     def __init__(self, cfg: EncDecConfig):

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.config import EncoderConfig
+from lmforge.model.activation_checkpointing import CheckpointableBlock
 from lmforge.model.layers import ACTIVATIONS, MLP, Attention, make_norm, padding_bias
 
 
-class EncoderBlock(nn.Module):
+class EncoderBlock(CheckpointableBlock):
     """One post-norm BERT layer: x = norm(x + attn(x)); x = norm(x + mlp(x))."""
 
     def __init__(self, cfg: EncoderConfig):

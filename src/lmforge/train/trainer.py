@@ -31,6 +31,7 @@ from lmforge.checkpoint import (
 )
 from lmforge.config import TrainConfig
 from lmforge.errors import CheckpointError, ConfigError, TrainingError
+from lmforge.model.activation_checkpointing import set_activation_checkpointing
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.config_change import check_resume_config, record_config_change
 from lmforge.train.distributed import DistContext, gather_objects, init_distributed, sum_across_ranks
@@ -62,11 +63,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast context (fp32 master weights), or a no-op for fp32."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    """bf16 or fp16 autocast context (the weights stay fp32: the master copy the optimizer updates), or a no-op
+    for fp32."""
+    if precision in AUTOCAST_DTYPES:
+        return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
     return nullcontext()
+
+
+def new_grad_scaler(cfg: TrainConfig, device: torch.device) -> torch.amp.GradScaler:
+    """fp16's dynamic loss scaler (Micikevicius et al. 2018): the loss is multiplied by the scale before the
+    backward, so small gradients do not underflow fp16; disabled (a pass-through) in any other precision."""
+    return torch.amp.GradScaler(device.type, init_scale=cfg.loss_scale_init,
+                                growth_interval=cfg.loss_scale_growth_interval, enabled=cfg.precision == "fp16")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -116,11 +128,14 @@ class StepStats:
 
 def accumulate_gradients(step: int, cfg: TrainConfig, ctx: DistContext, device: torch.device,
                          batch_at: Callable[[int], Batch], loss_fn: LossFn, ddp_model: torch.nn.Module,
-                         forward_model: torch.nn.Module, params: list[torch.Tensor]) -> StepStats:
+                         forward_model: torch.nn.Module, params: list[torch.Tensor],
+                         scaler: torch.amp.GradScaler | None = None) -> StepStats:
     """Forward and backward every micro-batch of optimizer step `step`, then scale the summed gradients to the
     mean over all loss-bearing tokens (or items) of the step on all ranks: the gradient of the whole batch,
     however it is split into micro-batches and ranks. With one micro-batch the count is known before the
-    backward, which divides by it as a mean-reduced loss does (the same gradients, bit for bit, in one process)."""
+    backward, which divides by it as a mean-reduced loss does (the same gradients, bit for bit, in one process).
+    An enabled `scaler` multiplies each loss by the loss scale before its backward (the gradients stay scaled)."""
+    scale_loss = scaler.scale if scaler is not None else (lambda loss: loss)
     sums, keys, tokens = None, [], 0  # sums: [total, count, *metrics] over the micro-batches
     for micro in range(cfg.grad_accum):
         index = (step * cfg.grad_accum + micro) * ctx.world_size + ctx.rank
@@ -132,9 +147,9 @@ def accumulate_gradients(step: int, cfg: TrainConfig, ctx: DistContext, device: 
                 result = loss_fn(forward_model, batch)
             if cfg.grad_accum == 1:
                 count = sum_across_ranks(torch.as_tensor(result.count, device=device).to(result.total.dtype), ctx)
-                (result.total / count * ctx.world_size).backward()
+                scale_loss(result.total / count * ctx.world_size).backward()
             else:
-                result.total.backward()
+                scale_loss(result.total).backward()
         keys = sorted(result.metrics)
         values = torch.stack([torch.as_tensor(value, device=device).detach().to(log_dtype(device)) for value in
                               (result.total, result.count, *(result.metrics[k] for k in keys))])
@@ -151,11 +166,11 @@ def accumulate_gradients(step: int, cfg: TrainConfig, ctx: DistContext, device: 
     return StepStats(loss, dict(zip(keys, means, strict=True)), tokens)  # one device-to-host copy per step
 
 
-def _restore_latest(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-                    run_config: BaseModel, ctx: DistContext, device: torch.device,
-                    accept_config_change: bool) -> tuple[int, int, Path]:
-    """Load the latest checkpoint of `run_dir` into `model`, `optimizer` and the RNGs after checking it, and the
-    config's changes, completely; (step, tokens seen, checkpoint dir)."""
+def _restore_latest(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, cfg: TrainConfig, run_config: BaseModel, ctx: DistContext,
+                    device: torch.device, accept_config_change: bool) -> tuple[dict[str, Any], Path]:
+    """Load the latest checkpoint of `run_dir` into `model`, `optimizer`, the loss scaler and the RNGs after
+    checking it, and the config's changes, completely; (trainer state, checkpoint dir)."""
     ckpt = resolve_checkpoint(run_dir)
     state, opt_state, rng = read_training_state(ckpt)  # validates every file before changing anything
     if len(rng["torch"]) != ctx.world_size:
@@ -167,12 +182,14 @@ def _restore_latest(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
     changes = check_resume_config(ckpt, run_config, run_dir, accept_config_change)
     load_weights(model, ckpt)
     optimizer.load_state_dict(opt_state)
+    if scaler.is_enabled() and "grad_scaler" in state:  # an fp32/bf16 checkpoint resumed in fp16 starts afresh
+        scaler.load_state_dict(state["grad_scaler"])
     torch.set_rng_state(rng["torch"][ctx.rank])
     if "cuda" in rng and device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"][ctx.rank], device)
     if changes and ctx.is_main:
         record_config_change(run_dir, ckpt, state["step"], changes)
-    return state["step"], state["tokens_seen"], ckpt
+    return state, ckpt
 
 
 def train(
@@ -229,11 +246,13 @@ class _Run:
     ddp_model: torch.nn.Module  # DistributedDataParallel(model) under torchrun, else model
     forward_model: torch.nn.Module  # ddp_model, compiled when cfg.compile
     optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # fp16's loss scaler; disabled in other precisions
     metrics: MetricsLog | None  # rank 0 only
     tokenizer: Tokenizer | None
     run_config: BaseModel
     start_step: int
     tokens_seen: int
+    skipped_steps: int = 0  # fp16 steps skipped for inf/nan gradients, over the whole run
     last_checkpoint: Path | None = None
 
     @functools.cached_property
@@ -256,18 +275,20 @@ def _set_up(model: torch.nn.Module, cfg: TrainConfig, run_config: BaseModel, tok
     saves step 0), wrapped for DDP and torch.compile, and the run's metrics log opened."""
     run_dir = Path(cfg.out_dir)
     model.to(device).train()
+    set_activation_checkpointing(model, cfg.activation_checkpointing)
     optimizer = build_optimizer(model, cfg)
-    start_step, tokens_seen, resumed_from = 0, 0, None
+    scaler = new_grad_scaler(cfg, device)
+    state, resumed_from = {"step": 0, "tokens_seen": 0}, None
     if resume:
-        start_step, tokens_seen, resumed_from = _restore_latest(run_dir, model, optimizer, cfg, run_config, ctx,
-                                                                device, accept_config_change)
+        state, resumed_from = _restore_latest(run_dir, model, optimizer, scaler, cfg, run_config, ctx, device,
+                                              accept_config_change)
     elif ctx.enabled:
         torch.manual_seed(cfg.seed + 1 + ctx.rank)  # each rank its own dropout noise
     ddp_model = DistributedDataParallel(model) if ctx.enabled else model
     forward_model = torch.compile(ddp_model) if cfg.compile else ddp_model
-    metrics = MetricsLog(run_dir, start_step if resume else None, cfg.tensorboard) if ctx.is_main else None
-    run = _Run(cfg, ctx, device, model, ddp_model, forward_model, optimizer, metrics, tokenizer, run_config,
-               start_step, tokens_seen)
+    metrics = MetricsLog(run_dir, state["step"] if resume else None, cfg.tensorboard) if ctx.is_main else None
+    run = _Run(cfg, ctx, device, model, ddp_model, forward_model, optimizer, scaler, metrics, tokenizer, run_config,
+               state["step"], state["tokens_seen"], state.get("skipped_steps", 0))
     run.last_checkpoint = resumed_from or _save(run, 0)
     return run
 
@@ -281,31 +302,46 @@ def _save(run: _Run, step: int) -> Path:
     run_dir = Path(run.cfg.out_dir)
     if not run.ctx.is_main:
         return run_dir / "checkpoints" / f"step_{step:08d}"
-    return write_training_checkpoint(run_dir, step, run.model, run.tokenizer, run.run_config, run.optimizer,
-                                     {"tokens_seen": run.tokens_seen}, {key: [s[key] for s in states] for key in rng},
-                                     run.cfg.keep_checkpoints)
+    state: dict[str, Any] = {"tokens_seen": run.tokens_seen}
+    if run.scaler.is_enabled():
+        state |= {"grad_scaler": run.scaler.state_dict(), "skipped_steps": run.skipped_steps}
+    return write_training_checkpoint(run_dir, step, run.model, run.tokenizer, run.run_config, run.optimizer, state,
+                                     {key: [s[key] for s in states] for key in rng}, run.cfg.keep_checkpoints)
 
 
 def _optimizer_step(run: _Run, step: int, batch_at: Callable[[int], Batch], loss_fn: LossFn
                     ) -> tuple[StepStats, float, float]:
     """Optimizer step `step` (0-based): the schedule's learning rate, the step's gradients, clipping and the
-    update; a loss that is not finite stops the run before the weights change. (stats, lr, grad norm)."""
+    update; a loss that is not finite stops the run before the weights change. In fp16, the gradients are
+    unscaled before clipping, and a step whose gradients hold inf/nan is skipped (the scaler lowers its scale).
+    (stats, lr, grad norm)."""
     cfg = run.cfg
     lr = lr_at(step, cfg)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     stats = accumulate_gradients(step, cfg, run.ctx, run.device, batch_at, loss_fn, run.ddp_model,
-                                 run.forward_model, run.params)
+                                 run.forward_model, run.params, run.scaler)
     if not math.isfinite(stats.loss):
         run.close()
         raise TrainingError(f"loss became {stats.loss} at step {step + 1}; stopped. The last good checkpoint, "
                             f"{run.last_checkpoint}, is intact: lower train.lr, raise train.warmup_steps, or check "
                             "the data.")
+    run.scaler.unscale_(run.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-    run.optimizer.step()
+    scale = run.scaler.get_scale()
+    run.scaler.step(run.optimizer)  # no update when the unscaled gradients hold inf/nan
+    run.scaler.update()
+    run.skipped_steps += int(run.scaler.get_scale() < scale)  # the scale backs off exactly when the step was skipped
     run.optimizer.zero_grad(set_to_none=True)
     run.tokens_seen += stats.tokens
     return stats, lr, float(grad_norm)
+
+
+def _loss_scale_record(run: _Run) -> dict[str, float | int]:
+    """fp16's loss scale after the latest step and the steps skipped so far, for the log; nothing otherwise."""
+    if not run.scaler.is_enabled():
+        return {}
+    return {"loss_scale": run.scaler.get_scale(), "skipped_steps": run.skipped_steps}
 
 
 def _validate(run: _Run, loss_fn: LossFn, batches: Iterable[Batch], step: int, perplexity: bool) -> tuple[float, str]:
@@ -340,7 +376,7 @@ def _train_holding_lock(model: torch.nn.Module, cfg: TrainConfig, batch_at: Call
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             tokens_per_s = window_tokens / max(window_time, 1e-9)
             run.log({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": run.tokens_seen,
-                     "tokens_per_s": tokens_per_s, **stats.metrics})
+                     "tokens_per_s": tokens_per_s, **_loss_scale_record(run), **stats.metrics})
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
             window_tokens, window_time = 0, 0.0
         if val_batches is not None and (done % cfg.eval_every == 0 or done == cfg.max_steps):
