@@ -1,8 +1,8 @@
 """The pieces every decode loop shares: token choice (greedy, temperature, top-k, top-p), the sampling generator made
-from a seed, the set of stop ids, and fitting a prompt into the context.
+from a seed, the set of stop ids, fitting a prompt into the context, and the compiled decode step.
 
-The engine (`infer/engine.py`) and the loops that cannot be rows of its batch (beam search reorders rows, speculative
-decoding verifies several tokens at once, encoder-decoder generation cross-attends) all pick and stop through these.
+The engine (`infer/engine.py`) and the loops on its rows (`infer/slots.py`: beam search, speculative decoding,
+encoder-decoder generation) all pick and stop through these.
 """
 
 from __future__ import annotations

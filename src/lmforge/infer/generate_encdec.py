@@ -1,7 +1,8 @@
 """Encoder-decoder generation (T5): encode once, then decode token by token.
 
 The encoder runs once per request and each decoder layer's cross-attention keys/values of its output are
-projected once; every step then costs one decoder position over the self-attention KV cache. Token
+projected once; the decoder then runs in a row of the decode engine's cache (`infer/slots.py`), one position per
+step. Token
 choice (greedy, temperature, top-k, top-p), seeding and stop ids are the shared `infer/decoding.py`'s.
 """
 
@@ -14,7 +15,9 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.infer.decoding import new_generator, next_token, stop_id_set
 from lmforge.infer.generate import SamplingConfig, StopStreamer
+from lmforge.infer.slots import BatchSlots
 from lmforge.model.encdec import EncDecLM
+from lmforge.model.layers import KVCache
 from lmforge.tokenizer import Tokenizer
 
 
@@ -55,26 +58,59 @@ def generate_encdec(
     stop_ids = stop_id_set(eos_id, cfg.stop_at_eos)
     enc_mask = None if mask is None else torch.tensor([mask], device=device)
     encoder_hidden = model.encode(torch.tensor([ids], device=device), enc_mask)
-    cross_kv = model.cross_kv(encoder_hidden)
-    cache = model.new_cache(1, cfg.max_new_tokens) if cfg.use_cache else None
-    seq = torch.tensor([[model.cfg.decoder_start_id]], device=device)
-
-    def step(tokens: torch.Tensor) -> torch.Tensor:
-        return model.decode(tokens, encoder_hidden, enc_mask, cache=cache, cross_kv=cross_kv)[:, -1]
-
-    logits = step(seq)
+    decoder = ConditionedDecoder(model, encoder_hidden, enc_mask)
+    start = model.cfg.decoder_start_id
+    if not cfg.use_cache:
+        return _generate_without_cache(decoder, start, cfg, generator, stop_ids, on_token)
+    row = BatchSlots.for_model(decoder, 1)
+    logits = row.prefill(0, [start], cfg.max_new_tokens)[-1]
     new: list[int] = []
     for _ in range(cfg.max_new_tokens):
-        token = next_token(logits, cfg, generator)
-        tid = int(token)
+        tid = int(next_token(logits[None], cfg, generator))
         if tid in stop_ids:
             break
         new.append(tid)
         if (on_token is not None and on_token(tid)) or len(new) == cfg.max_new_tokens:
             break
-        seq = torch.cat([seq, token.view(1, 1)], dim=1)
-        logits = step(token.view(1, 1) if cache is not None else seq)
+        logits = row.decode({0: tid})[0]
     return new
+
+
+class ConditionedDecoder(torch.nn.Module):
+    """T5's decoder conditioned on one encoded input, with the interface of a decoder-only model, so that it decodes
+    in a row of the engine's cache (`infer/slots.py`); the encoder output's cross-attention keys and values are
+    projected once."""
+
+    def __init__(self, model: EncDecLM, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor | None):
+        super().__init__()
+        self.model, self.cfg, self.device = model, model.cfg, encoder_hidden.device
+        self.encoder_hidden, self.encoder_mask = encoder_hidden, encoder_mask
+        self.cross = model.cross_kv(encoder_hidden)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        return self.model.new_cache(batch_size, max_len)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, attention_mask: torch.Tensor | None = None,
+                keep_last: int = 0) -> torch.Tensor:
+        if attention_mask is not None:
+            raise ValueError("one encoder-decoder row alone needs no attention mask")
+        logits = self.model.decode(input_ids, self.encoder_hidden, self.encoder_mask, cache=cache, cross_kv=self.cross)
+        return logits[:, -keep_last:] if keep_last else logits
+
+
+def _generate_without_cache(decoder: ConditionedDecoder, start: int, cfg: SamplingConfig,
+                            generator: torch.Generator | None, stop_ids: frozenset[int],
+                            on_token: Callable[[int], bool | None] | None) -> list[int]:
+    """Every step reruns the decoder over all its tokens: the baseline the cache is measured against."""
+    seq = [start]
+    for _ in range(cfg.max_new_tokens):
+        tid = int(next_token(decoder(torch.tensor([seq], device=decoder.device))[:, -1], cfg, generator))
+        if tid in stop_ids:
+            break
+        seq.append(tid)
+        if (on_token is not None and on_token(tid)) or len(seq) - 1 == cfg.max_new_tokens:
+            break
+    return seq[1:]
 
 
 def generate_text2text(
