@@ -263,3 +263,36 @@ def test_lmforge_agent_searches_a_rag_index(agent_run: Path, tmp_path: Path,
     assert main(argv + ["--index", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
     assert main(argv + ["--index", str(tmp_path / "index")]) == 0
+
+
+CODEACT_REPLY = ("Thought: I will compute it in Python.\n```python\nprint(2 + 5)\n```\nObservation: 7\n"
+                 "Final answer: 7")
+
+
+@pytest.fixture(scope="module")
+def codeact_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model that writes CODEACT_REPLY after the CodeAct prompt for QUESTION (as `agent_run` does for ReAct)."""
+    from lmforge.data.formats import codeact_messages
+
+    tok = train_tokenizer([CODEACT_REPLY, QUESTION, "Answer with Python. Question:"] * 20, vocab_size=400,
+                          show_progress=False)
+    opening = get_chat_template("lmforge", tok).render(codeact_messages(QUESTION), add_generation_prompt=True).ids
+    full = opening + tok.encode(CODEACT_REPLY) + [tok.token_id(END_OF_TURN)]
+    model = forced_model(tok.vocab_size, 1, [], max_seq_len=128)
+    with torch.no_grad():
+        for position, next_id in enumerate(full[1:]):
+            model.lm_head.weight[next_id, position] = 10.0
+    return save(model, tok, tmp_path_factory.mktemp("codeact") / "run",
+                run_config=CheckpointManifest(model=model.cfg, stage="sft", run={"template": "lmforge"}))
+
+
+def test_lmforge_agent_codeact_runs_the_block_in_the_sandbox(codeact_run: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "codeact.jsonl"
+    assert main(["agent", str(codeact_run), "--method", "codeact", "--question", QUESTION, "--timeout", "2",
+                 "--transcript", str(out)]) == 0
+    assert "answer: 7 (answer, 1 code blocks run)" in capsys.readouterr().out
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["method"] == "codeact" and {"kind": "observation", "text": "7"} in record["steps"]
+    assert main(["agent", str(codeact_run), "--method", "codeact", "--question", QUESTION, "--timeout", "0"]) == 2
+    assert "--timeout must be > 0" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""`lmforge agent`: answer questions with the ReAct loop and a chosen set of tools (options, then the command).
+"""`lmforge agent`: answer questions with the ReAct loop and a chosen set of tools, or with CodeAct (Python run in the
+sandbox) (options, then the command).
 Nothing here imports torch until the command runs; lmforge.rag is imported only for --index."""
 
 from __future__ import annotations
@@ -11,12 +12,21 @@ from lmforge.errors import ConfigError, DataError
 
 AGENT_EXAMPLE = ('lmforge agent runs/sft --tools calculator --question "What is 347 * 28 + 1250?"\n'
            '  lmforge agent runs/sft --tools calculator,search --index runs/docs-index --tasks questions.jsonl '
-           '--transcript react.jsonl --max-steps 4')
+           '--transcript react.jsonl --max-steps 4\n'
+           '  lmforge agent runs/sft --method codeact --question "What is 347 * 28 + 1250?" --timeout 2')
 
 
 def agent_options(p: ArgumentParser) -> None:
     p.add_argument("checkpoint", help="the chat model: run dir, checkpoint dir or Hugging Face dir of a decoder, "
                                       "e.g. runs/sft")
+    p.add_argument("--method", choices=("react", "codeact"), default="react",
+                   help="react: Thought / Action: tool[input] / Observation turns with --tools; codeact: the model "
+                        "writes Python blocks, run in the sandbox (lmforge.agents.sandbox; see docs/SANDBOX.md), "
+                        "their printed output the observation (--tools does not apply), e.g. --method codeact "
+                        "(default: react)")
+    p.add_argument("--timeout", type=float, default=5.0,
+                   help="codeact: wall-clock seconds each code block may run before the sandbox kills it, e.g. "
+                        "--timeout 2 (default: 5)")
     p.add_argument("--tools", default="calculator",
                    help="comma-separated tools: calculator (arithmetic, parsed safely), search (top passages of "
                         "--index), lookup (the next sentence of the last search's passages naming a term), e.g. "
@@ -76,6 +86,8 @@ def _check(args: Namespace) -> list[str]:
     for option, value in (("--max-steps", args.max_steps), ("--max-new-tokens", args.max_new_tokens)):
         if value < 1:
             raise ConfigError(f"{option} must be >= 1, got {value}")
+    if not args.timeout > 0:
+        raise ConfigError(f"--timeout must be > 0 seconds, got {args.timeout}")
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     unknown = [t for t in tools if t not in TOOL_NAMES]
     if unknown or not tools:
@@ -99,6 +111,7 @@ def _same(given: str | None, expected: object) -> bool:
 
 
 def cmd_agent(args: Namespace) -> None:
+    from lmforge.agents.codeact import SandboxLimits, run_codeact_chat
     from lmforge.agents.completer import load_completer
     from lmforge.agents.react import run_react_chat
     from lmforge.agents.tools import make_tools
@@ -113,15 +126,20 @@ def cmd_agent(args: Namespace) -> None:
     retriever = _load_index(args.index) if args.index is not None else None
     complete = load_completer(args.checkpoint, args.template)
     transcripts, correct = [], 0
+    options = dict(max_steps=args.max_steps, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   seed=args.seed)
     for task in tasks:
-        run = run_react_chat(complete, task["question"], make_tools(tools, retriever), max_steps=args.max_steps,
-                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+        if args.method == "codeact":
+            run = run_codeact_chat(complete, task["question"], limits=SandboxLimits(timeout_s=args.timeout), **options)
+        else:
+            run = run_react_chat(complete, task["question"], make_tools(tools, retriever), **options)
         transcripts.append(run)
         correct += _same(run.answer, task["answer"]) if "answer" in task else 0
         if args.question is not None:
             print(run.assistant_text)
+        calls = sum(s.kind in ("action", "code") for s in run.steps)
         print(f"answer: {run.answer if run.answer is not None else '(none)'} ({run.stop_reason}, "
-              f"{sum(s.kind == 'action' for s in run.steps)} tool calls)")
+              f"{calls} {'code blocks run' if args.method == 'codeact' else 'tool calls'})")
     scored = sum("answer" in t for t in tasks)
     if scored:
         print(f"accuracy: {correct}/{scored} = {correct / scored:.3f}")
