@@ -109,6 +109,7 @@ class TrainConfig(StrictModel):
     grad_clip: float = 1.0  # 0 disables clipping
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False  # torch.compile the training forward (pays for Llama blocks; costs a warm-up)
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate the model (DDP) or shard it (FSDP2)
     device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
     eval_every: int = 100
     eval_batches: int = 8
