@@ -29,6 +29,7 @@ from lmforge.model.decoder import DecoderLM
 from lmforge.sharded import load_sharded_weights
 from lmforge.train.distributed import DistContext, grad_accum_at
 from lmforge.train.objectives import causal_lm_loss
+from lmforge.train.rl import GRPOConfig, PPOConfig, run_grpo, run_ppo
 from lmforge.train.trainer import train
 from tiny_pretraining import write_word_shards
 
@@ -110,6 +111,13 @@ def test_fsdp_outside_torchrun_is_refused_saying_how_to_launch(tmp_path: Path, m
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("recipe", ["ppo", "grpo"])
+def test_rl_refuses_fsdp_whose_rollouts_need_the_whole_policy(recipe: str) -> None:
+    config = (PPOConfig if recipe == "ppo" else GRPOConfig)(train={"parallel": "fsdp"})
+    with pytest.raises(ConfigError, match="set train.parallel: ddp"):
+        (run_ppo if recipe == "ppo" else run_grpo)(None, [], None, config, eos_id=None)
+
+
 def test_a_resumed_run_keeps_its_global_batch_at_a_world_size_that_divides_it() -> None:
     ckpt = Path("run/checkpoints/step_00000003")
     assert grad_accum_at(2, 2, DistContext(0, 1, 0), ckpt) == 4  # 2 ranks x 2 -> 1 rank x 4
@@ -183,7 +191,7 @@ def test_two_nodes_on_loopback_equal_one_process_on_the_same_rows(tmp_path: Path
     """The README's multi-node recipe (`--nnodes 2 --node-rank R --rdzv-backend c10d`), one rank per "node", FSDP
     with batch B each == one process with batch 2B made of the same rows (1e-5 relative)."""
     write_word_shards(tmp_path, n_docs=400, val_fraction=0.0)
-    config = write_fsdp_config(tmp_path, "nodes")
+    config = write_fsdp_config(tmp_path, "nodes", save_every=6)
     endpoint = f"127.0.0.1:{free_port()}"
     nodes = [launch(["--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1", "--rdzv-backend", "c10d",
                      "--rdzv-endpoint", endpoint, "--rdzv-id", "lmforge-test"], config) for rank in (0, 1)]
