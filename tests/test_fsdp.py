@@ -66,11 +66,11 @@ def write_fsdp_config(root: Path, out: str, **train) -> Path:
     return path
 
 
-def launch(args: list[str], config: Path, *extra: str) -> subprocess.Popen:
-    """`torchrun ARGS -m lmforge.cli pretrain --config CONFIG EXTRA...`, one thread per rank."""
+def launch(args: list[str], config: Path) -> subprocess.Popen:
+    """`torchrun ARGS -m lmforge.cli pretrain --config CONFIG`, one thread per rank."""
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args, "-m", "lmforge.cli", "pretrain",
-                             "--config", str(config), *extra], env={**env, "OMP_NUM_THREADS": "1"},
+                             "--config", str(config)], env={**env, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
