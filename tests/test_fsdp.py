@@ -165,18 +165,23 @@ def killed_after_step_3(full: Path, copy: Path) -> None:
     (copy / "latest").write_text("checkpoints/step_00000003\n")
 
 
-@pytest.mark.slow  # one torchrun with two ranks (the full run, then the resumed one) and one rank here: ~10 s
+@pytest.mark.slow  # one torchrun with two ranks (the full run, then the resumed one) and one rank here: ~15 s
 def test_two_rank_shards_resume_at_one_and_at_two_ranks_as_the_uninterrupted_run(
         tmp_path: Path, one_process_torchrun) -> None:
     """Shards saved by 2 ranks at step 3 resume at 2 ranks and at 1 rank (grad_accum 2 -> 4: the same global
-    batch) to the losses and weights of the uninterrupted 2-rank run (1e-5 relative)."""
+    batch) to the losses and weights of the uninterrupted 2-rank run (1e-5 relative); a 1-rank run of one
+    micro-batch per step does not resume at 2 ranks."""
     write_word_shards(tmp_path, n_docs=400, val_fraction=0.0)
     config = write_fsdp_config(tmp_path, "full")
+    one_process_torchrun()
+    assert main(["pretrain", "--config", str(write_fsdp_config(tmp_path, "odd", grad_accum=1, max_steps=1))]) == 0
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            __file__, str(tmp_path)], env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 micro-batches per step (train.grad_accum=1 x 1 ranks), which 2 ranks cannot share evenly; resume with " \
+        "a world size that divides it (1)" in (tmp_path / "odd_error.txt").read_text()
     full = tmp_path / "full"
     killed_after_step_3(full, tmp_path / "one")
     one_process_torchrun()
@@ -221,6 +226,11 @@ if __name__ == "__main__":  # the two ranks of the two-rank resume test, under t
         killed_after_step_3(root / "full", root / "two")
     dist.barrier()
     pretrain(load_config(PretrainConfig, root / "full.yaml", {"train.out_dir": str(root / "two")}), resume=True)
+    try:  # every rank stops at the same check, before any collective
+        pretrain(load_config(PretrainConfig, root / "odd.yaml", {"train.max_steps": 2}), resume=True)
+    except ConfigError as exc:
+        if os.environ["RANK"] == "0":
+            (root / "odd_error.txt").write_text(str(exc))
     shutdown_distributed()
     sys.stdout.flush()
     os._exit(0)  # skip interpreter teardown under gloo, as lmforge.cli does (pytorch/pytorch#179291)
