@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import yaml
+from safetensors.torch import load_file
 
 import lmforge
 from cli_checks import error_line, snapshot
@@ -139,7 +140,8 @@ def test_one_rank_fsdp_trains_as_one_process_loads_and_refuses_another_model(
     run = tmp_path / "fsdp"
     step1, step2 = run / "checkpoints" / "step_00000001", run / "checkpoints" / "step_00000002"
     assert (step1 / SHARDED_DIR).is_dir() and not (step1 / WEIGHTS_FILE).exists()  # shards only, mid-run
-    assert (step2 / WEIGHTS_FILE).is_file()  # gathered at the end of the run
+    plain_final = tmp_path / "plain" / (tmp_path / "plain" / "latest").read_text().strip() / WEIGHTS_FILE
+    assert load_file(step2 / WEIGHTS_FILE).keys() == load_file(plain_final).keys()  # gathered, tied weights once
     assert_close_runs(run, tmp_path / "plain")
     final, _ = lmforge.load(run)
     from_shards = DecoderLM(final.cfg)
@@ -148,6 +150,9 @@ def test_one_rank_fsdp_trains_as_one_process_loads_and_refuses_another_model(
         assert torch.equal(tensor, from_shards.state_dict()[name]), name
     earlier, _ = lmforge.load(step1)  # read from its shards alone
     assert not torch.equal(earlier.lm_head.weight, final.lm_head.weight)
+    assert main(["export", str(step1), "--out", str(tmp_path / "hf")]) == 0  # gathered on export too
+    exported, _ = lmforge.load(tmp_path / "hf")
+    assert torch.equal(exported.lm_head.weight, earlier.lm_head.weight)
 
     before = snapshot(run)
     one_process_torchrun()
