@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel
+from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from lmforge.config import ModelConfig, TrainConfig
@@ -25,6 +26,7 @@ from lmforge.train.loss import LossResult
 from lmforge.train.objectives import IGNORE_INDEX, causal_lm_loss
 from lmforge.train.trainer import train
 
+PARALLEL = ("ddp", "fsdp")  # the two-rank runs: replicated, then sharded
 MODEL = ModelConfig(vocab_size=64, max_seq_len=16, n_layer=1, n_head=2, d_model=16, dropout=0.0)
 # (prompt tokens, reply tokens) of each conversation: the loss is on the reply only, as in SFT
 SHAPES = [(3, 9), (7, 2), (2, 5), (6, 1), (1, 11), (5, 3), (4, 4), (8, 2)]
@@ -55,19 +57,19 @@ def stacked(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 
 def train_on(out_dir: Path, batch_at: Callable[[int], dict[str, torch.Tensor]], grad_accum: int,
-             max_steps: int) -> list[dict[str, torch.Tensor]]:
+             max_steps: int, parallel: str = "ddp") -> list[dict[str, torch.Tensor]]:
     """Train a fresh seeded model with the shared trainer (no gradient clipping); the gradients the optimizer
-    stepped on, step by step."""
+    stepped on, step by step (under FSDP, each gathered from the ranks' shards)."""
     torch.manual_seed(0)
     model = DecoderLM(MODEL)
-    names = {p: name for name, p in model.named_parameters()}
     grads: list[dict[str, torch.Tensor]] = []
 
     def capture(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        grads.append({names[p]: p.grad.clone() for g in optimizer.param_groups for p in g["params"]})
+        grads.append({name: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad.clone()
+                      for name, p in model.named_parameters()})  # the optimizer's parameters (FSDP's, once sharded)
 
     cfg = TrainConfig(out_dir=str(out_dir), max_steps=max_steps, grad_accum=grad_accum, lr=1e-2, warmup_steps=0,
-                      grad_clip=0.0, progress=False, device="cpu")
+                      grad_clip=0.0, progress=False, device="cpu", parallel=parallel)
     handle = register_optimizer_step_pre_hook(capture)
     try:
         train(model, cfg, batch_at, causal_lm_loss, run_config=RunConfig(model=MODEL))
@@ -120,11 +122,11 @@ def step_rows(rows: list[dict[str, torch.Tensor]], per_step: int, step: int) -> 
     return stacked(rows[per_step * step:per_step * (step + 1)])
 
 
-@pytest.mark.slow  # three processes (torchrun and two ranks), each importing torch: ~8 s
+@pytest.mark.slow  # three processes (torchrun and two ranks), each importing torch: ~10 s
 def test_two_ranks_with_uneven_token_counts_equal_one_process(tmp_path: Path) -> None:
     """2 gloo ranks x grad_accum 2 (or 1) x one conversation each == one process training on the 4 (or 2)
-    conversations of each step as one batch: the same gradient at every step (all-reduce changes only the
-    summation order)."""
+    conversations of each step as one batch, under DDP and under FSDP: the same gradient at every step
+    (all-reduce and reduce-scatter change only the summation order)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
@@ -134,17 +136,18 @@ def test_two_ranks_with_uneven_token_counts_equal_one_process(tmp_path: Path) ->
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = conversations()
     for accum in (2, 1):
-        ddp = torch.load(tmp_path / "ddp" / f"grads_accum{accum}.pt")
         single = train_on(tmp_path / f"single{accum}", partial(step_rows, rows, 2 * accum), grad_accum=1,
                           max_steps=2)
-        diff = max_difference(ddp, single)
-        assert diff <= 1e-6, (accum, diff)
+        for parallel in PARALLEL:
+            diff = max_difference(torch.load(tmp_path / "ddp" / f"grads_{parallel}_accum{accum}.pt"), single)
+            assert diff <= 1e-6, (parallel, accum, diff)
 
 
 if __name__ == "__main__":  # one rank of the two-rank run above, under torchrun
     out = Path(sys.argv[1])
-    for accum in (2, 1):
-        grads = train_on(out / f"accum{accum}", ddp_rows, grad_accum=accum, max_steps=2)
-        if os.environ["RANK"] == "0":
-            torch.save(grads, out / f"grads_accum{accum}.pt")
+    for parallel in PARALLEL:
+        for accum in (2, 1):
+            grads = train_on(out / f"{parallel}{accum}", ddp_rows, grad_accum=accum, max_steps=2, parallel=parallel)
+            if os.environ["RANK"] == "0":
+                torch.save(grads, out / f"grads_{parallel}_accum{accum}.pt")
     shutdown_distributed()

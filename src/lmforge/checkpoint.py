@@ -37,6 +37,7 @@ from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
 CONFIG_FILE, WEIGHTS_FILE = "config.yaml", "model.safetensors"
 OPTIMIZER_FILE, STATE_FILE, RNG_FILE = "optimizer.pt", "trainer_state.json", "rng.pt"
+SHARDED_DIR = "sharded"  # an FSDP checkpoint's DCP shards of the model and optimizer (lmforge.sharded)
 LATEST_FILE = "latest"
 
 
@@ -62,12 +63,16 @@ def tensor_bytes(obj: Any) -> int:
     return 0
 
 
-def write_model_files(directory: Path, model: torch.nn.Module, tokenizer: Tokenizer | None, config: BaseModel) -> None:
+def write_model_files(directory: Path, model: torch.nn.Module | dict[str, torch.Tensor] | None,
+                      tokenizer: Tokenizer | None, config: BaseModel) -> None:
     """Write config.yaml (`config`: a CheckpointManifest, or a config that dumps to one, such as PretrainConfig),
-    model.safetensors and tokenizer.json into `directory` (not atomic alone)."""
+    model.safetensors (the model's weights, or the given tensors; none if None) and tokenizer.json into
+    `directory` (not atomic alone)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_FILE).write_text(dump_config(config))
-    save_file(_unique_state_dict(model), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    if model is not None:
+        weights = _unique_state_dict(model) if isinstance(model, torch.nn.Module) else model
+        save_file(weights, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     if tokenizer is not None:
         (directory / TOKENIZER_FILE).write_text(tokenizer.backend.to_str())
 
@@ -118,28 +123,39 @@ def save(model: torch.nn.Module, tokenizer: Tokenizer | None, path: str | Path,
     return write_model_dir(Path(path), model, tokenizer, run_config or CheckpointManifest(model=model.cfg, peft=peft))
 
 
+def sharded_temp_dir(run_dir: Path, step: int) -> Path:
+    """Where every rank of an FSDP run writes the shards of checkpoint `step` before rank 0 moves them into it
+    (the same path on every rank; a dead run's is removed by `remove_stale_temp_dirs`)."""
+    return run_dir / "checkpoints" / f".step_{step:08d}.sharded.tmp"
+
+
 def write_training_checkpoint(
     run_dir: Path,
     step: int,
-    model: torch.nn.Module,
+    model: torch.nn.Module | dict[str, torch.Tensor] | None,
     tokenizer: Tokenizer | None,
     config: BaseModel,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     state: dict[str, Any],
     rng: dict[str, list[torch.Tensor]],
     keep: int,
+    sharded: Path | None = None,
 ) -> Path:
     """Write checkpoints/step_N atomically, point `latest` at it, prune all but `keep` newest.
 
-    `rng` holds each process's RNG states in rank order (one entry in a single-process run). A full disk raises
-    DiskFullError; the partial checkpoint is removed and `latest` still names the previous one."""
+    `rng` holds each process's RNG states in rank order (one entry in a single-process run). Under FSDP,
+    `sharded` is the DCP dir of the model and optimizer the ranks wrote (moved in as `sharded/`, in place of
+    optimizer.pt) and `model` the gathered weights for model.safetensors, or None between the first and last
+    step. A full disk raises DiskFullError; the partial checkpoint is removed and `latest` still names the
+    previous one."""
     ckpt_root = run_dir / "checkpoints"
     final = ckpt_root / f"step_{step:08d}"
     tmp = unique_temp_path(final)
     latest = run_dir / LATEST_FILE
     pointer = final.relative_to(run_dir).as_posix()
     previous = _latest_pointer(run_dir)
-    opt_state = optimizer.state_dict()
+    opt_state = optimizer.state_dict() if optimizer is not None else {}
+    weights = _unique_state_dict(model) if isinstance(model, torch.nn.Module) else model or {}
 
     def remove_partial() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -148,10 +164,13 @@ def write_training_checkpoint(
 
     kept = (f"{latest} still names {previous}, which is intact; free some space, then continue with --resume"
             if previous else "no checkpoint of this run was kept; free some space, then start it again")
-    needed = tensor_bytes(_unique_state_dict(model)) + tensor_bytes(opt_state) + tensor_bytes(rng)
+    needed = tensor_bytes(weights) + tensor_bytes(opt_state) + tensor_bytes(rng)
     with disk_full_guard(ckpt_root, needed, f"checkpoint {final.name}", cleanup=remove_partial, kept=kept):
-        write_model_files(tmp, model, tokenizer, config)
-        torch.save(opt_state, tmp / OPTIMIZER_FILE)
+        write_model_files(tmp, weights or None, tokenizer, config)
+        if sharded is None:
+            torch.save(opt_state, tmp / OPTIMIZER_FILE)
+        else:
+            sharded.replace(tmp / SHARDED_DIR)
         torch.save(rng, tmp / RNG_FILE)
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=1))
         replace_dir(tmp, final)
@@ -210,6 +229,13 @@ def read_config_tree(ckpt: Path) -> dict[str, Any]:
 
 
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    """The checkpoint's model.safetensors into `model`, or, where an FSDP run saved only its shards, those
+    gathered in this process."""
+    if not (ckpt / WEIGHTS_FILE).is_file() and (ckpt / SHARDED_DIR).is_dir():
+        from lmforge.sharded import load_sharded_weights
+
+        load_sharded_weights(model, ckpt / SHARDED_DIR)
+        return
     f = require_hf_value(ckpt, WEIGHTS_FILE)
     try:
         tensors = load_file(str(f))
@@ -257,18 +283,20 @@ def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, Tokenizer | None
     return model.eval(), tokenizer
 
 
-def read_training_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(trainer state, optimizer state dict, rng states) of a training checkpoint, validated."""
+def read_training_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any]]:
+    """(trainer state, optimizer state dict, rng states) of a training checkpoint, validated; the optimizer state
+    is None in an FSDP checkpoint, whose `sharded/` dir holds it."""
     f = require_hf_value(ckpt, STATE_FILE)
     try:
         state = json.loads(f.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{f} is corrupt: {exc}") from None
+    sharded = (ckpt / SHARDED_DIR).is_dir()
     loaded = []
-    for name in (OPTIMIZER_FILE, RNG_FILE):
+    for name in (RNG_FILE,) if sharded else (OPTIMIZER_FILE, RNG_FILE):
         g = require_hf_value(ckpt, name)
         try:
             loaded.append(torch.load(g, weights_only=True, map_location="cpu"))
         except Exception as exc:  # torch's message can span many lines (weights_only refusals)
             raise CheckpointError(f"{g} is corrupt or truncated: {one_line(exc)}") from None
-    return state, loaded[0], loaded[1]
+    return state, None if sharded else loaded[0], loaded[-1]

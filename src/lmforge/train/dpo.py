@@ -162,7 +162,7 @@ def train_dpo(config: DPOConfig, resume: bool = False,
     eval_batches = list(ordered_pair_batches(eval_examples, tcfg.batch_size, pad_id))
 
     device = resolve_device(tcfg.device)
-    ctx = init_distributed(device)  # as the trainer will (idempotent): each rank scores the data on its own GPU
+    ctx = init_distributed(device, tcfg.parallel)  # as the trainer will (idempotent): each rank scores on its own GPU
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
     reference = frozen_copy(policy).to(device)  # one pass over every pair, then freed

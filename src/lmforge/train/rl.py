@@ -203,9 +203,12 @@ def _sampling(cfg: PPOConfig | GRPOConfig) -> dict[str, Any]:
             "temperature": cfg.temperature, "seed": cfg.train.seed}
 
 
-def _single_process() -> None:
+def _single_process(cfg: PPOConfig | GRPOConfig) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("PPO and GRPO run in a single process; launch them without torchrun")
+    if cfg.train.parallel == "fsdp":  # the rollouts decode with the whole policy between optimizer steps
+        raise ConfigError("PPO and GRPO run in a single process with the whole model; set train.parallel: ddp "
+                          "(the default)")
 
 
 def _finish(policy: DecoderLM, tokenizer: Tokenizer | None, cfg: PPOConfig | GRPOConfig, run_config: CheckpointManifest,
@@ -220,7 +223,7 @@ def run_ppo(policy: DecoderLM, prompts: Sequence[Prompt], reward_fn: RewardFn, c
             eos_id: int | Sequence[int] | None, pad_id: int = 0, tokenizer: Tokenizer | None = None,
             resume: bool = False, accept_config_change: bool = False) -> RLResult:
     """PPO-RLHF of `policy` (in place) against a frozen copy of itself; single process."""
-    _single_process()
+    _single_process(config)
     cfg, tc = config, config.train
     model, ref = PolicyWithValue(policy), frozen_copy(policy)
     kl_coef, rewards = [cfg.kl_coef], []
@@ -279,7 +282,7 @@ def run_grpo(policy: DecoderLM, prompts: Sequence[Prompt], reward_fn: RewardFn, 
 
     Loss (Shao et al. 2024, eq. 3): mean over samples of the mean over its tokens of the clipped surrogate
     plus beta * k3 KL to the reference."""
-    _single_process()
+    _single_process(config)
     cfg, tc = config, config.train
     ref = frozen_copy(policy)
     rewards: list[float] = []

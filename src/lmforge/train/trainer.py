@@ -18,23 +18,35 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from lmforge.checkpoint import (
     LATEST_FILE,
+    SHARDED_DIR,
     load_weights,
     read_training_state,
     remove_stale_temp_dirs,
     resolve_checkpoint,
+    sharded_temp_dir,
     write_training_checkpoint,
 )
 from lmforge.config import TrainConfig
 from lmforge.errors import CheckpointError, ConfigError, TrainingError
 from lmforge.model.activation_checkpointing import set_activation_checkpointing
+from lmforge.sharded import gathered_weights, load_sharded, save_sharded
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.config_change import check_resume_config, record_config_change
-from lmforge.train.distributed import DistContext, gather_objects, init_distributed, sum_across_ranks
+from lmforge.train.distributed import (
+    DistContext,
+    gather_objects,
+    grad_accum_at,
+    gradient_sync_off,
+    init_distributed,
+    shard_model,
+    sum_across_ranks,
+)
 from lmforge.train.loss import LossResult, log_dtype
 from lmforge.train.metrics_log import MetricsLog
 from lmforge.train.run_lock import run_dir_lock
@@ -140,9 +152,9 @@ def accumulate_gradients(step: int, cfg: TrainConfig, ctx: DistContext, device: 
     for micro in range(cfg.grad_accum):
         index = (step * cfg.grad_accum + micro) * ctx.world_size + ctx.rank
         batch = {k: v.to(device, non_blocking=True) for k, v in batch_at(index).items()}
-        # under DDP, gradients are all-reduced on the last micro-batch only
+        # under DDP and FSDP, gradients are reduced across ranks on the last micro-batch only
         last = micro == cfg.grad_accum - 1
-        with nullcontext() if last or not ctx.enabled else ddp_model.no_sync():
+        with nullcontext() if last or not ctx.enabled else gradient_sync_off(ddp_model):
             with autocast(device, cfg.precision):
                 result = loss_fn(forward_model, batch)
             if cfg.grad_accum == 1:
@@ -157,7 +169,7 @@ def accumulate_gradients(step: int, cfg: TrainConfig, ctx: DistContext, device: 
         tokens += batch["input_ids"].numel() * ctx.world_size
     sums = sum_across_ranks(sums, ctx)
     if cfg.grad_accum > 1:
-        scale = (ctx.world_size / sums[1]).float()  # DDP averaged the ranks' summed gradients: this makes the mean
+        scale = (ctx.world_size / sums[1]).float()  # DDP/FSDP averaged the ranks' sums: this makes the mean
         for p in params:
             if p.grad is not None:
                 p.grad.mul_(scale)
@@ -170,23 +182,35 @@ def _restore_latest(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
                     scaler: torch.amp.GradScaler, cfg: TrainConfig, run_config: BaseModel, ctx: DistContext,
                     device: torch.device, accept_config_change: bool) -> tuple[dict[str, Any], Path]:
     """Load the latest checkpoint of `run_dir` into `model`, `optimizer`, the loss scaler and the RNGs after
-    checking it, and the config's changes, completely; (trainer state, checkpoint dir)."""
+    checking it, and the config's changes, completely; (its trainer state, with the accumulation steps that keep
+    its global batch at this world size as `grad_accum`; checkpoint dir). At another world size the global batch is
+    the same rows; a rank the checkpoint has no RNG state for seeds its own (dropout noise then differs from the
+    saved run)."""
     ckpt = resolve_checkpoint(run_dir)
     state, opt_state, rng = read_training_state(ckpt)  # validates every file before changing anything
-    if len(rng["torch"]) != ctx.world_size:
-        raise CheckpointError(f"{ckpt} was written by {len(rng['torch'])} processes; resume it with as many "
-                              f"(this run has {ctx.world_size}) so the result stays exact")
+    state.setdefault("launch_world_size", len(rng["torch"]))  # checkpoints before elastic resume
+    state["grad_accum"] = grad_accum_at(cfg.grad_accum, state["launch_world_size"], ctx, ckpt)
+    sharded = (ckpt / SHARDED_DIR).is_dir()
+    if sharded != (cfg.parallel == "fsdp"):
+        raise CheckpointError(f"{ckpt} was saved by a train.parallel: {'fsdp' if sharded else 'ddp'} run; resume it "
+                              "with that setting")
     if cfg.max_steps < state["step"]:
         raise ConfigError(f"--resume: train.max_steps={cfg.max_steps} is below step {state['step']} of {ckpt}, "
                           f"where the run resumes; set train.max_steps to {state['step']} or more")
     changes = check_resume_config(ckpt, run_config, run_dir, accept_config_change)
-    load_weights(model, ckpt)
-    optimizer.load_state_dict(opt_state)
+    if sharded:
+        load_sharded(model, optimizer, ckpt / SHARDED_DIR)
+    else:
+        load_weights(model, ckpt)
+        optimizer.load_state_dict(opt_state)
     if scaler.is_enabled() and "grad_scaler" in state:  # an fp32/bf16 checkpoint resumed in fp16 starts afresh
         scaler.load_state_dict(state["grad_scaler"])
-    torch.set_rng_state(rng["torch"][ctx.rank])
-    if "cuda" in rng and device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"][ctx.rank], device)
+    if ctx.rank < len(rng["torch"]):
+        torch.set_rng_state(rng["torch"][ctx.rank])
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"][ctx.rank], device)
+    else:
+        torch.manual_seed(cfg.seed + 1 + ctx.rank)
     if changes and ctx.is_main:
         record_config_change(run_dir, ckpt, state["step"], changes)
     return state, ckpt
@@ -218,7 +242,7 @@ def train(
     unless `accept_config_change` (see `lmforge.train.config_change`)."""
     run_dir = Path(cfg.out_dir)
     device = resolve_device(cfg.device)
-    ctx = init_distributed(device)
+    ctx = init_distributed(device, cfg.parallel)
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
     if resume and not (run_dir / LATEST_FILE).is_file():  # before the lock creates the dir
@@ -243,7 +267,7 @@ class _Run:
     ctx: DistContext
     device: torch.device
     model: torch.nn.Module
-    ddp_model: torch.nn.Module  # DistributedDataParallel(model) under torchrun, else model
+    ddp_model: torch.nn.Module  # DistributedDataParallel(model) under torchrun with DDP, else model
     forward_model: torch.nn.Module  # ddp_model, compiled when cfg.compile
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # fp16's loss scaler; disabled in other precisions
@@ -252,6 +276,7 @@ class _Run:
     run_config: BaseModel
     start_step: int
     tokens_seen: int
+    launch_world_size: int  # the ranks train.grad_accum is for: cfg.grad_accum is scaled to keep the global batch
     skipped_steps: int = 0  # fp16 steps skipped for inf/nan gradients, over the whole run
     last_checkpoint: Path | None = None
 
@@ -271,42 +296,52 @@ class _Run:
 
 def _set_up(model: torch.nn.Module, cfg: TrainConfig, run_config: BaseModel, tokenizer: Tokenizer | None,
             resume: bool, accept_config_change: bool, ctx: DistContext, device: torch.device) -> _Run:
-    """The model on its device with its optimizer, restored from the latest checkpoint on `resume` (a fresh run
-    saves step 0), wrapped for DDP and torch.compile, and the run's metrics log opened."""
+    """The model on its device (sharded under FSDP) with its optimizer, restored from the latest checkpoint on
+    `resume` (a fresh run saves step 0), wrapped for DDP and torch.compile, and the run's metrics log opened."""
     run_dir = Path(cfg.out_dir)
     model.to(device).train()
     set_activation_checkpointing(model, cfg.activation_checkpointing)
+    if cfg.parallel == "fsdp":
+        shard_model(model, device, ctx)
     optimizer = build_optimizer(model, cfg)
     scaler = new_grad_scaler(cfg, device)
-    state, resumed_from = {"step": 0, "tokens_seen": 0}, None
+    state, resumed_from = {"step": 0, "tokens_seen": 0, "launch_world_size": ctx.world_size}, None
     if resume:
         state, resumed_from = _restore_latest(run_dir, model, optimizer, scaler, cfg, run_config, ctx, device,
                                               accept_config_change)
+        cfg = cfg.model_copy(update={"grad_accum": state["grad_accum"]})
     elif ctx.enabled:
         torch.manual_seed(cfg.seed + 1 + ctx.rank)  # each rank its own dropout noise
-    ddp_model = DistributedDataParallel(model) if ctx.enabled else model
+    ddp_model = DistributedDataParallel(model) if ctx.enabled and cfg.parallel == "ddp" else model
     forward_model = torch.compile(ddp_model) if cfg.compile else ddp_model
     metrics = MetricsLog(run_dir, state["step"] if resume else None, cfg.tensorboard) if ctx.is_main else None
     run = _Run(cfg, ctx, device, model, ddp_model, forward_model, optimizer, scaler, metrics, tokenizer, run_config,
-               state["step"], state["tokens_seen"], state.get("skipped_steps", 0))
+               state["step"], state["tokens_seen"], state["launch_world_size"], state.get("skipped_steps", 0))
     run.last_checkpoint = resumed_from or _save(run, 0)
     return run
 
 
 def _save(run: _Run, step: int) -> Path:
-    """Checkpoint `step` with every rank's RNG state (collective: all ranks call it; rank 0 writes)."""
+    """Checkpoint `step` with every rank's RNG state (collective: all ranks call it; rank 0 writes). Under FSDP
+    every rank writes its shards first, and the last step's weights are gathered into model.safetensors."""
     rng = {"torch": torch.get_rng_state()}
     if run.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(run.device)
     states = gather_objects(rng, run.ctx)
     run_dir = Path(run.cfg.out_dir)
+    weights, optimizer, sharded = run.model, run.optimizer, None
+    if run.cfg.parallel == "fsdp":
+        sharded, optimizer = sharded_temp_dir(run_dir, step), None
+        save_sharded(run.model, run.optimizer, sharded)
+        weights = gathered_weights(run.model) if step == run.cfg.max_steps else None
     if not run.ctx.is_main:
         return run_dir / "checkpoints" / f"step_{step:08d}"
-    state: dict[str, Any] = {"tokens_seen": run.tokens_seen}
+    state: dict[str, Any] = {"tokens_seen": run.tokens_seen, "launch_world_size": run.launch_world_size}
     if run.scaler.is_enabled():
         state |= {"grad_scaler": run.scaler.state_dict(), "skipped_steps": run.skipped_steps}
-    return write_training_checkpoint(run_dir, step, run.model, run.tokenizer, run.run_config, run.optimizer, state,
-                                     {key: [s[key] for s in states] for key in rng}, run.cfg.keep_checkpoints)
+    return write_training_checkpoint(run_dir, step, weights, run.tokenizer, run.run_config, optimizer, state,
+                                     {key: [s[key] for s in states] for key in rng}, run.cfg.keep_checkpoints,
+                                     sharded)
 
 
 def _optimizer_step(run: _Run, step: int, batch_at: Callable[[int], Batch], loss_fn: LossFn
@@ -334,7 +369,7 @@ def _optimizer_step(run: _Run, step: int, batch_at: Callable[[int], Batch], loss
     run.skipped_steps += int(run.scaler.get_scale() < scale)  # the scale backs off exactly when the step was skipped
     run.optimizer.zero_grad(set_to_none=True)
     run.tokens_seen += stats.tokens
-    return stats, lr, float(grad_norm)
+    return stats, lr, float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
 
 
 def _loss_scale_record(run: _Run) -> dict[str, float | int]:
