@@ -21,6 +21,7 @@ from lmforge.agents.command import AGENT_EXAMPLE, agent_options, cmd_agent
 from lmforge.commands import (
     chat_options,
     cmd_chat,
+    cmd_data_clean,
     cmd_data_prepare,
     cmd_demo,
     cmd_export,
@@ -29,6 +30,7 @@ from lmforge.commands import (
     cmd_quantize,
     cmd_serve,
     cmd_tokenizer_train,
+    data_clean_options,
     data_prepare_options,
     demo_options,
     export_options,
@@ -306,6 +308,11 @@ VERBS: dict[str, tuple[str, str, Callable[[ArgumentParser], None] | None, Callab
     "data prepare": ("tokenize text into train/validation token shards (uses all cores)",
                      "lmforge data prepare --input corpus.jsonl --tokenizer runs/tok --out runs/data",
                      data_prepare_options, cmd_data_prepare),
+    "data clean": ("clean text before tokenising: Unicode NFKC, HTML stripping, Gopher quality rules, exact and "
+                   "MinHash near-duplicate removal (uses all cores); writes clean.jsonl and summary.json",
+                   "lmforge data clean web.jsonl books.txt --out runs/clean --min-words 20 --disable stop_words\n"
+                   "  lmforge data prepare --input runs/clean/clean.jsonl --tokenizer runs/tok --out runs/data",
+                   data_clean_options, cmd_data_clean),
     **{verb: _stage(verb) for verb in STAGES},
     "merge": ("fold a mergeable PEFT method (LoRA family, SVD-diagonal) into plain base weights",
               "lmforge merge runs/sft-lora --out runs/sft-merged", merge_options, cmd_merge),
