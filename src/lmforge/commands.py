@@ -1,6 +1,6 @@
-"""The verbs that are not training stages: tokenizer train, data prepare, data clean, generate, chat, merge, export, quantize,
-demo, serve. Each has its options (`*_options`, added to its sub-command by `lmforge.cli`) and its command (`cmd_*`),
-which takes the parsed options and prints one result."""
+"""The verbs that are not training stages: tokenizer train, data prepare, data clean, generate, chat, merge, export,
+quantize, demo, serve. Each has its options (`*_options`, added to its sub-command by `lmforge.cli`) and its command
+(`cmd_*`), which takes the parsed options and prints one result."""
 
 from __future__ import annotations
 
@@ -71,7 +71,8 @@ def data_clean_options(p: ArgumentParser) -> None:
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="skip (and count) malformed JSONL lines instead of stopping at the first")
     p.add_argument("--disable", nargs="+", default=[], metavar="STEP", choices=list(STEPS),
-                   help=f"steps to switch off, e.g. --disable stop_words near_duplicates; the steps: {', '.join(STEPS)}")
+                   help="steps to switch off, e.g. --disable stop_words near_duplicates; the steps: "
+                        + ", ".join(STEPS))
     p.add_argument("--min-words", type=int, default=50, help="the words rule's lower bound (Gopher: 50), e.g. 20")
     p.add_argument("--max-words", type=int, default=100_000,
                    help="the words rule's upper bound (Gopher: 100000), e.g. 50000")

@@ -20,6 +20,7 @@ from datasketch import MinHash
 
 SHINGLE_WORDS = 5
 _WORDS = re.compile(r"\w+")
+_SHINGLES_PER_UPDATE = 1024  # datasketch hashes a batch into a [shingles, bands * rows] array: 1 MB at a time
 _MIN_RECENT = 4096  # keys the recent level holds before its first merge
 
 
@@ -44,7 +45,9 @@ class MinHasher:
         shingles = {" ".join(words[i:i + n]) for i in range(max(1, len(words) - n + 1))}
         signature = MinHash(num_perm=self.bands * self.rows, seed=self.seed, permutations=self._permutations,
                             scheme="affine32")
-        signature.update_batch(s.encode("utf-8") for s in shingles)
+        shingles = [s.encode("utf-8") for s in shingles]
+        for start in range(0, len(shingles), _SHINGLES_PER_UPDATE):  # the minimum over any split is the same
+            signature.update_batch(shingles[start:start + _SHINGLES_PER_UPDATE])
         with np.errstate(over="ignore"):
             rows = signature.hashvalues.astype(np.uint64).reshape(self.bands, self.rows)
             return (rows * self._mix).sum(axis=1, dtype=np.uint64)
