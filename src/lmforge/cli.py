@@ -171,11 +171,17 @@ STAGES: dict[str, tuple[str, str, tuple[str, ...], dict[str, dict]]] = {
     "pretrain": (
         "pretrain a decoder-only LM (causal LM objective) with the shared trainer",
         "lmforge pretrain --config configs/tiny.yaml --train.max_steps=2000 --model.n_layer=6\n"
-        "  lmforge pretrain --config configs/bert-tiny.yaml --objective mlm", (),
+        "  lmforge pretrain --config configs/bert-tiny.yaml --objective mlm\n"
+        "  lmforge pretrain --config configs/tiny.yaml --init-from runs/demo/pretrain --data.dir=runs/code-data "
+        "--train.out_dir=runs/midtrain", (),
         {"--objective": dict(choices=["clm", "mlm", "span"],
                              help="clm: causal LM (decoder, GPT); mlm: masked LM (encoder, BERT; set "
                                   "--model.arch=encoder); span: T5 span corruption (encoder-decoder; "
-                                  "--model.arch=encdec). Default: the config's")}),
+                                  "--model.arch=encdec). Default: the config's"),
+         "--init-from": dict(metavar="CKPT",
+                             help="continued pretraining: start from this lmforge run/checkpoint or Hugging Face dir "
+                                  "(its weights and architecture; a fresh optimizer and schedule), e.g. --init-from "
+                                  "runs/demo/pretrain; the data must use its tokenizer")}),
     "finetune": (
         "fine-tune a pretrained model on a labelled task with a task head",
         "lmforge finetune --task classify --base runs/bert-tiny --train-file sentiment_train.jsonl "

@@ -34,6 +34,7 @@ from lmforge.errors import CheckpointError, ConfigError, TrainingError
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.config_change import check_resume_config, record_config_change
 from lmforge.train.distributed import DistContext, gather_objects, init_distributed, sum_across_ranks
+from lmforge.train.early_stopping import EarlyStopping
 from lmforge.train.loss import LossResult, log_dtype
 from lmforge.train.metrics_log import MetricsLog
 from lmforge.train.run_lock import run_dir_lock
@@ -330,7 +331,9 @@ def _train_holding_lock(model: torch.nn.Module, cfg: TrainConfig, batch_at: Call
                desc="train", unit="step")
     loss, val_loss, tokens_per_s = float("nan"), None, 0.0
     window_tokens, window_time = 0, 0.0  # throughput counts training steps only, not eval or saving
-    for step in range(run.start_step, cfg.max_steps):
+    stopper = EarlyStopping.for_run(cfg, Path(cfg.out_dir), run.start_step if resume else None)
+    last_step = run.start_step if stopper.stopped else cfg.max_steps  # a resumed run that had stopped stays stopped
+    for step in range(run.start_step, last_step):
         t0 = time.perf_counter()
         stats, lr, grad_norm = _optimizer_step(run, step, batch_at, loss_fn)
         window_time += time.perf_counter() - t0
@@ -345,13 +348,19 @@ def _train_holding_lock(model: torch.nn.Module, cfg: TrainConfig, batch_at: Call
             window_tokens, window_time = 0, 0.0
         if val_batches is not None and (done % cfg.eval_every == 0 or done == cfg.max_steps):
             val_loss, line = _validate(run, loss_fn, val_batches(), done, perplexity)
+            if stopper.update(val_loss):
+                last_step = done
+                line += (f"; early stopping: no improvement on {stopper.best:.4f} for {stopper.patience} "
+                         "evaluations")
             if ctx.is_main:
                 bar.write(line)
-        if done % cfg.save_every == 0 or done == cfg.max_steps:
+        if done % cfg.save_every == 0 or done in (cfg.max_steps, last_step):
             run.last_checkpoint = _save(run, done)
+        if done == last_step:
+            break
     bar.close()
     scores = final_eval(model) if final_eval is not None else {}
     if scores:
-        run.log({"step": cfg.max_steps, **{f"eval_{name}": value for name, value in scores.items()}})
+        run.log({"step": last_step, **{f"eval_{name}": value for name, value in scores.items()}})
     run.close()
-    return TrainResult(cfg.max_steps, loss, val_loss, tokens_per_s, run.last_checkpoint, scores)
+    return TrainResult(last_step, loss, val_loss, tokens_per_s, run.last_checkpoint, scores)
