@@ -33,6 +33,8 @@ def test_rows_follow_the_weights_and_batches_are_a_pure_function_of_the_index() 
     # the small source is cycled: each of its 30 windows once per epoch of it
     book_windows = [w for i in range(per_block) for s, w in batches.row_sources(i) if s == 1]
     assert sorted(book_windows[:30]) == list(range(30)) and sorted(book_windows[30:60]) == list(range(30))
+    assert batches.describe(BLOCK_ROWS) == "data mixture over the run: web 75.0% (15.36 epochs), books 25.0% " \
+                                           "(34.13 epochs)"
 
 
 def test_rows_per_block_gives_every_positive_source_a_row() -> None:

@@ -63,6 +63,13 @@ class MixedBatches:
         self._blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._offsets = np.arange(self.window, dtype=np.int64)
 
+    def describe(self, rows: int) -> str:
+        """Each source's share of the rows and how many epochs of it `rows` training rows make (LLaMA's table)."""
+        shares = self.rows / self.rows.sum()
+        parts = [f"{name} {share:.1%} ({rows * share / sampler.n:.2f} epochs)"
+                 for name, share, sampler in zip(self.names, shares, self.samplers, strict=True)]
+        return "data mixture over the run: " + ", ".join(parts)
+
     def _block(self, block: int) -> tuple[np.ndarray, np.ndarray]:
         """(source of each row, its rank among that source's rows) in block `block`."""
         cached = self._blocks.get(block)

@@ -6,6 +6,7 @@ span (encoder-decoder, T5): spans replaced by sentinels, the decoder writes them
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
@@ -23,6 +24,7 @@ from lmforge.errors import ConfigError, DataError
 from lmforge.manifest import CheckpointManifest
 from lmforge.model import build_model
 from lmforge.tokenizer import SENTINELS, Tokenizer
+from lmforge.train.console import report
 from lmforge.train.objectives import causal_lm_loss, masked_lm_loss, seq2seq_loss
 from lmforge.train.trainer import TrainResult, train
 
@@ -83,6 +85,9 @@ def _mixture_batches(config: PretrainConfig, sources: Sources, seq_len: int) -> 
     names, indexes, weights = sources
     train_batches = MixedBatches([ix.tokens("train") for ix in indexes], weights, seq_len, tcfg.batch_size,
                                  tcfg.seed, names)
+    if tcfg.progress and os.environ.get("RANK", "0") == "0":  # under torchrun, each rank reads its own batches
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        report(train_batches.describe(tcfg.max_steps * tcfg.grad_accum * tcfg.batch_size * world))
     val = [(name, ix.tokens("val"), w) for name, ix, w in zip(names, indexes, weights, strict=True)
            if len(ix.tokens("val")) > seq_len]
     if not val:
