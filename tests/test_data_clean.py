@@ -150,3 +150,19 @@ def test_bad_input_is_one_line(tmp_path: Path, capsys) -> None:
     assert main(["data", "clean", str(path), "--out", str(tmp_path / "o"), "--min-words", "9", "--max-words",
                  "3"]) == 2
     assert "--max-words 3" in capsys.readouterr().err
+
+
+def test_a_failed_run_leaves_the_earlier_output_whole(tmp_path: Path, capsys) -> None:
+    good = write_jsonl(tmp_path / "good.jsonl", shakespeare_docs(3))
+    out = tmp_path / "out"
+    assert main(["data", "clean", str(good), "--out", str(out), "--min-words", "5", "--workers", "1"]) == 0
+    before = (out / "clean.jsonl").read_bytes()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(good.read_text() + "{not json\n" + good.read_text())
+    assert main(["data", "clean", str(bad), "--out", str(out), "--workers", "1"]) == 2
+    assert f"{bad}:4: invalid JSON" in capsys.readouterr().err
+    assert (out / "clean.jsonl").read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [
+        "bad.jsonl", "good.jsonl", "out"]
+    (out / "notes.txt").write_text("mine")
+    assert main(["data", "clean", str(good), "--out", str(out)]) == 2
+    assert "did not write" in capsys.readouterr().err and (out / "notes.txt").read_text() == "mine"
