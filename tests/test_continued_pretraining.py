@@ -13,8 +13,10 @@ from lmforge.cli import main
 from lmforge.config import PretrainConfig, load_config
 from lmforge.data.batches import PackedBatches
 from lmforge.data.shards import load_shards
+from lmforge.errors import ConfigError
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.pretrain import pretrain
+from lmforge.train.trainer import train
 
 MODEL = {"model.vocab_size": 400, "model.max_seq_len": 16, "model.n_layer": 1, "model.n_head": 2,
          "model.d_model": 16}
@@ -84,3 +86,11 @@ def test_early_stopping_stops_after_patience_evaluations_without_improvement(sha
     unlimited = pretrain(config(shards_dir, tmp_path / "off", **{**keys, "train.max_steps": 4,
                                                                   "train.early_stopping_patience": 0}))
     assert unlimited.step == 4
+
+
+def test_early_stopping_without_validation_data_is_refused_before_anything_is_written(shards_dir: Path,
+                                                                                      tmp_path: Path) -> None:
+    cfg = config(shards_dir, tmp_path / "run", **{"train.early_stopping_patience": 2}).train
+    with pytest.raises(ConfigError, match="early_stopping_patience=2 needs a validation loss"):
+        train(torch.nn.Linear(1, 1), cfg, lambda i: {}, causal_lm_loss, run_config=cfg, val_batches=None)
+    assert not (tmp_path / "run").exists()

@@ -205,6 +205,9 @@ def train(
     ctx = init_distributed(device)
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
+    if cfg.early_stopping_patience and val_batches is None:
+        raise ConfigError(f"train.early_stopping_patience={cfg.early_stopping_patience} needs a validation loss, and "
+                          "this run has no validation data (e.g. prepare the data with a larger --val-fraction)")
     if resume and not (run_dir / LATEST_FILE).is_file():  # before the lock creates the dir
         raise CheckpointError(f"--resume: no checkpoint in {run_dir} (missing {run_dir / LATEST_FILE})")
     with run_dir_lock(run_dir) if ctx.is_main else nullcontext():
