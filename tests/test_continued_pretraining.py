@@ -83,6 +83,8 @@ def test_early_stopping_stops_after_patience_evaluations_without_improvement(sha
     assert max(r["step"] for r in metrics(tmp_path / "run")) == 3
     again = pretrain(config(shards_dir, tmp_path / "run", **keys), resume=True)  # stopped runs stay stopped
     assert again.step == 3 and max(r["step"] for r in metrics(tmp_path / "run")) == 3
+    more = pretrain(config(shards_dir, tmp_path / "run", **{**keys, "train.early_stopping_patience": 3}), resume=True)
+    assert more.step == 4  # more patience (a free change on resume): one more evaluation without improvement
     unlimited = pretrain(config(shards_dir, tmp_path / "off", **{**keys, "train.max_steps": 4,
                                                                   "train.early_stopping_patience": 0}))
     assert unlimited.step == 4
