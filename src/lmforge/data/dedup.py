@@ -16,7 +16,6 @@ import hashlib
 import re
 
 import numpy as np
-from datasketch import MinHash
 
 SHINGLE_WORDS = 5
 _WORDS = re.compile(r"\w+")
@@ -34,7 +33,10 @@ class MinHasher:
     """Band keys (uint64 [bands]) of a document's MinHash signature; the same for a given (bands, rows, seed)."""
 
     def __init__(self, bands: int, rows: int, seed: int = 1):
+        from datasketch import MinHash  # imported on use: half a second, which `lmforge data --help` need not pay
+
         self.bands, self.rows, self.seed = bands, rows, seed
+        self._minhash = MinHash
         self._permutations = MinHash(num_perm=bands * rows, seed=seed).permutations
         rng = np.random.default_rng(seed)
         self._mix = rng.integers(1, 2**63, size=rows, dtype=np.uint64) | np.uint64(1)  # odd multipliers
@@ -43,7 +45,7 @@ class MinHasher:
         words = _WORDS.findall(text.lower())
         n = SHINGLE_WORDS
         shingles = {" ".join(words[i:i + n]) for i in range(max(1, len(words) - n + 1))}
-        signature = MinHash(num_perm=self.bands * self.rows, seed=self.seed, permutations=self._permutations,
+        signature = self._minhash(num_perm=self.bands * self.rows, seed=self.seed, permutations=self._permutations,
                             scheme="affine32")
         shingles = [s.encode("utf-8") for s in shingles]
         for start in range(0, len(shingles), _SHINGLES_PER_UPDATE):  # the minimum over any split is the same
