@@ -111,6 +111,7 @@ def _initial_model(config: PretrainConfig, tokenizer: Tokenizer) -> tuple[torch.
         config = PretrainConfig.model_validate({**config.model_dump(), "model": model.cfg.model_dump()})
     except ValidationError as err:
         raise ConfigError(f"--init-from {config.init_from}: {validation_summary(err, PretrainConfig)}") from None
+    torch.manual_seed(config.train.seed)  # the run's dropout noise, as from scratch
     return model.train(), config
 
 
