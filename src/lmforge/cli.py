@@ -22,6 +22,7 @@ from lmforge.calc.command import cmd_calc_linear, cmd_calc_model, linear_options
 from lmforge.commands import (
     chat_options,
     cmd_chat,
+    cmd_data_clean,
     cmd_data_prepare,
     cmd_demo,
     cmd_export,
@@ -30,6 +31,7 @@ from lmforge.commands import (
     cmd_quantize,
     cmd_serve,
     cmd_tokenizer_train,
+    data_clean_options,
     data_prepare_options,
     demo_options,
     export_options,
@@ -170,11 +172,17 @@ STAGES: dict[str, tuple[str, str, tuple[str, ...], dict[str, dict]]] = {
     "pretrain": (
         "pretrain a decoder-only LM (causal LM objective) with the shared trainer",
         "lmforge pretrain --config configs/tiny.yaml --train.max_steps=2000 --model.n_layer=6\n"
-        "  lmforge pretrain --config configs/bert-tiny.yaml --objective mlm", (),
+        "  lmforge pretrain --config configs/bert-tiny.yaml --objective mlm\n"
+        "  lmforge pretrain --config configs/tiny.yaml --init-from runs/demo/pretrain --data.dir=runs/code-data "
+        "--train.out_dir=runs/midtrain", (),
         {"--objective": dict(choices=["clm", "mlm", "span"],
                              help="clm: causal LM (decoder, GPT); mlm: masked LM (encoder, BERT; set "
                                   "--model.arch=encoder); span: T5 span corruption (encoder-decoder; "
-                                  "--model.arch=encdec). Default: the config's")}),
+                                  "--model.arch=encdec). Default: the config's"),
+         "--init-from": dict(metavar="CKPT",
+                             help="continued pretraining: start from this lmforge run/checkpoint or Hugging Face dir "
+                                  "(its weights and architecture; a fresh optimizer and schedule), e.g. --init-from "
+                                  "runs/demo/pretrain; the data must use its tokenizer")}),
     "finetune": (
         "fine-tune a pretrained model on a labelled task with a task head",
         "lmforge finetune --task classify --base runs/bert-tiny --train-file sentiment_train.jsonl "
@@ -307,6 +315,11 @@ VERBS: dict[str, tuple[str, str, Callable[[ArgumentParser], None] | None, Callab
     "data prepare": ("tokenize text into train/validation token shards (uses all cores)",
                      "lmforge data prepare --input corpus.jsonl --tokenizer runs/tok --out runs/data",
                      data_prepare_options, cmd_data_prepare),
+    "data clean": ("clean text before tokenising: Unicode NFKC, HTML stripping, Gopher quality rules, exact and "
+                   "MinHash near-duplicate removal (uses all cores); writes clean.jsonl and summary.json",
+                   "lmforge data clean web.jsonl books.txt --out runs/clean --min-words 20 --disable stop_words\n"
+                   "  lmforge data prepare --input runs/clean/clean.jsonl --tokenizer runs/tok --out runs/data",
+                   data_clean_options, cmd_data_clean),
     **{verb: _stage(verb) for verb in STAGES},
     "merge": ("fold a mergeable PEFT method (LoRA family, SVD-diagonal) into plain base weights",
               "lmforge merge runs/sft-lora --out runs/sft-merged", merge_options, cmd_merge),

@@ -1,6 +1,6 @@
-"""The verbs that are not training stages: tokenizer train, data prepare, generate, chat, merge, export, quantize,
-demo, serve. Each has its options (`*_options`, added to its sub-command by `lmforge.cli`) and its command (`cmd_*`),
-which takes the parsed options and prints one result."""
+"""The verbs that are not training stages: tokenizer train, data prepare, data clean, generate, chat, merge, export,
+quantize, demo, serve. Each has its options (`*_options`, added to its sub-command by `lmforge.cli`) and its command
+(`cmd_*`), which takes the parsed options and prints one result."""
 
 from __future__ import annotations
 
@@ -58,6 +58,47 @@ def cmd_data_prepare(args: Namespace) -> None:
     skipped = f"; skipped {index.skipped_lines} bad lines" if index.skipped_lines else ""
     print(f"wrote {index.num_tokens['train']:,} train and {index.num_tokens['val']:,} validation tokens "
           f"({index.dtype}) to {args.out}{skipped}")
+
+
+def data_clean_options(p: ArgumentParser) -> None:
+    from lmforge.data.clean import STEPS
+
+    p.add_argument("input", nargs="+", metavar="INPUT",
+                   help="text files: .txt (one document per file), .jsonl (one per line), .parquet, e.g. web.jsonl")
+    p.add_argument("--out", required=True,
+                   help="directory for clean.jsonl ({\"text\": ...} lines) and summary.json, e.g. --out runs/clean")
+    p.add_argument("--text-field", default="text", help="JSONL key / parquet column holding the text (default: text)")
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip (and count) malformed JSONL lines instead of stopping at the first")
+    p.add_argument("--disable", nargs="+", default=[], metavar="STEP", choices=list(STEPS),
+                   help="steps to switch off, e.g. --disable stop_words near_duplicates; the steps: "
+                        + ", ".join(STEPS))
+    p.add_argument("--min-words", type=int, default=50, help="the words rule's lower bound (Gopher: 50), e.g. 20")
+    p.add_argument("--max-words", type=int, default=100_000,
+                   help="the words rule's upper bound (Gopher: 100000), e.g. 50000")
+    p.add_argument("--bands", type=int, default=16,
+                   help="MinHash LSH bands (default 16): more bands catch less similar near duplicates")
+    p.add_argument("--rows", type=int, default=8,
+                   help="MinHash values per band (default 8): more rows demand more similarity, e.g. --rows 10")
+    p.add_argument("--workers", type=int, default=0, help="processes scoring documents (default 0: one per core), "
+                                                          "e.g. --workers 1; the output is the same for any number")
+    p.add_argument("--examples", type=int, default=3,
+                   help="removed documents kept as examples per step in summary.json (default 3)")
+
+
+def cmd_data_clean(args: Namespace) -> None:
+    from lmforge.data.clean import CleanOptions, clean_documents, summary_lines
+    from lmforge.data.quality import QualityThresholds
+
+    if args.min_words < 0 or args.max_words < args.min_words:
+        raise ConfigError(f"--min-words {args.min_words} / --max-words {args.max_words}: need 0 <= min <= max")
+    options = CleanOptions(disabled=frozenset(args.disable), bands=args.bands, rows=args.rows, workers=args.workers,
+                           examples=args.examples,
+                           limits=QualityThresholds(min_words=args.min_words, max_words=args.max_words))
+    summary = clean_documents(args.input, args.out, options, text_field=args.text_field,
+                              skip_bad_lines=args.skip_bad_lines)
+    print("\n".join(summary_lines(summary)))
+    print(f"wrote {Path(args.out) / 'clean.jsonl'} and {Path(args.out) / 'summary.json'}")
 
 
 def _add_sampling_options(p: ArgumentParser) -> None:

@@ -7,6 +7,8 @@ value; an unknown key names the closest valid one, a wrong type names the key an
 from __future__ import annotations
 
 import difflib
+import math
+import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -123,6 +125,10 @@ class TrainConfig(StrictModel):
     log_every: int = 10
     tensorboard: bool = False
     progress: bool = True
+    # early stopping: end the run when the validation loss has not fallen by more than early_stopping_min_delta
+    # below its best for this many evaluations in a row (0 = off; evaluations come every eval_every steps)
+    early_stopping_patience: int = Field(0, ge=0)
+    early_stopping_min_delta: float = Field(0.0, ge=0.0)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -135,8 +141,29 @@ class TrainConfig(StrictModel):
         return self
 
 
+class DataSource(StrictModel):
+    """One source of a pretraining mixture: a `lmforge data prepare` directory and its sampling weight."""
+
+    dir: str
+    weight: float
+
+
 class DataConfig(StrictModel):
     dir: str = "runs/data"  # token shards written by `lmforge data prepare`
+    # A mixture instead of `dir` (as LLaMA's data table): name -> {dir, weight}; each training row comes from a source
+    # with probability weight / sum of weights (see lmforge.data.mixture). Empty: `dir` alone.
+    sources: dict[str, DataSource] = {}
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> DataConfig:
+        for name, source in self.sources.items():
+            if not (math.isfinite(source.weight) and source.weight >= 0):
+                raise ValueError(f"data.sources.{name}.weight={source.weight} must be a finite number >= 0 (a "
+                                 "sampling weight; the weights need not sum to 1)")
+        if self.sources and sum(source.weight for source in self.sources.values()) <= 0:
+            weights = ", ".join(f"{name}={source.weight}" for name, source in self.sources.items())
+            raise ValueError(f"data.sources weights ({weights}) sum to 0; give at least one source a positive weight")
+        return self
 
 
 DecoderConfig = ModelConfig
@@ -216,6 +243,9 @@ class PretrainConfig(StrictModel):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     objective: Literal["clm", "mlm", "span"] = "clm"  # must fit the architecture: decoder/encoder/encdec
+    # continued pretraining / mid-training: start from this run's (or Hugging Face dir's) weights, with its
+    # architecture in place of `model`, and a fresh optimizer and schedule
+    init_from: str = ""
 
     @model_validator(mode="before")
     @classmethod
@@ -308,6 +338,8 @@ def _model_classes(annotation: Any) -> list[type[BaseModel]]:
     """The config classes a field holds: itself, or each member of a (discriminated) union."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType, typing.Annotated):
+        return []  # a container (`dict[str, DataSource]`) is one value, set whole
     return [c for arg in typing.get_args(annotation) for c in _model_classes(arg)]
 
 

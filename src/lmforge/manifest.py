@@ -29,7 +29,7 @@ from lmforge.model import HEAD_TASKS
 
 Stage = Literal["pretrain", "sft", "reward", "dpo", "distill", "finetune", "ppo", "grpo"]
 SECTION_STAGES = ("sft", "reward", "dpo", "distill", "finetune", "ppo", "grpo")  # config under the stage's name
-PRETRAIN_KEYS = ("data", "train", "objective")  # pretraining's config, at the top level
+PRETRAIN_KEYS = ("data", "train", "objective", "init_from")  # pretraining's config, at the top level
 Task = Literal[(*HEAD_TASKS, "text2text")]  # text2text trains the LM itself: no head
 
 

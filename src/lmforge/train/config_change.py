@@ -24,7 +24,8 @@ from lmforge.train.console import report
 
 CHANGES_FILE = "config_changes.jsonl"
 FREE_TRAIN_KEYS = frozenset({"max_steps", "eval_every", "eval_batches", "save_every", "log_every",
-                             "keep_checkpoints", "progress", "tensorboard", "out_dir"})
+                             "keep_checkpoints", "progress", "tensorboard", "out_dir",
+                             "early_stopping_patience", "early_stopping_min_delta"})  # when to stop, not how
 _ABSENT = "(absent)"
 
 

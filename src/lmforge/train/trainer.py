@@ -47,6 +47,7 @@ from lmforge.train.distributed import (
     shard_model,
     sum_across_ranks,
 )
+from lmforge.train.early_stopping import EarlyStopping
 from lmforge.train.loss import LossResult, log_dtype
 from lmforge.train.metrics_log import MetricsLog
 from lmforge.train.run_lock import run_dir_lock
@@ -245,6 +246,9 @@ def train(
     ctx = init_distributed(device, cfg.parallel)
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
+    if cfg.early_stopping_patience and val_batches is None:
+        raise ConfigError(f"train.early_stopping_patience={cfg.early_stopping_patience} needs a validation loss, and "
+                          "this run has no validation data (e.g. prepare the data with a larger --val-fraction)")
     if resume and not (run_dir / LATEST_FILE).is_file():  # before the lock creates the dir
         raise CheckpointError(f"--resume: no checkpoint in {run_dir} (missing {run_dir / LATEST_FILE})")
     with run_dir_lock(run_dir) if ctx.is_main else nullcontext():
@@ -401,7 +405,9 @@ def _train_holding_lock(model: torch.nn.Module, cfg: TrainConfig, batch_at: Call
                desc="train", unit="step")
     loss, val_loss, tokens_per_s = float("nan"), None, 0.0
     window_tokens, window_time = 0, 0.0  # throughput counts training steps only, not eval or saving
-    for step in range(run.start_step, cfg.max_steps):
+    stopper = EarlyStopping.for_run(cfg, Path(cfg.out_dir), run.start_step if resume else None)
+    last_step = run.start_step if stopper.stopped else cfg.max_steps  # a resumed run that had stopped stays stopped
+    for step in range(run.start_step, last_step):
         t0 = time.perf_counter()
         stats, lr, grad_norm = _optimizer_step(run, step, batch_at, loss_fn)
         window_time += time.perf_counter() - t0
@@ -416,13 +422,19 @@ def _train_holding_lock(model: torch.nn.Module, cfg: TrainConfig, batch_at: Call
             window_tokens, window_time = 0, 0.0
         if val_batches is not None and (done % cfg.eval_every == 0 or done == cfg.max_steps):
             val_loss, line = _validate(run, loss_fn, val_batches(), done, perplexity)
+            if stopper.update(val_loss):
+                last_step = done
+                line += (f"; early stopping: no improvement on {stopper.best:.4f} for {stopper.patience} "
+                         "evaluations")
             if ctx.is_main:
                 bar.write(line)
-        if done % cfg.save_every == 0 or done == cfg.max_steps:
+        if done % cfg.save_every == 0 or done in (cfg.max_steps, last_step):
             run.last_checkpoint = _save(run, done)
+        if done == last_step:
+            break
     bar.close()
     scores = final_eval(model) if final_eval is not None else {}
     if scores:
-        run.log({"step": cfg.max_steps, **{f"eval_{name}": value for name, value in scores.items()}})
+        run.log({"step": last_step, **{f"eval_{name}": value for name, value in scores.items()}})
     run.close()
-    return TrainResult(cfg.max_steps, loss, val_loss, tokens_per_s, run.last_checkpoint, scores)
+    return TrainResult(last_step, loss, val_loss, tokens_per_s, run.last_checkpoint, scores)
