@@ -323,10 +323,11 @@ VERBS: dict[str, tuple[str, str, Callable[[ArgumentParser], None] | None, Callab
     **{verb: _stage(verb) for verb in STAGES},
     "merge": ("fold a mergeable PEFT method (LoRA family, SVD-diagonal) into plain base weights",
               "lmforge merge runs/sft-lora --out runs/sft-merged", merge_options, cmd_merge),
-    "export": ("write a run or checkpoint as a Hugging Face model dir or a peft adapter folder",
+    "export": ("write a run or checkpoint as a Hugging Face model dir, a peft adapter folder or a GGUF file",
                "lmforge export runs/sft --out runs/sft-hf\n"
                "  lmforge export runs/sft-lora --format hf --out runs/sft-merged-hf\n"
-               "  lmforge export runs/sft-lora --format peft --base-name gpt2 --out runs/sft-adapter",
+               "  lmforge export runs/sft-lora --format peft --base-name gpt2 --out runs/sft-adapter\n"
+               "  lmforge export runs/sft --format gguf --type q8_0 --out sft.gguf",
                export_options, cmd_export),
     "quantize": ("weight-only int8 (per output channel) or int4 (group-wise) min-max quantisation",
                  "lmforge quantize runs/demo/pretrain --bits 4 --out runs/demo-int4", quantize_options, cmd_quantize),

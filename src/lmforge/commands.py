@@ -332,11 +332,17 @@ def cmd_merge(args: Namespace) -> None:
 def export_options(p: ArgumentParser) -> None:
     p.add_argument("checkpoint", help="lmforge run or checkpoint dir, e.g. runs/sft (its config.yaml says how it was "
                                       "trained: chat template, labels, PEFT method)")
-    p.add_argument("--format", choices=["hf", "peft"], default="hf",
+    p.add_argument("--format", choices=["hf", "peft", "gguf"], default="hf",
                    help="hf (default): a save_pretrained dir for transformers (a PEFT run is merged first; a chat "
                         "run's template and stop tokens included), e.g. --format hf; peft: an adapter folder for "
-                        "peft's PeftModel / AutoPeftModelForCausalLM (LoRA-family runs), e.g. --format peft")
-    p.add_argument("--out", required=True, help="directory to write, e.g. --out runs/sft-hf")
+                        "peft's PeftModel / AutoPeftModelForCausalLM (LoRA-family runs), e.g. --format peft; gguf: "
+                        "one file llama.cpp and Ollama run (GPT-2 and Llama models; a PEFT run merged first), "
+                        "e.g. --format gguf")
+    p.add_argument("--type", dest="gguf_type", choices=["f32", "f16", "q8_0", "q4_0"],
+                   help="--format gguf: the matrices' type (default f32; q8_0/q4_0 need rows that are multiples "
+                        "of 32), e.g. --type q8_0")
+    p.add_argument("--out", required=True, help="directory (a .gguf file for --format gguf) to write, e.g. --out "
+                                                "runs/sft-hf")
     p.add_argument("--base-name", help="--format peft: the base model as the folder's users will name it, written "
                                        "as base_model_name_or_path: a hub id or a path, e.g. --base-name gpt2 "
                                        "(default: the run's base, if it is a Hugging Face dir)")
@@ -346,7 +352,7 @@ def cmd_export(args: Namespace) -> None:
     from lmforge.export import export_run
 
     _refuse_out_over_input(args.out, args.checkpoint)
-    print(export_run(args.checkpoint, args.format, args.out, base_name=args.base_name).note)
+    print(export_run(args.checkpoint, args.format, args.out, base_name=args.base_name, gguf_type=args.gguf_type).note)
 
 
 def quantize_options(p: ArgumentParser) -> None:

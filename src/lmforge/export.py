@@ -1,8 +1,8 @@
-"""`lmforge export RUN`: a run or checkpoint as a Hugging Face model dir or a peft adapter folder.
+"""`lmforge export RUN`: a run or checkpoint as a Hugging Face model dir, a peft adapter folder or a GGUF file.
 
 What the run recorded in its config.yaml travels with the export: the chat template of an SFT, DPO or RL
 run (as Jinja, with its stop tokens), the label names of a fine-tuned classifier, and the PEFT method, which
-`--format hf` merges into the weights first and `--format peft` writes as a portable adapter folder.
+`--format hf` and `--format gguf` merge into the weights first and `--format peft` writes as a portable adapter folder.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from lmforge.errors import ConfigError
 if TYPE_CHECKING:
     from lmforge.manifest import CheckpointManifest
 
-FORMATS = ("hf", "peft")
+FORMATS = ("hf", "peft", "gguf")
 
 
 @dataclass
@@ -45,8 +45,10 @@ def _default_base_name(ckpt: Path, base: str | None) -> str:
                       f"dir of `lmforge export {base or 'BASE'} --format hf --out DIR`)")
 
 
-def export_run(checkpoint: str | Path, fmt: str, out: str | Path, base_name: str | None = None) -> Exported:
-    """Export the run or checkpoint dir `checkpoint` as `fmt` (hf or peft) into `out`."""
+def export_run(checkpoint: str | Path, fmt: str, out: str | Path, base_name: str | None = None,
+               gguf_type: str | None = None) -> Exported:
+    """Export the run or checkpoint dir `checkpoint` as `fmt` (hf, peft or gguf, whose matrices are `gguf_type`)
+    into `out`."""
     import lmforge
     from lmforge.checkpoint import read_manifest, resolve_checkpoint, tensor_bytes, write_dir
     from lmforge.config import LORA_METHODS
@@ -57,14 +59,16 @@ def export_run(checkpoint: str | Path, fmt: str, out: str | Path, base_name: str
     ckpt = resolve_checkpoint(checkpoint)
     manifest = read_manifest(ckpt)
     peft = manifest.peft
-    if fmt == "hf" and base_name is not None:
+    if fmt != "peft" and base_name is not None:
         raise ConfigError("--base-name names the base of a peft adapter folder; it goes with --format peft")
+    if fmt != "gguf" and gguf_type is not None:
+        raise ConfigError(f"--type {gguf_type} is the tensor type of a GGUF file; it goes with --format gguf")
     if fmt == "peft" and (peft is None or peft.method not in LORA_METHODS):
         trained = f"trained with --peft {peft.method}" if peft else "not trained with --peft"
         raise ConfigError(f"{ckpt} was {trained}; the peft format holds LoRA-family adapters ("
                           f"{', '.join(LORA_METHODS)}); use --format hf")
-    if fmt == "peft" and manifest.task:
-        raise ConfigError(f"{ckpt} is a '{manifest.task}' task model; the peft format holds causal-LM adapters, "
+    if fmt in ("peft", "gguf") and manifest.task:
+        raise ConfigError(f"{ckpt} is a '{manifest.task}' task model; the {fmt} format holds causal language models, "
                           "so use --format hf (which merges the adapter into the task model)")
     model, tokenizer = lmforge.load(ckpt)
     template = run_chat_template(manifest, tokenizer)
@@ -75,6 +79,17 @@ def export_run(checkpoint: str | Path, fmt: str, out: str | Path, base_name: str
         merged = f" ({peft.method} merged into the weights)" if peft else ""
         chat = f", chat template {template.name}" if template is not None else ""
         return Exported(path, f"wrote a Hugging Face model{merged}{chat} -> {path}")
+    if fmt == "gguf":
+        from lmforge.gguf_export import export_gguf
+
+        if peft is not None:
+            model = merge_peft(model, peft)
+        gguf_type = gguf_type or "f32"
+        path = export_gguf(model, tokenizer, out, gguf_type, chat_template=template,
+                           name=Path(checkpoint).resolve().name)
+        merged = f" ({peft.method} merged into the weights)" if peft else ""
+        chat = f", chat template {template.name}" if template is not None else ""
+        return Exported(path, f"wrote a GGUF file ({gguf_type}){merged}{chat} for llama.cpp -> {path}")
     from lmforge.peft.export import export_peft
 
     base_name = base_name or _default_base_name(ckpt, manifest.base)

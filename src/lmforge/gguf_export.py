@@ -1,0 +1,193 @@
+"""GGUF export: a decoder as the single file llama.cpp (and Ollama, which runs on it) loads.
+
+The tensors are the ones `export_hf` writes, renamed by the `gguf` package's own map (`gguf.get_tensor_name_map`,
+the table llama.cpp's convert_hf_to_gguf.py uses) with that converter's two layout changes: GPT-2's Conv1D weights go
+back to [out, in], and the llama architecture's q/k rows are permuted per head from Hugging Face's half-split rotary
+layout (pairs i, i + D/2, as lmforge rotates) to llama.cpp's interleaved one (pairs 2i, 2i + 1). The metadata holds
+the hyperparameters, the byte-level BPE tokenizer (tokens, token types, merges, bos/eos/pad ids) and the chat
+template as Jinja. Everything that can be refused (architecture, tokenizer, a `--type` the tensor sizes do not
+allow) is checked before the file is written; the file itself is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from lmforge.data.chat import ChatTemplate, ending_ids
+from lmforge.errors import ConfigError
+from lmforge.io import atomic_write
+from lmforge.model.decoder import DecoderLM
+from lmforge.tokenizer import Tokenizer
+
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
+# HF model_type -> the llama.cpp architecture that runs it
+GGUF_ARCHS = {"gpt2": "gpt2", "llama": "llama"}
+_PERMUTED_QK = ("llama",)  # architectures llama.cpp rotates in interleaved pairs
+_CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+# tokenizer.ggml.pre: how llama.cpp splits text before BPE, by the tokenizer's pre-tokenizer
+_PRE_TOKENIZERS = {"ByteLevel": "gpt-2"}
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    name: str  # llama.cpp's name
+    data: np.ndarray  # as written: float32, float16 or the quantised bytes
+    raw_dtype: Any  # gguf.GGMLQuantizationType
+
+
+def gguf_arch(cfg: Any) -> str:
+    """The llama.cpp architecture of `cfg` (ConfigError naming the supported ones if it has none)."""
+    from lmforge.model.hf import hf_model_type_of
+
+    try:
+        model_type = hf_model_type_of(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"GGUF export: {err}; llama.cpp runs the architectures {', '.join(GGUF_ARCHS)}") from None
+    if model_type == "llama" and (cfg.attn_bias or cfg.mlp_bias):
+        raise ConfigError("GGUF export: a llama model with attn_bias/mlp_bias has no llama.cpp architecture "
+                          f"(llama.cpp runs {', '.join(GGUF_ARCHS)} without extra biases)")
+    return GGUF_ARCHS[model_type]
+
+
+def permute_rotary(weight: Tensor, n_head: int) -> Tensor:
+    """q or k rows (or bias) from the half-split rotary layout to llama.cpp's interleaved one, per head."""
+    return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).transpose(1, 2).reshape(
+        weight.shape)
+
+
+def _llama_cpp_layout(name: str, tensor: Tensor, arch: str, cfg: Any) -> Tensor:
+    if arch == "gpt2" and name.endswith(_CONV1D):
+        return tensor.t()
+    if arch in _PERMUTED_QK and ".self_attn.q_proj." in name:
+        return permute_rotary(tensor, cfg.n_head)
+    if arch in _PERMUTED_QK and ".self_attn.k_proj." in name:
+        return permute_rotary(tensor, cfg.kv_heads)
+    return tensor
+
+
+def _encode(name: str, hf_name: str, tensor: Tensor, qtype: str) -> _Tensor:
+    """A tensor as written: vectors stay float32 (as llama.cpp's converter keeps them); matrices take `qtype`."""
+    import gguf
+
+    data = tensor.contiguous().numpy()
+    if data.ndim == 1 or qtype == "f32":
+        return _Tensor(name, data.astype(np.float32), gguf.GGMLQuantizationType.F32)
+    if qtype == "f16":
+        return _Tensor(name, data.astype(np.float16), gguf.GGMLQuantizationType.F16)
+    kind = gguf.GGMLQuantizationType[qtype.upper()]
+    block = gguf.GGML_QUANT_SIZES[kind][0]
+    if data.shape[-1] % block:
+        raise ConfigError(f"GGUF export --type {qtype}: tensor {name} ({hf_name}) has rows of {data.shape[-1]} values, "
+                          f"not a multiple of {qtype}'s block of {block}; use --type f16 or f32")
+    return _Tensor(name, gguf.quants.quantize(data, kind), kind)
+
+
+def gguf_tensors(model: DecoderLM, qtype: str) -> list[_Tensor]:
+    """`model`'s weights under llama.cpp's names and layouts, encoded as `qtype`."""
+    import gguf
+
+    from lmforge.model.hf import _to_hf_names, hf_model_type_of
+
+    if qtype not in GGUF_TYPES:
+        raise ConfigError(f"GGUF export --type {qtype!r} is not one of {', '.join(GGUF_TYPES)}")
+    cfg = model.cfg
+    arch = gguf_arch(cfg)
+    weights = _to_hf_names(model, hf_model_type_of(cfg))
+    if arch == "gpt2" and "lm_head.weight" not in weights:  # llama.cpp's gpt2 reads its head as its own tensor
+        weights["lm_head.weight"] = weights["transformer.wte.weight"]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.n_layer)
+    out = []
+    for hf_name, tensor in weights.items():
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ConfigError(f"GGUF export: llama.cpp's {arch} has no tensor for {hf_name}")
+        out.append(_encode(name, hf_name, _llama_cpp_layout(hf_name, tensor, arch, cfg), qtype))
+    return out
+
+
+def _tokenizer_metadata(tokenizer: Tokenizer, vocab_size: int) -> dict[str, Any]:
+    """The tokenizer as llama.cpp's "gpt2" (byte-level BPE) model: tokens by id, types, merges, pre-tokenizer."""
+    import gguf
+
+    spec = json.loads(tokenizer.backend.to_str())
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or pre.get("type") not in _PRE_TOKENIZERS:
+        raise ConfigError(f"GGUF export: the tokenizer is {model.get('type')} with pre-tokenizer {pre.get('type')}; "
+                          f"llama.cpp's BPE is exported from BPE with {', '.join(_PRE_TOKENIZERS)}")
+    if tokenizer.vocab_size > vocab_size:
+        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {vocab_size}")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]  # rows no token uses, as llama.cpp's converter pads
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for token, tid in tokenizer.backend.get_vocab(with_added_tokens=True).items():
+        tokens[tid], types[tid] = token, gguf.TokenType.NORMAL
+    for added in spec.get("added_tokens", []):
+        types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return dict(pre=_PRE_TOKENIZERS[pre["type"]], tokens=tokens, types=types, merges=merges)
+
+
+def _write(path: Path, arch: str, cfg: Any, tensors: list[_Tensor], tok: dict[str, Any], ids: dict[str, int | None],
+           chat_source: str | None, qtype: str, name: str) -> None:
+    import gguf
+
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_name(name)
+    writer.add_file_type(gguf.LlamaFileType[{"f32": "ALL_F32"}.get(qtype, f"MOSTLY_{qtype.upper()}")])
+    writer.add_context_length(cfg.max_seq_len)
+    writer.add_embedding_length(cfg.d_model)
+    writer.add_feed_forward_length(cfg.ff_dim)
+    writer.add_block_count(cfg.n_layer)
+    writer.add_head_count(cfg.n_head)
+    writer.add_vocab_size(cfg.vocab_size)
+    if arch == "gpt2":
+        writer.add_layer_norm_eps(cfg.norm_eps)
+    else:
+        writer.add_head_count_kv(cfg.kv_heads)
+        writer.add_layer_norm_rms_eps(cfg.norm_eps)
+        writer.add_rope_freq_base(cfg.rope_theta)
+        writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(tok["pre"])
+    writer.add_token_list(tok["tokens"])
+    writer.add_token_types(tok["types"])
+    writer.add_token_merges(tok["merges"])
+    writer.add_add_bos_token(False)  # lmforge encodes text as it is; a chat template writes its own BOS
+    for role, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
+                      ("pad", writer.add_pad_token_id), ("eot", writer.add_eot_token_id)):
+        if ids.get(role) is not None:
+            add(ids[role])
+    if chat_source is not None:
+        writer.add_chat_template(chat_source)
+    for t in tensors:
+        writer.add_tensor(t.name, t.data, raw_dtype=t.raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def export_gguf(model: DecoderLM, tokenizer: Tokenizer | None, path: str | Path, qtype: str = "f32",
+                chat_template: ChatTemplate | None = None, name: str = "lmforge") -> Path:
+    """Write `model` and its tokenizer (and chat template, as Jinja) as the GGUF file `path`, matrices as `qtype`."""
+    from lmforge.data.chat_jinja import jinja_chat_template
+
+    path = Path(path)
+    cfg = model.cfg
+    if tokenizer is None:
+        raise ConfigError("GGUF export needs the model's tokenizer (llama.cpp reads it from the file)")
+    arch = gguf_arch(cfg)
+    tok = _tokenizer_metadata(tokenizer, cfg.vocab_size)
+    chat_source = None if chat_template is None else jinja_chat_template(chat_template)
+    tensors = gguf_tensors(model, qtype)
+    turn_ends = [i for i in ending_ids(tokenizer, chat_template) if i != tokenizer.eos_id]  # llama.cpp stops at both
+    ids = dict(bos=tokenizer.bos_id, eos=tokenizer.eos_id, pad=tokenizer.pad_id,
+               eot=turn_ends[0] if turn_ends else None)
+    size = sum(t.data.nbytes for t in tensors)
+    return atomic_write(path, lambda tmp: _write(tmp, arch, cfg, tensors, tok, ids, chat_source, qtype, name), size)
+

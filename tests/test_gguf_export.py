@@ -1,0 +1,162 @@
+"""GGUF export: read back by gguf's reader, loaded by transformers' GGUF loader with lmforge's logits, and (where
+llama-cpp-python is installed) run by llama.cpp with lmforge's greedy tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from parity_helpers import perturb
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+
+from lmforge.cli import main  # noqa: E402
+from lmforge.config import ModelConfig  # noqa: E402
+from lmforge.data.chat import get_chat_template  # noqa: E402
+from lmforge.errors import ConfigError  # noqa: E402
+from lmforge.gguf_export import export_gguf  # noqa: E402
+from lmforge.model.decoder import DecoderLM  # noqa: E402
+from lmforge.tokenizer import train_tokenizer  # noqa: E402
+
+ATOL = 1e-4
+TEXTS = ["the quick brown fox jumps over the lazy dog", "hello world, hello GGUF", "llama.cpp reads gguf files"] * 20
+# Odd shapes: GQA 4:2 and an untied head for llama; a tied head for GPT-2. Rows are 64 wide (q4_0/q8_0 blocks fit).
+# transformers' GGUF loader builds GPT-2 with its default n_positions (1024) and n_inner (4 * n_embd), so ours match.
+CONFIGS = {
+    "llama": dict(family="llama", n_head=4, n_kv_head=2, d_model=64, d_ff=96, rope_theta=5e5, tie_embeddings=False,
+                  max_seq_len=64),
+    "gpt2": dict(family="gpt2", n_head=4, d_model=64, d_ff=256, max_seq_len=1024),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(TEXTS, vocab_size=420, show_progress=False)
+
+
+def _model(family: str, tokenizer, **kw) -> DecoderLM:
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**CONFIGS[family], **kw}, vocab_size=tokenizer.vocab_size + 3, n_layer=2)
+    model = DecoderLM(cfg)
+    perturb(model)
+    return model.eval()
+
+
+def _fields(reader: gguf.GGUFReader) -> dict:
+    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_reader_sees_llama_cpp_names_shapes_types_and_metadata(family, tokenizer, tmp_path):
+    model = _model(family, tokenizer)
+    template = get_chat_template("lmforge", tokenizer)
+    path = export_gguf(model, tokenizer, tmp_path / "m.gguf", qtype="f16", chat_template=template)
+    reader = gguf.GGUFReader(path)
+    fields = _fields(reader)
+    cfg = model.cfg
+    assert fields["general.architecture"] == family
+    assert fields[f"{family}.context_length"] == cfg.max_seq_len
+    assert fields[f"{family}.embedding_length"] == cfg.d_model
+    assert fields[f"{family}.block_count"] == cfg.n_layer
+    assert fields[f"{family}.attention.head_count"] == cfg.n_head
+    assert fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
+    if family == "llama":
+        assert fields["llama.attention.head_count_kv"] == 2
+        assert fields["llama.rope.freq_base"] == pytest.approx(5e5)
+        assert fields["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(cfg.norm_eps)
+    assert fields["tokenizer.ggml.model"] == "gpt2"
+    tokens = fields["tokenizer.ggml.tokens"]
+    assert len(tokens) == cfg.vocab_size and tokens[tokenizer.eos_id] == "<|eos|>"
+    assert tokens[-1] == f"[PAD{cfg.vocab_size - 1}]"
+    types = fields["tokenizer.ggml.token_type"]
+    assert types[tokenizer.eos_id] == gguf.TokenType.CONTROL and types[-1] == gguf.TokenType.UNUSED
+    assert types[tokenizer.encode("the")[0]] == gguf.TokenType.NORMAL
+    assert fields["tokenizer.ggml.merges"][0].count(" ") == 1
+    assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_id
+    assert fields["tokenizer.ggml.eot_token_id"] == tokenizer.token_id("<|end_of_turn|>")
+    assert "<|assistant|>" in fields["tokenizer.chat_template"]
+    tensors = {t.name: t for t in reader.tensors}
+    assert {"token_embd.weight", "output_norm.weight", "output.weight", "blk.1.attn_norm.weight"} <= tensors.keys()
+    if family == "llama":
+        assert tuple(tensors["blk.0.attn_k.weight"].shape) == (cfg.d_model, 2 * cfg.head_dim)  # ggml order: in, out
+        assert tensors["blk.0.ffn_gate.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+    else:
+        assert tuple(tensors["blk.0.attn_qkv.weight"].shape) == (cfg.d_model, 3 * cfg.d_model)
+        assert "position_embd.weight" in tensors
+    assert tensors["output_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_transformers_gguf_loader_gives_lmforge_logits(family, tokenizer, tmp_path):
+    model = _model(family, tokenizer)
+    export_gguf(model, tokenizer, tmp_path / "m.gguf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf").eval()
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        ours, theirs = model(ids), hf(ids).logits
+    assert (ours - theirs).abs().max().item() <= ATOL
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0"])
+def test_quantised_tensors_dequantise_to_the_weights(qtype, tokenizer, tmp_path):
+    model = _model("llama", tokenizer)
+    path = export_gguf(model, tokenizer, tmp_path / "m.gguf", qtype=qtype)
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    down = tensors["blk.0.ffn_down.weight"]
+    assert down.tensor_type == gguf.GGMLQuantizationType[qtype.upper()]
+    restored = gguf.quants.dequantize(down.data, down.tensor_type)
+    weight = model.blocks[0].mlp.down.weight.detach().numpy()
+    step = np.abs(weight).max() / (127 if qtype == "q8_0" else 7)
+    assert np.abs(restored - weight).max() <= step  # within one quantisation step of the largest block scale
+
+
+def test_type_the_tensor_sizes_do_not_allow_is_refused_naming_the_tensor(tokenizer, tmp_path):
+    model = _model("llama", tokenizer, d_model=48, n_head=4, n_kv_head=2)  # rows of 48: not a multiple of 32
+    with pytest.raises(ConfigError, match="token_embd.weight .*rows of 48.*block of 32"):
+        export_gguf(model, tokenizer, tmp_path / "m.gguf", qtype="q4_0")
+    assert not list(tmp_path.iterdir())  # refused before writing
+
+
+@pytest.mark.parametrize("change", [dict(position="alibi"), dict(norm_placement="post"), dict(attn_bias=True)])
+def test_architecture_llama_cpp_does_not_run_is_refused_before_writing(change, tokenizer, tmp_path):
+    model = _model("llama", tokenizer, **change)
+    with pytest.raises(ConfigError, match="GGUF export: .*llama.cpp runs"):
+        export_gguf(model, tokenizer, tmp_path / "m.gguf")
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_export_gguf_of_a_run_and_bad_type(tokenizer, tmp_path, capsys):
+    import lmforge
+
+    model = _model("llama", tokenizer, d_model=48, n_head=4, n_kv_head=2)
+    run = lmforge.save(model, tokenizer, tmp_path / "run")
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(run), "--format", "gguf", "--type", "q4_0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "token_embd.weight" in err and "--type f16" in err
+    assert not out.exists()
+    assert main(["export", str(run), "--format", "gguf", "--out", str(out)]) == 0
+    assert "GGUF" in capsys.readouterr().out
+    assert gguf.GGUFReader(out).fields["general.file_type"].contents() == gguf.LlamaFileType.ALL_F32
+    assert main(["export", str(run), "--type", "q8_0", "--out", str(tmp_path / "hf")]) == 2
+    assert "--type" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_llama_cpp_greedy_tokens_equal_lmforge(family, tokenizer, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp not installed: pip install llama-cpp-python")
+    from lmforge.infer.generate import SamplingConfig, generate_ids
+
+    model = _model(family, tokenizer)
+    path = export_gguf(model, tokenizer, tmp_path / "m.gguf")
+    prompt = tokenizer.encode("the quick brown fox")
+    ours = generate_ids(model, prompt, SamplingConfig(max_new_tokens=12, stop_at_eos=False))
+    llm = llama_cpp.Llama(str(path), n_ctx=64, verbose=False)
+    theirs = []
+    for tid in llm.generate(prompt, temp=0.0, top_k=1):
+        theirs.append(tid)
+        if len(theirs) == 12:
+            break
+    assert theirs == ours
