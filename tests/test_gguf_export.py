@@ -88,15 +88,20 @@ def test_reader_sees_llama_cpp_names_shapes_types_and_metadata(family, tokenizer
     assert tensors["output_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_transformers_gguf_loader_gives_lmforge_logits(family, tokenizer, tmp_path):
-    model = _model(family, tokenizer)
+@pytest.mark.parametrize(("family", "change"), [("llama", {}), ("llama", dict(n_kv_head=1, tie_embeddings=True)),
+                                               ("gpt2", {})])
+def test_transformers_gguf_loader_gives_lmforge_logits_and_ids(family, change, tokenizer, tmp_path):
+    model = _model(family, tokenizer, **change)
     export_gguf(model, tokenizer, tmp_path / "m.gguf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf").eval()
     ids = torch.randint(0, model.cfg.vocab_size, (2, 16))
     with torch.no_grad():
         ours, theirs = model(ids), hf(ids).logits
     assert (ours - theirs).abs().max().item() <= ATOL
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    text = "the quick brown fox, hello GGUF!  <|eos|> café"
+    assert hf_tokenizer(text, add_special_tokens=False).input_ids == tokenizer.encode(text)
+    assert hf_tokenizer.eos_token_id == tokenizer.eos_id
 
 
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_0"])
