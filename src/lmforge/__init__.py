@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # annotations only: `import lmforge` stays free of torch until a function runs
+    import torch
     from torch import Tensor
     from torch.nn import Module
 
@@ -22,11 +23,13 @@ __version__ = "0.1.0"
 __all__ = ["load", "save", "export_hf", "embed"]
 
 
-def load(path: str | Path, base: str | Path | None = None) -> tuple[Module, Tokenizer | None]:
-    """(model, tokenizer) from an lmforge checkpoint/run dir, a Hugging Face dir (GPT-2, Llama, BERT, T5:
-    config.json + *.safetensors [+ tokenizer.json]) or a Hugging Face peft LoRA/DoRA adapter folder, put on its
-    base (`base`, else the folder's base_model_name_or_path, either of the kinds above); tokenizer is None when
-    the dir has none."""
+def load(path: str | Path, base: str | Path | None = None,
+         dtype: torch.dtype | None = None) -> tuple[Module, Tokenizer | None]:
+    """(model, tokenizer) from an lmforge checkpoint/run dir, a Hugging Face dir (GPT-2, Llama, Mistral, Qwen2,
+    Qwen3, GPT-NeoX, BERT, T5: config.json + *.safetensors [+ tokenizer.json]) or a Hugging Face peft LoRA/DoRA
+    adapter folder, put on its base (`base`, else the folder's base_model_name_or_path, either of the kinds above);
+    tokenizer is None when the dir has none. `dtype` (e.g. torch.bfloat16) loads an HF decoder's weights in that
+    dtype, each converted as it is read, without a float32 copy; default float32."""
     from lmforge.checkpoint import load_checkpoint
     from lmforge.model.hf import hf_model_type, load_hf
     from lmforge.peft.peft_import import read_peft_config
@@ -36,7 +39,7 @@ def load(path: str | Path, base: str | Path | None = None) -> tuple[Module, Toke
         from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
         base_dir = peft_base(path, base)
-        model, tokenizer = load(base_dir)
+        model, tokenizer = load(base_dir, dtype=dtype)
         if getattr(getattr(model, "cfg", None), "arch", None) != "decoder":
             from lmforge.errors import CheckpointError
 
@@ -53,12 +56,15 @@ def load(path: str | Path, base: str | Path | None = None) -> tuple[Module, Toke
         from lmforge.model.hf_bert import load_hf_bert
 
         model, tokenizer, _heads = load_hf_bert(path)
-        return model, tokenizer
-    if kind == "t5":
+    elif kind == "t5":
         from lmforge.model.hf_t5 import load_hf_t5
 
-        return load_hf_t5(path)
-    return load_checkpoint(path) if kind is None else load_hf(path)
+        model, tokenizer = load_hf_t5(path)
+    elif kind is None:
+        model, tokenizer = load_checkpoint(path)
+    else:
+        return load_hf(path) if dtype is None else load_hf(path, dtype)
+    return (model, tokenizer) if dtype is None else (model.to(dtype), tokenizer)
 
 
 def save(model: Module, tokenizer: Tokenizer | None, path: str | Path) -> Path:

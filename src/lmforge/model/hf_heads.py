@@ -17,6 +17,7 @@ from lmforge.errors import ConfigError
 from lmforge.model.heads import SequenceClassifier, TokenClassifier
 from lmforge.model.hf import HFHead, export_hf, hf_model_type_of, with_eos_template
 from lmforge.model.hf_bert import export_hf_bert
+from lmforge.model.hf_families import HF_CLASS_PREFIX
 from lmforge.tokenizer import Tokenizer
 
 SUPPORTED = ("sequence classifiers on BERT, GPT-2 or Llama (BertForSequenceClassification, "
@@ -43,7 +44,7 @@ def export_task_model(model: nn.Module, tokenizer: Tokenizer | None, path: str |
         head = HFHead(f"BertFor{kind}Classification", tensors, _label_config(model.num_labels, labels))
         return export_hf_bert(backbone, tokenizer, path, head)
     if kind == "Sequence" and arch == "decoder":
-        family = {"gpt2": "GPT2", "llama": "Llama"}[hf_model_type_of(backbone.cfg)]
+        family = HF_CLASS_PREFIX[hf_model_type_of(backbone.cfg)]
         head = HFHead(f"{family}ForSequenceClassification", {"score.weight": model.classifier.weight},
                       _label_config(model.num_labels, labels))
         return export_hf(backbone, None if tokenizer is None else with_eos_template(tokenizer), path, head=head)
