@@ -241,3 +241,41 @@ def _small_cfg():
 
     return ModelConfig(family="qwen3", vocab_size=VOCAB, max_seq_len=32, n_layer=1, n_head=6, n_kv_head=2,
                        d_model=96, head_size=12)
+
+
+@pytest.mark.parametrize(("case", "method"), [("neox", "lora"), ("neox", "dora"), ("qwen3", "lora")])
+def test_lora_matches_peft_both_ways(case, method, tmp_path):
+    """lmforge's LoRA on q, k, v (and the rest) exports as peft's: on GPT-NeoX one exact rank-3r LoRA on the fused
+    query_key_value, B's rows interleaved per head; peft's own rank-r adapter on query_key_value (and dense) loads onto
+    lmforge's separate q, k, v (the same A, each its rows of B) with peft's logits."""
+    peft = pytest.importorskip("peft")
+    import lmforge
+    from lmforge.config import PeftConfig
+    from lmforge.peft.export import export_peft
+    from lmforge.peft.lora import apply_lora, lora_layers
+
+    _hf_model(case).save_pretrained(tmp_path / "hf")
+    model, _ = load_hf(tmp_path / "hf")
+    cfg = PeftConfig(r=4, alpha=8, method=method, targets=["attn", "mlp"])
+    apply_lora(model, cfg)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B["default"].normal_(0, 0.1)
+        ids = _ids()
+        ours = model(ids)
+    export_peft(model, None, tmp_path / "ours", cfg, base_name=str(tmp_path / "hf"))
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        _assert_close(peft.PeftModel.from_pretrained(base, tmp_path / "ours").eval()(ids).logits, ours)
+
+    targets = ["query_key_value", "dense"] if case == "neox" else ["q_proj", "k_proj", "v_proj"]
+    theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "hf"),
+                                 peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=method == "dora"))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name or "magnitude" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    theirs.save_pretrained(tmp_path / "theirs")
+    back, _ = lmforge.load(tmp_path / "theirs", base=tmp_path / "hf")
+    with torch.no_grad():
+        _assert_close(back(ids), theirs.eval()(ids).logits)

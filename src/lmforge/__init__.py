@@ -28,8 +28,8 @@ def load(path: str | Path, base: str | Path | None = None,
     """(model, tokenizer) from an lmforge checkpoint/run dir, a Hugging Face dir (GPT-2, Llama, Mistral, Qwen2,
     Qwen3, GPT-NeoX, BERT, T5: config.json + *.safetensors [+ tokenizer.json]) or a Hugging Face peft LoRA/DoRA
     adapter folder, put on its base (`base`, else the folder's base_model_name_or_path, either of the kinds above);
-    tokenizer is None when the dir has none. `dtype` (e.g. torch.bfloat16) loads an HF decoder's weights in that
-    dtype, each converted as it is read, without a float32 copy; default float32."""
+    tokenizer is None when the dir has none. `dtype` (e.g. torch.bfloat16): an HF decoder's weights are converted
+    as they are read, without a float32 copy; any other model is converted after loading. Default: float32."""
     from lmforge.checkpoint import load_checkpoint
     from lmforge.model.hf import hf_model_type, load_hf
     from lmforge.peft.peft_import import read_peft_config
