@@ -86,6 +86,24 @@ def _hf_greedy(hf_model, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+def test_dynamic_rope_in_a_padded_batch_follows_the_furthest_real_position(tmp_path):
+    """Past the original context, dynamic NTK's base depends on the furthest position a forward reaches: in a
+    left-padded batch that is the longest row's real length (transformers reads it off position_ids), not the
+    padded width."""
+    hf_model = _hf_model("llama-dynamic")
+    hf_model.save_pretrained(tmp_path)
+    model, _ = load_hf(tmp_path)
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[0, :4], mask[1, :2] = 0, 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids = _ids()
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask)
+        theirs = hf_model(ids, attention_mask=mask, position_ids=positions).logits
+    real = mask.bool()
+    _assert_close(ours[real], theirs[real])
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_family_round_trip_matches_transformers(case, tmp_path):
     """HF -> lmforge: logits within 1e-4 and greedy tokens equal; lmforge -> HF (another perturbation): the family's

@@ -199,7 +199,10 @@ class DecoderLM(nn.Module):
                 self.pos_table = sinusoidal_table(offset + T, cfg.d_model).to(x.device)
             x = x * math.sqrt(cfg.d_model) + self.pos_table[pos].to(x.dtype)
         elif cfg.position == "rope":
-            cos, sin = self._rope(0, offset + T)
+            reach = offset + T
+            if cfg.rope_scaling is not None and cfg.rope_scaling.type == "dynamic":
+                reach = int(pos.max()) + 1  # dynamic NTK's base follows the furthest real position, as transformers'
+            cos, sin = self._rope(0, reach)
             rope = cos[pos][:, None], sin[pos][:, None]
         bias = masked_attention_bias(attention_mask, T, self.alibi if cfg.position == "alibi" else None,
                                      cfg.sliding_window)
