@@ -177,6 +177,8 @@ def test_sliding_window_holds_in_cache_and_batched_generation(tmp_path):
 
 def test_sharded_safetensors_both_ways(tmp_path):
     """save_pretrained's shards load; export_hf writes shards with an index that transformers reads."""
+    import lmforge
+
     hf_model = _hf_model("neox")
     hf_model.save_pretrained(tmp_path / "hf", max_shard_size="60KB")
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
@@ -184,7 +186,7 @@ def test_sharded_safetensors_both_ways(tmp_path):
     ids = _ids()
     with torch.no_grad():
         _assert_close(model(ids), hf_model(ids).logits)
-    export_hf(model, None, tmp_path / "out", max_shard_bytes=60_000)
+    lmforge.export_hf(model, None, tmp_path / "out", max_shard_bytes=60_000)
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1 and not (tmp_path / "out" / "model.safetensors").exists()
     with torch.no_grad():

@@ -75,25 +75,32 @@ def save(model: Module, tokenizer: Tokenizer | None, path: str | Path) -> Path:
 
 
 def export_hf(model: Module, tokenizer: Tokenizer | None, path: str | Path, *,
-              chat_template: str | ChatTemplate | None = None, labels: list[str] | None = None) -> Path:
+              chat_template: str | ChatTemplate | None = None, labels: list[str] | None = None,
+              max_shard_bytes: int | None = None) -> Path:
     """Write a Hugging Face dir that transformers loads with the same outputs: AutoModelForCausalLM for decoders,
     BertForMaskedLM for encoders, T5ForConditionalGeneration, or the task class of a fine-tuned classifier
     (`labels` names its outputs). `chat_template` (lmforge, llama2, alpaca, or a `ChatTemplate`) is the format a
     chat model was trained with: it goes into tokenizer_config.json as Jinja and its stop tokens into
-    generation_config.json's eos_token_id."""
+    generation_config.json's eos_token_id. `max_shard_bytes` splits a decoder's weights into safetensors shards of
+    at most that size, with model.safetensors.index.json."""
     from lmforge.checkpoint import tensor_bytes, write_dir
 
-    return write_dir(path, lambda tmp: _export_hf_into(model, tokenizer, tmp, chat_template, labels),
+    return write_dir(path, lambda tmp: _export_hf_into(model, tokenizer, tmp, chat_template, labels, max_shard_bytes),
                      tensor_bytes(model.state_dict()))
 
 
 def _export_hf_into(model: Module, tokenizer: Tokenizer | None, path: Path, chat_template: str | ChatTemplate | None,
-                    labels: list[str] | None) -> Path:
+                    labels: list[str] | None, max_shard_bytes: int | None) -> Path:
+    arch = getattr(getattr(model, "cfg", None), "arch", None)
+    if max_shard_bytes is not None and arch != "decoder":
+        from lmforge.errors import ConfigError
+
+        raise ConfigError(f"max_shard_bytes shards a decoder language model's export; this model is "
+                          f"{arch or type(model).__name__}: export it unsharded")
     if hasattr(model, "backbone"):  # a fine-tuned task model
         from lmforge.model.hf_heads import export_task_model
 
         return export_task_model(model, tokenizer, path, labels)
-    arch = getattr(getattr(model, "cfg", None), "arch", None)
     if chat_template is not None and arch != "decoder":
         from lmforge.errors import ConfigError
 
@@ -113,7 +120,7 @@ def _export_hf_into(model: Module, tokenizer: Tokenizer | None, path: Path, chat
         from lmforge.data.chat import get_chat_template
 
         chat_template = get_chat_template(chat_template, tokenizer)
-    return export_decoder(model, tokenizer, path, chat_template)
+    return export_decoder(model, tokenizer, path, chat_template, max_shard_bytes=max_shard_bytes)
 
 
 def embed(texts: str | Sequence[str], model: str | Path | None = None, *, batch_size: int = 32,
