@@ -315,3 +315,19 @@ def test_lora_matches_peft_both_ways(method, tmp_path):
     back, _ = lmforge.load(tmp_path / "theirs", base=tmp_path / "hf")
     with torch.no_grad():
         _assert_close(back(ids), theirs.eval()(ids).logits)
+
+
+def test_family_keys_are_validated():
+    from pydantic import ValidationError
+
+    from lmforge.config import ModelConfig
+
+    qwen3 = ModelConfig(family="qwen3", d_model=100, n_head=4, head_size=16)  # heads need not split d_model
+    assert qwen3.head_dim == 16 and qwen3.qk_norm and not qwen3.has_qkv_bias
+    assert ModelConfig(family="qwen2").has_qkv_bias and not ModelConfig(family="qwen2").attn_bias
+    with pytest.raises(ValidationError, match=r"even number \(>= 2\) of rotated dims"):
+        ModelConfig(family="gpt_neox", d_model=32, n_head=4, rope_fraction=0.1)
+    with pytest.raises(ValidationError, match="original_max_len"):
+        ModelConfig(family="llama", rope_scaling={"type": "llama3", "factor": 8.0})
+    with pytest.raises(ValidationError, match="divisible by n_head=3 \\(or set head_size\\)"):
+        ModelConfig(family="llama", d_model=64, n_head=3)

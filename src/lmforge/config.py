@@ -108,8 +108,8 @@ class ModelConfig(StrictModel):
             raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head} (or set head_size)")
         if self.n_head % self.kv_heads:
             raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={self.kv_heads}")
-        if self.position == "rope" and self.rotary_dim % 2:
-            raise ValueError(f"rope needs an even number of rotated dims, got {self.rotary_dim} "
+        if self.position == "rope" and (self.rotary_dim % 2 or self.rotary_dim < 2):
+            raise ValueError(f"rope needs an even number (>= 2) of rotated dims, got {self.rotary_dim} "
                              f"(head dim {self.head_dim} x rope_fraction {self.rope_fraction})")
         if self.sliding_window is not None and self.sliding_window > self.max_seq_len:
             raise ValueError(f"sliding_window={self.sliding_window} is larger than the context "
