@@ -6,12 +6,14 @@ import copy
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmforge.config import RopeScaling
+if TYPE_CHECKING:
+    from lmforge.config import RopeScaling
 
 # ---------------------------------------------------------------------------------------------
 # Norms and MLPs
