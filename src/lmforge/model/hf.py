@@ -449,7 +449,7 @@ def export_hf(model: DecoderLM, tokenizer: Tokenizer | None, path: str | Path,
         raise ConfigError("a chat template needs the tokenizer it renders with; pass the model's tokenizer")
     weights = _to_hf_names(model, hf_config["model_type"])
     if head is not None:
-        weights.pop("lm_head.weight", None)
+        weights.pop(_HEAD[hf_config["model_type"]], None)
         weights |= {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in head.tensors.items()}
         hf_config.update(head.config, architectures=[head.architecture])
     ids: dict[str, Any] = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)

@@ -1,7 +1,7 @@
 """Fine-tuned task models exported as transformers' task classes, with the same logits.
 
-A sequence classifier on BERT becomes `BertForSequenceClassification` (pooler + `classifier`), on GPT-2 or
-Llama `GPT2ForSequenceClassification` / `LlamaForSequenceClassification` (a bias-free `score` on the last
+A sequence classifier on BERT becomes `BertForSequenceClassification` (pooler + `classifier`), on a decoder its
+family's class, e.g. `GPT2ForSequenceClassification` / `LlamaForSequenceClassification` (a bias-free `score` on the last
 token that is not `pad_token_id`, which is lmforge's last real token with right padding); a token classifier
 on BERT becomes `BertForTokenClassification`. Other heads are refused. The exported tokenizer lays inputs out
 as lmforge's task data did: [CLS] text [SEP] for BERT (`export_hf_bert`), text EOS for a decoder.
@@ -20,9 +20,9 @@ from lmforge.model.hf_bert import export_hf_bert
 from lmforge.model.hf_families import HF_CLASS_PREFIX
 from lmforge.tokenizer import Tokenizer
 
-SUPPORTED = ("sequence classifiers on BERT, GPT-2 or Llama (BertForSequenceClassification, "
-             "GPT2ForSequenceClassification, LlamaForSequenceClassification) and token classifiers on BERT "
-             "(BertForTokenClassification)")
+SUPPORTED = ("sequence classifiers on BERT or a decoder family (BertForSequenceClassification, "
+             "GPT2ForSequenceClassification, LlamaForSequenceClassification, and Mistral's, Qwen2's, Qwen3's, "
+             "GPTNeoX's) and token classifiers on BERT (BertForTokenClassification)")
 
 
 def _label_config(num_labels: int, labels: list[str] | None) -> dict:
