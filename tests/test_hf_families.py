@@ -278,19 +278,19 @@ def _small_cfg():
                        d_model=96, head_size=12)
 
 
-@pytest.mark.parametrize("method", ["lora", "dora"])
-def test_lora_matches_peft_both_ways(method, tmp_path):
+@pytest.mark.parametrize(("case", "method"), [("neox", "lora"), ("neox", "dora"), ("qwen2-tied-linear", "lora")])
+def test_lora_matches_peft_both_ways(case, method, tmp_path):
     """lmforge's LoRA on q, k, v (and the rest) exports as peft's: on GPT-NeoX one exact rank-3r LoRA on the fused
     query_key_value, B's rows interleaved per head; peft's own rank-r adapter on query_key_value (and dense) loads onto
-    lmforge's separate q, k, v (the same A, each its rows of B) with peft's logits. (The Llama-like families name their
-    projections as Llama does: test_lora.py's peft parity covers them.)"""
+    lmforge's separate q, k, v (the same A, each its rows of B) with peft's logits. Qwen2 (q/k/v biases, tied head)
+    stands for the Llama-like families, which name their projections as Llama does."""
     peft = pytest.importorskip("peft")
     import lmforge
     from lmforge.config import PeftConfig
     from lmforge.peft.export import export_peft
     from lmforge.peft.lora import apply_lora, lora_layers
 
-    _hf_model("neox").save_pretrained(tmp_path / "hf")
+    _hf_model(case).save_pretrained(tmp_path / "hf")
     model, _ = load_hf(tmp_path / "hf")
     cfg = PeftConfig(r=4, alpha=8, method=method, targets=["attn", "mlp"])
     apply_lora(model, cfg)
@@ -304,9 +304,9 @@ def test_lora_matches_peft_both_ways(method, tmp_path):
     with torch.no_grad():
         _assert_close(peft.PeftModel.from_pretrained(base, tmp_path / "ours").eval()(ids).logits, ours)
 
+    targets = ["query_key_value", "dense"] if case == "neox" else ["q_proj", "k_proj", "v_proj", "down_proj"]
     theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "hf"),
-                                 peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query_key_value", "dense"],
-                                                 use_dora=method == "dora"))
+                                 peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=method == "dora"))
     with torch.no_grad():
         for name, p in theirs.named_parameters():
             if "lora_B" in name or "magnitude" in name:
