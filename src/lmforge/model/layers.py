@@ -197,8 +197,9 @@ def masked_attention_bias(attention_mask: Tensor, q_len: int, slopes: Tensor | N
     q_slot = torch.arange(S - q_len, S, device=device)[:, None]
     k_slot = torch.arange(S, device=device)[None, :]
     hidden = (k_slot > q_slot)[None] | ((attention_mask[:, None, :] == 0) & (k_slot != q_slot)[None])
-    pos = mask_positions(attention_mask)
-    distance = pos[:, -q_len:, None] - pos[:, None, :]
+    if window is not None or slopes is not None:  # distances in each row's real positions
+        pos = mask_positions(attention_mask)
+        distance = pos[:, -q_len:, None] - pos[:, None, :]
     if window is not None:
         hidden = hidden | (distance >= window)
     bias = torch.zeros(B, q_len, S, device=device).masked_fill(hidden, float("-inf"))[:, None]
