@@ -331,3 +331,17 @@ def test_family_keys_are_validated():
         ModelConfig(family="llama", rope_scaling={"type": "llama3", "factor": 8.0})
     with pytest.raises(ValidationError, match="divisible by n_head=3 \\(or set head_size\\)"):
         ModelConfig(family="llama", d_model=64, n_head=3)
+
+
+def test_lmforge_checkpoint_keeps_the_family_keys(tmp_path):
+    """An imported Llama 3 (nested rope_scaling) saved as an lmforge checkpoint loads back with the same config
+    and logits: what fine-tuning from an HF base writes."""
+    import lmforge
+
+    _hf_model("llama3").save_pretrained(tmp_path / "hf")
+    model, _ = load_hf(tmp_path / "hf")
+    lmforge.save(model, None, tmp_path / "ckpt")
+    back, _ = lmforge.load(tmp_path / "ckpt")
+    assert back.cfg == model.cfg and back.cfg.rope_scaling.type == "llama3"
+    with torch.no_grad():
+        _assert_close(back(_ids()), model(_ids()))
