@@ -46,6 +46,7 @@ def _backbone(arch: str, vocab: int):
     ("bert", TokenClassifier, AutoModelForTokenClassification),
     ("gpt2", SequenceClassifier, AutoModelForSequenceClassification),
     ("llama", SequenceClassifier, AutoModelForSequenceClassification),
+    ("gpt_neox", SequenceClassifier, AutoModelForSequenceClassification),  # its LM head is named embed_out
 ])
 def test_task_model_exports_with_the_same_logits(tmp_path, tok, arch, head, auto):
     model = head(_backbone(arch, tok.vocab_size), 3).eval()

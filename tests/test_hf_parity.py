@@ -204,8 +204,10 @@ def test_config_from_hf_legacy_rope_fields():
 @pytest.mark.parametrize(("change", "field"), [
     ({"model_type": "bert"}, "model_type"),
     ({"hidden_act": "quick_gelu"}, "hidden_act"),
-    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "rope_type"),
-    ({"head_dim": 32}, "head_dim"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}},
+     "rope_type='yarn' is not supported; supported: default, linear, dynamic, llama3"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 1, "num_hidden_layers": 2},
+     "only some layers"),
 ])
 def test_config_from_hf_refuses_what_lmforge_cannot_honour(change, field):
     hf = {**LlamaConfig(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4).to_dict(), **change}
@@ -215,7 +217,7 @@ def test_config_from_hf_refuses_what_lmforge_cannot_honour(change, field):
 
 def test_unsupported_model_type_and_activation(tmp_path):
     """Unsupported model_type lists the supported ones; a GPT-2 activation lmforge lacks names the field."""
-    with pytest.raises(ConfigError, match=r"model_type='bert'.*gpt2.*llama"):
+    with pytest.raises(ConfigError, match=r"model_type='bert'.*gpt2, llama, mistral, qwen2, qwen3, gpt_neox"):
         config_from_hf({"model_type": "bert"})
     path = _hf_dir(_gpt2(activation_function="quick_gelu"), tmp_path)
     with pytest.raises(ConfigError, match="activation_function='quick_gelu'"):

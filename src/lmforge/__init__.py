@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # annotations only: `import lmforge` stays free of torch until a function runs
+    import torch
     from torch import Tensor
     from torch.nn import Module
 
@@ -22,11 +23,13 @@ __version__ = "0.1.0"
 __all__ = ["load", "save", "export_hf", "embed"]
 
 
-def load(path: str | Path, base: str | Path | None = None) -> tuple[Module, Tokenizer | None]:
-    """(model, tokenizer) from an lmforge checkpoint/run dir, a Hugging Face dir (GPT-2, Llama, BERT, T5:
-    config.json + *.safetensors [+ tokenizer.json]) or a Hugging Face peft LoRA/DoRA adapter folder, put on its
-    base (`base`, else the folder's base_model_name_or_path, either of the kinds above); tokenizer is None when
-    the dir has none."""
+def load(path: str | Path, base: str | Path | None = None,
+         dtype: torch.dtype | None = None) -> tuple[Module, Tokenizer | None]:
+    """(model, tokenizer) from an lmforge checkpoint/run dir, a Hugging Face dir (GPT-2, Llama, Mistral, Qwen2,
+    Qwen3, GPT-NeoX, BERT, T5: config.json + *.safetensors [+ tokenizer.json]) or a Hugging Face peft LoRA/DoRA
+    adapter folder, put on its base (`base`, else the folder's base_model_name_or_path, either of the kinds above);
+    tokenizer is None when the dir has none. `dtype` (e.g. torch.bfloat16): an HF decoder's weights are converted
+    as they are read, without a float32 copy; any other model is converted after loading. Default: float32."""
     from lmforge.checkpoint import load_checkpoint
     from lmforge.model.hf import hf_model_type, load_hf
     from lmforge.peft.peft_import import read_peft_config
@@ -36,7 +39,7 @@ def load(path: str | Path, base: str | Path | None = None) -> tuple[Module, Toke
         from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
         base_dir = peft_base(path, base)
-        model, tokenizer = load(base_dir)
+        model, tokenizer = load(base_dir, dtype=dtype)
         if getattr(getattr(model, "cfg", None), "arch", None) != "decoder":
             from lmforge.errors import CheckpointError
 
@@ -53,12 +56,15 @@ def load(path: str | Path, base: str | Path | None = None) -> tuple[Module, Toke
         from lmforge.model.hf_bert import load_hf_bert
 
         model, tokenizer, _heads = load_hf_bert(path)
-        return model, tokenizer
-    if kind == "t5":
+    elif kind == "t5":
         from lmforge.model.hf_t5 import load_hf_t5
 
-        return load_hf_t5(path)
-    return load_checkpoint(path) if kind is None else load_hf(path)
+        model, tokenizer = load_hf_t5(path)
+    elif kind is None:
+        model, tokenizer = load_checkpoint(path)
+    else:
+        return load_hf(path) if dtype is None else load_hf(path, dtype)
+    return (model, tokenizer) if dtype is None else (model.to(dtype), tokenizer)
 
 
 def save(model: Module, tokenizer: Tokenizer | None, path: str | Path) -> Path:
@@ -69,25 +75,32 @@ def save(model: Module, tokenizer: Tokenizer | None, path: str | Path) -> Path:
 
 
 def export_hf(model: Module, tokenizer: Tokenizer | None, path: str | Path, *,
-              chat_template: str | ChatTemplate | None = None, labels: list[str] | None = None) -> Path:
+              chat_template: str | ChatTemplate | None = None, labels: list[str] | None = None,
+              max_shard_bytes: int | None = None) -> Path:
     """Write a Hugging Face dir that transformers loads with the same outputs: AutoModelForCausalLM for decoders,
     BertForMaskedLM for encoders, T5ForConditionalGeneration, or the task class of a fine-tuned classifier
     (`labels` names its outputs). `chat_template` (lmforge, llama2, alpaca, or a `ChatTemplate`) is the format a
     chat model was trained with: it goes into tokenizer_config.json as Jinja and its stop tokens into
-    generation_config.json's eos_token_id."""
+    generation_config.json's eos_token_id. `max_shard_bytes` splits a decoder's weights into safetensors shards of
+    at most that size, with model.safetensors.index.json."""
     from lmforge.checkpoint import tensor_bytes, write_dir
 
-    return write_dir(path, lambda tmp: _export_hf_into(model, tokenizer, tmp, chat_template, labels),
+    return write_dir(path, lambda tmp: _export_hf_into(model, tokenizer, tmp, chat_template, labels, max_shard_bytes),
                      tensor_bytes(model.state_dict()))
 
 
 def _export_hf_into(model: Module, tokenizer: Tokenizer | None, path: Path, chat_template: str | ChatTemplate | None,
-                    labels: list[str] | None) -> Path:
+                    labels: list[str] | None, max_shard_bytes: int | None) -> Path:
+    arch = getattr(getattr(model, "cfg", None), "arch", None)
+    if max_shard_bytes is not None and arch != "decoder":
+        from lmforge.errors import ConfigError
+
+        raise ConfigError(f"max_shard_bytes shards a decoder language model's export; this model is "
+                          f"{arch or type(model).__name__}: export it unsharded")
     if hasattr(model, "backbone"):  # a fine-tuned task model
         from lmforge.model.hf_heads import export_task_model
 
         return export_task_model(model, tokenizer, path, labels)
-    arch = getattr(getattr(model, "cfg", None), "arch", None)
     if chat_template is not None and arch != "decoder":
         from lmforge.errors import ConfigError
 
@@ -107,7 +120,7 @@ def _export_hf_into(model: Module, tokenizer: Tokenizer | None, path: Path, chat
         from lmforge.data.chat import get_chat_template
 
         chat_template = get_chat_template(chat_template, tokenizer)
-    return export_decoder(model, tokenizer, path, chat_template)
+    return export_decoder(model, tokenizer, path, chat_template, max_shard_bytes=max_shard_bytes)
 
 
 def embed(texts: str | Sequence[str], model: str | Path | None = None, *, batch_size: int = 32,

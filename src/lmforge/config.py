@@ -32,28 +32,66 @@ MODEL_FAMILIES: dict[str, dict[str, Any]] = {
     "llama": dict(position="rope", norm="rmsnorm", mlp="swiglu", activation="silu",
                   attn_bias=False, mlp_bias=False, tie_embeddings=False, norm_eps=1e-5),
 }
+# The other Hugging Face families are Llama with one or two keys changed (model/hf_families.py maps them).
+MODEL_FAMILIES |= {
+    "mistral": MODEL_FAMILIES["llama"],  # + sliding_window
+    "qwen2": {**MODEL_FAMILIES["llama"], "qkv_bias": True, "norm_eps": 1e-6},
+    "qwen3": {**MODEL_FAMILIES["llama"], "qk_norm": True, "norm_eps": 1e-6},
+    "gpt_neox": dict(position="rope", norm="layernorm", mlp="gelu", activation="gelu", attn_bias=True,
+                     mlp_bias=True, tie_embeddings=False, norm_eps=1e-5, parallel_residual=True, rope_fraction=0.25),
+}
+
+
+class RopeScaling(StrictModel):
+    """RoPE context extension, as Hugging Face configs name it: `linear` divides positions by `factor`; `dynamic`
+    (NTK) grows the base once a forward reaches past max_seq_len; `llama3` (Llama 3.1) divides the low frequencies
+    by `factor`, keeps the high ones and blends those between, measured against `original_max_len`."""
+
+    type: Literal["linear", "dynamic", "llama3"]
+    factor: float = Field(gt=0)
+    original_max_len: int | None = Field(None, ge=1)  # llama3: the pre-extension context (HF's
+    # original_max_position_embeddings)
+    low_freq_factor: float = Field(1.0, gt=0)
+    high_freq_factor: float = Field(4.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> RopeScaling:
+        if self.type == "llama3" and self.original_max_len is None:
+            raise ValueError("rope_scaling type llama3 needs original_max_len (the context before extension)")
+        if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"rope_scaling high_freq_factor={self.high_freq_factor} must exceed "
+                             f"low_freq_factor={self.low_freq_factor}")
+        return self
 
 
 class ModelConfig(StrictModel):
-    """A decoder-only Transformer; `family` fills in GPT-2 or Llama defaults."""
+    """A decoder-only Transformer; `family` fills in the defaults of GPT-2, Llama, Mistral, Qwen2, Qwen3 or
+    GPT-NeoX (and names the Hugging Face class it exports to)."""
 
     arch: Literal["decoder"] = "decoder"
-    family: Literal["gpt2", "llama", "custom"] = "gpt2"
+    family: Literal["gpt2", "llama", "mistral", "qwen2", "qwen3", "gpt_neox", "custom"] = "gpt2"
     vocab_size: int = Field(1024, ge=1)
     max_seq_len: int = Field(256, ge=1)
     n_layer: int = Field(4, ge=1)
     n_head: int = Field(4, ge=1)
     n_kv_head: int | None = Field(None, ge=1)  # None = n_head (MHA); 1 = MQA; in between = GQA
     d_model: int = Field(128, ge=1)
+    head_size: int | None = Field(None, ge=1)  # width of each q/k/v head; None = d_model / n_head (Qwen3 differs)
     d_ff: int | None = Field(None, ge=1)  # None = 4*d_model (gelu) or the Llama rule (swiglu)
     position: Literal["learned", "sinusoidal", "rope", "alibi", "none"] = "learned"
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rope_fraction: float = Field(1.0, gt=0.0, le=1.0)  # the leading share of each head RoPE rotates (GPT-NeoX)
+    sliding_window: int | None = Field(None, ge=1)  # each query sees only the last this-many positions (Mistral)
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
     norm_placement: Literal["pre", "post"] = "pre"
     mlp: Literal["gelu", "swiglu"] = "gelu"
     activation: Literal["gelu", "gelu_tanh", "silu", "relu"] = "gelu_tanh"
     attn_bias: bool = True
+    qkv_bias: bool | None = None  # bias on q/k/v; None = attn_bias (Qwen2: q/k/v yes, output no)
+    qk_norm: bool = False  # a norm (of kind `norm`) over each head's q and k before RoPE (Qwen3)
+    parallel_residual: bool = False  # x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX) instead of one after the other
     mlp_bias: bool = True
     tie_embeddings: bool = True
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -68,12 +106,19 @@ class ModelConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_shapes(self) -> ModelConfig:
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
+        if self.head_size is None and self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head} (or set head_size)")
         if self.n_head % self.kv_heads:
             raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={self.kv_heads}")
-        if self.position == "rope" and self.head_dim % 2:
-            raise ValueError(f"rope needs an even head dim, got d_model/n_head={self.head_dim}")
+        if self.position == "rope" and (self.rotary_dim % 2 or self.rotary_dim < 2):
+            raise ValueError(f"rope needs an even number (>= 2) of rotated dims, got {self.rotary_dim} "
+                             f"(head dim {self.head_dim} x rope_fraction {self.rope_fraction})")
+        if self.sliding_window is not None and self.sliding_window > self.max_seq_len:
+            raise ValueError(f"sliding_window={self.sliding_window} is larger than the context "
+                             f"max_seq_len={self.max_seq_len}; set sliding_window <= max_seq_len, or null for full "
+                             "attention")
+        if self.parallel_residual and self.norm_placement != "pre":
+            raise ValueError("parallel_residual needs norm_placement='pre'")
         return self
 
     @property
@@ -82,7 +127,16 @@ class ModelConfig(StrictModel):
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_head
+        return self.head_size or self.d_model // self.n_head
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many leading dims of each head RoPE rotates (as transformers rounds it: down)."""
+        return int(self.head_dim * self.rope_fraction)
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        return self.attn_bias if self.qkv_bias is None else self.qkv_bias
 
     @property
     def ff_dim(self) -> int:

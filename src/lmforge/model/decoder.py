@@ -1,4 +1,4 @@
-"""The decoder-only language model: GPT-2 and Llama families from one config.
+"""The decoder-only language model: GPT-2, Llama, Mistral, Qwen2/3 and GPT-NeoX families from one config.
 
 `DecoderLM(cfg)(input_ids)` returns logits [batch, time, vocab]. Pass a `KVCache` (from
 `model.new_cache`) to decode incrementally: the cache remembers how many positions it holds.
@@ -32,13 +32,16 @@ def _identity(x: Tensor) -> Tensor:
 
 
 class Block(CheckpointableBlock):
-    """One Transformer layer; pre-norm x + f(norm(x)) or post-norm norm(x + f(x))."""
+    """One Transformer layer; pre-norm x + f(norm(x)) or post-norm norm(x + f(x)); with `parallel_residual`,
+    x + attn(norm(x)) + mlp(norm'(x))."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.pre_norm = cfg.norm_placement == "pre"
+        self.pre_norm, self.parallel = cfg.norm_placement == "pre", cfg.parallel_residual
         self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.attn_bias, cfg.dropout)
+        qk_norm = make_norm(cfg.norm, cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.attn = Attention(cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.has_qkv_bias, cfg.dropout,
+                              out_bias=cfg.attn_bias, qk_norm=qk_norm)
         self.mlp_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg.d_model, cfg.ff_dim, cfg.activation, cfg.mlp == "swiglu", cfg.mlp_bias)
         self.drop = nn.Dropout(cfg.dropout)
@@ -48,6 +51,8 @@ class Block(CheckpointableBlock):
             return self.attn(h, bias=bias, causal=True, rope=rope, cache=cache, layer=layer)
 
         drop = self.drop if self.training else _identity  # skips two module calls per layer when decoding
+        if self.parallel:
+            return x + drop(attend(self.attn_norm(x))) + drop(self.mlp(self.mlp_norm(x)))
         if self.pre_norm:
             x = x + drop(attend(self.attn_norm(x)))
             return x + drop(self.mlp(self.mlp_norm(x)))
@@ -62,14 +67,7 @@ class DecoderLM(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.position == "learned":
             self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
-        elif cfg.position == "sinusoidal":
-            self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
-        elif cfg.position == "rope":
-            cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
-        elif cfg.position == "alibi":
-            self.register_buffer("alibi", alibi_slopes(cfg.n_head), persistent=False)
+        self._position_tables()
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         # Post-norm blocks already end in a norm; pre-norm needs one before the head.
@@ -79,6 +77,33 @@ class DecoderLM(nn.Module):
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+
+    def _position_tables(self) -> None:
+        """The computed (unsaved) position buffers: sinusoidal table, RoPE tables or ALiBi slopes."""
+        cfg = self.cfg
+        if cfg.position == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
+        elif cfg.position == "rope":
+            cos, sin = self._rope_tables(cfg.max_seq_len)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        elif cfg.position == "alibi":
+            self.register_buffer("alibi", alibi_slopes(cfg.n_head), persistent=False)
+
+    @classmethod
+    def holding(cls, cfg: ModelConfig, state: dict[str, Tensor]) -> DecoderLM:
+        """A model whose parameters are the tensors of `state` themselves, in their dtype (a full state dict, checked
+        by the caller): built on the meta device, so there is no random init and no second copy of the weights."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_state_dict(state, strict=True, assign=True)
+        model._position_tables()
+        dtype = model.tok_emb.weight.dtype
+        for name, table in model.named_buffers():  # as `.to(dtype)` leaves them
+            setattr(model, name, table.to(dtype))
+        if cfg.tie_embeddings:
+            model.lm_head.weight = model.tok_emb.weight
+        return model
 
     def reset_parameters(self) -> None:
         """GPT-2 init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layer)."""
@@ -148,8 +173,10 @@ class DecoderLM(nn.Module):
             x = x * math.sqrt(cfg.d_model) + self.pos_table[offset:offset + T].to(x.dtype)
         elif cfg.position == "rope":
             rope = self._rope(offset, T)
-        if cfg.position == "alibi" or (offset > 0 and T > 1):
-            bias = attention_bias(T, offset + T, offset, self.alibi if cfg.position == "alibi" else None, x.device)
+        window = cfg.sliding_window if cfg.sliding_window is not None and offset + T > cfg.sliding_window else None
+        if cfg.position == "alibi" or (offset > 0 and T > 1) or window is not None:
+            bias = attention_bias(T, offset + T, offset, self.alibi if cfg.position == "alibi" else None, x.device,
+                                  window)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, i, rope, bias, cache)
@@ -173,9 +200,13 @@ class DecoderLM(nn.Module):
                 self.pos_table = sinusoidal_table(offset + T, cfg.d_model).to(x.device)
             x = x * math.sqrt(cfg.d_model) + self.pos_table[pos].to(x.dtype)
         elif cfg.position == "rope":
-            cos, sin = self._rope(0, offset + T)
+            reach = offset + T
+            if cfg.rope_scaling is not None and cfg.rope_scaling.type == "dynamic":
+                reach = int(pos.max()) + 1  # dynamic NTK's base follows the furthest real position, as transformers'
+            cos, sin = self._rope(0, reach)
             rope = cos[pos][:, None], sin[pos][:, None]
-        bias = masked_attention_bias(attention_mask, T, self.alibi if cfg.position == "alibi" else None)
+        bias = masked_attention_bias(attention_mask, T, self.alibi if cfg.position == "alibi" else None,
+                                     cfg.sliding_window)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, i, rope, bias, cache)
@@ -184,10 +215,19 @@ class DecoderLM(nn.Module):
         return self.final_norm(x)
 
     def _rope(self, offset: int, T: int) -> tuple[Tensor, Tensor]:
+        scaling = self.cfg.rope_scaling
+        if scaling is not None and scaling.type == "dynamic" and offset + T > self.cfg.max_seq_len:
+            # dynamic NTK: the base depends on how far this forward reaches (cached keys keep their own rotation)
+            cos, sin = self._rope_tables(offset + T)
+            return cos[offset:].to(self.rope_cos), sin[offset:].to(self.rope_sin)
         if offset + T > self.rope_cos.shape[0]:  # extrapolating past the training length (e.g. a study)
-            cos, sin = rope_tables(offset + T, self.cfg.head_dim, self.cfg.rope_theta)
-            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+            cos, sin = self._rope_tables(offset + T)
+            self.rope_cos, self.rope_sin = cos.to(self.rope_cos), sin.to(self.rope_sin)
         return self.rope_cos[offset:offset + T], self.rope_sin[offset:offset + T]
+
+    def _rope_tables(self, length: int) -> tuple[Tensor, Tensor]:
+        cfg = self.cfg
+        return rope_tables(length, cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len)
 
     # -- accounting -----------------------------------------------------------------------------
     def num_params(self, trainable_only: bool = False) -> int:

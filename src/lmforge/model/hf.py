@@ -1,4 +1,5 @@
-"""Hugging Face interop: import GPT-2 / Llama checkpoints into `DecoderLM`, export back.
+"""Hugging Face interop: import GPT-2, Llama, Mistral, Qwen2, Qwen3 and GPT-NeoX checkpoints into `DecoderLM`,
+export back (the RoPE families' configs: `hf_families.py`).
 
 `load_hf(dir)` reads a `save_pretrained` directory (config.json + safetensors, sharded or not)
 and returns a model whose fp32 logits match transformers'; `export_hf(model, tok, dir)` writes
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 from pydantic import ValidationError
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import processors
@@ -30,9 +31,17 @@ from lmforge.data.chat_jinja import jinja_chat_template
 from lmforge.errors import CheckpointError, ConfigError, one_line
 from lmforge.io import atomic_write, atomic_write_text, is_inside
 from lmforge.model.decoder import DecoderLM
+from lmforge.model.hf_families import (
+    LLAMA_LIKE,
+    hf_field,
+    llama_like_fields,
+    neox_fields,
+    rope_config_to_hf,
+    rope_model_type,
+)
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama")
+SUPPORTED_MODEL_TYPES = ("gpt2", *LLAMA_LIKE, "gpt_neox")
 CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
 TOKENIZER_CONFIG_FILE, GENERATION_CONFIG_FILE = "tokenizer_config.json", "generation_config.json"
 
@@ -41,25 +50,35 @@ ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "ge
                 "silu": "silu", "swish": "silu", "relu": "relu"}
 ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu", "relu": "relu"}
 
-# Weight names: HF (without its "transformer."/"model." prefix) <-> lmforge.
-_PREFIX = {"gpt2": "transformer.", "llama": "model."}
+# Weight names: HF (without its "transformer."/"model."/"gpt_neox." prefix) <-> lmforge. GPT-2's fused c_attn and
+# GPT-NeoX's fused query_key_value are split/joined separately.
+_LLAMA_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm",
+                "self_attn.q_proj": "attn.q", "self_attn.k_proj": "attn.k", "self_attn.v_proj": "attn.v",
+                "self_attn.o_proj": "attn.o", "mlp.gate_proj": "mlp.gate", "mlp.up_proj": "mlp.up",
+                "mlp.down_proj": "mlp.down"}
+_PREFIX = {"gpt2": "transformer.", **dict.fromkeys(LLAMA_LIKE, "model."), "gpt_neox": "gpt_neox."}
 _GLOBAL = {
     "gpt2": {"wte.weight": "tok_emb.weight", "wpe.weight": "pos_emb.weight",
              "ln_f.weight": "final_norm.weight", "ln_f.bias": "final_norm.bias"},
-    "llama": {"embed_tokens.weight": "tok_emb.weight", "norm.weight": "final_norm.weight"},
+    **dict.fromkeys(LLAMA_LIKE, {"embed_tokens.weight": "tok_emb.weight", "norm.weight": "final_norm.weight"}),
+    "gpt_neox": {"embed_in.weight": "tok_emb.weight", "final_layer_norm.weight": "final_norm.weight",
+                 "final_layer_norm.bias": "final_norm.bias"},
 }
-_LAYER = {  # per-layer module renames; GPT-2's fused c_attn is split/joined separately
+_HEAD = dict.fromkeys(_PREFIX, "lm_head.weight") | {"gpt_neox": "embed_out.weight"}  # the untied head, unprefixed
+_LAYER = {  # per-layer module renames
     "gpt2": {"ln_1": "attn_norm", "ln_2": "mlp_norm", "attn.c_proj": "attn.o",
              "mlp.c_fc": "mlp.up", "mlp.c_proj": "mlp.down"},
-    "llama": {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm",
-              "self_attn.q_proj": "attn.q", "self_attn.k_proj": "attn.k", "self_attn.v_proj": "attn.v",
-              "self_attn.o_proj": "attn.o", "mlp.gate_proj": "mlp.gate", "mlp.up_proj": "mlp.up",
-              "mlp.down_proj": "mlp.down"},
+    **dict.fromkeys(("llama", "mistral", "qwen2"), _LLAMA_LAYER),
+    "qwen3": {**_LLAMA_LAYER, "self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm"},
+    "gpt_neox": {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm",
+                 "attention.dense": "attn.o", "mlp.dense_h_to_4h": "mlp.up", "mlp.dense_4h_to_h": "mlp.down"},
 }
+_FUSED_QKV = {"gpt2": "attn.c_attn", "gpt_neox": "attention.query_key_value"}
 _HF_LAYER_RE = re.compile(r"(?:h|layers)\.(\d+)\.(.+)\.(weight|bias)")
 _LM_LAYER_RE = re.compile(r"blocks\.(\d+)\.(.+)\.(weight|bias)")
-# Buffers older checkpoints saved (GPT-2's causal mask, Llama's inv_freq): not weights.
-_IGNORED_RE = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)|layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+# Buffers older checkpoints saved (GPT-2's and GPT-NeoX's causal masks, rotary inv_freq): not weights.
+_IGNORED_RE = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)|layers\.\d+\.self_attn\.rotary_emb\.inv_freq"
+                         r"|layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,12 +120,6 @@ def is_hf_dir(path: str | Path) -> bool:
     return hf_model_type(path) is not None
 
 
-def hf_field(hf: dict[str, Any], key: str) -> Any:
-    if hf.get(key) is None:
-        raise ConfigError(f"HF config has no '{key}'")
-    return hf[key]
-
-
 def require_hf_value(hf: dict[str, Any], key: str, expected: Any, default: Any) -> None:
     value = hf.get(key, default)
     if value != expected:
@@ -135,47 +148,17 @@ def _gpt2_fields(hf: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def _rope_theta(hf: dict[str, Any]) -> float:
-    """RoPE base from `rope_parameters` (transformers 5) or `rope_theta` (4.x); scaling is refused."""
-    for key in ("rope_scaling", "rope_parameters"):
-        params = hf.get(key) or {}
-        rope_type = params.get("rope_type", params.get("type", "default"))
-        if rope_type != "default":
-            raise ConfigError(f"HF config {key}.rope_type={rope_type!r} is not supported (only 'default')")
-        factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-        if factor != 1.0:
-            raise ConfigError(f"HF config partial_rotary_factor={factor!r} is not supported (needs 1.0)")
-    params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-
-
-def _llama_fields(hf: dict[str, Any]) -> dict[str, Any]:
-    d_model, n_head = hf_field(hf, "hidden_size"), hf_field(hf, "num_attention_heads")
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and head_dim * n_head != d_model:
-        raise ConfigError(f"HF config head_dim={head_dim} is not supported: lmforge needs "
-                          f"hidden_size/num_attention_heads = {d_model}/{n_head}")
-    return dict(
-        family="llama", vocab_size=hf_field(hf, "vocab_size"),
-        max_seq_len=hf.get("max_position_embeddings", 2048), n_layer=hf_field(hf, "num_hidden_layers"),
-        n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head, d_model=d_model,
-        d_ff=hf_field(hf, "intermediate_size"), position="rope", rope_theta=_rope_theta(hf), norm="rmsnorm",
-        norm_eps=hf.get("rms_norm_eps", 1e-6), norm_placement="pre", mlp="swiglu",
-        activation=hf_activation(hf, "hidden_act", "silu"), attn_bias=hf.get("attention_bias", False),
-        mlp_bias=hf.get("mlp_bias", False), tie_embeddings=hf.get("tie_word_embeddings", False),
-        init_std=hf.get("initializer_range", 0.02),
-    )
-
-
 def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
-    """The `ModelConfig` equivalent to an HF gpt2/llama config.json dict."""
+    """The `ModelConfig` equivalent to an HF config.json dict of one of SUPPORTED_MODEL_TYPES."""
     model_type = hf_config.get("model_type")
     if model_type == "gpt2":
         fields = _gpt2_fields(hf_config)
-    elif model_type == "llama":
-        fields = _llama_fields(hf_config)
+    elif model_type in LLAMA_LIKE:
+        fields = llama_like_fields(hf_config, model_type, hf_activation(hf_config, "hidden_act", "silu"))
+    elif model_type == "gpt_neox":
+        fields = neox_fields(hf_config, hf_activation(hf_config, "hidden_act", "gelu"))
     else:
-        raise ConfigError(f"HF model_type={model_type!r} unsupported (supported: {SUPPORTED_MODEL_TYPES})")
+        raise ConfigError(f"HF model_type={model_type!r} unsupported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     try:
         return ModelConfig(**fields)
     except ValidationError as err:
@@ -183,20 +166,23 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
 
 
 def hf_model_type_of(cfg: ModelConfig) -> str:
-    """gpt2 for learned positions, llama for RoPE; raise if any other field does not fit."""
+    """gpt2 for learned positions; for RoPE the family's (llama, mistral, qwen2, qwen3, gpt_neox), else llama;
+    raise if any other field does not fit."""
     if cfg.norm_placement != "pre":
         raise ConfigError(f"norm_placement={cfg.norm_placement!r} cannot be exported: HF models are pre-norm")
+    if cfg.position == "rope":
+        return rope_model_type(cfg)
     if cfg.position == "learned":
-        model_type, needs = "gpt2", dict(norm="layernorm", mlp="gelu", attn_bias=True, mlp_bias=True)
-    elif cfg.position == "rope":
-        model_type, needs = "llama", dict(norm="rmsnorm", mlp="swiglu")
+        model_type = "gpt2"
+        needs = dict(norm="layernorm", mlp="gelu", attn_bias=True, has_qkv_bias=True, mlp_bias=True, qk_norm=False,
+                     parallel_residual=False, sliding_window=None, head_dim=cfg.d_model / cfg.n_head)
     else:
-        raise ConfigError(f"position={cfg.position!r} cannot be exported (gpt2 is 'learned', llama 'rope')")
+        raise ConfigError(f"position={cfg.position!r} cannot be exported (gpt2 is 'learned', the others 'rope')")
     for key, expected in needs.items():
         if getattr(cfg, key) != expected:
             raise ConfigError(f"{key}={getattr(cfg, key)!r} cannot be exported as HF {model_type} "
                               f"(which needs {key}={expected!r})")
-    if model_type == "gpt2" and cfg.kv_heads != cfg.n_head:
+    if cfg.kv_heads != cfg.n_head:
         raise ConfigError(f"n_kv_head={cfg.n_kv_head} cannot be exported as HF gpt2 (it has no GQA/MQA)")
     return model_type
 
@@ -214,14 +200,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
             scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, add_cross_attention=False,
         )
-    return dict(
-        architectures=["LlamaForCausalLM"], **common, hidden_size=cfg.d_model,
-        intermediate_size=cfg.ff_dim, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-        num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim, hidden_act=ACT_TO_HF[cfg.activation],
-        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        attention_bias=cfg.attn_bias, mlp_bias=cfg.mlp_bias, attention_dropout=cfg.dropout,
-    )
+    return rope_config_to_hf(cfg, model_type, common, ACT_TO_HF[cfg.activation])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +208,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_hf_weights(path: Path) -> dict[str, Tensor]:
+def read_hf_weights(path: Path, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """Every tensor of a dir's safetensors (sharded or not), each converted to `dtype` as it is read (None: kept)."""
     files = [path / WEIGHTS_FILE]
     if not files[0].is_file():
         index = path / INDEX_FILE
@@ -239,10 +219,42 @@ def read_hf_weights(path: Path) -> dict[str, Tensor]:
     weights: dict[str, Tensor] = {}
     for file in files:
         try:
-            weights.update(load_file(file))
+            if dtype is None:
+                weights.update(load_file(file))
+                continue
+            with safe_open(file, framework="pt") as f:
+                weights.update((name, f.get_tensor(name).to(dtype)) for name in f.keys())  # noqa: SIM118
         except (OSError, SafetensorError) as err:
             raise CheckpointError(f"{file}: cannot read safetensors weights: {one_line(err)}") from None
     return weights
+
+
+def write_hf_weights(weights: dict[str, Tensor], path: Path, max_shard_bytes: int | None = None) -> None:
+    """model.safetensors, or with `max_shard_bytes` the shards model-0000i-of-0000n.safetensors (each at most that
+    size unless one tensor is larger) and model.safetensors.index.json, as `save_pretrained(max_shard_size=...)`
+    writes them; the other layout's files are removed, since readers prefer model.safetensors."""
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, tensor in weights.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if max_shard_bytes is None:
+        atomic_write(path / WEIGHTS_FILE, lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
+        (path / INDEX_FILE).unlink(missing_ok=True)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        atomic_write(path / name, lambda p, shard=shard: save_file(shard, str(p), metadata={"format": "pt"}))
+        weight_map |= dict.fromkeys(shard, name)
+    total = sum(t.numel() * t.element_size() for t in weights.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    atomic_write_text(path / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+    (path / WEIGHTS_FILE).unlink(missing_ok=True)
 
 
 def shard_files(path: Path, index: Path) -> list[Path]:
@@ -270,7 +282,25 @@ def shard_files(path: Path, index: Path) -> list[Path]:
     return [path / name for name in sorted(set(weight_map.values()))]
 
 
-def _from_hf_names(model_type: str, weights: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+def split_fused_qkv(model_type: str, tensor: Tensor, weight: bool, n_head: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v weights [out, in] (or biases) of a fused projection: GPT-2's Conv1D [in, 3*out] holds q|k|v,
+    GPT-NeoX's Linear [3*out, in] holds each head's q|k|v in turn (rows interleaved per head)."""
+    if model_type == "gpt2":
+        return (tensor.t() if weight else tensor).chunk(3, dim=0)
+    per_head = tensor.unflatten(0, (n_head, 3, -1))  # [H, 3, head_dim, ...]
+    return tuple(t.flatten(0, 1) for t in per_head.unbind(1))
+
+
+def join_fused_qkv(model_type: str, parts: list[Tensor], weight: bool, n_head: int) -> Tensor:
+    """The inverse of `split_fused_qkv`."""
+    if model_type == "gpt2":
+        packed = torch.cat(parts, dim=0)
+        return packed.t() if weight else packed
+    return torch.stack([t.unflatten(0, (n_head, -1)) for t in parts], dim=1).flatten(0, 2)
+
+
+def _from_hf_names(model_type: str, weights: dict[str, Tensor],
+                   n_head: int) -> tuple[dict[str, Tensor], dict[str, str]]:
     """HF tensors -> lmforge state dict, plus each lmforge key's HF source name (for errors)."""
     state: dict[str, Tensor] = {}
     source: dict[str, str] = {}
@@ -280,7 +310,7 @@ def _from_hf_names(model_type: str, weights: dict[str, Tensor]) -> tuple[dict[st
 
     for name, tensor in weights.items():
         key = name.removeprefix(_PREFIX[model_type])
-        if name == "lm_head.weight":
+        if name == _HEAD[model_type]:
             put("lm_head.weight", tensor, name)
         elif key in _GLOBAL[model_type]:
             put(_GLOBAL[model_type][key], tensor, name)
@@ -288,9 +318,11 @@ def _from_hf_names(model_type: str, weights: dict[str, Tensor]) -> tuple[dict[st
             continue
         elif (m := _HF_LAYER_RE.fullmatch(key)) is None:
             put(name, tensor, name)  # unknown: reported as unexpected
-        elif model_type == "gpt2" and m[2] == "attn.c_attn":  # Conv1D [in, 3*out] packing q|k|v
-            packed = tensor.t() if m[3] == "weight" else tensor
-            for part, chunk in zip("qkv", packed.chunk(3, dim=0), strict=True):
+        elif m[2] == _FUSED_QKV.get(model_type):
+            if tensor.shape[0 if model_type == "gpt_neox" else -1] % (3 * n_head):
+                raise CheckpointError(f"{name} has shape {tuple(tensor.shape)}, which does not split into q, k and v "
+                                      f"of the {n_head} heads config.json gives")
+            for part, chunk in zip("qkv", split_fused_qkv(model_type, tensor, m[3] == "weight", n_head), strict=True):
                 put(f"blocks.{m[1]}.attn.{part}.{m[3]}", chunk, name)
         elif m[2] in _LAYER[model_type]:
             conv1d = model_type == "gpt2" and m[3] == "weight" and m[2] not in ("ln_1", "ln_2")
@@ -311,15 +343,16 @@ def _to_hf_names(model: DecoderLM, model_type: str) -> dict[str, Tensor]:
     for key, tensor in state.items():
         if key == "lm_head.weight":
             if not model.cfg.tie_embeddings:
-                out[key] = tensor
+                out[_HEAD[model_type]] = tensor
         elif key in global_names:
             out[prefix + global_names[key]] = tensor
         elif (m := _LM_LAYER_RE.fullmatch(key)) is None:
             raise CheckpointError(f"no HF {model_type} name for lmforge weight '{key}'")
-        elif model_type == "gpt2" and m[2] in ("attn.q", "attn.k", "attn.v"):
+        elif model_type in _FUSED_QKV and m[2] in ("attn.q", "attn.k", "attn.v"):
             if m[2] == "attn.q":
-                packed = torch.cat([state[f"blocks.{m[1]}.attn.{p}.{m[3]}"] for p in "qkv"], dim=0)
-                out[f"{prefix}h.{m[1]}.attn.c_attn.{m[3]}"] = packed.t() if m[3] == "weight" else packed
+                parts = [state[f"blocks.{m[1]}.attn.{p}.{m[3]}"] for p in "qkv"]
+                fused = join_fused_qkv(model_type, parts, m[3] == "weight", model.cfg.n_head)
+                out[f"{prefix}{hf_layer}.{m[1]}.{_FUSED_QKV[model_type]}.{m[3]}"] = fused
         else:
             hf_module = layer_names[m[2]]
             conv1d = model_type == "gpt2" and m[3] == "weight" and m[2] not in ("attn_norm", "mlp_norm")
@@ -332,22 +365,24 @@ def _to_hf_names(model: DecoderLM, model_type: str) -> dict[str, Tensor]:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_hf(path: str | Path) -> tuple[DecoderLM, Tokenizer | None]:
-    """Load an HF gpt2/llama directory as an eval-mode `DecoderLM` (+ its tokenizer.json, if any)."""
+def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[DecoderLM, Tokenizer | None]:
+    """Load an HF directory of one of SUPPORTED_MODEL_TYPES as an eval-mode `DecoderLM` in `dtype` (+ its
+    tokenizer.json, if any). Each tensor is converted as it is read and becomes the model's parameter itself: a bf16
+    load of a 1B model holds ~2 GB, never an fp32 copy."""
     path = Path(path)
     if not is_hf_dir(path):
         raise CheckpointError(f"{path}: not a Hugging Face model dir (no {CONFIG_FILE} with a model_type)")
     hf_config = json.loads((path / CONFIG_FILE).read_text())
     cfg = config_from_hf(hf_config)
-    state, source = _from_hf_names(hf_config["model_type"], read_hf_weights(path))
-    model = DecoderLM(cfg)
-    expected = model.state_dict()
+    state, source = _from_hf_names(hf_config["model_type"], read_hf_weights(path, dtype), cfg.n_head)
+    with torch.device("meta"):
+        expected = DecoderLM(cfg).state_dict()
     if cfg.tie_embeddings:  # transformers ties the head to the embedding, ignoring any saved head
         state.pop("lm_head.weight", None)
         if "tok_emb.weight" in state:
             state["lm_head.weight"] = state["tok_emb.weight"]
     check_hf_weights(path, state, source, expected)
-    model.load_state_dict(state, strict=True)
+    model = DecoderLM.holding(cfg, {k: v.contiguous() for k, v in state.items()})
     tokenizer = Tokenizer.from_file(path) if (path / TOKENIZER_FILE).is_file() else None
     return model.eval(), tokenizer
 
@@ -397,8 +432,10 @@ def write_hf_tokenizer(tokenizer: Tokenizer, path: Path, max_len: int,
 
 
 def export_hf(model: DecoderLM, tokenizer: Tokenizer | None, path: str | Path,
-              chat_template: ChatTemplate | None = None, head: HFHead | None = None) -> Path:
-    """Write `path` as an HF `save_pretrained` dir (float32); config.json is written last.
+              chat_template: ChatTemplate | None = None, head: HFHead | None = None,
+              max_shard_bytes: int | None = None) -> Path:
+    """Write `path` as an HF `save_pretrained` dir (float32; sharded with `max_shard_bytes`); config.json is written
+    last.
 
     A causal LM gets generation_config.json, whose `eos_token_id` lists every token that ends a reply in
     `chat_template` (end of turn and EOS), so transformers' generate stops where lmforge does; the template
@@ -412,13 +449,13 @@ def export_hf(model: DecoderLM, tokenizer: Tokenizer | None, path: str | Path,
         raise ConfigError("a chat template needs the tokenizer it renders with; pass the model's tokenizer")
     weights = _to_hf_names(model, hf_config["model_type"])
     if head is not None:
-        weights.pop("lm_head.weight", None)
+        weights.pop(_HEAD[hf_config["model_type"]], None)
         weights |= {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in head.tensors.items()}
         hf_config.update(head.config, architectures=[head.architecture])
     ids: dict[str, Any] = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
     if tokenizer is not None:
         ids = write_hf_tokenizer(tokenizer, path, cfg.max_seq_len, chat_template)
-    atomic_write(path / WEIGHTS_FILE, lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
+    write_hf_weights(weights, path, max_shard_bytes)
     if tokenizer is None:  # files an earlier export left would otherwise be picked up
         for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
             (path / name).unlink(missing_ok=True)

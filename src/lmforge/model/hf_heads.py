@@ -1,7 +1,7 @@
 """Fine-tuned task models exported as transformers' task classes, with the same logits.
 
-A sequence classifier on BERT becomes `BertForSequenceClassification` (pooler + `classifier`), on GPT-2 or
-Llama `GPT2ForSequenceClassification` / `LlamaForSequenceClassification` (a bias-free `score` on the last
+A sequence classifier on BERT becomes `BertForSequenceClassification` (pooler + `classifier`), on a decoder its
+family's class, e.g. `GPT2ForSequenceClassification` / `LlamaForSequenceClassification` (a bias-free `score` on the last
 token that is not `pad_token_id`, which is lmforge's last real token with right padding); a token classifier
 on BERT becomes `BertForTokenClassification`. Other heads are refused. The exported tokenizer lays inputs out
 as lmforge's task data did: [CLS] text [SEP] for BERT (`export_hf_bert`), text EOS for a decoder.
@@ -17,11 +17,12 @@ from lmforge.errors import ConfigError
 from lmforge.model.heads import SequenceClassifier, TokenClassifier
 from lmforge.model.hf import HFHead, export_hf, hf_model_type_of, with_eos_template
 from lmforge.model.hf_bert import export_hf_bert
+from lmforge.model.hf_families import HF_CLASS_PREFIX
 from lmforge.tokenizer import Tokenizer
 
-SUPPORTED = ("sequence classifiers on BERT, GPT-2 or Llama (BertForSequenceClassification, "
-             "GPT2ForSequenceClassification, LlamaForSequenceClassification) and token classifiers on BERT "
-             "(BertForTokenClassification)")
+SUPPORTED = ("sequence classifiers on BERT or a decoder family (BertForSequenceClassification, "
+             "GPT2ForSequenceClassification, LlamaForSequenceClassification, and Mistral's, Qwen2's, Qwen3's, "
+             "GPTNeoX's) and token classifiers on BERT (BertForTokenClassification)")
 
 
 def _label_config(num_labels: int, labels: list[str] | None) -> dict:
@@ -43,7 +44,7 @@ def export_task_model(model: nn.Module, tokenizer: Tokenizer | None, path: str |
         head = HFHead(f"BertFor{kind}Classification", tensors, _label_config(model.num_labels, labels))
         return export_hf_bert(backbone, tokenizer, path, head)
     if kind == "Sequence" and arch == "decoder":
-        family = {"gpt2": "GPT2", "llama": "Llama"}[hf_model_type_of(backbone.cfg)]
+        family = HF_CLASS_PREFIX[hf_model_type_of(backbone.cfg)]
         head = HFHead(f"{family}ForSequenceClassification", {"score.weight": model.classifier.weight},
                       _label_config(model.num_labels, labels))
         return export_hf(backbone, None if tokenizer is None else with_eos_template(tokenizer), path, head=head)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from lmforge.config import RopeScaling
 
 # ---------------------------------------------------------------------------------------------
 # Norms and MLPs
@@ -73,17 +78,46 @@ def sinusoidal_table(max_len: int, dim: int) -> Tensor:
     return table
 
 
-def rope_tables(max_len: int, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """RoPE (Su et al. 2021) cos/sin tables in the half-split layout Llama checkpoints use."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+def rope_inv_freq(rotary_dim: int, theta: float, scaling: RopeScaling | None = None,
+                  seq_len: int = 0, max_seq_len: int = 0) -> Tensor:
+    """RoPE's per-pair frequencies [rotary_dim / 2], with `scaling` applied as transformers applies it. `dynamic`
+    scaling depends on `seq_len`, the positions a forward reaches (its base grows once they pass `max_seq_len`)."""
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    if scaling is not None and scaling.type == "dynamic" and seq_len > max_seq_len:
+        factor = scaling.factor
+        theta = theta * (factor * seq_len / max_seq_len - (factor - 1)) ** (rotary_dim / (rotary_dim - 2))
+    inv_freq = 1.0 / theta ** exponents
+    if scaling is None or scaling.type == "dynamic":
+        return inv_freq
+    if scaling.type == "linear":
+        return inv_freq / scaling.factor
+    # llama3: wavelengths longer than original/low_freq_factor are stretched by factor, shorter than
+    # original/high_freq_factor kept, those between blended linearly in original/wavelength
+    original, low, high = scaling.original_max_len, scaling.low_freq_factor, scaling.high_freq_factor
+    wavelength = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelength > original / low, inv_freq / scaling.factor, inv_freq)
+    smooth = (original / wavelength - low) / (high - low)
+    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    between = (wavelength >= original / high) & (wavelength <= original / low)
+    return torch.where(between, blended, scaled)
+
+
+def rope_tables(max_len: int, rotary_dim: int, theta: float, scaling: RopeScaling | None = None,
+                max_seq_len: int = 0) -> tuple[Tensor, Tensor]:
+    """RoPE (Su et al. 2021) cos/sin tables [max_len, rotary_dim] in the half-split layout Llama checkpoints use."""
+    inv_freq = rope_inv_freq(rotary_dim, theta, scaling, max_len, max_seq_len)
     freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
     angles = torch.cat([freqs, freqs], dim=-1)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: [B, H, T, D]; cos/sin: [T, D]. Rotates pairs (i, i + D/2)."""
-    half = x.shape[-1] // 2
+    """x: [B, H, T, D]; cos/sin: [T, R] with R <= D. Rotates pairs (i, i + R/2) of the first R dims; the rest pass
+    through (partial rotary, GPT-NeoX)."""
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]], dim=-1)
+    half = rotary // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
 
@@ -130,14 +164,17 @@ class KVCache:
         self.values = [v.index_select(0, rows) for v in self.values]
 
 
-def attention_bias(q_len: int, k_len: int, offset: int, slopes: Tensor | None, device: torch.device) -> Tensor:
-    """Additive [1, H|1, q_len, k_len] bias: causal mask (query i sits at position offset+i),
-    plus ALiBi's -slope * distance when slopes are given. Four dimensions, because SDPA on CPU sends a 3-D mask to
-    its slow math path (measured: the 5-token verify step of speculative decoding took 1.7x a 1-token step)."""
+def attention_bias(q_len: int, k_len: int, offset: int, slopes: Tensor | None, device: torch.device,
+                   window: int | None = None) -> Tensor:
+    """Additive [1, H|1, q_len, k_len] bias: causal mask (query i sits at position offset+i), keys `window` or more
+    positions back hidden too when a sliding window is given, plus ALiBi's -slope * distance when slopes are given.
+    Four dimensions, because SDPA on CPU sends a 3-D mask to its slow math path (measured: the 5-token verify step of
+    speculative decoding took 1.7x a 1-token step)."""
     q_pos = torch.arange(offset, offset + q_len, device=device)[:, None]
     k_pos = torch.arange(k_len, device=device)[None, :]
     distance = (q_pos - k_pos).float()
-    bias = torch.zeros(q_len, k_len, device=device).masked_fill(distance < 0, float("-inf"))[None]
+    hidden = distance < 0 if window is None else (distance < 0) | (distance >= window)
+    bias = torch.zeros(q_len, k_len, device=device).masked_fill(hidden, float("-inf"))[None]
     if slopes is not None:
         bias = bias - slopes.to(device)[:, None, None] * distance.clamp(min=0)[None]
     return bias[None]
@@ -148,9 +185,11 @@ def mask_positions(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def masked_attention_bias(attention_mask: Tensor, q_len: int, slopes: Tensor | None) -> Tensor:
+def masked_attention_bias(attention_mask: Tensor, q_len: int, slopes: Tensor | None,
+                          window: int | None = None) -> Tensor:
     """Additive [B, H|1, q_len, S] bias for the last q_len of S slots under a [B, S] padding mask (1 = real):
-    causal over slots, padded keys hidden, ALiBi distances counted in each row's real positions.
+    causal over slots, padded keys hidden, keys `window` or more real positions back hidden under a sliding window,
+    ALiBi distances counted in each row's real positions.
 
     A query always sees its own slot, so padding queries attend to something and stay finite."""
     B, S = attention_mask.shape
@@ -158,10 +197,14 @@ def masked_attention_bias(attention_mask: Tensor, q_len: int, slopes: Tensor | N
     q_slot = torch.arange(S - q_len, S, device=device)[:, None]
     k_slot = torch.arange(S, device=device)[None, :]
     hidden = (k_slot > q_slot)[None] | ((attention_mask[:, None, :] == 0) & (k_slot != q_slot)[None])
+    if window is not None or slopes is not None:  # distances in each row's real positions
+        pos = mask_positions(attention_mask)
+        distance = pos[:, -q_len:, None] - pos[:, None, :]
+    if window is not None:
+        hidden = hidden | (distance >= window)
     bias = torch.zeros(B, q_len, S, device=device).masked_fill(hidden, float("-inf"))[:, None]
     if slopes is not None:
-        pos = mask_positions(attention_mask)
-        distance = (pos[:, -q_len:, None] - pos[:, None, :]).clamp(min=0).float()
+        distance = distance.clamp(min=0).float()
         bias = bias - slopes.to(device)[None, :, None, None] * distance[:, None]
     return bias
 
@@ -180,13 +223,15 @@ class Attention(nn.Module):
     1/sqrt(head_dim) (T5 uses 1.0)."""
 
     def __init__(self, d_model: int, n_head: int, n_kv_head: int, head_dim: int, bias: bool, dropout: float,
-                 scale: float | None = None):
+                 scale: float | None = None, out_bias: bool | None = None, qk_norm: nn.Module | None = None):
         super().__init__()
         self.n_head, self.n_kv, self.head_dim, self.scale = n_head, n_kv_head, head_dim, scale
         self.q = nn.Linear(d_model, n_head * head_dim, bias=bias)
         self.k = nn.Linear(d_model, n_kv_head * head_dim, bias=bias)
         self.v = nn.Linear(d_model, n_kv_head * head_dim, bias=bias)
-        self.o = nn.Linear(n_head * head_dim, d_model, bias=bias)
+        self.o = nn.Linear(n_head * head_dim, d_model, bias=bias if out_bias is None else out_bias)
+        # one norm over each head's width for the queries, another for the keys (Qwen3)
+        self.q_norm, self.k_norm = (None, None) if qk_norm is None else (qk_norm, copy.deepcopy(qk_norm))
         self.dropout = dropout
         self._fused: tuple[Tensor, Tensor | None] | None = None  # set inside `fused_qkv` (decoding) only
         self.share_qkv_storage()
@@ -269,6 +314,8 @@ class Attention(nn.Module):
         """The queries of `x` [B, H, T, head_dim] and every key and value they see [B, n_kv, S, head_dim]:
         projected (or the given cross-attention `kv`), rotated by `rope`, and stored in and read from `cache`."""
         q, k, v = self.project_qkv(x) if kv is None else (self.project_q(x), *kv)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

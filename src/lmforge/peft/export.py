@@ -1,6 +1,6 @@
 """Export lmforge LoRA-family adapters in Hugging Face peft's format (see `lmforge.peft.lora`'s docstring for
-GPT-2's fused q/k/v, PiSSA and QLoRA): a portable folder naming its base, or one with the base in `base/`.
-`lmforge.peft.peft_import` reads such folders back."""
+GPT-2's and GPT-NeoX's fused q/k/v, PiSSA and QLoRA): a portable folder naming its base, or one with the base in
+`base/`. `lmforge.peft.peft_import` reads such folders back."""
 
 from __future__ import annotations
 
@@ -17,18 +17,28 @@ from lmforge.config import PeftConfig
 from lmforge.data.chat import ChatTemplate
 from lmforge.io import atomic_write, atomic_write_text
 from lmforge.model.decoder import DecoderLM
-from lmforge.model.hf import _LAYER, _PREFIX, export_hf, hf_model_type_of, write_hf_tokenizer
+from lmforge.model.hf import (
+    _FUSED_QKV,
+    _HEAD,
+    _LAYER,
+    _PREFIX,
+    export_hf,
+    hf_model_type_of,
+    join_fused_qkv,
+    write_hf_tokenizer,
+)
 from lmforge.peft.lora import BASE_DIR, PEFT_CONFIG, PEFT_WEIGHTS, LoRALinear, adapter_layers, lora_layers
 from lmforge.tokenizer import Tokenizer
 
 
 def hf_module_name(name: str, model_type: str) -> str:
-    """lmforge Linear name -> HF module name (GPT-2's q/k/v all map to the fused c_attn)."""
+    """lmforge Linear name -> HF module name (GPT-2's q/k/v all map to the fused c_attn, GPT-NeoX's to the fused
+    query_key_value)."""
     if name == "lm_head":
-        return name
+        return _HEAD[model_type].removesuffix(".weight")
     block, sub = re.fullmatch(r"blocks\.(\d+)\.(.+)", name).groups()
-    if model_type == "gpt2" and sub in ("attn.q", "attn.k", "attn.v"):
-        sub = "attn.c_attn"
+    if model_type in _FUSED_QKV and sub in ("attn.q", "attn.k", "attn.v"):
+        sub = _FUSED_QKV[model_type]
     else:
         sub = {lm: hf for hf, lm in _LAYER[model_type].items()}[sub]
     return f"{_PREFIX[model_type]}{'h' if model_type == 'gpt2' else 'layers'}.{block}.{sub}"
@@ -76,7 +86,8 @@ def export_peft(model: DecoderLM, tokenizer: Tokenizer | None, path: str | Path,
     tensors: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
     for hf_name, factors in parts.items():
-        if hf_name.endswith("attn.c_attn"):  # one exact LoRA for the fused q|k|v: A stacked, B block-diagonal
+        if hf_name.endswith(_FUSED_QKV.get(model_type, "-")):  # one exact LoRA for the fused q|k|v: A stacked,
+            # B block-diagonal (its rows interleaved per head as GPT-NeoX's are)
             prefix = next(iter(factors)).rsplit(".", 1)[0]
             triples = []
             for p in "qkv":
@@ -88,6 +99,11 @@ def export_peft(model: DecoderLM, tokenizer: Tokenizer | None, path: str | Path,
                                     torch.linalg.norm(w, dim=1)))
             A, B = torch.cat([t[0] for t in triples]), torch.block_diag(*[t[1] for t in triples])
             magnitude = torch.cat([t[2] for t in triples]) if cfg.method == "dora" else None
+            if model_type == "gpt_neox":
+                n_head = model.cfg.n_head
+                B = join_fused_qkv(model_type, list(B.chunk(3)), False, n_head)
+                magnitude = None if magnitude is None else join_fused_qkv(model_type, list(magnitude.chunk(3)),
+                                                                          False, n_head)
         else:
             (A, B, magnitude), = factors.values()
         key = f"base_model.model.{hf_name}"

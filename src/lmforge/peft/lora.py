@@ -13,8 +13,9 @@ all four attention projections, "blocks.0.*" every Linear of the first block.
 
 Export (`lmforge.peft.export.export_peft`) writes the adapter in peft's format and, in its `base/` subdir,
 the HF model (`export_hf`) it applies to (a separate dir: transformers would load an adapter_config.json
-found beside the weights). GPT-2 fuses q/k/v into one `c_attn`: the three LoRAs become one exact LoRA of
-rank 3r on it, A stacked and B block-diagonal (a missing part gets a zero block, and under DoRA the
+found beside the weights). GPT-2 fuses q/k/v into one `c_attn` (GPT-NeoX into `query_key_value`, its rows
+interleaved per head): the three LoRAs become one exact LoRA of rank 3r on it, A stacked and B block-diagonal
+(B's rows interleaved as the weight's are) (a missing part gets a zero block, and under DoRA the
 magnitude ||W0||_c that leaves it unchanged). PiSSA exports as peft converts it on save
 (`path_initial_model_for_weight_conversion`): a rank-2r LoRA [A | A0], [B | -B0] on the original base
 W_res + s B0 A0. QLoRA exports as LoRA on the dequantised NF4 base it was trained against (so the pair

@@ -3,8 +3,9 @@
 A peft folder holds adapter_config.json (``peft_type``, ``r``, ``lora_alpha``, ``base_model_name_or_path``,
 ...) and adapter_model.safetensors (``base_model.model.<HF module>.lora_A.weight`` [r, in], ``lora_B.weight``
 [out, r], DoRA's ``lora_magnitude_vector`` [out]). Each HF module becomes a `LoRALinear` adapter on the lmforge
-Linear it names; GPT-2's fused ``c_attn`` gives its q, k and v layers the same A and their rows of B (and of
-the magnitude), which computes exactly what the fused layer does. What lmforge cannot reproduce (another
+Linear it names; GPT-2's fused ``c_attn`` (and GPT-NeoX's ``query_key_value``, whose rows interleave q, k and v per
+head) gives its q, k and v layers the same A and their rows of B (and of the magnitude), which computes exactly what
+the fused layer does. What lmforge cannot reproduce (another
 peft type, bias training, extra trainable modules, a module lmforge does not have) is refused by name.
 """
 
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from lmforge.config import PeftConfig
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.model.decoder import DecoderLM
-from lmforge.model.hf import hf_model_type_of
+from lmforge.model.hf import hf_model_type_of, split_fused_qkv
 from lmforge.peft.export import hf_module_name
 from lmforge.peft.lora import PEFT_CONFIG, PEFT_WEIGHTS, LoRALinear, check_adapter_name
 
@@ -93,6 +94,14 @@ def _lmforge_linears(model: DecoderLM, model_type: str) -> dict[str, list[tuple[
     return out
 
 
+def _split_rows(model: DecoderLM, model_type: str, layers: list[tuple[str, nn.Module]],
+                t: Tensor) -> tuple[Tensor, ...]:
+    """The rows of a fused module's B (or magnitude) that belong to each of its lmforge `layers`."""
+    if model_type == "gpt_neox" and len(layers) == 3:  # query_key_value: q, k, v rows interleaved per head
+        return split_fused_qkv(model_type, t, False, model.cfg.n_head)
+    return t.split([m.out_features for _, m in layers])
+
+
 def load_peft_adapter(model: DecoderLM, path: str | Path, adapter_name: str = ADAPTER_NAME) -> None:
     """Put the peft adapter in `path` on `model` (its base) as `adapter_name`, active; everything is checked before
     the model is touched. Raises CheckpointError naming what does not fit."""
@@ -143,10 +152,9 @@ def read_peft_adapter(model: DecoderLM, path: str | Path,
         method = "dora" if magnitude is not None else "lora"
         cfg = PeftConfig(r=r, alpha=_scaling(config, hf_name, r) * r, method=method,
                          targets=[name for name, _ in layers])
-        sizes = [m.out_features for _, m in layers]
-        rows = {"lora_B": B.split(sizes)}
+        rows = {"lora_B": _split_rows(model, model_type, layers, B)}
         if magnitude is not None:
-            rows["lora_magnitude"] = magnitude.split(sizes)
+            rows["lora_magnitude"] = _split_rows(model, model_type, layers, magnitude)
         for i, (name, module) in enumerate(layers):
             if isinstance(module, LoRALinear):
                 try:

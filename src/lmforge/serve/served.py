@@ -112,23 +112,6 @@ class ServedModel:
         return requests
 
 
-def own_chat_template(path: str | Path, tokenizer: Any) -> Any:
-    """The template the model at `path` comes with: the one an lmforge run trained with, or a Hugging Face dir's
-    own; None when it has none."""
-    from lmforge.data.chat import get_chat_template
-    from lmforge.model.hf import hf_model_type
-
-    if hf_model_type(path) is None:  # an lmforge run or checkpoint
-        from lmforge.checkpoint import read_manifest, resolve_checkpoint
-        from lmforge.export import run_chat_template
-
-        return run_chat_template(read_manifest(resolve_checkpoint(path)), tokenizer)
-    try:
-        return get_chat_template("hf", tokenizer, path)
-    except LmforgeError:
-        return None
-
-
 def chat_template_for(path: str | Path, tokenizer: Any, name: str | None) -> Any:
     """The template chat requests use: `name` if given; else the model's own; else lmforge's, when the tokenizer
     has its role tokens; else None."""
@@ -138,7 +121,9 @@ def chat_template_for(path: str | Path, tokenizer: Any, name: str | None) -> Any
         return None
     if name is not None:
         return get_chat_template(name, tokenizer, path)
-    own = own_chat_template(path, tokenizer)
+    from lmforge.infer.chat_repl import optional_chat_template
+
+    own = optional_chat_template(str(path), tokenizer)
     if own is not None:
         return own
     try:
@@ -157,8 +142,9 @@ def load_served(path: str | Path, *, name: str | None, template: str | None, ada
     if adapters:
         load_adapters(model, adapters)
     from lmforge.data.chat import ending_ids
+    from lmforge.infer.chat_repl import optional_chat_template
 
-    own = own_chat_template(path, tokenizer)
+    own = optional_chat_template(str(path), tokenizer)
     return ServedModel(name=name or Path(path).resolve().name, model=model.eval(), tokenizer=tokenizer,
                        template=chat_template_for(path, tokenizer, template), adapters=tuple(adapters),
                        max_batch=max_batch, completion_stop_ids=frozenset(ending_ids(tokenizer, own)))
