@@ -29,6 +29,14 @@ CONFIGS = {
                   max_seq_len=64),
     "gpt2": dict(family="gpt2", n_head=4, d_model=64, d_ff=256, max_seq_len=1024),
 }
+# The other families llama.cpp runs (and transformers' GGUF loader reads, but for GPT-NeoX). Its Qwen3 takes the
+# default head_dim (128), as transformers' GGUF loader does not read key_length; ours must match it.
+CONFIGS |= {
+    "mistral": {**CONFIGS["llama"], "family": "mistral", "sliding_window": 16},
+    "qwen2": {**CONFIGS["llama"], "family": "qwen2", "tie_embeddings": True},
+    "qwen3": {**CONFIGS["llama"], "family": "qwen3", "head_size": 128},
+    "gpt_neox": dict(family="gpt_neox", n_head=4, d_model=64, d_ff=128, max_seq_len=64),
+}
 
 
 @pytest.fixture(scope="module")
@@ -89,19 +97,50 @@ def test_reader_sees_llama_cpp_names_shapes_types_and_metadata(family, tokenizer
 
 
 @pytest.mark.parametrize(("family", "change"), [("llama", {}), ("llama", dict(n_kv_head=1, tie_embeddings=True)),
-                                               ("gpt2", {})])
+                                               ("mistral", {}), ("qwen2", {}), ("qwen3", {}), ("gpt2", {})])
 def test_transformers_gguf_loader_gives_lmforge_logits_and_ids(family, change, tokenizer, tmp_path):
     model = _model(family, tokenizer, **change)
     export_gguf(model, tokenizer, tmp_path / "m.gguf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf").eval()
-    ids = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 16))  # Mistral: as long as its window
     with torch.no_grad():
         ours, theirs = model(ids), hf(ids).logits
     assert (ours - theirs).abs().max().item() <= ATOL
+    if family == "mistral":  # llama.cpp's llama has no sliding window: the context stops where the window does
+        assert gguf.GGUFReader(tmp_path / "m.gguf").fields["llama.context_length"].contents() == 16
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
     text = "the quick brown fox, hello GGUF!  <|eos|> café"
     assert hf_tokenizer(text, add_special_tokens=False).input_ids == tokenizer.encode(text)
     assert hf_tokenizer.eos_token_id == tokenizer.eos_id
+
+
+def test_gpt_neox_qkv_rows_are_all_q_then_all_k_then_all_v(tokenizer, tmp_path):
+    model = _model("gpt_neox", tokenizer)
+    reader = gguf.GGUFReader(export_gguf(model, tokenizer, tmp_path / "m.gguf"))
+    tensors = {t.name: t for t in reader.tensors}
+    attn = model.blocks[1].attn
+    for kind in ("weight", "bias"):
+        expected = torch.cat([getattr(attn, p).get_parameter(kind).detach() for p in "qkv"]).numpy()
+        assert np.array_equal(tensors[f"blk.1.attn_qkv.{kind}"].data, expected)
+    fields = _fields(reader)
+    assert fields["gptneox.rope.dimension_count"] == model.cfg.rotary_dim
+    assert fields["gptneox.use_parallel_residual"] is True
+
+
+def test_llama3_rope_scaling_becomes_rope_freqs_and_linear_a_factor(tokenizer, tmp_path):
+    from lmforge.model.layers import rope_inv_freq
+
+    llama3 = dict(type="llama3", factor=8.0, original_max_len=64, low_freq_factor=1.0, high_freq_factor=4.0)
+    model = _model("llama", tokenizer, rope_scaling=llama3)
+    tensors = {t.name: t for t in gguf.GGUFReader(export_gguf(model, tokenizer, tmp_path / "a.gguf")).tensors}
+    cfg = model.cfg
+    divisors = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta) / rope_inv_freq(cfg.rotary_dim, cfg.rope_theta,
+                                                                                cfg.rope_scaling)
+    assert np.allclose(tensors["rope_freqs.weight"].data, divisors.numpy())
+    assert divisors.max() == pytest.approx(8.0) and divisors.min() == pytest.approx(1.0)  # both ends are used
+    model = _model("llama", tokenizer, rope_scaling=dict(type="linear", factor=4.0))
+    fields = _fields(gguf.GGUFReader(export_gguf(model, tokenizer, tmp_path / "b.gguf")))
+    assert fields["llama.rope.scaling.type"] == "linear" and fields["llama.rope.scaling.factor"] == 4.0
 
 
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_0"])
@@ -124,10 +163,11 @@ def test_type_the_tensor_sizes_do_not_allow_is_refused_naming_the_tensor(tokeniz
     assert not list(tmp_path.iterdir())  # refused before writing
 
 
-@pytest.mark.parametrize("change", [dict(position="alibi"), dict(norm_placement="post"), dict(attn_bias=True)])
+@pytest.mark.parametrize("change", [dict(position="alibi"), dict(norm_placement="post"), dict(attn_bias=True),
+                                    dict(rope_scaling=dict(type="dynamic", factor=2.0))])
 def test_architecture_llama_cpp_does_not_run_is_refused_before_writing(change, tokenizer, tmp_path):
     model = _model("llama", tokenizer, **change)
-    with pytest.raises(ConfigError, match="GGUF export: .*llama.cpp runs"):
+    with pytest.raises(ConfigError, match="GGUF export: .*llama.cpp"):
         export_gguf(model, tokenizer, tmp_path / "m.gguf")
     assert not list(tmp_path.iterdir())
 
@@ -149,7 +189,7 @@ def test_cli_export_gguf_of_a_run_and_bad_type(tokenizer, tmp_path, capsys):
     assert "--type" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 def test_llama_cpp_greedy_tokens_equal_lmforge(family, tokenizer, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp not installed: pip install llama-cpp-python")
     from lmforge.infer.generate import SamplingConfig, generate_ids

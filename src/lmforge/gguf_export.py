@@ -1,12 +1,16 @@
 """GGUF export: a decoder as the single file llama.cpp (and Ollama, which runs on it) loads.
 
+GPT-2, Llama (with linear or llama3 RoPE scaling), Mistral (run by llama.cpp as llama), Qwen2, Qwen3 and GPT-NeoX.
 The tensors are the ones `export_hf` writes, renamed by the `gguf` package's own map (`gguf.get_tensor_name_map`,
-the table llama.cpp's convert_hf_to_gguf.py uses) with that converter's two layout changes: GPT-2's Conv1D weights go
-back to [out, in], and the llama architecture's q/k rows are permuted per head from Hugging Face's half-split rotary
-layout (pairs i, i + D/2, as lmforge rotates) to llama.cpp's interleaved one (pairs 2i, 2i + 1). The metadata holds
-the hyperparameters, the byte-level BPE tokenizer (tokens, token types, merges, bos/eos/pad ids) and the chat
-template as Jinja. Everything that can be refused (architecture, tokenizer, a `--type` the tensor sizes do not
-allow) is checked before the file is written; the file itself is written atomically.
+the table llama.cpp's convert_hf_to_gguf.py uses) with that converter's layout changes: GPT-2's Conv1D weights go
+back to [out, in]; GPT-NeoX's fused q/k/v rows, interleaved per head, become all q, all k, all v; and the llama
+architecture's q/k rows are permuted per head from Hugging Face's half-split rotary layout (pairs i, i + D/2, as
+lmforge rotates) to llama.cpp's interleaved one (pairs 2i, 2i + 1); Qwen2/3 and GPT-NeoX rotate half-split in
+llama.cpp too. Llama 3 scaling becomes llama.cpp's `rope_freqs` tensor (each frequency's divisor); a Mistral sliding
+window caps the context length (within its window a sliding window attends to every position, and llama.cpp's llama
+has none). The metadata holds the hyperparameters, the byte-level BPE tokenizer (tokens, token types, merges,
+bos/eos/pad ids) and the chat template as Jinja. Everything that can be refused (architecture, tokenizer, a `--type`
+the tensor sizes do not allow) is checked before the file is written; the file itself is written atomically.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from lmforge.data.chat import ChatTemplate, ending_ids
@@ -26,9 +31,10 @@ from lmforge.model.decoder import DecoderLM
 from lmforge.tokenizer import Tokenizer
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
-# HF model_type -> the llama.cpp architecture that runs it
-GGUF_ARCHS = {"gpt2": "gpt2", "llama": "llama"}
-_PERMUTED_QK = ("llama",)  # architectures llama.cpp rotates in interleaved pairs
+# HF model_type -> the llama.cpp architecture that runs it (llama.cpp runs Mistral as llama)
+GGUF_ARCHS = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+              "gpt_neox": "gptneox"}
+_PERMUTED_QK = ("llama", "mistral")  # the model types llama.cpp rotates in interleaved pairs (the others: NeoX-style)
 _CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 # tokenizer.ggml.pre: how llama.cpp splits text before BPE, by the tokenizer's pre-tokenizer
 _PRE_TOKENIZERS = {"ByteLevel": "gpt-2"}
@@ -41,18 +47,25 @@ class _Tensor:
     raw_dtype: Any  # gguf.GGMLQuantizationType
 
 
-def gguf_arch(cfg: Any) -> str:
-    """The llama.cpp architecture of `cfg` (ConfigError naming the supported ones if it has none)."""
+def gguf_model_type(cfg: Any) -> str:
+    """The HF model type `cfg` exports as, if llama.cpp runs it; ConfigError (naming what does not fit) if not."""
     from lmforge.model.hf import hf_model_type_of
 
     try:
         model_type = hf_model_type_of(cfg)
     except ConfigError as err:
-        raise ConfigError(f"GGUF export: {err}; llama.cpp runs the architectures {', '.join(GGUF_ARCHS)}") from None
-    if model_type == "llama" and (cfg.attn_bias or cfg.mlp_bias):
-        raise ConfigError("GGUF export: a llama model with attn_bias/mlp_bias has no llama.cpp architecture "
-                          f"(llama.cpp runs {', '.join(GGUF_ARCHS)} without extra biases)")
-    return GGUF_ARCHS[model_type]
+        raise ConfigError(f"GGUF export: {err}; llama.cpp runs {', '.join(GGUF_ARCHS)}") from None
+    biases = {"llama": ("attn_bias", "mlp_bias"), "mistral": ("attn_bias", "mlp_bias"), "qwen3": ("attn_bias",)}
+    for key in biases.get(model_type, ()):
+        if getattr(cfg, key):
+            raise ConfigError(f"GGUF export: a {model_type} model with {key}=true does not load in llama.cpp (its "
+                              f"{GGUF_ARCHS[model_type]} has no such biases); llama.cpp runs {', '.join(GGUF_ARCHS)}")
+    scaling = getattr(cfg, "rope_scaling", None)
+    if scaling is not None and (scaling.type == "dynamic" or scaling.type == "llama3" and model_type not in
+                                _PERMUTED_QK):
+        raise ConfigError(f"GGUF export: rope_scaling type {scaling.type} of a {model_type} model has no llama.cpp "
+                          "equivalent (it runs linear scaling, and llama3 scaling in llama models)")
+    return model_type
 
 
 def permute_rotary(weight: Tensor, n_head: int) -> Tensor:
@@ -61,12 +74,16 @@ def permute_rotary(weight: Tensor, n_head: int) -> Tensor:
         weight.shape)
 
 
-def _llama_cpp_layout(name: str, tensor: Tensor, arch: str, cfg: Any) -> Tensor:
-    if arch == "gpt2" and name.endswith(_CONV1D):
+def _llama_cpp_layout(name: str, tensor: Tensor, model_type: str, cfg: Any) -> Tensor:
+    from lmforge.model.hf import split_fused_qkv
+
+    if model_type == "gpt2" and name.endswith(_CONV1D):
         return tensor.t()
-    if arch in _PERMUTED_QK and ".self_attn.q_proj." in name:
+    if model_type == "gpt_neox" and ".attention.query_key_value." in name:  # per-head q|k|v rows -> all q|all k|all v
+        return torch.cat(split_fused_qkv(model_type, tensor, name.endswith(".weight"), cfg.n_head))
+    if model_type in _PERMUTED_QK and ".self_attn.q_proj." in name:
         return permute_rotary(tensor, cfg.n_head)
-    if arch in _PERMUTED_QK and ".self_attn.k_proj." in name:
+    if model_type in _PERMUTED_QK and ".self_attn.k_proj." in name:
         return permute_rotary(tensor, cfg.kv_heads)
     return tensor
 
@@ -92,13 +109,15 @@ def gguf_tensors(model: DecoderLM, qtype: str) -> list[_Tensor]:
     """`model`'s weights under llama.cpp's names and layouts, encoded as `qtype`."""
     import gguf
 
-    from lmforge.model.hf import _to_hf_names, hf_model_type_of
+    from lmforge.model.hf import _to_hf_names
+    from lmforge.model.layers import rope_inv_freq
 
     if qtype not in GGUF_TYPES:
         raise ConfigError(f"GGUF export --type {qtype!r} is not one of {', '.join(GGUF_TYPES)}")
     cfg = model.cfg
-    arch = gguf_arch(cfg)
-    weights = _to_hf_names(model, hf_model_type_of(cfg))
+    model_type = gguf_model_type(cfg)
+    arch = GGUF_ARCHS[model_type]
+    weights = _to_hf_names(model, model_type)
     if arch == "gpt2" and "lm_head.weight" not in weights:  # llama.cpp's gpt2 reads its head as its own tensor
         weights["lm_head.weight"] = weights["transformer.wte.weight"]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.n_layer)
@@ -107,7 +126,12 @@ def gguf_tensors(model: DecoderLM, qtype: str) -> list[_Tensor]:
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise ConfigError(f"GGUF export: llama.cpp's {arch} has no tensor for {hf_name}")
-        out.append(_encode(name, hf_name, _llama_cpp_layout(hf_name, tensor, arch, cfg), qtype))
+        out.append(_encode(name, hf_name, _llama_cpp_layout(hf_name, tensor, model_type, cfg), qtype))
+    scaling = getattr(cfg, "rope_scaling", None)
+    if scaling is not None and scaling.type == "llama3":  # llama.cpp divides each frequency by its factor
+        factors = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta) / rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, scaling)
+        rope_freqs = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+        out.append(_Tensor(rope_freqs, factors.numpy().astype(np.float32), gguf.GGMLQuantizationType.F32))
     return out
 
 
@@ -139,19 +163,28 @@ def _write(path: Path, arch: str, cfg: Any, tensors: list[_Tensor], tok: dict[st
     writer = gguf.GGUFWriter(path, arch)
     writer.add_name(name)
     writer.add_file_type(gguf.LlamaFileType[{"f32": "ALL_F32"}.get(qtype, f"MOSTLY_{qtype.upper()}")])
-    writer.add_context_length(cfg.max_seq_len)
+    window = getattr(cfg, "sliding_window", None)  # within its window, a sliding one attends to every position
+    writer.add_context_length(min(cfg.max_seq_len, window or cfg.max_seq_len))
     writer.add_embedding_length(cfg.d_model)
     writer.add_feed_forward_length(cfg.ff_dim)
     writer.add_block_count(cfg.n_layer)
     writer.add_head_count(cfg.n_head)
     writer.add_vocab_size(cfg.vocab_size)
-    if arch == "gpt2":
+    if cfg.norm == "layernorm":
         writer.add_layer_norm_eps(cfg.norm_eps)
     else:
-        writer.add_head_count_kv(cfg.kv_heads)
         writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    if cfg.position == "rope":
+        writer.add_head_count_kv(cfg.kv_heads)
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
         writer.add_rope_freq_base(cfg.rope_theta)
-        writer.add_rope_dimension_count(cfg.head_dim)
+        writer.add_rope_dimension_count(cfg.rotary_dim)
+        if cfg.rope_scaling is not None and cfg.rope_scaling.type == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(cfg.rope_scaling.factor)
+    if arch == "gptneox":
+        writer.add_parallel_residual(cfg.parallel_residual)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(tok["pre"])
     writer.add_token_list(tok["tokens"])
@@ -181,7 +214,7 @@ def export_gguf(model: DecoderLM, tokenizer: Tokenizer | None, path: str | Path,
     cfg = model.cfg
     if tokenizer is None:
         raise ConfigError("GGUF export needs the model's tokenizer (llama.cpp reads it from the file)")
-    arch = gguf_arch(cfg)
+    arch = GGUF_ARCHS[gguf_model_type(cfg)]
     tok = _tokenizer_metadata(tokenizer, cfg.vocab_size)
     chat_source = None if chat_template is None else jinja_chat_template(chat_template)
     tensors = gguf_tensors(model, qtype)
