@@ -21,7 +21,8 @@ from lmforge.model.decoder import DecoderLM  # noqa: E402
 from lmforge.tokenizer import train_tokenizer  # noqa: E402
 
 ATOL = 1e-4
-TEXTS = ["the quick brown fox jumps over the lazy dog", "hello world, hello GGUF", "llama.cpp reads gguf files"] * 20
+TEXTS = ["the quick brown fox jumps over the lazy dog", "hello world, hello GGUF", "llama.cpp reads gguf files",
+         "12345 apples and 67890 pears cost 12345"] * 20
 # Odd shapes: GQA 4:2 and an untied head for llama; a tied head for GPT-2. Rows are 64 wide (q4_0/q8_0 blocks fit).
 # transformers' GGUF loader builds GPT-2 with its default n_positions (1024) and n_inner (4 * n_embd), so ours match.
 CONFIGS = {
@@ -141,6 +142,43 @@ def test_llama3_rope_scaling_becomes_rope_freqs_and_linear_a_factor(tokenizer, t
     model = _model("llama", tokenizer, rope_scaling=dict(type="linear", factor=4.0))
     fields = _fields(gguf.GGUFReader(export_gguf(model, tokenizer, tmp_path / "b.gguf")))
     assert fields["llama.rope.scaling.type"] == "linear" and fields["llama.rope.scaling.factor"] == 4.0
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2"])
+def test_llama3_and_qwen2_pre_tokenizers_are_named_and_read_back_with_their_ids(pre, tokenizer, tmp_path):
+    from tokenizers import Regex, pre_tokenizers, processors
+
+    from lmforge.gguf_export import PRE_TOKENIZER_SPLITS
+    from lmforge.tokenizer import Tokenizer
+
+    family = Tokenizer(type(tokenizer.backend).from_str(tokenizer.backend.to_str()))  # a copy, split as `pre` splits
+    family.backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRE_TOKENIZER_SPLITS[pre]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if pre == "llama-bpe":  # Llama 3's post-processor puts BOS first
+        family.backend.post_processor = processors.TemplateProcessing(
+            single="<|bos|> $A", special_tokens=[("<|bos|>", tokenizer.bos_id)])
+    model = _model("llama", family)
+    path = export_gguf(model, family, tmp_path / "m.gguf")
+    fields = _fields(gguf.GGUFReader(path))
+    assert fields["tokenizer.ggml.pre"] == pre
+    assert fields["tokenizer.ggml.add_bos_token"] is (pre == "llama-bpe")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    text = "the 12345 quick foxes' hello!\n\n  world"
+    assert family.encode(text) != tokenizer.encode(text)  # the split matters for this text
+    assert hf_tokenizer(text, add_special_tokens=False).input_ids == family.encode(text)
+
+
+def test_tokenizer_llama_cpp_cannot_split_is_refused(tokenizer, tmp_path):
+    from tokenizers import pre_tokenizers
+
+    from lmforge.tokenizer import Tokenizer
+
+    odd = Tokenizer(type(tokenizer.backend).from_str(tokenizer.backend.to_str()))
+    odd.backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(ConfigError, match="pre-tokenizer .*Whitespace.*llama-bpe or qwen2"):
+        export_gguf(_model("llama", tokenizer), odd, tmp_path / "m.gguf")
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_0"])

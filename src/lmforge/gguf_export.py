@@ -36,8 +36,12 @@ GGUF_ARCHS = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "qw
               "gpt_neox": "gptneox"}
 _PERMUTED_QK = ("llama", "mistral")  # the model types llama.cpp rotates in interleaved pairs (the others: NeoX-style)
 _CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
-# tokenizer.ggml.pre: how llama.cpp splits text before BPE, by the tokenizer's pre-tokenizer
-_PRE_TOKENIZERS = {"ByteLevel": "gpt-2"}
+# tokenizer.ggml.pre: how llama.cpp splits text before BPE. GPT-2's is ByteLevel's own regex; Llama 3's and Qwen2's
+# tokenizer.json split with these regexes first (Split, then ByteLevel without its regex). They differ in digits.
+_SPLIT_BEFORE, _SPLIT_AFTER = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|", \
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+PRE_TOKENIZER_SPLITS = {"llama-bpe": _SPLIT_BEFORE + r"\p{N}{1,3}" + _SPLIT_AFTER,  # runs of up to 3 digits
+                        "qwen2": _SPLIT_BEFORE + r"\p{N}" + _SPLIT_AFTER}  # one digit at a time
 
 
 @dataclass(frozen=True)
@@ -140,10 +144,12 @@ def _tokenizer_metadata(tokenizer: Tokenizer, vocab_size: int) -> dict[str, Any]
     import gguf
 
     spec = json.loads(tokenizer.backend.to_str())
-    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or pre.get("type") not in _PRE_TOKENIZERS:
-        raise ConfigError(f"GGUF export: the tokenizer is {model.get('type')} with pre-tokenizer {pre.get('type')}; "
-                          f"llama.cpp's BPE is exported from BPE with {', '.join(_PRE_TOKENIZERS)}")
+    model = spec.get("model") or {}
+    pre = _pre_tokenizer_name(spec.get("pre_tokenizer") or {})
+    if model.get("type") != "BPE" or pre is None:
+        raise ConfigError(f"GGUF export: the tokenizer is {model.get('type')} with pre-tokenizer "
+                          f"{json.dumps(spec.get('pre_tokenizer'))[:200]}; llama.cpp's BPE is exported from byte-level "
+                          f"BPE split as GPT-2, {' or '.join(PRE_TOKENIZER_SPLITS)} split")
     if tokenizer.vocab_size > vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {vocab_size}")
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]  # rows no token uses, as llama.cpp's converter pads
@@ -153,7 +159,21 @@ def _tokenizer_metadata(tokenizer: Tokenizer, vocab_size: int) -> dict[str, Any]
     for added in spec.get("added_tokens", []):
         types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return dict(pre=_PRE_TOKENIZERS[pre["type"]], tokens=tokens, types=types, merges=merges)
+    bos, sample = tokenizer.bos_id, tokenizer.backend.encode("a")  # does the post-processor put BOS first?
+    add_bos = bos is not None and sample.ids[:1] == [bos] and tokenizer.encode("a")[:1] != [bos]
+    return dict(pre=pre, tokens=tokens, types=types, merges=merges, add_bos=add_bos)
+
+
+def _pre_tokenizer_name(pre: dict[str, Any]) -> str | None:
+    """llama.cpp's name for a tokenizer.json pre-tokenizer: GPT-2's ByteLevel, or a known Split then ByteLevel."""
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    parts = pre.get("pretokenizers") or []
+    if pre.get("type") != "Sequence" or [p.get("type") for p in parts] != ["Split", "ByteLevel"] or \
+            parts[1].get("use_regex", True):
+        return None
+    pattern = (parts[0].get("pattern") or {}).get("Regex")
+    return next((name for name, split in PRE_TOKENIZER_SPLITS.items() if split == pattern), None)
 
 
 def _write(path: Path, arch: str, cfg: Any, tensors: list[_Tensor], tok: dict[str, Any], ids: dict[str, int | None],
@@ -190,7 +210,7 @@ def _write(path: Path, arch: str, cfg: Any, tensors: list[_Tensor], tok: dict[st
     writer.add_token_list(tok["tokens"])
     writer.add_token_types(tok["types"])
     writer.add_token_merges(tok["merges"])
-    writer.add_add_bos_token(False)  # lmforge encodes text as it is; a chat template writes its own BOS
+    writer.add_add_bos_token(tok["add_bos"])  # as the tokenizer.json's post-processor does
     for role, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
                       ("pad", writer.add_pad_token_id), ("eot", writer.add_eot_token_id)):
         if ids.get(role) is not None:
