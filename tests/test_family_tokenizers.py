@@ -44,15 +44,36 @@ QWEN2_TEMPLATE = (
     "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endif %}{%- endfor %}\n"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}\n"
 )
+# A Qwen3-style template: ChatML, the last user query found walking the messages backwards in a namespace, earlier
+# assistant turns' <think> blocks dropped, and an empty think block when thinking is switched off.
+QWEN3_TEMPLATE = (
+    "{%- set ns = namespace(last_query=-1) %}"
+    "{%- for message in messages[::-1] %}{%- set index = (messages|length - 1) - loop.index0 %}"
+    "{%- if message.role == 'user' and ns.last_query == -1 %}{%- set ns.last_query = index %}"
+    "{%- endif %}{%- endfor %}\n"
+    "{%- for message in messages %}{%- set content = message.content %}"
+    "{%- if message.role == 'assistant' and '</think>' in content %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
+    "{%- if message.role == 'assistant' and loop.index0 > ns.last_query %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + content + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}{%- endif %}\n"
+)
 FAMILIES = {
     "llama3": dict(split="llama-bpe", specials=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
                                                 "<|end_header_id|>", "<|eot_id|>"],
                    bos="<|begin_of_text|>", eos="<|eot_id|>", template=LLAMA3_TEMPLATE, nfc=False),
     "qwen2": dict(split="qwen2", specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], bos=None,
                   eos="<|im_end|>", template=QWEN2_TEMPLATE, nfc=True),
+    "qwen3": dict(split="qwen2", specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"],
+                  bos=None, eos="<|im_end|>", template=QWEN3_TEMPLATE, nfc=True),
 }
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What year is 2024?"},
-                {"role": "assistant", "content": "A leap year."}, {"role": "user", "content": "Don't stop!"}]
+                {"role": "assistant", "content": "<think>\n366 days</think>\n\nA leap year."},
+                {"role": "user", "content": "Don't stop!"}]
 
 
 def _family_dir(name: str, tmp_path):
