@@ -11,6 +11,7 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, pro
 from tokenizers import Tokenizer as HFTokenizer
 
 from lmforge.data.chat import hf_chat_template
+from lmforge.errors import DataError
 from lmforge.gguf_export import PRE_TOKENIZER_SPLITS
 from lmforge.tokenizer import Tokenizer
 
@@ -113,3 +114,6 @@ def test_family_tokenizer_and_chat_template_give_transformers_ids(name, tmp_path
                                               return_dict=False)
         assert template.render(CONVERSATION, generation_prompt).ids == list(expected)
     assert ours.token_id(FAMILIES[name]["eos"]) in template.stop_ids
+    if name == "qwen3":  # it drops an earlier turn's reasoning, so the turn renders differently once a user follows:
+        with pytest.raises(DataError, match="message 2 differently"):  # training on it is refused, inference is not
+            template.render(CONVERSATION).assistant_mask  # noqa: B018

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -45,10 +46,26 @@ Message = dict[str, str]
 _Piece = tuple[str | int, bool]  # (text to encode, or a token id; whether the assistant wrote it)
 
 
-@dataclass
+@dataclass(eq=False)
 class RenderedChat:
+    """A conversation's token ids and its assistant mask, which may be given as a function computed on first use: an
+    HF template finds the mask by rendering each prefix again, which some templates (Qwen3's, dropping earlier
+    turns' reasoning) do not allow; inference only needs the ids."""
+
     ids: list[int]
-    assistant_mask: list[bool]  # True on the tokens the assistant wrote, its closing token included
+    _assistant_mask: list[bool] | Callable[[], list[bool]]
+
+    @property
+    def assistant_mask(self) -> list[bool]:
+        """True on the tokens the assistant wrote, its closing token included."""
+        if callable(self._assistant_mask):
+            self._assistant_mask = self._assistant_mask()
+        return self._assistant_mask
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RenderedChat):
+            return NotImplemented
+        return self.ids == other.ids and self.assistant_mask == other.assistant_mask
 
 
 class ChatTemplate(ABC):
@@ -282,9 +299,13 @@ class HFChatTemplate(ChatTemplate):
 
     def _render(self, messages: list[Message], add_generation_prompt: bool) -> RenderedChat:
         text = self.render_text(messages, add_generation_prompt)
-        spans = [self._assistant_span(messages, i, text) for i, m in enumerate(messages) if m["role"] == "assistant"]
         encoding = self.tokenizer.backend.encode(text, add_special_tokens=False)
-        mask = [any(s < b and e > a for a, b in spans) for s, e in encoding.offsets]
+
+        def mask() -> list[bool]:
+            turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+            spans = [self._assistant_span(messages, i, text) for i in turns]
+            return [any(s < b and e > a for a, b in spans) for s, e in encoding.offsets]
+
         return RenderedChat(list(encoding.ids), mask)
 
     def _assistant_span(self, messages: list[Message], i: int, full: str) -> tuple[int, int]:
