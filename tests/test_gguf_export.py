@@ -227,6 +227,25 @@ def test_cli_export_gguf_of_a_run_and_bad_type(tokenizer, tmp_path, capsys):
     assert "--type" in capsys.readouterr().err
 
 
+def test_cli_export_gguf_of_a_hugging_face_dir_carries_its_own_chat_template(tmp_path, capsys):
+    import lmforge
+    from lmforge.data.chat import HFChatTemplate
+    from lmforge.tokenizer import Tokenizer
+    from test_family_tokenizers import QWEN2_TEMPLATE, _family_dir
+
+    (tmp_path / "tok").mkdir()
+    family = Tokenizer.from_file(_family_dir("qwen2", tmp_path / "tok"))
+    hf_dir = lmforge.export_hf(_model("qwen2", family), family, tmp_path / "hf",
+                               chat_template=HFChatTemplate(QWEN2_TEMPLATE, family))
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(hf_dir), "--format", "gguf", "--type", "f16", "--out", str(out)]) == 0
+    assert "chat template" in capsys.readouterr().out
+    fields = _fields(gguf.GGUFReader(out))
+    assert fields["general.architecture"] == "qwen2" and fields["tokenizer.ggml.pre"] == "qwen2"
+    assert fields["tokenizer.chat_template"] == QWEN2_TEMPLATE
+    assert fields["tokenizer.ggml.eot_token_id"] == family.token_id("<|im_end|>")
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 def test_llama_cpp_greedy_tokens_equal_lmforge(family, tokenizer, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp not installed: pip install llama-cpp-python")

@@ -45,17 +45,32 @@ def _default_base_name(ckpt: Path, base: str | None) -> str:
                       f"dir of `lmforge export {base or 'BASE'} --format hf --out DIR`)")
 
 
+def _export_hf_dir_gguf(path: Path, out: str | Path, gguf_type: str) -> Exported:
+    import lmforge
+    from lmforge.gguf_export import export_gguf
+    from lmforge.infer.chat_repl import optional_chat_template
+
+    model, tokenizer = lmforge.load(path)
+    template = optional_chat_template(str(path), tokenizer) if tokenizer is not None else None
+    written = export_gguf(model, tokenizer, out, gguf_type, chat_template=template, name=path.resolve().name)
+    chat = ", its chat template" if template is not None else ""
+    return Exported(written, f"wrote a GGUF file ({gguf_type}{chat}) for llama.cpp -> {written}")
+
+
 def export_run(checkpoint: str | Path, fmt: str, out: str | Path, base_name: str | None = None,
                gguf_type: str | None = None) -> Exported:
     """Export the run or checkpoint dir `checkpoint` as `fmt` (hf, peft or gguf, whose matrices are `gguf_type`)
-    into `out`."""
+    into `out`. For gguf, `checkpoint` may also be a Hugging Face model dir (its own chat template goes along)."""
     import lmforge
     from lmforge.checkpoint import read_manifest, resolve_checkpoint, tensor_bytes, write_dir
     from lmforge.config import LORA_METHODS
+    from lmforge.model.hf import is_hf_dir
     from lmforge.peft.config import merge_peft
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if fmt == "gguf" and is_hf_dir(checkpoint):
+        return _export_hf_dir_gguf(Path(checkpoint), out, gguf_type or "f32")
     ckpt = resolve_checkpoint(checkpoint)
     manifest = read_manifest(ckpt)
     peft = manifest.peft
