@@ -117,3 +117,21 @@ def test_family_tokenizer_and_chat_template_give_transformers_ids(name, tmp_path
     if name == "qwen3":  # it drops an earlier turn's reasoning, so the turn renders differently once a user follows:
         with pytest.raises(DataError, match="message 2 differently"):  # training on it is refused, inference is not
             template.render(CONVERSATION).assistant_mask  # noqa: B018
+
+
+def test_gpt_neox_tokenizer_gives_transformers_ids(tmp_path):
+    """Pythia's tokenizer.json: NFC, GPT-2's byte-level split and a ByteLevel post-processor (offsets only)."""
+    backend = HFTokenizer(models.BPE())
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True)
+    backend.post_processor = processors.ByteLevel(trim_offsets=True)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|padding|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(TEXTS, trainer=trainer)
+    backend.save(str(tmp_path / "tokenizer.json"))
+    ours = Tokenizer.from_file(tmp_path)
+    theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    for text in [*TEXTS[:5], "e\u0301 composed"]:
+        assert ours.encode(text) == theirs(text, add_special_tokens=False).input_ids
+    assert ours.eos_id == ours.bos_id == backend.token_to_id("<|endoftext|>")
