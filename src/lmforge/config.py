@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from lmforge.errors import ConfigError, one_line
 from lmforge.io import read_utf8
@@ -64,6 +64,10 @@ class RopeScaling(StrictModel):
         return self
 
 
+FAMILY_KEY_DEFAULTS = {"head_size": None, "rope_scaling": None, "rope_fraction": 1.0, "sliding_window": None,
+                       "qkv_bias": None, "qk_norm": False, "parallel_residual": False}
+
+
 class ModelConfig(StrictModel):
     """A decoder-only Transformer; `family` fills in the defaults of GPT-2, Llama, Mistral, Qwen2, Qwen3 or
     GPT-NeoX (and names the Hugging Face class it exports to)."""
@@ -96,6 +100,12 @@ class ModelConfig(StrictModel):
     tie_embeddings: bool = True
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     init_std: float = 0.02
+
+    @model_serializer(mode="wrap")
+    def _omit_family_keys_left_at_default(self, handler: Any) -> dict[str, Any]:
+        """The keys the Hugging Face families added are written only when set, so a checkpoint that does not use
+        them keeps the config.yaml layout earlier lmforge versions read."""
+        return {k: v for k, v in handler(self).items() if k not in FAMILY_KEY_DEFAULTS or v != FAMILY_KEY_DEFAULTS[k]}
 
     @model_validator(mode="before")
     @classmethod
