@@ -10,7 +10,7 @@ from jsonargparse import ArgumentParser, Namespace
 from lmforge.errors import ConfigError
 
 DEFAULT_SIZES = "32x1,64x2,96x3"
-DEFAULT_TOKENS = "3e4,1e5,3e5"
+DEFAULT_TOKENS = "2e4,6e4,2e5"
 WORLD_DOCUMENTS = 4000  # the synthetic world's corpus: ~0.6M tokens, more than the largest default budget
 WORLD_VOCAB = 512
 

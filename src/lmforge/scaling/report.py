@@ -63,8 +63,9 @@ def describe(result: dict) -> list[str]:
             f"{fit['beta']:.4f}; rms log residual {fit['rms_log_residual']:.3g}",
             f"compute-optimal for C = {opt['flops']:.4g} FLOPs (C = 6ND): N = {opt['params']:,.0f}, D = "
             f"{opt['tokens']:,.0f} tokens, predicted loss {opt['loss']:.4f}",
-            f"  tokens per parameter: {opt['tokens_per_param']:.3g} (Chinchilla: ~{opt['chinchilla_tokens_per_param']:g});"
-            f" along the frontier it scales as C^{opt['tokens_per_param_exponent']:.3f}",
+            f"  tokens per parameter: {opt['tokens_per_param']:.3g} (Chinchilla: "
+            f"~{opt['chinchilla_tokens_per_param']:g}); along the frontier it scales as "
+            f"C^{opt['tokens_per_param_exponent']:.3f}",
             "how far to trust it:", *(f"  - {note}" for note in result["trust"])]
 
 
