@@ -59,6 +59,19 @@ def test_cli_refuses_a_small_grid_in_one_line_before_training(tmp_path, capsys):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize(("option", "fragment"), [
+    (["--sizes", "64x2,wide"], "--sizes: 'wide' is not D_MODELxLAYERS"),
+    (["--sizes", "8x2,16x2"], "--sizes: '8x2' is not D_MODELxLAYERS with d_model >= 16"),
+    (["--tokens", "1e4,lots"], "--tokens: '1e4,lots' is not a comma-separated list"),
+    (["--flops", "0"], "--flops must be a positive FLOP count"),
+])
+def test_cli_refuses_bad_grid_options_in_one_line(tmp_path, capsys, option, fragment):
+    assert main(["scaling", "--out-dir", str(tmp_path / "s"), *option]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and fragment in err
+    assert not (tmp_path / "s").exists()
+
+
 def _world_shards(tmp_path):
     from lmforge.data.readers import read_documents
     from lmforge.data.shards import prepare_shards

@@ -37,7 +37,7 @@ class ModelSize:
         """`64x2`: d_model 64, 2 layers."""
         d_model, sep, n_layer = text.strip().partition("x")
         if not (sep and d_model.isdigit() and n_layer.isdigit() and int(d_model) >= HEAD_DIM and int(n_layer) >= 1):
-            raise ConfigError(f"--sizes: '{text}' is not D_MODLxLAYERS with d_model >= {HEAD_DIM} and layers >= 1; "
+            raise ConfigError(f"--sizes: '{text}' is not D_MODELxLAYERS with d_model >= {HEAD_DIM} and layers >= 1; "
                               "write e.g. --sizes 32x1,64x2,96x3")
         return cls(int(d_model), int(n_layer))
 
