@@ -78,15 +78,16 @@ def plot_frontier(path: Path, points: list[GridPoint], fit: ScalingFit) -> Path:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     flops = np.array([p.flops for p in points])
-    span = np.geomspace(flops.min() / 3, flops.max() * 3, 100)
+    span = np.geomspace(flops.min() / 2, flops.max() * 2, 100)
     for color, params in enumerate(sorted({p.params for p in points})):
         own = [p for p in points if p.params == params]
         ax.plot([p.flops for p in own], [p.val_loss for p in own], "o", color=f"C{color}",
                 label=f"{own[0].size}: N = {params:,}")
-        ax.plot(span, fit.loss(params, span / (6 * params)), "-", color=f"C{color}", alpha=0.6)
+        own_span = np.geomspace(min(p.flops for p in own) / 2, max(p.flops for p in own) * 2, 50)
+        ax.plot(own_span, fit.loss(params, own_span / (6 * params)), "-", color=f"C{color}", alpha=0.6)
     n_opt = np.array([fit.optimum(c)[0] for c in span])
     ax.plot(span, fit.loss(n_opt, span / (6 * n_opt)), "k--", label="compute-optimal frontier (fit)")
-    ax.set(xscale="log", xlabel="training compute C = 6ND (FLOPs)", ylabel="held-out loss (nats/token)",
+    ax.set(xscale="log", yscale="log", xlabel="training compute C = 6ND (FLOPs)", ylabel="held-out loss (nats/token)",
            title="scaling grid and fitted L(N, D)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
