@@ -53,6 +53,7 @@ from lmforge.eval.commands import (
 from lmforge.eval.judge_command import cmd_judge, judge_options
 from lmforge.prompting.commands import cmd_prompt, prompt_options
 from lmforge.rag.command import ask_options, cmd_rag_ask, cmd_rag_index, index_options
+from lmforge.scaling.command import cmd_scaling, scaling_options
 
 
 class _Help(DefaultHelpFormatter):
@@ -375,6 +376,11 @@ VERBS: dict[str, tuple[str, str, Callable[[ArgumentParser], None] | None, Callab
                    "  lmforge calc model gpt3-175b --tokens 300e9 --devices 1024", model_options, cmd_calc_model),
     "calc linear": ("FLOPs, parameters, activations and fp32 training memory of one linear layer",
                     "lmforge calc linear --n 16384 --d-in 32768 --d-out 8192", linear_options, cmd_calc_linear),
+    "scaling": ("train a grid of model sizes x token budgets, fit L(N, D) = E + A/N^alpha + B/D^beta (Chinchilla's "
+                "approach 3) and report the compute-optimal N and D for a FLOP budget, with a frontier plot",
+                "lmforge scaling --out-dir runs/scaling --json scaling.json\n"
+                "  lmforge scaling --data runs/data --sizes 64x2,128x2,192x4 --tokens 1e5,3e5,1e6 --flops 1e15",
+                scaling_options, cmd_scaling),
     "generate": ("generate text from a checkpoint (lmforge or Hugging Face dir)",
                  'lmforge generate runs/demo/pretrain --prompt "The capital of" --temperature 0.8 --top-p 0.9\n'
                  '  lmforge generate runs/sft --chat --prompt "Name a colour."\n'
