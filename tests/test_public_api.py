@@ -21,7 +21,8 @@ def test_import_lmforge_does_not_import_torch() -> None:
 
 
 def test_every_public_function_is_annotated() -> None:
-    names = {"torch": torch, "Module": torch.nn.Module, "Tensor": torch.Tensor, "Tokenizer": Tokenizer, "ChatTemplate": ChatTemplate}
+    names = {"torch": torch, "Module": torch.nn.Module, "Tensor": torch.Tensor, "Tokenizer": Tokenizer,
+             "ChatTemplate": ChatTemplate}
     for name in lmforge.__all__:
         function = getattr(lmforge, name)
         hints = typing.get_type_hints(function, localns=names)  # the TYPE_CHECKING imports resolve
