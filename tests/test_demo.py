@@ -139,7 +139,7 @@ def test_demo_quick_writes_a_report_computed_in_the_run(tmp_path: Path) -> None:
     distilled = table(distill_body)
     steps = plan.post_steps["distill"]
     assert [(num(r["steps"]), r["student"].split()[0]) for r in distilled] == [
-        (steps, "with"), (steps, "without"), (steps // 2, "with"), (steps // 2, "without")]
+        (steps, "with"), (steps, "without"), (steps // 3, "with"), (steps // 3, "without")]
     val = torch.from_numpy(load_shards(out / "data" / "shards").tokens("val").astype("int64"))
     for row, run in zip(distilled, ("distill-alpha0.5", "distill-alpha0", "distill-few-alpha0.5", "distill-few-alpha0"),
                         strict=True):

@@ -56,7 +56,7 @@ class DemoPlan:
     speculative_tokens: int = 64
     eval_items: tuple[int, int] = (40, 100)  # evaluation stage: documents per held-out set (perplexity), items per task
     # the LLM judge: judging transcripts, held-out pairs, its SFT steps and batch, and each DPO run's steps
-    judge: dict[str, int] = field(default_factory=lambda: dict(train=640, pairs=200, steps=40, batch=16, dpo_steps=28))
+    judge: dict[str, int] = field(default_factory=lambda: dict(train=640, pairs=200, steps=40, batch=16, dpo_steps=16))
     samples: tuple[str, ...] = ("Question: What is the capital of", "One morning,", "Question: A coin is heads up.")
     serve_servers: tuple[str, ...] = ("lmforge", "transformers", "transformers-cb")  # `lmforge.serve.load_test.SERVERS`
     serve_clients: tuple[int, ...] = (1, 8)
