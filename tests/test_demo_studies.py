@@ -4,7 +4,9 @@ finds one."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +14,9 @@ import torch.nn.functional as F
 
 import lmforge
 from lmforge.config import ModelConfig
-from lmforge.demo import rlaif
+from lmforge.data.instructions import write_instruction_data
+from lmforge.data.synthetic import WorldConfig, pretraining_documents
+from lmforge.demo import demo_plan, rlaif
 from lmforge.demo.distill_study import window_losses
 from lmforge.demo.verdicts import paired_loss_note
 from lmforge.eval.instruct import InstructScores
@@ -22,6 +26,8 @@ from lmforge.eval.stats import mcnemar_exact, paired_bootstrap, wilson_interval
 from lmforge.model.decoder import DecoderLM
 from lmforge.tokenizer import train_tokenizer
 from test_demo import num, table
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_paired_loss_note_claims_an_effect_only_when_the_bootstrap_finds_one() -> None:
@@ -93,3 +99,31 @@ def test_a_judge_at_chance_says_so_and_one_without_labels_trains_nothing() -> No
     silent = rlaif.section(rlaif.JudgedDPO(study(0, JudgeCounts(pairs=16, disagreements=10, unparseable=6), False),
                                            {}, 2)).body
     assert len(table(silent)) == 1 and "no judge-labelled DPO" in silent and "no better than chance" in silent
+
+
+def test_rlaif_trains_dpo_on_both_labellings_and_scores_each_on_the_held_out_instructions(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`rlaif.run` past the judge (stubbed: judge_study is tested in test_judge.py) on a tiny SFT model."""
+    world = WorldConfig(seed=0, n_documents=200, n_eval=4)
+    files = write_instruction_data(world, tmp_path / "instructions", 4, 6, 3)
+    tok = train_tokenizer(pretraining_documents(world), vocab_size=400, show_progress=False)
+    torch.manual_seed(0)
+    sft = lmforge.save(DecoderLM(ModelConfig(vocab_size=tok.vocab_size, max_seq_len=256, n_layer=1, n_head=2,
+                                             d_model=16)), tok, tmp_path / "sft")
+    handed = study(5, JudgeCounts(pairs=6, a=3, b=3))
+    handed.judge_prefs = handed.verifier_prefs = files["prefs_train"]
+    seen = {}
+
+    def stub(base, world_config, out, **sizes):
+        seen.update(base=base, world=world_config, **sizes)
+        return handed
+
+    monkeypatch.setattr(rlaif, "judge_study", stub)
+    plan = replace(demo_plan(True), world=world, judge=dict(train=8, pairs=6, steps=1, batch=4, dpo_steps=1))
+    result = rlaif.run(plan, SimpleNamespace(instructions=files), sft, tmp_path / "judge")
+    assert seen == dict(base=sft, world=world, n_train=8, n_pairs=6, steps=1, lr=rlaif.JUDGE_LR, batch_size=4)
+    assert list(result.scores) == ["judge", "verifier"] and result.steps == 1
+    for key, scored in result.scores.items():
+        assert scored.n == 3 and len(scored.correct) == 3 and scored.kl is not None
+        assert lmforge.load(tmp_path / "judge" / f"dpo-{key}")[0].cfg.arch == "decoder"
+    assert len(table(rlaif.section(result).body, 1)) == 2
