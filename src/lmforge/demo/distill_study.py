@@ -1,8 +1,9 @@
-"""Post-training's distillation study: does a teacher help a smaller student? Two pairs of students, each pair the
-same but for the teacher (alpha 0.5, soft targets at temperature 2) or none (alpha 0, labels only): one pair on every
-train token, one on a small labelled set (the first LABELLED_FRACTION of the train tokens), where Hinton et al. (2015,
-sec. 3.1) found soft targets matter most, as a regulariser. Each pair is compared on the same validation windows by a
-paired bootstrap of the per-window mean NLL, so a sentence says the teacher helped or hurt only when significant."""
+"""Post-training's distillation study: does a teacher help a smaller student? Two pairs of students, each pair the same
+but for the teacher (alpha 0.5, soft targets at temperature 2) or none (alpha 0, labels only): one pair on every
+train token, one on a small labelled set (the first LABELLED_FRACTION of the train tokens), where Hinton et al.
+(2015, sec. 3, with 3% of a speech corpus) found soft targets matter most, as a regulariser. Each pair is compared
+on the same validation windows by a paired bootstrap of the per-window mean NLL, so a sentence says the teacher
+helped or hurt only when significant."""
 
 from __future__ import annotations
 
@@ -23,9 +24,8 @@ from lmforge.eval.stats import paired_bootstrap
 from lmforge.train.distill import DistillConfig, distill
 
 TEMPERATURE, ALPHA, LR = 2.0, 0.5, 3e-3
-LABELLED_FRACTION = 0.03  # Hinton et al.'s speech experiment kept 3% of the training set
+LABELLED_FRACTION = 0.01  # so few that the student without a teacher overfits within a third of the step budget
 BATCH = 16  # short_run's batch size
-TEACHER_RUN = f"distill-alpha{ALPHA:g}"  # the student distilled on every token: the demo's draft model
 
 
 @dataclass
@@ -37,7 +37,8 @@ class StudentPair:
 
 def train_pairs(plan_student: ModelConfig, teacher: Path, shards: Path, runs: Path, steps: int) -> list[StudentPair]:
     """Every token for `steps` steps, and the first LABELLED_FRACTION of them (at least one batch) for `steps` // 3:
-    about ten epochs at the demo's full size, where a student without a teacher starts to overfit."""
+    about 28 epochs at the demo's full size, where the student without a teacher overfits (its training loss ended
+    0.7 nats below its validation loss when this was written)."""
     n_train = len(load_shards(shards).tokens("train"))
     labelled = min(n_train, max(int(n_train * LABELLED_FRACTION), BATCH * (plan_student.max_seq_len + 1)))
     pairs = [StudentPair(f"all {n_train:,} train tokens", steps, {}),
