@@ -134,22 +134,25 @@ def test_demo_quick_writes_a_report_computed_in_the_run(tmp_path: Path) -> None:
     assert all(0 <= num(r["instruction accuracy"]) <= 1 and 0 <= num(r["verifier reward"]) <= 1 for r in rows)
     pairwise = num(re.search(r"pairwise accuracy ([\d.]+%)", post).group(1))
     assert pairwise == pytest.approx(last_logged(out / "post" / "reward", "eval_pairwise_accuracy"), abs=5e-4)
-    # distillation: with and without the teacher on every token and on few labels, each pair's paired test
+    # distillation: with and without the teacher on every token and on few labels (two temperatures), paired tests
     distill_body = section(report, "Distillation")
     distilled = table(distill_body)
     steps = plan.post_steps["distill"]
-    assert [(num(r["steps"]), r["student"].split()[0]) for r in distilled] == [
-        (steps, "with"), (steps, "without"), (steps // 3, "with"), (steps // 3, "without")]
+    assert [(num(r["steps"]), r["student"].split(" (")[0], r["student"].split()[-1]) for r in distilled] == [
+        (steps, "with the teacher", "2)"), (steps, "without", "0)"), (steps // 3, "with the teacher", "2)"),
+        (steps // 3, "with the teacher", "1)"), (steps // 3, "without", "0)")]
     val = torch.from_numpy(load_shards(out / "data" / "shards").tokens("val").astype("int64"))
-    for row, run in zip(distilled, ("distill-alpha0.5", "distill-alpha0", "distill-few-alpha0.5", "distill-few-alpha0"),
-                        strict=True):
+    runs = ("distill-alpha0.5", "distill-alpha0", "distill-few-alpha0.5", "distill-few-alpha0.5-t1",
+            "distill-few-alpha0")
+    for row, run in zip(distilled, runs, strict=True):
         assert num(row["validation perplexity"]) == pytest.approx(math.exp(num(row["validation loss"])), rel=1e-3)
         losses = window_losses(out / "post" / run, val, plan.decoder.max_seq_len)
         assert num(row["validation loss"]) == pytest.approx(sum(losses) / len(losses), abs=6e-5)
-    for row in distilled[::2]:
+    for row in (r for r in distilled if r["student"].startswith("with ")):
         p_value = float(re.search(r"p = ([\d.e-]+)", row["with - without [95% CI]"]).group(1))
-        assert (p_value >= 0.05) == (f"On {row['labels']}, the teacher's effect on the validation loss is within "
-                                     "noise" in distill_body)
+        setting = f"On {row['labels']}, at temperature {row['student'].split()[-1][:-1]}"
+        assert (p_value >= 0.05) == (f"{setting}, the teacher's effect on the validation loss is within noise"
+                                     in distill_body)
     dpo_section = section(report, "DPO: plain vs")
     n_eval = plan.instruct_examples[2]
     dpo_rows = {r["model"]: r for r in table(dpo_section)}

@@ -67,7 +67,7 @@ def run(plan: DemoPlan, data: DemoData, pretrained: Path, out_dir: Path, report_
                 "mean reward per round", curves)
 
     student = ModelConfig(**{**plan.decoder.model_dump(), **plan.student})
-    students = distill_study.train_pairs(student, pretrained, data.shards_dir, runs, steps["distill"])
+    students = distill_study.train_students(student, pretrained, data.shards_dir, runs, steps["distill"])
     n_sft, n_pref, n_eval = plan.instruct_examples
     return StageResult([
         Section("Post-training: SFT, reward model, DPO, PPO, GRPO", "\n".join([
@@ -84,5 +84,5 @@ def run(plan: DemoPlan, data: DemoData, pretrained: Path, out_dir: Path, report_
         ]), images=["rl_reward.png"] if curves else []),
         dpo_study.section(scores["SFT"], dpo_runs, dpo_scores, steps["dpo"], report_dir),
         distill_study.section(students, data.shards_dir, student),
-    ], students[0].runs["teacher"], {**models, "distilled student": students[0].runs["teacher"]})
+    ], students[0].distilled, {**models, "distilled student": students[0].distilled})
 
