@@ -10,14 +10,17 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 import lmforge
 import lmforge.demo
 from cli_checks import error_line, snapshot
 from lmforge.cli import main
+from lmforge.data.shards import load_shards
 from lmforge.data.synthetic import EVAL_SETS
-from lmforge.demo import demo_plan, dpo_study
+from lmforge.demo import demo_plan, dpo_study, rlaif
 from lmforge.demo.decoder import pretrain_config
+from lmforge.demo.distill_study import window_losses
 from lmforge.demo.evaluation import CHOICE_TASK, GENERATE_TASK
 from lmforge.demo.inference import PROMPTS
 from lmforge.demo.peft import METHODS
@@ -39,7 +42,7 @@ SECTIONS = ("Pretraining (decoder, causal LM)", "Held-out task accuracy", "Sampl
             "Distillation",
             "Decode speed against transformers", "Decode speed: KV cache vs none", "Weight-only quantisation",
             "Speculative decoding", "Held-out perplexity of every checkpoint", "Task evaluation: base vs SFT",
-            "lm-evaluation-harness cross-check", "Serving", "Parameter-efficient fine-tuning",
+            "lm-evaluation-harness cross-check", "LLM judge (RLAIF)", "Serving", "Parameter-efficient fine-tuning",
             "Encoder and encoder-decoder pretraining", "Fine-tuning: MLM-pretrained encoder",
             "Position encodings past the training length")
 
@@ -131,10 +134,25 @@ def test_demo_quick_writes_a_report_computed_in_the_run(tmp_path: Path) -> None:
     assert all(0 <= num(r["instruction accuracy"]) <= 1 and 0 <= num(r["verifier reward"]) <= 1 for r in rows)
     pairwise = num(re.search(r"pairwise accuracy ([\d.]+%)", post).group(1))
     assert pairwise == pytest.approx(last_logged(out / "post" / "reward", "eval_pairwise_accuracy"), abs=5e-4)
-    distilled = table(section(report, "Distillation"))
-    assert len(distilled) == 2 and all(
-        num(r["validation perplexity"]) == pytest.approx(math.exp(num(r["validation loss"])), rel=1e-3)
-        for r in distilled)
+    # distillation: with and without the teacher on every token and on few labels (two temperatures), paired tests
+    distill_body = section(report, "Distillation")
+    distilled = table(distill_body)
+    steps = plan.post_steps["distill"]
+    assert [(num(r["steps"]), r["student"].split(" (")[0], r["student"].split()[-1]) for r in distilled] == [
+        (steps, "with the teacher", "2)"), (steps, "without", "0)"), (steps // 3, "with the teacher", "2)"),
+        (steps // 3, "with the teacher", "1)"), (steps // 3, "without", "0)")]
+    val = torch.from_numpy(load_shards(out / "data" / "shards").tokens("val").astype("int64"))
+    runs = ("distill-alpha0.5", "distill-alpha0", "distill-few-alpha0.5", "distill-few-alpha0.5-t1",
+            "distill-few-alpha0")
+    for row, run in zip(distilled, runs, strict=True):
+        assert num(row["validation perplexity"]) == pytest.approx(math.exp(num(row["validation loss"])), rel=1e-3)
+        losses = window_losses(out / "post" / run, val, plan.decoder.max_seq_len)
+        assert num(row["validation loss"]) == pytest.approx(sum(losses) / len(losses), abs=6e-5)
+    for row in (r for r in distilled if r["student"].startswith("with ")):
+        p_value = float(re.search(r"p = ([\d.e-]+)", row["with - without [95% CI]"]).group(1))
+        setting = f"On {row['labels']}, at temperature {row['student'].split()[-1][:-1]}"
+        assert (p_value >= 0.05) == (f"{setting}, the teacher's effect on the validation loss is within noise"
+                                     in distill_body)
     dpo_section = section(report, "DPO: plain vs")
     n_eval = plan.instruct_examples[2]
     dpo_rows = {r["model"]: r for r in table(dpo_section)}
@@ -223,6 +241,29 @@ def test_demo_quick_writes_a_report_computed_in_the_run(tmp_path: Path) -> None:
     assert "They agree: the same choice on all" in harness_body
     if re.search(r"; 0 item-metrics on a near-tie", harness_body):
         assert all(r[columns[0]] == r[columns[1]] for r in harness.values())
+
+    # the LLM judge: its agreement from the labelled pairs it wrote, and DPO on its labels against the verifier's
+    judge_body = section(report, "LLM judge (RLAIF)")
+    labelled = [json.loads(line) for line in (out / "evaluation" / "judge" / "labelled.jsonl").read_text().splitlines()]
+    agreed = sum(p["label"] == p["meta"]["better"] for p in labelled)
+    overall = table(judge_body)[0]
+    assert (num(overall["pairs"]), num(overall["agreed with the verifier"])) == (len(labelled), agreed)
+    assert re.findall(r"[\d.]+%", overall["agreement [95% CI]"])[1:] == [
+        f"{x:.1%}" for x in wilson_interval(agreed, len(labelled))]
+    assert ("no better than chance" in judge_body) == (
+        not any(p["label"] != "tie" for p in labelled)
+        or wilson_interval(agreed, sum(p["label"] != "tie" for p in labelled))[0] <= 0.5)
+    if "no judge-labelled DPO" not in judge_body:
+        judged = {r["model"]: r for r in table(judge_body, 1)}
+        assert list(judged) == list(rlaif.LABELS.values())
+        for row in judged.values():
+            accuracy, low, high = (num(x) for x in re.findall(r"[\d.]+%", row["instruction accuracy [95% CI]"]))
+            assert (low, high) == pytest.approx(wilson_interval(round(accuracy * n_eval), n_eval), abs=5e-4)
+            float(row["KL from SFT"])
+        p_value = float(re.search(r"p = ([\d.e-]+)", judge_body.split(rlaif.LABELS["judge"] + " against")[1]).group(1))
+        assert (p_value >= 0.05) == ("within noise" in judge_body)
+        for key in ("judge", "verifier"):
+            assert lmforge.load(out / "evaluation" / "judge" / f"dpo-{key}")[0].cfg.arch == "decoder"
 
     # serving: a row per server and concurrency level, then sequential generation, and the sentence they call for
     serve_body = section(report, "Serving")

@@ -153,3 +153,44 @@ def test_a_short_distillation_run_lowers_the_students_loss(world: dict[str, Path
     assert result.val_loss is not None and result.val_loss < losses[0] - 2.0
     student, tok = lmforge.load(out)
     assert isinstance(student, DecoderLM) and student.cfg == tiny() and tok.vocab_size == VOCAB
+
+
+def test_alpha_zero_never_runs_the_teacher() -> None:
+    """Labels only: the teacher's logits would be multiplied by 0, so the loss does not compute them."""
+
+    class Unrunnable(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            raise AssertionError("the teacher ran at alpha 0")
+
+    torch.manual_seed(0)
+    student = DecoderLM(tiny(64))
+    ids = torch.randint(0, 64, (2, 9))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    got = distill_loss_fn(Unrunnable(), 2.0, 0.0, vocab_size=64)(student, batch)
+    assert got.mean().item() == pytest.approx(token_cross_entropy(student(batch["input_ids"]), batch["labels"])
+                                              .mean().item(), rel=1e-6)
+
+
+def test_train_tokens_keeps_only_the_first_tokens_of_the_train_split(world: dict[str, Path], tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmforge.data.shards import load_shards
+    from lmforge.train import distill as distill_module
+
+    seen = []
+    monkeypatch.setattr(distill_module, "train", lambda *args, **kw: seen.append(args[2]))  # the batch function
+    cfg = DistillConfig(teacher=str(world["teacher"]), student_model=tiny(), data=DataConfig(dir=str(world["shards"])),
+                        train_tokens=8 * 33 * 2, train=TrainConfig(out_dir=str(tmp_path), batch_size=8, max_steps=1,
+                                                                    device="cpu", progress=False))
+    distill(cfg)
+    first = torch.from_numpy(load_shards(world["shards"]).tokens("train")[:8 * 33 * 2].astype("int64")).view(-1, 33)
+    for step in range(4):  # two batches per epoch: every window is one of the first 16
+        batch = seen[0](step)
+        rows = torch.cat([batch["input_ids"], batch["labels"][:, -1:]], dim=1)
+        assert all(any(torch.equal(row, window) for window in first) for row in rows)
+    total = len(load_shards(world["shards"]).tokens("train"))
+    with pytest.raises(ConfigError, match=f"train_tokens={total + 1} exceeds the {total} tokens"):
+        distill(cfg.model_copy(update={"train_tokens": total + 1}))

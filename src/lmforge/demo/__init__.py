@@ -2,13 +2,13 @@
 
 world -> tokenizer -> token shards and instruction data, then one module per stage, each returning its report
 sections: `decoder` (GPT pretraining, task accuracy, samples), `alignment` (SFT, reward model, DPO, PPO, GRPO,
-distillation), `inference` (quantisation, speculative decoding), `evaluation` (held-out perplexity of every
-checkpoint, base vs SFT on a task file, the lm-eval cross-check), `serving` (lmforge serve under load), `peft`
-(every PEFT method vs full fine-tuning), `families` (BERT masked-LM and T5 span-corruption pretraining, and
-pretrained-vs-scratch fine-tuning), `positions` (the positional-encoding study). A stage that later stages build on
-also returns its checkpoint, and by name the checkpoints to evaluate (`StageResult`); `run_demo` hands them on, so
-no stage knows where another writes. Every budget is a step count, so a run takes the same steps on any machine, and
-every number in the report is computed by this run.
+distillation with plenty and few labels), `inference` (quantisation, speculative decoding), `evaluation` (held-out
+perplexity of every checkpoint, base vs SFT on a task file, the lm-eval cross-check, the LLM judge), `serving`
+(lmforge serve under load), `peft` (every PEFT method vs full fine-tuning), `families` (BERT masked-LM and T5 span-
+corruption pretraining, and pretrained-vs-scratch fine-tuning), `positions` (the positional-encoding study). A stage
+that later stages build on also returns its checkpoint, and by name the checkpoints to evaluate (`StageResult`);
+`run_demo` hands them on, so no stage knows where another writes. Every budget is a step count, so a run takes the
+same steps on any machine, and every number in the report is computed by this run.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ class DemoPlan:
     peft_eval: int = 50  # held-out instructions scoring each PEFT method
     speculative_tokens: int = 64
     eval_items: tuple[int, int] = (40, 100)  # evaluation stage: documents per held-out set (perplexity), items per task
+    # the LLM judge: judging transcripts, held-out pairs, its SFT steps and batch, and each DPO run's steps
+    judge: dict[str, int] = field(default_factory=lambda: dict(train=640, pairs=200, steps=40, batch=16, dpo_steps=16))
     samples: tuple[str, ...] = ("Question: What is the capital of", "One morning,", "Question: A coin is heads up.")
     serve_servers: tuple[str, ...] = ("lmforge", "transformers", "transformers-cb")  # `lmforge.serve.load_test.SERVERS`
     serve_clients: tuple[int, ...] = (1, 8)
@@ -75,6 +77,7 @@ def demo_plan(quick: bool) -> DemoPlan:
             family_steps=20, finetune_steps=20, task_examples=(100, 40), position_steps=10,
             position_model=dict(n_layer=1, n_head=2, d_model=32), position_len=32,
             instruct_examples=(100, 40, 8), peft_eval=4, eval_items=(4, 8),
+            judge=dict(train=32, pairs=16, steps=4, batch=8, dpo_steps=2),
             post_steps=dict(sft=20, reward=10, dpo=10, rl=3, distill=10, peft=6),
             rl_prompts=4, student=dict(n_layer=1, n_head=2, d_model=32),
             serve_servers=("lmforge",), serve_clients=(1, 4), serve_requests=1, serve_tokens=8)
@@ -152,7 +155,8 @@ def run_demo(out_dir: Path, report_dir: Path, quick: bool = False, precision: st
     timer.start("inference: quantisation, speculative decoding (the distilled student drafts)")
     inferred = inference.run(plan, data, pretrained.checkpoint, aligned.checkpoint, out_dir, report_dir)
     sections = [*pretrained.sections, *aligned.sections, *inferred.sections]
-    timer.start("evaluation: held-out perplexity of every checkpoint, base vs SFT on tasks, lm-eval cross-check")
+    timer.start("evaluation: held-out perplexity of every checkpoint, base vs SFT on tasks, lm-eval cross-check, "
+                "the LLM judge and DPO on its labels")
     checkpoints = {"base (pretrained)": pretrained.checkpoint, **aligned.checkpoints, **inferred.checkpoints}
     sections += evaluation.run(plan, data, checkpoints, pretrained.checkpoint, aligned.checkpoints["SFT"], out_dir)
     timer.start("serving: lmforge serve (and transformers serve) under concurrent clients")

@@ -1,22 +1,21 @@
 """Demo stage: post-training. SFT from the pretrained decoder, then a reward model, DPO, PPO and GRPO
 from the SFT model, each scored on the same held-out instructions; and distillation of the pretrained
-decoder into a smaller student, against the same student trained without a teacher."""
+decoder into a smaller student, against the same student trained without a teacher, with plenty and with few labels
+(`distill_study`)."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import lmforge
-from lmforge.config import DataConfig, ModelConfig
+from lmforge.config import ModelConfig
 from lmforge.data.chat import get_chat_template
 from lmforge.data.sft import read_prompts
-from lmforge.demo import StageResult, dpo_study
+from lmforge.demo import StageResult, distill_study, dpo_study
 from lmforge.demo.training import short_run
 from lmforge.eval.instruct import instruct_scores
 from lmforge.eval.report import Section, markdown_table, metric_series, plot_series
-from lmforge.train.distill import DistillConfig, distill
 from lmforge.train.reward import RewardConfig, train_reward_model
 from lmforge.train.rl import GRPOConfig, PPOConfig, train_grpo, train_ppo
 from lmforge.train.sft import SFTConfig, sft
@@ -26,7 +25,7 @@ if TYPE_CHECKING:
 
 
 def run(plan: DemoPlan, data: DemoData, pretrained: Path, out_dir: Path, report_dir: Path) -> StageResult:
-    """Sections for post-training and distillation; the checkpoint is the distilled student (alpha 0.5)."""
+    """Sections for post-training and distillation; the checkpoint is the student distilled on every train token."""
     files = data.instructions
     steps = plan.post_steps
     runs = out_dir / "post"
@@ -67,7 +66,8 @@ def run(plan: DemoPlan, data: DemoData, pretrained: Path, out_dir: Path, report_
     plot_series(report_dir / "rl_reward.png", "verifier reward of the rollouts", "optimizer step",
                 "mean reward per round", curves)
 
-    distilled = _distill_pair(plan, data, pretrained, runs)
+    student = ModelConfig(**{**plan.decoder.model_dump(), **plan.student})
+    students = distill_study.train_students(student, pretrained, data.shards_dir, runs, steps["distill"])
     n_sft, n_pref, n_eval = plan.instruct_examples
     return StageResult([
         Section("Post-training: SFT, reward model, DPO, PPO, GRPO", "\n".join([
@@ -83,24 +83,6 @@ def run(plan: DemoPlan, data: DemoData, pretrained: Path, out_dir: Path, report_
             f"{dpo_metrics['reward_accuracy']:.1%}, margin {dpo_metrics['reward_margin']:.3f}.",
         ]), images=["rl_reward.png"] if curves else []),
         dpo_study.section(scores["SFT"], dpo_runs, dpo_scores, steps["dpo"], report_dir),
-        Section("Distillation", "\n".join([
-            f"A {distilled['student']} student trained {plan.post_steps['distill']} steps on the same shards, with "
-            f"the pretrained decoder as teacher (soft targets at temperature 2, alpha 0.5) and without it "
-            "(alpha 0: labels only, everything else identical).", "",
-            markdown_table(["student", "validation loss", "validation perplexity"], distilled["rows"]),
-        ])),
-    ], distilled["checkpoint"], {**models, "distilled student": distilled["checkpoint"]})
+        distill_study.section(students, data.shards_dir, student),
+    ], students[0].distilled, {**models, "distilled student": students[0].distilled})
 
-
-def _distill_pair(plan: DemoPlan, data: DemoData, teacher: Path, runs: Path) -> dict:
-    """The student distilled from `teacher` (its run dir is the checkpoint) and the same student without one."""
-    student = ModelConfig(**{**plan.decoder.model_dump(), **plan.student})
-    rows = []
-    for name, alpha in (("with the teacher (alpha 0.5)", 0.5), ("without a teacher (alpha 0)", 0.0)):
-        run_dir = runs / f"distill-alpha{alpha:g}"
-        result = distill(DistillConfig(teacher=str(teacher), student_model=student, alpha=alpha,
-                                       temperature=2.0, data=DataConfig(dir=str(data.shards_dir)),
-                                       train=short_run(run_dir, plan.post_steps["distill"], 3e-3, eval_batches=8)))
-        rows.append((name, f"{result.val_loss:.4f}", f"{math.exp(result.val_loss):.2f}"))
-    return {"rows": rows, "student": f"{student.n_layer}-layer, d_model {student.d_model}",
-            "checkpoint": runs / "distill-alpha0.5"}

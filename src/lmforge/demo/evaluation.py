@@ -7,6 +7,8 @@
   against SFT on the same items, each accuracy with its Wilson interval and each difference with McNemar's test.
 - The lm-eval cross-check: the multiple-choice items as a local lm-evaluation-harness task, through lmforge's adapter
   and through lm-eval's own `hf` model on the base model's Hugging Face export.
+- The LLM judge (`rlaif`): the SFT model tuned into a judge, its agreement with the verifier, and DPO on its labels
+  against DPO on the verifier's.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import yaml
 
 import lmforge
 from lmforge.data.synthetic import EVAL_SETS, EvalExample, build_world
+from lmforge.demo import rlaif
 from lmforge.demo.verdicts import paired_accuracy_note
 from lmforge.errors import LmforgeError
 from lmforge.eval.perplexity import file_perplexity
@@ -48,13 +51,14 @@ MARGIN = 1e-4  # items whose best two choices are closer than this may rank diff
 def run(plan: DemoPlan, data: DemoData, checkpoints: dict[str, Path], base: Path, tuned: Path,
         out_dir: Path) -> list[Section]:
     """Sections on `checkpoints` (report name -> checkpoint); the task table compares `base` with `tuned` (SFT), the
-    lm-eval cross-check runs on `base`."""
+    lm-eval cross-check runs on `base`, the judge is tuned from `tuned`."""
     work = out_dir / "evaluation"
     per_set, per_task = plan.eval_items
     held_out = write_held_out_text(data, work / "held_out.jsonl", per_set)
     task_file = write_task_file(plan, data, work / "tasks.jsonl", per_task)
     return [perplexity_section(checkpoints, held_out, per_set), task_section(base, tuned, task_file, work),
-            harness_section(base, task_file, work / "lm-eval")]
+            harness_section(base, task_file, work / "lm-eval"),
+            rlaif.section(rlaif.run(plan, data, tuned, work / "judge"))]
 
 
 def held_out_examples(data: DemoData, name: str) -> list[EvalExample]:

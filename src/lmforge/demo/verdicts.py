@@ -100,3 +100,16 @@ def logp_change_note(model: str, chosen_change: float, rejected_change: float) -
 
     return (f"{model} {moved(chosen_change)} the held-out chosen replies' log-prob by {abs(chosen_change):.2f} nats "
             f"and {moved(rejected_change)} the rejected ones' by {abs(rejected_change):.2f}.")
+
+
+def paired_loss_note(setting: str, test: PairedTest, n: int) -> str:
+    """Whether the teacher changed a student's validation loss, from a paired bootstrap of the per-window losses
+    (with minus without the teacher): "within noise" unless p < ALPHA."""
+    low, high = test.detail["ci95"]
+    figures = (f"{test.difference:+.4f} nats per token on {n} windows, 95% interval [{low:+.4f}, {high:+.4f}], "
+               f"p = {test.p_value:.3g}")
+    if not test.significant(ALPHA):
+        return f"{setting}, the teacher's effect on the validation loss is within noise ({figures})."
+    verdict = "helped: it lowered" if test.difference < 0 else "hurt: it raised"
+    return (f"{setting}, the teacher {verdict} the student's validation loss ({figures}; paired bootstrap, "
+            f"alpha {ALPHA:g}).")

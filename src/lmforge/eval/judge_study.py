@@ -1,8 +1,9 @@
 """The LLM-judge study on the synthetic world (RLAIF): fine-tune a judge, score it against the verifier, and write
 the pairs it labelled as DPO data beside the same pairs labelled by the verifier.
 
-The judge is the pretrained decoder fine-tuned (SFT) on judging transcripts from one half of the instructions
-(`lmforge.data.judging`); it labels held-out pairs from the other half, asked in both orders (`lmforge.eval.judge`).
+The judge is a decoder (the demo's: its SFT model) fine-tuned (SFT) on judging transcripts from one half of the
+instructions (`lmforge.data.judging`); it labels held-out pairs from the other half, asked in both orders
+(`lmforge.eval.judge`).
 Agreement with the verifier is reported over all pairs (a tie is not agreement) and over the decisive pairs, each
 with a Wilson 95% interval; the judge is "at chance" when the interval of its decisive agreement reaches 50%.
 """
@@ -56,8 +57,8 @@ class JudgeStudy:
     def sentence(self) -> str:
         """The study in words, with its numbers; says so when the judge is no better than chance."""
         lo, hi = self.interval
-        text = (f"The judge (the pretrained decoder after {self.steps} SFT steps on {self.transcripts} judging "
-                f"transcripts) labelled {self.counts.pairs} held-out pairs, each asked in both orders: it agreed with "
+        text = (f"The judge (fine-tuned {self.steps} SFT steps on {self.transcripts} judging transcripts) "
+                f"labelled {self.counts.pairs} held-out pairs, each asked in both orders: it agreed with "
                 f"the verifier on {self.agreed} ({self.agreement:.1%}, 95% interval {lo:.1%}-{hi:.1%}); "
                 f"{self.counts.ties} were ties ({self.counts.disagreements} where the two orders disagreed, "
                 f"{self.counts.unparseable} with an answer naming neither response).")

@@ -43,6 +43,8 @@ class DistillConfig(StrictModel):
     data: DataConfig = DataConfig()  # shards prepared with the teacher's tokenizer
     temperature: float = Field(2.0, gt=0.0)
     alpha: float = Field(0.5, ge=0.0, le=1.0)  # weight of the soft (teacher) term; 1 - alpha on the hard labels
+    train_tokens: int | None = Field(None, ge=1)  # train on the first N tokens of the train split only (a small
+    # labelled set: Hinton et al. 2015 show soft targets matter most when labels are scarce)
     peft: PeftConfig | None = None  # parameter-efficient training of a student checkpoint
     train: TrainConfig = TrainConfig(out_dir="runs/distill", max_steps=1000, lr=1e-3, min_lr=1e-4)
 
@@ -74,7 +76,7 @@ def distill_loss_fn(teacher: nn.Module, temperature: float, alpha: float, vocab_
 
     def loss(model: nn.Module, batch: Batch) -> LossResult:
         ids = batch["input_ids"]
-        if not model.training:
+        if not model.training or alpha == 0:
             return token_cross_entropy(model(ids)[..., :vocab_size], batch["labels"])
         if next(teacher.parameters()).device != ids.device:
             teacher.to(ids.device)
@@ -129,7 +131,11 @@ def distill(config: DistillConfig, resume: bool = False, accept_config_change: b
         if model.cfg.position == "learned" and seq_len > model.cfg.max_seq_len:
             raise ConfigError(f"train.seq_len={seq_len} exceeds the {name}'s max_seq_len={model.cfg.max_seq_len}")
     shards = load_shards(config.data.dir)
-    batches = PackedBatches(shards.tokens("train"), seq_len, tcfg.batch_size, tcfg.seed)
+    train_tokens = shards.tokens("train")
+    if config.train_tokens is not None and config.train_tokens > len(train_tokens):
+        raise ConfigError(f"train_tokens={config.train_tokens} exceeds the {len(train_tokens)} tokens of the train "
+                          f"split in {config.data.dir}; give at most {len(train_tokens)}, or leave it unset for all")
+    batches = PackedBatches(train_tokens[:config.train_tokens], seq_len, tcfg.batch_size, tcfg.seed)
     return train(student, tcfg, batches.batch, distill_loss_fn(teacher, config.temperature, config.alpha, vocab),
                  run_config=CheckpointManifest.of_run("distill", config, model=student.cfg, peft=config.peft),
                  tokenizer=tokenizer, val_batches=_val_batches(shards.tokens("val"), seq_len, tcfg), resume=resume,
