@@ -48,6 +48,7 @@ from lmforge.eval.commands import (
     tasks_options,
 )
 from lmforge.eval.judge_command import cmd_judge, judge_options
+from lmforge.prompting.commands import cmd_prompt, prompt_options
 from lmforge.rag.command import ask_options, cmd_rag_ask, cmd_rag_index, index_options
 
 
@@ -341,6 +342,15 @@ VERBS: dict[str, tuple[str, str, Callable[[ArgumentParser], None] | None, Callab
     "rag ask": ("answer a question with a decoder from passages retrieved from an index, printing its numbered sources",
                 'lmforge rag ask runs/demo/sft --index runs/faq-index --question "What is the capital of Velmora?" '
                 "--k 3 --mode hybrid", ask_options, cmd_rag_ask),
+    "prompt": ("answer task questions with a prompting method (few/many-shot, chain of thought, zero-shot CoT, "
+               "self-consistency, Auto-CoT): accuracy with its 95% interval, every prompt and completion in a "
+               "transcript",
+               "lmforge prompt runs/demo/sft --method cot --tasks arithmetic.jsonl --shots 4 --selection nearest "
+               "--transcript cot.jsonl\n"
+               "  lmforge prompt runs/demo/sft --method self-consistency --tasks arithmetic.jsonl --k 10 "
+               "--temperature 0.7 --seed 0 --json sc.json\n"
+               "  lmforge prompt runs/demo/pretrain --method many-shot --tasks arithmetic.jsonl --budget 200 --repeat",
+               prompt_options, cmd_prompt),
     "generate": ("generate text from a checkpoint (lmforge or Hugging Face dir)",
                  'lmforge generate runs/demo/pretrain --prompt "The capital of" --temperature 0.8 --top-p 0.9\n'
                  '  lmforge generate runs/sft --chat --prompt "Name a colour."\n'

@@ -6,7 +6,9 @@
 
 Every line may name its `task` (default: its type); the lines of a task are scored together. `pattern` (a
 regular expression; its first group if it has one, else the whole match) extracts the answer from a generation,
-`stop` ends it at any of these strings. A choice's `answer` is the index of the right choice.
+`stop` ends it at any of these strings. A choice's `answer` is the index of the right choice. A generate line may
+carry a `rationale` (its worked steps, before "The answer is X."): `lmforge prompt` shows it in chain-of-thought
+demonstrations.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class TaskItem:
     choices: list[str] = field(default_factory=list)
     pattern: re.Pattern | None = None
     stop: tuple[str, ...] = ()
+    rationale: str = ""  # a generate line's worked steps (optional)
 
 
 def _text(obj: dict, key: str, where: str, kind: str) -> str:
@@ -73,6 +76,8 @@ def _item(obj: dict, where: str) -> TaskItem:
             item.pattern = re.compile(_text(obj, "pattern", where, kind))
         except re.error as e:
             raise DataError(f"{where}: field 'pattern' is not a valid regular expression ({e})") from None
+    if kind == "generate" and "rationale" in obj:
+        item.rationale = _text(obj, "rationale", where, kind)
     if "stop" in obj:
         stop = obj["stop"]
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):

@@ -33,6 +33,22 @@ def _has_hf_template(directory: Path) -> bool:
         return False
 
 
+def recorded_chat_template(source: str, base: str | None = None) -> tuple[str | None, Path]:
+    """(the name of the chat template the model at `source` carries, or None; the dir holding it): the one its
+    lmforge run trained with (config.yaml), or "hf" for a Hugging Face dir with a chat_template."""
+    from lmforge.checkpoint import read_manifest, resolve_checkpoint
+    from lmforge.model.hf import is_hf_dir
+    from lmforge.peft.peft_import import peft_base, read_peft_config
+
+    path = Path(source)
+    if read_peft_config(path) is not None and not _has_hf_template(path):
+        path = peft_base(path, base)
+    if is_hf_dir(path) or read_peft_config(path) is not None:
+        return ("hf" if _has_hf_template(path) else None), path
+    manifest = read_manifest(resolve_checkpoint(path))
+    return manifest.run.get("template"), manifest.base
+
+
 def model_chat_template(source: str, tokenizer: Tokenizer, name: str | None = None,
                         base: str | None = None) -> ChatTemplate:
     """The chat template of the model at `source`: `name` (lmforge, llama2, alpaca, hf) when given, else the one its
@@ -47,18 +63,7 @@ def model_chat_template(source: str, tokenizer: Tokenizer, name: str | None = No
 def optional_chat_template(source: str, tokenizer: Tokenizer, name: str | None = None,
                            base: str | None = None) -> ChatTemplate | None:
     """`model_chat_template`, or None when `name` is None and the model records no template (a plain LM)."""
-    from lmforge.checkpoint import read_manifest, resolve_checkpoint
-    from lmforge.model.hf import is_hf_dir
-    from lmforge.peft.peft_import import peft_base, read_peft_config
-
-    path = Path(source)
-    if read_peft_config(path) is not None and not _has_hf_template(path):
-        path = peft_base(path, base)
-    if is_hf_dir(path) or read_peft_config(path) is not None:
-        recorded, template_dir = ("hf" if _has_hf_template(path) else None), path
-    else:
-        manifest = read_manifest(resolve_checkpoint(path))
-        recorded, template_dir = manifest.run.get("template"), manifest.base
+    recorded, template_dir = recorded_chat_template(source, base)
     if name is None and recorded is None:
         return None
     return get_chat_template(name or recorded, tokenizer, template_dir)
