@@ -12,6 +12,7 @@ questions are answered after in-domain demonstrations, as in the seeds."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,11 @@ def score(model: DecoderLM, tokenizer: Tokenizer, questions: list[Question], con
     return Scored(run, {r.question.example.where: r.correct for r in run.results})
 
 
+def _slug(name: str) -> str:
+    """A transcript's file name from its table row: "self-consistency k=5" -> "self-consistency-k-5"."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
 def _by_set(questions: list[Question]) -> dict[str, list[str]]:
     return {s: [q.example.where for q in questions if q.task.endswith(f"({s})")] for s in SETS}
 
@@ -125,7 +131,7 @@ def chat_section(model: DecoderLM, tokenizer: Tokenizer, chat: ChatTemplate, pro
             TAUGHT: score(model, tokenizer, problems.with_trigger(), PromptingConfig("standard", shots=0), pools,
                           chat, work / "step-by-step.jsonl")}
     for name, config in CHAT_METHODS.items():
-        runs[name] = score(model, tokenizer, qs, config, pools, chat, work / f"{config.method}-{config.k}.jsonl")
+        runs[name] = score(model, tokenizer, qs, config, pools, chat, work / f"{_slug(name)}.jsonl")
     wheres, notes = _by_set(qs), []
     rows = [_row(STANDARD, runs[STANDARD], wheres, None, "", notes)]
     for name in [TAUGHT, *CHAT_METHODS]:
