@@ -281,6 +281,7 @@ def check_paired_rows(body: str, rows: list[dict[str, str]]) -> None:
             assert 0 <= float(r["McNemar p"]) <= 1
     notes = [line for line in body.splitlines() if line.startswith("- ") and "p = " in line]
     assert notes
+    assert "Effects that held" in body or "No comparison here showed an effect" in body
     for line in notes:
         p_value = float(re.search(r"p = ([\d.e-]+);", line).group(1))
         assert ("within noise" in line) == (p_value >= 0.05), line

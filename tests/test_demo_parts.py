@@ -13,7 +13,7 @@ import pytest
 import lmforge.demo
 from lmforge.data.formats import THINK_TRIGGER
 from lmforge.demo import demo_plan
-from lmforge.demo.accuracy import accuracy_cell, compare
+from lmforge.demo.accuracy import accuracy_cell, compare, effects_line
 from lmforge.demo.agents_study import read_arithmetic
 from lmforge.demo.decoder import auto_precision, cpu_flags, pretrain_config
 from lmforge.demo.prompting_study import read_problems
@@ -164,3 +164,7 @@ def test_reasoning_cells_carry_wilson_intervals_and_claims_need_mcnemar() -> Non
     assert found.difference == "+100.0%" and "CoT was more accurate than standard" in found.note
     noise = compare("CoT", "standard", never, [True] + [False] * 9)
     assert float(noise.p_value) >= 0.05 and "within noise" in noise.note
+    line = effects_line([found, noise])
+    held, absent = line.split("Not seen at this scale")
+    assert "CoT against standard" in held and "CoT against standard" in absent
+    assert effects_line([noise]).startswith("No comparison here showed an effect")

@@ -17,7 +17,7 @@ from lmforge.agents.tools import make_tools
 from lmforge.agents.transcript import Transcript, write_transcripts
 from lmforge.data.chat import ChatTemplate
 from lmforge.data.formats import grounded_answer, well_formed_codeact, well_formed_grounded, well_formed_react
-from lmforge.demo.accuracy import accuracy_cell, compare
+from lmforge.demo.accuracy import accuracy_cell, compare, effects_line
 from lmforge.eval.report import Section, markdown_table
 from lmforge.eval.text_metrics import exact_match
 from lmforge.io import atomic_write_jsonl
@@ -80,12 +80,12 @@ def agent_section(model: DecoderLM, tokenizer: Tokenizer, chat: ChatTemplate, pr
     outcomes["direct answer"] = [by_question[q.example.where] for q in asked]
     pairs = [("ReAct, search only (no calculator)", "ReAct, calculator and search"),
              ("direct answer", "CodeAct (sandboxed Python)")]
-    rows, notes = [], []
+    rows, comparisons = [], []
     for baseline, method in pairs:
         versus = compare(method, baseline, outcomes[baseline], outcomes[method])
         rows += [(baseline, *_cells(outcomes[baseline], sets), "", ""),
                  (method, *_cells(outcomes[method], sets), versus.difference, versus.p_value)]
-        notes.append(f"- {versus.note}")
+        comparisons.append(versus)
     stops = {name: sum(t.stop_reason == "answer" for t in ts) for name, ts in runs.items()}
     well_formed = {"react": [well_formed_react(t.assistant_text) for t in runs["ReAct, calculator and search"]],
                    "codeact": [well_formed_codeact(t.assistant_text) for t in runs["CodeAct (sandboxed Python)"]]}
@@ -100,7 +100,8 @@ def agent_section(model: DecoderLM, tokenizer: Tokenizer, chat: ChatTemplate, pr
         f"direct = the question alone, the answer in at most {ANSWER_TOKENS} tokens. Runs that ended with a "
         f"final answer: {', '.join(f'{name} {k}/{len(questions)}' for name, k in stops.items())}.", "",
         markdown_table(["method", "in-domain [95% CI]", "out-of-domain [95% CI]", "all [95% CI]", "difference",
-                        "McNemar p"], rows), "", *notes,
+                        "McNemar p"], rows), "", *(f"- {c.note}" for c in comparisons), "",
+        effects_line(comparisons),
     ])), well_formed
 
 
@@ -134,7 +135,7 @@ def rag_section(model: DecoderLM, tokenizer: Tokenizer, chat: ChatTemplate, inde
         f"Answers of the format-SFT chat model, greedy, at most {ANSWER_TOKENS} tokens, exact match after the "
         f"citation is removed; the RAG answer cited the gold document's passage on {cited} of {len(questions)}.", "",
         markdown_table(["answering", "accuracy [95% CI]", "difference (McNemar)"], rows), "",
-        f"- {versus.note}",
+        f"- {versus.note}", "", effects_line([versus]),
     ])), [well_formed_grounded(a.answer, len(a.passages)) for a in grounded]
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lmforge.data.chat import ChatTemplate
 from lmforge.data.formats import THINK_TRIGGER
-from lmforge.demo.accuracy import accuracy_cell, compare
+from lmforge.demo.accuracy import Comparison, accuracy_cell, compare, effects_line
 from lmforge.eval.report import Section, markdown_table, plot_series
 from lmforge.io import atomic_write_jsonl
 from lmforge.model.decoder import DecoderLM
@@ -108,14 +108,18 @@ def _by_set(questions: list[Question]) -> dict[str, list[str]]:
 
 
 def _row(name: str, scored: Scored, wheres: dict[str, list[str]], baseline: Scored | None, baseline_name: str,
-         notes: list[str]) -> tuple:
+         notes: list[Comparison]) -> tuple:
     everything = [w for s in SETS for w in wheres[s]]
     cells = [accuracy_cell(scored.outcomes(wheres[s])) for s in SETS] + [accuracy_cell(scored.outcomes(everything))]
     if baseline is None:
         return (name, f"{scored.mean_shots:.1f}", *cells, "", "")
     versus = compare(name, baseline_name, baseline.outcomes(everything), scored.outcomes(everything))
-    notes.append(f"- {versus.note}")
+    notes.append(versus)
     return (name, f"{scored.mean_shots:.1f}", *cells, f"{versus.difference} vs {baseline_name}", versus.p_value)
+
+
+def _lines(comparisons: list[Comparison]) -> list[str]:
+    return [*(f"- {c.note}" for c in comparisons), "", effects_line(comparisons)]
 
 
 _HEADER = ["method", "mean shots", "in-domain [95% CI]", "out-of-domain [95% CI]", "all [95% CI]",
@@ -151,7 +155,7 @@ def chat_section(model: DecoderLM, tokenizer: Tokenizer, chat: ChatTemplate, pro
         "format SFT taught; zero-shot CoT instead starts the reply with it and extracts the answer with a "
         "second prompt (Kojima et al.). Accuracy = exact match of the final answer, with Wilson 95% intervals; "
         "each difference by McNemar's exact test on the same items.", "",
-        markdown_table(_HEADER, rows), "", *notes,
+        markdown_table(_HEADER, rows), "", *_lines(notes),
     ])), runs
 
 
@@ -163,7 +167,7 @@ def base_section(base: DecoderLM, chat_model: DecoderLM, tokenizer: Tokenizer, c
                                 work / f"base-{k}-shot.jsonl") for k in SHOT_COUNTS}
     curve["many-shot"] = score(base, tokenizer, qs, PromptingConfig("many-shot"), pools, None,
                                work / "base-many-shot.jsonl")
-    notes: list[str] = []
+    notes: list[Comparison] = []
     zero = curve["0-shot"]
     rows = [_row(name, run, wheres, None if run is zero else zero, "0-shot", notes) for name, run in curve.items()]
     xs = [run.mean_shots for run in curve.values()]
@@ -174,7 +178,7 @@ def base_section(base: DecoderLM, chat_model: DecoderLM, tokenizer: Tokenizer, c
                     "standard", shots=0, repeat=True), pools, None, work / "base-repeat.jsonl")),
                 "format-SFT chat model, standard": (standard, score(chat_model, tokenizer, qs, PromptingConfig(
                     "standard", shots=0, repeat=True), pools, chat, work / "chat-repeat.jsonl"))}
-    repeat_notes: list[str] = []
+    repeat_notes: list[Comparison] = []
     repeat_rows = []
     for name, (off, on) in repeated.items():
         repeat_rows += [_row(f"{name}, once", off, wheres, None, "", repeat_notes),
@@ -185,7 +189,7 @@ def base_section(base: DecoderLM, chat_model: DecoderLM, tokenizer: Tokenizer, c
         "demonstrations asked, then many-shot (as many as fit the context beside the reply); the mean column "
         "says how many fit. Pretraining taught it to answer with worked steps, so the demonstrations also show it "
         "a format that skips them.", "",
-        markdown_table(_HEADER, rows), "", *notes, "",
+        markdown_table(_HEADER, rows), "", *_lines(notes), "",
         "Prompt repetition (seed 000: the question written twice, `<QUERY><QUERY>`) on/off, the same items:", "",
-        markdown_table(_HEADER, repeat_rows), "", *repeat_notes,
+        markdown_table(_HEADER, repeat_rows), "", *_lines(repeat_notes),
     ]), images=["reasoning_shots.png"])
