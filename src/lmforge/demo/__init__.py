@@ -64,7 +64,7 @@ class DemoPlan:
     # reasoning stage: format-SFT conversations and steps, held-out items per set of the format data, and the
     # reasoning problems and arithmetic problems asked per set (in-domain, out-of-domain) of those
     reasoning: dict[str, int] = field(default_factory=lambda: dict(
-        conversations=2000, sft_steps=200, eval=40, reasoning_per_set=10, agent_per_set=20))
+        conversations=1600, sft_steps=200, eval=60, reasoning_per_set=10, agent_per_set=20))
 
 
 def demo_plan(quick: bool) -> DemoPlan:

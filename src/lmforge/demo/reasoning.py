@@ -72,5 +72,9 @@ def formats_section(size: dict[str, int], well_formed: dict[str, list[bool]]) ->
         "of its own: the post-training SFT above never saw these formats. Well-formed = the reply or transcript "
         "has the format's exact shape (`lmforge.data.formats.well_formed_*`), on held-out prompts whose questions "
         "no training text holds (in-domain and out-of-domain together; the prompts of the tables below):", "",
-        markdown_table(["format", "held-out prompts", "well-formed [95% CI]"], rows),
+        markdown_table(["format", "held-out prompts", "well-formed [95% CI]"], rows), "",
+        "Which model each method runs on: plain-text prompting (the shots curve, many-shot, repetition) on the "
+        "pretrained decoder, whose pretraining text is the world's `Question: ... Answer:` format; chat-turn "
+        "prompting (standard, few-shot, CoT, zero-shot CoT, self-consistency, Auto-CoT, repetition), ReAct, CodeAct "
+        "and RAG on this format-SFT chat model, the only one of the run that knows their formats.",
     ]))
