@@ -149,6 +149,9 @@ def test_reasoning_problems_ask_per_set_and_demonstrate_only_in_domain(tmp_path:
     for key, pool in problems.pools.items():
         assert [e.question for e in pool] == [f"{key.split()[0]} in_domain {i}?" for i in range(3)]
     assert all(q.example.question.endswith(THINK_TRIGGER) for q in problems.with_trigger())
+    fitting = read_problems(path, 2, lambda question: not question.endswith(" 0?"))  # too long to ask twice
+    assert [q.example.question for q in fitting.questions][:2] == ["coin in_domain 1?", "coin in_domain 2?"]
+    assert fitting.pools == problems.pools
     arithmetic = tmp_path / "arithmetic.jsonl"
     arithmetic.write_text("".join(json.dumps({"set": s, "question": f"{s} {i}"}) + "\n"
                                   for s in ("in_domain", "ood") for i in range(4)))

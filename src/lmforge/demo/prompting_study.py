@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from lmforge.io import atomic_write_jsonl
 from lmforge.model.decoder import DecoderLM
 from lmforge.prompting.examples import Example
 from lmforge.prompting.methods import PromptingConfig
+from lmforge.prompting.prompt import Prompt, PromptRenderer, repeat_question
 from lmforge.prompting.run import PromptingRun, Question, prompt_model
 from lmforge.tokenizer import Tokenizer
 
@@ -57,16 +58,26 @@ class Problems:
                                          q.example.rationale, q.example.where)) for q in self.questions]
 
 
-def read_problems(path: Path, per_set: int) -> Problems:
+def fits_twice(tokenizer: Tokenizer, chat: ChatTemplate, context: int) -> Callable[[str], bool]:
+    """Whether a question written twice (prompt repetition) fits beside the reply in a `context`-token window, as
+    plain text and as a chat turn: with a small vocabulary the longest problems do not."""
+    renderers = [PromptRenderer(tokenizer), PromptRenderer(tokenizer, chat=chat)]
+    room = context - REASONING_TOKENS
+    return lambda q: all(len(r.render(Prompt((), repeat_question(q))).ids) <= room for r in renderers)
+
+
+def read_problems(path: Path, per_set: int, fits: Callable[[str], bool] = lambda question: True) -> Problems:
+    """The first `per_set` problems of each task and set that `fits` accepts, and the demonstration pools."""
     records = [json.loads(line) for line in path.read_text().splitlines()]
-    questions, pools, taken = [], {}, {}
+    questions, pools, taken, seen = [], {}, {}, {}
     for r in records:
         key = f"{r['task']} ({r['set']})"
-        example = Example(r["question"], r["answer"], r["rationale"], f"{key} #{taken.get(key, 0) + 1}")
+        seen[key] = seen.get(key, 0) + 1
+        example = Example(r["question"], r["answer"], r["rationale"], f"{key} #{seen[key]}")
         if r["set"] == "in_domain":
             for s in SETS:
                 pools.setdefault(f"{r['task']} ({s})", []).append(example)
-        if taken.get(key, 0) < per_set:
+        if taken.get(key, 0) < per_set and fits(r["question"]):
             taken[key] = taken.get(key, 0) + 1
             questions.append(Question(key, example))
     return Problems(questions, pools)

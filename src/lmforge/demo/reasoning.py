@@ -20,7 +20,7 @@ from lmforge.data.format_data import SFT_FILE, write_format_data
 from lmforge.data.formats import well_formed_direct, well_formed_step_by_step
 from lmforge.demo.accuracy import accuracy_cell
 from lmforge.demo.agents_study import agent_section, build_index, rag_section, read_arithmetic
-from lmforge.demo.prompting_study import STANDARD, TAUGHT, base_section, chat_section, read_problems
+from lmforge.demo.prompting_study import STANDARD, TAUGHT, base_section, chat_section, fits_twice, read_problems
 from lmforge.demo.training import short_run
 from lmforge.eval.report import Section, markdown_table
 from lmforge.train.sft import SFTConfig, sft
@@ -43,7 +43,8 @@ def run(plan: DemoPlan, data: DemoData, pretrained: Path, out_dir: Path, report_
     chat_model.eval()
     base.eval()
 
-    problems = read_problems(files["formats_eval_reasoning"], size["reasoning_per_set"])
+    problems = read_problems(files["formats_eval_reasoning"], size["reasoning_per_set"],
+                             fits_twice(tokenizer, chat, plan.decoder.max_seq_len))
     prompting, runs = chat_section(chat_model, tokenizer, chat, problems, work / "prompting")
     shots = base_section(base, chat_model, tokenizer, chat, problems, runs[STANDARD], work / "prompting", report_dir)
     index = build_index(files["rag_docs"])
