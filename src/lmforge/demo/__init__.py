@@ -62,9 +62,10 @@ class DemoPlan:
     serve_requests: int = 2  # streamed completions each client sends
     serve_tokens: int = 32  # max_tokens of each
     # reasoning stage: format-SFT conversations and steps, held-out items per set of the format data, and the
-    # reasoning problems and arithmetic problems asked per set (in-domain, out-of-domain) of those
+    # reasoning problems and arithmetic problems asked per set (in-domain, out-of-domain) of those, and the tokens
+    # each reasoning reply may take
     reasoning: dict[str, int] = field(default_factory=lambda: dict(
-        conversations=1600, sft_steps=200, eval=60, reasoning_per_set=10, agent_per_set=20))
+        conversations=1600, sft_steps=200, eval=60, reasoning_per_set=10, agent_per_set=20, new_tokens=80))
 
 
 def demo_plan(quick: bool) -> DemoPlan:
@@ -83,7 +84,7 @@ def demo_plan(quick: bool) -> DemoPlan:
             post_steps=dict(sft=20, reward=10, dpo=10, rl=3, distill=10, peft=6),
             rl_prompts=4, student=dict(n_layer=1, n_head=2, d_model=32),
             serve_servers=("lmforge",), serve_clients=(1, 4), serve_requests=1, serve_tokens=8,
-            reasoning=dict(conversations=40, sft_steps=4, eval=3, reasoning_per_set=1, agent_per_set=1))
+            reasoning=dict(conversations=40, sft_steps=4, eval=3, reasoning_per_set=1, agent_per_set=1, new_tokens=24))
     return DemoPlan(
         world=WorldConfig(seed=0), vocab_size=1024,
         decoder=ModelConfig(family="gpt2", vocab_size=1024, max_seq_len=256, n_layer=4, n_head=6, d_model=192),

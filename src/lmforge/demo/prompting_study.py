@@ -52,21 +52,23 @@ class Problems:
 
     questions: list[Question]
     pools: dict[str, list[Example]]
+    new_tokens: int = REASONING_TOKENS  # each reply's budget
 
     def with_trigger(self) -> list[Question]:
         return [Question(q.task, Example(f"{q.example.question} {THINK_TRIGGER}", q.example.answer,
                                          q.example.rationale, q.example.where)) for q in self.questions]
 
 
-def fits_twice(tokenizer: Tokenizer, chat: ChatTemplate, context: int) -> Callable[[str], bool]:
-    """Whether a question written twice (prompt repetition) fits beside the reply in a `context`-token window, as
-    plain text and as a chat turn: with a small vocabulary the longest problems do not."""
+def fits_twice(tokenizer: Tokenizer, chat: ChatTemplate, context: int, new_tokens: int) -> Callable[[str], bool]:
+    """Whether a question written twice (prompt repetition) fits beside a reply of `new_tokens` in a `context`-token
+    window, as plain text and as a chat turn: with a small vocabulary the longest problems do not."""
     renderers = [PromptRenderer(tokenizer), PromptRenderer(tokenizer, chat=chat)]
-    room = context - REASONING_TOKENS
+    room = context - new_tokens
     return lambda q: all(len(r.render(Prompt((), repeat_question(q))).ids) <= room for r in renderers)
 
 
-def read_problems(path: Path, per_set: int, fits: Callable[[str], bool] = lambda question: True) -> Problems:
+def read_problems(path: Path, per_set: int, fits: Callable[[str], bool] = lambda question: True,
+                  new_tokens: int = REASONING_TOKENS) -> Problems:
     """The first `per_set` problems of each task and set that `fits` accepts, and the demonstration pools."""
     records = [json.loads(line) for line in path.read_text().splitlines()]
     questions, pools, taken, seen = [], {}, {}, {}
@@ -80,7 +82,7 @@ def read_problems(path: Path, per_set: int, fits: Callable[[str], bool] = lambda
         if taken.get(key, 0) < per_set and fits(r["question"]):
             taken[key] = taken.get(key, 0) + 1
             questions.append(Question(key, example))
-    return Problems(questions, pools)
+    return Problems(questions, pools, new_tokens)
 
 
 @dataclass
@@ -102,9 +104,9 @@ class Scored:
 
 
 def score(model: DecoderLM, tokenizer: Tokenizer, questions: list[Question], config: PromptingConfig,
-          pools: dict[str, list[Example]], chat: ChatTemplate | None, transcript: Path) -> Scored:
-    config = PromptingConfig(**{**vars(config), "max_new_tokens": REASONING_TOKENS})
-    run = prompt_model(model, tokenizer, questions, config, chat=chat, pools=pools)
+          problems: Problems, chat: ChatTemplate | None, transcript: Path) -> Scored:
+    config = PromptingConfig(**{**vars(config), "max_new_tokens": problems.new_tokens})
+    run = prompt_model(model, tokenizer, questions, config, chat=chat, pools=problems.pools)
     atomic_write_jsonl(transcript, run.transcript())
     return Scored(run, {r.question.example.where: r.correct for r in run.results})
 
@@ -140,13 +142,13 @@ _HEADER = ["method", "mean shots", "in-domain [95% CI]", "out-of-domain [95% CI]
 def chat_section(model: DecoderLM, tokenizer: Tokenizer, chat: ChatTemplate, problems: Problems,
                  work: Path) -> tuple[Section, dict[str, Scored]]:
     """The prompting table on the format-SFT chat model; also returns the runs the well-formed shares read."""
-    qs, pools = problems.questions, problems.pools
-    runs = {STANDARD: score(model, tokenizer, qs, PromptingConfig("standard", shots=0), pools, chat,
+    qs = problems.questions
+    runs = {STANDARD: score(model, tokenizer, qs, PromptingConfig("standard", shots=0), problems, chat,
                             work / "standard.jsonl"),
-            TAUGHT: score(model, tokenizer, problems.with_trigger(), PromptingConfig("standard", shots=0), pools,
+            TAUGHT: score(model, tokenizer, problems.with_trigger(), PromptingConfig("standard", shots=0), problems,
                           chat, work / "step-by-step.jsonl")}
     for name, config in CHAT_METHODS.items():
-        runs[name] = score(model, tokenizer, qs, config, pools, chat, work / f"{_slug(name)}.jsonl")
+        runs[name] = score(model, tokenizer, qs, config, problems, chat, work / f"{_slug(name)}.jsonl")
     wheres, notes = _by_set(qs), []
     rows = [_row(STANDARD, runs[STANDARD], wheres, None, "", notes)]
     for name in [TAUGHT, *CHAT_METHODS]:
@@ -173,10 +175,10 @@ def chat_section(model: DecoderLM, tokenizer: Tokenizer, chat: ChatTemplate, pro
 def base_section(base: DecoderLM, chat_model: DecoderLM, tokenizer: Tokenizer, chat: ChatTemplate,
                  problems: Problems, standard: Scored, work: Path, report_dir: Path) -> Section:
     """Accuracy against the number of shots on the pretrained decoder (plain text); prompt repetition on both."""
-    qs, pools, wheres = problems.questions, problems.pools, _by_set(problems.questions)
-    curve = {f"{k}-shot": score(base, tokenizer, qs, PromptingConfig("standard", shots=k), pools, None,
+    qs, wheres = problems.questions, _by_set(problems.questions)
+    curve = {f"{k}-shot": score(base, tokenizer, qs, PromptingConfig("standard", shots=k), problems, None,
                                 work / f"base-{k}-shot.jsonl") for k in SHOT_COUNTS}
-    curve["many-shot"] = score(base, tokenizer, qs, PromptingConfig("many-shot"), pools, None,
+    curve["many-shot"] = score(base, tokenizer, qs, PromptingConfig("many-shot"), problems, None,
                                work / "base-many-shot.jsonl")
     notes: list[Comparison] = []
     zero = curve["0-shot"]
@@ -186,9 +188,9 @@ def base_section(base: DecoderLM, chat_model: DecoderLM, tokenizer: Tokenizer, c
     plot_series(report_dir / "reasoning_shots.png", "pretrained decoder: accuracy against shots",
                 "demonstrations in the prompt (mean)", "exact-match accuracy", series)
     repeated = {"pretrained decoder, 0-shot": (zero, score(base, tokenizer, qs, PromptingConfig(
-                    "standard", shots=0, repeat=True), pools, None, work / "base-repeat.jsonl")),
+                    "standard", shots=0, repeat=True), problems, None, work / "base-repeat.jsonl")),
                 "format-SFT chat model, standard": (standard, score(chat_model, tokenizer, qs, PromptingConfig(
-                    "standard", shots=0, repeat=True), pools, chat, work / "chat-repeat.jsonl"))}
+                    "standard", shots=0, repeat=True), problems, chat, work / "chat-repeat.jsonl"))}
     repeat_notes: list[Comparison] = []
     repeat_rows = []
     for name, (off, on) in repeated.items():

@@ -44,7 +44,8 @@ def run(plan: DemoPlan, data: DemoData, pretrained: Path, out_dir: Path, report_
     base.eval()
 
     problems = read_problems(files["formats_eval_reasoning"], size["reasoning_per_set"],
-                             fits_twice(tokenizer, chat, plan.decoder.max_seq_len))
+                             fits_twice(tokenizer, chat, plan.decoder.max_seq_len, size["new_tokens"]),
+                             size["new_tokens"])
     prompting, runs = chat_section(chat_model, tokenizer, chat, problems, work / "prompting")
     shots = base_section(base, chat_model, tokenizer, chat, problems, runs[STANDARD], work / "prompting", report_dir)
     index = build_index(files["rag_docs"])
