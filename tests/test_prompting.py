@@ -226,7 +226,7 @@ def test_auto_cot_takes_per_cluster_the_question_nearest_the_centre_that_passes_
                "trains one": [0.1, 0.95], "trains two": [0.3, 0.8], "trains three": [0.0, 1.0]}
     rationales = {"apples one": "A. B. C. D. E. F. The answer is 1.",  # 6 steps: turned down
                   "apples two": "A. B. The answer is 2.", "trains one": "No answer here.",
-                  "trains two": "T. The answer is 5.", "trains three": "U. The answer is 3."}
+                  "trains two": "T. The answer is 5.", "trains three": "U. The answer is 3. The answer is 4. More."}
     asked: list[list[str]] = []
 
     def write(questions: list[str]) -> list[str]:
@@ -235,7 +235,8 @@ def test_auto_cot_takes_per_cluster_the_question_nearest_the_centre_that_passes_
 
     result = auto_cot_demos(list(vectors), 2, write, lambda text: len(text.split()),
                             lambda texts: torch.tensor([vectors[t] for t in texts]))
-    assert sorted((d.question, d.answer) for d in result.demos) == [("apples two", "2"), ("trains three", "3")]
+    assert sorted((d.question, d.rationale) for d in result.demos) == [
+        ("apples two", "A. B. The answer is 2."), ("trains three", "U. The answer is 3.")]  # cut after its answer
     reasons = {r["question"]: r["reason"] for r in result.rejected}
     assert reasons == {long_question: "70 tokens, more than 60", "apples one": "6 reasoning steps, more than 5",
                        "trains one": "the rationale gives no answer"}

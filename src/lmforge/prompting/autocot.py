@@ -20,10 +20,15 @@ MAX_STEPS = 5
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
+def _steps_text(rationale: str) -> str:
+    """The rationale before its first "The answer is"."""
+    cut = re.search(r"the answer is", rationale, re.IGNORECASE)
+    return (rationale[:cut.start()] if cut else rationale).strip()
+
+
 def reasoning_steps(rationale: str) -> int:
     """The sentences of a rationale before its "The answer is" sentence: its reasoning steps."""
-    cut = re.search(r"the answer is", rationale, re.IGNORECASE)
-    body = (rationale[:cut.start()] if cut else rationale).strip()
+    body = _steps_text(rationale)
     return len([s for s in _SENTENCE_END.split(body) if s.strip()]) if body else 0
 
 
@@ -31,7 +36,7 @@ def reasoning_steps(rationale: str) -> int:
 class AutoCotDemo:
     cluster: int
     question: str
-    rationale: str  # the zero-shot CoT completion, its answer sentence included
+    rationale: str  # the zero-shot CoT completion up to its first answer: steps, then "The answer is X."
     answer: str
 
 
@@ -80,7 +85,8 @@ def auto_cot_demos(questions: Sequence[str], n_clusters: int, rationales: Callab
                 rejected.append({"cluster": c, "question": unique[i], "rationale": rationale,
                                  "reason": f"{steps} reasoning steps, more than {max_steps}"})
             else:
-                chosen[c] = AutoCotDemo(c, unique[i], rationale, answer)
+                worked = f"{_steps_text(rationale)} The answer is {answer}.".lstrip()  # what follows is dropped
+                chosen[c] = AutoCotDemo(c, unique[i], worked, answer)
     return AutoCotResult([chosen[c] for c in sorted(chosen)], rejected)
 
 
