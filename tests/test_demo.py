@@ -16,6 +16,7 @@ import lmforge
 import lmforge.demo
 from cli_checks import error_line, snapshot
 from lmforge.cli import main
+from lmforge.data.formats import grounded_answer
 from lmforge.data.shards import load_shards
 from lmforge.data.synthetic import EVAL_SETS
 from lmforge.demo import demo_plan, dpo_study, rlaif
@@ -34,6 +35,7 @@ from lmforge.demo.verdicts import (
 )
 from lmforge.eval.report import metric_series
 from lmforge.eval.stats import mcnemar_exact, wilson_interval
+from lmforge.eval.text_metrics import exact_match
 from lmforge.infer.generate import SamplingConfig, generate_ids
 from lmforge.train.pretrain import pretrain
 from near_ties import MIN_MARGIN, greedy_logits, top2_margin
@@ -44,7 +46,9 @@ SECTIONS = ("Pretraining (decoder, causal LM)", "Held-out task accuracy", "Sampl
             "Speculative decoding", "Held-out perplexity of every checkpoint", "Task evaluation: base vs SFT",
             "lm-evaluation-harness cross-check", "LLM judge (RLAIF)", "Serving", "Parameter-efficient fine-tuning",
             "Encoder and encoder-decoder pretraining", "Fine-tuning: MLM-pretrained encoder",
-            "Position encodings past the training length")
+            "Position encodings past the training length", "Reasoning formats taught by SFT",
+            "Prompting methods on the format-SFT chat model", "Shots and prompt repetition",
+            "Agents: ReAct and CodeAct", "Retrieval-augmented generation on facts never trained on")
 
 
 def near_ties(out: Path, n_prompts: int) -> int:
@@ -105,7 +109,7 @@ def test_demo_quick_writes_a_report_computed_in_the_run(tmp_path: Path) -> None:
     for start in SECTIONS:
         assert section(report, start).strip()
     for name in ("pretrain_loss.png", "families_loss.png", "position_study.png", "lora_vs_pissa.png",
-                 "kv_cache_scaling.png", "dpo_logps.png"):
+                 "kv_cache_scaling.png", "dpo_logps.png", "reasoning_shots.png"):
         png = report_dir / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
         assert f"]({name})" in text
@@ -297,8 +301,85 @@ def test_demo_quick_writes_a_report_computed_in_the_run(tmp_path: Path) -> None:
     assert (num(row["from scratch"]), num(row["MLM-pretrained"])) == pytest.approx((scratch, tuned), abs=5e-4)
     assert pretraining_note("sentiment of reviews", "accuracy", scratch, tuned) in tuning_body
 
+    check_reasoning(report, out / "reasoning", plan)
+
     model, tokenizer = lmforge.load(out / "pretrain")
     assert tokenizer is not None and model.cfg.vocab_size >= tokenizer.vocab_size
+
+
+def accuracy_and_interval(cell: str) -> tuple[float, float, float]:
+    accuracy, low, high = (num(x) for x in re.findall(r"[\d.]+%", cell))
+    assert low <= accuracy <= high
+    return accuracy, low, high
+
+
+def check_paired_rows(body: str, rows: list[dict[str, str]]) -> None:
+    """Every accuracy has its interval, every p is a probability, and a sentence claims an effect only when p < 0.05."""
+    for r in rows:
+        for column in (c for c in r if "[95% CI]" in c):
+            accuracy_and_interval(r[column])
+        if r["McNemar p"]:
+            assert 0 <= float(r["McNemar p"]) <= 1
+    notes = [line for line in body.splitlines() if line.startswith("- ") and "p = " in line]
+    assert notes
+    assert "Effects that held" in body or "No comparison here showed an effect" in body
+    for line in notes:
+        p_value = float(re.search(r"p = ([\d.e-]+);", line).group(1))
+        assert ("within noise" in line) == (p_value >= 0.05), line
+
+
+def check_reasoning(report: dict[str, str], work: Path, plan) -> None:
+    """The reasoning stage: well-formed shares, the prompting table from its transcripts, the shots curve, agents
+    and RAG, each accuracy with its Wilson interval and each comparison with McNemar's test."""
+    size = plan.reasoning
+    standard = [json.loads(line) for line in (work / "prompting" / "standard.jsonl").read_text().splitlines()]
+    n_reasoning, n_arithmetic = len(standard), 2 * size["agent_per_set"]  # problems too long to repeat are not asked
+    assert 0 < n_reasoning <= 6 * size["reasoning_per_set"]
+    formats = table(section(report, "Reasoning formats taught by SFT"))
+    assert [int(r["held-out prompts"]) for r in formats] == [n_reasoning] * 2 + [n_arithmetic] * 2 + [size["eval"]]
+    for r in formats:
+        accuracy, low, high = accuracy_and_interval(r["well-formed [95% CI]"])
+        n = int(r["held-out prompts"])
+        assert (low, high) == pytest.approx(wilson_interval(round(accuracy * n), n), abs=5e-4)
+    assert metric_series(work / "format-sft" / "metrics.jsonl", "loss")[0][-1] == size["sft_steps"]
+
+    prompting_body = section(report, "Prompting methods")
+    prompting = table(prompting_body)
+    assert [r["method"] for r in prompting][:4] == ["standard (zero-shot, direct)",
+                                                    "step-by-step instruction (as the format SFT taught)",
+                                                    "few-shot (direct demonstrations)", "CoT (worked demonstrations)"]
+    assert {"zero-shot CoT", "self-consistency k=5", "self-consistency k=10", "Auto-CoT"} <= {r["method"]
+                                                                                           for r in prompting}
+    for which, column in (("(in_domain)", "in-domain [95% CI]"), ("(ood)", "out-of-domain [95% CI]")):
+        right = [r["correct"] for r in standard if which in r["task"]]
+        assert accuracy_and_interval(prompting[0][column])[0] == pytest.approx(sum(right) / len(right), abs=5e-4)
+    check_paired_rows(prompting_body, prompting)
+    shots_body = section(report, "Shots and prompt repetition")
+    shots, repetition = table(shots_body, 0), table(shots_body, 1)
+    assert [r["method"] for r in shots] == ["0-shot", "1-shot", "2-shot", "4-shot", "many-shot"]
+    assert [float(r["mean shots"]) for r in shots][:2] == [0.0, 1.0]
+    assert len(repetition) == 4
+    check_paired_rows(shots_body, shots + repetition)
+
+    agents_body = section(report, "Agents: ReAct and CodeAct")
+    agents = table(agents_body)
+    assert [r["method"] for r in agents] == ["ReAct, search only (no calculator)", "ReAct, calculator and search",
+                                             "direct answer", "CodeAct (sandboxed Python)"]
+    check_paired_rows(agents_body, agents)
+    for name in ("react-calculator", "react-no-calculator", "codeact"):
+        assert len((work / "agents" / f"{name}.jsonl").read_text().splitlines()) == n_arithmetic
+
+    rag_body = section(report, "Retrieval-augmented generation")
+    recall = table(rag_body, 0)
+    assert [r["mode"] for r in recall] == ["dense", "bm25", "hybrid"]
+    for r in recall:
+        values = [num(r[f"recall@{k}"]) for k in (1, 3, 5)]
+        assert values == sorted(values) and all(0 <= v <= 1 for v in values)
+    answers = [json.loads(line) for line in (work / "rag" / "rag.jsonl").read_text().splitlines()]
+    assert len(answers) == size["eval"]
+    for row, key in zip(table(rag_body, 1), ("closed_book", "rag"), strict=True):
+        right = [exact_match(grounded_answer(a[key]) or a[key], a["answer"]) for a in answers]
+        assert accuracy_and_interval(row["accuracy [95% CI]"])[0] == pytest.approx(sum(right) / len(right), abs=5e-4)
 
 
 class _DemoBodyReached(Exception):

@@ -4,14 +4,19 @@
 from __future__ import annotations
 
 import ast
+import json
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
 import lmforge.demo
+from lmforge.data.formats import THINK_TRIGGER
 from lmforge.demo import demo_plan
+from lmforge.demo.accuracy import accuracy_cell, compare, effects_line
+from lmforge.demo.agents_study import read_arithmetic
 from lmforge.demo.decoder import auto_precision, cpu_flags, pretrain_config
+from lmforge.demo.prompting_study import read_problems
 from lmforge.demo.verdicts import (
     early_loss_note,
     logp_change_note,
@@ -21,10 +26,10 @@ from lmforge.demo.verdicts import (
     serving_note,
     speculative_note,
 )
-from lmforge.eval.stats import mcnemar_exact
+from lmforge.eval.stats import mcnemar_exact, wilson_interval
 
 DEMO_DIR = Path(lmforge.demo.__file__).parent
-STAGES = ("decoder", "alignment", "inference", "evaluation", "peft", "families", "positions")
+STAGES = ("decoder", "alignment", "inference", "evaluation", "peft", "families", "positions", "reasoning")
 
 
 def parsed(name: str) -> ast.Module:
@@ -128,3 +133,41 @@ def test_logp_change_note_follows_the_signs() -> None:
     assert "lowered the held-out chosen replies' log-prob by 3.50" in fell
     assert "lowered the rejected ones' by 20.25" in fell
     assert "raised the held-out chosen replies' log-prob by 0.40" in logp_change_note("DPO", 0.4, -9.0)
+
+
+def test_reasoning_problems_ask_per_set_and_demonstrate_only_in_domain(tmp_path: Path) -> None:
+    """The prompting tables ask `per_set` problems of each task and set; every demonstration pool, the
+    out-of-domain questions' included, holds the task's in-domain problems only (the seeds' OOD setting)."""
+    records = [{"task": task, "set": where, "question": f"{task} {where} {i}?", "answer": str(i), "rationale": "r"}
+               for task in ("coin", "sum") for where in ("in_domain", "ood") for i in range(3)]
+    path = tmp_path / "reasoning.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    problems = read_problems(path, 2)
+    assert [q.example.question for q in problems.questions] == [
+        f"{task} {where} {i}?" for task in ("coin", "sum") for where in ("in_domain", "ood") for i in range(2)]
+    assert sorted(problems.pools) == ["coin (in_domain)", "coin (ood)", "sum (in_domain)", "sum (ood)"]
+    for key, pool in problems.pools.items():
+        assert [e.question for e in pool] == [f"{key.split()[0]} in_domain {i}?" for i in range(3)]
+    assert all(q.example.question.endswith(THINK_TRIGGER) for q in problems.with_trigger())
+    fitting = read_problems(path, 2, lambda question: not question.endswith(" 0?"))  # too long to ask twice
+    assert [q.example.question for q in fitting.questions][:2] == ["coin in_domain 1?", "coin in_domain 2?"]
+    assert fitting.pools == problems.pools
+    arithmetic = tmp_path / "arithmetic.jsonl"
+    arithmetic.write_text("".join(json.dumps({"set": s, "question": f"{s} {i}"}) + "\n"
+                                  for s in ("in_domain", "ood") for i in range(4)))
+    assert [r["question"] for r in read_arithmetic(arithmetic, 1)] == ["in_domain 0", "ood 0"]
+
+
+def test_reasoning_cells_carry_wilson_intervals_and_claims_need_mcnemar() -> None:
+    low, high = wilson_interval(7, 10)
+    assert accuracy_cell([True] * 7 + [False] * 3) == f"70.0% [{low:.1%}, {high:.1%}]"
+    never, always = [False] * 10, [True] * 10
+    found = compare("CoT", "standard", never, always)
+    assert found.p_value == f"{mcnemar_exact(never, always).p_value:.3g}" and float(found.p_value) < 0.05
+    assert found.difference == "+100.0%" and "CoT was more accurate than standard" in found.note
+    noise = compare("CoT", "standard", never, [True] + [False] * 9)
+    assert float(noise.p_value) >= 0.05 and "within noise" in noise.note
+    line = effects_line([found, noise])
+    held, absent = line.split("Not seen at this scale")
+    assert "CoT against standard" in held and "CoT against standard" in absent
+    assert effects_line([noise]).startswith("No comparison here showed an effect")

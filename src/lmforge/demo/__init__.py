@@ -5,10 +5,11 @@ sections: `decoder` (GPT pretraining, task accuracy, samples), `alignment` (SFT,
 distillation with plenty and few labels), `inference` (quantisation, speculative decoding), `evaluation` (held-out
 perplexity of every checkpoint, base vs SFT on a task file, the lm-eval cross-check, the LLM judge), `serving`
 (lmforge serve under load), `peft` (every PEFT method vs full fine-tuning), `families` (BERT masked-LM and T5 span-
-corruption pretraining, and pretrained-vs-scratch fine-tuning), `positions` (the positional-encoding study). A stage
-that later stages build on also returns its checkpoint, and by name the checkpoints to evaluate (`StageResult`);
-`run_demo` hands them on, so no stage knows where another writes. Every budget is a step count, so a run takes the
-same steps on any machine, and every number in the report is computed by this run.
+corruption pretraining, and pretrained-vs-scratch fine-tuning), `positions` (the positional-encoding study),
+`reasoning` (format SFT, prompting methods, ReAct, CodeAct, RAG). A stage that later stages build on also returns its
+checkpoint, and by name the checkpoints to evaluate (`StageResult`); `run_demo` hands them on, so no stage knows where
+another writes. Every budget is a step count, so a run takes the same steps on any machine, and every number in the
+report is computed by this run.
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ class DemoPlan:
     serve_clients: tuple[int, ...] = (1, 8)
     serve_requests: int = 2  # streamed completions each client sends
     serve_tokens: int = 32  # max_tokens of each
+    # reasoning stage: format-SFT conversations and steps, held-out items per set of the format data, and the
+    # reasoning problems and arithmetic problems asked per set (in-domain, out-of-domain) of those, and the tokens
+    # each reasoning reply may take
+    reasoning: dict[str, int] = field(default_factory=lambda: dict(
+        conversations=1600, sft_steps=200, eval=60, reasoning_per_set=10, agent_per_set=20, new_tokens=80))
 
 
 def demo_plan(quick: bool) -> DemoPlan:
@@ -80,7 +86,8 @@ def demo_plan(quick: bool) -> DemoPlan:
             judge=dict(train=32, pairs=16, steps=4, batch=8, dpo_steps=2),
             post_steps=dict(sft=20, reward=10, dpo=10, rl=3, distill=10, peft=6),
             rl_prompts=4, student=dict(n_layer=1, n_head=2, d_model=32),
-            serve_servers=("lmforge",), serve_clients=(1, 4), serve_requests=1, serve_tokens=8)
+            serve_servers=("lmforge",), serve_clients=(1, 4), serve_requests=1, serve_tokens=8,
+            reasoning=dict(conversations=40, sft_steps=4, eval=3, reasoning_per_set=1, agent_per_set=1, new_tokens=24))
     return DemoPlan(
         world=WorldConfig(seed=0), vocab_size=1024,
         decoder=ModelConfig(family="gpt2", vocab_size=1024, max_seq_len=256, n_layer=4, n_head=6, d_model=192),
@@ -139,13 +146,13 @@ def fresh_demo_dir(out_dir: Path) -> None:
 
 
 def run_demo(out_dir: Path, report_dir: Path, quick: bool = False, precision: str = "auto") -> Path:
-    from lmforge.demo import alignment, decoder, evaluation, families, inference, peft, positions, serving
+    from lmforge.demo import alignment, decoder, evaluation, families, inference, peft, positions, reasoning, serving
 
     plan = demo_plan(quick)
     t_start = time.perf_counter()
     fresh_demo_dir(out_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    timer = StageTimer(total=9)
+    timer = StageTimer(total=10)
     timer.start("the synthetic world: corpus, tokenizer, token shards, instruction data")
     data = prepare_world(plan, out_dir / "data")
     timer.start("decoder (GPT) pretraining, task accuracy, samples")
@@ -167,6 +174,8 @@ def run_demo(out_dir: Path, report_dir: Path, quick: bool = False, precision: st
     sections += families.run(plan, data, out_dir, report_dir)
     timer.start("positional-encoding study")
     sections += positions.run(plan, data, out_dir, report_dir)
+    timer.start("reasoning: format SFT; prompting methods, shots, repetition; ReAct, CodeAct, RAG")
+    sections += reasoning.run(plan, data, pretrained.checkpoint, out_dir, report_dir)
     timer.stop()
     intro = (f"Written by `lmforge demo{' --quick' if quick else ''}` on {time.strftime('%Y-%m-%d %H:%M')} in "
              f"{time.perf_counter() - t_start:.0f} s. Machine: {machine_description()}. "
