@@ -176,20 +176,25 @@ QUESTION = "What is 2 + 5?"
 REPLY = "Thought: I add.\nAction: calculator[2 + 5]\nObservation: 7\nThought: I have the answer.\nFinal answer: 7"
 
 
-@pytest.fixture(scope="module")
-def agent_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model that writes REPLY (then ends its turn) after the ReAct prompt for QUESTION: its greedy next token
-    depends on the position only, set to the token that follows at that position in the full transcript."""
-    tok = train_tokenizer([REPLY, QUESTION, "Tools: calculator. Question:"] * 20, vocab_size=400, show_progress=False)
-    template = get_chat_template("lmforge", tok)
-    opening = template.render(react_messages(QUESTION, ["calculator"]), add_generation_prompt=True).ids
-    full = opening + tok.encode(REPLY) + [tok.token_id(END_OF_TURN)]
+def forced_chat_run(directory: Path, reply: str, messages: list[dict], prompt_text: str) -> Path:
+    """A model that writes `reply` (then ends its turn) after `messages`: its greedy next token depends on the
+    position only, set to the token that follows at that position in the full transcript."""
+    tok = train_tokenizer([reply, QUESTION, prompt_text] * 20, vocab_size=400, show_progress=False)
+    opening = get_chat_template("lmforge", tok).render(messages, add_generation_prompt=True).ids
+    full = opening + tok.encode(reply) + [tok.token_id(END_OF_TURN)]
     model = forced_model(tok.vocab_size, 1, [], max_seq_len=128)
     with torch.no_grad():
         for position, next_id in enumerate(full[1:]):
             model.lm_head.weight[next_id, position] = 10.0
-    return save(model, tok, tmp_path_factory.mktemp("agent") / "run",
+    return save(model, tok, directory / "run",
                 run_config=CheckpointManifest(model=model.cfg, stage="sft", run={"template": "lmforge"}))
+
+
+@pytest.fixture(scope="module")
+def agent_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model that writes the ReAct transcript REPLY for QUESTION."""
+    return forced_chat_run(tmp_path_factory.mktemp("agent"), REPLY, react_messages(QUESTION, ["calculator"]),
+                           "Tools: calculator. Question:")
 
 
 def test_the_engine_completer_stops_at_stop_strings_and_refuses_a_full_context(agent_run: Path) -> None:
@@ -271,19 +276,11 @@ CODEACT_REPLY = ("Thought: I will compute it in Python.\n```python\nprint(2 + 5)
 
 @pytest.fixture(scope="module")
 def codeact_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model that writes CODEACT_REPLY after the CodeAct prompt for QUESTION (as `agent_run` does for ReAct)."""
+    """A model that writes CODEACT_REPLY after the CodeAct prompt for QUESTION."""
     from lmforge.data.formats import codeact_messages
 
-    tok = train_tokenizer([CODEACT_REPLY, QUESTION, "Answer with Python. Question:"] * 20, vocab_size=400,
-                          show_progress=False)
-    opening = get_chat_template("lmforge", tok).render(codeact_messages(QUESTION), add_generation_prompt=True).ids
-    full = opening + tok.encode(CODEACT_REPLY) + [tok.token_id(END_OF_TURN)]
-    model = forced_model(tok.vocab_size, 1, [], max_seq_len=128)
-    with torch.no_grad():
-        for position, next_id in enumerate(full[1:]):
-            model.lm_head.weight[next_id, position] = 10.0
-    return save(model, tok, tmp_path_factory.mktemp("codeact") / "run",
-                run_config=CheckpointManifest(model=model.cfg, stage="sft", run={"template": "lmforge"}))
+    return forced_chat_run(tmp_path_factory.mktemp("codeact"), CODEACT_REPLY, codeact_messages(QUESTION),
+                           "Answer with Python. Question:")
 
 
 def test_lmforge_agent_codeact_runs_the_block_in_the_sandbox(codeact_run: Path, tmp_path: Path,
