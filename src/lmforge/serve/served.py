@@ -25,6 +25,7 @@ class ServedModel:
     # the ids a text completion ends at: EOS, and the end of turn of a model trained with a chat template (what
     # its HF export lists in generation_config.json, where transformers serve and vLLM stop)
     completion_stop_ids: frozenset[int] = frozenset()
+    chat_stop_ids: frozenset[int] = frozenset()  # the chat template's end of turn and EOS
 
     @property
     def context(self) -> int:
@@ -70,9 +71,7 @@ class ServedModel:
 
     def stop_ids(self, chat: bool) -> frozenset[int]:
         """A chat reply ends at its template's end of turn or EOS; a text completion at `completion_stop_ids`."""
-        from lmforge.data.chat import ending_ids
-
-        return frozenset(ending_ids(self.tokenizer, self.template)) if chat else self.completion_stop_ids
+        return self.chat_stop_ids if chat else self.completion_stop_ids
 
     def max_new_tokens(self, body: SamplingRequest, prompt_len: int, default: int | None) -> int:
         """The request's max_tokens, checked: the prompt and the reply must fit the context together."""
@@ -112,18 +111,15 @@ class ServedModel:
         return requests
 
 
-def chat_template_for(path: str | Path, tokenizer: Any, name: str | None) -> Any:
-    """The template chat requests use: `name` if given; else the model's own; else lmforge's, when the tokenizer
-    has its role tokens; else None."""
+def chat_template_for(path: str | Path, tokenizer: Any, name: str | None, own: Any) -> Any:
+    """The template chat requests use: `name` if given; else `own`, the model's own; else lmforge's, when the
+    tokenizer has its role tokens; else None."""
     from lmforge.data.chat import get_chat_template
 
     if tokenizer is None:
         return None
     if name is not None:
         return get_chat_template(name, tokenizer, path)
-    from lmforge.infer.chat_repl import optional_chat_template
-
-    own = optional_chat_template(str(path), tokenizer)
     if own is not None:
         return own
     try:
@@ -136,18 +132,19 @@ def load_served(path: str | Path, *, name: str | None, template: str | None, ada
                 max_batch: int) -> ServedModel:
     """Load the run/checkpoint at `path` (and its adapters) for serving; one line when it cannot be served: no
     tokenizer, or not a decoder (an encoder or a task model answers neither chat nor completions)."""
+    from lmforge.data.chat import ending_ids
+    from lmforge.infer.chat_repl import optional_chat_template
     from lmforge.infer.model_kind import load_for_verb
 
     model, tokenizer, _ = load_for_verb(str(path), "serve", ("decoder",))
     if adapters:
         load_adapters(model, adapters)
-    from lmforge.data.chat import ending_ids
-    from lmforge.infer.chat_repl import optional_chat_template
-
-    own = optional_chat_template(str(path), tokenizer)
+    own = optional_chat_template(str(path), tokenizer) if tokenizer is not None else None
+    chat = chat_template_for(path, tokenizer, template, own)
     return ServedModel(name=name or Path(path).resolve().name, model=model.eval(), tokenizer=tokenizer,
-                       template=chat_template_for(path, tokenizer, template), adapters=tuple(adapters),
-                       max_batch=max_batch, completion_stop_ids=frozenset(ending_ids(tokenizer, own)))
+                       template=chat, adapters=tuple(adapters), max_batch=max_batch,
+                       chat_stop_ids=frozenset(ending_ids(tokenizer, chat)) if chat is not None else frozenset(),
+                       completion_stop_ids=frozenset(ending_ids(tokenizer, own)))
 
 
 def load_adapters(model: Any, adapters: dict[str, str]) -> None:
