@@ -9,7 +9,8 @@ import pytest
 
 from cli_checks import error_line
 from lmforge.cli import STAGES, build_parser, main, stage_config
-from lmforge.config import PeftConfig, config_keys
+from lmforge.config import PeftConfig
+from lmforge.config_loading import config_keys
 
 
 @pytest.mark.parametrize("verb", STAGES)
@@ -69,7 +70,7 @@ def test_usage_errors_are_one_line_and_exit_status_2(argv: list[str], fragments:
 def test_overrides_reach_the_config_typed(tmp_path) -> None:
     """`--train.lr=1e-3` and `--model.n_layer 6` (both spellings) arrive in the stage's config as numbers."""
     from lmforge.cli import config_overrides
-    from lmforge.config import load_config
+    from lmforge.config_loading import load_config
 
     argv = ["pretrain", "--train.lr=1e-3", "--model.n_layer", "6", "--train.precision=bf16", "--data.dir", "x/y"]
     args = build_parser("pretrain", with_config_keys=True).parse_args(argv)["pretrain"]

@@ -9,7 +9,8 @@ import pytest
 
 from cli_checks import error_line
 from lmforge.cli import build_parser, main
-from lmforge.config import MODEL_FAMILIES, ModelConfig, PretrainConfig, dump_config, load_config
+from lmforge.config import MODEL_FAMILIES, ModelConfig, PretrainConfig
+from lmforge.config_loading import dump_config, load_config
 from lmforge.errors import ConfigError
 
 BASE_YAML = """\

@@ -10,7 +10,8 @@ import torch
 
 import lmforge
 from lmforge.cli import main
-from lmforge.config import PretrainConfig, load_config
+from lmforge.config import PretrainConfig
+from lmforge.config_loading import load_config
 from lmforge.data.batches import PackedBatches
 from lmforge.data.shards import load_shards
 from lmforge.errors import ConfigError

@@ -12,7 +12,8 @@ import yaml
 
 import lmforge.train.pretrain as pretrain_module
 from lmforge.cli import main
-from lmforge.config import PretrainConfig, load_config
+from lmforge.config import PretrainConfig
+from lmforge.config_loading import load_config
 from lmforge.data.mixture import BLOCK_ROWS, MixedBatches, rows_per_block
 from lmforge.data.shards import prepare_shards
 from lmforge.train.pretrain import pretrain

@@ -13,7 +13,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from lmforge.config import PretrainConfig, load_config
+from lmforge.config import PretrainConfig
+from lmforge.config_loading import load_config
 from lmforge.data.batches import PackedBatches
 from lmforge.data.shards import load_shards
 from lmforge.model.decoder import DecoderLM

@@ -22,7 +22,8 @@ import lmforge
 from cli_checks import error_line, snapshot
 from lmforge.checkpoint import SHARDED_DIR, WEIGHTS_FILE
 from lmforge.cli import main
-from lmforge.config import PretrainConfig, load_config
+from lmforge.config import PretrainConfig
+from lmforge.config_loading import load_config
 from lmforge.data.batches import PackedBatches
 from lmforge.data.shards import load_shards
 from lmforge.errors import ConfigError

@@ -10,7 +10,8 @@ import torch
 
 import lmforge
 from lmforge.cli import main
-from lmforge.config import PretrainConfig, load_config
+from lmforge.config import PretrainConfig
+from lmforge.config_loading import load_config
 from lmforge.data.shards import prepare_shards
 from lmforge.data.synthetic import WorldConfig, pretraining_documents
 from lmforge.errors import ConfigError

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 import lmforge
-from lmforge.config import ModelConfig, PretrainConfig, TrainConfig, load_config
+from lmforge.config import ModelConfig, PretrainConfig, TrainConfig
+from lmforge.config_loading import load_config
 from lmforge.data.batches import PackedBatches
 from lmforge.errors import CheckpointError, TrainingError
 from lmforge.model.decoder import DecoderLM

@@ -20,7 +20,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from safetensors.torch import load_file, save_file
 
-from lmforge.config import PeftConfig, dump_config, validation_summary, yaml_problem
+from lmforge.config import PeftConfig
+from lmforge.config_loading import dump_config, validation_summary, yaml_problem
 from lmforge.errors import CheckpointError, one_line
 from lmforge.io import (
     atomic_write_text,

@@ -257,7 +257,7 @@ def _add_stage_options(p: ArgumentParser, verb: str) -> None:
 def _add_config_keys(p: ArgumentParser, verb: str) -> None:
     """Every key of the stage's config that no flag sets, as a hidden option (`--train.lr`, `--peft.r`); the config
     validates the values (loaded as YAML scalars by jsonargparse) when it is built."""
-    from lmforge.config import config_keys
+    from lmforge.config_loading import config_keys
 
     taken = {o for a in p._actions for o in a.option_strings}
     for key in config_keys(stage_config(verb), leaves_only=True):
@@ -287,7 +287,7 @@ def config_overrides(args: Namespace) -> dict[str, Any]:
 
 
 def run_stage(verb: str, args: Namespace) -> None:
-    from lmforge.config import load_config
+    from lmforge.config_loading import load_config
 
     config = load_config(stage_config(verb), args.config, config_overrides(args))
     run = _stage_run(verb)

@@ -7,7 +7,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from lmforge.config import AnyModelConfig, ModelConfig, validation_summary, with_default_arch, yaml_problem
+from lmforge.config import AnyModelConfig, ModelConfig, with_default_arch
+from lmforge.config_loading import validation_summary, yaml_problem
 from lmforge.errors import ConfigError
 from lmforge.io import read_utf8
 

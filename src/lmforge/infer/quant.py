@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from pydantic import Field, ValidationError
 from torch import Tensor, nn
 
-from lmforge.config import StrictModel, validation_summary
+from lmforge.config import StrictModel
+from lmforge.config_loading import validation_summary
 from lmforge.errors import ConfigError
 from lmforge.infer import cpu_kernels
 

@@ -25,7 +25,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import processors
 from torch import Tensor
 
-from lmforge.config import ModelConfig, validation_summary
+from lmforge.config import ModelConfig
+from lmforge.config_loading import validation_summary
 from lmforge.data.chat import ChatTemplate, ending_ids
 from lmforge.data.chat_jinja import jinja_chat_template
 from lmforge.errors import CheckpointError, ConfigError, one_line

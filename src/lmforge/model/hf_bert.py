@@ -22,7 +22,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 from torch import Tensor
 
-from lmforge.config import EncoderConfig, validation_summary
+from lmforge.config import EncoderConfig
+from lmforge.config_loading import validation_summary
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.io import atomic_write, atomic_write_text
 from lmforge.model.encoder import EncoderModel

@@ -23,7 +23,8 @@ from pydantic import ValidationError
 from safetensors.torch import save_file
 from torch import Tensor
 
-from lmforge.config import EncDecConfig, validation_summary
+from lmforge.config import EncDecConfig
+from lmforge.config_loading import validation_summary
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.io import atomic_write, atomic_write_text
 from lmforge.model.encdec import EncDecLM

@@ -38,7 +38,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lmforge.config import LORA_METHODS, PeftConfig, validation_summary
+from lmforge.config import LORA_METHODS, PeftConfig
+from lmforge.config_loading import validation_summary
 from lmforge.errors import CheckpointError, ConfigError, one_line
 from lmforge.io import atomic_write, atomic_write_text
 from lmforge.peft.nf4 import dequantize_scales, nf4_dequantize, nf4_quantize, quantize_scales

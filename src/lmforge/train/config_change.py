@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel
 
 from lmforge.checkpoint import read_manifest
-from lmforge.config import dump_config
+from lmforge.config_loading import dump_config
 from lmforge.errors import ConfigError
 from lmforge.io import append_line
 from lmforge.manifest import CheckpointManifest

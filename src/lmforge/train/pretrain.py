@@ -16,7 +16,8 @@ import torch
 from pydantic import ValidationError
 
 import lmforge
-from lmforge.config import PretrainConfig, validation_summary
+from lmforge.config import PretrainConfig
+from lmforge.config_loading import validation_summary
 from lmforge.data.batches import PackedBatches
 from lmforge.data.mixture import MixedBatches, load_sources
 from lmforge.data.shards import ShardIndex, load_shards
