@@ -29,7 +29,6 @@ from lmforge.commands import (
     cmd_generate,
     cmd_merge,
     cmd_quantize,
-    cmd_serve,
     cmd_tokenizer_train,
     data_clean_options,
     data_prepare_options,
@@ -38,7 +37,6 @@ from lmforge.commands import (
     generate_options,
     merge_options,
     quantize_options,
-    serve_options,
     tokenizer_train_options,
 )
 from lmforge.errors import LmforgeError
@@ -54,6 +52,7 @@ from lmforge.eval.judge_command import cmd_judge, judge_options
 from lmforge.prompting.commands import cmd_prompt, prompt_options
 from lmforge.rag.command import ask_options, cmd_rag_ask, cmd_rag_index, index_options
 from lmforge.scaling.command import cmd_scaling, scaling_options
+from lmforge.serve.command import cmd_serve, serve_options
 
 
 class _Help(DefaultHelpFormatter):
