@@ -19,7 +19,8 @@ import lmforge
 from lmforge.config import ModelConfig, PeftConfig
 from lmforge.infer.engine import Engine
 from lmforge.model import build_model
-from lmforge.peft.lora import apply_lora, lora_layers, save_adapter
+from lmforge.peft.lora import apply_lora, lora_layers
+from lmforge.peft.lora_files import save_adapter
 from lmforge.serve.app import create_app
 from lmforge.serve.metrics import Metrics
 from lmforge.serve.served import ServedModel, load_served

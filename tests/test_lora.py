@@ -22,14 +22,12 @@ from lmforge.peft.lora import (
     LoRALinear,
     apply_lora,
     base_nbytes,
-    load_adapter,
     lora_layers,
-    lora_state_dict,
     merge_lora,
-    save_adapter,
     set_adapter,
     trainable_summary,
 )
+from lmforge.peft.lora_files import load_adapter, lora_state_dict, save_adapter
 from lmforge.peft.nf4 import NF4, dequantize_scales, nf4_dequantize, nf4_quantize, quantize_scales
 from lmforge.train.trainer import build_optimizer
 

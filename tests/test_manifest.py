@@ -92,7 +92,8 @@ def test_peft_methods_are_listed_once() -> None:
 
 def test_one_peft_config_drives_lora_and_refuses_other_methods(tmp_path: Path) -> None:
     from lmforge.errors import ConfigError
-    from lmforge.peft.lora import apply_lora, load_adapter, save_adapter
+    from lmforge.peft.lora import apply_lora
+    from lmforge.peft.lora_files import load_adapter, save_adapter
 
     model, _ = lmforge.load(FIXTURES / "save")
     cfg = PeftConfig(method="dora", r=2, alpha=8, targets=["attn.q"], bottleneck=3)

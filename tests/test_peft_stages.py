@@ -53,7 +53,7 @@ def test_sft_with_peft_trains_only_the_method_and_reloads(world: dict[str, Path]
 
 
 def test_a_lora_run_also_writes_its_adapter_alone(world: dict[str, Path], tmp_path: Path) -> None:
-    from lmforge.peft.lora import load_adapter
+    from lmforge.peft.lora_files import load_adapter
 
     assert main(["sft", "--base", str(world["llama"]), "--train-file", str(world["sft_train"]), "--peft", "lora",
                  "--train.max_steps=4", "--train.lr=1e-2", f"--train.out_dir={tmp_path / 'run'}",

@@ -15,7 +15,8 @@ from lmforge.config import PeftConfig
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.model.decoder import DecoderLM
 from lmforge.peft.export import export_peft
-from lmforge.peft.lora import apply_lora, lora_layers, save_adapter, set_adapter
+from lmforge.peft.lora import apply_lora, lora_layers, set_adapter
+from lmforge.peft.lora_files import save_adapter
 from lmforge.peft.row_adapters import load_named_adapters, row_adapters
 from parity_helpers import perturb
 from tiny_decoders import tiny_model

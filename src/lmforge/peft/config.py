@@ -44,7 +44,7 @@ def save_adapter_files(model: nn.Module, cfg: PeftConfig, run_dir: str | Path) -
     which `lmforge.peft.lora.load_adapter` puts on any copy of the base."""
     if cfg.method not in LORA_METHODS:
         return None
-    from lmforge.peft.lora import save_adapter
+    from lmforge.peft.lora_files import save_adapter
 
     return save_adapter(getattr(model, "backbone", model), Path(run_dir) / "adapter", cfg)
 

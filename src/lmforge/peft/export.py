@@ -27,7 +27,8 @@ from lmforge.model.hf import (
     join_fused_qkv,
     write_hf_tokenizer,
 )
-from lmforge.peft.lora import BASE_DIR, PEFT_CONFIG, PEFT_WEIGHTS, LoRALinear, adapter_layers, lora_layers
+from lmforge.peft.lora import BASE_DIR, PEFT_CONFIG, PEFT_WEIGHTS, LoRALinear, lora_layers
+from lmforge.peft.lora_files import adapter_layers
 from lmforge.tokenizer import Tokenizer
 
 

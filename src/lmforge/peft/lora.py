@@ -24,24 +24,17 @@ reproduces the model; on the unquantised checkpoint it differs by the NF4 error)
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from pydantic import ValidationError
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lmforge.config import LORA_METHODS, PeftConfig
-from lmforge.config_loading import validation_summary
-from lmforge.errors import CheckpointError, ConfigError, one_line
-from lmforge.io import atomic_write, atomic_write_text
+from lmforge.errors import ConfigError
 from lmforge.peft.nf4 import dequantize_scales, nf4_dequantize, nf4_quantize, quantize_scales
 from lmforge.peft.select import matches
 
@@ -312,7 +305,7 @@ def _select(model: nn.Module, cfg: PeftConfig) -> dict[str, nn.Linear | LoRALine
     return chosen
 
 
-def _checked_layers(model: nn.Module, cfg: PeftConfig, adapter_name: str) -> dict[str, nn.Linear | LoRALinear]:
+def checked_layers(model: nn.Module, cfg: PeftConfig, adapter_name: str) -> dict[str, nn.Linear | LoRALinear]:
     """The layers `cfg` selects (`_select`), each checked to take adapter `adapter_name`."""
     check_adapter_name(adapter_name)
     chosen = _select(model, cfg)
@@ -322,10 +315,23 @@ def _checked_layers(model: nn.Module, cfg: PeftConfig, adapter_name: str) -> dic
     return chosen
 
 
+def adapter_shapes(name: str, m: nn.Linear | LoRALinear, cfg: PeftConfig) -> dict[str, tuple[int, ...]]:
+    shapes = {"lora_A": (cfg.r, m.in_features), "lora_B": (m.out_features, cfg.r), "lora_magnitude": (m.out_features,),
+              "pissa_A0": (cfg.r, m.in_features), "pissa_B0": (m.out_features, cfg.r)}
+    return {f"{name}.{kind}": shapes[kind] for kind in adapter_kinds(cfg)}
+
+
+def tensors_by_layer(chosen: dict[str, nn.Linear | LoRALinear], cfg: PeftConfig,
+              tensors: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """`<layer>.<kind>` tensors grouped per layer, as `add_lora` takes them."""
+    return {name: {key.rsplit(".", 1)[1]: tensors[key] for key in adapter_shapes(name, m, cfg)}
+            for name, m in chosen.items()}
+
+
 def add_lora(model: nn.Module, cfg: PeftConfig, adapter_name: str,
              weights: dict[str, dict[str, Tensor]] | None) -> list[str]:
     """`apply_lora` with the adapter's tensors per layer (`read_adapter`), or initialised per `cfg` for None."""
-    chosen = _checked_layers(model, cfg, adapter_name)
+    chosen = checked_layers(model, cfg, adapter_name)
     model.requires_grad_(False)
     for name, m in chosen.items():
         layer = m if isinstance(m, LoRALinear) else LoRALinear(m, cfg.method == "qlora", cfg.qlora_group_size,
@@ -346,8 +352,8 @@ def apply_lora(model: nn.Module, cfg: PeftConfig, adapter_name: str = "default",
     if initialise:
         return add_lora(model, cfg, adapter_name, None)
     chosen = _select(model, cfg)
-    zeros = {k: torch.zeros(shape) for name, m in chosen.items() for k, shape in _expected_shapes(name, m, cfg).items()}
-    return add_lora(model, cfg, adapter_name, _by_layer(chosen, cfg, zeros))
+    zeros = {k: torch.zeros(shape) for name, m in chosen.items() for k, shape in adapter_shapes(name, m, cfg).items()}
+    return add_lora(model, cfg, adapter_name, tensors_by_layer(chosen, cfg, zeros))
 
 
 def set_adapter(model: nn.Module, names: list[str], weights: list[float] | None = None) -> None:
@@ -388,94 +394,3 @@ def merge_lora(model: nn.Module) -> nn.Module:
             linear.bias.copy_(layer.bias)
         model.set_submodule(name, linear)
     return model.requires_grad_(True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Saving and loading (lmforge format)
-# ---------------------------------------------------------------------------------------------
-
-
-def adapter_layers(model: nn.Module, adapter_name: str, cfg: PeftConfig | None = None) -> dict[str, LoRALinear]:
-    layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.cfgs}
-    if not layers:
-        raise ConfigError(f"the model has no adapter named '{adapter_name}'")
-    for name, layer in layers.items():
-        if cfg is not None and lora_fields(layer.cfgs[adapter_name]) != lora_fields(cfg):
-            raise ConfigError(f"adapter '{adapter_name}' on '{name}' was built with {layer.cfgs[adapter_name]!r}, "
-                              f"not the given {cfg!r}")
-    return layers
-
-
-def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
-    """The adapter's tensors keyed `<layer>.<kind>` (kind: lora_A/B, lora_magnitude for DoRA, pissa_A0/B0)."""
-    return {f"{name}.{kind}": getattr(layer, kind)[adapter_name].detach().cpu().contiguous()
-            for name, layer in adapter_layers(model, adapter_name).items()
-            for kind in ADAPTER_KINDS if adapter_name in getattr(layer, kind)}
-
-
-def save_adapter(model: nn.Module, path: str | Path, cfg: PeftConfig, adapter_name: str = "default") -> Path:
-    """Write adapter.safetensors, then adapter_config.json, each atomically (the config marks a complete save)."""
-    path = Path(path)
-    adapter_layers(model, adapter_name, cfg)
-    tensors = lora_state_dict(model, adapter_name)
-    atomic_write(path / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    config = {"format": "lmforge-lora", "config": lora_fields(cfg)}
-    atomic_write_text(path / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
-    return path
-
-
-def _expected_shapes(name: str, m: nn.Linear | LoRALinear, cfg: PeftConfig) -> dict[str, tuple[int, ...]]:
-    shapes = {"lora_A": (cfg.r, m.in_features), "lora_B": (m.out_features, cfg.r), "lora_magnitude": (m.out_features,),
-              "pissa_A0": (cfg.r, m.in_features), "pissa_B0": (m.out_features, cfg.r)}
-    return {f"{name}.{kind}": shapes[kind] for kind in adapter_kinds(cfg)}
-
-
-def _by_layer(chosen: dict[str, nn.Linear | LoRALinear], cfg: PeftConfig,
-              tensors: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    """`<layer>.<kind>` tensors grouped per layer, as `add_lora` takes them."""
-    return {name: {key.rsplit(".", 1)[1]: tensors[key] for key in _expected_shapes(name, m, cfg)}
-            for name, m in chosen.items()}
-
-
-def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> PeftConfig:
-    """Add a saved adapter to `model` (its base); everything is checked before the model is touched."""
-    cfg, weights = read_adapter(model, path, adapter_name)
-    add_lora(model, cfg, adapter_name, weights)
-    return cfg
-
-
-def read_adapter(model: nn.Module, path: str | Path,
-                 adapter_name: str = "default") -> tuple[PeftConfig, dict[str, dict[str, Tensor]]]:
-    """The saved adapter in `path` and its tensors per layer, checked to fit `model` as `adapter_name` (which
-    the model does not have yet); the model is not touched."""
-    path = Path(path)
-    config_file, weights_file = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
-    try:
-        data = json.loads(config_file.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{config_file}: cannot read the adapter config ({err})") from None
-    if not isinstance(data, dict) or data.get("format") != "lmforge-lora":
-        hint = " (a Hugging Face peft adapter: load it with peft)" if isinstance(data, dict) and "peft_type" in data \
-            else ""
-        raise CheckpointError(f"{config_file}: not an lmforge adapter{hint}")
-    try:
-        cfg = PeftConfig.model_validate(data.get("config"))
-        tensors = load_file(str(weights_file))
-    except ValidationError as err:
-        raise CheckpointError(f"{config_file}: invalid adapter config: {validation_summary(err, prefix='config.')}"
-                              ) from None
-    except (OSError, SafetensorError) as err:
-        raise CheckpointError(f"{weights_file}: cannot read adapter weights: {one_line(err)}") from None
-    try:
-        chosen = _checked_layers(model, cfg, adapter_name)
-    except ConfigError as err:
-        raise CheckpointError(f"{path}: the adapter does not fit this model: {err}") from None
-    expected = {k: v for name, m in chosen.items() for k, v in _expected_shapes(name, m, cfg).items()}
-    missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
-    if missing or unexpected:
-        raise CheckpointError(f"{weights_file} does not fit this model: missing {missing}, unexpected {unexpected}")
-    for key, shape in expected.items():
-        if tuple(tensors[key].shape) != shape:
-            raise CheckpointError(f"{weights_file}: tensor '{key}' has shape {tuple(tensors[key].shape)}, but this "
-                                  f"model needs {shape}")
-    return cfg, _by_layer(chosen, cfg, tensors)

@@ -22,15 +22,8 @@ from torch import nn
 from lmforge.config import PeftConfig
 from lmforge.errors import CheckpointError, ConfigError, LmforgeError
 from lmforge.model.decoder import DecoderLM
-from lmforge.peft.lora import (
-    LoRALinear,
-    RowGroups,
-    add_lora,
-    check_adapter_name,
-    lora_layers,
-    read_adapter,
-    set_adapter,
-)
+from lmforge.peft.lora import LoRALinear, RowGroups, add_lora, check_adapter_name, lora_layers, set_adapter
+from lmforge.peft.lora_files import read_adapter
 from lmforge.peft.peft_import import add_peft_adapter, read_peft_adapter, read_peft_config
 
 
