@@ -13,7 +13,7 @@ import torch
 
 import lmforge
 from lmforge.data.pairs import collate_pairs, pair_reader
-from lmforge.model.hf import _to_hf_names, export_hf
+from lmforge.model.hf import to_hf_names, export_hf
 from lmforge.train.dpo import DPOConfig, dpo_batch_loss, frozen_copy, reference_logps, with_reference
 from parity_helpers import perturb
 from preference_world import write_preference_world
@@ -76,7 +76,7 @@ def lmforge_loss_and_grads(world: dict, beta: float, sft_weight: float) -> tuple
     with torch.no_grad():  # the gradients laid out as weights, so the export's renaming and transposes apply
         for p in policy.parameters():
             p.copy_(p.grad)
-    return result.mean().item(), _to_hf_names(policy, "gpt2")
+    return result.mean().item(), to_hf_names(policy, "gpt2")
 
 
 @pytest.mark.parametrize(("beta", "sft_weight"), [(0.1, 0.0), (0.5, 0.7)])

@@ -113,7 +113,7 @@ def gguf_tensors(model: DecoderLM, qtype: str) -> list[_Tensor]:
     """`model`'s weights under llama.cpp's names and layouts, encoded as `qtype`."""
     import gguf
 
-    from lmforge.model.hf import _to_hf_names
+    from lmforge.model.hf import to_hf_names
     from lmforge.model.layers import rope_inv_freq
 
     if qtype not in GGUF_TYPES:
@@ -121,7 +121,7 @@ def gguf_tensors(model: DecoderLM, qtype: str) -> list[_Tensor]:
     cfg = model.cfg
     model_type = gguf_model_type(cfg)
     arch = GGUF_ARCHS[model_type]
-    weights = _to_hf_names(model, model_type)
+    weights = to_hf_names(model, model_type)
     if arch == "gpt2" and "lm_head.weight" not in weights:  # llama.cpp's gpt2 reads its head as its own tensor
         weights["lm_head.weight"] = weights["transformer.wte.weight"]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.n_layer)

@@ -31,16 +31,15 @@ from lmforge.model.hf import (
     ACT_TO_HF,
     CONFIG_FILE,
     TOKENIZER_CONFIG_FILE,
-    WEIGHTS_FILE,
     HFHead,
     check_hf_weights,
     hf_activation,
     hf_field,
     is_hf_dir,
-    read_hf_weights,
     require_hf_value,
     require_tokenizer_fits,
 )
+from lmforge.model.hf_weight_files import WEIGHTS_FILE, read_hf_weights
 from lmforge.tokenizer import CLS, SEP, TOKENIZER_FILE, Tokenizer
 
 VOCAB_FILE = "vocab.txt"

@@ -31,15 +31,14 @@ from lmforge.model.encdec import EncDecLM
 from lmforge.model.hf import (
     CONFIG_FILE,
     TOKENIZER_CONFIG_FILE,
-    WEIGHTS_FILE,
     check_hf_weights,
     hf_field,
     is_hf_dir,
-    read_hf_weights,
     require_hf_value,
     require_tokenizer_fits,
     with_eos_template,
 )
+from lmforge.model.hf_weight_files import WEIGHTS_FILE, read_hf_weights
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
 # feed_forward_proj's activation -> lmforge's. HF maps "gated-gelu" alone to gelu_new (tanh approximation).
