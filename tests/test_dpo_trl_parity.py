@@ -13,7 +13,7 @@ import torch
 
 import lmforge
 from lmforge.data.pairs import collate_pairs, pair_reader
-from lmforge.model.hf import to_hf_names, export_hf
+from lmforge.model.hf import export_hf, to_hf_names
 from lmforge.train.dpo import DPOConfig, dpo_batch_loss, frozen_copy, reference_logps, with_reference
 from parity_helpers import perturb
 from preference_world import write_preference_world

@@ -44,9 +44,9 @@ def save_adapter_files(model: nn.Module, cfg: PeftConfig, run_dir: str | Path) -
     which `lmforge.peft.lora.load_adapter` puts on any copy of the base."""
     if cfg.method not in LORA_METHODS:
         return None
-    from lmforge.peft.lora_files import save_adapter
+    from lmforge.peft.lora_files import RUN_ADAPTER_DIR, save_adapter
 
-    return save_adapter(getattr(model, "backbone", model), Path(run_dir) / "adapter", cfg)
+    return save_adapter(getattr(model, "backbone", model), Path(run_dir) / RUN_ADAPTER_DIR, cfg)
 
 
 def apply_peft(model: nn.Module, cfg: PeftConfig, initialise: bool = True) -> PeftSummary:

@@ -29,6 +29,15 @@ from lmforge.peft.lora import (
     tensors_by_layer,
 )
 
+RUN_ADAPTER_DIR = "adapter"  # where a LoRA-family run keeps its adapter alone
+
+
+def adapter_folder(path: str | Path) -> Path:
+    """`path` itself, or for a LoRA-family run dir the adapter folder inside it."""
+    path = Path(path)
+    inner = path / RUN_ADAPTER_DIR
+    return inner if not (path / ADAPTER_CONFIG).is_file() and (inner / ADAPTER_CONFIG).is_file() else path
+
 
 def adapter_layers(model: nn.Module, adapter_name: str, cfg: PeftConfig | None = None) -> dict[str, LoRALinear]:
     layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.cfgs}

@@ -23,7 +23,7 @@ from lmforge.config import PeftConfig
 from lmforge.errors import CheckpointError, ConfigError, LmforgeError
 from lmforge.model.decoder import DecoderLM
 from lmforge.peft.lora import LoRALinear, RowGroups, add_lora, check_adapter_name, lora_layers, set_adapter
-from lmforge.peft.lora_files import read_adapter
+from lmforge.peft.lora_files import adapter_folder, read_adapter
 from lmforge.peft.peft_import import add_peft_adapter, read_peft_adapter, read_peft_config
 
 
@@ -101,7 +101,7 @@ def load_named_adapters(model: DecoderLM, adapters: dict[str, Path]) -> dict[str
     for name, path in adapters.items():
         check_adapter_name(name)
         try:
-            checked[name] = _checked(model, name, Path(path))
+            checked[name] = _checked(model, name, adapter_folder(path))
         except LmforgeError as err:
             raise type(err)(f"adapter '{name}': {err}") from None
     for _, add in checked.values():
