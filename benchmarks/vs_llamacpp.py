@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="threads for torch and llama.cpp (default: torch's)")
     p.add_argument("--group-size", type=int, default=32, help="lmforge int4 group (default: 32, Q4_0's block)")
     p.add_argument("--layers", type=int, default=SPEC.n_layer, help=f"layers (default: {SPEC.n_layer})")
+    p.add_argument("--d-model", type=int, default=SPEC.d_model,
+                   help=f"width, heads of 64 (default: {SPEC.d_model}; a smaller model for a quick check)")
+    p.add_argument("--vocab", type=int, default=SPEC.vocab_size, help=f"vocabulary (default: {SPEC.vocab_size})")
     p.add_argument("--no-transformers", action="store_true", help="leave transformers out")
     p.add_argument("--compile", action="store_true",
                    help="also time lmforge fp32 with its decode step under torch.compile (`generate --compile`)")
@@ -115,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    spec = dataclasses.replace(SPEC, n_layer=args.layers)
+    spec = dataclasses.replace(SPEC, n_layer=args.layers, d_model=args.d_model, n_head=args.d_model // 64,
+                               vocab_size=args.vocab)
     n_new = args.new_tokens
     hf, row_major = common.build_pair(spec, seed=args.seed)
     lm = column_major_linears(copy.deepcopy(row_major))  # as `lmforge generate` runs it
