@@ -12,6 +12,7 @@ from lmforge.infer.beam import beam_search
 from lmforge.infer.generate import SamplingConfig, generate_ids
 from lmforge.infer.layout import column_major_linears, is_column_major
 from lmforge.infer.speculative import speculative_generate
+from lmforge.model import layers
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.layers import Attention, alibi_slopes, attention_bias, fused_qkv
 from lmforge.peft.config import apply_peft
@@ -178,3 +179,33 @@ def test_every_decode_loop_uses_the_fused_projection(run, monkeypatch: pytest.Mo
     assert m.blocks[0].attn.qkv_view() is None
     run(m)
     assert fused_flags and all(fused_flags)
+
+
+@pytest.mark.parametrize("family, kw", [("llama", {"n_kv_head": 2}), ("gpt_neox", {})])
+def test_a_decode_step_rotates_queries_and_keys_with_one_rope_per_layer(family: str, kw: dict,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside `fused_qkv` q and k are adjacent heads of one matmul's output: one rotation covers both (each op call
+    costs a decode step of a small model about as much as its arithmetic). The values are the same element-wise ops
+    on the same numbers as rotating each, so exactly equal."""
+    m = model(family, **kw).eval()
+    calls: list[int] = []
+    plain = layers.apply_rope
+
+    def spy(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == m.cfg.head_dim:  # not the inner call of a partial rotary (GPT-NeoX)
+            calls.append(x.shape[1])
+        return plain(x, cos, sin)
+
+    monkeypatch.setattr(layers, "apply_rope", spy)
+    attn = m.blocks[0].attn
+    x, rope = torch.randn(2, 3, 32), m._rope(5, 3)
+    with torch.inference_mode(), fused_qkv(m):
+        q, k, v = attn.project_qkv(x)
+        each = (plain(q, *rope), plain(k, *rope), v)
+        together = attn.queries_keys_values(x, rope)
+        calls.clear()
+        cache = m.new_cache(1, 8)
+        m(torch.tensor([[1, 2, 3]]), cache=cache)
+        m(torch.tensor([[4]]), cache=cache)
+    assert all(torch.equal(a, b) for a, b in zip(together, each, strict=True))
+    assert calls == [attn.n_head + attn.n_kv] * 2 * len(m.blocks)  # prefill and decode step: one per layer each

@@ -292,9 +292,19 @@ class Attention(nn.Module):
         """q [B, H, T, head_dim] and k, v [B, n_kv, T, head_dim] of `x`; one matmul inside `fused_qkv`."""
         if self._fused is None:
             return self.project_q(x), *self.project_kv(x)
+        return self._fused_heads(x).split([self.n_head, self.n_kv, self.n_kv], dim=1)
+
+    def _fused_heads(self, x: Tensor) -> Tensor:
+        """Inside `fused_qkv`: the q, k and v heads of `x` [B, H + 2 n_kv, T, head_dim], from one matmul."""
         B, T, _ = x.shape
-        qkv = F.linear(x, *self._fused).view(B, T, self.n_head + 2 * self.n_kv, self.head_dim).transpose(1, 2)
-        return qkv.split([self.n_head, self.n_kv, self.n_kv], dim=1)
+        return F.linear(x, *self._fused).view(B, T, self.n_head + 2 * self.n_kv, self.head_dim).transpose(1, 2)
+
+    def _rotated_fused_qkv(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """`project_qkv` inside `fused_qkv`, then q and k rotated together: one `apply_rope` over their adjacent heads
+        (the same element-wise ops as one each, half the op calls of a decode step's rotation)."""
+        qk, v = self._fused_heads(x).split([self.n_head + self.n_kv, self.n_kv], dim=1)
+        q, k = apply_rope(qk, *rope).split([self.n_head, self.n_kv], dim=1)
+        return q, k, v
 
     def forward(
         self,
@@ -313,12 +323,15 @@ class Attention(nn.Module):
                             layer: int = 0, kv: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """The queries of `x` [B, H, T, head_dim] and every key and value they see [B, n_kv, S, head_dim]:
         projected (or the given cross-attention `kv`), rotated by `rope`, and stored in and read from `cache`."""
-        q, k, v = self.project_qkv(x) if kv is None else (self.project_q(x), *kv)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is None and rope is not None and self._fused is not None and self.q_norm is None:
+            q, k, v = self._rotated_fused_qkv(x, rope)
+        else:
+            q, k, v = self.project_qkv(x) if kv is None else (self.project_q(x), *kv)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:
+                cos, sin = rope
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         return q, k, v
