@@ -12,6 +12,7 @@ to first token.
     python benchmarks/serve.py --run runs/sft                       # 1, 8 and 32 clients, every server
     python benchmarks/serve.py --run runs/sft --clients 1 8 --requests 2 --max-tokens 32 --json serve.json
     python benchmarks/serve.py --run runs/sft --servers lmforge transformers-cb
+    python benchmarks/serve.py --run runs/sft --threads 1    # every server on one intra-op thread
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="take each prompt from the opening words of a document of these files (txt/jsonl/parquet, as "
                         "`data prepare` reads them), e.g. --prompts runs/demo/data/world/train.jsonl; default: short "
                         "word lists, which a trained model may answer with an end of text at once")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads of every server (OMP_NUM_THREADS) and of the sequential run, e.g. 1 where "
+                        "the clients share the server's cores (default: torch's, one per core)")
     p.add_argument("--json", type=Path, default=None, help="also write every figure here, e.g. --json serve.json")
     return p.parse_args(argv)
 
@@ -47,10 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     print(common.machine_line())
+    if args.threads:
+        print(f"every server and the sequential run on {args.threads} intra-op thread(s) (OMP_NUM_THREADS)")
     texts = None
     if args.prompts:
         texts = document_openings(args.prompts, max(args.clients) * args.requests)
-    results = compare(args.run, args.servers, args.clients, args.requests, args.max_tokens, texts)
+    results = compare(args.run, args.servers, args.clients, args.requests, args.max_tokens, texts, args.threads)
     header = f"{'server':<20}{'clients':>8}{'tok/s':>10}{'req/s':>8}{'TTFT p50':>10}{'p95':>8}{'lat p50':>9}{'p95':>8}"
     print(header + "\n" + "-" * len(header))
     for name, levels in results["servers"].items():

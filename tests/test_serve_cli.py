@@ -107,6 +107,7 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(checkpoint: Path) -
     finally:
         proc.kill()
         proc.wait()
-    events = [json.loads(line[6:]) for line in reply.decode().split("\r\n") if line.startswith("data: {")]
+    # the chunked body's lines: chunk sizes, and the events of each write (one or more, each ending in a blank line)
+    events = [json.loads(line[6:]) for line in re.split(r"\r?\n", reply.decode()) if line.startswith("data: {")]
     assert b"data: [DONE]" in reply and events[-1]["choices"][0]["finish_reason"] == "length"
     assert "lmforge serve: stopped" in proc.stderr.read()

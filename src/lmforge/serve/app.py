@@ -267,21 +267,24 @@ class Reply:
         return _sse({**self._envelope(chunk=True), "choices": [choice]})
 
     async def stream(self, worker: EngineWorker, metrics: Metrics, include_usage: bool) -> AsyncIterator[str]:
-        if self.chat:
-            for i in range(len(self.choices.text)):
-                yield self._chunk(i, None, None, role=True)
+        """The reply's server-sent events, one per token; the events ready at once go out in one write."""
+        ready = [self._chunk(i, None, None, role=True) for i in range(len(self.choices.text))] if self.chat else []
         try:
             async for i, text, finish in self.events(worker, metrics):
                 if text:
-                    yield self._chunk(i, text, None)
+                    ready.append(self._chunk(i, text, None))
                 if finish is not None:
-                    yield self._chunk(i, None, finish)
+                    ready.append(self._chunk(i, None, finish))
+                if ready and self.queue.empty() and self.choices.unfinished:
+                    yield "".join(ready)
+                    ready.clear()
         except APIError as err:  # headers are sent: the error goes in the stream, as OpenAI's does
-            yield _sse({"error": {"message": str(err), "type": "server_error", "param": None, "code": None}})
+            yield "".join(ready) + _sse({"error": {"message": str(err), "type": "server_error", "param": None,
+                                                   "code": None}})
             return
         if include_usage:
-            yield _sse({**self._envelope(chunk=True), "choices": [], "usage": self.usage})
-        yield "data: [DONE]\n\n"
+            ready.append(_sse({**self._envelope(chunk=True), "choices": [], "usage": self.usage}))
+        yield "".join(ready) + "data: [DONE]\n\n"
 
 
 def _sse(data: dict) -> str:

@@ -119,14 +119,16 @@ def summarise(wall: float, results: list, count_tokens: Callable[[str], int]) ->
 
 
 def measure_server(name: str, run: Path, hf_dir: Path, clients: list[int], requests: int, max_tokens: int,
-                   count_tokens: Callable[[str], int], texts: list[str], startup_timeout: float = 180.0
-                   ) -> dict[str, dict]:
-    """Start server `name`, warm it up, and measure each concurrency level on the first clients x requests of
-    `texts`; {clients: figures}."""
+                   count_tokens: Callable[[str], int], texts: list[str], startup_timeout: float = 180.0,
+                   threads: int | None = None) -> dict[str, dict]:
+    """Start server `name` (with `threads` intra-op threads, as OMP_NUM_THREADS sets them for torch; None: torch's
+    default), warm it up, and measure each concurrency level on the first clients x requests of `texts`;
+    {clients: figures}."""
     port = free_port()
     log = tempfile.TemporaryFile()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **({} if threads is None else {"OMP_NUM_THREADS": str(threads)})}
     process = subprocess.Popen(server_command(name, run, hf_dir, port, max(clients)), stdout=log,
-                               stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                               stderr=subprocess.STDOUT, env=env)
     try:
         wait_healthy(port, process, startup_timeout)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10) as r:
@@ -149,9 +151,12 @@ def measure_server(name: str, run: Path, hf_dir: Path, clients: list[int], reque
             process.kill()
 
 
-def sequential_baseline(run: Path, texts: list[str], max_tokens: int,
-                        count_tokens: Callable[[str], int]) -> dict[str, float]:
-    """lmforge's own generation of `texts`, one at a time in this process (greedy, as the servers run)."""
+def sequential_baseline(run: Path, texts: list[str], max_tokens: int, count_tokens: Callable[[str], int],
+                        threads: int | None = None) -> dict[str, float]:
+    """lmforge's own generation of `texts`, one at a time in this process (greedy, as the servers run), with
+    `threads` intra-op threads (None: as they are)."""
+    import torch
+
     import lmforge
     from lmforge.infer.generate import SamplingConfig, generate
 
@@ -159,18 +164,24 @@ def sequential_baseline(run: Path, texts: list[str], max_tokens: int,
     model.eval()
     generate(model, tokenizer, texts[0], SamplingConfig(max_new_tokens=4, temperature=0.0))
     cfg = SamplingConfig(max_new_tokens=max_tokens, temperature=0.0)
-    start = time.perf_counter()
-    tokens = sum(count_tokens(generate(model, tokenizer, t, cfg)) for t in texts)
-    wall = time.perf_counter() - start
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        start = time.perf_counter()
+        tokens = sum(count_tokens(generate(model, tokenizer, t, cfg)) for t in texts)
+        wall = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(before)
     return {"tokens_per_s": tokens / wall, "requests_per_s": len(texts) / wall, "output_tokens": tokens}
 
 
 def compare(run: Path, servers: list[str], clients: list[int], requests: int, max_tokens: int,
-            texts: list[str] | None = None) -> dict:
+            texts: list[str] | None = None, threads: int | None = None) -> dict:
     """Every figure of `servers` on `run` (the transformers servers on its Hugging Face export) and of lmforge's
     sequential generation, with lmforge serve's throughput ratios per level. `texts`: the prompts (at least
     max(clients) x requests; default `prompts`): openings of in-domain text keep a trained model writing, where it
-    may end its reply at once after words it never saw together."""
+    may end its reply at once after words it never saw together. `threads`: every server's and the sequential
+    run's intra-op threads (None: torch's default)."""
     import lmforge
     from lmforge.export import export_run
 
@@ -184,9 +195,9 @@ def compare(run: Path, servers: list[str], clients: list[int], requests: int, ma
         if any(s != "lmforge" for s in servers):
             export_run(run, "hf", hf_dir)
         texts = texts or prompts(max(clients) * requests)
-        figures = {s: measure_server(s, run, hf_dir, clients, requests, max_tokens, count_tokens, texts)
-                   for s in servers}
-    sequential = sequential_baseline(run, texts[:max(clients) * requests], max_tokens, count_tokens)
+        figures = {s: measure_server(s, run, hf_dir, clients, requests, max_tokens, count_tokens, texts,
+                                     threads=threads) for s in servers}
+    sequential = sequential_baseline(run, texts[:max(clients) * requests], max_tokens, count_tokens, threads)
     ratios = {}
     if "lmforge" in figures:
         for n in map(str, clients):
@@ -196,5 +207,6 @@ def compare(run: Path, servers: list[str], clients: list[int], requests: int, ma
             if peers:
                 ratio["vs_best_transformers"] = ours / max(peers)
             ratios[n] = ratio
-    return {"clients": clients, "requests_per_client": requests, "max_tokens": max_tokens, "servers": figures,
+    return {"clients": clients, "requests_per_client": requests, "max_tokens": max_tokens, "threads": threads,
+            "servers": figures,
             "sequential": sequential, "ratios": ratios}

@@ -1,6 +1,7 @@
 """One thread runs the engine: it calls `Engine.step()` while there is work and hands each TokenEvent to the asyncio
 queue of the HTTP request it belongs to (through `loop.call_soon_threadsafe`, the only safe way into a loop from
-another thread). The engine's slots plus `max_queue` waiting requests bound what may be in flight."""
+another thread; one call carries all of a step's events, since each call wakes the loop). The engine's slots plus
+`max_queue` waiting requests bound what may be in flight."""
 
 from __future__ import annotations
 
@@ -102,22 +103,33 @@ class EngineWorker:
             # a request failed by _fail_all has no route left when the engine reports it cancelled
             routed = [((self._routes.pop if e.finish_reason else self._routes.get)(e.request_id, None), e)
                       for e in events]
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
         for route, event in routed:
             if route is not None:
-                _deliver(route, event)
+                by_loop.setdefault(route[0], []).append((route[1], event))
+        for loop, items in by_loop.items():  # one wake-up of each loop per step, not one per event
+            _deliver(loop, items)
 
     def _fail_all(self, message: str) -> None:
         with self._cond:
             routes, self._routes = self._routes, {}
             for request_id in routes:
                 self.engine.cancel(request_id)
-        for route in {id(r[1]): r for r in routes.values()}.values():
-            _deliver(route, EngineFailed(message))
+        by_loop: dict[asyncio.AbstractEventLoop, dict[int, tuple[asyncio.Queue, Any]]] = {}
+        for loop, queue in routes.values():  # one EngineFailed per queue
+            by_loop.setdefault(loop, {})[id(queue)] = (queue, EngineFailed(message))
+        for loop, items in by_loop.items():
+            _deliver(loop, list(items.values()))
 
 
-def _deliver(route: tuple[asyncio.AbstractEventLoop, asyncio.Queue], item: Any) -> None:
-    loop, queue = route
+def _deliver(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, Any]]) -> None:
+    """Put each (queue, item) of `items`, queues of `loop`, in one call into the loop."""
     try:
-        loop.call_soon_threadsafe(queue.put_nowait, item)
-    except RuntimeError:  # the loop has closed (the server stopped): nobody waits for this event
+        loop.call_soon_threadsafe(_put_all, items)
+    except RuntimeError:  # the loop has closed (the server stopped): nobody waits for these events
         pass
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
