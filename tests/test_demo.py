@@ -143,10 +143,10 @@ def test_demo_quick_writes_a_report_computed_in_the_run(tmp_path: Path) -> None:
     # distillation: with and without the teacher on every token and on few labels (two temperatures), paired tests
     distill_body = section(report, "Distillation")
     distilled = table(distill_body)
-    steps = plan.post_steps["distill"]
+    steps, few = plan.post_steps["distill"], plan.post_steps["distill_few"]
     assert [(num(r["steps"]), r["student"].split(" (")[0], r["student"].split()[-1]) for r in distilled] == [
-        (steps, "with the teacher", "2)"), (steps, "without", "0)"), (steps // 3, "with the teacher", "2)"),
-        (steps // 3, "with the teacher", "1)"), (steps // 3, "without", "0)")]
+        (steps, "with the teacher", "2)"), (steps, "without", "0)"), (few, "with the teacher", "2)"),
+        (few, "with the teacher", "1)"), (few, "without", "0)")]
     val = torch.from_numpy(load_shards(out / "data" / "shards").tokens("val").astype("int64"))
     runs = ("distill-alpha0.5", "distill-alpha0", "distill-few-alpha0.5", "distill-few-alpha0.5-t1",
             "distill-few-alpha0")

@@ -51,7 +51,7 @@ class DemoPlan:
     position_model: dict[str, int] = field(default_factory=dict)
     position_len: int = 64
     instruct_examples: tuple[int, int, int] = (1000, 400, 100)  # SFT conversations, preference pairs, eval prompts
-    post_steps: dict[str, int] = field(default_factory=dict)  # sft, reward, dpo, rl, distill
+    post_steps: dict[str, int] = field(default_factory=dict)  # sft, reward, dpo, rl, distill, distill_few, peft
     rl_prompts: int = 16  # prompts per PPO round (GRPO: a quarter of them, 4 samples each)
     student: dict[str, int] = field(default_factory=dict)  # the distillation student's size
     peft_eval: int = 50  # held-out instructions scoring each PEFT method
@@ -72,7 +72,7 @@ class DemoPlan:
     # scale stage: the scaling grid (sizes as D_MODELxLAYERS, steps per token budget, tokens per step), the bf16 vs
     # fp32 pair of runs, and the tiny fp16 run with loss scaling (at most 50 steps: fp16 is very slow on CPUs)
     scaling: dict = field(default_factory=lambda: dict(sizes=("16x1", "32x1", "48x2"), steps=(8, 24, 72), seq_len=64,
-                                                       batch_size=8))
+                                                       batch_size=8, eval_batches=16))
     precision_run: dict[str, int] = field(default_factory=lambda: dict(
         n_layer=2, n_head=4, d_model=128, seq_len=64, batch_size=16, steps=100))
     fp16_run: dict[str, int] = field(default_factory=lambda: dict(
@@ -93,11 +93,11 @@ def demo_plan(quick: bool) -> DemoPlan:
             position_model=dict(n_layer=1, n_head=2, d_model=32), position_len=32,
             instruct_examples=(100, 40, 8), peft_eval=4, eval_items=(4, 8),
             judge=dict(train=32, pairs=16, steps=4, batch=8, dpo_steps=2),
-            post_steps=dict(sft=20, reward=10, dpo=10, rl=3, distill=10, peft=6),
+            post_steps=dict(sft=20, reward=10, dpo=10, rl=3, distill=10, distill_few=3, peft=6),
             rl_prompts=4, student=dict(n_layer=1, n_head=2, d_model=32),
             serve_servers=("lmforge",), serve_clients=(1, 4), serve_requests=1, serve_tokens=8,
             reasoning=dict(conversations=40, sft_steps=4, eval=3, reasoning_per_set=1, agent_per_set=1, new_tokens=24),
-            scaling=dict(sizes=("16x1", "32x1"), steps=(2, 4, 8), seq_len=32, batch_size=4),
+            scaling=dict(sizes=("16x1", "32x1"), steps=(2, 4, 8), seq_len=32, batch_size=4, eval_batches=2),
             precision_run=dict(n_layer=1, n_head=2, d_model=32, seq_len=32, batch_size=4, steps=6),
             fp16_run=dict(d_model=16, seq_len=16, batch_size=2, steps=6, growth_interval=2))
     return DemoPlan(
@@ -106,9 +106,10 @@ def demo_plan(quick: bool) -> DemoPlan:
         batch_size=16, decoder_steps=1100, eval_per_task=40,
         encoder=EncoderConfig(vocab_size=1024, max_seq_len=128, n_layer=4, n_head=4, d_model=128),
         encdec=EncDecConfig(vocab_size=1024, n_layer=3, n_head=4, head_dim=32, d_model=128, d_ff=512),
-        family_steps=300, finetune_steps=300, task_examples=(600, 300), position_steps=300,
+        family_steps=200, finetune_steps=150, task_examples=(600, 300), position_steps=200,
         position_model=dict(n_layer=2, n_head=4, d_model=128), position_len=64,
-        instruct_examples=(1500, 600, 100), post_steps=dict(sft=300, reward=150, dpo=100, rl=40, distill=200, peft=80),
+        instruct_examples=(1500, 600, 100),
+        post_steps=dict(sft=300, reward=100, dpo=100, rl=40, distill=100, distill_few=66, peft=40),
         rl_prompts=16, student=dict(n_layer=2, n_head=4, d_model=96))
 
 

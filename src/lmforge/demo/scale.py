@@ -65,7 +65,7 @@ def calculator_section(plan: DemoPlan) -> Section:
 
 def scaling_section(plan: DemoPlan, data: DemoData, out_dir: Path, report_dir: Path) -> Section:
     grid = plan.scaling
-    settings = GridSettings(seq_len=grid["seq_len"], batch_size=grid["batch_size"])
+    settings = GridSettings(seq_len=grid["seq_len"], batch_size=grid["batch_size"], eval_batches=grid["eval_batches"])
     sizes = [ModelSize.parse(s) for s in grid["sizes"]]
     budgets = [steps * settings.tokens_per_step for steps in grid["steps"]]
     t0 = time.perf_counter()
