@@ -109,7 +109,7 @@ def demo_plan(quick: bool) -> DemoPlan:
         family_steps=200, finetune_steps=300, task_examples=(600, 300), position_steps=300,
         position_model=dict(n_layer=2, n_head=4, d_model=128), position_len=64,
         instruct_examples=(1500, 600, 100),
-        post_steps=dict(sft=300, reward=100, dpo=100, rl=40, distill=100, distill_few=66, peft=40),
+        post_steps=dict(sft=300, reward=60, dpo=60, rl=40, distill=100, distill_few=66, peft=40),
         rl_prompts=16, student=dict(n_layer=2, n_head=4, d_model=96))
 
 
