@@ -106,7 +106,7 @@ def demo_plan(quick: bool) -> DemoPlan:
         batch_size=16, decoder_steps=1100, eval_per_task=40,
         encoder=EncoderConfig(vocab_size=1024, max_seq_len=128, n_layer=4, n_head=4, d_model=128),
         encdec=EncDecConfig(vocab_size=1024, n_layer=3, n_head=4, head_dim=32, d_model=128, d_ff=512),
-        family_steps=200, finetune_steps=300, task_examples=(600, 300), position_steps=300,
+        family_steps=300, finetune_steps=300, task_examples=(600, 300), position_steps=300,
         position_model=dict(n_layer=2, n_head=4, d_model=128), position_len=64,
         instruct_examples=(1500, 600, 100),
         post_steps=dict(sft=300, reward=60, dpo=60, rl=40, distill=100, distill_few=66, peft=40),
