@@ -48,7 +48,8 @@ SECTIONS = ("Pretraining (decoder, causal LM)", "Held-out task accuracy", "Sampl
             "Encoder and encoder-decoder pretraining", "Fine-tuning: MLM-pretrained encoder",
             "Position encodings past the training length", "Reasoning formats taught by SFT",
             "Prompting methods on the format-SFT chat model", "Shots and prompt repetition",
-            "Agents: ReAct and CodeAct", "Retrieval-augmented generation on facts never trained on")
+            "Agents: ReAct and CodeAct", "Retrieval-augmented generation on facts never trained on",
+            "Scale: what the calculator says", "Scale: a scaling-law fit on a tiny grid", "Scale: mixed precision")
 
 
 def near_ties(out: Path, n_prompts: int) -> int:
@@ -109,7 +110,8 @@ def test_demo_quick_writes_a_report_computed_in_the_run(tmp_path: Path) -> None:
     for start in SECTIONS:
         assert section(report, start).strip()
     for name in ("pretrain_loss.png", "families_loss.png", "position_study.png", "lora_vs_pissa.png",
-                 "kv_cache_scaling.png", "dpo_logps.png", "reasoning_shots.png"):
+                 "kv_cache_scaling.png", "dpo_logps.png", "reasoning_shots.png", "scaling_frontier.png",
+                 "precision_loss.png"):
         png = report_dir / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
         assert f"]({name})" in text
@@ -141,10 +143,10 @@ def test_demo_quick_writes_a_report_computed_in_the_run(tmp_path: Path) -> None:
     # distillation: with and without the teacher on every token and on few labels (two temperatures), paired tests
     distill_body = section(report, "Distillation")
     distilled = table(distill_body)
-    steps = plan.post_steps["distill"]
+    steps, few = plan.post_steps["distill"], plan.post_steps["distill_few"]
     assert [(num(r["steps"]), r["student"].split(" (")[0], r["student"].split()[-1]) for r in distilled] == [
-        (steps, "with the teacher", "2)"), (steps, "without", "0)"), (steps // 3, "with the teacher", "2)"),
-        (steps // 3, "with the teacher", "1)"), (steps // 3, "without", "0)")]
+        (steps, "with the teacher", "2)"), (steps, "without", "0)"), (few, "with the teacher", "2)"),
+        (few, "with the teacher", "1)"), (few, "without", "0)")]
     val = torch.from_numpy(load_shards(out / "data" / "shards").tokens("val").astype("int64"))
     runs = ("distill-alpha0.5", "distill-alpha0", "distill-few-alpha0.5", "distill-few-alpha0.5-t1",
             "distill-few-alpha0")
@@ -302,6 +304,12 @@ def test_demo_quick_writes_a_report_computed_in_the_run(tmp_path: Path) -> None:
     assert pretraining_note("sentiment of reviews", "accuracy", scratch, tuned) in tuning_body
 
     check_reasoning(report, out / "reasoning", plan)
+    # scale (its numbers: test_demo_scale.py): the calculator's rows, the grid's runs, the fp16 run's scaler
+    assert [r["model"] for r in table(section(report, "Scale: what the calculator"))][1:] == ["GPT-3 175B", "Llama-65B"]
+    assert len(table(section(report, "Scale: a scaling-law fit"))) == len(plan.scaling["sizes"]) * len(
+        plan.scaling["steps"])
+    assert f"{int(last_logged(out / 'scale' / 'precision' / 'fp16', 'skipped_steps'))} of " in section(
+        report, "Scale: mixed precision")
 
     model, tokenizer = lmforge.load(out / "pretrain")
     assert tokenizer is not None and model.cfg.vocab_size >= tokenizer.vocab_size

@@ -29,7 +29,7 @@ from lmforge.demo.verdicts import (
 from lmforge.eval.stats import mcnemar_exact, wilson_interval
 
 DEMO_DIR = Path(lmforge.demo.__file__).parent
-STAGES = ("decoder", "alignment", "inference", "evaluation", "peft", "families", "positions", "reasoning")
+STAGES = ("decoder", "alignment", "inference", "evaluation", "peft", "families", "positions", "reasoning", "scale")
 
 
 def parsed(name: str) -> ast.Module:

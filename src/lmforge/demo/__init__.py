@@ -6,10 +6,11 @@ distillation with plenty and few labels), `inference` (quantisation, speculative
 perplexity of every checkpoint, base vs SFT on a task file, the lm-eval cross-check, the LLM judge), `serving`
 (lmforge serve under load), `peft` (every PEFT method vs full fine-tuning), `families` (BERT masked-LM and T5 span-
 corruption pretraining, and pretrained-vs-scratch fine-tuning), `positions` (the positional-encoding study),
-`reasoning` (format SFT, prompting methods, ReAct, CodeAct, RAG). A stage that later stages build on also returns its
-checkpoint, and by name the checkpoints to evaluate (`StageResult`); `run_demo` hands them on, so no stage knows where
-another writes. Every budget is a step count, so a run takes the same steps on any machine, and every number in the
-report is computed by this run.
+`reasoning` (format SFT, prompting methods, ReAct, CodeAct, RAG), `scale` (calculator figures of the demo decoder,
+GPT-3 and Llama-65B, a scaling-law fit on a tiny grid, bf16 vs fp32, fp16 with loss scaling). A stage that later
+stages build on also returns its checkpoint, and by name the checkpoints to evaluate (`StageResult`); `run_demo` hands
+them on, so no stage knows where another writes. Every budget is a step count, so a run takes the same steps on any
+machine, and every number in the report is computed by this run.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class DemoPlan:
     position_model: dict[str, int] = field(default_factory=dict)
     position_len: int = 64
     instruct_examples: tuple[int, int, int] = (1000, 400, 100)  # SFT conversations, preference pairs, eval prompts
-    post_steps: dict[str, int] = field(default_factory=dict)  # sft, reward, dpo, rl, distill
+    post_steps: dict[str, int] = field(default_factory=dict)  # sft, reward, dpo, rl, distill, distill_few, peft
     rl_prompts: int = 16  # prompts per PPO round (GRPO: a quarter of them, 4 samples each)
     student: dict[str, int] = field(default_factory=dict)  # the distillation student's size
     peft_eval: int = 50  # held-out instructions scoring each PEFT method
@@ -68,6 +69,14 @@ class DemoPlan:
     # each reasoning reply may take
     reasoning: dict[str, int] = field(default_factory=lambda: dict(
         conversations=1600, sft_steps=200, eval=60, reasoning_per_set=10, agent_per_set=20, new_tokens=80))
+    # scale stage: the scaling grid (sizes as D_MODELxLAYERS, steps per token budget, tokens per step), the bf16 vs
+    # fp32 pair of runs, and the tiny fp16 run with loss scaling (at most 50 steps: fp16 is very slow on CPUs)
+    scaling: dict = field(default_factory=lambda: dict(sizes=("16x1", "32x1", "48x2"), steps=(8, 24, 72), seq_len=64,
+                                                       batch_size=8, eval_batches=16))
+    precision_run: dict[str, int] = field(default_factory=lambda: dict(
+        n_layer=2, n_head=4, d_model=128, seq_len=64, batch_size=16, steps=100))
+    fp16_run: dict[str, int] = field(default_factory=lambda: dict(
+        d_model=32, seq_len=32, batch_size=4, steps=40, growth_interval=10))
 
 
 def demo_plan(quick: bool) -> DemoPlan:
@@ -84,10 +93,13 @@ def demo_plan(quick: bool) -> DemoPlan:
             position_model=dict(n_layer=1, n_head=2, d_model=32), position_len=32,
             instruct_examples=(100, 40, 8), peft_eval=4, eval_items=(4, 8),
             judge=dict(train=32, pairs=16, steps=4, batch=8, dpo_steps=2),
-            post_steps=dict(sft=20, reward=10, dpo=10, rl=3, distill=10, peft=6),
+            post_steps=dict(sft=20, reward=10, dpo=10, rl=3, distill=10, distill_few=3, peft=6),
             rl_prompts=4, student=dict(n_layer=1, n_head=2, d_model=32),
             serve_servers=("lmforge",), serve_clients=(1, 4), serve_requests=1, serve_tokens=8,
-            reasoning=dict(conversations=40, sft_steps=4, eval=3, reasoning_per_set=1, agent_per_set=1, new_tokens=24))
+            reasoning=dict(conversations=40, sft_steps=4, eval=3, reasoning_per_set=1, agent_per_set=1, new_tokens=24),
+            scaling=dict(sizes=("16x1", "32x1"), steps=(2, 4, 8), seq_len=32, batch_size=4, eval_batches=2),
+            precision_run=dict(n_layer=1, n_head=2, d_model=32, seq_len=32, batch_size=4, steps=6),
+            fp16_run=dict(d_model=16, seq_len=16, batch_size=2, steps=6, growth_interval=2))
     return DemoPlan(
         world=WorldConfig(seed=0), vocab_size=1024,
         decoder=ModelConfig(family="gpt2", vocab_size=1024, max_seq_len=256, n_layer=4, n_head=6, d_model=192),
@@ -96,7 +108,8 @@ def demo_plan(quick: bool) -> DemoPlan:
         encdec=EncDecConfig(vocab_size=1024, n_layer=3, n_head=4, head_dim=32, d_model=128, d_ff=512),
         family_steps=300, finetune_steps=300, task_examples=(600, 300), position_steps=300,
         position_model=dict(n_layer=2, n_head=4, d_model=128), position_len=64,
-        instruct_examples=(1500, 600, 100), post_steps=dict(sft=300, reward=150, dpo=100, rl=40, distill=200, peft=80),
+        instruct_examples=(1500, 600, 100),
+        post_steps=dict(sft=300, reward=60, dpo=60, rl=40, distill=100, distill_few=66, peft=40),
         rl_prompts=16, student=dict(n_layer=2, n_head=4, d_model=96))
 
 
@@ -146,13 +159,24 @@ def fresh_demo_dir(out_dir: Path) -> None:
 
 
 def run_demo(out_dir: Path, report_dir: Path, quick: bool = False, precision: str = "auto") -> Path:
-    from lmforge.demo import alignment, decoder, evaluation, families, inference, peft, positions, reasoning, serving
+    from lmforge.demo import (
+        alignment,
+        decoder,
+        evaluation,
+        families,
+        inference,
+        peft,
+        positions,
+        reasoning,
+        scale,
+        serving,
+    )
 
     plan = demo_plan(quick)
     t_start = time.perf_counter()
     fresh_demo_dir(out_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    timer = StageTimer(total=10)
+    timer = StageTimer(total=11)
     timer.start("the synthetic world: corpus, tokenizer, token shards, instruction data")
     data = prepare_world(plan, out_dir / "data")
     timer.start("decoder (GPT) pretraining, task accuracy, samples")
@@ -176,6 +200,8 @@ def run_demo(out_dir: Path, report_dir: Path, quick: bool = False, precision: st
     sections += positions.run(plan, data, out_dir, report_dir)
     timer.start("reasoning: format SFT; prompting methods, shots, repetition; ReAct, CodeAct, RAG")
     sections += reasoning.run(plan, data, pretrained.checkpoint, out_dir, report_dir)
+    timer.start("scale: calculator figures, a tiny scaling-law fit, bf16 vs fp32, fp16 with loss scaling")
+    sections += scale.run(plan, data, out_dir, report_dir)
     timer.stop()
     intro = (f"Written by `lmforge demo{' --quick' if quick else ''}` on {time.strftime('%Y-%m-%d %H:%M')} in "
              f"{time.perf_counter() - t_start:.0f} s. Machine: {machine_description()}. "

@@ -67,7 +67,8 @@ def run(plan: DemoPlan, data: DemoData, pretrained: Path, out_dir: Path, report_
                 "mean reward per round", curves)
 
     student = ModelConfig(**{**plan.decoder.model_dump(), **plan.student})
-    students = distill_study.train_students(student, pretrained, data.shards_dir, runs, steps["distill"])
+    students = distill_study.train_students(student, pretrained, data.shards_dir, runs, steps["distill"],
+                                            steps["distill_few"])
     n_sft, n_pref, n_eval = plan.instruct_examples
     return StageResult([
         Section("Post-training: SFT, reward model, DPO, PPO, GRPO", "\n".join([

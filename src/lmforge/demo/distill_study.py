@@ -43,15 +43,16 @@ class Students:
         return next(iter(self.taught.values()))
 
 
-def train_students(student: ModelConfig, teacher: Path, shards: Path, runs: Path, steps: int) -> list[Students]:
-    """Every token for `steps` steps, and the first LABELLED_FRACTION of them (at least one batch) for `steps` // 3:
-    about 28 epochs at the demo's full size, where the student without a teacher overfits (its training loss ended
-    0.7 nats below its validation loss when this was written). The first student with a teacher on every token is
-    in runs / "distill-alpha0.5"."""
+def train_students(student: ModelConfig, teacher: Path, shards: Path, runs: Path, steps: int,
+                   few_steps: int) -> list[Students]:
+    """Every token for `steps` steps, and the first LABELLED_FRACTION of them (at least one batch) for `few_steps`:
+    about 28 epochs at the demo's full size (66 steps), where the student without a teacher overfits (its training
+    loss ended 0.7 nats below its validation loss when this was written). The first student with a teacher on every
+    token is in runs / "distill-alpha0.5"."""
     n_train = len(load_shards(shards).tokens("train"))
     labelled = min(n_train, max(int(n_train * LABELLED_FRACTION), BATCH * (student.max_seq_len + 1)))
     settings = [(Students(f"all {n_train:,} train tokens", steps), None, "distill", TEMPERATURES["all"]),
-                (Students(f"the first {labelled:,} train tokens ({labelled / n_train:.0%})", max(1, steps // 3)),
+                (Students(f"the first {labelled:,} train tokens ({labelled / n_train:.0%})", few_steps),
                  labelled, "distill-few", TEMPERATURES["few"])]
     for students, train_tokens, prefix, temperatures in settings:
         runs_to_train = [(ALPHA, t, f"{prefix}-alpha{ALPHA:g}" + ("" if i == 0 else f"-t{t:g}"))
@@ -103,8 +104,8 @@ def section(settings: list[Students], shards: Path, student: ModelConfig) -> Sec
         f"A {student.n_layer}-layer, d_model {student.d_model} student from scratch, with the pretrained decoder as "
         f"teacher (alpha {ALPHA:g}: soft targets, times temperature squared, weigh half) and without it (alpha 0: "
         "labels only, everything else identical), in two settings: every train token, and a small labelled set (the "
-        f"first {LABELLED_FRACTION:.0%} of the train tokens, or one batch if that is more, for a third of the steps: "
-        "many epochs), where soft targets are said to matter most (Hinton et al. 2015: they regularise a student with "
+        f"first {LABELLED_FRACTION:.0%} of the train tokens, or one batch if that is more, for many epochs: the steps "
+        "column), where soft targets are said to matter most (Hinton et al. 2015: they regularise a student with "
         "few labels), there at two temperatures. Validation loss = mean NLL per token over the "
         f"{n_windows} validation windows of {student.max_seq_len} tokens; the teacher's effect is the paired "
         "difference (with minus without) of the per-window losses, with a paired-bootstrap 95% interval and p-value.",
