@@ -219,3 +219,25 @@ def test_both_ways_of_scoring_match_a_plain_forward(env: dict, monkeypatch: pyte
         expected = log_probs.gather(-1, torch.tensor(cont)[:, None]).sum()
         assert log_prob == pytest.approx(float(expected), rel=1e-5, abs=1e-4)
         assert is_greedy == bool((log_probs.argmax(-1) == torch.tensor(cont)).all())
+
+
+def test_a_large_context_group_is_scored_within_the_batch_budget(env: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests sharing one context (every document's first rolling window shares the prefix token) are scored in
+    forwards of at most batch_size x max_length tokens, not all at once, and still as a plain forward scores them."""
+    from lmforge.eval import harness
+
+    model = env["model"]
+    lm = harness.LmforgeLM(model, env["tokenizer"], batch_size=2)
+    gen = torch.Generator().manual_seed(1)
+    requests = [(None, [lm.prefix_token_id], torch.randint(5, 400, (32,), generator=gen).tolist()) for _ in range(9)]
+    shapes = []
+    hidden = type(model).hidden_of_embeddings
+    monkeypatch.setattr(type(model), "hidden_of_embeddings",
+                        lambda self, x, *args, **kw: shapes.append(x.shape[:2]) or hidden(self, x, *args, **kw))
+    scores = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert shapes and all(rows * width <= 2 * model.cfg.max_seq_len for rows, width in shapes), shapes
+    with torch.inference_mode():
+        log_probs = F.log_softmax(model(torch.tensor([[lm.prefix_token_id] + cont[:-1] for _, _, cont in requests])),
+                                  dim=-1)
+    expected = log_probs.gather(-1, torch.tensor([cont for _, _, cont in requests])[..., None]).sum(dim=(1, 2))
+    assert [s for s, _ in scores] == pytest.approx(expected.tolist(), rel=1e-5, abs=1e-4)

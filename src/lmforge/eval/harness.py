@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError, one_line
@@ -60,13 +59,12 @@ GENERATION_KEYS = ("until", "max_gen_toks", "max_new_tokens", "max_tokens", "max
 def _padded(rows: Sequence[Sequence[int]], width: int, left: bool, device: torch.device) -> tuple[torch.Tensor,
                                                                                                   torch.Tensor]:
     """rows as one [B, width] id block and its mask (1 = real), padded on the left or the right with id 0."""
-    ids = torch.zeros((len(rows), width), dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        cols = slice(width - len(row), width) if left else slice(0, len(row))
-        ids[i, cols] = torch.tensor(row, dtype=torch.long, device=device)
-        mask[i, cols] = 1
-    return ids, mask
+    # built as lists and made a tensor once: a slice assignment per row costs more than the forward of a short row
+    pads = [[0] * (width - len(row)) for row in rows]
+    ids = [pad + list(row) if left else list(row) + pad for row, pad in zip(rows, pads, strict=True)]
+    mask = [[0] * len(pad) + [1] * len(row) if left else [1] * len(row) + [0] * len(pad)
+            for row, pad in zip(rows, pads, strict=True)]
+    return (torch.tensor(ids, dtype=torch.long, device=device), torch.tensor(mask, dtype=torch.long, device=device))
 
 
 def _shares(batch: list[tuple[tuple[int, ...], list[int]]], requests: list[Request]) -> bool:
@@ -171,20 +169,31 @@ class LmforgeLM(TemplateLM):
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         progress = tqdm(total=len(requests), disable=disable_tqdm, desc="lmforge loglikelihood")
         batch: list[tuple[tuple[int, ...], list[int]]] = []
-        for context, members in sorted(groups.items(), key=lambda g: -len(g[0])):
-            if batch and not self._fits(batch + [(context, members)], requests):
+        for part in self._parts(groups, requests):
+            if batch and not self._fits(batch + [part], requests):
                 self._score(batch, requests, results)
                 progress.update(sum(len(m) for _, m in batch))
                 batch = []
-            batch.append((context, members))
+            batch.append(part)
         if batch:
             self._score(batch, requests, results)
             progress.update(sum(len(m) for _, m in batch))
         progress.close()
         return results
 
+    def _parts(self, groups: dict[tuple[int, ...], list[int]],
+               requests: list[Request]) -> list[tuple[tuple[int, ...], list[int]]]:
+        """The context groups, longest context first, each cut into parts of at most batch_size x max_length tokens:
+        one group can be large (every document's first rolling window shares the one prefix token)."""
+        parts = []
+        for context, members in sorted(groups.items(), key=lambda g: -len(g[0])):
+            width = len(context) + max(len(requests[i][2]) for i in members) - 1
+            step = max(1, self.batch_size * self.max_length // width)
+            parts += [(context, members[start:start + step]) for start in range(0, len(members), step)]
+        return parts
+
     def _fits(self, batch: list[tuple[tuple[int, ...], list[int]]], requests: list[Request]) -> bool:
-        """Whether a batch of context groups, padded, fits the context window (a group alone always does) and holds
+        """Whether a batch of context groups, padded, fits the context window (a part alone always does) and holds
         at most batch_size rows of the full context: short requests pack into more rows (fewer, fuller forwards),
         in no more memory than batch_size full-length rows."""
         rows = [i for _, members in batch for i in members]
@@ -205,10 +214,12 @@ class LmforgeLM(TemplateLM):
                 logits = self._logits_shared(batch, continuations)
             else:
                 logits = self._logits_whole([c for c, group in batch for _ in group], continuations)
-        log_probs = F.log_softmax(logits.float(), dim=-1)
+        logits = logits.float()
         targets, real = _padded(continuations, logits.shape[1], False, logits.device)
-        token_log_probs = log_probs.gather(-1, targets[..., None]).squeeze(-1).masked_fill(real == 0, 0.0)
-        greedy = ((log_probs.argmax(-1) == targets) | (real == 0)).all(dim=1)
+        # log p(target) = its logit - logsumexp of the row: no [N, W, V] log-softmax is written and read back
+        token_log_probs = (logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
+                           ).masked_fill(real == 0, 0.0)
+        greedy = ((logits.argmax(-1) == targets) | (real == 0)).all(dim=1)
         for i, total, is_greedy in zip(members, token_log_probs.sum(dim=1).tolist(), greedy.tolist(), strict=True):
             results[i] = (total, is_greedy)
             if requests[i][0] is not None:
