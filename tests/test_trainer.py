@@ -177,6 +177,21 @@ def test_pretrain_writes_metrics_checkpoints_and_loads(tmp_path: Path, shards_di
     assert tok is not None and tok.vocab_size == 400 and not model.training
 
 
+def test_metrics_log_mfu_against_the_given_or_measured_peak(tmp_path: Path, shards_dir: Path) -> None:
+    """Each log record's MFU is the model's training FLOPs per second (flops_per_token x tokens/s) over the peak:
+    train.peak_flops when given, else a matmul's rate measured on the device (positive, finite)."""
+    for name, peak in (("given", 1e9), ("measured", None)):
+        model, tcfg, batches, config = small_setup(shards_dir, tmp_path / name, max_steps=4, log_every=2,
+                                                   peak_flops=peak)
+        train(model, tcfg, batches.batch, causal_lm_loss, run_config=config)
+        records = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        logged = [r for r in records if "loss" in r]
+        assert [r["step"] for r in logged] == [2, 4] and all(0 < r["mfu"] < math.inf for r in logged)
+        if peak is not None:
+            for r in logged:
+                assert r["mfu"] * peak == pytest.approx(r["tokens_per_s"] * model.flops_per_token(32), rel=1e-9)
+
+
 def test_schedule_and_weight_decay_groups() -> None:
     cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
     assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
