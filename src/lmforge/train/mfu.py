@@ -20,10 +20,10 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, sizes: tuple[int
                       repeats: int = 3) -> float:
     """The best FLOP/s of square matmuls (2 n^3 FLOPs each) of `sizes` in `dtype` on `device`, after one untimed
     call each."""
-    best = 0.0
+    best, generator = 0.0, torch.Generator(device).manual_seed(0)  # its own: the run's random streams stay as they are
     for n in sizes:
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
+        a = torch.randn(n, n, device=device, generator=generator).to(dtype)
+        b = torch.randn(n, n, device=device, generator=generator).to(dtype)
         for i in range(repeats + 1):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
