@@ -13,7 +13,9 @@ import torch
 from torch import Tensor
 
 IGNORE_INDEX = -100
-CHUNK_ELEMENTS = 2**21  # logits per chunk (8 MB in fp32): small enough for the caches, large enough for matmuls
+# logits per chunk (256 MB in fp32): a chunk of GPT-2's vocabulary is 1335 tokens. Measured at GPT-2 small: 41-token
+# chunks (2**21) made the step 1.3x slower, each chunk re-reading and re-writing the whole [vocab, d] weight gradient
+CHUNK_ELEMENTS = 2**26
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -38,7 +40,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_logits = grad_logits.mul_(kept[:, None]).to(hidden.dtype)
             if want_hidden:
                 grad_hidden[start:start + rows] = grad_logits @ weight
-            if want_weight:
+            if want_weight and grad_logits.dtype == grad_weight.dtype:
+                grad_weight.addmm_(grad_logits.t(), h)
+            elif want_weight:
                 grad_weight += (grad_logits.t() @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
