@@ -124,14 +124,10 @@ def time_it(fn: Callable[[], object], warmup: int = 1, repeats: int = 5) -> Timi
 
 
 def matmul_peak_gflops(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048), repeats: int = 3) -> float:
-    """Best GFLOP/s over a few square matmuls (2 n^3 FLOPs each) in `dtype`."""
-    best = 0.0
-    for n in sizes:
-        a = torch.randn(n, n).to(dtype)
-        b = torch.randn(n, n).to(dtype)
-        t = time_it(lambda a=a, b=b: torch.mm(a, b), warmup=1, repeats=repeats)
-        best = max(best, 2 * n**3 / t.best / 1e9)
-    return best
+    """Best GFLOP/s over a few square matmuls (2 n^3 FLOPs each) in `dtype`: the peak the trainer's MFU uses."""
+    from lmforge.train.mfu import matmul_peak_flops
+
+    return matmul_peak_flops(torch.device("cpu"), dtype, sizes, repeats) / 1e9
 
 
 def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 7) -> float:

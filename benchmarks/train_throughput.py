@@ -2,10 +2,12 @@
 
 One training step = forward, next-token cross-entropy, backward, gradient clipping and an AdamW
 step (lmforge's `build_optimizer`, foreach=True), exactly as `lmforge.train.trainer.train` does it;
-transformers gets the same loss function on its logits and the same optimizer. All contenders
+transformers gets the same loss on its logits (lmforge computes it chunk by chunk, the head fused in:
+`causal_lm_loss`) and the same optimizer. All contenders
 live in one process and are timed in interleaved rounds (rotating order) so load drifts on a
 shared machine hit them alike. MFU = model.flops_per_token(seq) x tokens/s divided by the square
-matmul peak measured in this run (fp32 peak for fp32 rows, bf16 peak for bf16 rows).
+matmul peak measured in this run (fp32 peak for fp32 rows, bf16 peak for bf16 rows). The targets compare
+each precision with transformers' in the same precision: >= 1.3x at the demo size, >= 1.1x at GPT-2 small.
 
     python benchmarks/train_throughput.py                 # GPT-2 demo size, batch 16 x 256
     python benchmarks/train_throughput.py --family llama  # Llama (RoPE, RMSNorm, SwiGLU)
@@ -186,17 +188,12 @@ def main(argv: list[str] | None = None) -> None:
         )
     print(f"machine: {common.machine_line()}")
     print(load.describe())
-    lm_fp32 = tokens / timings["lmforge fp32"].median
-    verdict = [
-        f"lmforge fp32 / HF fp32 = {lm_fp32 / base:.2f}x (target >= 1.0: "
-        f"{'met' if lm_fp32 >= base else 'MISSED'})"
-    ]
-    if not args.no_bf16:
-        lm_bf16 = tokens / timings["lmforge bf16"].median
-        verdict.append(
-            f"lmforge bf16 / HF fp32 = {lm_bf16 / base:.2f}x (goal >= 2.0: "
-            f"{'met' if lm_bf16 >= 2 * base else 'MISSED'})"
-        )
+    goal = 1.1 if args.size == "gpt2-small" else 1.3  # issue 16: matmul-bound at GPT-2 small, 1.1x there
+    verdict = []
+    for prec in ("fp32",) if args.no_bf16 else ("fp32", "bf16"):
+        ratio = timings[f"transformers {prec}"].median / timings[f"lmforge {prec}"].median
+        verdict.append(f"lmforge {prec} / transformers {prec} = {ratio:.2f}x (target >= {goal}: "
+                       f"{'met' if ratio >= goal else 'MISSED'})")
     print("targets: " + "; ".join(verdict))
 
 

@@ -18,6 +18,7 @@ from lmforge.data.shards import load_shards
 from lmforge.errors import ConfigError
 from lmforge.model.decoder import DecoderLM
 from lmforge.train.loss import LossResult
+from lmforge.train.metrics_log import TIMING_KEYS
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.trainer import train
 
@@ -68,7 +69,7 @@ def weights_at(run: Path, step: int) -> dict[str, torch.Tensor]:
 
 def step_records(run: Path) -> list[dict]:
     """The per-step records of metrics.jsonl, without the wall-clock throughput."""
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"}
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS}
             for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 

@@ -23,6 +23,7 @@ from lmforge.data.batches import PackedBatches
 from lmforge.errors import CheckpointError, TrainingError
 from lmforge.model.decoder import DecoderLM
 from lmforge.train.loss import LossResult
+from lmforge.train.metrics_log import TIMING_KEYS
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.pretrain import pretrain
 from lmforge.train.trainer import build_optimizer, lr_at, train
@@ -78,7 +79,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path: Path, shards_dir: Path) 
         assert torch.equal(resumed[name], reference[name]), name
     ref_metrics = (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()
     run_metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in lines]
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k not in TIMING_KEYS} for x in lines]
     assert strip(run_metrics) == strip(ref_metrics)
 
 
@@ -176,6 +177,32 @@ def test_pretrain_writes_metrics_checkpoints_and_loads(tmp_path: Path, shards_di
     assert result.val_loss is not None and result.val_loss < math.log(400)  # learned something
     model, tok = lmforge.load(tmp_path / "run")
     assert tok is not None and tok.vocab_size == 400 and not model.training
+
+
+def test_metrics_log_mfu_against_the_given_or_measured_peak(tmp_path: Path, shards_dir: Path) -> None:
+    """Each log record's MFU is the model's training FLOPs per second (flops_per_token x tokens/s) over the peak:
+    train.peak_flops when given, else a matmul's rate measured on the device (positive, finite)."""
+    for name, peak in (("given", 1e9), ("measured", None)):
+        model, tcfg, batches, config = small_setup(shards_dir, tmp_path / name, max_steps=4, log_every=2,
+                                                   peak_flops=peak)
+        train(model, tcfg, batches.batch, causal_lm_loss, run_config=config)
+        records = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        logged = [r for r in records if "loss" in r]
+        assert [r["step"] for r in logged] == [2, 4] and all(0 < r["mfu"] < math.inf for r in logged)
+        if peak is not None:
+            for r in logged:
+                assert r["mfu"] * peak == pytest.approx(r["tokens_per_s"] * model.flops_per_token(32), rel=1e-9)
+
+
+def test_measuring_the_peak_leaves_the_random_streams_alone() -> None:
+    """The MFU peak is measured mid-run, at the first log: drawing its matrices from the global generator would shift
+    dropout and sampling after it, and a resumed run (whose process measured already) would differ from an unbroken
+    one."""
+    from lmforge.train.mfu import matmul_peak_flops
+
+    state = torch.get_rng_state()
+    assert matmul_peak_flops(torch.device("cpu"), torch.float32, (64,)) > 0
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_schedule_and_weight_decay_groups() -> None:

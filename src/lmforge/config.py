@@ -171,6 +171,8 @@ class TrainConfig(StrictModel):
     loss_scale_growth_interval: int = Field(2000, ge=1)
     activation_checkpointing: bool = False  # recompute each block's activations in the backward: less memory
     compile: bool = False  # torch.compile the training forward (pays for Llama blocks; costs a warm-up)
+    # FLOP/s of one device for the logged MFU (model FLOPs utilisation); None: a square matmul's rate measured once
+    peak_flops: float | None = Field(None, gt=0)
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate the model (DDP) or shard it (FSDP2)
     device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
     eval_every: int = 100

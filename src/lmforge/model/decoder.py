@@ -25,6 +25,7 @@ from lmforge.model.layers import (
     rope_tables,
     sinusoidal_table,
 )
+from lmforge.model.linear_cross_entropy import linear_cross_entropy
 
 
 def _identity(x: Tensor) -> Tensor:
@@ -132,11 +133,18 @@ class DecoderLM(nn.Module):
                        dtype)
 
     def forward(self, input_ids: Tensor, cache: KVCache | None = None, attention_mask: Tensor | None = None,
-                keep_last: int = 0) -> Tensor:
+                keep_last: int = 0, labels: Tensor | None = None) -> Tensor:
         """Logits [B, T, vocab], or [B, keep_last, vocab] for the last positions only: a prefill needs just the
-        last one, which saves a [T, d_model] x [d_model, vocab] matmul."""
+        last one, which saves a [T, d_model] x [d_model, vocab] matmul. With `labels` [B, T] (-100: no loss), the
+        summed cross-entropy of the logits against them instead (fp32), computed chunk by chunk when the head is a
+        plain Linear, so the whole [B, T, vocab] fp32 logits are never held (`linear_cross_entropy`)."""
         h = self.hidden(input_ids, cache, attention_mask)
-        return self.lm_head(h[:, -keep_last:] if keep_last else h)
+        if labels is None:
+            return self.lm_head(h[:, -keep_last:] if keep_last else h)
+        if type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
+            return linear_cross_entropy(h, self.lm_head.weight, labels)
+        logits = self.lm_head(h).float()
+        return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
 
     def hidden(self, input_ids: Tensor, cache: KVCache | None = None, attention_mask: Tensor | None = None) -> Tensor:
         """Final hidden states [B, T, d_model] (after the final norm): what task heads read.

@@ -10,6 +10,7 @@ from lmforge.errors import CheckpointError, TrainingError
 from lmforge.io import append_line, atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
+TIMING_KEYS = ("tokens_per_s", "mfu")  # a record's measures of speed: they differ between otherwise identical runs
 METRICS_KEPT = "the checkpoints are intact; free some space, then continue with --resume"
 
 

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.model.decoder import DecoderLM
+from lmforge.model.linear_cross_entropy import IGNORE_INDEX
 from lmforge.train.loss import LossResult
-
-IGNORE_INDEX = -100
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -33,8 +33,12 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> LossResul
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> LossResult:
-    """Next-token prediction (GPT); `labels` are already shifted, IGNORE_INDEX positions carry no loss."""
-    return token_cross_entropy(model(batch["input_ids"]), batch["labels"])
+    """Next-token prediction (GPT); `labels` are already shifted, IGNORE_INDEX positions carry no loss. A
+    `DecoderLM` sums the loss itself, chunk by chunk, without holding the whole batch's logits."""
+    labels = batch["labels"]
+    if isinstance(unwrap(model), DecoderLM):
+        return LossResult(model(batch["input_ids"], labels=labels), (labels != IGNORE_INDEX).sum())
+    return token_cross_entropy(model(batch["input_ids"]), labels)
 
 
 def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> LossResult:

@@ -50,6 +50,7 @@ from lmforge.train.distributed import (
 from lmforge.train.early_stopping import EarlyStopping
 from lmforge.train.loss import LossResult, log_dtype
 from lmforge.train.metrics_log import MetricsLog
+from lmforge.train.mfu import PRECISION_DTYPES, matmul_peak_flops, training_flops_per_token
 from lmforge.train.run_lock import run_dir_lock
 
 Batch = dict[str, torch.Tensor]
@@ -137,6 +138,7 @@ class StepStats:
     loss: float  # summed loss / count over the step's micro-batches on every rank
     metrics: dict[str, float]  # the loss function's metrics, averaged over micro-batches and ranks
     tokens: int  # input tokens the step read, all ranks together
+    flops: int | None  # the model's training FLOPs for those tokens, None for a model that does not count them
 
 
 def accumulate_gradients(step: int, cfg: TrainConfig, ctx: DistContext, device: torch.device,
@@ -149,7 +151,7 @@ def accumulate_gradients(step: int, cfg: TrainConfig, ctx: DistContext, device: 
     backward, which divides by it as a mean-reduced loss does (the same gradients, bit for bit, in one process).
     An enabled `scaler` multiplies each loss by the loss scale before its backward (the gradients stay scaled)."""
     scale_loss = scaler.scale if scaler is not None else (lambda loss: loss)
-    sums, keys, tokens = None, [], 0  # sums: [total, count, *metrics] over the micro-batches
+    sums, keys, tokens, flops = None, [], 0, 0  # sums: [total, count, *metrics] over the micro-batches
     for micro in range(cfg.grad_accum):
         index = (step * cfg.grad_accum + micro) * ctx.world_size + ctx.rank
         batch = {k: v.to(device, non_blocking=True) for k, v in batch_at(index).items()}
@@ -168,6 +170,8 @@ def accumulate_gradients(step: int, cfg: TrainConfig, ctx: DistContext, device: 
                               (result.total, result.count, *(result.metrics[k] for k in keys))])
         sums = values if sums is None else sums + values
         tokens += batch["input_ids"].numel() * ctx.world_size
+        per_token = training_flops_per_token(forward_model, batch["input_ids"].shape[-1])
+        flops = None if per_token is None or flops is None else flops + per_token * batch["input_ids"].numel()
     sums = sum_across_ranks(sums, ctx)
     if cfg.grad_accum > 1:
         scale = (ctx.world_size / sums[1]).float()  # DDP/FSDP averaged the ranks' sums: this makes the mean
@@ -176,7 +180,8 @@ def accumulate_gradients(step: int, cfg: TrainConfig, ctx: DistContext, device: 
                 p.grad.mul_(scale)
     loss = sums[0].float() / sums[1].float()  # in the loss's precision: one micro-batch logs the loss's own mean
     loss, *means = torch.cat([loss.to(sums.dtype).reshape(1), sums[2:] / (cfg.grad_accum * ctx.world_size)]).tolist()
-    return StepStats(loss, dict(zip(keys, means, strict=True)), tokens)  # one device-to-host copy per step
+    flops = None if flops is None else flops * ctx.world_size
+    return StepStats(loss, dict(zip(keys, means, strict=True)), tokens, flops)  # one device-to-host copy per step
 
 
 def _restore_latest(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -288,6 +293,13 @@ class _Run:
     def params(self) -> list[torch.Tensor]:
         """The trained parameters (the optimizer's groups never change during a run)."""
         return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    @functools.cached_property
+    def peak_flops(self) -> float:
+        """The peak FLOP/s of all ranks together, for MFU: `train.peak_flops` per device, or a square matmul's rate
+        measured on this device in the run's precision (once per process)."""
+        per_device = self.cfg.peak_flops or matmul_peak_flops(self.device, PRECISION_DTYPES[self.cfg.precision])
+        return per_device * self.ctx.world_size
 
     def log(self, record: dict[str, Any]) -> None:
         if self.metrics is not None:
@@ -404,7 +416,7 @@ def _train_holding_lock(model: torch.nn.Module, cfg: TrainConfig, batch_at: Call
     bar = tqdm(total=cfg.max_steps, initial=run.start_step, disable=not (cfg.progress and ctx.is_main),
                desc="train", unit="step")
     loss, val_loss, tokens_per_s = float("nan"), None, 0.0
-    window_tokens, window_time = 0, 0.0  # throughput counts training steps only, not eval or saving
+    window_tokens, window_flops, window_time = 0, 0, 0.0  # throughput counts training steps only, not eval or saving
     stopper = EarlyStopping.for_run(cfg, Path(cfg.out_dir), run.start_step if resume else None)
     last_step = run.start_step if stopper.stopped else cfg.max_steps  # a resumed run that had stopped stays stopped
     for step in range(run.start_step, last_step):
@@ -412,14 +424,16 @@ def _train_holding_lock(model: torch.nn.Module, cfg: TrainConfig, batch_at: Call
         stats, lr, grad_norm = _optimizer_step(run, step, batch_at, loss_fn)
         window_time += time.perf_counter() - t0
         window_tokens += stats.tokens
+        window_flops = None if stats.flops is None or window_flops is None else window_flops + stats.flops
         loss, done = stats.loss, step + 1
         bar.update(1)
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             tokens_per_s = window_tokens / max(window_time, 1e-9)
+            mfu = {} if window_flops is None else {"mfu": window_flops / max(window_time, 1e-9) / run.peak_flops}
             run.log({"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": run.tokens_seen,
-                     "tokens_per_s": tokens_per_s, **_loss_scale_record(run), **stats.metrics})
+                     "tokens_per_s": tokens_per_s, **mfu, **_loss_scale_record(run), **stats.metrics})
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-            window_tokens, window_time = 0, 0.0
+            window_tokens, window_flops, window_time = 0, 0, 0.0
         if val_batches is not None and (done % cfg.eval_every == 0 or done == cfg.max_steps):
             val_loss, line = _validate(run, loss_fn, val_batches(), done, perplexity)
             if stopper.update(val_loss):
