@@ -17,17 +17,12 @@ llama-cpp-python builds llama.cpp from source (about 5 minutes on 2 cores):
     python benchmarks/vs_llamacpp.py                  # the 97.5M model, 16-token prompt, 128 new tokens
     python benchmarks/vs_llamacpp.py --compile        # also lmforge's torch.compiled decode step
 
-Measured with --compile (Intel Xeon, Sapphire Rapids VM, 2 cores, torch 2.13, llama.cpp of llama-cpp-python
-0.3.36 built for AVX-512 without AMX; 23.4 GB/s measured; 4 rounds, spreads up to 50% on a shared machine): llama.cpp
-F32 54.7 tok/s, lmforge fp32 38.3 (0.70x) and compiled 52.3 (0.96x), transformers 35.9; Q8_0 102 vs int8 45.1
-(0.44x); Q4_0 180 vs int4 65.4 (0.36x). Greedy ids of lmforge fp32, its compiled step, llama.cpp F32 and transformers
-identical. llama.cpp streams 19.9 GB/s of F32 weights, compiled lmforge 19.1, eager 14.0: eager loses ~7 ms per token
-to op calls (about 90 per layer, each a few microseconds here), which the compiled step removes. Profiled (torch
-profiler, 64 tokens): int8 spends ~10.4 of its ~19-22 ms per token in `_weight_int8pack_mm` (85 calls, ~9 GB/s:
-it widens int8 weights to bf16, where llama.cpp multiplies int8 by int8-quantised activations with VNNI), ~4 ms in
-QuantLinear's own ops around it (casts, scale and zero-point terms) and ~5 ms in the rest of the step; int4 ~4.7 ms
-in `_weight_int4pack_mm_for_cpu`, ~3 ms around it, ~5 ms elsewhere. torch.compile does not help them today: under
-it QuantLinear dequantises (the private kernels are not traceable).
+What the profile (torch profiler over the decode loop) shows on a 2-core Sapphire Rapids: eager fp32 loses time to
+op calls (about 90 per layer), which the compiled step removes, so compiled lmforge streams weights about as fast as
+llama.cpp F32. int8 spends most of its step in `_weight_int8pack_mm`, which widens int8 weights to bf16 where
+llama.cpp multiplies int8 weights by int8-quantised activations with VNNI; the rest is QuantLinear's own ops around
+the kernel (casts, scale and zero-point terms). int4 likewise in `_weight_int4pack_mm_for_cpu`. torch.compile does not
+help them today: under it QuantLinear dequantises (the private kernels are not traceable).
 
 Without llama-cpp-python installed the script says how to install it and exits 0. A virtual machine may list AMX
 among its CPU flags without letting programs use it: there a GGML_NATIVE build dies with "Illegal instruction" on
