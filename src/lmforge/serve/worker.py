@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,31 +104,28 @@ class EngineWorker:
             # a request failed by _fail_all has no route left when the engine reports it cancelled
             routed = [((self._routes.pop if e.finish_reason else self._routes.get)(e.request_id, None), e)
                       for e in events]
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
-        for route, event in routed:
-            if route is not None:
-                by_loop.setdefault(route[0], []).append((route[1], event))
-        for loop, items in by_loop.items():  # one wake-up of each loop per step, not one per event
-            _deliver(loop, items)
+        _deliver((route, event) for route, event in routed if route is not None)
 
     def _fail_all(self, message: str) -> None:
         with self._cond:
             routes, self._routes = self._routes, {}
             for request_id in routes:
                 self.engine.cancel(request_id)
-        by_loop: dict[asyncio.AbstractEventLoop, dict[int, tuple[asyncio.Queue, Any]]] = {}
-        for loop, queue in routes.values():  # one EngineFailed per queue
-            by_loop.setdefault(loop, {})[id(queue)] = (queue, EngineFailed(message))
-        for loop, items in by_loop.items():
-            _deliver(loop, list(items.values()))
+        # one EngineFailed per queue: a request's choices share one
+        _deliver((route, EngineFailed(message)) for route in {id(r[1]): r for r in routes.values()}.values())
 
 
-def _deliver(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, Any]]) -> None:
-    """Put each (queue, item) of `items`, queues of `loop`, in one call into the loop."""
-    try:
-        loop.call_soon_threadsafe(_put_all, items)
-    except RuntimeError:  # the loop has closed (the server stopped): nobody waits for these events
-        pass
+def _deliver(routed: Iterable[tuple[tuple[asyncio.AbstractEventLoop, asyncio.Queue], Any]]) -> None:
+    """Put each item on its route's queue: one call into each event loop for all of its items, since each call
+    wakes the loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+    for (loop, queue), item in routed:
+        by_loop.setdefault(loop, []).append((queue, item))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # the loop has closed (the server stopped): nobody waits for these events
+            pass
 
 
 def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:

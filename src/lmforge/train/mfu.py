@@ -12,8 +12,6 @@ from torch import nn
 
 from lmforge.train.objectives import unwrap
 
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 @functools.cache
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...] = (1024,),

@@ -50,7 +50,7 @@ from lmforge.train.distributed import (
 from lmforge.train.early_stopping import EarlyStopping
 from lmforge.train.loss import LossResult, log_dtype
 from lmforge.train.metrics_log import MetricsLog
-from lmforge.train.mfu import PRECISION_DTYPES, matmul_peak_flops, training_flops_per_token
+from lmforge.train.mfu import matmul_peak_flops, training_flops_per_token
 from lmforge.train.run_lock import run_dir_lock
 
 Batch = dict[str, torch.Tensor]
@@ -298,7 +298,8 @@ class _Run:
     def peak_flops(self) -> float:
         """The peak FLOP/s of all ranks together, for MFU: `train.peak_flops` per device, or a square matmul's rate
         measured on this device in the run's precision (once per process)."""
-        per_device = self.cfg.peak_flops or matmul_peak_flops(self.device, PRECISION_DTYPES[self.cfg.precision])
+        dtype = AUTOCAST_DTYPES.get(self.cfg.precision, torch.float32)
+        per_device = self.cfg.peak_flops or matmul_peak_flops(self.device, dtype)
         return per_device * self.ctx.world_size
 
     def log(self, record: dict[str, Any]) -> None:
