@@ -27,6 +27,14 @@ if os.environ.get("ATEN_CPU_CAPABILITY") == "avx2":
                           os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_avx2"))
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n K: each worker gets its share of the cores, in-process and in the subprocesses it starts; K workers
+    # each on torch's default of every core oversubscribe them, and OpenMP barriers then wait on descheduled threads
+    _share = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    os.environ.setdefault("OMP_NUM_THREADS", _share)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run fastest on one thread (and do not fight other jobs for the cores); restored after."""
