@@ -31,6 +31,18 @@ def test_fit_recovers_known_parameters_from_noisy_points():
     assert fit.rms_log_residual < 0.004  # the noise is 0.002
 
 
+def test_a_parameter_pinned_at_its_bound_is_not_identified_and_the_others_keep_finite_errors():
+    """The default grid's losses on the synthetic world (one CPU's run): still falling fast, they pin E at its lower
+    bound; the errors of the other four are then conditional on it, and the JSON stays strict."""
+    n = np.repeat([12768, 100096, 335712], 3)
+    d = np.tile([20480, 60416, 200192], 3)
+    loss = np.array([4.9718, 4.164, 2.5474, 4.3752, 3.0571, 1.7096, 4.4804, 2.7687, 1.377])
+    fit = fit_scaling_law(n, d, loss)
+    assert fit.stderr["log_E"] is None
+    assert all(0 < fit.stderr[k] < np.inf for k in ("log_A", "log_B", "alpha", "beta"))
+    json.dumps(fit.as_dict(), allow_nan=False)  # strict JSON: no Infinity
+
+
 def test_closed_form_optimum_matches_brute_force_search_over_the_fitted_surface():
     fit = ScalingFit(**TRUE, stderr={}, rms_log_residual=0.0, points=9)
     for flops in (1e15, 1e21):

@@ -32,8 +32,9 @@ class ScalingFit:
     B: float
     alpha: float
     beta: float
-    # standard errors of (log E, log A, log B, alpha, beta) from the Jacobian at the optimum (inf: not identified)
-    stderr: dict[str, float]
+    # standard errors of (log E, log A, log B, alpha, beta) from the Jacobian at the optimum; None where not identified:
+    # a parameter pinned at one of its bounds (the others' errors are then conditional on it), or a singular Jacobian
+    stderr: dict[str, float | None]
     rms_log_residual: float
     points: int
 
@@ -99,11 +100,13 @@ def fit_scaling_law(n: np.ndarray, d: np.ndarray, loss: np.ndarray) -> ScalingFi
     resid = residuals(theta)
     names = ("log_E", "log_A", "log_B", "alpha", "beta")
     dof = len(loss) - N_PARAMS
-    stderr = dict.fromkeys(names, math.inf)
-    jtj = best.jac.T @ best.jac
-    if np.linalg.matrix_rank(jtj) == N_PARAMS:
-        covariance = np.linalg.inv(jtj) * float(resid @ resid) / dof
-        stderr = {name: float(math.sqrt(max(covariance[i, i], 0.0))) for i, name in enumerate(names)}
+    free = best.active_mask == 0
+    stderr: dict[str, float | None] = dict.fromkeys(names)
+    jtj = best.jac[:, free].T @ best.jac[:, free]
+    if np.linalg.matrix_rank(jtj) == int(free.sum()):
+        variances = np.diag(np.linalg.inv(jtj)) * float(resid @ resid) / dof
+        free_names = [name for name, is_free in zip(names, free, strict=True) if is_free]
+        stderr.update({name: float(math.sqrt(max(v, 0.0))) for name, v in zip(free_names, variances, strict=True)})
     log_e, log_a, log_b, alpha, beta = (float(x) for x in theta)
     return ScalingFit(math.exp(log_e), math.exp(log_a), math.exp(log_b), alpha, beta, stderr,
                       float(np.sqrt(np.mean(resid**2))), len(loss))

@@ -30,6 +30,10 @@ def figures(points: list[GridPoint], fit: ScalingFit, budget: float) -> dict:
     }
 
 
+def _error(stderr: float | None) -> str:
+    return "(not identified by this grid)" if stderr is None else f"+/- {stderr:.3g}"
+
+
 def trust_notes(points: list[GridPoint], fit: ScalingFit, budget: float) -> list[str]:
     """How far a fit from this grid can be trusted, in sentences."""
     n = sorted({p.params for p in points})
@@ -40,10 +44,10 @@ def trust_notes(points: list[GridPoint], fit: ScalingFit, budget: float) -> list
              "fitted over 400 runs",
              f"N spans {n[-1] / n[0]:.3g}x ({n[0]:,} to {n[-1]:,} non-embedding parameters) and D {d[-1] / d[0]:.3g}x "
              f"({d[0]:,} to {d[-1]:,} tokens); Chinchilla's runs spanned 70M to 16B parameters",
-             f"exponents: alpha = {fit.alpha:.3f} +/- {se['alpha']:.3g}, beta = {fit.beta:.3f} +/- {se['beta']:.3g} "
+             f"exponents: alpha = {fit.alpha:.3f} {_error(se['alpha'])}, beta = {fit.beta:.3f} {_error(se['beta'])} "
              "(1 standard error; Chinchilla: 0.34, 0.28)"]
-    if not se["log_E"] < LOOSE_LOG_E or fit.E >= 0.999 * min(p.val_loss for p in points):
-        notes.append(f"the irreducible loss E = {fit.E:.3g} is poorly identified (log E +/- {se['log_E']:.3g}): the "
+    if se["log_E"] is None or not se["log_E"] < LOOSE_LOG_E or fit.E >= 0.999 * min(p.val_loss for p in points):
+        notes.append(f"the irreducible loss E = {fit.E:.3g} is poorly identified (log E {_error(se['log_E'])}): the "
                      "grid stops well before the loss flattens, so E trades off against A and B")
     if budget > max_flops:
         notes.append(f"the budget {budget:.3g} FLOPs is {budget / max_flops:.3g}x the largest run's compute: an "
