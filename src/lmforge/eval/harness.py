@@ -11,9 +11,10 @@ max_gen_toks. What differs is how they run:
   runs once into a KV cache, the cache rows are repeated for each continuation, and the continuations run on top of
   it in one more forward (where that saves half the tokens; else each request is one row of a right-padded forward).
   The vocabulary projection is applied only where a token is scored, and a one-token continuation needs only the
-  first forward.
-- generate_until: every request through one `infer.engine.Engine` (continuous batching over batch_size rows of a KV
-  cache); a request ends at EOS, at a stop sequence or after max_gen_toks.
+  first forward. Each MLP computes its activation inside its first matmul (`fused_activations`).
+- generate_until: every request through one `infer.engine.Engine` (continuous batching over the rows of a KV cache:
+  batch_size full-context rows, or as many more as that memory holds when no request can fill more than its prompt
+  and max_gen_toks); a request ends at EOS, at a stop sequence or after max_gen_toks.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ class LmforgeLM(TemplateLM):
 
     `pretrained`: an lmforge run/checkpoint dir or Hugging Face dir, or a loaded `DecoderLM` (then pass `tokenizer`).
     `batch_size`: rows of a full-context forward; shorter loglikelihood requests pack into more rows, up to
-    batch_size x max_length tokens; generate_until prompts per batch."""
+    batch_size x max_length tokens; short generate_until prompts and answers decode in more rows, in as much
+    memory."""
 
     def __init__(self, pretrained: str | Path | DecoderLM, tokenizer: Tokenizer | None = None,
                  batch_size: int | str = 16, max_gen_toks: int = 256, device: str | None = None) -> None:
