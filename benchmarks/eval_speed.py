@@ -9,6 +9,11 @@ model's own time (in loglikelihood / loglikelihood_rolling / generate_until: wha
 simple_evaluate call (lm-eval's task building and scoring, the same for both sides, included), as requests/s (the
 requests lm-eval made) and the wall-clock ratio. Nothing is downloaded.
 
+The same batch size means the same memory: lm-eval's hf model runs batch_size rows; the adapter packs short
+loglikelihood requests and short generations into more rows within batch_size full-context rows' memory (where it
+gets most of its generate_until lead: fewer, fuller decode steps). The model's time, summed over the tasks, is the
+wall-clock of the same requests on each side; the target applies to it.
+
     python benchmarks/eval_speed.py                 # demo size, 48 items per task
     python benchmarks/eval_speed.py --items 16 --rounds 1
 """

@@ -241,3 +241,44 @@ def test_a_large_context_group_is_scored_within_the_batch_budget(env: dict, monk
                                   dim=-1)
     expected = log_probs.gather(-1, torch.tensor([cont for _, _, cont in requests])[..., None]).sum(dim=(1, 2))
     assert [s for s, _ in scores] == pytest.approx(expected.tolist(), rel=1e-5, abs=1e-4)
+
+
+def test_scoring_fuses_the_mlp_activation_and_rolling_skips_greediness(env: dict, monkeypatch: pytest.MonkeyPatch
+                                                                         ) -> None:
+    """Loglikelihood batches run the MLPs' fused activation path (model/linear_activation.py); rolling windows, whose
+    callers drop greediness, are not checked for it, and get the same log-probabilities."""
+    from lmforge.eval import harness
+    from lmforge.model import layers
+
+    fused: list[bool] = []
+    real = layers.linear_activation
+    monkeypatch.setattr(layers, "linear_activation", lambda *a, **kw: fused.append(True) or real(*a, **kw))
+    lm = harness.LmforgeLM(env["model"], env["tokenizer"], batch_size=4)
+    gen = torch.Generator().manual_seed(2)
+    requests = [(None, [lm.prefix_token_id], torch.randint(5, 400, (n,), generator=gen).tolist()) for n in (20, 31)]
+    with_greedy = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    without = lm._loglikelihood_tokens(requests, disable_tqdm=True, greedy=False)
+    assert fused
+    assert [s for s, _ in without] == [s for s, _ in with_greedy]
+    assert [g for _, g in without] == [False, False]
+
+
+def test_generation_rows_fill_the_batch_memory(env: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Short prompts and answers decode in more rows than batch_size, as many as batch_size full-context rows'
+    memory holds (at most one per request), with the same texts as batch_size rows."""
+    from types import SimpleNamespace
+
+    from lmforge.eval import harness
+
+    lm = harness.LmforgeLM(env["model"], env["tokenizer"], batch_size=2)
+    requests = [SimpleNamespace(args=(text, {"until": ["\n"], "max_gen_toks": 3}))
+                for text in word_documents(12)[:10]]  # 10 prompts of at most 5 tokens, 3 new: 8 of 32 columns
+    rows: list[int] = []
+    engine = harness.Engine
+    monkeypatch.setattr(harness, "Engine", lambda *a, max_batch, **kw: rows.append(max_batch) or engine(
+        *a, max_batch=max_batch, **kw))
+    monkeypatch.setattr(harness.LmforgeLM, "tok_encode", lambda self, text, **kw: self.tokenizer.encode(text)[:5])
+    texts = lm.generate_until(requests, disable_tqdm=True)
+    monkeypatch.setattr(harness.LmforgeLM, "_generation_rows", lambda self, reqs: self.batch_size)
+    assert lm.generate_until(requests, disable_tqdm=True) == texts
+    assert rows == [2 * 32 // 8, 2]

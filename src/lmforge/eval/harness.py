@@ -11,9 +11,10 @@ max_gen_toks. What differs is how they run:
   runs once into a KV cache, the cache rows are repeated for each continuation, and the continuations run on top of
   it in one more forward (where that saves half the tokens; else each request is one row of a right-padded forward).
   The vocabulary projection is applied only where a token is scored, and a one-token continuation needs only the
-  first forward.
-- generate_until: every request through one `infer.engine.Engine` (continuous batching over batch_size rows of a KV
-  cache); a request ends at EOS, at a stop sequence or after max_gen_toks.
+  first forward. Each MLP computes its activation inside its first matmul (`fused_activations`).
+- generate_until: every request through one `infer.engine.Engine` (continuous batching over the rows of a KV cache:
+  batch_size full-context rows, or as many more as that memory holds when no request can fill more than its prompt
+  and max_gen_toks); a request ends at EOS, at a stop sequence or after max_gen_toks.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from lmforge.infer.decoding import fit_prompt
 from lmforge.infer.engine import Engine, GenerationRequest
 from lmforge.infer.generate import SamplingConfig
 from lmforge.model.decoder import DecoderLM
-from lmforge.model.layers import fused_qkv
+from lmforge.model.layers import fused_activations, fused_qkv
 from lmforge.tokenizer import Tokenizer
 
 # a loglikelihood request as TemplateLM hands it over: (the key lm-eval caches the answer under, context ids,
@@ -82,7 +83,8 @@ class LmforgeLM(TemplateLM):
 
     `pretrained`: an lmforge run/checkpoint dir or Hugging Face dir, or a loaded `DecoderLM` (then pass `tokenizer`).
     `batch_size`: rows of a full-context forward; shorter loglikelihood requests pack into more rows, up to
-    batch_size x max_length tokens; generate_until prompts per batch."""
+    batch_size x max_length tokens; short generate_until prompts and answers decode in more rows, in as much
+    memory."""
 
     def __init__(self, pretrained: str | Path | DecoderLM, tokenizer: Tokenizer | None = None,
                  batch_size: int | str = 16, max_gen_toks: int = 256, device: str | None = None) -> None:
@@ -152,9 +154,10 @@ class LmforgeLM(TemplateLM):
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     # -- loglikelihood ------------------------------------------------------------------------------
-    def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
+    def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False, greedy: bool = True,
                               **kwargs: Any) -> list[tuple[float, bool]]:
-        """(log p(continuation | context), whether greedy decoding yields the continuation) per request."""
+        """(log p(continuation | context), whether greedy decoding yields the continuation) per request; with
+        `greedy` False (rolling windows, whose callers drop it) the second is False, not computed."""
         limit = self.max_length
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, (_, context, continuation) in enumerate(requests):
@@ -171,12 +174,12 @@ class LmforgeLM(TemplateLM):
         batch: list[tuple[tuple[int, ...], list[int]]] = []
         for part in self._parts(groups, requests):
             if batch and not self._fits(batch + [part], requests):
-                self._score(batch, requests, results)
+                self._score(batch, requests, results, greedy)
                 progress.update(sum(len(m) for _, m in batch))
                 batch = []
             batch.append(part)
         if batch:
-            self._score(batch, requests, results)
+            self._score(batch, requests, results, greedy)
             progress.update(sum(len(m) for _, m in batch))
         progress.close()
         return results
@@ -205,11 +208,11 @@ class LmforgeLM(TemplateLM):
 
     @torch.inference_mode()
     def _score(self, batch: list[tuple[tuple[int, ...], list[int]]], requests: list[Request],
-               results: list[tuple[float, bool]]) -> None:
+               results: list[tuple[float, bool]], greedy: bool) -> None:
         """Score one batch of context groups into `results`."""
         members = [i for _, group in batch for i in group]
         continuations = [requests[i][2] for i in members]
-        with fused_qkv(self.model):
+        with fused_qkv(self.model), fused_activations(self.model):
             if _shares(batch, requests):
                 logits = self._logits_shared(batch, continuations)
             else:
@@ -219,8 +222,9 @@ class LmforgeLM(TemplateLM):
         # log p(target) = its logit - logsumexp of the row: no [N, W, V] log-softmax is written and read back
         token_log_probs = (logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
                            ).masked_fill(real == 0, 0.0)
-        greedy = ((logits.argmax(-1) == targets) | (real == 0)).all(dim=1)
-        for i, total, is_greedy in zip(members, token_log_probs.sum(dim=1).tolist(), greedy.tolist(), strict=True):
+        greedy_rows = (((logits.argmax(-1) == targets) | (real == 0)).all(dim=1).tolist() if greedy
+                       else [False] * len(members))
+        for i, total, is_greedy in zip(members, token_log_probs.sum(dim=1).tolist(), greedy_rows, strict=True):
             results[i] = (total, is_greedy)
             if requests[i][0] is not None:
                 self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
@@ -273,7 +277,8 @@ class LmforgeLM(TemplateLM):
                 windows.append((None, context, continuation))
                 owners.append(n)
         totals = [0.0] * len(requests)
-        for n, (log_prob, _) in zip(owners, self._loglikelihood_tokens(windows, disable_tqdm), strict=True):
+        for n, (log_prob, _) in zip(owners, self._loglikelihood_tokens(windows, disable_tqdm, greedy=False),
+                                   strict=True):
             totals[n] += log_prob
         for request, total in zip(requests, totals, strict=True):
             self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
@@ -297,18 +302,25 @@ class LmforgeLM(TemplateLM):
                                   stop_ids=frozenset({self.eot_token_id}), stop_strings=tuple(until),
                                   skip_special_tokens=True) for ids in prompts]
 
+    def _generation_rows(self, requests: list[GenerationRequest]) -> int:
+        """Rows of the engine's cache: as many as fit the memory of batch_size full-context rows when no request
+        can fill more than its prompt and max_new_tokens (short prompts and answers decode in fewer, fuller steps),
+        at least batch_size, at most one per request."""
+        span = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
+        return max(1, min(len(requests), max(self.batch_size, self.batch_size * self.max_length // span)))
+
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
         """Each context's continuation up to the first stop sequence (the text before it), EOS or max_gen_toks:
-        every request through one engine (continuous batching over batch_size rows of a KV cache)."""
-        engine = Engine(self.model, self.tokenizer, max_batch=self.batch_size)
+        every request through one engine (continuous batching over the rows of a KV cache)."""
         by_kwargs: dict[str, list[int]] = defaultdict(list)
         for i, request in enumerate(requests):
             by_kwargs[json.dumps(request.args[1], sort_keys=True, default=str)].append(i)
-        owner: dict[int, int] = {}
+        queued: list[tuple[int, GenerationRequest]] = []
         for members in by_kwargs.values():
             prompts = [self.tok_encode(requests[i].args[0]) for i in members]
-            for i, request in zip(members, self._requests(requests[members[0]].args[1], prompts), strict=True):
-                owner[engine.submit(request)] = i
+            queued += zip(members, self._requests(requests[members[0]].args[1], prompts), strict=True)
+        engine = Engine(self.model, self.tokenizer, max_batch=self._generation_rows([r for _, r in queued]))
+        owner = {engine.submit(request): i for i, request in queued}
         texts = [""] * len(requests)
         progress = tqdm(total=len(requests), disable=disable_tqdm, desc="lmforge generate_until")
         while engine.has_work:
