@@ -1,7 +1,6 @@
 """act(x @ W.T + b) in one oneDNN call on CPU, for inference: the activation runs in the matmul's epilogue, while the
 product is still in cache, instead of as a second pass over the [tokens, d_ff] output in memory. PyTorch's own
-tanh-GELU kernel is slow on CPU (about 4x its tanh, profiled on Sapphire Rapids), so for a GPT-2 MLP over a batch of
-full windows this saves about a third of the up-projection's time.
+tanh-GELU kernel is slow on CPU, which makes this pay most for GPT-2's MLPs over batches of full windows.
 
 `torch.ops.mkldnn._linear_pointwise` (what torch.compile's CPU backend fuses Linear + activation into) is not public
 API, so before its first use in a process it runs each activation on a small known input and is compared with
@@ -21,9 +20,7 @@ from torch import Tensor, nn
 # lmforge's activation name -> the op's (attr, algorithm)
 ONEDNN_ACTIVATIONS = {"gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "relu": ("relu", ""),
                       "silu": ("swish", "")}
-# below this many rows oneDNN's per-call setup costs more than the pass it saves (measured: 1 row 0.09 ms fused vs
-# 0.03 ms plain; 16 rows 0.11 vs 0.14 ms; 4096 rows about half, for a 192 -> 768 GELU projection on 2 cores)
-MIN_ROWS = 16
+MIN_ROWS = 16  # below this many rows oneDNN's per-call setup costs more than the pass it saves
 CHECK_TOLERANCE = 1e-5  # of the largest output; fp32 results differ by accumulation order only (~1e-7)
 _usable: dict[str, bool] = {}
 
