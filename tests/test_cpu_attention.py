@@ -34,8 +34,10 @@ def test_forward_is_sdpa_and_gradients_are_closer_to_fp32() -> None:
         assert (g.float() - r).abs().max() <= 1e-2 * r.abs().max()
 
 
-def test_not_taken_without_a_gradient_in_fp32_or_with_grouped_heads() -> None:
+def test_not_taken_without_a_gradient_in_fp32_with_grouped_heads_or_long_sequences() -> None:
     q = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16, requires_grad=True)
+    long = torch.randn(1, 4, cpu_attention.MAX_POSITIONS + 1, 8, dtype=torch.bfloat16, requires_grad=True)
+    assert not cpu_attention.takes_fast_path(long, long, long)
     assert not cpu_attention.takes_fast_path(q.float(), q.float(), q.float())
     assert not cpu_attention.takes_fast_path(q, q[:, :2], q[:, :2])
     with torch.no_grad():

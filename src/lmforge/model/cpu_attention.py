@@ -1,11 +1,13 @@
 """Causal self-attention for bf16/fp16 training on CPU: SDPA's flash kernel forward in the low precision, its
 backward in fp32.
 
-On CPU the flash kernel's low-precision backward is far slower than its fp32 one at small head widths (measured
-with torch 2.13 on Sapphire Rapids, [16, 6, 256, 32] bf16: forward + backward 54 ms, 31 ms with this; at GPT-2
-small's [2, 12, 1024, 64] about even), while its low-precision forward is the faster. So the forward stays as SDPA
-runs it under autocast and the backward upcasts the saved bf16 tensors and the incoming gradient: the same
-gradient formula on the same inputs, accumulated without bf16 rounding, returned in the inputs' dtype.
+On CPU the flash kernel's low-precision backward is slower than its fp32 one up to a few hundred positions
+(measured with torch 2.13 on Sapphire Rapids, [batch, heads, positions, head width] bf16 forward + backward:
+[16, 6, 256, 32] 35-54 ms, 28-31 ms with this; [8, 12, 128, 64] 40 ms, 18 ms; [2, 6, 512, 32] 15 ms, 10 ms; but at
+GPT-2 small's [1, 12, 1024, 64] 53 ms, 57 ms), while its low-precision forward is the faster. So, up to 512
+positions, the forward stays as SDPA runs it under autocast and the backward upcasts the saved bf16 tensors and
+the incoming gradient: the same gradient formula on the same inputs, accumulated without bf16 rounding, returned in
+the inputs' dtype.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import Tensor
 
 _ATEN = torch.ops.aten
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+MAX_POSITIONS = 512  # longer sequences keep the low-precision backward (see above)
 
 
 class _CausalAttention(torch.autograd.Function):
@@ -34,9 +37,10 @@ class _CausalAttention(torch.autograd.Function):
 
 
 def takes_fast_path(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """Whether `causal_attention` applies: CPU, bf16 or fp16, q, k and v with the same heads, a gradient wanted."""
+    """Whether `causal_attention` applies: CPU, bf16 or fp16, q, k and v with the same heads, at most
+    `MAX_POSITIONS` positions, a gradient wanted."""
     return (q.device.type == "cpu" and q.dtype in LOW_PRECISION and q.dtype == k.dtype == v.dtype
-            and q.shape[1] == k.shape[1] and torch.is_grad_enabled()
+            and q.shape[1] == k.shape[1] and q.shape[2] <= MAX_POSITIONS and torch.is_grad_enabled()
             and (q.requires_grad or k.requires_grad or v.requires_grad))
 
 
