@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
 from lmforge.model import linear_cross_entropy
@@ -38,3 +39,23 @@ def test_chunked_loss_and_gradients_match_the_logits_path(tied: bool, precision:
     tolerance = 1e-5 if precision == "fp32" else 2e-2
     for (name, p), q in zip(chunked.named_parameters(), plain.parameters(), strict=True):
         assert (p.grad - q.grad).abs().max() <= tolerance * largest, name
+
+
+
+def test_fp32_head_is_cast_inside_under_bf16_autocast() -> None:
+    """The bf16 copy of an fp32 head is made inside the function, so autograd holds no cast of the weight: its
+    [vocab, d] gradient comes back in fp32 directly, not cast to bf16 and back (two passes over it)."""
+    torch.manual_seed(0)
+    hidden = torch.randn(12, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (12,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy.linear_cross_entropy(hidden, weight, labels)
+    weight_edge = loss.grad_fn.next_functions[1][0]
+    assert type(weight_edge).__name__ == "AccumulateGrad" and weight_edge.variable is weight
+    loss.backward()
+    assert weight.grad.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = hidden.bfloat16() @ weight.bfloat16().t()
+    want = torch.autograd.grad(F.cross_entropy(logits.float(), labels, reduction="sum"), weight)[0]
+    assert (weight.grad - want).abs().max() <= 2e-2 * want.abs().max()

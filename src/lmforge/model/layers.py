@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmforge.model.cpu_attention import causal_attention, takes_fast_path
 from lmforge.model.linear_activation import linear_activation
 
 if TYPE_CHECKING:
@@ -133,8 +134,10 @@ def rope_tables(max_len: int, rotary_dim: int, theta: float, scaling: RopeScalin
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x: [B, H, T, D]; cos/sin: [T, R] with R <= D. Rotates pairs (i, i + R/2) of the first R dims; the rest pass
-    through (partial rotary, GPT-NeoX)."""
+    through (partial rotary, GPT-NeoX). The rotation runs in x's dtype, as transformers' does: under autocast the
+    fp32 tables would otherwise promote bf16 queries and keys to fp32."""
     rotary = cos.shape[-1]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     if rotary < x.shape[-1]:
         return torch.cat([apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]], dim=-1)
     half = rotary // 2
@@ -359,12 +362,17 @@ class Attention(nn.Module):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None = None, causal: bool = False) -> Tensor:
         """Attention of queries q over keys k and values v, then the output projection: [B, T, d_model]."""
         B, _, T, _ = q.shape
-        # A single new token (decode) may see every cached key; a fresh prompt is plain causal.
-        # enable_gqa lets SDPA share each k/v head across its query group without copying.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if bias is None else bias.to(q.dtype), is_causal=bias is None and causal and T > 1,
-            dropout_p=self.dropout if self.training else 0.0, scale=self.scale, enable_gqa=self.n_kv != self.n_head,
-        )
+        dropout = self.dropout if self.training else 0.0
+        if bias is None and causal and T > 1 and not dropout and takes_fast_path(q, k, v):
+            y = causal_attention(q, k, v, self.scale)  # bf16/fp16 training on CPU
+        else:
+            # A single new token (decode) may see every cached key; a fresh prompt is plain causal.
+            # enable_gqa lets SDPA share each k/v head across its query group without copying.
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
+                is_causal=bias is None and causal and T > 1, dropout_p=dropout, scale=self.scale,
+                enable_gqa=self.n_kv != self.n_head,
+            )
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 

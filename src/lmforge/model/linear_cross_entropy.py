@@ -26,9 +26,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+        kept_all = bool((labels != IGNORE_INDEX).all())
+        weight_in_use = weight.to(hidden.dtype)  # autocast's copy of an fp32 head, made here: no cast on the way back
         for start in range(0, hidden.shape[0], rows):
             h, target = hidden[start:start + rows], labels[start:start + rows]
-            logits = (h @ weight.t()).float()
+            logits = (h @ weight_in_use.t()).float()
             log_norm = logits.logsumexp(-1)
             kept = target != IGNORE_INDEX
             picked = target.clamp(min=0)[:, None]
@@ -37,9 +39,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 continue
             grad_logits = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place of the logits
             grad_logits.scatter_add_(1, picked, torch.full_like(grad_logits[:, :1], -1.0))
-            grad_logits = grad_logits.mul_(kept[:, None]).to(hidden.dtype)
+            if not kept_all:
+                grad_logits.mul_(kept[:, None])
+            grad_logits = grad_logits.to(hidden.dtype)
             if want_hidden:
-                grad_hidden[start:start + rows] = grad_logits @ weight
+                grad_hidden[start:start + rows] = grad_logits @ weight_in_use
             if want_weight and grad_logits.dtype == grad_weight.dtype:
                 grad_weight.addmm_(grad_logits.t(), h)
             elif want_weight:
@@ -60,7 +64,6 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor) -> Tens
     hidden [..., d], weight [vocab, d]. Under autocast the matmuls run in its dtype, as `nn.Linear`'s would."""
     device = hidden.device.type
     if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        hidden = hidden.to(torch.get_autocast_dtype(device))
     with torch.autocast(device, enabled=False):
         return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1))
