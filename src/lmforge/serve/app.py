@@ -267,33 +267,18 @@ class Reply:
         return _sse({**self._envelope(chunk=True), "choices": [choice]})
 
     async def stream(self, worker: EngineWorker, metrics: Metrics, include_usage: bool) -> AsyncIterator[str]:
-        """The reply's server-sent events. What arrived while the client's writes were behind goes out at once: one
-        event per choice with all of its new text (as vLLM's output collector merges what its consumer has not
-        taken yet), so a busy server sends fewer, longer events rather than falling further behind."""
+        """The reply's server-sent events, one per token; the events ready at once go out in one write."""
         ready = [self._chunk(i, None, None, role=True) for i in range(len(self.choices.text))] if self.chat else []
-        unsent: dict[int, list[str]] = {}  # choice index -> its text not yet in `ready`
-
-        def take(i: int) -> None:
-            pieces = unsent.pop(i, None)
-            if pieces:
-                ready.append(self._chunk(i, "".join(pieces), None))
-
         try:
             async for i, text, finish in self.events(worker, metrics):
                 if text:
-                    unsent.setdefault(i, []).append(text)
+                    ready.append(self._chunk(i, text, None))
                 if finish is not None:
-                    take(i)
                     ready.append(self._chunk(i, None, finish))
-                if self.queue.empty() and self.choices.unfinished:
-                    for j in list(unsent):
-                        take(j)
-                    if ready:
-                        yield "".join(ready)
-                        ready.clear()
+                if ready and self.queue.empty() and self.choices.unfinished:
+                    yield "".join(ready)
+                    ready.clear()
         except APIError as err:  # headers are sent: the error goes in the stream, as OpenAI's does
-            for j in list(unsent):
-                take(j)
             yield "".join(ready) + _sse({"error": {"message": str(err), "type": "server_error", "param": None,
                                                    "code": None}})
             return
