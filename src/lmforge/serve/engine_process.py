@@ -11,6 +11,7 @@ process drains its requests first) and ends when told to or when its pipe closes
 from __future__ import annotations
 
 import itertools
+import queue
 import signal
 import sys
 import threading
@@ -40,6 +41,11 @@ class EngineProcess:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._unfinished: set[int] = set()  # submitted, and their last event not yet received
+        # commands go out from a thread of their own: `submit` runs under the worker's lock, and a send that waited
+        # for a full pipe there could wait for the engine, which may wait for the worker to read its events
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_commands, name="lmforge-engine-commands", daemon=True)
+        self._sender.start()
 
     def submit(self, request: GenerationRequest) -> int:
         self._checker.check(request)
@@ -49,13 +55,13 @@ class EngineProcess:
                                    "the server")
             request_id = next(self._ids)
             self._unfinished.add(request_id)
-            self._conn.send(("submit", request_id, request))
+            self._outbox.put(("submit", request_id, request))
         return request_id
 
     def cancel(self, request_id: int) -> None:
         with self._lock:
             if request_id in self._unfinished:
-                self._conn.send(("cancel", request_id, None))
+                self._outbox.put(("cancel", request_id, None))
 
     @property
     def has_work(self) -> bool:
@@ -79,16 +85,21 @@ class EngineProcess:
         return events
 
     def close(self, timeout: float = 5.0) -> None:
-        with self._lock:
-            try:
-                self._conn.send(("stop", None, None))
-            except OSError:  # it has exited already
-                pass
+        self._outbox.put(("stop", None, None))
+        self._outbox.put(None)
+        self._sender.join(timeout)
         self._process.join(timeout)
         if self._process.is_alive():
             self._process.terminate()
             self._process.join(timeout)
         self._conn.close()
+
+    def _send_commands(self) -> None:
+        while (command := self._outbox.get()) is not None:
+            try:
+                self._conn.send(command)
+            except OSError:  # the engine process has exited: `step` says so
+                return
 
 
 def _run_engine(conn: Any, model: Any, tokenizer: Any, max_batch: int, prefix_cache_tokens: int, threads: int
