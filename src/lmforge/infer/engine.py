@@ -151,7 +151,7 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> int:
         """Queue `request` (ConfigError, one line, if it cannot run); returns its id. Thread-safe."""
-        sampling = self._check(request)
+        sampling = self.check(request)
         with self._lock:
             request_id = next(self._ids)
             self._waiting.append((request_id, request, sampling))
@@ -201,7 +201,8 @@ class Engine:
             self.stats.waiting, self.stats.running = len(self._waiting), len(self._rows)
         return events
 
-    def _check(self, request: GenerationRequest) -> SamplingConfig:
+    def check(self, request: GenerationRequest) -> SamplingConfig:
+        """`request`'s sampling settings, or a one-line ConfigError saying why this engine cannot run it."""
         ids, context, vocab = request.prompt_ids, self.context, self.model.cfg.vocab_size
         if not ids:
             raise ConfigError("the prompt is empty; give at least one token (e.g. the BOS token)")

@@ -40,9 +40,14 @@ def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
     return RMSNorm(dim, eps) if kind == "rmsnorm" else nn.LayerNorm(dim, eps=eps)
 
 
+def gelu_tanh(x: Tensor) -> Tensor:
+    """GPT-2's GELU (the tanh approximation); a named function, so that a model pickles (to an engine process)."""
+    return F.gelu(x, approximate="tanh")
+
+
 ACTIVATIONS = {
     "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_tanh": gelu_tanh,
     "silu": F.silu,
     "relu": F.relu,
 }

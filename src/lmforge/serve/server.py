@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import signal
 import socket
 import sys
@@ -62,12 +63,22 @@ def make_server(app: Any, *, shutdown_timeout: float, ssl_certfile: str | None =
                                          ssl_keyfile=ssl_keyfile))
 
 
+def engine_threads() -> int:
+    """The engine process's intra-op threads: as OMP_NUM_THREADS says, else one per core but one, which the HTTP
+    side keeps (the engine's threads would otherwise wait on one another whenever it runs)."""
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    return max(1, torch.get_num_threads() - 1)
+
+
 def serve(path: str, *, host: str, port: int, api_key: str | None, adapters: dict[str, str], max_batch: int,
           max_queue: int, shutdown_timeout: float, name: str | None, template: str | None,
           prefix_cache_tokens: int, ssl_certfile: str | None, ssl_keyfile: str | None) -> None:
     """`lmforge serve`: load, bind, serve until told to stop."""
-    from lmforge.infer.engine import Engine
     from lmforge.serve.app import create_app
+    from lmforge.serve.engine_process import EngineProcess
     from lmforge.serve.metrics import Metrics
     from lmforge.serve.served import load_served
     from lmforge.serve.worker import EngineWorker
@@ -77,8 +88,9 @@ def serve(path: str, *, host: str, port: int, api_key: str | None, adapters: dic
     warning = clear_text_key_warning(host, api_key, tls=ssl_certfile is not None)
     if warning:
         print(warning, file=sys.stderr)
-    worker = EngineWorker(Engine(served.model, served.tokenizer, max_batch=max_batch,
-                                 prefix_cache_tokens=prefix_cache_tokens), max_batch, max_queue)
+    engine = EngineProcess(served.model, served.tokenizer, max_batch=max_batch,
+                           prefix_cache_tokens=prefix_cache_tokens, threads=engine_threads())
+    worker = EngineWorker(engine, max_batch, max_queue)
     worker.start()
     bound_port = sock.getsockname()[1]
     scheme = "https" if ssl_certfile else "http"
@@ -93,4 +105,5 @@ def serve(path: str, *, host: str, port: int, api_key: str | None, adapters: dic
         server.run(sockets=[sock])
     finally:
         worker.stop()
+        engine.close()
     print("lmforge serve: stopped", file=sys.stderr)
