@@ -1,12 +1,12 @@
 """Serving under load: `lmforge serve` vs `transformers serve` (with and without its continuous batching) on the
 same exported weights, and vs lmforge's own sequential generation (`lmforge.serve.load_test` measures).
 
-Each server runs alone as a subprocess on loopback; at each concurrency level that many clients (the official
-`openai` async client) each send `--requests` streamed greedy completions of up to `--max-tokens` tokens, one
-after another, every prompt distinct. Printed per server and level: output tokens/s, requests/s, p50/p95 time to
-first token and latency; then lmforge serve's throughput over the best transformers server and over sequential
-generation. Targets (issue 13): >= 2x transformers serve's best throughput at 8 and 32 clients, and a lower p50 time
-to first token.
+Each server runs alone as a subprocess on loopback; at each concurrency level that many clients (aiohttp readers of
+the server-sent events, in this process) each send `--requests` streamed greedy completions of up to `--max-tokens`
+tokens, one after another, every prompt distinct. Printed per server and level: output tokens/s, requests/s, p50/p95
+time to first token and latency; then lmforge serve's throughput over the best transformers server and over
+sequential generation. Targets (issue 13): >= 2x transformers serve's best throughput at 8 and 32 clients, and a
+lower p50 time to first token.
 
     python benchmarks/serve.py --run runs/demo/pretrain --prompts runs/demo/data/world/train.jsonl
     python benchmarks/serve.py --run runs/sft                       # 1, 8 and 32 clients, every server

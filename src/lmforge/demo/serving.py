@@ -30,7 +30,8 @@ def run(plan: DemoPlan, data: DemoData, pretrained: Path) -> list[Section]:
                             "latency p50 ms", "latency p95 ms"], rows)
     return [Section("Serving", "\n".join([
         f"The pretrained decoder served over HTTP on loopback: each client sends {plan.serve_requests} streamed "
-        f"greedy completions of up to {plan.serve_tokens} tokens one after another (the official `openai` client), "
+        f"greedy completions of up to {plan.serve_tokens} tokens one after another (aiohttp readers of the event "
+        "stream), "
         "each prompt the first words of a different training document; "
         "`transformers` is `transformers serve` on the same weights exported, `transformers-cb` the same with "
         "`--continuous-batching`. Output tokens are counted with the model's tokenizer. `benchmarks/serve.py` runs "

@@ -1,9 +1,12 @@
 """Measure OpenAI-compatible servers under load: each server runs alone as a subprocess on loopback, and at each
-concurrency level that many clients (the official `openai` async client) send streamed greedy completions one
-after another. Per level: output tokens/s and requests/s over the level's wall time, and p50/p95 of time to first
-token (first streamed text) and of request latency. Output tokens are counted by encoding each reply with the
-served model's tokenizer, the same count for every server. `benchmarks/serve.py` and the demo's serving table
-run on this; `sequential_baseline` is lmforge's own generation, one prompt at a time, for comparison.
+concurrency level that many clients send streamed greedy completions one after another. The clients are plain
+aiohttp readers of the server-sent events (as vLLM's serving benchmark uses), not the `openai` client: at a few
+thousand chunks/s its per-chunk parsing saturated the load generator's core, and time to first token then measured
+the client's backlog rather than the server. Per level: output tokens/s and requests/s over the level's wall time,
+and p50/p95 of time to first token (first streamed text) and of request latency. Output tokens are counted by
+encoding each reply with the served model's tokenizer, the same count for every server. `benchmarks/serve.py` and
+the demo's serving table run on this; `sequential_baseline` is lmforge's own generation, one prompt at a time, for
+comparison.
 """
 
 from __future__ import annotations
@@ -74,35 +77,41 @@ def wait_healthy(port: int, process: subprocess.Popen, timeout: float) -> None:
     raise RuntimeError(f"no answer on /health within {timeout:.0f} s")
 
 
-async def _one_request(client, model: str, prompt: str, max_tokens: int) -> tuple[float, float, str]:
+async def _one_request(session, url: str, model: str, prompt: str, max_tokens: int) -> tuple[float, float, str]:
     """(time to first text, latency, text) of one streamed greedy completion."""
     start = time.perf_counter()
     first, text = None, []
-    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
-                                             stream=True)
-    async for chunk in stream:
-        piece = chunk.choices[0].text if chunk.choices else ""
-        if piece and first is None:
-            first = time.perf_counter() - start
-        text.append(piece)
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True}
+    async with session.post(url, json=body) as response:
+        if response.status != 200:
+            raise RuntimeError(f"POST {url}: HTTP {response.status}: {(await response.text())[:200]}")
+        async for line in response.content:  # server-sent events, one `data: {chunk}` line each
+            if not line.startswith(b"data: {"):
+                continue
+            choices = json.loads(line[6:])["choices"]
+            piece = (choices[0].get("text") or "") if choices else ""
+            if piece and first is None:
+                first = time.perf_counter() - start
+            text.append(piece)
     latency = time.perf_counter() - start
     return (latency if first is None else first), latency, "".join(text)
 
 
 async def _load_level(port: int, model: str, texts: list[str], clients: int, max_tokens: int) -> tuple[float, list]:
     """`clients` concurrent clients over `texts` (split between them): (wall seconds, per-request results)."""
-    from openai import AsyncOpenAI
+    import aiohttp
 
-    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
+    url = f"http://127.0.0.1:{port}/v1/completions"
     shares = [texts[i::clients] for i in range(clients)]
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600),
+                                     connector=aiohttp.TCPConnector(limit=0)) as session:
 
-    async def worker(share: list[str]) -> list:
-        return [await _one_request(client, model, prompt, max_tokens) for prompt in share]
+        async def worker(share: list[str]) -> list:
+            return [await _one_request(session, url, model, prompt, max_tokens) for prompt in share]
 
-    start = time.perf_counter()
-    results = await asyncio.gather(*(worker(s) for s in shares))
-    wall = time.perf_counter() - start
-    await client.close()
+        start = time.perf_counter()
+        results = await asyncio.gather(*(worker(s) for s in shares))
+        wall = time.perf_counter() - start
     return wall, [r for share in results for r in share]
 
 
