@@ -149,3 +149,33 @@ def test_the_well_formedness_scorers(check, good: list[str], bad: list[str]) -> 
     assert [check(t) for t in good] == [True] * len(good)
     assert [check(t) for t in bad] == [False] * len(bad)
     assert fmt.well_formed_share(check, good + bad) == pytest.approx(len(good) / (len(good) + len(bad)))
+
+
+# a format-SFT model's malformed CodeAct reply (a stray fence line, a second observation, a thought before the answer)
+MALFORMED_CODEACT = ("Thought: I will compute it in Python.\n```python\nprint(2511 + 399 + 9988 + 9888)\n`\n```\n"
+                     "Observation: Unparseable code block: SyntaxError: invalid syntax (line 2)\n"
+                     "Observation: The Krefountain stands in Tan. It was built by Kokruga in 1243.\n"
+                     "Thought: I have the answer.\nFinal answer: 1212")
+
+
+def test_the_scorers_take_linear_time_on_model_written_text() -> None:
+    """This reply sent the CodeAct pattern into exponential backtracking (it stalled the demo); each scorer must
+    now answer it, and texts of thousands of such lines, at once. An alarm turns a hang into a failure."""
+    import signal
+
+    def hung(*_: object) -> None:
+        raise TimeoutError("a well-formedness pattern backtracked for over 10 s")
+
+    long_text = MALFORMED_CODEACT.replace("Observation: The", "Observation: x\n" * 2000 + "Observation: The")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        for text in (MALFORMED_CODEACT, long_text, "Thought: a \n" * 3000 + "Final answer:  "):
+            assert not fmt.well_formed_codeact(text) and not fmt.well_formed_react(text)
+            assert not fmt.well_formed_step_by_step(text) and not fmt.well_formed_direct(text)
+        mended = MALFORMED_CODEACT.replace("`\n```\n", "```\n").replace("Thought: I have the answer.\n", "")
+        assert fmt.well_formed_codeact(mended.replace(
+            "Observation: The Krefountain stands in Tan. It was built by Kokruga in 1243.\n", ""))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

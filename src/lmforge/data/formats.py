@@ -26,15 +26,21 @@ CODEACT_INSTRUCTION = "Answer with Python."
 FINAL_ANSWER = "Final answer:"
 ReActTurn = tuple[str, str, str]  # (thought, action as "tool[input]", observation)
 
-_THOUGHT = r"Thought: [^\n]*\S[^\n]*\n"
+# The checks below run on model-written text, so every line has one way to match (linear time): a non-blank line is
+# its leading blanks, its first visible character, the rest (`[^\n]*\S[^\n]*` could place the \S anywhere, and
+# nested in repetitions it backtracked exponentially on a malformed CodeAct reply), and a code line is any non-blank
+# line but the closing fence.
+_NON_BLANK = r"[^\S\n]*\S[^\n]*"
+_THOUGHT = rf"Thought: {_NON_BLANK}\n"
 _ACTION = rf"Action: (?:{'|'.join(TOOL_NAMES)})\[[^\n]*\]\n"
 _OBSERVATION = r"Observation: [^\n]*\n"
-_FINAL = r"Final answer: [^\n]*\S[^\n]*"
+_FINAL = rf"Final answer: {_NON_BLANK}"
+_CODE_LINE = rf"(?!```\n){_NON_BLANK}\n"
 _REACT = re.compile(rf"(?:{_THOUGHT}{_ACTION}{_OBSERVATION})*{_THOUGHT}{_FINAL}\n?")
-_CODEACT = re.compile(rf"{_THOUGHT}(?:```python\n(?:[^\n]*\S[^\n]*\n)+```\n{_OBSERVATION})+{_FINAL}\n?")
+_CODEACT = re.compile(rf"{_THOUGHT}(?:```python\n(?:{_CODE_LINE})+```\n{_OBSERVATION})+{_FINAL}\n?")
 _ACTION_LINE = re.compile(r"Action:\s*(\w+)\[(.*)\]\s*")
-_STEP_BY_STEP = re.compile(r"(\S.*?)\s*The answer is [^\n]*\S[^\n]*", re.DOTALL)
-_DIRECT = re.compile(r"The answer is [^\n]*\S[^\n]*")
+_STEP_BY_STEP = re.compile(rf"(\S.*?)\s*The answer is {_NON_BLANK}", re.DOTALL)
+_DIRECT = re.compile(rf"The answer is {_NON_BLANK}")
 _CITED = re.compile(r"(\S[^\n]*?) \[(\d+)\]")
 _MIN_RATIONALE_WORDS = 3
 
