@@ -6,7 +6,8 @@ transformers gets the same loss on its logits (lmforge computes it chunk by chun
 `causal_lm_loss`) and the same optimizer. All contenders
 live in one process and are timed in interleaved rounds (rotating order) so load drifts on a
 shared machine hit them alike. MFU = model.flops_per_token(seq) x tokens/s divided by the square
-matmul peak measured in this run (fp32 peak for fp32 rows, bf16 peak for bf16 rows). The targets compare
+matmul peak measured in this run (fp32 peak for fp32 rows, bf16 peak for bf16 rows); the ceiling line says what
+lmforge would reach over transformers' measured step if its own step ran at 100% of that peak. The targets compare
 each precision with transformers' in the same precision: >= 1.3x at the demo size, >= 1.1x at GPT-2 small.
 
     python benchmarks/train_throughput.py                 # GPT-2 demo size, batch 16 x 256
@@ -183,6 +184,14 @@ def main(argv: list[str] | None = None) -> None:
             f"{mfu:>8.1%}{t.spread:>8.0%}"
         )
     print("MFU: against the measured peak of the row's precision; spread: (max - min) / median over rounds")
+    for prec in ("fp32",) if args.no_bf16 else ("fp32", "bf16"):
+        floor = flops_tok * tokens / (peak[prec] * 1e9)  # seconds per step at 100% of the measured peak
+        print(f"ceiling {prec}: at 100% of the {prec} peak a step of {flops_tok * tokens / 1e9:.1f} GFLOP takes "
+              f"{floor * 1e3:.1f} ms; against transformers' measured {timings[f'transformers {prec}'].median * 1e3:.1f}"
+              f" ms that is at most {timings[f'transformers {prec}'].median / floor:.2f}x")
+    attention = 12 * lm.cfg.n_layer * lm.cfg.d_model * seq / flops_tok
+    print(f"  flops/token counts attention's score and value products over all T keys (12LdT, {attention:.0%} of it), "
+          "not the ~half a causal mask leaves: MFU slightly overstates the useful rate and the ceiling errs low")
     if compile_s:
         print(
             "torch.compile: first step (compilation) "

@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmforge.model import rms_norm
 from lmforge.model.cpu_attention import causal_attention, takes_fast_path
 from lmforge.model.linear_activation import linear_activation
+from lmforge.model.rotary import rotate_token_major
 
 if TYPE_CHECKING:
     from lmforge.config import RopeScaling
@@ -32,6 +34,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if rms_norm.takes_fast_path(x, self.weight):  # fp32 training on CPU
+            return rms_norm.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
 
 
@@ -334,6 +338,17 @@ class Attention(nn.Module):
         q, k = apply_rope(qk, *rope).split([self.n_head, self.n_kv], dim=1)
         return q, k, v
 
+    def _rotated_training_qkv(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """`project_qkv`, the q/k norms and RoPE when a gradient is recorded: q and k rotated token-major, as the
+        projections wrote them (`rotate_token_major`: fewer passes over them than `apply_rope` and its recorded
+        backward)."""
+        B, T, _ = x.shape
+        q, k, v = (m(x).view(B, T, -1, self.head_dim) for m in (self.q, self.k, self.v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotate_token_major(q, *rope), rotate_token_major(k, *rope)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
     def forward(
         self,
         x: Tensor,
@@ -353,6 +368,9 @@ class Attention(nn.Module):
         projected (or the given cross-attention `kv`), rotated by `rope`, and stored in and read from `cache`."""
         if kv is None and rope is not None and self._fused is not None and self.q_norm is None:
             q, k, v = self._rotated_fused_qkv(x, rope)
+        elif (kv is None and cache is None and rope is not None and rope[0].shape[-1] == self.head_dim
+              and torch.is_grad_enabled()):
+            q, k, v = self._rotated_training_qkv(x, rope)
         else:
             q, k, v = self.project_qkv(x) if kv is None else (self.project_q(x), *kv)
             if self.q_norm is not None:

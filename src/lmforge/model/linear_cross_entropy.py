@@ -30,14 +30,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         weight_in_use = weight.to(hidden.dtype)  # autocast's copy of an fp32 head, made here: no cast on the way back
         for start in range(0, hidden.shape[0], rows):
             h, target = hidden[start:start + rows], labels[start:start + rows]
+            # log-softmax as logits - max - log(sum(exp(logits - max))), every pass in place on the chunk's logits
             logits = (h @ weight_in_use.t()).float()
-            log_norm = logits.logsumexp(-1)
+            shifted = logits.sub_(logits.amax(-1, keepdim=True))
             kept = target != IGNORE_INDEX
             picked = target.clamp(min=0)[:, None]
-            total += ((log_norm - logits.gather(1, picked).squeeze(1)) * kept).sum()
+            picked_shifted = shifted.gather(1, picked).squeeze(1)
+            exp_shifted = shifted.exp_()
+            sum_exp = exp_shifted.sum(-1, keepdim=True)
+            total += ((sum_exp.log().squeeze(1) - picked_shifted) * kept).sum()
             if not (want_hidden or want_weight):
                 continue
-            grad_logits = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place of the logits
+            grad_logits = exp_shifted.div_(sum_exp)  # softmax
             grad_logits.scatter_add_(1, picked, torch.full_like(grad_logits[:, :1], -1.0))
             if not kept_all:
                 grad_logits.mul_(kept[:, None])
