@@ -82,12 +82,18 @@ def test_concurrent_greedy_requests_match_each_alone(name: str, monkeypatch: pyt
     shifts: list[int] = []
     shift = BatchSlots._shift
     monkeypatch.setattr(BatchSlots, "_shift", lambda self, by: (shifts.append(by), shift(self, by))[1])
+    batches: list[tuple[int, int]] = []  # (rows running, rows the decode step computes)
+    decode = BatchSlots.decode
+    monkeypatch.setattr(BatchSlots, "decode", lambda self, fed: (batches.append((len(fed), max(fed) + 1)),
+                                                                 decode(self, fed))[1])
     engine = Engine(model, max_batch=3)
     seen: dict[int, list[torch.Tensor]] = {}
     engine.logits_hook = lambda rid, logits: seen.setdefault(rid, []).append(logits.clone())
     schedule = greedy_schedule()
     results = run(engine, schedule)
     assert min(shifts) < 0 < max(shifts)  # a prompt longer than the cache so far, and a full cache, both happened
+    # the running rows move down into the rows freed below them: a decode step computes no free row
+    assert all(running == computed for running, computed in batches) and min(batches)[0] < 3
     for rid, ((_, request), events) in enumerate(zip(schedule, results, strict=True)):
         alone = generate_ids(model, request.prompt_ids, SamplingConfig(max_new_tokens=request.max_new_tokens))
         reference = greedy_logits(model, request.prompt_ids, alone)

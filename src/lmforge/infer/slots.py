@@ -109,6 +109,17 @@ class BatchSlots:
         self.mask[:, length:] = 0
         self.length = min(self.length, length)
 
+    def move(self, row: int, to: int) -> None:
+        """Busy `row` moves to free row `to` (its keys, values and mask; `row` is then free): a decode step computes
+        every row up to the highest busy one, so keeping busy rows low keeps it small."""
+        columns = slice(self.header + self.start[row], self.header + self.length)
+        for t in self.cache.keys + self.cache.values:
+            t[to, :, columns] = t[row, :, columns]
+        self.mask[to] = self.mask[row]
+        self.start[to], self.span[to] = self.start[row], self.span[row]
+        self.start[row] = None
+        self.mask[row] = 0
+
     def leave(self, row: int) -> None:
         self.start[row] = None
         self.mask[row] = 0
