@@ -349,3 +349,25 @@ def test_adapter_requests_need_a_model_without_an_active_adapter() -> None:
     set_adapter(model, ["a"])
     with pytest.raises(ConfigError, match=r"adapter 'b': the model runs with adapter\(s\) \['a'\] active"):
         Engine(model).submit(GenerationRequest([1, 2, 3], 4, adapter="b"))
+
+
+def test_rows_shift_left_once_their_shared_padding_is_an_eighth_of_the_cache() -> None:
+    """Attention spends every step on the columns no running row uses: once they are 1/8 of the cache the rows move
+    left (each row's blocks copied in place), and the row that stays decodes as it did alone."""
+    model = tiny_model("gpt2")
+    long, short = prompt(12, 1), prompt(4, 2)
+    alone = BatchSlots.for_model(model, 1)
+    expected = [alone.prefill(0, short, 30)[-1]]
+    slots = BatchSlots.for_model(model, 2)
+    slots.prefill(0, long, 30)
+    got = [slots.prefill(1, short, 30)[-1]]  # right-aligned after the long prompt: it starts at column 8
+    fed = [int(expected[-1].argmax())]
+    for _ in range(8):
+        expected.append(alone.decode({0: fed[-1]})[0])
+        got.append(slots.decode({0: 0, 1: fed[-1]})[1])
+        fed.append(int(expected[-1].argmax()))
+    slots.leave(0)  # 8 columns of 20 now unused by every row: less than half, more than an eighth
+    expected.append(alone.decode({0: fed[-1]})[0])
+    got.append(slots.decode({1: fed[-1]})[1])
+    assert (slots.start[1], slots.length) == (0, 13)
+    torch.testing.assert_close(torch.stack(got), torch.stack(expected), atol=1e-5, rtol=0)
