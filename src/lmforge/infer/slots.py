@@ -6,7 +6,8 @@ other columns and counts each row's positions from its own first token. A joinin
 its prefill) are copied into a free row, ending at the shared length (every row shifts right first when they are
 longer than the cache so far); a leaving row's mask goes to 0 and the row is free. The cache grows (by doubling, up
 to the model's context) when a joining row may need more columns; once it spans the context and is full, or when
-half its columns are padding every row shares, all rows shift left by that shared padding.
+1/SHIFT_AT of its columns are padding every row shares, all rows shift left by that shared padding. `move` puts a
+busy row into a free one (the engine keeps its busy rows lowest, so a decode step computes no free row).
 
 A prompt-tuned model's cache starts with `header` slots of its soft prompt, the same for every sequence: they stay
 in front of every row, outside the columns above.
