@@ -82,12 +82,18 @@ def test_concurrent_greedy_requests_match_each_alone(name: str, monkeypatch: pyt
     shifts: list[int] = []
     shift = BatchSlots._shift
     monkeypatch.setattr(BatchSlots, "_shift", lambda self, by: (shifts.append(by), shift(self, by))[1])
+    batches: list[tuple[int, int]] = []  # (rows running, rows the decode step computes)
+    decode = BatchSlots.decode
+    monkeypatch.setattr(BatchSlots, "decode", lambda self, fed: (batches.append((len(fed), max(fed) + 1)),
+                                                                 decode(self, fed))[1])
     engine = Engine(model, max_batch=3)
     seen: dict[int, list[torch.Tensor]] = {}
     engine.logits_hook = lambda rid, logits: seen.setdefault(rid, []).append(logits.clone())
     schedule = greedy_schedule()
     results = run(engine, schedule)
     assert min(shifts) < 0 < max(shifts)  # a prompt longer than the cache so far, and a full cache, both happened
+    # the running rows move down into the rows freed below them: a decode step computes no free row
+    assert all(running == computed for running, computed in batches) and min(batches)[0] < 3
     for rid, ((_, request), events) in enumerate(zip(schedule, results, strict=True)):
         alone = generate_ids(model, request.prompt_ids, SamplingConfig(max_new_tokens=request.max_new_tokens))
         reference = greedy_logits(model, request.prompt_ids, alone)
@@ -343,3 +349,25 @@ def test_adapter_requests_need_a_model_without_an_active_adapter() -> None:
     set_adapter(model, ["a"])
     with pytest.raises(ConfigError, match=r"adapter 'b': the model runs with adapter\(s\) \['a'\] active"):
         Engine(model).submit(GenerationRequest([1, 2, 3], 4, adapter="b"))
+
+
+def test_rows_shift_left_once_their_shared_padding_is_an_eighth_of_the_cache() -> None:
+    """Attention spends every step on the columns no running row uses: once they are 1/8 of the cache the rows move
+    left (each row's blocks copied in place), and the row that stays decodes as it did alone."""
+    model = tiny_model("gpt2")
+    long, short = prompt(12, 1), prompt(4, 2)
+    alone = BatchSlots.for_model(model, 1)
+    expected = [alone.prefill(0, short, 30)[-1]]
+    slots = BatchSlots.for_model(model, 2)
+    slots.prefill(0, long, 30)
+    got = [slots.prefill(1, short, 30)[-1]]  # right-aligned after the long prompt: it starts at column 8
+    fed = [int(expected[-1].argmax())]
+    for _ in range(8):
+        expected.append(alone.decode({0: fed[-1]})[0])
+        got.append(slots.decode({0: 0, 1: fed[-1]})[1])
+        fed.append(int(expected[-1].argmax()))
+    slots.leave(0)  # 8 columns of 20 now unused by every row: less than half, more than an eighth
+    expected.append(alone.decode({0: fed[-1]})[0])
+    got.append(slots.decode({1: fed[-1]})[1])
+    assert (slots.start[1], slots.length) == (0, 13)
+    torch.testing.assert_close(torch.stack(got), torch.stack(expected), atol=1e-5, rtol=0)

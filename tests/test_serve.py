@@ -302,3 +302,16 @@ def server_errors(server: Running) -> int:
     counts = [line for line in request(server.port, "GET", "/metrics")[2].splitlines()
               if line.startswith("lmforge_requests_total{")]
     return sum(int(line.split()[-1]) for line in counts if 'status="5' in line)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_text_event_is_the_whole_event_with_only_its_text_encoded(chat: bool) -> None:
+    """The event of each new piece of text is made from its choice's event encoded once (per-token work of the HTTP
+    side): the same bytes as encoding the whole event, whatever the text holds."""
+    import asyncio
+
+    from lmforge.serve.app import Choices, Reply
+
+    reply = Reply(chat, 'a "quoted" model', 5, Choices({10: 0, 11: 1}), asyncio.Queue(), 0.0)
+    for index, text in [(0, " the"), (1, 'é "q"\n\\'), (0, "🦜"), (1, "\0text\0"), (0, "")]:
+        assert reply._text_chunk(index, text) == reply._chunk(index, text, None)

@@ -3,6 +3,8 @@ run refused at submit in one line, cancellation, its stats, and a clean end."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import lmforge
@@ -36,6 +38,9 @@ def test_the_engine_process_gives_the_tokens_the_engine_gives_in_process(loaded:
     try:
         there = list(run_all(process, requests).values())
         assert not process.has_work
+        if hasattr(os, "sched_getaffinity"):  # Linux: its one thread on a CPU of its own, the last one
+            allowed = sorted(os.sched_getaffinity(0))
+            assert os.sched_getaffinity(process._process.pid) == set(allowed[-1:] if len(allowed) > 1 else allowed)
         assert process.stats.generated_tokens == sum(e.token_id is not None for es in there for e in es) == 26
         long = process.submit(GenerationRequest(prompt_ids=tokenizer.encode("the"), max_new_tokens=40))
         process.cancel(long)

@@ -284,6 +284,7 @@ class Engine:
         return row_adapters(self.model, names) if any(names) else nullcontext()
 
     def _decode(self, events: list[TokenEvent]) -> None:
+        self._pack_rows()
         used = max(self._rows) + 1
         with self._adapters([self._rows[r].request.adapter if r in self._rows else None for r in range(used)]):
             logits = self.slots.decode({row: run.token for row, run in self._rows.items()})
@@ -291,6 +292,13 @@ class Engine:
         for row, run in list(self._rows.items()):
             if self._pick(run, logits, row, picks[row], events):
                 self._leave(row)
+
+    def _pack_rows(self) -> None:
+        """Move the highest running rows into the free rows below them: a decode step computes every row up to the
+        highest running one, and rows that finish leave gaps the waiting requests did not fill."""
+        while (free := self.slots.free_row()) is not None and free < (top := max(self._rows)):
+            self.slots.move(top, free)
+            self._rows[free] = self._rows.pop(top)
 
     def _pick(self, run: _Running, logits: Tensor, row: int, token: int, events: list[TokenEvent]) -> bool:
         """Emit `run`'s event for `token`, picked from its row of `logits`; True when the request is done."""

@@ -6,7 +6,8 @@ other columns and counts each row's positions from its own first token. A joinin
 its prefill) are copied into a free row, ending at the shared length (every row shifts right first when they are
 longer than the cache so far); a leaving row's mask goes to 0 and the row is free. The cache grows (by doubling, up
 to the model's context) when a joining row may need more columns; once it spans the context and is full, or when
-half its columns are padding every row shares, all rows shift left by that shared padding.
+1/SHIFT_AT of its columns are padding every row shares, all rows shift left by that shared padding. `move` puts a
+busy row into a free one (the engine keeps its busy rows lowest, so a decode step computes no free row).
 
 A prompt-tuned model's cache starts with `header` slots of its soft prompt, the same for every sequence: they stay
 in front of every row, outside the columns above.
@@ -22,6 +23,7 @@ from torch import Tensor
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.layers import KVCache
 
+SHIFT_AT = 8  # shift the rows left once the padding they all share is 1/SHIFT_AT of the cache
 PAD_ID = 0  # what free rows and padding are fed: any valid id, since their slots are masked and outputs dropped
 
 
@@ -109,6 +111,17 @@ class BatchSlots:
         self.mask[:, length:] = 0
         self.length = min(self.length, length)
 
+    def move(self, row: int, to: int) -> None:
+        """Busy `row` moves to free row `to` (its keys, values and mask; `row` is then free): a decode step computes
+        every row up to the highest busy one, so keeping busy rows low keeps it small."""
+        columns = slice(self.header + self.start[row], self.header + self.length)
+        for t in self.cache.keys + self.cache.values:
+            t[to, :, columns] = t[row, :, columns]
+        self.mask[to] = self.mask[row]
+        self.start[to], self.span[to] = self.start[row], self.span[row]
+        self.start[row] = None
+        self.mask[row] = 0
+
     def leave(self, row: int) -> None:
         self.start[row] = None
         self.mask[row] = 0
@@ -162,21 +175,33 @@ class BatchSlots:
 
     def _make_room(self) -> None:
         """Shift every row left by the padding all busy rows share when the cache is full or that padding is at
-        least half of it (attention would spend half its work on it)."""
+        least 1/SHIFT_AT of it: attention spends that share of its work on it at every step, where a shift copies
+        the busy rows once."""
         shared = min(s for s in self.start if s is not None)
-        if shared > 0 and (self.length == self.capacity or 2 * shared >= self.length):
+        if shared > 0 and (self.length == self.capacity or SHIFT_AT * shared >= self.length):
             self._shift(shared)
 
     def _shift(self, by: int) -> None:
-        """Move every column left by `by` (right when negative), dropping what leaves; the length follows."""
+        """Move every column left by `by` (right when negative), dropping what leaves; the length follows. Only the
+        rows up to the last busy one are copied (a free row's keys and values are written anew when it is joined),
+        in blocks of |by| columns that never overlap the columns they are read from, so nothing is copied twice."""
         old = self.length
         new = old - by
         src, dst = (slice(by, old), slice(0, new)) if by > 0 else (slice(0, old), slice(-by, new))
-        h = self.header
+        rows, h = max(self.busy(), default=-1) + 1, self.header
         for t in self.cache.keys + self.cache.values:
-            t[:, :, h + dst.start:h + dst.stop] = t[:, :, h + src.start:h + src.stop].clone()
+            for first, n in _blocks(by, old):
+                t[:rows, :, h + first - by:h + first - by + n] = t[:rows, :, h + first:h + first + n]
         self.mask[:, dst] = self.mask[:, src].clone()
         if by < 0:
             self.mask[:, :-by] = 0
         self.length = new
         self.start = [None if s is None else s - by for s in self.start]
+
+
+def _blocks(by: int, length: int) -> list[tuple[int, int]]:
+    """(first column, columns) of the blocks that shift columns [0, length) by `by` to the left (right when negative)
+    in place, in copy order: blocks of |by| columns, so that none is written over columns not yet read."""
+    if by > 0:  # the first block first: each is written where the one before was read
+        return [(first, min(by, length - first)) for first in range(by, length, by)]
+    return [(max(first, 0), first - by - max(first, 0)) for first in range(length + by, by, by)]  # the last first
