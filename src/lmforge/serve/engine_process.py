@@ -106,8 +106,8 @@ class EngineProcess:
 
 def keep_to_own_cpus(threads: int) -> None:
     """Keep this process on `threads` CPUs, the last of those it may use, when there are more: the HTTP process and
-    the clients then run beside it rather than take turns with it. Unpinned on 2 cores, the same engine work at 32
-    clients took 1.0 to 1.6 CPU-seconds from run to run, and throughput followed; pinned, 0.95 to 1.0."""
+    the clients then run beside it rather than take turns with it (unpinned, the same engine work varied widely in
+    CPU time from run to run, and throughput with it)."""
     if hasattr(os, "sched_setaffinity"):
         allowed = sorted(os.sched_getaffinity(0))
         if threads < len(allowed):
@@ -149,7 +149,7 @@ def _run_engine(conn: Any, model: Any, tokenizer: Any, max_batch: int, prefix_ca
             except Exception:  # it does not pickle: its words do
                 conn.send(("failed", RuntimeError(f"{type(err).__name__}: {err}"), None))
             continue
-        fields = []  # each event's fields, renumbered: plain tuples pickle and unpickle several times faster
+        fields = []  # each event's fields in TokenEvent's order, renumbered: tuples pickle faster than dataclasses
         for event in events:
             request_id = theirs[event.request_id]
             if event.finish_reason is not None:
