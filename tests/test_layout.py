@@ -46,10 +46,22 @@ def test_models_whose_weights_fit_in_cache_keep_the_row_major_layout() -> None:
     m = model("gpt2")  # ~0.05 MB of Linear weights, far below any CPU's last-level cache
     weights = linear_weights(m)
     ptrs = [w.data_ptr() for w in weights]
-    column_major_linears(m)
+    column_major_linears(m, threads=2)
     assert [w.data_ptr() for w in weights] == ptrs and not any(is_column_major(w) for w in weights)
     column_major_linears(m, min_bytes=sum(w.nbytes for w in weights))  # exactly at the threshold
     assert all(is_column_major(w) for w in weights)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_thread_takes_the_column_major_layout_at_any_size(threads: int, monkeypatch) -> None:
+    """One intra-op thread multiplies a few rows faster from columns even in cache: a model far below the LLC is
+    converted for one thread (given, or torch's own count) and kept for two."""
+    assert not any(is_column_major(w) for w in linear_weights(column_major_linears(model("gpt2"), threads=2)))
+    converted = linear_weights(column_major_linears(model("gpt2"), threads=1))
+    assert all(is_column_major(w) for w in converted)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    by_default = linear_weights(column_major_linears(model("gpt2")))
+    assert all(is_column_major(w) == (threads == 1) for w in by_default)
 
 
 def test_the_threshold_is_this_cpus_last_level_cache(monkeypatch) -> None:
@@ -57,9 +69,9 @@ def test_the_threshold_is_this_cpus_last_level_cache(monkeypatch) -> None:
     weights of this CPU's LLC size would take up to hundreds of MiB)."""
     nbytes = sum(w.nbytes for w in linear_weights(model("gpt2")))
     monkeypatch.setattr(layout, "last_level_cache_bytes", lambda: nbytes + 1)
-    assert not any(is_column_major(w) for w in linear_weights(column_major_linears(model("gpt2"))))
+    assert not any(is_column_major(w) for w in linear_weights(column_major_linears(model("gpt2"), threads=2)))
     monkeypatch.setattr(layout, "last_level_cache_bytes", lambda: nbytes)
-    assert all(is_column_major(w) for w in linear_weights(column_major_linears(model("gpt2"))))
+    assert all(is_column_major(w) for w in linear_weights(column_major_linears(model("gpt2"), threads=2)))
 
 
 def _fake_cache(root, entries: list[tuple[str, str, str]]) -> None:

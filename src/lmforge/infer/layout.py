@@ -3,11 +3,14 @@
 `nn.Linear` keeps W as [out, in] row-major and computes x @ W.T. When the weights come from DRAM, MKL multiplies a few
 rows faster if W.T is the contiguous one: each input element scales one contiguous weight row into an output that
 stays in cache, instead of one dot product per output. Weights that stay in the last-level cache read faster
-row-major (each thread reads one contiguous half). benchmarks/decode_speed.py times both layouts.
+row-major when several threads share a matmul (each thread reads one contiguous half); one thread alone multiplies a
+few rows faster from columns at any size (as the serve engine's process runs on 2 cores). benchmarks/decode_speed.py
+times both layouts.
 
 The rule, decided on the machine that runs the model: Linear weights of at least the CPU's last-level cache size
-(read from the OS) stream from DRAM every decode step, so they go column-major; smaller ones stay as they are. CUDA
-(and any non-CPU) weights are never converted. Values and shapes stay the same, only the strides change.
+(read from the OS) stream from DRAM every decode step, so they go column-major, and so do weights of any size that
+one intra-op thread will multiply; smaller ones under several threads stay as they are. CUDA (and any non-CPU)
+weights are never converted. Values and shapes stay the same, only the strides change.
 """
 
 from __future__ import annotations
@@ -64,17 +67,20 @@ def linear_weights(model: nn.Module) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def column_major_linears(model: nn.Module, min_bytes: int | None = None) -> nn.Module:
+def column_major_linears(model: nn.Module, min_bytes: int | None = None, threads: int | None = None) -> nn.Module:
     """Store every plain `nn.Linear` weight of `model` column-major, in place, one matrix at a time (peak memory grows
     by one matrix), when all are on the CPU and hold at least `min_bytes` together (default: this machine's
-    `last_level_cache_bytes()`); return `model`. For inference: the CLI's `generate` and the report's timings call it
+    `last_level_cache_bytes()`, or 0 when `threads`, the intra-op threads that will run the model, is 1; default:
+    torch's now); return `model`. For inference: the CLI's `generate` and the report's timings call it
     after `lmforge.load`; leave a model you will train as it is (a tied embedding becomes a strided gather, and
     gradients come back in the other layout). A tied weight is converted once and stays tied; quantised and adapter
     layers keep their own layout; saving writes contiguous tensors as before."""
     weights = linear_weights(model)
     if any(w.device.type != "cpu" for w in weights):
         return model
-    if sum(w.nbytes for w in weights) < (last_level_cache_bytes() if min_bytes is None else min_bytes):
+    if min_bytes is None:
+        min_bytes = 0 if (torch.get_num_threads() if threads is None else threads) == 1 else last_level_cache_bytes()
+    if sum(w.nbytes for w in weights) < min_bytes:
         return model
     for weight in weights:
         if not is_column_major(weight):

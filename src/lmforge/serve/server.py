@@ -77,6 +77,7 @@ def serve(path: str, *, host: str, port: int, api_key: str | None, adapters: dic
           max_queue: int, shutdown_timeout: float, name: str | None, template: str | None,
           prefix_cache_tokens: int, ssl_certfile: str | None, ssl_keyfile: str | None) -> None:
     """`lmforge serve`: load, bind, serve until told to stop."""
+    from lmforge.infer.layout import column_major_linears
     from lmforge.serve.app import create_app
     from lmforge.serve.engine_process import EngineProcess
     from lmforge.serve.metrics import Metrics
@@ -88,8 +89,10 @@ def serve(path: str, *, host: str, port: int, api_key: str | None, adapters: dic
     warning = clear_text_key_warning(host, api_key, tls=ssl_certfile is not None)
     if warning:
         print(warning, file=sys.stderr)
+    threads = engine_threads()
+    column_major_linears(served.model, threads=threads)  # before the engine process shares the weights
     engine = EngineProcess(served.model, served.tokenizer, max_batch=max_batch,
-                           prefix_cache_tokens=prefix_cache_tokens, threads=engine_threads())
+                           prefix_cache_tokens=prefix_cache_tokens, threads=threads)
     worker = EngineWorker(engine, max_batch, max_queue)
     worker.start()
     bound_port = sock.getsockname()[1]
