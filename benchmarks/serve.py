@@ -13,12 +13,14 @@ lower p50 time to first token.
     python benchmarks/serve.py --run runs/sft --clients 1 8 --requests 2 --max-tokens 32 --json serve.json
     python benchmarks/serve.py --run runs/sft --servers lmforge transformers-cb
     python benchmarks/serve.py --run runs/sft --threads 1    # every server on one intra-op thread
+    python benchmarks/serve.py --run runs/sft --clients 8 32 --rounds 3   # three rounds, the median ratio
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -33,7 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run", type=Path, required=True,
                    help="lmforge run or checkpoint dir (a decoder with a tokenizer), e.g. --run runs/sft")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="concurrency levels, e.g. 1 8 32")
-    p.add_argument("--requests", type=int, default=4, help="requests each client sends one after another, e.g. 4")
+    p.add_argument("--requests", type=int, default=16,
+                   help="requests each client sends one after another, e.g. 4 (fewer: each level lasts a second or "
+                        "less, and one stall of the machine moves its figure)")
     p.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each completion, e.g. 64")
     p.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS),
                    help="servers to measure, e.g. lmforge transformers-cb (transformers serve --continuous-batching)")
@@ -44,19 +48,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads of every server (OMP_NUM_THREADS) and of the sequential run, e.g. 1 where "
                         "the clients share the server's cores (default: torch's, one per core)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure everything this many times, the servers' order reversed every other round, and print "
+                        "each round's ratios and their median, e.g. 3")
     p.add_argument("--json", type=Path, default=None, help="also write every figure here, e.g. --json serve.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
+    return args
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    print(common.machine_line())
-    if args.threads:
-        print(f"every server and the sequential run on {args.threads} intra-op thread(s) (OMP_NUM_THREADS)")
-    texts = None
-    if args.prompts:
-        texts = document_openings(args.prompts, max(args.clients) * args.requests)
-    results = compare(args.run, args.servers, args.clients, args.requests, args.max_tokens, texts, args.threads)
+def print_round(results: dict) -> None:
     header = f"{'server':<20}{'clients':>8}{'tok/s':>10}{'req/s':>8}{'TTFT p50':>10}{'p95':>8}{'lat p50':>9}{'p95':>8}"
     print(header + "\n" + "-" * len(header))
     for name, levels in results["servers"].items():
@@ -68,6 +70,30 @@ def main(argv: list[str] | None = None) -> None:
     for clients, ratio in results["ratios"].items():
         print(f"{clients} clients: lmforge serve throughput "
               + ", ".join(f"{v:.2f}x {k.replace('_', ' ')}" for k, v in ratio.items()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    print(common.machine_line())
+    if args.threads:
+        print(f"every server and the sequential run on {args.threads} intra-op thread(s) (OMP_NUM_THREADS)")
+    texts = None
+    if args.prompts:
+        texts = document_openings(args.prompts, max(args.clients) * args.requests)
+    rounds = []
+    for i in range(args.rounds):
+        servers = args.servers if i % 2 == 0 else args.servers[::-1]
+        rounds.append(compare(args.run, servers, args.clients, args.requests, args.max_tokens, texts, args.threads))
+        if args.rounds > 1:
+            print(f"round {i + 1} of {args.rounds} (servers in the order {', '.join(servers)})")
+        print_round(rounds[-1])
+    if args.rounds > 1:
+        for clients in map(str, args.clients):
+            for key in rounds[0]["ratios"][clients]:
+                each = [r["ratios"][clients][key] for r in rounds]
+                print(f"{clients} clients, {key.replace('_', ' ')}: median {statistics.median(each):.2f}x over "
+                      f"{args.rounds} rounds ({', '.join(f'{v:.2f}' for v in each)})")
+    results = rounds[0] if args.rounds == 1 else {"rounds": rounds}
     if args.json:
         args.json.write_text(json.dumps({"machine": common.machine_line(), **results}, indent=2) + "\n")
 
