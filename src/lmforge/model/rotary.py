@@ -3,7 +3,7 @@
 `layers.apply_rope` as autograd records it (a negated half, a concatenation, two products and a sum, q and k each)
 runs about twice as many passes over the queries and keys, and its backward allocates zero-filled gradients for the
 halves it sliced. Here the heads arrive token-major [B, T, heads, head_dim], as the projection wrote them, and the
-tables are laid out the same way, so each pass runs over contiguous rows of all heads at once.
+tables broadcast over the heads, so each pass runs over contiguous rows of all heads at once.
 """
 
 from __future__ import annotations
@@ -34,9 +34,7 @@ def rotate_token_major(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """RoPE of x [B, T, heads, head_dim] by the tables cos/sin [T, head_dim] (half-split layout, every dim rotated):
     the same values as `apply_rope(x.transpose(1, 2), cos, sin).transpose(1, 2)` up to rounding, computed in x's
     dtype."""
-    T, heads, dim = x.shape[1], x.shape[2], x.shape[3]
-    half = dim // 2
-    cos = cos.to(x.dtype)[:, None].expand(T, heads, dim).contiguous()
+    half = x.shape[-1] // 2
     sin = sin.to(x.dtype)
-    signed_sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)[:, None].expand(T, heads, dim).contiguous()
-    return _Rotate.apply(x, cos, signed_sin)
+    signed_sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+    return _Rotate.apply(x, cos.to(x.dtype)[:, None], signed_sin[:, None])  # [T, 1, head_dim]: broadcast over heads
