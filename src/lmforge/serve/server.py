@@ -78,6 +78,7 @@ def serve(path: str, *, host: str, port: int, api_key: str | None, adapters: dic
           prefix_cache_tokens: int, ssl_certfile: str | None, ssl_keyfile: str | None) -> None:
     """`lmforge serve`: load, bind, serve until told to stop."""
     from lmforge.infer.layout import column_major_linears
+    from lmforge.model.layers import Attention
     from lmforge.serve.app import create_app
     from lmforge.serve.engine_process import EngineProcess
     from lmforge.serve.metrics import Metrics
@@ -90,7 +91,9 @@ def serve(path: str, *, host: str, port: int, api_key: str | None, adapters: dic
     if warning:
         print(warning, file=sys.stderr)
     threads = engine_threads()
-    column_major_linears(served.model, threads=threads)  # before the engine process shares the weights
+    column_major_linears(served.model, threads=threads)  # before the engine process shares the weights,
+    for attention in (m for m in served.model.modules() if isinstance(m, Attention)):
+        attention.share_qkv_storage()  # with q|k|v one buffer again: else the engine's first decode copies them
     engine = EngineProcess(served.model, served.tokenizer, max_batch=max_batch,
                            prefix_cache_tokens=prefix_cache_tokens, threads=threads)
     worker = EngineWorker(engine, max_batch, max_queue)
