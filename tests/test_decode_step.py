@@ -48,7 +48,7 @@ def test_a_decode_step_gives_the_forwards_logits_and_cache(name: str, fused: boo
             model(prompt, cache=cache, attention_mask=mask[:, :9])
         new = torch.tensor([[5], [6], [7]])
         expected = model(new, cache=caches[0], attention_mask=mask)[:, -1]
-        got = DecodeStep(model)(new, caches[1], mask)
+        got = DecodeStep(model)((new, caches[1], mask))[0]
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
         assert caches[0].length == caches[1].length == 10
         for mine, theirs in zip(caches[1].keys + caches[1].values, caches[0].keys + caches[0].values, strict=True):
@@ -57,7 +57,7 @@ def test_a_decode_step_gives_the_forwards_logits_and_cache(name: str, fused: boo
         for cache in row:
             model(prompt[:1], cache=cache)
         expected = model(new[:1], cache=row[0])[:, -1]
-        torch.testing.assert_close(DecodeStep(model)(new[:1], row[1], None), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(DecodeStep(model)((new[:1], row[1], None))[0], expected, atol=1e-5, rtol=0)
 
 
 def test_the_engine_rows_decode_through_it_and_leave_it_when_idle(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -94,3 +94,58 @@ def test_models_it_does_not_take_decode_through_their_forward(monkeypatch: pytes
         with torch.inference_mode():
             slots.prefill(0, [1, 2], 4)
             assert slots.decode({0: 3}).shape == (1, model.cfg.vocab_size)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "mistral-window"])
+def test_a_prefill_in_the_decode_steps_pass_gives_each_batch_its_own_forward(name: str) -> None:
+    """The running rows' step and a left-padded prefill over a cached prefix (a cache of its own), their tokens in
+    the same matmuls: each batch's last logits and cache as its own forward gives them."""
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(**{**TINY, "init_std": 0.2, **LAYOUTS[name]})).eval()
+    ids = torch.randint(1, 64, (4, 12), generator=torch.Generator().manual_seed(2))
+    running_mask = torch.ones(2, 9, dtype=torch.long)
+    running_mask[1, :3] = 0
+    prefill_mask = torch.ones(2, 12, dtype=torch.long)
+    prefill_mask[1, 4:7] = 0  # the second prompt: 4 cached slots, 3 padding, then its 5 tokens
+    with torch.inference_mode(), fused_qkv(model):
+        running, prompts = [model.new_cache(2, 12) for _ in range(2)], [model.new_cache(2, 12) for _ in range(2)]
+        for r, p in zip(running, prompts, strict=True):
+            model(ids[:2, :8], cache=r, attention_mask=running_mask[:, :8])
+            model(ids[2:, :4], cache=p)  # the cached prefix
+        new = ids[:2, 8:9]
+        expected = (model(new, cache=running[0], attention_mask=running_mask)[:, -1],
+                    model(ids[2:, 4:], cache=prompts[0], attention_mask=prefill_mask, keep_last=1)[:, -1])
+        got = DecodeStep(model)((new, running[1], running_mask), (ids[2:, 4:], prompts[1], prefill_mask))
+        for mine, theirs in zip(got, expected, strict=True):
+            torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
+        for mine, theirs in zip(running[1:] + prompts[1:], running[:1] + prompts[:1], strict=True):
+            assert mine.length == theirs.length
+            for a, b in zip(mine.keys + mine.values, theirs.keys + theirs.values, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_the_engine_prefills_arrivals_in_the_running_rows_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request that arrives while others run is prefilled in their decode step's pass (one `DecodeStep` call of two
+    batches, no forward of the model's own), and gets the tokens it gets alone."""
+    model = tiny_model("gpt2")
+    batches: list[int] = []
+    call = DecodeStep.__call__
+    monkeypatch.setattr(DecodeStep, "__call__", lambda self, *b: (batches.append(len(b)), call(self, *b))[1])
+    alone = []
+    for ids in ([1, 2, 3], [4, 5, 6, 7, 8]):
+        engine = Engine(model, max_batch=2)
+        engine.submit(GenerationRequest(ids, 6, temperature=0))
+        alone.append([e.token_id for _ in range(6) for e in engine.step()])
+    engine = Engine(model, max_batch=2)
+    first = engine.submit(GenerationRequest([1, 2, 3], 6, temperature=0))
+    events = engine.step()
+    batches.clear()
+    forwards: list[int] = []
+    model.register_forward_pre_hook(lambda *a: forwards.append(1))  # a probe: the rows keep the fast step they took
+    second = engine.submit(GenerationRequest([4, 5, 6, 7, 8], 6, temperature=0))
+    events += engine.step()
+    assert batches == [2] and not forwards
+    while engine.has_work:
+        events += engine.step()
+    got = [[e.token_id for e in events if e.request_id == rid] for rid in (first, second)]
+    assert got == alone

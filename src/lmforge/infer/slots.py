@@ -132,8 +132,19 @@ class BatchSlots:
             self.length = 0
             self._fast_step = None  # the model may change before rows are busy again
 
-    def decode(self, tokens: dict[int, int]) -> Tensor:
-        """One decode step: feed busy row r the token tokens[r]; returns logits [rows used, vocab] (row r at r)."""
+    def fast_step(self) -> decode_step.DecodeStep | None:
+        """The decode step without module calls (`model/decode_step.py`), or None where it does not apply (a model
+        it does not take, a compiled decode model); decided once while rows are busy (the model stays as it is)."""
+        if self._fast_step is None:
+            fast = self.decode_model is self.model and decode_step.supports(self.model)
+            self._fast_step = decode_step.DecodeStep(self.model) if fast else False
+        return self._fast_step or None
+
+    def decode(self, tokens: dict[int, int], prefill: decode_step.Batch | None = None
+               ) -> Tensor | tuple[Tensor, Tensor]:
+        """One decode step: feed busy row r the token tokens[r]; returns logits [rows used, vocab] (row r at r).
+        With `prefill` (ids [n, T], their own cache, their mask or None; only where `fast_step()` applies), those
+        prompts run in the same pass over the weights, and their last positions' logits [n, vocab] come second."""
         self._make_room()
         used = max(tokens) + 1
         device = self.mask.device
@@ -148,11 +159,13 @@ class BatchSlots:
         # alone always is)
         whole = len(tokens) == used and not any(self.start[:used])
         mask = None if whole else self.mask[:used, :self.length + 1]
-        if self._fast_step is None:  # decided once while rows are busy: the model stays as it is meanwhile
-            fast = self.decode_model is self.model and decode_step.supports(self.model)
-            self._fast_step = decode_step.DecodeStep(self.model) if fast else False
-        if self._fast_step:
-            logits = self._fast_step(feed, view, mask)
+        fast = self.fast_step()
+        if prefill is not None:
+            logits, first = fast((feed, view, mask), prefill)
+            self.length += 1
+            return logits, first
+        if fast is not None:
+            logits = fast((feed, view, mask))[0]
         else:
             logits = self.decode_model(feed, cache=view, attention_mask=mask)[:, -1]
         self.length += 1

@@ -37,31 +37,60 @@ def supports(model: nn.Module) -> bool:
             and not (module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks))
 
 
+Batch = tuple[Tensor, KVCache, "Tensor | None"]  # token ids [n, T], their cache, their attention mask (or None)
+
+
 class DecodeStep:
-    """`step(tokens, cache, attention_mask)` computes `model(tokens, cache=cache, attention_mask=attention_mask)
-    [:, -1]` for tokens [B, 1]: the logits [B, vocab] of each row's next token (the cache grows by the new keys and
-    values). Check `supports(model)` first."""
+    """`step((tokens, cache, attention_mask))` computes `model(tokens, cache=cache, attention_mask=attention_mask)
+    [:, -1]`: the logits [n, vocab] of each row's last token (the cache grows by the new keys and values). Several
+    batches (the running rows' decode step and a prefill of new prompts into a cache of their own) run in one pass
+    over the weights: every matmul takes all their tokens at once, attention takes each batch over its own cache;
+    `step(a, b)` returns a's logits and b's. Check `supports(model)` first."""
 
     def __init__(self, model: DecoderLM):
         self.model = model
         self.layers = [_Layer(block) for block in model.blocks]
         self.final_norm, self.head = _norm(model.final_norm), _linear(model.lm_head)
 
-    def __call__(self, tokens: Tensor, cache: KVCache, attention_mask: Tensor | None) -> Tensor:
-        model = self.model
-        x, rope, bias = model.layer_inputs(model.tok_emb(tokens), cache, attention_mask)
-        x = x.view(x.shape[0], -1)
-        if bias is not None:
-            bias = bias.to(x.dtype)
+    def __call__(self, *batches: Batch) -> list[Tensor]:
+        model, parts, start = self.model, [], 0
+        for tokens, cache, attention_mask in batches:
+            x, rope, bias = model.layer_inputs(model.tok_emb(tokens), cache, attention_mask)
+            parts.append(_Part(x.reshape(-1, x.shape[-1]), start, tokens.shape, cache, rope, bias))
+            start += tokens.numel()
+        x = parts[0].x if len(parts) == 1 else torch.cat([p.x for p in parts])  # every token a row [N, d_model]
         for index, layer in enumerate(self.layers):
-            attended = layer.attend(layer.attn_norm(x), index, rope, bias, cache)
+            attended = layer.attend(layer.attn_norm(x), index, parts)
             if layer.parallel:
                 x = x + attended + layer.mlp(layer.mlp_norm(x))
             else:
                 x = x + attended
                 x = x + layer.mlp(layer.mlp_norm(x))
-        cache.length += 1
-        return self.head(self.final_norm(x))
+        last = [p.last_rows(x) for p in parts]
+        for p in parts:
+            p.cache.length += p.width
+        logits = self.head(self.final_norm(last[0] if len(last) == 1 else torch.cat(last)))
+        return list(logits.split([p.rows for p in parts]))
+
+
+class _Part:
+    """One batch of `DecodeStep`: its tokens' rows [start, start + rows x width) of the flattened batch."""
+
+    def __init__(self, x: Tensor, start: int, shape: torch.Size, cache: KVCache, rope: tuple[Tensor, Tensor] | None,
+                 bias: Tensor | None):
+        self.x, self.start, (self.rows, self.width), self.cache, self.rope = x, start, shape, cache, rope
+        self.bias = None if bias is None else bias.to(x.dtype)
+
+    def heads(self, t: Tensor, width: int) -> Tensor:
+        """This batch's rows of a projection t [N, heads x width] as [rows, heads, T, width]."""
+        part = t[self.start:self.start + self.rows * self.width]
+        if self.width == 1:
+            return part.view(self.rows, -1, 1, width)
+        return part.view(self.rows, self.width, -1, width).transpose(1, 2)
+
+    def last_rows(self, x: Tensor) -> Tensor:
+        part = x[self.start:self.start + self.rows * self.width]
+        return part if self.width == 1 else part.view(self.rows, self.width, -1)[:, -1]
 
 
 class _Layer:
@@ -76,22 +105,27 @@ class _Layer:
         self.first, self.up, self.down = _linear(mlp.gate if mlp.gated else mlp.up), _linear(mlp.up), _linear(mlp.down)
         self.act, self.gated = mlp.act, mlp.gated
 
-    def attend(self, h: Tensor, index: int, rope: tuple[Tensor, Tensor] | None, bias: Tensor | None,
-               cache: KVCache) -> Tensor:
-        """The attention output [B, d_model] for normed tokens h [B, d_model], their keys and values put in `cache`."""
-        rows, heads, kv, width = h.shape[0], self.heads, self.kv, self.width
+    def attend(self, h: Tensor, index: int, parts: list[_Part]) -> Tensor:
+        """The attention output [N, d_model] for normed tokens h [N, d_model]: each part's queries over its own
+        cache, where its new keys and values go."""
+        heads, kv, width = self.heads, self.kv, self.width
         fused = self.attn._fused  # inside `fused_qkv`: one matmul
         if fused is not None:
-            q, k, v = F.linear(h, *fused).view(rows, heads + 2 * kv, 1, width).split([heads, kv, kv], dim=1)
+            q, k, v = F.linear(h, *fused).split([heads * width, kv * width, kv * width], dim=1)
         else:
-            q, k, v = (f(h).view(rows, -1, 1, width) for f in (self.q, self.k, self.v))
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        k, v = cache.update(index, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale, enable_gqa=kv != heads)
-        return self.o(y.reshape(rows, heads * width))
+            q, k, v = self.q(h), self.k(h), self.v(h)
+        outputs = []
+        for p in parts:
+            pq, pk, pv = p.heads(q, width), p.heads(k, width), p.heads(v, width)
+            if self.q_norm is not None:
+                pq, pk = self.q_norm(pq), self.k_norm(pk)
+            if p.rope is not None:
+                pq, pk = apply_rope(pq, *p.rope), apply_rope(pk, *p.rope)
+            pk, pv = p.cache.update(index, pk, pv)
+            y = F.scaled_dot_product_attention(pq, pk, pv, attn_mask=p.bias, is_causal=p.bias is None and p.width > 1,
+                                               scale=self.scale, enable_gqa=kv != heads)
+            outputs.append(y.transpose(1, 2).reshape(-1, heads * width))
+        return self.o(outputs[0] if len(outputs) == 1 else torch.cat(outputs))
 
     def mlp(self, h: Tensor) -> Tensor:
         a = self.act(self.first(h))
