@@ -2,7 +2,9 @@
 
 Requests are submitted from any thread; one thread calls `step`, which admits waiting requests into free rows
 (their prompts prefilled together, left-padded, after any cached prefix blocks; each one's first token picked from
-its prefill logits), then runs one decode step over every running row at once (`infer/slots.py`). A request leaves
+its prefill logits), then runs one decode step over every running row at once (`infer/slots.py`); where the rows'
+fast decode step applies (`model/decode_step.py`) and no adapter is involved, arrivals are prefilled inside that
+step's pass over the weights and join the rows after it. A request leaves
 its row when it stops (a stop id, a stop string, max_new_tokens) or is cancelled, and a waiting one takes the row at
 the next step. Each request samples with its own settings and its own generator, so its tokens do not depend on
 what else runs.
