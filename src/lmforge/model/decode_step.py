@@ -1,10 +1,10 @@
-"""One decode step of a `DecoderLM` (one new token per row, a KV cache) without the module calls of its forward.
+"""A `DecoderLM`'s decode step over a KV cache (and a prefill sharing its pass) without its forward's module calls.
 
 A small model's decode step is mostly interpreter and dispatch overhead: each layer's forward goes through a dozen
 `nn.Module` calls, attribute look-ups, closures and reshapes around a handful of kernels. `DecodeStep` looks up the
 blocks' parameters once and then runs the same kernels on the same tensors (the model's position inputs and
-attention bias, the cache's `update`), the per-token activations kept [rows, d_model]; a submodule that is not a
-plain Linear or LayerNorm (an adapted or quantised projection, an RMSNorm, a q/k norm) is called as it is. It takes
+attention bias, the cache's `update`), every token one row [tokens, d_model] of the matmuls; a submodule that is not
+a plain Linear or LayerNorm (an adapted or quantised projection, an RMSNorm, a q/k norm) is called as it is. It takes
 pre-norm blocks, sequential or parallel, with plain `Attention` and `MLP` (`supports`); the engine's rows fall back
 to the model's forward otherwise. The MLP's activation runs after its projection (`fused_activations` is for
 scoring, where the rows are many). Logits agree with the forward's up to fp32 rounding (tests/test_decode_step.py).
@@ -41,11 +41,11 @@ Batch = tuple[Tensor, KVCache, "Tensor | None"]  # token ids [n, T], their cache
 
 
 class DecodeStep:
-    """`step((tokens, cache, attention_mask))` computes `model(tokens, cache=cache, attention_mask=attention_mask)
-    [:, -1]`: the logits [n, vocab] of each row's last token (the cache grows by the new keys and values). Several
-    batches (the running rows' decode step and a prefill of new prompts into a cache of their own) run in one pass
-    over the weights: every matmul takes all their tokens at once, attention takes each batch over its own cache;
-    `step(a, b)` returns a's logits and b's. Check `supports(model)` first."""
+    """Called with a batch (tokens, cache, attention_mask), returns [`model(tokens, cache=cache,
+    attention_mask=attention_mask)[:, -1]`]: the logits [n, vocab] of each row's last token (the cache grows by the
+    new keys and values). Several batches (the running rows' decode step and a prefill of new prompts into a cache of
+    their own) run in one pass over the weights: every matmul takes all their tokens at once, attention takes each
+    batch over its own cache; called with a and b, it returns a's logits and b's. Check `supports(model)` first."""
 
     def __init__(self, model: DecoderLM):
         self.model = model
