@@ -84,8 +84,8 @@ def test_concurrent_greedy_requests_match_each_alone(name: str, monkeypatch: pyt
     monkeypatch.setattr(BatchSlots, "_shift", lambda self, by: (shifts.append(by), shift(self, by))[1])
     batches: list[tuple[int, int]] = []  # (rows running, rows the decode step computes)
     decode = BatchSlots.decode
-    monkeypatch.setattr(BatchSlots, "decode", lambda self, fed: (batches.append((len(fed), max(fed) + 1)),
-                                                                 decode(self, fed))[1])
+    monkeypatch.setattr(BatchSlots, "decode", lambda self, fed, **kw: (batches.append((len(fed), max(fed) + 1)),
+                                                                       decode(self, fed, **kw))[1])
     engine = Engine(model, max_batch=3)
     seen: dict[int, list[torch.Tensor]] = {}
     engine.logits_hook = lambda rid, logits: seen.setdefault(rid, []).append(logits.clone())

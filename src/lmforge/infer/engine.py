@@ -2,7 +2,9 @@
 
 Requests are submitted from any thread; one thread calls `step`, which admits waiting requests into free rows
 (their prompts prefilled together, left-padded, after any cached prefix blocks; each one's first token picked from
-its prefill logits), then runs one decode step over every running row at once (`infer/slots.py`). A request leaves
+its prefill logits), then runs one decode step over every running row at once (`infer/slots.py`); where the rows'
+fast decode step applies (`model/decode_step.py`) and no adapter is involved, arrivals are prefilled inside that
+step's pass over the weights and join the rows after it. A request leaves
 its row when it stops (a stop id, a stop string, max_new_tokens) or is cancelled, and a waiting one takes the row at
 the next step. Each request samples with its own settings and its own generator, so its tokens do not depend on
 what else runs.
@@ -121,6 +123,36 @@ def pick_tokens(logits: Tensor, runs: dict[int, _Running]) -> dict[int, int]:
     return picks
 
 
+class _Prefill:
+    """The inputs of one prefill of `group`'s prompts: left-padded ids `feed` [prompts, width] after the longest
+    cached prefix, a cache holding each one's cached prefix blocks in front of its tokens, and the attention `mask`
+    (None when no slot is padding; `real` is the mask in any case, or None when every slot is real)."""
+
+    def __init__(self, engine: Engine, group: list[_Waiting]):
+        group = sorted(group, key=lambda e: -len(e[1].prompt_ids))  # longest first: rows shift right once at most
+        prefixes = [[] if engine.prefix is None else engine.prefix.lookup(r.prompt_ids, r.adapter)
+                    for _, r, _ in group]
+        self.group, self.hits = group, [len(blocks) * BLOCK for blocks in prefixes]
+        cached = max(self.hits)
+        width = max(len(r.prompt_ids) - h for (_, r, _), h in zip(group, self.hits, strict=True))
+        self.cache = cache = engine.model.new_cache(len(group), cached + width)
+        feed = torch.full((len(group), width), PAD_ID, dtype=torch.long)
+        mask = torch.zeros((len(group), cached + width), dtype=torch.long)
+        for j, ((_, request, _), blocks, hit) in enumerate(zip(group, prefixes, self.hits, strict=True)):
+            for b, block in enumerate(blocks):
+                at = slice(cached - hit + b * BLOCK, cached - hit + (b + 1) * BLOCK)
+                for mine, theirs in zip(cache.keys + cache.values, block, strict=True):
+                    mine[j, :, at] = theirs
+            suffix = request.prompt_ids[hit:]
+            feed[j, width - len(suffix):] = torch.tensor(suffix)
+            mask[j, cached - hit:cached] = mask[j, cached + width - len(suffix):] = 1
+        cache.length = cached
+        device = engine.model.device
+        self.feed = feed.to(device)
+        self.real = None if mask.all() else mask
+        self.mask = None if self.real is None else mask.to(device)
+
+
 class Engine:
     """Continuous batching over `max_batch` rows of one KV cache, with an LRU prefix cache of
     `prefix_cache_tokens` positions (0 = off). `logits_hook(request_id, logits)`, when set, sees the logits [vocab]
@@ -188,10 +220,15 @@ class Engine:
             self._fused = ExitStack()
             self._fused.enter_context(fused_qkv(self.model))
         try:
-            while group := self._next_group():
-                self._admit(group, events)
-            if self._rows:
-                self._decode(events)
+            group = self._next_group()
+            if group and self._rows and self.slots.fast_step() and not self._any_adapter(group):
+                self._decode(events, group)  # the prompts prefilled in the decode step's pass over the weights
+            else:
+                while group:
+                    self._admit(group, events)
+                    group = self._next_group()
+                if self._rows:
+                    self._decode(events)
         except BaseException:
             self._unfuse()
             raise
@@ -238,37 +275,28 @@ class Engine:
         return group
 
     def _admit(self, group: list[_Waiting], events: list[TokenEvent]) -> None:
-        """Prefill the prompts of `group` in one forward (left-padded; a cached prefix is put in front of the
-        tokens still to compute), pick each one's first token, and give a row to each that has not finished."""
-        group = sorted(group, key=lambda e: -len(e[1].prompt_ids))  # longest first: rows shift right once at most
-        prefixes = [[] if self.prefix is None else self.prefix.lookup(r.prompt_ids, r.adapter) for _, r, _ in group]
-        hits = [len(blocks) * BLOCK for blocks in prefixes]
-        cached, width = max(hits), max(len(r.prompt_ids) - h for (_, r, _), h in zip(group, hits, strict=True))
-        cache = self.model.new_cache(len(group), cached + width)
-        feed = torch.full((len(group), width), PAD_ID, dtype=torch.long)
-        mask = torch.zeros((len(group), cached + width), dtype=torch.long)
-        for j, ((_, request, _), blocks, hit) in enumerate(zip(group, prefixes, hits, strict=True)):
-            for b, block in enumerate(blocks):
-                at = slice(cached - hit + b * BLOCK, cached - hit + (b + 1) * BLOCK)
-                for mine, theirs in zip(cache.keys + cache.values, block, strict=True):
-                    mine[j, :, at] = theirs
-            suffix = request.prompt_ids[hit:]
-            feed[j, width - len(suffix):] = torch.tensor(suffix)
-            mask[j, cached - hit:cached] = mask[j, cached + width - len(suffix):] = 1
-        cache.length = cached
-        device = self.model.device
+        """Prefill the prompts of `group` in one forward, pick each one's first token, and give a row to each that
+        has not finished."""
+        prefill = _Prefill(self, group)
         with self._adapters([r.adapter for _, r, _ in group]):
-            logits = self.model(feed.to(device), cache=cache, attention_mask=None if mask.all() else mask.to(device),
-                                keep_last=1)[:, -1]
-        header = self.slots.header
+            logits = self.model(prefill.feed, cache=prefill.cache, attention_mask=prefill.mask, keep_last=1)[:, -1]
+        self._admitted(prefill, logits, events)
+
+    def _admitted(self, prefill: _Prefill, logits: Tensor, events: list[TokenEvent]) -> None:
+        """Pick the first token of each prompt of `prefill` from its `logits` [prompts, vocab], store its prefix
+        blocks, and give a row to each that has not finished."""
+        header, cache, device = self.slots.header, prefill.cache, self.model.device
         if header and self.slots.header_kv is None:
             self.slots.header_kv = [t[0, :, :header].clone() for t in cache.keys + cache.values]
         runs = {j: _Running(request_id, request, sampling, self.tokenizer, device)
-                for j, (request_id, request, sampling) in enumerate(group)}
+                for j, (request_id, request, sampling) in enumerate(prefill.group)}
         picks = pick_tokens(logits, runs)
-        for j, ((_, request, _), hit) in enumerate(zip(group, hits, strict=True)):
-            real = header + mask[j].nonzero().squeeze(1).to(device)
-            kv = [t[j].index_select(1, real) for t in cache.keys + cache.values]
+        for j, ((_, request, _), hit) in enumerate(zip(prefill.group, prefill.hits, strict=True)):
+            if prefill.real is None:  # no padding: every slot is real
+                kv = [t[j, :, header:] for t in cache.keys + cache.values]
+            else:
+                real = header + prefill.real[j].nonzero().squeeze(1).to(device)
+                kv = [t[j].index_select(1, real) for t in cache.keys + cache.values]
             self.stats.prefill_tokens += len(request.prompt_ids) - hit
             self.stats.prefix_hit_tokens += hit
             if self.prefix is not None:
@@ -279,19 +307,31 @@ class Engine:
                 self.slots.join(row, kv, len(request.prompt_ids) + request.max_new_tokens - 1)
                 self._rows[row] = runs[j]
 
+    def _any_adapter(self, group: list[_Waiting]) -> bool:
+        return any(r.adapter for _, r, _ in group) or any(run.request.adapter for run in self._rows.values())
+
     def _adapters(self, names: list[str | None]) -> AbstractContextManager:
         """Each row with its request's adapter (`row_adapters`), when any names one; else the model as it is."""
         return row_adapters(self.model, names) if any(names) else nullcontext()
 
-    def _decode(self, events: list[TokenEvent]) -> None:
+    def _decode(self, events: list[TokenEvent], group: list[_Waiting] | None = None) -> None:
+        """One decode step of the running rows; with `group` (no adapter anywhere), its prompts prefilled in the
+        same pass over the weights (`BatchSlots.decode`'s `prefill`), and given rows after the step."""
         self._pack_rows()
         used = max(self._rows) + 1
-        with self._adapters([self._rows[r].request.adapter if r in self._rows else None for r in range(used)]):
-            logits = self.slots.decode({row: run.token for row, run in self._rows.items()})
+        fed = {row: run.token for row, run in self._rows.items()}
+        if group:
+            prefill = _Prefill(self, group)
+            logits, first = self.slots.decode(fed, prefill=(prefill.feed, prefill.cache, prefill.mask))
+        else:
+            with self._adapters([self._rows[r].request.adapter if r in self._rows else None for r in range(used)]):
+                logits = self.slots.decode(fed)
         picks = pick_tokens(logits, self._rows)
         for row, run in list(self._rows.items()):
             if self._pick(run, logits, row, picks[row], events):
                 self._leave(row)
+        if group:
+            self._admitted(prefill, first, events)
 
     def _pack_rows(self) -> None:
         """Move the highest running rows into the free rows below them: a decode step computes every row up to the

@@ -20,6 +20,7 @@ import copy
 import torch
 from torch import Tensor
 
+from lmforge.model import decode_step
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.layers import KVCache
 
@@ -43,6 +44,8 @@ class BatchSlots:
         self.mask = torch.zeros((rows, 0), dtype=torch.long, device=model.device)
         self.start: list[int | None] = [None] * rows  # first column of each busy row; None = free
         self.span = [0] * rows  # the most columns each busy row fills before it finishes
+        # the decode step without module calls, False where it does not apply, None until the next decode decides
+        self._fast_step: decode_step.DecodeStep | bool | None = None
 
     @classmethod
     def for_model(cls, model: DecoderLM, rows: int, decode_model: torch.nn.Module | None = None) -> BatchSlots:
@@ -76,7 +79,7 @@ class BatchSlots:
     def prefill(self, row: int, ids: list[int], span: int, keep_last: int = 1) -> Tensor:
         """Run prompt `ids` alone and put it into free `row` (`span` as `join`'s); returns the logits of its last
         `keep_last` tokens [keep_last, vocab]."""
-        cache = self.model.new_cache(1, self.header + len(ids))
+        cache = self.model.new_cache(1, len(ids))  # a soft prompt's model adds its header slots itself
         logits = self.model(torch.tensor([ids], device=self.mask.device), cache=cache, keep_last=keep_last)[0]
         if self.header and self.header_kv is None:
             self.header_kv = [t[0, :, :self.header].clone() for t in cache.keys + cache.values]
@@ -127,9 +130,21 @@ class BatchSlots:
         self.mask[row] = 0
         if not self.busy():
             self.length = 0
+            self._fast_step = None  # the model may change before rows are busy again
 
-    def decode(self, tokens: dict[int, int]) -> Tensor:
-        """One decode step: feed busy row r the token tokens[r]; returns logits [rows used, vocab] (row r at r)."""
+    def fast_step(self) -> decode_step.DecodeStep | None:
+        """The decode step without module calls (`model/decode_step.py`), or None where it does not apply (a model
+        it does not take, a compiled decode model); decided once while rows are busy (the model stays as it is)."""
+        if self._fast_step is None:
+            fast = self.decode_model is self.model and decode_step.supports(self.model)
+            self._fast_step = decode_step.DecodeStep(self.model) if fast else False
+        return self._fast_step or None
+
+    def decode(self, tokens: dict[int, int], prefill: decode_step.Batch | None = None
+               ) -> Tensor | tuple[Tensor, Tensor]:
+        """One decode step: feed busy row r the token tokens[r]; returns logits [rows used, vocab] (row r at r).
+        With `prefill` (ids [n, T], their own cache, their mask or None; only where `fast_step()` applies), those
+        prompts run in the same pass over the weights, and their last positions' logits [n, vocab] come second."""
         self._make_room()
         used = max(tokens) + 1
         device = self.mask.device
@@ -143,10 +158,18 @@ class BatchSlots:
         # rows that all start at column 0 and are all fed have nothing to hide: the plain causal path (one sequence
         # alone always is)
         whole = len(tokens) == used and not any(self.start[:used])
-        logits = self.decode_model(feed, cache=view,
-                                   attention_mask=None if whole else self.mask[:used, :self.length + 1])
+        mask = None if whole else self.mask[:used, :self.length + 1]
+        fast = self.fast_step()
+        if prefill is not None:
+            logits, first = fast((feed, view, mask), prefill)
+            self.length += 1
+            return logits, first
+        if fast is not None:
+            logits = fast((feed, view, mask))[0]
+        else:
+            logits = self.decode_model(feed, cache=view, attention_mask=mask)[:, -1]
         self.length += 1
-        return logits[:, -1]
+        return logits
 
     def _rows_view(self, used: int) -> KVCache:
         """The cache's first `used` rows, sharing its storage (kept while the cache and `used` stay the same)."""

@@ -157,6 +157,18 @@ class DecoderLM(nn.Module):
     def hidden_of_embeddings(self, x: Tensor, cache: KVCache | None = None,
                              attention_mask: Tensor | None = None) -> Tensor:
         """`hidden` of the input embeddings x [B, T, d_model] rather than of token ids."""
+        x, rope, bias = self.layer_inputs(x, cache, attention_mask)
+        for i, block in enumerate(self.blocks):
+            x = block(x, i, rope, bias, cache)
+        if cache is not None:
+            cache.length += x.shape[1]
+        return self.final_norm(x)
+
+    def layer_inputs(self, x: Tensor, cache: KVCache | None = None, attention_mask: Tensor | None = None
+                     ) -> tuple[Tensor, tuple[Tensor, Tensor] | None, Tensor | None]:
+        """What the first block takes for input embeddings x [B, T, d_model]: x with its positions added (and
+        dropout), the RoPE cos/sin tables of its positions and the additive attention bias (each None when not
+        needed). With `attention_mask`, per-row positions and a padding bias from it."""
         cfg = self.cfg
         offset = cache.length if cache is not None else 0
         T = x.shape[1]
@@ -164,7 +176,7 @@ class DecoderLM(nn.Module):
             if attention_mask.shape != (x.shape[0], offset + T):
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
                                  f"{(x.shape[0], offset + T)}: the cached tokens plus the new ones")
-            return self._hidden_masked(x, offset, attention_mask, cache)
+            return self._masked_inputs(x, offset, attention_mask)
         if cfg.position == "learned" and offset + T > cfg.max_seq_len:
             raise ValueError(
                 f"sequence of {offset + T} tokens exceeds the {cfg.max_seq_len} learned positions; "
@@ -185,21 +197,19 @@ class DecoderLM(nn.Module):
         if cfg.position == "alibi" or (offset > 0 and T > 1) or window is not None:
             bias = attention_bias(T, offset + T, offset, self.alibi if cfg.position == "alibi" else None, x.device,
                                   window)
-        x = self.drop(x)
-        for i, block in enumerate(self.blocks):
-            x = block(x, i, rope, bias, cache)
-        if cache is not None:
-            cache.length = offset + T
-        return self.final_norm(x)
+        return self.drop(x), rope, bias
 
-    def _hidden_masked(self, x: Tensor, offset: int, attention_mask: Tensor,
-                       cache: KVCache | None) -> Tensor:
-        """`hidden` past the embeddings, with per-row positions and a padding bias from `attention_mask`."""
+    def _masked_inputs(self, x: Tensor, offset: int, attention_mask: Tensor
+                       ) -> tuple[Tensor, tuple[Tensor, Tensor] | None, Tensor]:
+        """`layer_inputs` with per-row positions and a padding bias from `attention_mask`."""
         cfg = self.cfg
         T = x.shape[1]
         if cfg.position == "learned" and offset + T > cfg.max_seq_len:
             raise ValueError(f"sequence of {offset + T} slots exceeds the {cfg.max_seq_len} learned positions")
-        pos = mask_positions(attention_mask)[:, -T:]
+        if T == 1:  # a decode step: the new slot's position is the count of real slots before it
+            pos = (attention_mask.sum(-1, keepdim=True) - 1).clamp(min=0)
+        else:
+            pos = mask_positions(attention_mask)[:, -T:]
         rope = None
         if cfg.position == "learned":
             x = x + self.pos_emb(pos)
@@ -215,12 +225,7 @@ class DecoderLM(nn.Module):
             rope = cos[pos][:, None], sin[pos][:, None]
         bias = masked_attention_bias(attention_mask, T, self.alibi if cfg.position == "alibi" else None,
                                      cfg.sliding_window)
-        x = self.drop(x)
-        for i, block in enumerate(self.blocks):
-            x = block(x, i, rope, bias, cache)
-        if cache is not None:
-            cache.length = offset + T
-        return self.final_norm(x)
+        return self.drop(x), rope, bias
 
     def _rope(self, offset: int, T: int) -> tuple[Tensor, Tensor]:
         scaling = self.cfg.rope_scaling

@@ -226,6 +226,10 @@ def masked_attention_bias(attention_mask: Tensor, q_len: int, slopes: Tensor | N
     A query always sees its own slot, so padding queries attend to something and stay finite."""
     B, S = attention_mask.shape
     device = attention_mask.device
+    if q_len == 1 and window is None and slopes is None:  # a decode step: only padding is hidden
+        bias = torch.zeros(B, S, device=device).masked_fill_(attention_mask == 0, float("-inf"))
+        bias[:, -1] = 0.0
+        return bias[:, None, None]
     q_slot = torch.arange(S - q_len, S, device=device)[:, None]
     k_slot = torch.arange(S, device=device)[None, :]
     hidden = (k_slot > q_slot)[None] | ((attention_mask[:, None, :] == 0) & (k_slot != q_slot)[None])
