@@ -356,11 +356,11 @@ class Attention(nn.Module):
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def _rotates_adjacent_pairs(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> bool:
-        """Whether `_rotated_training_qkv` takes `rotate_adjacent_pairs`: fp32 plain q and k projections without
-        autocast (complex bf16 does not exist), no q/k norms."""
+        """Whether `_rotated_training_qkv` takes `rotate_adjacent_pairs`: fp32 plain q and k projections on a CPU or GPU
+        without autocast (complex bf16 does not exist), no q/k norms."""
         return (self.q_norm is None and type(self.q) is nn.Linear and type(self.k) is nn.Linear
                 and x.dtype == self.q.weight.dtype == self.k.weight.dtype == torch.float32
-                and not torch.is_autocast_enabled(x.device.type))
+                and x.device.type in ("cpu", "cuda") and not torch.is_autocast_enabled(x.device.type))
 
     def forward(
         self,
