@@ -1,7 +1,7 @@
 """Training throughput: lmforge vs transformers on the same architecture, weights and batch.
 
 One training step = forward, next-token cross-entropy, backward, gradient clipping and an AdamW
-step (lmforge's `build_optimizer`, foreach=True), exactly as `lmforge.train.trainer.train` does it;
+step (lmforge's `build_optimizer`: PyTorch's fused AdamW on a CPU), exactly as `lmforge.train.trainer.train` does it;
 transformers gets the same loss on its logits (lmforge computes it chunk by chunk, the head fused in:
 `causal_lm_loss`) and the same optimizer. All contenders
 live in one process and are timed in interleaved rounds (rotating order) so load drifts on a

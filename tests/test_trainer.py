@@ -219,6 +219,31 @@ def test_schedule_and_weight_decay_groups() -> None:
     assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params()
 
 
+def test_cpu_optimizer_is_fused_and_steps_as_foreach_adamw() -> None:
+    """On a CPU `build_optimizer` takes PyTorch's fused AdamW: three steps with weight decay move every parameter as
+    the foreach AdamW with the same groups does, within fp32 rounding."""
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.1)
+    torch.manual_seed(0)
+    # Llama: no key bias, whose gradient is rounding noise that Adam's normalisation would blow up to full steps
+    config = ModelConfig(family="llama", vocab_size=50, n_layer=1, n_head=2, d_model=8, max_seq_len=8)
+    models = [DecoderLM(config) for _ in "ab"]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = build_optimizer(models[0], cfg)
+    assert fused.defaults["fused"] and not fused.defaults["foreach"]
+    params = list(models[1].parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    reference = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+    ids = torch.randint(0, 50, (2, 8))
+    for _ in range(3):
+        for model, opt in zip(models, (fused, reference), strict=True):
+            model(ids, labels=ids).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for (name, got), want in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-7), name
+
+
 @pytest.mark.slow
 def test_compiled_training_matches_eager(tmp_path: Path, shards_dir: Path) -> None:
     """train.compile=true (torch.compile of the forward) reaches the same weights as eager (atol 1e-5)."""

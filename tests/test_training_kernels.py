@@ -1,5 +1,5 @@
-"""The hand-written training backwards (RMSNorm, token-major RoPE): the values and gradients of the autograd paths
-they replace, within fp32 rounding, and the training graph actually using them."""
+"""The hand-written training backwards (RMSNorm, token-major RoPE, RoPE as a complex multiplication): the values and
+gradients of the autograd paths they replace, within fp32 rounding, and the training graph actually using them."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lmforge.config import ModelConfig
 from lmforge.model import layers, rms_norm
 from lmforge.model.decoder import DecoderLM
-from lmforge.model.rotary import rotate_token_major
+from lmforge.model.rotary import pairs_adjacent, rotate_adjacent_pairs, rotate_token_major
 
 TOLERANCE = 1e-5  # of the largest value: fp32 results differ by summation order only (~1e-7)
 
@@ -19,16 +19,20 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
     return bool((got - want).abs().max() <= TOLERANCE * want.abs().max())
 
 
-def test_rms_norm_matches_the_decomposition() -> None:
+@pytest.mark.parametrize("trained", ["both", "input", "weight"])
+def test_rms_norm_matches_the_decomposition(trained: str) -> None:
+    """Also with the gain frozen (LoRA) or the input not needing a gradient: each asked-for gradient is right."""
     torch.manual_seed(0)
-    x = torch.randn(3, 5, 24, requires_grad=True)
-    weight = (torch.rand(24) + 0.5).requires_grad_()
+    x = torch.randn(3, 5, 24, requires_grad=trained != "weight")
+    weight = (torch.rand(24) + 0.5).requires_grad_(trained != "input")
+    wanted = [t for t in (x, weight) if t.requires_grad]
     grad = torch.randn(3, 5, 24)
     got = rms_norm.rms_norm(x, weight, 1e-5)
-    got_x, got_w = torch.autograd.grad(got, (x, weight), grad)
+    got_grads = torch.autograd.grad(got, wanted, grad)
     want = F.rms_norm(x, (24,), eps=1e-5) * weight
-    want_x, want_w = torch.autograd.grad(want, (x, weight), grad)
-    assert _close(got, want) and _close(got_x, want_x) and _close(got_w, want_w)
+    want_grads = torch.autograd.grad(want, wanted, grad)
+    assert _close(got, want)
+    assert all(_close(g, w) for g, w in zip(got_grads, want_grads, strict=True))
 
 
 def test_rotate_token_major_matches_apply_rope() -> None:
@@ -43,10 +47,36 @@ def test_rotate_token_major_matches_apply_rope() -> None:
     assert _close(got, want) and _close(got_x, want_x)
 
 
-@pytest.mark.parametrize("family", [dict(family="llama", n_kv_head=2), dict(family="qwen3", n_kv_head=2)])
-def test_decoder_gradients_match_the_autograd_paths(family: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A GQA Llama and a Qwen3 (q/k norms) decoder: the same loss and parameter gradients with the hand-written
-    backwards as with autograd's, and the training graph runs through them."""
+def test_rotate_adjacent_pairs_matches_rotate_token_major() -> None:
+    """Queries from a projection whose rows `pairs_adjacent` reordered, rotated as complex numbers: the rotated
+    queries of the plain projection in the reordered layout, and the same gradients of the input and the weight
+    (the incoming gradient reordered alike, so the loss is the same sum)."""
+    torch.manual_seed(0)
+    heads, head_dim = 3, 8
+    cos, sin = layers.rope_tables(7, head_dim, 10000.0)
+    x = torch.randn(2, 7, 5, requires_grad=True)
+    weight = torch.randn(heads * head_dim, 5, requires_grad=True)
+    grad = torch.randn(2, 7, heads, head_dim)
+    order = pairs_adjacent(torch.arange(heads * head_dim), heads).view(heads, head_dim)[0]  # each head's new order
+
+    want = rotate_token_major((x @ weight.t()).view(2, 7, heads, head_dim), cos, sin)
+    want_grads = torch.autograd.grad(want, (x, weight), grad)
+    got = rotate_adjacent_pairs((x @ pairs_adjacent(weight, heads).t()).view(2, 7, heads, head_dim), cos, sin)
+    got_grads = torch.autograd.grad(got, (x, weight), grad[..., order])
+    assert order.tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    assert _close(got, want[..., order])
+    assert all(_close(g, w) for g, w in zip(got_grads, want_grads, strict=True))
+
+
+@pytest.mark.parametrize(("family", "rotation"), [
+    (dict(family="llama", n_kv_head=2), "ViewAsRealBackward0"),  # RoPE as a complex multiplication
+    (dict(family="qwen2", n_kv_head=2), "ViewAsRealBackward0"),  # ... with q/k biases reordered too
+    (dict(family="qwen3", n_kv_head=2), "_RotateBackward"),  # q/k norms: token-major RoPE
+])
+def test_decoder_gradients_match_the_autograd_paths(family: dict, rotation: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GQA Llama, a Qwen2 (q/k/v biases) and a Qwen3 (q/k norms) decoder: the same loss and parameter gradients with
+    the hand-written backwards as with autograd's, and the training graph runs through them."""
     torch.manual_seed(0)
     model = DecoderLM(ModelConfig(vocab_size=61, max_seq_len=16, n_layer=2, n_head=4, d_model=32, **family)).train()
     with torch.no_grad():
@@ -66,7 +96,7 @@ def test_decoder_gradients_match_the_autograd_paths(family: dict, monkeypatch: p
             seen.add(node)
             stack.extend(edge for edge, _ in node.next_functions)
     kinds = {type(node).__name__ for node in seen}
-    assert {"_RMSNormBackward", "_RotateBackward"} <= kinds
+    assert {"_RMSNormBackward", rotation} <= kinds
 
     monkeypatch.setattr(rms_norm, "takes_fast_path", lambda x, weight: False)
     monkeypatch.setattr(layers.Attention, "_rotated_training_qkv", _autograd_rotated_qkv)
@@ -75,6 +105,27 @@ def test_decoder_gradients_match_the_autograd_paths(family: dict, monkeypatch: p
     largest = max(g.abs().max() for g in want_grads)
     for (name, _), got, want in zip(model.named_parameters(), grads, want_grads, strict=True):
         assert (got - want).abs().max() <= TOLERANCE * largest, name
+
+
+def test_padded_batches_train_through_per_row_rotations() -> None:
+    """A padded batch gives each row its own positions, so RoPE's tables are per row [B, 1, T, head_dim]: training on
+    one takes `apply_rope` (the training paths take [T, head_dim] tables only), and each row's loss and gradients
+    match the row trained alone without its padding."""
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(vocab_size=61, max_seq_len=16, n_layer=2, n_head=4, d_model=32, family="llama"))
+    model.train()
+    ids, labels = torch.randint(0, 61, (2, 16)), torch.randint(0, 61, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[0, :5] = 0  # row 0 left-padded by 5
+    labels[0, :5] = -100
+    padded = model(ids, attention_mask=mask, labels=labels)
+    got = torch.autograd.grad(padded, list(model.parameters()))
+    alone = model(ids[:1, 5:], labels=labels[:1, 5:]) + model(ids[1:], labels=labels[1:])
+    want = torch.autograd.grad(alone, list(model.parameters()))
+    assert padded.item() == pytest.approx(alone.item(), rel=1e-5)
+    largest = max(g.abs().max() for g in want)
+    for (name, _), g, w in zip(model.named_parameters(), got, want, strict=True):
+        assert (g - w).abs().max() <= 1e-4 * largest, name
 
 
 def _autograd_rotated_qkv(self: layers.Attention, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from lmforge.model import rms_norm
 from lmforge.model.cpu_attention import causal_attention, takes_fast_path
 from lmforge.model.linear_activation import linear_activation
-from lmforge.model.rotary import rotate_token_major
+from lmforge.model.rotary import pairs_adjacent, rotate_adjacent_pairs, rotate_token_major
 
 if TYPE_CHECKING:
     from lmforge.config import RopeScaling
@@ -345,13 +345,26 @@ class Attention(nn.Module):
     def _rotated_training_qkv(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """`project_qkv`, the q/k norms and RoPE when a gradient is recorded: q and k rotated token-major, as the
         projections wrote them (`rotate_token_major`: fewer passes over them than `apply_rope` and its recorded
-        backward)."""
+        backward), or in fp32 by one complex multiplication with their rotation pairs made adjacent
+        (`rotate_adjacent_pairs`)."""
         B, T, _ = x.shape
+        if self._rotates_adjacent_pairs(x, rope):
+            q, k = (F.linear(x, pairs_adjacent(m.weight, n), None if m.bias is None else pairs_adjacent(m.bias, n))
+                    .view(B, T, n, self.head_dim) for m, n in ((self.q, self.n_head), (self.k, self.n_kv)))
+            q, k = rotate_adjacent_pairs(q, *rope), rotate_adjacent_pairs(k, *rope)
+            return q.transpose(1, 2), k.transpose(1, 2), self.v(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k, v = (m(x).view(B, T, -1, self.head_dim) for m in (self.q, self.k, self.v))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotate_token_major(q, *rope), rotate_token_major(k, *rope)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _rotates_adjacent_pairs(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> bool:
+        """Whether `_rotated_training_qkv` takes `rotate_adjacent_pairs`: fp32 plain q and k projections on a CPU or GPU
+        without autocast (complex bf16 does not exist), no q/k norms."""
+        return (self.q_norm is None and type(self.q) is nn.Linear and type(self.k) is nn.Linear
+                and x.dtype == self.q.weight.dtype == self.k.weight.dtype == torch.float32
+                and x.device.type in ("cpu", "cuda") and not torch.is_autocast_enabled(x.device.type))
 
     def forward(
         self,
@@ -372,8 +385,8 @@ class Attention(nn.Module):
         projected (or the given cross-attention `kv`), rotated by `rope`, and stored in and read from `cache`."""
         if kv is None and rope is not None and self._fused is not None and self.q_norm is None:
             q, k, v = self._rotated_fused_qkv(x, rope)
-        elif (kv is None and cache is None and rope is not None and rope[0].shape[-1] == self.head_dim
-              and torch.is_grad_enabled()):
+        elif (kv is None and cache is None and rope is not None and rope[0].dim() == 2
+              and rope[0].shape[-1] == self.head_dim and torch.is_grad_enabled()):  # not per-row (padded) tables
             q, k, v = self._rotated_training_qkv(x, rope)
         else:
             q, k, v = self.project_qkv(x) if kv is None else (self.project_q(x), *kv)

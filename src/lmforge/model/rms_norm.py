@@ -3,12 +3,14 @@
 Autograd through `F.rms_norm`'s decomposition (pow, mean, rsqrt, two multiplies, each with its own backward) reads
 and writes the [tokens, d] activations about fifteen times per norm; on a CPU, where these passes are bound by memory
 bandwidth, that cost a Llama block at the demo size more than its attention's projections. Here the forward keeps
-the normalised input x_hat = x / rms(x) for the backward, which is
+its input x and 1/rms(x) for the backward, which is
 
-    grad_weight = sum over rows of g * x_hat
+    grad_weight = sum over rows of g * x_hat                              (x_hat = x / rms(x))
     grad_x      = (g * weight - x_hat * mean(g * weight * x_hat)) / rms(x)
 
-with the row reductions as matrix-vector products.
+LayerNorm's backward kernel computes exactly this in two fused passes when given a mean of zero, except that it
+also subtracts the row mean of g * weight (LayerNorm's centring): that term, mean(g * weight) / rms(x), one
+matrix-vector product, is added back.
 """
 
 from __future__ import annotations
@@ -23,24 +25,21 @@ class _RMSNorm(torch.autograd.Function):
         rows = x.reshape(-1, x.shape[-1])
         mean_square = torch.linalg.vector_norm(rows, dim=-1, keepdim=True).square_().div_(rows.shape[-1])
         inv_rms = mean_square.add_(eps).rsqrt_()
-        normed = rows * inv_rms
-        ctx.save_for_backward(normed, inv_rms, weight)
-        return (normed * weight).view(x.shape)
+        ctx.save_for_backward(rows, inv_rms, weight)
+        return (rows * inv_rms).mul_(weight).view(x.shape)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        normed, inv_rms, weight = ctx.saved_tensors
+        rows, inv_rms, weight = ctx.saved_tensors
         grad = grad_out.reshape(-1, grad_out.shape[-1])
+        want_x, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(grad.device.type, enabled=False):
-            grad_normed = grad * weight
-            # mean over each row of grad_normed * normed, as a matrix-vector product of the rows with the weight
-            per_row = grad * normed
-            grad_weight = per_row.sum(0) if ctx.needs_input_grad[1] else None
-            row_mean = (per_row @ weight).unsqueeze(-1).div_(-normed.shape[-1])
-        if not ctx.needs_input_grad[0]:
-            return None, grad_weight, None
-        grad_x = grad_normed.addcmul_(normed, row_mean).mul_(inv_rms)
-        return grad_x.view(grad_out.shape), grad_weight, None
+            grad_x, grad_weight, _ = torch.ops.aten.native_layer_norm_backward(
+                grad, rows, [rows.shape[-1]], torch.zeros_like(inv_rms), inv_rms, weight, None,
+                [want_x, want_weight, False])
+            if want_x:  # undo the centring: + mean(g * weight) / rms(x), per row
+                grad_x.add_(torch.mv(grad, weight).unsqueeze_(-1).mul_(inv_rms).div_(rows.shape[-1]))
+        return None if grad_x is None else grad_x.view(grad_out.shape), grad_weight, None
 
 
 def takes_fast_path(x: Tensor, weight: Tensor) -> bool:
