@@ -106,8 +106,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices and embeddings only, never on biases or norm gains. The fused kernel (one pass
-    over every parameter's weights, gradient and moments; about a fifth of the foreach step's time on a CPU) where
-    PyTorch has one for the parameters' device, else the foreach one."""
+    over every parameter's weights, gradient and moments) where PyTorch has one for the parameters' device, else the
+    foreach one."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
