@@ -320,8 +320,8 @@ class Engine:
         self._pack_rows()
         used = max(self._rows) + 1
         fed = {row: run.token for row, run in self._rows.items()}
-        if group:
-            prefill = _Prefill(self, group)
+        prefill = _Prefill(self, group) if group else None
+        if prefill is not None:
             logits, first = self.slots.decode(fed, prefill=(prefill.feed, prefill.cache, prefill.mask))
         else:
             with self._adapters([self._rows[r].request.adapter if r in self._rows else None for r in range(used)]):
@@ -330,7 +330,7 @@ class Engine:
         for row, run in list(self._rows.items()):
             if self._pick(run, logits, row, picks[row], events):
                 self._leave(row)
-        if group:
+        if prefill is not None:
             self._admitted(prefill, first, events)
 
     def _pack_rows(self) -> None:

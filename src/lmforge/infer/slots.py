@@ -162,14 +162,12 @@ class BatchSlots:
         fast = self.fast_step()
         if prefill is not None:
             logits, first = fast((feed, view, mask), prefill)
-            self.length += 1
-            return logits, first
-        if fast is not None:
+        elif fast is not None:
             logits = fast((feed, view, mask))[0]
         else:
             logits = self.decode_model(feed, cache=view, attention_mask=mask)[:, -1]
         self.length += 1
-        return logits
+        return logits if prefill is None else (logits, first)
 
     def _rows_view(self, used: int) -> KVCache:
         """The cache's first `used` rows, sharing its storage (kept while the cache and `used` stay the same)."""
