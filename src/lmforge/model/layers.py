@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmforge.model import rms_norm
+from lmforge.model import compiled_activation, rms_norm
 from lmforge.model.cpu_attention import causal_attention, takes_fast_path
 from lmforge.model.linear_activation import linear_activation
 from lmforge.model.rotary import pairs_adjacent, rotate_adjacent_pairs, rotate_token_major
@@ -73,9 +73,12 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         first = self.gate if self.gated else self.up
         h = linear_activation(x, first, self.activation, self.act) if self.fuse_activation else None
-        if h is None:
-            h = self.act(first(x))
-        return self.down(h * self.up(x) if self.gated else h)
+        if h is not None:
+            return self.down(h * self.up(x) if self.gated else h)
+        a, b = first(x), self.up(x) if self.gated else None
+        if compiled_activation.takes_fast_path(self.activation, a, b):  # CPU training
+            return self.down(compiled_activation.compiled_activation(self.activation, a, b))
+        return self.down(self.act(a) if b is None else self.act(a) * b)
 
 
 @contextmanager

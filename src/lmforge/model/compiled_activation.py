@@ -1,0 +1,126 @@
+"""The MLP's activation in CPU fp32 training as one compiled element-wise kernel each way: act(a), or act(a) * b.
+
+GPT-2's tanh-GELU in ATen runs its tanh through a slow vectorised approximation on CPU (several times the cost of a
+pass over memory), and eager SwiGLU reads and writes the [tokens, d_ff] activations in four separate passes for its
+backward. Both activations have the form act(x) = x * sigmoid(v(x)), with v(x) = x for SiLU and
+v(x) = 2 sqrt(2/pi) (x + 0.044715 x^3) for tanh-GELU (0.5 (1 + tanh(u)) = sigmoid(2u)), so
+
+    act'(x) = s + x s (1 - s) v'(x),    s = sigmoid(v(x)) = 1 / (1 + exp(-v(x)))
+
+and `torch.compile` turns each direction into one loop over the elements built on exp, which is fast on CPU. The
+forward keeps only its inputs; the backward recomputes s.
+
+Compiling needs PyTorch's inductor and a C++ compiler. Before its first use in a process each kernel is compared
+with ATen's activation on a small known input; a kernel that fails to build or disagrees is not used (one warning)
+and the MLP takes its eager path.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+GELU_SLOPE = 2 * math.sqrt(2 / math.pi)  # v(x) = GELU_SLOPE * (x + GELU_CUBIC * x^3) for tanh-GELU
+GELU_CUBIC = 0.044715
+# below this many elements a compiled call's fixed cost (its guards, the autograd Function) outweighs the pass it saves
+MIN_ELEMENTS = 2**20
+CHECK_TOLERANCE = 1e-5  # of the largest value; the two formulas differ by fp32 rounding only (~1e-7)
+ACTIVATIONS = ("gelu_tanh", "silu")
+REFERENCES: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}
+
+
+def _sigmoid_and_slope(x: Tensor, activation: str) -> tuple[Tensor, Tensor | None]:
+    """s = sigmoid(v(x)) and v'(x) (None where it is 1)."""
+    if activation == "silu":
+        return 1 / (1 + torch.exp(-x)), None
+    square = x * x
+    s = 1 / (1 + torch.exp(-x * (GELU_SLOPE + GELU_SLOPE * GELU_CUBIC * square)))
+    return s, GELU_SLOPE + 3 * GELU_SLOPE * GELU_CUBIC * square
+
+
+def _forward(activation: str, a: Tensor, b: Tensor | None) -> Tensor:
+    s, _ = _sigmoid_and_slope(a, activation)
+    return a * s if b is None else a * s * b
+
+
+def _backward(activation: str, grad: Tensor, a: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    s, slope = _sigmoid_and_slope(a, activation)
+    a_s = a * s
+    derivative = s + a_s * (1 - s) * (1 if slope is None else slope)
+    return (grad * derivative, None) if b is None else (grad * b * derivative, grad * a_s)
+
+
+_kernels: dict[str, tuple[Callable, Callable] | None] = {}
+
+
+def _compiled(activation: str) -> tuple[Callable, Callable] | None:
+    """The compiled (forward, backward) of `activation`, built and checked on first use; None if they failed."""
+    if activation not in _kernels:
+        kernels = (torch.compile(lambda a, b: _forward(activation, a, b), dynamic=True),
+                   torch.compile(lambda g, a, b: _backward(activation, g, a, b), dynamic=True))
+        problem = kernel_problem(activation, *kernels)
+        if problem is not None:
+            warnings.warn(f"{problem}; the MLP computes its activation with eager ops", RuntimeWarning, stacklevel=3)
+        _kernels[activation] = None if problem else kernels
+    return _kernels[activation]
+
+
+def kernel_problem(activation: str, forward: Callable, backward: Callable) -> str | None:
+    """None when the compiled kernels match ATen's activation and its autograd on a small known input (plain and
+    gated), else one line saying what is wrong."""
+    gen = torch.Generator().manual_seed(0)
+    a, b, g = (torch.randn(4096, generator=gen) * 4 for _ in range(3))
+    leaf = a.clone().requires_grad_()
+    reference = REFERENCES[activation](leaf)
+    (grad_reference,) = torch.autograd.grad(reference, leaf, g)
+    try:
+        with torch.no_grad():  # as inside the autograd Function, so that the kernels built here are the ones used
+            got = forward(a, None), backward(g, a, None)[0], forward(a, b), *backward(g, a, b)
+    except Exception as err:  # a missing compiler or a changed inductor: whatever it raises, the check reports it
+        return f"torch.compile could not build the {activation} kernel: {type(err).__name__}: {str(err)[:200]}"
+    wanted = reference.detach(), grad_reference, reference.detach() * b, grad_reference * b, reference.detach() * g
+    for name, out, ref in zip(("forward", "backward", "gated forward", "gated backward", "gated backward of b"),
+                              got, wanted, strict=True):
+        err = ((out - ref).abs().max() / ref.abs().max()).item()
+        if not err <= CHECK_TOLERANCE:
+            return f"the compiled {activation} kernel's {name} is off by {err:.1e} of the largest value"
+    return None
+
+
+class _CompiledActivation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor | None, activation: str) -> Tensor:
+        forward, _ = _kernels[activation]
+        ctx.activation = activation
+        ctx.save_for_backward(a, b)
+        flat_b = None if b is None else b.reshape(-1)
+        return forward(a.reshape(-1), flat_b).view(a.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor | None, None]:
+        a, b = ctx.saved_tensors
+        _, backward = _kernels[ctx.activation]
+        grad_a, grad_b = backward(grad.reshape(-1), a.reshape(-1), None if b is None else b.reshape(-1))
+        return grad_a.view(a.shape), None if grad_b is None else grad_b.view(b.shape), None
+
+
+def takes_fast_path(activation: str, a: Tensor, b: Tensor | None) -> bool:
+    """Whether `compiled_activation` applies: a gradient recorded through a CPU fp32 activation of `ACTIVATIONS` on at
+    least `MIN_ELEMENTS` contiguous elements, outside a `torch.compile` trace (which fuses the activation itself), and
+    kernels that built and passed their check."""
+    tensors = (a,) if b is None else (a, b)
+    return (activation in ACTIVATIONS and a.device.type == "cpu" and a.numel() >= MIN_ELEMENTS
+            and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            and all(t.is_contiguous() and t.dtype == torch.float32 and t.shape == a.shape for t in tensors)
+            and not torch.compiler.is_compiling() and _compiled(activation) is not None)
+
+
+def compiled_activation(activation: str, a: Tensor, b: Tensor | None = None) -> Tensor:
+    """act(a), or act(a) * b, the same values as ATen's activation up to rounding (check `takes_fast_path` first)."""
+    return _CompiledActivation.apply(a, b, activation)
