@@ -28,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from lmforge.config import TrainConfig  # noqa: E402
+from lmforge.model.layers import set_compiled_activations  # noqa: E402
 from lmforge.train.objectives import causal_lm_loss  # noqa: E402
 from lmforge.train.trainer import autocast, build_optimizer  # noqa: E402
 
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--seq {seq} exceeds the model's context {spec.max_seq_len}")
 
     hf, lm = common.build_pair(spec, seed=args.seed)
+    set_compiled_activations(lm, TrainConfig().compile_activations)  # as the trainer does by default
     g = torch.Generator().manual_seed(args.seed)
     data = torch.randint(0, spec.vocab_size, (args.batch, seq + 1), generator=g)
     batch = {"input_ids": data[:, :-1].contiguous(), "labels": data[:, 1:].contiguous()}

@@ -171,6 +171,9 @@ class TrainConfig(StrictModel):
     loss_scale_growth_interval: int = Field(2000, ge=1)
     activation_checkpointing: bool = False  # recompute each block's activations in the backward: less memory
     compile: bool = False  # torch.compile the training forward (pays for Llama blocks; costs a warm-up)
+    # CPU, fp32 or bf16: each MLP's activation (tanh-GELU, SiLU, gated) as one compiled kernel each way where it spans
+    # at least 2^20 elements; the first use in a process costs a warm-up of seconds (model/compiled_activation.py)
+    compile_activations: bool = True
     # FLOP/s of one device for the logged MFU (model FLOPs utilisation); None: a square matmul's rate measured once
     peak_flops: float | None = Field(None, gt=0)
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate the model (DDP) or shard it (FSDP2)

@@ -1,4 +1,4 @@
-"""The MLP's activation in CPU fp32 training as one compiled element-wise kernel each way: act(a), or act(a) * b.
+"""The MLP's activation in CPU training as one compiled element-wise kernel each way: act(a), or act(a) * b.
 
 GPT-2's tanh-GELU in ATen runs its tanh through a slow vectorised approximation on CPU (several times the cost of a
 pass over memory), and eager SwiGLU reads and writes the [tokens, d_ff] activations in four separate passes for its
@@ -8,11 +8,12 @@ v(x) = 2 sqrt(2/pi) (x + 0.044715 x^3) for tanh-GELU (0.5 (1 + tanh(u)) = sigmoi
     act'(x) = s + x s (1 - s) v'(x),    s = sigmoid(v(x)) = 1 / (1 + exp(-v(x)))
 
 and `torch.compile` turns each direction into one loop over the elements built on exp, which is fast on CPU. The
-forward keeps only its inputs; the backward recomputes s.
+forward keeps only its inputs; the backward recomputes s. fp32 and bf16 (autocast) inputs are computed in fp32 and
+rounded once, as ATen's kernels do.
 
-Compiling needs PyTorch's inductor and a C++ compiler. Before its first use in a process each kernel is compared
-with ATen's activation on a small known input; a kernel that fails to build or disagrees is not used (one warning)
-and the MLP takes its eager path.
+Compiling needs PyTorch's inductor and a C++ compiler. Before their first use in a process in each dtype the kernels
+are compared with ATen's activation on a small known input; kernels that fail to build or disagree are not used (one
+warning) and the MLP takes its eager path.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ GELU_SLOPE = 2 * math.sqrt(2 / math.pi)  # v(x) = GELU_SLOPE * (x + GELU_CUBIC *
 GELU_CUBIC = 0.044715
 # below this many elements a compiled call's fixed cost (its guards, the autograd Function) outweighs the pass it saves
 MIN_ELEMENTS = 2**20
-CHECK_TOLERANCE = 1e-5  # of the largest value; the two formulas differ by fp32 rounding only (~1e-7)
+# of the largest value: in fp32 the two formulas differ by rounding only (~1e-7); bf16 results round from fp32 (as
+# ATen's do), where that difference moves a few in a thousand by one bf16 step
+CHECK_TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 2**-7}
 ACTIVATIONS = ("gelu_tanh", "silu")
 REFERENCES: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}
@@ -45,37 +48,46 @@ def _sigmoid_and_slope(x: Tensor, activation: str) -> tuple[Tensor, Tensor | Non
 
 
 def _forward(activation: str, a: Tensor, b: Tensor | None) -> Tensor:
-    s, _ = _sigmoid_and_slope(a, activation)
-    return a * s if b is None else a * s * b
+    """act(a) (* b), computed in fp32 whatever a's dtype, rounded to it once."""
+    x = a.float()
+    s, _ = _sigmoid_and_slope(x, activation)
+    return (x * s if b is None else x * s * b.float()).to(a.dtype)
 
 
 def _backward(activation: str, grad: Tensor, a: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    s, slope = _sigmoid_and_slope(a, activation)
-    a_s = a * s
-    derivative = s + a_s * (1 - s) * (1 if slope is None else slope)
-    return (grad * derivative, None) if b is None else (grad * b * derivative, grad * a_s)
+    x, g = a.float(), grad.float()
+    s, slope = _sigmoid_and_slope(x, activation)
+    x_s = x * s
+    derivative = s + x_s * (1 - s) * (1 if slope is None else slope)
+    if b is None:
+        return (g * derivative).to(a.dtype), None
+    return (g * b.float() * derivative).to(a.dtype), (g * x_s).to(b.dtype)
 
 
-_kernels: dict[str, tuple[Callable, Callable] | None] = {}
+_kernels: dict[str, tuple[Callable, Callable]] = {}  # activation -> compiled (forward, backward)
+_usable: dict[tuple[str, torch.dtype], bool] = {}  # whether they passed their check in that dtype
 
 
-def _compiled(activation: str) -> tuple[Callable, Callable] | None:
-    """The compiled (forward, backward) of `activation`, built and checked on first use; None if they failed."""
-    if activation not in _kernels:
-        kernels = (torch.compile(lambda a, b: _forward(activation, a, b), dynamic=True),
-                   torch.compile(lambda g, a, b: _backward(activation, g, a, b), dynamic=True))
-        problem = kernel_problem(activation, *kernels)
+def _compiled(activation: str, dtype: torch.dtype) -> tuple[Callable, Callable] | None:
+    """The compiled (forward, backward) of `activation`, built and checked in `dtype` on first use; None if they
+    failed."""
+    if (activation, dtype) not in _usable:
+        kernels = _kernels.setdefault(activation, (
+            torch.compile(lambda a, b: _forward(activation, a, b), dynamic=True),
+            torch.compile(lambda g, a, b: _backward(activation, g, a, b), dynamic=True)))
+        problem = kernel_problem(activation, *kernels, dtype)
         if problem is not None:
             warnings.warn(f"{problem}; the MLP computes its activation with eager ops", RuntimeWarning, stacklevel=3)
-        _kernels[activation] = None if problem else kernels
-    return _kernels[activation]
+        _usable[(activation, dtype)] = problem is None
+    return _kernels[activation] if _usable[(activation, dtype)] else None
 
 
-def kernel_problem(activation: str, forward: Callable, backward: Callable) -> str | None:
-    """None when the compiled kernels match ATen's activation and its autograd on a small known input (plain and
-    gated), else one line saying what is wrong."""
+def kernel_problem(activation: str, forward: Callable, backward: Callable,
+                   dtype: torch.dtype = torch.float32) -> str | None:
+    """None when the compiled kernels match ATen's activation and its autograd in `dtype` on a small known input
+    (plain and gated), else one line saying what is wrong."""
     gen = torch.Generator().manual_seed(0)
-    a, b, g = (torch.randn(4096, generator=gen) * 4 for _ in range(3))
+    a, b, g = (torch.randn(4096, generator=gen).mul_(4).to(dtype) for _ in range(3))
     leaf = a.clone().requires_grad_()
     reference = REFERENCES[activation](leaf)
     (grad_reference,) = torch.autograd.grad(reference, leaf, g)
@@ -87,16 +99,16 @@ def kernel_problem(activation: str, forward: Callable, backward: Callable) -> st
     wanted = reference.detach(), grad_reference, reference.detach() * b, grad_reference * b, reference.detach() * g
     for name, out, ref in zip(("forward", "backward", "gated forward", "gated backward", "gated backward of b"),
                               got, wanted, strict=True):
-        err = ((out - ref).abs().max() / ref.abs().max()).item()
-        if not err <= CHECK_TOLERANCE:
-            return f"the compiled {activation} kernel's {name} is off by {err:.1e} of the largest value"
+        err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+        if not (out.dtype == dtype and err <= CHECK_TOLERANCES[dtype]):
+            return f"the compiled {activation} kernel's {name} ({out.dtype}) is off by {err:.1e} of the largest value"
     return None
 
 
 class _CompiledActivation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor | None, activation: str) -> Tensor:
-        forward, _ = _kernels[activation]
+        forward, _ = _kernels[activation]  # built and checked by `takes_fast_path`
         ctx.activation = activation
         ctx.save_for_backward(a, b)
         flat_b = None if b is None else b.reshape(-1)
@@ -111,14 +123,14 @@ class _CompiledActivation(torch.autograd.Function):
 
 
 def takes_fast_path(activation: str, a: Tensor, b: Tensor | None) -> bool:
-    """Whether `compiled_activation` applies: a gradient recorded through a CPU fp32 activation of `ACTIVATIONS` on at
-    least `MIN_ELEMENTS` contiguous elements, outside a `torch.compile` trace (which fuses the activation itself), and
-    kernels that built and passed their check."""
+    """Whether `compiled_activation` applies: a gradient recorded through a CPU fp32 or bf16 (autocast) activation of
+    `ACTIVATIONS` on at least `MIN_ELEMENTS` contiguous elements, outside a `torch.compile` trace (which fuses the
+    activation itself), and kernels that built and passed their check in that dtype."""
     tensors = (a,) if b is None else (a, b)
-    return (activation in ACTIVATIONS and a.device.type == "cpu" and a.numel() >= MIN_ELEMENTS
-            and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-            and all(t.is_contiguous() and t.dtype == torch.float32 and t.shape == a.shape for t in tensors)
-            and not torch.compiler.is_compiling() and _compiled(activation) is not None)
+    return (activation in ACTIVATIONS and a.device.type == "cpu" and a.dtype in CHECK_TOLERANCES
+            and a.numel() >= MIN_ELEMENTS and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            and all(t.is_contiguous() and t.dtype == a.dtype and t.shape == a.shape for t in tensors)
+            and not torch.compiler.is_compiling() and _compiled(activation, a.dtype) is not None)
 
 
 def compiled_activation(activation: str, a: Tensor, b: Tensor | None = None) -> Tensor:

@@ -65,6 +65,7 @@ class MLP(nn.Module):
         self.gated, self.activation = gated, activation
         self.act = ACTIVATIONS[activation]
         self.fuse_activation = False  # set inside `fused_activations` (inference) only
+        self.compile_activation = False  # set by `set_compiled_activations` (the trainer, train.compile_activations)
         self.up = nn.Linear(d_model, d_ff, bias=bias)
         if gated:
             self.gate = nn.Linear(d_model, d_ff, bias=bias)
@@ -76,7 +77,7 @@ class MLP(nn.Module):
         if h is not None:
             return self.down(h * self.up(x) if self.gated else h)
         a, b = first(x), self.up(x) if self.gated else None
-        if compiled_activation.takes_fast_path(self.activation, a, b):  # CPU training
+        if self.compile_activation and compiled_activation.takes_fast_path(self.activation, a, b):  # CPU training
             return self.down(compiled_activation.compiled_activation(self.activation, a, b))
         return self.down(self.act(a) if b is None else self.act(a) * b)
 
@@ -94,6 +95,15 @@ def fused_activations(model: nn.Module) -> Iterator[None]:
     finally:
         for mlp in mlps:
             mlp.fuse_activation = False
+
+
+def set_compiled_activations(model: nn.Module, enabled: bool) -> int:
+    """Switch every MLP of `model` to (or from) its activation as compiled kernels where they apply (CPU fp32
+    training, `compiled_activation.takes_fast_path`); the number of MLPs switched."""
+    mlps = [m for m in model.modules() if isinstance(m, MLP)]
+    for mlp in mlps:
+        mlp.compile_activation = enabled
+    return len(mlps)
 
 
 # ---------------------------------------------------------------------------------------------

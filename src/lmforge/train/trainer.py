@@ -35,6 +35,7 @@ from lmforge.checkpoint import (
 from lmforge.config import TrainConfig
 from lmforge.errors import CheckpointError, ConfigError, TrainingError
 from lmforge.model.activation_checkpointing import set_activation_checkpointing
+from lmforge.model.layers import set_compiled_activations
 from lmforge.sharded import gathered_weights, load_sharded, save_sharded
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.config_change import check_resume_config, record_config_change
@@ -323,6 +324,7 @@ def _set_up(model: torch.nn.Module, cfg: TrainConfig, run_config: BaseModel, tok
     run_dir = Path(cfg.out_dir)
     model.to(device).train()
     set_activation_checkpointing(model, cfg.activation_checkpointing)
+    set_compiled_activations(model, cfg.compile_activations)
     if cfg.parallel == "fsdp":
         shard_model(model, device, ctx)
     optimizer = build_optimizer(model, cfg)
