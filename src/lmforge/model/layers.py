@@ -98,8 +98,8 @@ def fused_activations(model: nn.Module) -> Iterator[None]:
 
 
 def set_compiled_activations(model: nn.Module, enabled: bool) -> int:
-    """Switch every MLP of `model` to (or from) its activation as compiled kernels where they apply (CPU fp32
-    training, `compiled_activation.takes_fast_path`); the number of MLPs switched."""
+    """Switch every MLP of `model` to (or from) its activation as compiled kernels where they apply (CPU training in
+    fp32 or bf16 autocast, `compiled_activation.takes_fast_path`); the number of MLPs switched."""
     mlps = [m for m in model.modules() if isinstance(m, MLP)]
     for mlp in mlps:
         mlp.compile_activation = enabled
