@@ -16,7 +16,7 @@ from lmforge.data.batches import PackedBatches
 from lmforge.data.shards import load_shards
 from lmforge.model import compiled_activation
 from lmforge.model.decoder import DecoderLM
-from lmforge.model.layers import MLP, set_compiled_activations
+from lmforge.model.layers import MLP, gelu_tanh, set_compiled_activations
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.trainer import train
 
@@ -133,7 +133,7 @@ def test_the_check_catches_a_wrong_kernel() -> None:
     def backward(grad, a, b):
         return grad, None if b is None else grad
 
-    problem = compiled_activation.kernel_problem("gelu_tanh", forward, backward)
+    problem = compiled_activation.kernel_problem("gelu_tanh", gelu_tanh, forward, backward)
     assert problem is not None
     assert problem.startswith("the compiled gelu_tanh kernel's forward (torch.float32) is off by")
 

@@ -23,7 +23,6 @@ import warnings
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 GELU_SLOPE = 2 * math.sqrt(2 / math.pi)  # v(x) = GELU_SLOPE * (x + GELU_CUBIC * x^3) for tanh-GELU
@@ -34,8 +33,6 @@ MIN_ELEMENTS = 2**20
 # ATen's do), where that difference moves a few in a thousand by one bf16 step
 CHECK_TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 2**-7}
 ACTIVATIONS = ("gelu_tanh", "silu")
-REFERENCES: dict[str, Callable[[Tensor], Tensor]] = {
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}
 
 
 def _sigmoid_and_slope(x: Tensor, activation: str) -> tuple[Tensor, Tensor | None]:
@@ -68,35 +65,37 @@ _kernels: dict[str, tuple[Callable, Callable]] = {}  # activation -> compiled (f
 _usable: dict[tuple[str, torch.dtype], bool] = {}  # whether they passed their check in that dtype
 
 
-def _compiled(activation: str, dtype: torch.dtype) -> tuple[Callable, Callable] | None:
-    """The compiled (forward, backward) of `activation`, built and checked in `dtype` on first use; None if they
-    failed."""
+def _compiled(activation: str, reference: Callable[[Tensor], Tensor], dtype: torch.dtype
+              ) -> tuple[Callable, Callable] | None:
+    """The compiled (forward, backward) of `activation`, built and checked against `reference` in `dtype` on first
+    use; None if they failed."""
     if (activation, dtype) not in _usable:
         kernels = _kernels.setdefault(activation, (
             torch.compile(lambda a, b: _forward(activation, a, b), dynamic=True),
             torch.compile(lambda g, a, b: _backward(activation, g, a, b), dynamic=True)))
-        problem = kernel_problem(activation, *kernels, dtype)
+        problem = kernel_problem(activation, reference, *kernels, dtype)
         if problem is not None:
             warnings.warn(f"{problem}; the MLP computes its activation with eager ops", RuntimeWarning, stacklevel=3)
         _usable[(activation, dtype)] = problem is None
     return _kernels[activation] if _usable[(activation, dtype)] else None
 
 
-def kernel_problem(activation: str, forward: Callable, backward: Callable,
+def kernel_problem(activation: str, reference: Callable[[Tensor], Tensor], forward: Callable, backward: Callable,
                    dtype: torch.dtype = torch.float32) -> str | None:
-    """None when the compiled kernels match ATen's activation and its autograd in `dtype` on a small known input
-    (plain and gated), else one line saying what is wrong."""
+    """None when the compiled kernels match `reference` (the activation as ATen computes it) and its autograd in
+    `dtype` on a small known input (plain and gated), else one line saying what is wrong."""
     gen = torch.Generator().manual_seed(0)
     a, b, g = (torch.randn(4096, generator=gen).mul_(4).to(dtype) for _ in range(3))
     leaf = a.clone().requires_grad_()
-    reference = REFERENCES[activation](leaf)
-    (grad_reference,) = torch.autograd.grad(reference, leaf, g)
+    expected = reference(leaf)
+    (grad_expected,) = torch.autograd.grad(expected, leaf, g)
     try:
         with torch.no_grad():  # as inside the autograd Function, so that the kernels built here are the ones used
             got = forward(a, None), backward(g, a, None)[0], forward(a, b), *backward(g, a, b)
     except Exception as err:  # a missing compiler or a changed inductor: whatever it raises, the check reports it
         return f"torch.compile could not build the {activation} kernel: {type(err).__name__}: {str(err)[:200]}"
-    wanted = reference.detach(), grad_reference, reference.detach() * b, grad_reference * b, reference.detach() * g
+    expected = expected.detach()
+    wanted = expected, grad_expected, expected * b, grad_expected * b, expected * g
     for name, out, ref in zip(("forward", "backward", "gated forward", "gated backward", "gated backward of b"),
                               got, wanted, strict=True):
         err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
@@ -122,15 +121,15 @@ class _CompiledActivation(torch.autograd.Function):
         return grad_a.view(a.shape), None if grad_b is None else grad_b.view(b.shape), None
 
 
-def takes_fast_path(activation: str, a: Tensor, b: Tensor | None) -> bool:
+def takes_fast_path(activation: str, reference: Callable[[Tensor], Tensor], a: Tensor, b: Tensor | None) -> bool:
     """Whether `compiled_activation` applies: a gradient recorded through a CPU fp32 or bf16 (autocast) activation of
     `ACTIVATIONS` on at least `MIN_ELEMENTS` contiguous elements, outside a `torch.compile` trace (which fuses the
-    activation itself), and kernels that built and passed their check in that dtype."""
+    activation itself), and kernels that built and passed their check against `reference` in that dtype."""
     tensors = (a,) if b is None else (a, b)
     return (activation in ACTIVATIONS and a.device.type == "cpu" and a.dtype in CHECK_TOLERANCES
             and a.numel() >= MIN_ELEMENTS and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
             and all(t.is_contiguous() and t.dtype == a.dtype and t.shape == a.shape for t in tensors)
-            and not torch.compiler.is_compiling() and _compiled(activation, a.dtype) is not None)
+            and not torch.compiler.is_compiling() and _compiled(activation, reference, a.dtype) is not None)
 
 
 def compiled_activation(activation: str, a: Tensor, b: Tensor | None = None) -> Tensor:

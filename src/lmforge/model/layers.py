@@ -77,7 +77,7 @@ class MLP(nn.Module):
         if h is not None:
             return self.down(h * self.up(x) if self.gated else h)
         a, b = first(x), self.up(x) if self.gated else None
-        if self.compile_activation and compiled_activation.takes_fast_path(self.activation, a, b):  # CPU training
+        if self.compile_activation and compiled_activation.takes_fast_path(self.activation, self.act, a, b):
             return self.down(compiled_activation.compiled_activation(self.activation, a, b))
         return self.down(self.act(a) if b is None else self.act(a) * b)
 
