@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("lmforge", *(["compiled"] if args.compile else [])):  # the target compares fp32 with fp32
         ratio = (n_new / timings[name].median) / base
         verdict = "met" if ratio >= goal else "MISSED"
-        print(f"target: {labels[name].strip()}, fp32 / transformers fp32 = {ratio:.2f}x (target >= {goal:g} for "
+        print(f"target: {labels[name].strip()}, fp32 / transformers fp32 = {ratio:.3f}x (target >= {goal:g} for "
               f"--size {args.size}: {verdict})")
 
 

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
             ratio = totals["hf", part] / totals["lmforge", part]
             verdict = f"; {'meets' if ratio >= TARGET else 'misses'} the {TARGET}x target" if part == "model" else ""
             print(f"all tasks, {part} time: lmforge {totals['lmforge', part]:.2f} s, hf {totals['hf', part]:.2f} s: "
-                  f"{ratio:.2f}x{verdict}")
+                  f"{ratio:.3f}x{verdict}")
         print("load at the end: {:.2f}/{:.2f} (1/5 min; above the cores, other processes shared them)".format(
             *os.getloadavg()[:2]))
 

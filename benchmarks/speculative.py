@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     print(load.describe())
     identical = all(stats[v][0] == len(prompts) for v in variants)
     verdict = "met" if best >= 1.5 and ratio >= 4 and identical else "MISSED"
-    print(f"target: >= 1.5x over plain greedy, draft >= 4x smaller, identical output: best {best:.2f}x, draft "
+    print(f"target: >= 1.5x over plain greedy, draft >= 4x smaller, identical output: best {best:.3f}x, draft "
           f"{ratio:.1f}x smaller, outputs {'identical' if identical else 'DIFFERENT'} -> {verdict}")
 
 

@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         lines = []
         for prec in precisions:
             ratio = timings[f"transformers {prec}"].median / timings[f"{name} {prec}"].median
-            lines.append(f"{name} {prec} / transformers {prec} = {ratio:.2f}x (target >= {goal}: "
+            lines.append(f"{name} {prec} / transformers {prec} = {ratio:.3f}x (target >= {goal}: "
                          f"{'met' if ratio >= goal else 'MISSED'})")
         return "; ".join(lines)
 

@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"transformers fp32 / llama.cpp F32 = {rate['transformers'] / rate['F32']:.2f}x | greedy ids vs "
               f"lmforge fp32: {first_difference(ids['transformers'], ids['fp32'])}")
     ratio = max(rate[name] for name in ("fp32", "fp32 compiled") if name in rate) / rate["F32"]
-    print(f"target: lmforge fp32 >= {TARGET_FP32}x llama.cpp F32: {ratio:.2f}x, "
+    print(f"target: lmforge fp32 >= {TARGET_FP32}x llama.cpp F32: {ratio:.3f}x, "
           f"{'met' if ratio >= TARGET_FP32 else 'MISSED'}")
     print(f"machine: {common.machine_line()}")
     print(load.describe())
