@@ -268,3 +268,38 @@ def test_fresh_run_into_an_existing_run_dir_is_refused(tmp_path: Path, shards_di
     with pytest.raises(CheckpointError, match="already holds a run.*--resume"):
         train(model, tcfg, batches.batch, causal_lm_loss, run_config=config)
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+
+
+RUN_TWICE = """
+import json, sys, torch
+from lmforge.config import DataConfig, ModelConfig, PretrainConfig, TrainConfig
+from lmforge.eval.report import metric_series
+from lmforge.train.pretrain import pretrain
+shards, out = sys.argv[1], sys.argv[2]
+losses = []
+for i in range(2):
+    if i:  # what the demo's serving stage does between its pretraining and a re-run
+        torch.set_num_threads(1)
+        torch.set_num_threads(2)
+    cfg = PretrainConfig(
+        model=ModelConfig(vocab_size=400, max_seq_len=256, n_layer=1, n_head=2, d_model=64),
+        data=DataConfig(dir=shards),
+        train=TrainConfig(out_dir=f"{out}/run{i}", batch_size=1, max_steps=3, warmup_steps=1, save_every=3,
+                          eval_every=3, eval_batches=1, log_every=1, progress=False))
+    pretrain(cfg)
+    losses.append(metric_series(f"{out}/run{i}/metrics.jsonl", "loss")[1])
+print(json.dumps(losses))
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the thread pool's state only matters with 2 or more threads")
+def test_two_runs_in_one_process_are_bit_identical_across_thread_changes(tmp_path: Path, shards_dir: Path) -> None:
+    """A fresh process on 2 threads trains one config, changes its thread count and back, and trains it again: the
+    losses match bit for bit. SDPA's CPU backward at these shapes (2 heads of 32, 256 positions) splits its work
+    differently before a process's first `set_num_threads` call than after it; the trainer pins the count."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "-c", RUN_TWICE, str(shards_dir), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first, second = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(first) == 3 and first == second

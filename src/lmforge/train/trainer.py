@@ -322,6 +322,10 @@ def _set_up(model: torch.nn.Module, cfg: TrainConfig, run_config: BaseModel, tok
     """The model on its device (sharded under FSDP) with its optimizer, restored from the latest checkpoint on
     `resume` (a fresh run saves step 0), wrapped for DDP and torch.compile, and the run's metrics log opened."""
     run_dir = Path(cfg.out_dir)
+    # The same thread count, set explicitly: SDPA's CPU backward (torch 2.13) splits its work differently before a
+    # process's first set_num_threads call than after it, so a second run of one config in a process that changed
+    # its threads in between (the demo's serving stage does) would differ from the first in the last bits.
+    torch.set_num_threads(torch.get_num_threads())
     model.to(device).train()
     set_activation_checkpointing(model, cfg.activation_checkpointing)
     set_compiled_activations(model, cfg.compile_activations)
