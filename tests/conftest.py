@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge.cpu_threads import set_cpu_threads
 from tiny_pretraining import write_word_shards
 
 if os.environ.get("ATEN_CPU_CAPABILITY") == "avx2":
@@ -32,16 +33,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # each on torch's default of every core oversubscribe them, and OpenMP barriers then wait on descheduled threads
     _share = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
     os.environ.setdefault("OMP_NUM_THREADS", _share)
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    set_cpu_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run fastest on one thread (and do not fight other jobs for the cores); restored after."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    set_cpu_threads(1)
     yield
-    torch.set_num_threads(before)
+    set_cpu_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -296,7 +296,9 @@ print(json.dumps(losses))
 def test_two_runs_in_one_process_are_bit_identical_across_thread_changes(tmp_path: Path, shards_dir: Path) -> None:
     """A fresh process on 2 threads trains one config, changes its thread count and back, and trains it again: the
     losses match bit for bit. SDPA's CPU backward at these shapes (2 heads of 32, 256 positions) splits its work
-    differently before a process's first `set_num_threads` call than after it; the trainer pins the count."""
+    differently before a process's first `set_num_threads` call than after it, so the trainer pins the count; and
+    through `set_cpu_threads`, without which the first run's first loss changed in about one process in ten (its
+    exp, MKL's first vector-math call after `set_num_threads` and SDPA, came out inexact)."""
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     proc = subprocess.run([sys.executable, "-c", RUN_TWICE, str(shards_dir), str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=300)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from lmforge.cpu_threads import set_cpu_threads
 from lmforge.infer.engine import Engine, EngineStats, GenerationRequest, TokenEvent
 
 
@@ -120,7 +121,7 @@ def _run_engine(conn: Any, model: Any, tokenizer: Any, max_batch: int, prefix_ca
     there is none), send its events renumbered with the HTTP side's ids."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    torch.set_num_threads(threads)
+    set_cpu_threads(threads)
     keep_to_own_cpus(threads)
     engine = Engine(model, tokenizer, max_batch=max_batch, prefix_cache_tokens=prefix_cache_tokens)
     theirs: dict[int, int] = {}  # engine id -> the HTTP side's id

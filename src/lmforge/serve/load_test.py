@@ -167,6 +167,7 @@ def sequential_baseline(run: Path, texts: list[str], max_tokens: int, count_toke
     import torch
 
     import lmforge
+    from lmforge.cpu_threads import set_cpu_threads
     from lmforge.infer.generate import SamplingConfig, generate
 
     model, tokenizer = lmforge.load(run)
@@ -174,13 +175,13 @@ def sequential_baseline(run: Path, texts: list[str], max_tokens: int, count_toke
     generate(model, tokenizer, texts[0], SamplingConfig(max_new_tokens=4, temperature=0.0))
     cfg = SamplingConfig(max_new_tokens=max_tokens, temperature=0.0)
     before = torch.get_num_threads()
-    torch.set_num_threads(threads or before)
+    set_cpu_threads(threads or before)
     try:
         start = time.perf_counter()
         tokens = sum(count_tokens(generate(model, tokenizer, t, cfg)) for t in texts)
         wall = time.perf_counter() - start
     finally:
-        torch.set_num_threads(before)
+        set_cpu_threads(before)
     return {"tokens_per_s": tokens / wall, "requests_per_s": len(texts) / wall, "output_tokens": tokens}
 
 

@@ -33,6 +33,7 @@ from lmforge.checkpoint import (
     write_training_checkpoint,
 )
 from lmforge.config import TrainConfig
+from lmforge.cpu_threads import set_cpu_threads
 from lmforge.errors import CheckpointError, ConfigError, TrainingError
 from lmforge.model.activation_checkpointing import set_activation_checkpointing
 from lmforge.model.layers import set_compiled_activations
@@ -325,7 +326,7 @@ def _set_up(model: torch.nn.Module, cfg: TrainConfig, run_config: BaseModel, tok
     # The same thread count, set explicitly: SDPA's CPU backward (torch 2.13) splits its work differently before a
     # process's first set_num_threads call than after it, so a second run of one config in a process that changed
     # its threads in between (the demo's serving stage does) would differ from the first in the last bits.
-    torch.set_num_threads(torch.get_num_threads())
+    set_cpu_threads(torch.get_num_threads())
     model.to(device).train()
     set_activation_checkpointing(model, cfg.activation_checkpointing)
     set_compiled_activations(model, cfg.compile_activations)
