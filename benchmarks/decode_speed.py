@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from lmforge.cpu_threads import set_cpu_threads  # noqa: E402
 from lmforge.eval.versus_hf import hf_greedy  # noqa: E402
 from lmforge.infer.generate import SamplingConfig, generate_ids  # noqa: E402
 from lmforge.infer.layout import (  # noqa: E402
@@ -90,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_cpu_threads(args.threads)
     spec = common.spec_from_args(args)
     n_new = args.new_tokens
     if args.prompt_len + n_new > spec.max_seq_len:

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import lmforge  # noqa: E402
 from lmforge.config import ModelConfig  # noqa: E402
+from lmforge.cpu_threads import set_cpu_threads  # noqa: E402
 from lmforge.data.synthetic import WorldConfig, pretraining_documents  # noqa: E402
 from lmforge.model.decoder import DecoderLM  # noqa: E402
 from lmforge.tokenizer import train_tokenizer  # noqa: E402
@@ -105,7 +106,7 @@ def write_tasks(root: Path, docs: list[str], items: int, ctx_words: int) -> dict
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_cpu_threads(args.threads)
     spec = common.spec_from_args(args)
     docs = pretraining_documents(WorldConfig(n_documents=3000))
     tokenizer = train_tokenizer(docs, vocab_size=spec.vocab_size, show_progress=False)

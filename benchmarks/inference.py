@@ -36,6 +36,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from lmforge.config import ModelConfig  # noqa: E402
+from lmforge.cpu_threads import set_cpu_threads  # noqa: E402
 from lmforge.eval.speed import kv_cache_scaling  # noqa: E402
 from lmforge.eval.versus_hf import hf_greedy, left_pad  # noqa: E402
 from lmforge.infer.generate import SamplingConfig, generate_ids  # noqa: E402
@@ -93,7 +94,7 @@ def greedy(n: int, use_cache: bool = True) -> SamplingConfig:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_cpu_threads(args.threads)
     spec = common.spec_from_args(args)
     if args.ctx is None:
         spec = replace(spec, max_seq_len=max(spec.max_seq_len, max(args.kv_lengths) + 64, args.prefill_len + 1))

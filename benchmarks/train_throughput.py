@@ -28,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from lmforge.config import TrainConfig  # noqa: E402
+from lmforge.cpu_threads import set_cpu_threads  # noqa: E402
 from lmforge.model.layers import set_compiled_activations  # noqa: E402
 from lmforge.train.objectives import causal_lm_loss  # noqa: E402
 from lmforge.train.trainer import autocast, build_optimizer  # noqa: E402
@@ -109,7 +110,7 @@ def hf_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_cpu_threads(args.threads)
     spec = common.spec_from_args(args)
     seq = args.seq or spec.max_seq_len
     if seq > spec.max_seq_len:

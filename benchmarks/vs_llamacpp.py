@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import gguf
 
+    from lmforge.cpu_threads import set_cpu_threads
     from lmforge.eval.versus_hf import hf_greedy
     from lmforge.gguf_export import export_gguf
     from lmforge.infer.generate import SamplingConfig, generate_ids
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from lmforge.tokenizer import train_tokenizer
 
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_cpu_threads(args.threads)
     threads = torch.get_num_threads()
     spec = dataclasses.replace(SPEC, n_layer=args.layers, d_model=args.d_model, n_head=args.d_model // 64,
                                vocab_size=args.vocab)
