@@ -325,7 +325,8 @@ def _set_up(model: torch.nn.Module, cfg: TrainConfig, run_config: BaseModel, tok
     run_dir = Path(cfg.out_dir)
     # The same thread count, set explicitly: SDPA's CPU backward (torch 2.13) splits its work differently before a
     # process's first set_num_threads call than after it, so a second run of one config in a process that changed
-    # its threads in between (the demo's serving stage does) would differ from the first in the last bits.
+    # its threads in between (the demo's serving stage does) would differ from the first in the last bits. It also
+    # makes MKL's first vector-math call of the process before the model's attention (see lmforge.cpu_threads).
     set_cpu_threads(torch.get_num_threads())
     model.to(device).train()
     set_activation_checkpointing(model, cfg.activation_checkpointing)
