@@ -278,7 +278,7 @@ from lmforge.train.pretrain import pretrain
 shards, out = sys.argv[1], sys.argv[2]
 losses = []
 for i in range(2):
-    if i:  # what the demo's serving stage does between its pretraining and a re-run
+    if i:  # a thread change between two runs, by code other than the trainer (the demo's serving stage makes one)
         torch.set_num_threads(1)
         torch.set_num_threads(2)
     cfg = PretrainConfig(
