@@ -118,10 +118,12 @@ def test_a_prefill_in_the_decode_steps_pass_gives_each_batch_its_own_forward(nam
         got = DecodeStep(model)((new, running[1], running_mask), (ids[2:, 4:], prompts[1], prefill_mask))
         for mine, theirs in zip(got, expected, strict=True):
             torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
+        # The new rows' keys and values come out of matmuls over another number of rows, which a CPU's BLAS may sum
+        # in another order (AMD Zen 4's does): a few ulps of entries up to about 4.
         for mine, theirs in zip(running[1:] + prompts[1:], running[:1] + prompts[:1], strict=True):
             assert mine.length == theirs.length
             for a, b in zip(mine.keys + mine.values, theirs.keys + theirs.values, strict=True):
-                torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+                torch.testing.assert_close(a, b, atol=5e-6, rtol=0)
 
 
 def test_the_engine_prefills_arrivals_in_the_running_rows_step(monkeypatch: pytest.MonkeyPatch) -> None:
