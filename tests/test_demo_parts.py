@@ -63,13 +63,17 @@ def test_decoder_trains_the_plans_fixed_step_budget(quick: bool, tmp_path: Path)
     assert config.train.batch_size == plan.batch_size
 
 
-def test_auto_precision_is_bf16_only_with_amx_tiles(tmp_path: Path) -> None:
+def test_auto_precision_is_bf16_only_with_bf16_instructions(tmp_path: Path) -> None:
     sapphire_rapids = "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
     zen4 = "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n"
-    for text, expected in ((sapphire_rapids, "bf16"), (zen4, "fp32")):
+    skylake_x = "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n"
+    zen3 = "flags\t\t: fpu sse2 avx2 fma\n"
+    for text, expected in ((sapphire_rapids, ("bf16", "AMX bf16 tiles")), (zen4, ("bf16", "AVX512-BF16")),
+                           (skylake_x, ("fp32", "no bf16")), (zen3, ("fp32", "no bf16"))):
         (tmp_path / "cpuinfo").write_text(f"processor\t: 0\n{text}\nprocessor\t: 1\n{text}")
-        assert auto_precision(cpu_flags(tmp_path / "cpuinfo")) == expected
-    assert cpu_flags(tmp_path / "missing") == set() and auto_precision(set()) == "fp32"
+        chosen, why = auto_precision(cpu_flags(tmp_path / "cpuinfo"))
+        assert chosen == expected[0] and expected[1] in why
+    assert cpu_flags(tmp_path / "missing") == set() and auto_precision(set())[0] == "fp32"
 
 
 def test_quantisation_note_follows_the_decode_speeds() -> None:

@@ -403,8 +403,8 @@ def _search(args: Namespace, model, tokenizer, cfg) -> str:
 def demo_options(p: ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a tiny run (under 2 minutes) that exercises every stage")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="decoder pretraining precision; auto = bf16 on a CPU with AMX bf16 tiles, else fp32 "
-                        "(default: auto)")
+                   help="decoder pretraining precision; auto = bf16 on a CPU with bf16 instructions (AMX bf16 or "
+                        "AVX512-BF16), else fp32; e.g. --precision fp32 (default: auto)")
     p.add_argument("--out-dir", default="runs/demo",
                    help="scratch dir for data, tokenizer and checkpoints (replaced on each demo run; must be "
                         "missing, empty or an earlier demo's)")

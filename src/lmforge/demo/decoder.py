@@ -1,10 +1,11 @@
 """Demo stage: GPT-style pretraining for a fixed number of steps, held-out task accuracy of the base model, and
 samples.
 
-`--precision auto` picks bf16 only on a CPU with AMX bf16 tiles (read from /proc/cpuinfo), where bf16 matmuls
-run natively and beat fp32; elsewhere (AVX-512 or AVX2 only, e.g. AMD Zen 4) bf16 is emulated and slower. The
-rule, not a timing, decides, so two runs on one machine train in the same precision and log identical losses.
-Both speeds are still measured for the report."""
+`--precision auto` picks bf16 on a CPU with bf16 dot-product instructions (read from /proc/cpuinfo): AMX bf16
+tiles (Intel Sapphire Rapids) or AVX512-BF16 (AMD Zen 4), where bf16 matmuls run natively and beat fp32; elsewhere
+(AVX2, or AVX-512 without BF16) bf16 is emulated through conversions and slower. The rule, not a timing, decides, so
+two runs on one machine train in the same precision and log identical losses. Both speeds are still measured for
+the report."""
 
 from __future__ import annotations
 
@@ -60,8 +61,15 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
 
 
-def auto_precision(flags: set[str]) -> str:
-    return "bf16" if "amx_bf16" in flags else "fp32"
+NATIVE_BF16_FLAGS = {"amx_bf16": "AMX bf16 tiles", "avx512_bf16": "AVX512-BF16"}
+
+
+def auto_precision(flags: set[str]) -> tuple[str, str]:
+    """The demo decoder's precision for a CPU with these flags, and why."""
+    native = [name for flag, name in NATIVE_BF16_FLAGS.items() if flag in flags]
+    if native:
+        return "bf16", f"auto: {native[0]} on this CPU"
+    return "fp32", "auto: no bf16 instructions (AMX bf16 or AVX512-BF16) on this CPU"
 
 
 def pretrain_config(plan: DemoPlan, shards_dir: Path, run_dir: Path, precision: str) -> PretrainConfig:
@@ -79,8 +87,7 @@ def run(plan: DemoPlan, data: DemoData, out_dir: Path, report_dir: Path, precisi
     speeds = {p: measure_training_speed(mcfg, plan.batch_size, p) for p in ("fp32", "bf16")}
     chosen, why = precision, "--precision"
     if precision == "auto":
-        chosen = auto_precision(cpu_flags())
-        why = "auto: AMX bf16 tiles on this CPU" if chosen == "bf16" else "auto: no AMX bf16 tiles on this CPU"
+        chosen, why = auto_precision(cpu_flags())
     tokens_per_step = plan.batch_size * mcfg.max_seq_len
     print(f"  {plan.decoder_steps} steps in {chosen} ({why}); measured {speeds['fp32']:,.0f} tok/s fp32, "
           f"{speeds['bf16']:,.0f} tok/s bf16")
