@@ -81,7 +81,8 @@ class DemoPlan:
 
 def demo_plan(quick: bool) -> DemoPlan:
     """The full plan's step budgets keep `make demo` within 25 minutes, with 20% to spare, on 2 cores of an AMD
-    Zen 4 (no AMX: fp32 throughout), where the decoder trains slowest; the same steps run on every CPU."""
+    Zen 4 (bf16 through AVX512-BF16, without AMX), where the decoder trains slowest; the same steps run on every
+    CPU."""
     if quick:
         return DemoPlan(
             world=WorldConfig(seed=0, n_documents=2000, n_eval=8), vocab_size=512,
