@@ -66,10 +66,10 @@ def test_decoder_trains_the_plans_fixed_step_budget(quick: bool, tmp_path: Path)
 def test_auto_precision_is_bf16_only_with_bf16_instructions(tmp_path: Path) -> None:
     sapphire_rapids = "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
     zen4 = "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n"
-    skylake_x = "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n"
+    cascade_lake = "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n"
     zen3 = "flags\t\t: fpu sse2 avx2 fma\n"
     for text, expected in ((sapphire_rapids, ("bf16", "AMX bf16 tiles")), (zen4, ("bf16", "AVX512-BF16")),
-                           (skylake_x, ("fp32", "no bf16")), (zen3, ("fp32", "no bf16"))):
+                           (cascade_lake, ("fp32", "no bf16")), (zen3, ("fp32", "no bf16"))):
         (tmp_path / "cpuinfo").write_text(f"processor\t: 0\n{text}\nprocessor\t: 1\n{text}")
         chosen, why = auto_precision(cpu_flags(tmp_path / "cpuinfo"))
         assert chosen == expected[0] and expected[1] in why
