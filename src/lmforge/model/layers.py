@@ -417,7 +417,7 @@ class Attention(nn.Module):
         B, _, T, _ = q.shape
         dropout = self.dropout if self.training else 0.0
         if bias is None and causal and T > 1 and not dropout and takes_fast_path(q, k, v):
-            y = causal_attention(q, k, v, self.scale)  # bf16/fp16 training on CPU
+            y = causal_attention(q, k, v, self.scale)  # training on CPU: model/cpu_attention.cpp
         else:
             # A single new token (decode) may see every cached key; a fresh prompt is plain causal.
             # enable_gqa lets SDPA share each k/v head across its query group without copying.
