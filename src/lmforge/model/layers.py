@@ -268,8 +268,8 @@ class Attention(nn.Module):
     """Multi-head attention via SDPA: self- or cross-attention, grouped-query heads (Ainslie et al. 2023).
 
     `bias` is an additive mask broadcastable to [B, H, T, S] (causal/padding -inf, ALiBi, T5 relative
-    bias); without one, `causal=True` asks SDPA for its built-in causal mask. `scale` defaults to
-    1/sqrt(head_dim) (T5 uses 1.0)."""
+    bias); without one, `causal=True` asks SDPA for its built-in causal mask, or, in CPU training,
+    `cpu_attention`'s kernel. `scale` defaults to 1/sqrt(head_dim) (T5 uses 1.0)."""
 
     def __init__(self, d_model: int, n_head: int, n_kv_head: int, head_dim: int, bias: bool, dropout: float,
                  scale: float | None = None, out_bias: bool | None = None, qk_norm: nn.Module | None = None):
