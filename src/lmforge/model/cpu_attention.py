@@ -95,6 +95,11 @@ def _strides(*tensors: Tensor) -> Tensor:
     return torch.tensor([s for t in tensors for s in t.stride()[:3]], dtype=torch.long)
 
 
+def _check_status(status: int, head_dim: int) -> None:
+    if status:  # `takes_fast_path` keeps other head sizes away; a direct caller gets this
+        raise ValueError(f"the CPU attention kernel has no head size {head_dim} (it has {HEAD_DIMS})")
+
+
 def _forward(lib: ctypes.CDLL, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     B, H, T, D = q.shape
     out = q.new_empty(B, T, H, D).transpose(1, 2)  # as the output projection reads it
@@ -103,8 +108,7 @@ def _forward(lib: ctypes.CDLL, q: Tensor, k: Tensor, v: Tensor, scale: float) ->
     status = lib.causal_attention_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
                                           log_norm.data_ptr(), B, H, k.shape[1], T, D, strides.data_ptr(), scale,
                                           torch.get_num_threads())
-    if status:
-        raise ValueError(f"the CPU attention kernel has no head size {D} (it has {HEAD_DIMS})")
+    _check_status(status, D)
     return out, log_norm
 
 
@@ -116,8 +120,7 @@ def _backward(lib: ctypes.CDLL, grad: Tensor, q: Tensor, k: Tensor, v: Tensor, o
     status = lib.causal_attention_backward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), grad.data_ptr(),
                                            log_norm.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), B, H,
                                            k.shape[1], T, D, strides.data_ptr(), scale, torch.get_num_threads())
-    if status:
-        raise ValueError(f"the CPU attention kernel has no head size {D} (it has {HEAD_DIMS})")
+    _check_status(status, D)
     return dq, dk, dv
 
 
