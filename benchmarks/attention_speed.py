@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     timings = common.time_alternating(fns, warmup=1, rounds=args.rounds)
     print(f"causal attention | batch {args.batch}, {args.heads} heads ({kv_heads} kv), {args.seq} positions, "
           f"head {args.head_dim}, {args.dtype} | {args.rounds} rounds (median)")
-    print(f"{'contender':<34}{'ms':>9}{'vs SDPA':>10}{'spread':>8}   output and gradients vs fp64 SDPA (of the largest)")
+    print(f"{'contender':<34}{'ms':>9}{'vs SDPA':>10}{'spread':>8}"
+          "   output and gradients vs fp64 SDPA (of the largest)")
     for name, fn in contenders.items():
         for part in ("forward", "forward+backward"):
             t, base = timings[f"{name} {part}"], timings[f"SDPA {part}"]
