@@ -43,7 +43,6 @@ def test_fp32_matches_sdpa_in_fp64(batch: int, heads: int, kv_heads: int, length
     q = token_major(batch, heads, length, head_dim, torch.float32)
     k, v = (token_major(batch, kv_heads, length, head_dim, torch.float32) for _ in range(2))
     grad = torch.randn(batch, heads, length, head_dim)
-    assert cpu_attention.takes_fast_path(q, k, v)
     got = attention_and_grads(lambda *t: cpu_attention.causal_attention(*t, scale=0.3), q, k, v, grad)
     exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
     want = attention_and_grads(sdpa, *exact, grad.double())
@@ -85,6 +84,7 @@ def test_the_same_bits_at_any_thread_count() -> None:
 def test_not_taken_without_a_gradient_in_fp64_for_other_head_sizes_or_lengths() -> None:
     q = token_major(1, 4, 8, 32, torch.float32)
     assert cpu_attention.takes_fast_path(q, q, q)
+    assert cpu_attention.takes_fast_path(q, q[:, :2], q[:, :2])  # grouped heads
     assert not cpu_attention.takes_fast_path(q.double(), q.double(), q.double())
     odd = token_major(1, 4, 8, 48, torch.float32)
     assert not cpu_attention.takes_fast_path(odd, odd, odd)
@@ -92,6 +92,20 @@ def test_not_taken_without_a_gradient_in_fp64_for_other_head_sizes_or_lengths() 
     assert not cpu_attention.takes_fast_path(q, q[:, :3], q[:, :3])  # 4 query heads do not group over 3
     with torch.no_grad():
         assert not cpu_attention.takes_fast_path(q, q, q)
+
+
+def test_not_taken_with_fewer_batch_and_kv_head_pairs_than_threads() -> None:
+    """The kernel gives each thread whole (batch, kv head) pairs; with fewer pairs than threads SDPA keeps them busy."""
+    q = token_major(2, 4, 8, 32, torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(8)
+        assert cpu_attention.takes_fast_path(q, q, q)  # 2 x 4 pairs
+        assert not cpu_attention.takes_fast_path(q, q[:, :2], q[:, :2])  # 2 x 2
+        torch.set_num_threads(1)
+        assert cpu_attention.takes_fast_path(q[:1], q[:1, :1], q[:1, :1])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_built_once_into_the_cache(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

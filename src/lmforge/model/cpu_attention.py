@@ -154,9 +154,10 @@ def kernel_problem(lib: ctypes.CDLL) -> str | None:
     for head_dim in HEAD_DIMS:
         q = torch.randn(2, 4, 21, head_dim, generator=gen, dtype=torch.float64)
         k, v, grad = (torch.randn(2, n, 21, head_dim, generator=gen, dtype=torch.float64) for n in (2, 2, 4))
-        exact = [t.clone().requires_grad_() for t in (q, k, v)]
-        want = F.scaled_dot_product_attention(*exact, is_causal=True, scale=0.3, enable_gqa=True)
-        want_grads = torch.autograd.grad(want, exact, grad)
+        with torch.enable_grad():  # the first use may come inside an autograd Function's forward
+            exact = [t.clone().requires_grad_() for t in (q, k, v)]
+            want = F.scaled_dot_product_attention(*exact, is_causal=True, scale=0.3, enable_gqa=True)
+            want_grads = torch.autograd.grad(want, exact, grad)
         q32, k32, v32, grad32 = (t.float() for t in (q, k, v, grad))
         out, log_norm = _forward(lib, q32, k32, v32, 0.3)
         got = (out, *_backward(lib, grad32, q32, k32, v32, out, log_norm, 0.3))
@@ -169,10 +170,12 @@ def kernel_problem(lib: ctypes.CDLL) -> str | None:
 
 def takes_fast_path(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether `causal_attention` applies: CPU tensors of one dtype of DTYPES, a head size the kernel has, whole
-    query groups over the key-value heads, a gradient wanted (training) outside a `torch.compile` trace, and a kernel
-    that built and passed its check."""
+    query groups over the key-value heads, at least one (batch, key-value head) pair per thread (the kernel's unit of
+    work: fewer would leave threads idle, where SDPA also splits the queries), a gradient wanted (training) outside a
+    `torch.compile` trace, and a kernel that built and passed its check."""
     return (q.device.type == "cpu" and q.dtype in DTYPES and q.dtype == k.dtype == v.dtype
             and q.shape[-1] in HEAD_DIMS and q.shape[1] % k.shape[1] == 0 and k.shape[-2] == q.shape[-2]
+            and k.shape[0] * k.shape[1] >= torch.get_num_threads()
             and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
             and not torch.compiler.is_compiling() and kernel() is not None)
 
