@@ -22,6 +22,8 @@ typedef int32_t ivec __attribute__((vector_size(64)));
 constexpr int W = 16;            // floats in a vector
 constexpr int R = 8;             // query rows per block
 constexpr int J = 2;             // key vectors per pass of `products`: R * J accumulators stay in registers
+template <int D>
+constexpr int GROUP = D / W < 16 / R ? D / W : 16 / R;  // vectors of a row per pass: R * GROUP accumulators
 constexpr float MASKED = -1e30f; // a score above the diagonal; its probability comes out exactly 0
 
 static inline vec load(const float *p) { return *(const vec_unaligned *)p; }
@@ -103,30 +105,36 @@ INLINE void products(const float *a[R], const float *bt, int Tp, float scale, in
 // acc[r] = sum_{j < n} p[r][j] b_j, b_j the rows of b (D floats each).
 template <int D>
 INLINE void weighted_sum(const float *p, int Tp, const float *b, long stride, int n, vec (*acc)[D / W]) {
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < D / W; c++) acc[r][c] = splat(0.f);
-    for (int j = 0; j < n; j++) {
-        const float *row = b + (long)j * stride;
-        for (int c = 0; c < D / W; c++) {
-            vec x = load(row + c * W);
-            for (int r = 0; r < R; r++) acc[r][c] += splat(p[(long)r * Tp + j]) * x;
+    for (int c0 = 0; c0 < D / W; c0 += GROUP<D>) {  // GROUP<D> columns at a time: R * GROUP<D> accumulators
+        vec sum[R][GROUP<D>] = {};
+        for (int j = 0; j < n; j++) {
+            const float *row = b + (long)j * stride + c0 * W;
+            for (int c = 0; c < GROUP<D>; c++) {
+                vec x = load(row + c * W);
+                for (int r = 0; r < R; r++) sum[r][c] += splat(p[(long)r * Tp + j]) * x;
+            }
         }
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < GROUP<D>; c++) acc[r][c0 + c] = sum[r][c];
     }
 }
 
-// out_j += sum_r w[r][j] x_r for j < n (out rows of D floats): the R rows x_r stay in registers.
+// out_j += sum_r w[r][j] x_r for j < n (out rows of D floats), GROUP<D> columns at a time held in registers.
 template <int D>
 INLINE void accumulate_outer(const float *w, int Tp, const float *x[R], int n, float *out) {
-    vec xr[R][D / W];
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < D / W; c++) xr[r][c] = load(x[r] + c * W);
-    for (int j = 0; j < n; j++) {
-        vec wj[R];
-        for (int r = 0; r < R; r++) wj[r] = splat(w[(long)r * Tp + j]);
-        for (int c = 0; c < D / W; c++) {
-            vec a = load(out + (long)j * D + c * W);
-            for (int r = 0; r < R; r++) a += wj[r] * xr[r][c];
-            store(out + (long)j * D + c * W, a);
+    for (int c0 = 0; c0 < D / W; c0 += GROUP<D>) {
+        vec xr[R][GROUP<D>];
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < GROUP<D>; c++) xr[r][c] = load(x[r] + (c0 + c) * W);
+        for (int j = 0; j < n; j++) {
+            vec wj[R];
+            for (int r = 0; r < R; r++) wj[r] = splat(w[(long)r * Tp + j]);
+            for (int c = 0; c < GROUP<D>; c++) {
+                float *cell = out + (long)j * D + (c0 + c) * W;
+                vec a = load(cell);
+                for (int r = 0; r < R; r++) a += wj[r] * xr[r][c];
+                store(cell, a);
+            }
         }
     }
 }
