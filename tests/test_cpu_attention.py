@@ -138,6 +138,19 @@ def test_without_a_working_compiler_attention_falls_back_to_sdpa(compiler: str, 
         cpu_attention.kernel.cache_clear()
 
 
+def test_an_unusable_cache_dir_falls_back_to_sdpa(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    cpu_attention.kernel.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="did not build.*runs through SDPA"):
+            assert cpu_attention.kernel() is None
+        assert blocker.read_text() == "not a directory"
+    finally:
+        cpu_attention.kernel.cache_clear()
+
+
 class _WrongBackward:
     """The real kernel with the backward's softmax scale doubled."""
 
