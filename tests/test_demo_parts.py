@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 import lmforge.demo
+from lmforge.cpu_info import cpu_flags
 from lmforge.data.formats import THINK_TRIGGER
 from lmforge.demo import demo_plan
 from lmforge.demo.accuracy import accuracy_cell, compare, effects_line
 from lmforge.demo.agents_study import read_arithmetic
-from lmforge.demo.decoder import auto_precision, cpu_flags, pretrain_config
+from lmforge.demo.decoder import auto_precision, pretrain_config
 from lmforge.demo.prompting_study import read_problems
 from lmforge.demo.verdicts import (
     early_loss_note,

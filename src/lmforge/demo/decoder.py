@@ -19,6 +19,7 @@ import torch
 
 import lmforge
 from lmforge.config import DataConfig, ModelConfig, PretrainConfig, TrainConfig
+from lmforge.cpu_info import cpu_flags
 from lmforge.data.synthetic import EVAL_SETS, eval_sets
 from lmforge.demo import StageResult
 from lmforge.eval.report import Section, markdown_table, metric_series, plot_loss_curve
@@ -50,15 +51,6 @@ def measure_training_speed(model_cfg: ModelConfig, batch_size: int, precision: s
         opt.step()
         opt.zero_grad(set_to_none=True)
     return steps * batch_size * model_cfg.max_seq_len / (time.perf_counter() - start)
-
-
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
-    """The CPU's feature flags as the OS lists them (empty where there is no /proc/cpuinfo)."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return set()
-    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
 
 
 NATIVE_BF16_FLAGS = {"amx_bf16": "AMX bf16 tiles", "avx512_bf16": "AVX512-BF16"}

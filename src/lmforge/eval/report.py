@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import platform
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from lmforge.cpu_info import cpu_model
 from lmforge.io import atomic_write_text
 
 
@@ -21,16 +21,8 @@ class Section:
 
 
 def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {torch.get_num_threads()} threads, {device}, torch {torch.__version__}"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads, {device}, torch {torch.__version__}"
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -16,7 +16,6 @@ import ctypes
 import functools
 import hashlib
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -26,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from lmforge.cpu_info import cpu_flags, cpu_model
 
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 HEAD_DIMS = (16, 32, 64, 128)  # the head sizes the kernel is instantiated for
@@ -39,19 +40,11 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmforge"
 
 
-def _cpu_identity() -> str:
-    """What `-march=native` compiles for: the CPU's model name and flags."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features", "CPU part"))}))
-
-
 def _build(compiler: str) -> Path:
     """The shared library of SOURCE for this machine, compiled unless already in the cache."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS), _cpu_identity()]).encode())
+    machine = [cpu_model(), *sorted(cpu_flags())]  # what -march=native compiles for
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS), *machine]).encode())
     target = _cache_dir() / f"cpu_attention-{key.hexdigest()[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
