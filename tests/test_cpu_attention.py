@@ -1,5 +1,6 @@
 """The C++ causal-attention kernel for CPU training (model/cpu_attention.cpp): SDPA's values and gradients in fp64 up
-to fp32 rounding, for every head size it has, grouped heads, odd lengths and strided layouts; bf16 through fp32; the
+to fp32 rounding, for every head size it has, grouped heads, odd lengths and strided layouts, with and without the
+RoPE it applies itself; bf16 through fp32; the
 same bits at any thread count; built once into the cache; not used (one warning) when it cannot be built or
 disagrees; and taken by both decoder families in training."""
 
@@ -34,18 +35,29 @@ def sdpa(q, k, v, scale=0.3):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
 
 
+def rope_tables(length: int, head_dim: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [length, head_dim] of random angles in the half-split layout (each half the same angles)."""
+    angles = torch.rand(length, head_dim // 2, dtype=torch.float64).mul_(6).repeat(1, 2)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+@pytest.mark.parametrize("rope", [False, True])
 @pytest.mark.parametrize(("batch", "heads", "kv_heads", "length", "head_dim"), [
     (2, 4, 4, 37, 16), (3, 6, 2, 256, 32), (1, 2, 1, 130, 64), (2, 2, 2, 9, 128), (1, 3, 3, 2, 32)])
-def test_fp32_matches_sdpa_in_fp64(batch: int, heads: int, kv_heads: int, length: int, head_dim: int) -> None:
-    """Output and gradients within 2e-5 of the largest value of fp64 SDPA's, as fp32 SDPA is; a wrong mask, scale,
-    head group or stride is off by O(1)."""
+def test_fp32_matches_sdpa_in_fp64(batch: int, heads: int, kv_heads: int, length: int, head_dim: int,
+                                   rope: bool) -> None:
+    """Output and gradients within 2e-5 of the largest value of fp64 SDPA's (after `layers.apply_rope`, with RoPE),
+    as fp32 SDPA is; a wrong mask, scale, head group, stride or rotation is off by O(1)."""
     torch.manual_seed(0)
     q = token_major(batch, heads, length, head_dim, torch.float32)
     k, v = (token_major(batch, kv_heads, length, head_dim, torch.float32) for _ in range(2))
     grad = torch.randn(batch, heads, length, head_dim)
-    got = attention_and_grads(lambda *t: cpu_attention.causal_attention(*t, scale=0.3), q, k, v, grad)
+    tables = rope_tables(length, head_dim, torch.float64) if rope else None
+    got = attention_and_grads(
+        lambda *t: cpu_attention.causal_attention(*t, scale=0.3, rope=tables and tuple(x.float() for x in tables)),
+        q, k, v, grad)
     exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    want = attention_and_grads(sdpa, *exact, grad.double())
+    want = attention_and_grads(lambda *t: cpu_attention.reference_attention(*t, 0.3, tables), *exact, grad.double())
     for name, g, w in zip(("output", "dq", "dk", "dv"), got, want, strict=True):
         assert g.dtype == torch.float32 and g.shape == w.shape, name
         assert (g.double() - w).abs().max() <= 2e-5 * w.abs().max(), name
@@ -159,22 +171,36 @@ class _WrongBackward:
         self.causal_attention_forward = self.real.causal_attention_forward
 
     def causal_attention_backward(self, *args) -> int:
-        *head, scale, threads = args
-        return self.real.causal_attention_backward(*head, 2 * scale, threads)
+        *head, scale, cos, sin, threads = args
+        return self.real.causal_attention_backward(*head, 2 * scale, cos, sin, threads)
+
+
+class _SwappedTables:
+    """The kernel, handed RoPE's sin table for its cos and the reverse: a rotation by 90 degrees less the angle."""
+
+    def __init__(self) -> None:
+        self.real = cpu_attention.kernel()
+        self.causal_attention_backward = self.real.causal_attention_backward
+
+    def causal_attention_forward(self, *args) -> int:
+        *head, cos, sin, threads = args
+        return self.real.causal_attention_forward(*head, sin, cos, threads)
 
 
 def test_the_check_rejects_a_kernel_that_disagrees() -> None:
     assert cpu_attention.kernel_problem(cpu_attention.kernel()) is None
     problem = cpu_attention.kernel_problem(_WrongBackward())
     assert problem is not None and "dq" in problem
+    problem = cpu_attention.kernel_problem(_SwappedTables())
+    assert problem is not None and "output" in problem and "RoPE" in problem
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("bf16", [False, True])
 def test_decoder_training_takes_it(family: str, bf16: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every layer's attention takes the kernel, in fp32 and under bf16 autocast (Llama's too: RoPE keeps its queries
-    and keys in bf16), and the loss and gradients match the SDPA path: within fp32 rounding (1e-5 of the largest
-    gradient), or bf16 autocast's (2%)."""
+    """Every layer's attention takes the kernel, in fp32 and under bf16 autocast (Llama's with its RoPE applied inside
+    the kernel), and the loss and gradients match the SDPA path: within fp32 rounding (1e-5 of the largest gradient),
+    or bf16 autocast's (2%)."""
     torch.manual_seed(0)
     fast = DecoderLM(ModelConfig(family=family, vocab_size=64, max_seq_len=16, n_layer=2, n_head=4,
                                  d_model=64)).train()
@@ -183,7 +209,7 @@ def test_decoder_training_takes_it(family: str, bf16: bool, monkeypatch: pytest.
     calls = []
 
     def counted(*args):
-        calls.append(args[0].dtype)
+        calls.append((args[0].dtype, len(args) == 5 and args[4] is not None))
         return cpu_attention.causal_attention(*args)
 
     def loss_of(model: DecoderLM) -> torch.Tensor:
@@ -194,7 +220,7 @@ def test_decoder_training_takes_it(family: str, bf16: bool, monkeypatch: pytest.
 
     monkeypatch.setattr(layers, "causal_attention", counted)
     got = loss_of(fast)
-    assert calls == [torch.bfloat16 if bf16 else torch.float32] * 2
+    assert calls == [(torch.bfloat16 if bf16 else torch.float32, family == "llama")] * 2  # Llama's RoPE inside
     monkeypatch.setattr(layers, "takes_fast_path", lambda *_: False)
     want = loss_of(plain)
     assert len(calls) == 2

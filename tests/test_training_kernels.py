@@ -1,7 +1,11 @@
-"""The hand-written training backwards (RMSNorm, token-major RoPE, RoPE as a complex multiplication): the values and
-gradients of the autograd paths they replace, within fp32 rounding, and the training graph actually using them."""
+"""The hand-written training backwards (RMSNorm's C++ kernel, token-major RoPE, RoPE as a complex multiplication): the
+values and gradients of the autograd paths they replace, within fp32 rounding, and the training graph actually using
+them; the RMSNorm kernel's bits at any thread count, its check, and the eager path where it cannot be used."""
 
 from __future__ import annotations
+
+import ctypes
+import shutil
 
 import pytest
 import torch
@@ -13,26 +17,85 @@ from lmforge.model.decoder import DecoderLM
 from lmforge.model.rotary import pairs_adjacent, rotate_adjacent_pairs, rotate_token_major
 
 TOLERANCE = 1e-5  # of the largest value: fp32 results differ by summation order only (~1e-7)
+needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None,
+                                    reason="no C++ compiler to build the RMSNorm kernel with")
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
     return bool((got - want).abs().max() <= TOLERANCE * want.abs().max())
 
 
+@needs_compiler
+@pytest.mark.parametrize("shape", [(3, 5, 24), (2, 100, 45)])  # rows over several chunks; a width of no whole vectors
 @pytest.mark.parametrize("trained", ["both", "input", "weight"])
-def test_rms_norm_matches_the_decomposition(trained: str) -> None:
+def test_rms_norm_matches_the_decomposition(trained: str, shape: tuple[int, ...]) -> None:
     """Also with the gain frozen (LoRA) or the input not needing a gradient: each asked-for gradient is right."""
     torch.manual_seed(0)
-    x = torch.randn(3, 5, 24, requires_grad=trained != "weight")
-    weight = (torch.rand(24) + 0.5).requires_grad_(trained != "input")
+    x = torch.randn(*shape, requires_grad=trained != "weight")
+    weight = (torch.rand(shape[-1]) + 0.5).requires_grad_(trained != "input")
     wanted = [t for t in (x, weight) if t.requires_grad]
-    grad = torch.randn(3, 5, 24)
+    grad = torch.randn(*shape)
+    assert rms_norm.takes_fast_path(x, weight)
     got = rms_norm.rms_norm(x, weight, 1e-5)
     got_grads = torch.autograd.grad(got, wanted, grad)
-    want = F.rms_norm(x, (24,), eps=1e-5) * weight
+    want = F.rms_norm(x, (shape[-1],), eps=1e-5) * weight
     want_grads = torch.autograd.grad(want, wanted, grad)
     assert _close(got, want)
     assert all(_close(g, w) for g, w in zip(got_grads, want_grads, strict=True))
+
+
+@needs_compiler
+def test_rms_norm_kernel_gives_the_same_bits_at_any_thread_count() -> None:
+    """Rows are independent and the weight's gradient is summed in fixed chunks, so 1 and 2 threads agree exactly."""
+    torch.manual_seed(1)
+    x, grad = torch.randn(300, 40, requires_grad=True), torch.randn(300, 40)
+    weight = (torch.rand(40) + 0.5).requires_grad_()
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = rms_norm.rms_norm(x, weight, 1e-5)
+            results.append((out, *torch.autograd.grad(out, (x, weight), grad)))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+class _ZeroWeightGradient:
+    """The real RMSNorm kernel, except that the backward leaves the weight's gradient zero."""
+
+    def __init__(self) -> None:
+        self.real = rms_norm.kernel()
+        self.rms_norm_forward = self.real.rms_norm_forward
+
+    def rms_norm_backward(self, g, x, w, inv_rms, grad_x, grad_w, shares, rows, d, threads) -> None:
+        self.real.rms_norm_backward(g, x, w, inv_rms, grad_x, grad_w, shares, rows, d, threads)
+        ctypes.memset(grad_w, 0, 4 * d)
+
+
+@needs_compiler
+def test_rms_norm_check_rejects_a_kernel_that_disagrees() -> None:
+    assert rms_norm.kernel_problem(rms_norm.kernel()) is None
+    problem = rms_norm.kernel_problem(_ZeroWeightGradient())
+    assert problem is not None and "grad_weight" in problem
+
+
+def test_rms_norm_takes_its_eager_path_without_the_kernel(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No compiler: one warning, and the layer's values and gradients are `F.rms_norm`'s."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    rms_norm.kernel.cache_clear()
+    try:
+        norm = layers.RMSNorm(16, 1e-5)
+        x = torch.randn(4, 16, requires_grad=True)
+        with pytest.warns(RuntimeWarning, match="RMSNorm kernel did not build.*F.rms_norm"):
+            assert not rms_norm.takes_fast_path(x, norm.weight)
+        out = norm(x)
+        assert out.grad_fn is not None and type(out.grad_fn).__name__ != "_RMSNormBackward"
+        assert torch.equal(out, F.rms_norm(x, (16,), eps=1e-5) * norm.weight)
+    finally:
+        rms_norm.kernel.cache_clear()
 
 
 def test_rotate_token_major_matches_apply_rope() -> None:

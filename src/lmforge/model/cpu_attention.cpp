@@ -4,7 +4,8 @@
 // scores instead of the [T, T] probabilities, and the backward recomputes them. One task is one (batch, key-value
 // head): its keys and values are transposed once into buffers that stay in cache, and its query heads are taken in
 // turn, R query rows at a time, only over the keys each row can see. Each result is summed in a fixed order by one
-// thread, so it does not depend on the number of threads.
+// thread, so it does not depend on the number of threads. Given RoPE's tables (Su et al. 2021), the kernel rotates
+// the queries and keys itself as it copies them into its buffers, and turns their gradients back as it writes them.
 //
 // Written with GCC/Clang vector extensions (no intrinsics): the compiler maps a 16-float vector onto whatever the
 // machine has (one AVX-512 register, two AVX2 ones, four NEON ones). lmforge builds this file on the machine it runs
@@ -153,6 +154,32 @@ static inline int keys_seen(int i0, int Tp) {
     return n < Tp ? n : Tp;
 }
 
+// RoPE's cos and sin tables [T, D] in the half-split layout (pairs (i, i + D/2)); null: no rotation.
+struct Rope { const float *cos, *sin; };
+
+// out_t = x_t rotated by RoPE for t < T (rows `stride` and `out_stride` floats apart); with `inverse`, the transpose
+// of that rotation, which carries a gradient back through it. In place (out == x) is allowed.
+template <int D>
+static void rotate(const float *x, long stride, int T, Rope rope, bool inverse, float *out, long out_stride) {
+    constexpr int H = D / 2;
+    for (int t = 0; t < T; t++) {
+        const float *__restrict c = rope.cos + (long)t * D, *__restrict s = rope.sin + (long)t * D;
+        float a[H], b[H], *__restrict o = out + (long)t * out_stride;  // the row copied first: in place is safe
+        memcpy(a, x + (long)t * stride, sizeof a);
+        memcpy(b, x + (long)t * stride + H, sizeof b);
+        if (inverse)
+            for (int i = 0; i < H; i++) {
+                o[i] = a[i] * c[i] + b[i] * s[i + H];
+                o[i + H] = b[i] * c[i + H] - a[i] * s[i];
+            }
+        else
+            for (int i = 0; i < H; i++) {
+                o[i] = a[i] * c[i] - b[i] * s[i];
+                o[i + H] = b[i] * c[i + H] + a[i] * s[i + H];
+            }
+    }
+}
+
 struct Strides { long b, h, t; };
 struct Tensor { float *data; Strides s; float *at(int b, int h) const { return data + b * s.b + h * s.h; } };
 
@@ -222,50 +249,73 @@ static void backward_head(const float *q, long sq, const float *k, long sk, cons
     }
 }
 
+// The rows of x (`stride` apart) as attention reads them: rotated into `rotated` [T, D] with `rope`, else in place.
+template <int D>
+static const float *rows_read(const float *x, long &stride, int T, Rope rope, float *rotated) {
+    if (!rope.cos) return x;
+    rotate<D>(x, stride, T, rope, false, rotated, D);
+    stride = D;
+    return rotated;
+}
+
 template <int D>
 static void forward(Tensor q, Tensor k, Tensor v, Tensor o, float *lse, int B, int H, int H_kv, int T, float scale,
-                    int threads) {
+                    Rope rope, int threads) {
     int Tp = (T + W - 1) / W * W, group = H / H_kv;
     #pragma omp parallel num_threads(threads)
     {
-        float *kt = scratch((long)D * Tp), *s = scratch((long)R * Tp);
+        float *kt = scratch((long)D * Tp), *s = scratch((long)R * Tp), *rotated = scratch((long)T * D);
         #pragma omp for schedule(static)
         for (int task = 0; task < B * H_kv; task++) {
             int b = task / H_kv, kv = task % H_kv;
-            transpose(k.at(b, kv), k.s.t, T, D, Tp, kt);
-            for (int h = kv * group; h < (kv + 1) * group; h++)
-                forward_head<D>(q.at(b, h), q.s.t, kt, v.at(b, kv), v.s.t, o.at(b, h), o.s.t,
-                                lse + ((long)b * H + h) * T, T, Tp, scale, s);
+            long sk = k.s.t;
+            const float *kr = rows_read<D>(k.at(b, kv), sk, T, rope, rotated);
+            transpose(kr, sk, T, D, Tp, kt);
+            for (int h = kv * group; h < (kv + 1) * group; h++) {
+                long sq = q.s.t;
+                const float *qr = rows_read<D>(q.at(b, h), sq, T, rope, rotated);
+                forward_head<D>(qr, sq, kt, v.at(b, kv), v.s.t, o.at(b, h), o.s.t, lse + ((long)b * H + h) * T, T, Tp,
+                                scale, s);
+            }
         }
         free(kt);
         free(s);
+        free(rotated);
     }
 }
 
 template <int D>
 static void backward(Tensor q, Tensor k, Tensor v, Tensor o, Tensor g, const float *lse, Tensor dq, Tensor dk,
-                     Tensor dv, int B, int H, int H_kv, int T, float scale, int threads) {
+                     Tensor dv, int B, int H, int H_kv, int T, float scale, Rope rope, int threads) {
     int Tp = (T + W - 1) / W * W, group = H / H_kv;
     #pragma omp parallel num_threads(threads)
     {
         float *kt = scratch((long)D * Tp), *vt = scratch((long)D * Tp), *p = scratch((long)R * Tp),
-              *ds = scratch((long)R * Tp), *dk_sum = scratch((long)Tp * D), *dv_sum = scratch((long)Tp * D);
+              *ds = scratch((long)R * Tp), *dk_sum = scratch((long)Tp * D), *dv_sum = scratch((long)Tp * D),
+              *k_rotated = scratch((long)T * D), *q_rotated = scratch((long)T * D);
         #pragma omp for schedule(static)
         for (int task = 0; task < B * H_kv; task++) {
             int b = task / H_kv, kv = task % H_kv;
-            transpose(k.at(b, kv), k.s.t, T, D, Tp, kt);
+            long sk = k.s.t;
+            const float *kr = rows_read<D>(k.at(b, kv), sk, T, rope, k_rotated);
+            transpose(kr, sk, T, D, Tp, kt);
             transpose(v.at(b, kv), v.s.t, T, D, Tp, vt);
             memset(dk_sum, 0, sizeof(float) * Tp * D);
             memset(dv_sum, 0, sizeof(float) * Tp * D);
-            for (int h = kv * group; h < (kv + 1) * group; h++)
-                backward_head<D>(q.at(b, h), q.s.t, k.at(b, kv), k.s.t, kt, vt, o.at(b, h), o.s.t, g.at(b, h), g.s.t,
+            for (int h = kv * group; h < (kv + 1) * group; h++) {
+                long sq = q.s.t;
+                const float *qr = rows_read<D>(q.at(b, h), sq, T, rope, q_rotated);
+                backward_head<D>(qr, sq, kr, sk, kt, vt, o.at(b, h), o.s.t, g.at(b, h), g.s.t,
                                  lse + ((long)b * H + h) * T, dq.at(b, h), dq.s.t, dk_sum, dv_sum, T, Tp, scale, p, ds);
+                if (rope.cos) rotate<D>(dq.at(b, h), dq.s.t, T, rope, true, dq.at(b, h), dq.s.t);
+            }
             float *dkb = dk.at(b, kv), *dvb = dv.at(b, kv);
             for (int j = 0; j < T; j++)
                 for (int c = 0; c < D / W; c++) {
                     store(dkb + (long)j * dk.s.t + c * W, load(dk_sum + (long)j * D + c * W) * splat(scale));
                     store(dvb + (long)j * dv.s.t + c * W, load(dv_sum + (long)j * D + c * W));
                 }
+            if (rope.cos) rotate<D>(dkb, dk.s.t, T, rope, true, dkb, dk.s.t);
         }
         free(kt);
         free(vt);
@@ -273,35 +323,42 @@ static void backward(Tensor q, Tensor k, Tensor v, Tensor o, Tensor g, const flo
         free(ds);
         free(dk_sum);
         free(dv_sum);
+        free(k_rotated);
+        free(q_rotated);
     }
 }
 
 static Tensor tensor(float *data, const long *strides) { return {data, {strides[0], strides[1], strides[2]}}; }
 
-// Each entry point returns 0, or 1 for a head size it was not built for (16, 32, 64 and 128 are).
+// Each entry point returns 0, or 1 for a head size it was not built for (16, 32, 64 and 128 are). `cos` and `sin`
+// are RoPE's [T, D] tables, or both null.
 extern "C" int causal_attention_forward(float *q, float *k, float *v, float *o, float *lse, int B, int H, int H_kv,
-                                        int T, int D, const long *strides, float scale, int threads) {
+                                        int T, int D, const long *strides, float scale, const float *cos,
+                                        const float *sin, int threads) {
     Tensor tq = tensor(q, strides), tk = tensor(k, strides + 3), tv = tensor(v, strides + 6), to = tensor(o, strides + 9);
+    Rope rope = {cos, sin};
     switch (D) {
-        case 16: forward<16>(tq, tk, tv, to, lse, B, H, H_kv, T, scale, threads); return 0;
-        case 32: forward<32>(tq, tk, tv, to, lse, B, H, H_kv, T, scale, threads); return 0;
-        case 64: forward<64>(tq, tk, tv, to, lse, B, H, H_kv, T, scale, threads); return 0;
-        case 128: forward<128>(tq, tk, tv, to, lse, B, H, H_kv, T, scale, threads); return 0;
+        case 16: forward<16>(tq, tk, tv, to, lse, B, H, H_kv, T, scale, rope, threads); return 0;
+        case 32: forward<32>(tq, tk, tv, to, lse, B, H, H_kv, T, scale, rope, threads); return 0;
+        case 64: forward<64>(tq, tk, tv, to, lse, B, H, H_kv, T, scale, rope, threads); return 0;
+        case 128: forward<128>(tq, tk, tv, to, lse, B, H, H_kv, T, scale, rope, threads); return 0;
         default: return 1;
     }
 }
 
 extern "C" int causal_attention_backward(float *q, float *k, float *v, float *o, float *g, float *lse, float *dq,
                                          float *dk, float *dv, int B, int H, int H_kv, int T, int D,
-                                         const long *strides, float scale, int threads) {
+                                         const long *strides, float scale, const float *cos, const float *sin,
+                                         int threads) {
+    Rope rope = {cos, sin};
     Tensor t[8];
     float *data[8] = {q, k, v, o, g, dq, dk, dv};
     for (int i = 0; i < 8; i++) t[i] = tensor(data[i], strides + 3 * i);
     switch (D) {
-        case 16: backward<16>(t[0], t[1], t[2], t[3], t[4], lse, t[5], t[6], t[7], B, H, H_kv, T, scale, threads); return 0;
-        case 32: backward<32>(t[0], t[1], t[2], t[3], t[4], lse, t[5], t[6], t[7], B, H, H_kv, T, scale, threads); return 0;
-        case 64: backward<64>(t[0], t[1], t[2], t[3], t[4], lse, t[5], t[6], t[7], B, H, H_kv, T, scale, threads); return 0;
-        case 128: backward<128>(t[0], t[1], t[2], t[3], t[4], lse, t[5], t[6], t[7], B, H, H_kv, T, scale, threads); return 0;
+        case 16: backward<16>(t[0], t[1], t[2], t[3], t[4], lse, t[5], t[6], t[7], B, H, H_kv, T, scale, rope, threads); return 0;
+        case 32: backward<32>(t[0], t[1], t[2], t[3], t[4], lse, t[5], t[6], t[7], B, H, H_kv, T, scale, rope, threads); return 0;
+        case 64: backward<64>(t[0], t[1], t[2], t[3], t[4], lse, t[5], t[6], t[7], B, H, H_kv, T, scale, rope, threads); return 0;
+        case 128: backward<128>(t[0], t[1], t[2], t[3], t[4], lse, t[5], t[6], t[7], B, H, H_kv, T, scale, rope, threads); return 0;
         default: return 1;
     }
 }

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmforge.model import compiled_activation, rms_norm
+from lmforge.model import compiled_activation, cpu_attention, rms_norm
 from lmforge.model.cpu_attention import causal_attention, takes_fast_path
 from lmforge.model.linear_activation import linear_activation
 from lmforge.model.rotary import pairs_adjacent, rotate_adjacent_pairs, rotate_token_major
@@ -366,11 +366,35 @@ class Attention(nn.Module):
                     .view(B, T, n, self.head_dim) for m, n in ((self.q, self.n_head), (self.k, self.n_kv)))
             q, k = rotate_adjacent_pairs(q, *rope), rotate_adjacent_pairs(k, *rope)
             return q.transpose(1, 2), k.transpose(1, 2), self.v(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k, v = self._token_major_heads(x)
+        q, k = rotate_token_major(q, *rope), rotate_token_major(k, *rope)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _token_major_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [B, T, H, head_dim] and k, v [B, T, n_kv, head_dim] as the projections write them, q/k norms applied."""
+        B, T, _ = x.shape
         q, k, v = (m(x).view(B, T, -1, self.head_dim) for m in (self.q, self.k, self.v))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def _kernel_rotates(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> bool:
+        """Whether CPU training attention can leave RoPE to `cpu_attention`'s kernel: one [T, head_dim] table row per
+        position, no dropout, and a shape and dtype (autocast's, if on) the kernel `fits`."""
+        B, T, _ = x.shape
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        return (rope[0].shape == (T, self.head_dim) and T > 1 and not (self.training and self.dropout)
+                and cpu_attention.fits(x.device, dtype, B, self.n_head, self.n_kv, self.head_dim))
+
+    def _attend_rotating(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        """Causal self-attention of `x` with RoPE, the kernel rotating q and k as it reads them (`_kernel_rotates`)."""
+        q, k, v = self._token_major_heads(x)
+        heads = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if takes_fast_path(*heads):
+            return self._output(causal_attention(*heads, self.scale, rope))
+        # a wrapped projection wrote another dtype than predicted: rotate here, attend as usual
         q, k = rotate_token_major(q, *rope), rotate_token_major(k, *rope)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return self.attend(q.transpose(1, 2), k.transpose(1, 2), heads[2], causal=True)
 
     def _rotates_adjacent_pairs(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> bool:
         """Whether `_rotated_training_qkv` takes `rotate_adjacent_pairs`: fp32 plain q and k projections on a CPU or GPU
@@ -390,6 +414,9 @@ class Attention(nn.Module):
         layer: int = 0,
         kv: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
+        if (rope is not None and kv is None and cache is None and bias is None and causal
+                and self._kernel_rotates(x, rope)):
+            return self._attend_rotating(x, rope)
         return self.attend(*self.queries_keys_values(x, rope, cache, layer, kv), bias=bias, causal=causal)
 
     def queries_keys_values(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, cache: KVCache | None = None,
@@ -414,8 +441,7 @@ class Attention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None = None, causal: bool = False) -> Tensor:
         """Attention of queries q over keys k and values v, then the output projection: [B, T, d_model]."""
-        B, _, T, _ = q.shape
-        dropout = self.dropout if self.training else 0.0
+        T, dropout = q.shape[2], self.dropout if self.training else 0.0
         if bias is None and causal and T > 1 and not dropout and takes_fast_path(q, k, v):
             y = causal_attention(q, k, v, self.scale)  # training on CPU: model/cpu_attention.cpp
         else:
@@ -426,6 +452,11 @@ class Attention(nn.Module):
                 is_causal=bias is None and causal and T > 1, dropout_p=dropout, scale=self.scale,
                 enable_gqa=self.n_kv != self.n_head,
             )
+        return self._output(y)
+
+    def _output(self, y: Tensor) -> Tensor:
+        """The output projection of attention's result y [B, H, T, head_dim]: [B, T, d_model]."""
+        B, _, T, _ = y.shape
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
