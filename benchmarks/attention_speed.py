@@ -1,11 +1,13 @@
 """Causal training attention on CPU: lmforge's kernel (model/cpu_attention.cpp) vs PyTorch's SDPA, forward and
 forward + backward, on the same q, k, v in the layout the attention layer hands over ([B, T, H, head_dim] viewed as
 [B, H, T, head_dim]). Interleaved rounds, medians; the largest difference of the outputs and gradients against SDPA
-in fp64 is printed beside each row.
+in fp64 is printed beside each row. With --rope, q and k are first rotated by RoPE: inside the kernel for lmforge,
+by `apply_rope` (the same ops as transformers' `apply_rotary_pos_emb`) before SDPA.
 
     python benchmarks/attention_speed.py                          # the demo's shape: batch 16, 6 heads, 256, head 32
     python benchmarks/attention_speed.py --batch 4 --heads 12 --seq 1024 --head-dim 64   # GPT-2 small's
     python benchmarks/attention_speed.py --kv-heads 2 --dtype bf16                        # grouped heads, bf16
+    python benchmarks/attention_speed.py --rope                                           # Llama's attention
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from lmforge.model import cpu_attention  # noqa: E402
+from lmforge.model.layers import apply_rope, rope_tables  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -33,12 +36,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=32, choices=cpu_attention.HEAD_DIMS,
                    help="head size (default: 32)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="input dtype (default: fp32)")
+    p.add_argument("--rope", action="store_true",
+                   help="rotate q and k by RoPE (theta 10000) first: in the kernel vs apply_rope before SDPA")
     p.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds (default: 9)")
     p.add_argument("--seed", type=int, default=0, help="seed for q, k, v and the gradient (default: 0)")
     return p.parse_args(argv)
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+         rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
 
@@ -55,9 +63,11 @@ def main(argv: list[str] | None = None) -> None:
 
     q, k, v = token_major(args.heads), token_major(kv_heads), token_major(kv_heads)
     grad = torch.randn(q.shape, generator=gen).to(dtype)
-    contenders = {"lmforge kernel": cpu_attention.causal_attention, "SDPA": sdpa}
+    rope = rope_tables(args.seq, args.head_dim, 10000.0) if args.rope else None
+    contenders = {"lmforge kernel": lambda q, k, v: cpu_attention.causal_attention(q, k, v, rope=rope),
+                  "SDPA": lambda q, k, v: sdpa(q, k, v, rope)}
     exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    reference = sdpa(*exact)
+    reference = sdpa(*exact, rope)
     reference = (reference, *torch.autograd.grad(reference, exact, grad.double()))
 
     def error(fn) -> float:
@@ -71,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         fns[f"{name} forward+backward"] = lambda fn=fn: torch.autograd.grad(fn(q, k, v), (q, k, v), grad)
     timings = common.time_alternating(fns, warmup=1, rounds=args.rounds)
     print(f"causal attention | batch {args.batch}, {args.heads} heads ({kv_heads} kv), {args.seq} positions, "
-          f"head {args.head_dim}, {args.dtype} | {args.rounds} rounds (median)")
+          f"head {args.head_dim}, {args.dtype}{', RoPE' if args.rope else ''} | {args.rounds} rounds (median)")
     print(f"{'contender':<34}{'ms':>9}{'vs SDPA':>10}{'spread':>8}"
           "   output and gradients vs fp64 SDPA (of the largest)")
     for name, fn in contenders.items():
