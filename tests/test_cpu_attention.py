@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
-from lmforge.model import cpu_attention, layers
+from lmforge.model import attention, cpu_attention
 from lmforge.model.decoder import DecoderLM
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None,
@@ -218,10 +218,10 @@ def test_decoder_training_takes_it(family: str, bf16: bool, monkeypatch: pytest.
         loss.backward()
         return loss
 
-    monkeypatch.setattr(layers, "causal_attention", counted)
+    monkeypatch.setattr(attention, "causal_attention", counted)
     got = loss_of(fast)
     assert calls == [(torch.bfloat16 if bf16 else torch.float32, family == "llama")] * 2  # Llama's RoPE inside
-    monkeypatch.setattr(layers, "takes_fast_path", lambda *_: False)
+    monkeypatch.setattr(attention, "takes_fast_path", lambda *_: False)
     want = loss_of(plain)
     assert len(calls) == 2
     tolerance = 2e-2 if bf16 else 1e-5

@@ -12,9 +12,10 @@ from lmforge.infer.beam import beam_search
 from lmforge.infer.generate import SamplingConfig, generate_ids
 from lmforge.infer.layout import column_major_linears, is_column_major
 from lmforge.infer.speculative import speculative_generate
-from lmforge.model import layers
+from lmforge.model import attention, layers
+from lmforge.model.attention import Attention, attention_bias, fused_qkv
 from lmforge.model.decoder import DecoderLM
-from lmforge.model.layers import Attention, alibi_slopes, attention_bias, fused_qkv
+from lmforge.model.layers import alibi_slopes
 from lmforge.peft.config import apply_peft
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -196,7 +197,7 @@ def test_a_decode_step_rotates_queries_and_keys_with_one_rope_per_layer(family: 
             calls.append(x.shape[1])
         return plain(x, cos, sin)
 
-    monkeypatch.setattr(layers, "apply_rope", spy)
+    monkeypatch.setattr(attention, "apply_rope", spy)
     attn = m.blocks[0].attn
     x, rope = torch.randn(2, 3, 32), m._rope(5, 3)
     with torch.inference_mode(), fused_qkv(m):

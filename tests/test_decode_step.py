@@ -11,9 +11,9 @@ import torch
 from lmforge.config import ModelConfig, PeftConfig
 from lmforge.infer.engine import Engine, GenerationRequest
 from lmforge.infer.slots import BatchSlots
+from lmforge.model.attention import fused_qkv
 from lmforge.model.decode_step import DecodeStep, supports
 from lmforge.model.decoder import DecoderLM
-from lmforge.model.layers import fused_qkv
 from lmforge.peft.config import apply_peft
 from tiny_decoders import TINY, tiny_model
 

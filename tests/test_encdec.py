@@ -17,8 +17,8 @@ from lmforge.errors import LmforgeError
 from lmforge.infer.generate import SamplingConfig
 from lmforge.infer.generate_encdec import generate_encdec, generate_text2text
 from lmforge.model import build_model
+from lmforge.model.attention import padding_bias
 from lmforge.model.encdec import EncDecLM, relative_position_bucket
-from lmforge.model.layers import padding_bias
 from lmforge.tokenizer import SENTINELS, Tokenizer, train_tokenizer
 from near_ties import assert_clear_greedy_encdec
 

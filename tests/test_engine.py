@@ -15,8 +15,8 @@ from lmforge.infer.engine import Engine, GenerationRequest, TokenEvent
 from lmforge.infer.generate import SamplingConfig, generate, generate_ids
 from lmforge.infer.prefix_cache import BLOCK, PrefixCache
 from lmforge.infer.slots import BatchSlots
+from lmforge.model.attention import Attention
 from lmforge.model.decoder import DecoderLM
-from lmforge.model.layers import Attention
 from lmforge.peft.config import apply_peft
 from lmforge.peft.lora import apply_lora, lora_layers, set_adapter
 from lmforge.tokenizer import Tokenizer, train_tokenizer

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 import lmforge
 from lmforge.checkpoint import save
+from lmforge.model.attention import Attention
 from lmforge.model.decoder import DecoderLM
-from lmforge.model.layers import Attention
 from lmforge.peft.config import apply_peft
 from near_ties import assert_clear_choices
 from soft_prompt_cases import CASES, compute_outputs, greedy_prompts, tiny_model

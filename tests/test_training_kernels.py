@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
-from lmforge.model import layers, rms_norm
+from lmforge.model import attention, layers, rms_norm
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.rotary import pairs_adjacent, rotate_adjacent_pairs, rotate_token_major
 
@@ -162,7 +162,7 @@ def test_decoder_gradients_match_the_autograd_paths(family: dict, rotation: str,
     assert {"_RMSNormBackward", rotation} <= kinds
 
     monkeypatch.setattr(rms_norm, "takes_fast_path", lambda x, weight: False)
-    monkeypatch.setattr(layers.Attention, "_rotated_training_qkv", _autograd_rotated_qkv)
+    monkeypatch.setattr(attention.Attention, "_rotated_training_qkv", _autograd_rotated_qkv)
     want_loss, want_grads = loss_and_grads()
     assert loss.item() == pytest.approx(want_loss.item(), rel=1e-6)
     largest = max(g.abs().max() for g in want_grads)
@@ -191,7 +191,7 @@ def test_padded_batches_train_through_per_row_rotations() -> None:
         assert (g - w).abs().max() <= 1e-4 * largest, name
 
 
-def _autograd_rotated_qkv(self: layers.Attention, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+def _autograd_rotated_qkv(self: attention.Attention, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
     q, k, v = self.project_qkv(x)
     if self.q_norm is not None:
         q, k = self.q_norm(q), self.k_norm(k)

@@ -46,8 +46,9 @@ except ImportError as exc:
 from lmforge.infer.decoding import fit_prompt
 from lmforge.infer.engine import Engine, GenerationRequest
 from lmforge.infer.generate import SamplingConfig
+from lmforge.model.attention import fused_qkv
 from lmforge.model.decoder import DecoderLM
-from lmforge.model.layers import fused_activations, fused_qkv
+from lmforge.model.layers import fused_activations
 from lmforge.tokenizer import Tokenizer
 
 # a loglikelihood request as TemplateLM hands it over: (the key lm-eval caches the answer under, context ids,

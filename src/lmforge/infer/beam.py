@@ -19,8 +19,8 @@ from lmforge.errors import LmforgeError
 from lmforge.infer.decoding import StopIds, fit_prompt, stop_id_set
 from lmforge.infer.generate import bad_option
 from lmforge.infer.slots import BatchSlots
+from lmforge.model.attention import fused_qkv
 from lmforge.model.decoder import DecoderLM
-from lmforge.model.layers import fused_qkv
 
 
 def check_beam_options(num_beams: int, length_penalty: float) -> None:

@@ -30,8 +30,8 @@ from lmforge.infer.decoding import compiled_decoder, greedy_ids, new_generator, 
 from lmforge.infer.generate import SamplingConfig, StopStreamer
 from lmforge.infer.prefix_cache import BLOCK, PrefixCache
 from lmforge.infer.slots import PAD_ID, BatchSlots
+from lmforge.model.attention import fused_qkv
 from lmforge.model.decoder import DecoderLM
-from lmforge.model.layers import fused_qkv
 from lmforge.peft.lora import lora_layers
 from lmforge.peft.row_adapters import check_row_adapters, row_adapters
 from lmforge.tokenizer import Tokenizer

@@ -14,8 +14,8 @@ import torch
 
 from lmforge.errors import ConfigError
 from lmforge.infer.decoding import StopIds, fit_prompt, new_generator, next_token, stop_id_set
+from lmforge.model.attention import fused_qkv
 from lmforge.model.decoder import DecoderLM
-from lmforge.model.layers import fused_qkv
 from lmforge.tokenizer import Tokenizer
 
 

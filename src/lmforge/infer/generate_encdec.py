@@ -16,8 +16,8 @@ from lmforge.errors import LmforgeError
 from lmforge.infer.decoding import new_generator, next_token, stop_id_set
 from lmforge.infer.generate import SamplingConfig, StopStreamer
 from lmforge.infer.slots import BatchSlots
+from lmforge.model.attention import KVCache
 from lmforge.model.encdec import EncDecLM
-from lmforge.model.layers import KVCache
 from lmforge.tokenizer import Tokenizer
 
 

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from lmforge.model import decode_step
+from lmforge.model.attention import KVCache
 from lmforge.model.decoder import DecoderLM
-from lmforge.model.layers import KVCache
 
 SHIFT_AT = 8  # shift the rows left once the padding they all share is 1/SHIFT_AT of the cache
 PAD_ID = 0  # what free rows and padding are fed: any valid id, since their slots are masked and outputs dropped

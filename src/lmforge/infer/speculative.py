@@ -21,8 +21,8 @@ from lmforge.errors import LmforgeError
 from lmforge.infer.decoding import StopIds, fit_prompt, greedy_ids, new_generator, sampling_probs, stop_id_set
 from lmforge.infer.generate import SamplingConfig, bad_option
 from lmforge.infer.slots import BatchSlots
+from lmforge.model.attention import fused_qkv
 from lmforge.model.decoder import DecoderLM
-from lmforge.model.layers import fused_qkv
 
 
 @dataclass

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmforge.model import cpu_build
+from lmforge.model.layers import apply_rope
 
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 HEAD_DIMS = (16, 32, 64, 128)  # the head sizes the kernel is instantiated for
@@ -111,8 +112,6 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, scale: float,
                         rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """What `causal_attention` computes, in PyTorch ops: RoPE as `layers.apply_rope` does it, then causal SDPA."""
     if rope is not None:
-        from lmforge.model.layers import apply_rope  # layers imports this module
-
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
 

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as module_hooks
 
+from lmforge.model.attention import Attention, KVCache
 from lmforge.model.decoder import Block, DecoderLM
-from lmforge.model.layers import MLP, Attention, KVCache, apply_rope
+from lmforge.model.layers import MLP, apply_rope
 
 Op = Callable[[Tensor], Tensor]
 

@@ -13,18 +13,8 @@ from torch import Tensor, nn
 
 from lmforge.config import ModelConfig
 from lmforge.model.activation_checkpointing import CheckpointableBlock
-from lmforge.model.layers import (
-    MLP,
-    Attention,
-    KVCache,
-    alibi_slopes,
-    attention_bias,
-    make_norm,
-    mask_positions,
-    masked_attention_bias,
-    rope_tables,
-    sinusoidal_table,
-)
+from lmforge.model.attention import Attention, KVCache, attention_bias, mask_positions, masked_attention_bias
+from lmforge.model.layers import MLP, alibi_slopes, make_norm, rope_tables, sinusoidal_table
 from lmforge.model.linear_cross_entropy import linear_cross_entropy
 
 

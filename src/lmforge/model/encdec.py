@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from lmforge.config import EncDecConfig
 from lmforge.model.activation_checkpointing import CheckpointableBlock
-from lmforge.model.layers import MLP, Attention, KVCache, RMSNorm, attention_bias, padding_bias
+from lmforge.model.attention import Attention, KVCache, attention_bias, padding_bias
+from lmforge.model.layers import MLP, RMSNorm
 
 
 def relative_position_bucket(relative_position: Tensor, bidirectional: bool, num_buckets: int,

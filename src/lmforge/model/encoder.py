@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 from lmforge.config import EncoderConfig
 from lmforge.model.activation_checkpointing import CheckpointableBlock
-from lmforge.model.layers import ACTIVATIONS, MLP, Attention, make_norm, padding_bias
+from lmforge.model.attention import Attention, padding_bias
+from lmforge.model.layers import ACTIVATIONS, MLP, make_norm
 
 
 class EncoderBlock(CheckpointableBlock):

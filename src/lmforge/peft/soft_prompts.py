@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.errors import ConfigError
+from lmforge.model.attention import Attention, KVCache, attention_bias
 from lmforge.model.decoder import DecoderLM
-from lmforge.model.layers import Attention, KVCache, attention_bias
 
 if TYPE_CHECKING:
     from lmforge.peft.config import PeftConfig

@@ -78,7 +78,7 @@ def serve(path: str, *, host: str, port: int, api_key: str | None, adapters: dic
           prefix_cache_tokens: int, ssl_certfile: str | None, ssl_keyfile: str | None) -> None:
     """`lmforge serve`: load, bind, serve until told to stop."""
     from lmforge.infer.layout import column_major_linears
-    from lmforge.model.layers import Attention
+    from lmforge.model.attention import Attention
     from lmforge.serve.app import create_app
     from lmforge.serve.engine_process import EngineProcess
     from lmforge.serve.metrics import Metrics
