@@ -63,6 +63,13 @@ def test_fp32_matches_sdpa_in_fp64(batch: int, heads: int, kv_heads: int, length
         assert (g.double() - w).abs().max() <= 2e-5 * w.abs().max(), name
 
 
+def test_rope_tables_of_another_shape_are_refused() -> None:
+    """The kernel reads T rows of head_dim from each table: anything else is refused before it reads."""
+    q = token_major(1, 2, 8, 32, torch.float32)
+    with pytest.raises(ValueError, match=r"\[T, head_dim\] = \[8, 32\]"):
+        cpu_attention.causal_attention(q, q, q, rope=rope_tables(7, 32))
+
+
 def test_bf16_is_computed_in_fp32_and_rounded_once() -> None:
     """bf16 in, bf16 out: within one bf16 rounding (2^-8 of the largest) of the exact result on the same inputs."""
     torch.manual_seed(1)

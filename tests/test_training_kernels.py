@@ -44,6 +44,14 @@ def test_rms_norm_matches_the_decomposition(trained: str, shape: tuple[int, ...]
     assert all(_close(g, w) for g, w in zip(got_grads, want_grads, strict=True))
 
 
+def test_rms_norm_kernel_refuses_what_it_cannot_read() -> None:
+    """A weight of another width or a non-fp32 input would be read out of bounds or misread: refused first."""
+    x = torch.randn(3, 8, requires_grad=True)
+    for bad in ((x, torch.ones(7)), (x.double(), torch.ones(8, dtype=torch.float64))):
+        with pytest.raises(ValueError, match="fp32 CPU tensors"):
+            rms_norm.rms_norm(*bad, 1e-5)
+
+
 @needs_compiler
 def test_rms_norm_kernel_gives_the_same_bits_at_any_thread_count() -> None:
     """Rows are independent and the weight's gradient is summed in fixed chunks, so 1 and 2 threads agree exactly."""

@@ -164,4 +164,8 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None
     """Causal attention of q [B, H, T, head_dim] over k, v [B, H_kv, T, head_dim] without dropout, with q and k first
     rotated by `rope`'s cos and sin tables [T, head_dim] (half-split layout) if given: `reference_attention`'s values
     up to fp32 rounding (check `takes_fast_path` first)."""
+    if rope is not None and any(t.shape != q.shape[2:] or t.device.type != "cpu" for t in rope):
+        shapes = [f"{list(t.shape)} on {t.device}" for t in rope]
+        raise ValueError(f"RoPE tables for the CPU kernel are [T, head_dim] = {list(q.shape[2:])} on the CPU, got "
+                         f"{shapes}")
     return _CausalAttention.apply(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale, rope)

@@ -108,4 +108,8 @@ def takes_fast_path(x: Tensor, weight: Tensor) -> bool:
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """x / sqrt(mean(x^2, last dim) + eps) * weight, the same values as `F.rms_norm(x, ...) * weight` up to fp32
     rounding (check `takes_fast_path` first)."""
+    if not (x.device.type == weight.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and weight.shape == x.shape[-1:]):
+        raise ValueError(f"the CPU RMSNorm kernel takes fp32 CPU tensors, a weight of the input's width "
+                         f"{list(x.shape[-1:])}: got {x.dtype} {list(x.shape)} and {weight.dtype} {list(weight.shape)}")
     return _RMSNorm.apply(x, weight, eps)
