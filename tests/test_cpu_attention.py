@@ -236,3 +236,21 @@ def test_decoder_training_takes_it(family: str, bf16: bool, monkeypatch: pytest.
     largest = max(p.grad.abs().max() for p in plain.parameters())
     for (name, p), q in zip(fast.named_parameters(), plain.parameters(), strict=True):
         assert (p.grad - q.grad).abs().max() <= tolerance * largest, name
+
+
+def test_a_frozen_decoder_under_grad_mode_attends_without_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Grad mode on but nothing wanting a gradient (a frozen model): the shape fits the kernel, but it needs a
+    gradient to record, so the layer rotates q and k itself and attends through SDPA, with the same loss as without
+    grad mode."""
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(family="llama", vocab_size=64, max_seq_len=16, n_layer=2, n_head=4, d_model=64))
+    model.requires_grad_(False).train()
+    ids = torch.randint(0, 64, (3, 16))
+    calls = []
+    monkeypatch.setattr(attention, "causal_attention", lambda *args: calls.append(args))
+    loss = model(ids[:, :-1], labels=ids[:, 1:])
+    with torch.no_grad():
+        want = model(ids[:, :-1], labels=ids[:, 1:])
+    assert not calls and not loss.requires_grad
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+

@@ -224,7 +224,7 @@ class Attention(nn.Module):
         heads = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if takes_fast_path(*heads):
             return self._output(causal_attention(*heads, self.scale, rope))
-        # a wrapped projection wrote another dtype than predicted: rotate here, attend as usual
+        # nothing wants a gradient (a frozen model), or a wrapped projection wrote another dtype: rotate here
         q, k = rotate_token_major(q, *rope), rotate_token_major(k, *rope)
         return self.attend(q.transpose(1, 2), k.transpose(1, 2), heads[2], causal=True)
 
