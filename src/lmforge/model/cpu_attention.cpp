@@ -258,13 +258,15 @@ static const float *rows_read(const float *x, long &stride, int T, Rope rope, fl
     return rotated;
 }
 
+// t: q, k, v and the output o.
 template <int D>
-static void forward(Tensor q, Tensor k, Tensor v, Tensor o, float *lse, int B, int H, int H_kv, int T, float scale,
-                    Rope rope, int threads) {
+static void forward(const Tensor *t, float *lse, int B, int H, int H_kv, int T, float scale, Rope rope, int threads) {
+    Tensor q = t[0], k = t[1], v = t[2], o = t[3];
     int Tp = (T + W - 1) / W * W, group = H / H_kv;
     #pragma omp parallel num_threads(threads)
     {
-        float *kt = scratch((long)D * Tp), *s = scratch((long)R * Tp), *rotated = scratch((long)T * D);
+        float *kt = scratch((long)D * Tp), *s = scratch((long)R * Tp),
+              *rotated = rope.cos ? scratch((long)T * D) : nullptr;
         #pragma omp for schedule(static)
         for (int task = 0; task < B * H_kv; task++) {
             int b = task / H_kv, kv = task % H_kv;
@@ -284,15 +286,18 @@ static void forward(Tensor q, Tensor k, Tensor v, Tensor o, float *lse, int B, i
     }
 }
 
+// t: q, k, v, the forward's output o, its gradient g, and the gradients dq, dk and dv written here.
 template <int D>
-static void backward(Tensor q, Tensor k, Tensor v, Tensor o, Tensor g, const float *lse, Tensor dq, Tensor dk,
-                     Tensor dv, int B, int H, int H_kv, int T, float scale, Rope rope, int threads) {
+static void backward(const Tensor *t, const float *lse, int B, int H, int H_kv, int T, float scale, Rope rope,
+                     int threads) {
+    Tensor q = t[0], k = t[1], v = t[2], o = t[3], g = t[4], dq = t[5], dk = t[6], dv = t[7];
     int Tp = (T + W - 1) / W * W, group = H / H_kv;
     #pragma omp parallel num_threads(threads)
     {
         float *kt = scratch((long)D * Tp), *vt = scratch((long)D * Tp), *p = scratch((long)R * Tp),
               *ds = scratch((long)R * Tp), *dk_sum = scratch((long)Tp * D), *dv_sum = scratch((long)Tp * D),
-              *k_rotated = scratch((long)T * D), *q_rotated = scratch((long)T * D);
+              *k_rotated = rope.cos ? scratch((long)T * D) : nullptr,
+              *q_rotated = rope.cos ? scratch((long)T * D) : nullptr;
         #pragma omp for schedule(static)
         for (int task = 0; task < B * H_kv; task++) {
             int b = task / H_kv, kv = task % H_kv;
@@ -328,20 +333,25 @@ static void backward(Tensor q, Tensor k, Tensor v, Tensor o, Tensor g, const flo
     }
 }
 
-static Tensor tensor(float *data, const long *strides) { return {data, {strides[0], strides[1], strides[2]}}; }
+// The tensors' data pointers and their batch, head and position strides, three per tensor.
+template <int N>
+static void tensors(float *const (&data)[N], const long *strides, Tensor (&t)[N]) {
+    for (int i = 0; i < N; i++) t[i] = {data[i], {strides[3 * i], strides[3 * i + 1], strides[3 * i + 2]}};
+}
 
 // Each entry point returns 0, or 1 for a head size it was not built for (16, 32, 64 and 128 are). `cos` and `sin`
 // are RoPE's [T, D] tables, or both null.
 extern "C" int causal_attention_forward(float *q, float *k, float *v, float *o, float *lse, int B, int H, int H_kv,
                                         int T, int D, const long *strides, float scale, const float *cos,
                                         const float *sin, int threads) {
-    Tensor tq = tensor(q, strides), tk = tensor(k, strides + 3), tv = tensor(v, strides + 6), to = tensor(o, strides + 9);
+    Tensor t[4];
+    tensors({q, k, v, o}, strides, t);
     Rope rope = {cos, sin};
     switch (D) {
-        case 16: forward<16>(tq, tk, tv, to, lse, B, H, H_kv, T, scale, rope, threads); return 0;
-        case 32: forward<32>(tq, tk, tv, to, lse, B, H, H_kv, T, scale, rope, threads); return 0;
-        case 64: forward<64>(tq, tk, tv, to, lse, B, H, H_kv, T, scale, rope, threads); return 0;
-        case 128: forward<128>(tq, tk, tv, to, lse, B, H, H_kv, T, scale, rope, threads); return 0;
+        case 16: forward<16>(t, lse, B, H, H_kv, T, scale, rope, threads); return 0;
+        case 32: forward<32>(t, lse, B, H, H_kv, T, scale, rope, threads); return 0;
+        case 64: forward<64>(t, lse, B, H, H_kv, T, scale, rope, threads); return 0;
+        case 128: forward<128>(t, lse, B, H, H_kv, T, scale, rope, threads); return 0;
         default: return 1;
     }
 }
@@ -350,15 +360,14 @@ extern "C" int causal_attention_backward(float *q, float *k, float *v, float *o,
                                          float *dk, float *dv, int B, int H, int H_kv, int T, int D,
                                          const long *strides, float scale, const float *cos, const float *sin,
                                          int threads) {
-    Rope rope = {cos, sin};
     Tensor t[8];
-    float *data[8] = {q, k, v, o, g, dq, dk, dv};
-    for (int i = 0; i < 8; i++) t[i] = tensor(data[i], strides + 3 * i);
+    tensors({q, k, v, o, g, dq, dk, dv}, strides, t);
+    Rope rope = {cos, sin};
     switch (D) {
-        case 16: backward<16>(t[0], t[1], t[2], t[3], t[4], lse, t[5], t[6], t[7], B, H, H_kv, T, scale, rope, threads); return 0;
-        case 32: backward<32>(t[0], t[1], t[2], t[3], t[4], lse, t[5], t[6], t[7], B, H, H_kv, T, scale, rope, threads); return 0;
-        case 64: backward<64>(t[0], t[1], t[2], t[3], t[4], lse, t[5], t[6], t[7], B, H, H_kv, T, scale, rope, threads); return 0;
-        case 128: backward<128>(t[0], t[1], t[2], t[3], t[4], lse, t[5], t[6], t[7], B, H, H_kv, T, scale, rope, threads); return 0;
+        case 16: backward<16>(t, lse, B, H, H_kv, T, scale, rope, threads); return 0;
+        case 32: backward<32>(t, lse, B, H, H_kv, T, scale, rope, threads); return 0;
+        case 64: backward<64>(t, lse, B, H, H_kv, T, scale, rope, threads); return 0;
+        case 128: backward<128>(t, lse, B, H, H_kv, T, scale, rope, threads); return 0;
         default: return 1;
     }
 }
