@@ -63,6 +63,26 @@ def test_fp32_matches_sdpa_in_fp64(batch: int, heads: int, kv_heads: int, length
         assert (g.double() - w).abs().max() <= 2e-5 * w.abs().max(), name
 
 
+@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 4, 32), (6, 2, 16), (2, 1, 64)])
+def test_packed_matches_sdpa_in_fp64(heads: int, kv_heads: int, head_dim: int, rope: bool) -> None:
+    """q, k and v packed in one tensor [B, T, H + 2 H_kv, head_dim] as one fused projection writes them: the same
+    output as `reference_attention` on their views, and the gradient written in one tensor like the input."""
+    torch.manual_seed(3)
+    length = 45
+    qkv = torch.randn(2, length, heads + 2 * kv_heads, head_dim, requires_grad=True)
+    grad = torch.randn(2, heads, length, head_dim)
+    tables = rope_tables(length, head_dim, torch.float64) if rope else None
+    out = cpu_attention.packed_causal_attention(qkv, heads, kv_heads, 0.3, tables and tuple(t.float() for t in tables))
+    (got,) = torch.autograd.grad(out, qkv, grad)
+    exact = qkv.detach().double().requires_grad_()
+    want_out = cpu_attention.reference_attention(*cpu_attention.unpack_heads(exact, heads, kv_heads), 0.3, tables)
+    (want,) = torch.autograd.grad(want_out, exact, grad.double())
+    assert got.shape == qkv.shape and got.dtype == torch.float32
+    assert (out.double() - want_out).abs().max() <= 2e-5 * want_out.abs().max()
+    assert (got.double() - want).abs().max() <= 2e-5 * want.abs().max()
+
+
 def test_rope_tables_of_another_shape_are_refused() -> None:
     """The kernel reads T rows of head_dim from each table: anything else is refused before it reads."""
     q = token_major(1, 2, 8, 32, torch.float32)
@@ -204,10 +224,12 @@ def test_the_check_rejects_a_kernel_that_disagrees() -> None:
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_decoder_training_takes_it(family: str, bf16: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("packed", [True, False])
+def test_decoder_training_takes_it(family: str, bf16: bool, packed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every layer's attention takes the kernel, in fp32 and under bf16 autocast (Llama's with its RoPE applied inside
-    the kernel), and the loss and gradients match the SDPA path: within fp32 rounding (1e-5 of the largest gradient),
-    or bf16 autocast's (2%)."""
+    the kernel): with plain projections their one fused output packed, else (wrapped projections, as LoRA's) three
+    tensors. The loss and gradients match the SDPA path: within fp32 rounding (1e-5 of the largest gradient), or bf16
+    autocast's (2%)."""
     torch.manual_seed(0)
     fast = DecoderLM(ModelConfig(family=family, vocab_size=64, max_seq_len=16, n_layer=2, n_head=4,
                                  d_model=64)).train()
@@ -216,8 +238,16 @@ def test_decoder_training_takes_it(family: str, bf16: bool, monkeypatch: pytest.
     calls = []
 
     def counted(*args):
-        calls.append((args[0].dtype, len(args) == 5 and args[4] is not None))
+        calls.append(("three", args[0].dtype, len(args) == 5 and args[4] is not None))
         return cpu_attention.causal_attention(*args)
+
+    def counted_packed(*args):
+        calls.append(("packed", args[0].dtype, args[4] is not None))
+        return cpu_attention.packed_causal_attention(*args)
+
+    if not packed:  # as for projections LoRA wraps
+        monkeypatch.setattr(attention.Attention, "_plain_qkv", lambda self: None)
+    monkeypatch.setattr(attention, "packed_causal_attention", counted_packed)
 
     def loss_of(model: DecoderLM) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -227,7 +257,8 @@ def test_decoder_training_takes_it(family: str, bf16: bool, monkeypatch: pytest.
 
     monkeypatch.setattr(attention, "causal_attention", counted)
     got = loss_of(fast)
-    assert calls == [(torch.bfloat16 if bf16 else torch.float32, family == "llama")] * 2  # Llama's RoPE inside
+    kind = "packed" if packed else "three"
+    assert calls == [(kind, torch.bfloat16 if bf16 else torch.float32, family == "llama")] * 2  # Llama's RoPE inside
     monkeypatch.setattr(attention, "takes_fast_path", lambda *_: False)
     want = loss_of(plain)
     assert len(calls) == 2
@@ -248,6 +279,7 @@ def test_a_frozen_decoder_under_grad_mode_attends_without_the_kernel(monkeypatch
     ids = torch.randint(0, 64, (3, 16))
     calls = []
     monkeypatch.setattr(attention, "causal_attention", lambda *args: calls.append(args))
+    monkeypatch.setattr(attention, "packed_causal_attention", lambda *args: calls.append(args))
     loss = model(ids[:, :-1], labels=ids[:, 1:])
     with torch.no_grad():
         want = model(ids[:, :-1], labels=ids[:, 1:])

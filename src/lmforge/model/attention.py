@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.model import cpu_attention
-from lmforge.model.cpu_attention import causal_attention, takes_fast_path
+from lmforge.model.cpu_attention import causal_attention, packed_causal_attention, takes_fast_path
 from lmforge.model.layers import apply_rope
 from lmforge.model.rotary import pairs_adjacent, rotate_adjacent_pairs, rotate_token_major
 
@@ -210,22 +210,37 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
-    def _kernel_rotates(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> bool:
-        """Whether CPU training attention can leave RoPE to `cpu_attention`'s kernel: one [T, head_dim] table row per
-        position, no dropout, and a shape and dtype (autocast's, if on) the kernel `fits`."""
+    def _kernel_attends(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> bool:
+        """Whether CPU training self-attention runs wholly in `cpu_attention`'s kernel, which takes the projections'
+        outputs as written and applies RoPE itself: [T, head_dim] tables (if any), no dropout, and a shape and dtype
+        (autocast's, if on) the kernel `fits`."""
         B, T, _ = x.shape
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        return (rope[0].shape == (T, self.head_dim) and T > 1 and not (self.training and self.dropout)
+        return ((rope is None or rope[0].shape == (T, self.head_dim)) and T > 1
+                and not (self.training and self.dropout)
                 and cpu_attention.fits(x.device, dtype, B, self.n_head, self.n_kv, self.head_dim))
 
-    def _attend_rotating(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        """Causal self-attention of `x` with RoPE, the kernel rotating q and k as it reads them (`_kernel_rotates`)."""
-        q, k, v = self._token_major_heads(x)
+    def _attend_in_kernel(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
+        """Causal self-attention of `x` in the kernel (`_kernel_attends`). With plain q, k and v projections, one matmul
+        by their weights side by side, whose output the kernel reads as it is and whose gradient it writes in one
+        piece: fewer, larger matmuls each way and no gradient copied together."""
+        B, T, _ = x.shape
+        linears = self._plain_qkv() if self.q_norm is None else None
+        if linears is None:
+            q, k, v = self._token_major_heads(x)
+        else:
+            bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
+            qkv = F.linear(x, torch.cat([m.weight for m in linears]), bias)
+            qkv = qkv.view(B, T, self.n_head + 2 * self.n_kv, self.head_dim)
+            if takes_fast_path(*cpu_attention.unpack_heads(qkv, self.n_head, self.n_kv)):
+                return self._output(packed_causal_attention(qkv, self.n_head, self.n_kv, self.scale, rope))
+            q, k, v = qkv.split([self.n_head, self.n_kv, self.n_kv], dim=2)
         heads = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if takes_fast_path(*heads):
             return self._output(causal_attention(*heads, self.scale, rope))
-        # nothing wants a gradient (a frozen model), or a wrapped projection wrote another dtype: rotate here
-        q, k = rotate_token_major(q, *rope), rotate_token_major(k, *rope)
+        # nothing wants a gradient (a frozen model), or a wrapped projection wrote another dtype: as elsewhere
+        if rope is not None:
+            q, k = rotate_token_major(q, *rope), rotate_token_major(k, *rope)
         return self.attend(q.transpose(1, 2), k.transpose(1, 2), heads[2], causal=True)
 
     def _rotates_adjacent_pairs(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> bool:
@@ -246,9 +261,8 @@ class Attention(nn.Module):
         layer: int = 0,
         kv: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        if (rope is not None and kv is None and cache is None and bias is None and causal
-                and self._kernel_rotates(x, rope)):
-            return self._attend_rotating(x, rope)
+        if kv is None and cache is None and bias is None and causal and self._kernel_attends(x, rope):
+            return self._attend_in_kernel(x, rope)
         return self.attend(*self.queries_keys_values(x, rope, cache, layer, kv), bias=bias, causal=causal)
 
     def queries_keys_values(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, cache: KVCache | None = None,

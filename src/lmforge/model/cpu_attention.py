@@ -72,9 +72,11 @@ def _forward(lib: ctypes.CDLL, q: Tensor, k: Tensor, v: Tensor, scale: float,
 
 
 def _backward(lib: ctypes.CDLL, grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, log_norm: Tensor,
-              scale: float, rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+              scale: float, rope: tuple[Tensor, Tensor] | None = None,
+              into: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk and dv, written into `into` if given (else new tensors)."""
     B, H, T, D = q.shape
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = into or (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     strides = _strides(q, k, v, out, grad, dq, dk, dv)
     status = lib.causal_attention_backward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), grad.data_ptr(),
                                            log_norm.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), B, H,
@@ -90,13 +92,15 @@ def _fp32_rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _fp32_tables(rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor] | None:
+    return None if rope is None else (rope[0].float().contiguous(), rope[1].float().contiguous())
+
+
 class _CausalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, rope: tuple[Tensor, Tensor] | None) -> Tensor:
-        lib = kernel()
-        q32, k32, v32 = _fp32_rows(q), _fp32_rows(k), _fp32_rows(v)
-        rope = None if rope is None else tuple(t.float().contiguous() for t in rope)
-        out, log_norm = _forward(lib, q32, k32, v32, scale, rope)
+        q32, k32, v32, rope = _fp32_rows(q), _fp32_rows(k), _fp32_rows(v), _fp32_tables(rope)
+        out, log_norm = _forward(kernel(), q32, k32, v32, scale, rope)
         ctx.save_for_backward(q32, k32, v32, out, log_norm)
         ctx.scale, ctx.rope, ctx.dtypes = scale, rope, (q.dtype, k.dtype, v.dtype)
         return out.to(q.dtype)
@@ -106,6 +110,41 @@ class _CausalAttention(torch.autograd.Function):
         q, k, v, out, log_norm = ctx.saved_tensors
         grads = _backward(kernel(), _fp32_rows(grad_out), q, k, v, out, log_norm, ctx.scale, ctx.rope)
         return *(g.to(dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True)), None, None
+
+
+def unpack_heads(qkv: Tensor, n_head: int, n_kv: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q [B, H, T, D] and k, v [B, n_kv, T, D]: views of `qkv` [B, T, H + 2 n_kv, D], as one fused projection writes
+    them."""
+    q, k, v = qkv.split([n_head, n_kv, n_kv], dim=2)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+class _PackedAttention(torch.autograd.Function):
+    """`_CausalAttention` of queries, keys and values packed in one tensor, whose gradient the kernel writes in one
+    piece (three separate inputs' gradients would be copied into one by autograd)."""
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, n_head: int, n_kv: int, scale: float, rope: tuple[Tensor, Tensor] | None) -> Tensor:
+        qkv32, rope = _fp32_rows(qkv), _fp32_tables(rope)
+        out, log_norm = _forward(kernel(), *unpack_heads(qkv32, n_head, n_kv), scale, rope)
+        ctx.save_for_backward(qkv32, out, log_norm)
+        ctx.heads, ctx.scale, ctx.rope, ctx.dtype = (n_head, n_kv), scale, rope, qkv.dtype
+        return out.to(qkv.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None, None, None]:
+        qkv, out, log_norm = ctx.saved_tensors
+        grad = torch.empty_like(qkv)
+        _backward(kernel(), _fp32_rows(grad_out), *unpack_heads(qkv, *ctx.heads), out, log_norm, ctx.scale, ctx.rope,
+                  into=unpack_heads(grad, *ctx.heads))
+        return grad.to(ctx.dtype), None, None, None, None
+
+
+def packed_causal_attention(qkv: Tensor, n_head: int, n_kv: int, scale: float | None = None,
+                            rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """`causal_attention` of `unpack_heads(qkv, n_head, n_kv)`, its gradient one tensor like qkv."""
+    _check_tables(rope, qkv.shape[1], qkv.shape[3])
+    return _PackedAttention.apply(qkv, n_head, n_kv, qkv.shape[-1] ** -0.5 if scale is None else scale, rope)
 
 
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, scale: float,
@@ -164,8 +203,13 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None
     """Causal attention of q [B, H, T, head_dim] over k, v [B, H_kv, T, head_dim] without dropout, with q and k first
     rotated by `rope`'s cos and sin tables [T, head_dim] (half-split layout) if given: `reference_attention`'s values
     up to fp32 rounding (check `takes_fast_path` first)."""
-    if rope is not None and any(t.shape != q.shape[2:] or t.device.type != "cpu" for t in rope):
-        shapes = [f"{list(t.shape)} on {t.device}" for t in rope]
-        raise ValueError(f"RoPE tables for the CPU kernel are [T, head_dim] = {list(q.shape[2:])} on the CPU, got "
-                         f"{shapes}")
+    _check_tables(rope, q.shape[2], q.shape[3])
     return _CausalAttention.apply(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale, rope)
+
+
+def _check_tables(rope: tuple[Tensor, Tensor] | None, length: int, head_dim: int) -> None:
+    """The kernel reads `length` rows of `head_dim` floats from each table: anything else is refused first."""
+    if rope is not None and any(t.shape != (length, head_dim) or t.device.type != "cpu" for t in rope):
+        shapes = [f"{list(t.shape)} on {t.device}" for t in rope]
+        raise ValueError(f"RoPE tables for the CPU kernel are [T, head_dim] = {[length, head_dim]} on the CPU, got "
+                         f"{shapes}")
