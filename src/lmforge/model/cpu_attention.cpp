@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #define INLINE static inline __attribute__((always_inline))  // keeps the accumulators in registers
 
@@ -339,21 +340,29 @@ static void tensors(float *const (&data)[N], const long *strides, Tensor (&t)[N]
     for (int i = 0; i < N; i++) t[i] = {data[i], {strides[3 * i], strides[3 * i + 1], strides[3 * i + 2]}};
 }
 
-// Each entry point returns 0, or 1 for a head size it was not built for (16, 32, 64 and 128 are). `cos` and `sin`
-// are RoPE's [T, D] tables, or both null.
+// Runs `kernel` with the head size D as a compile-time constant (std::integral_constant): 0, or 1 for a head size it
+// was not built for (16, 32, 64 and 128 are).
+template <typename Kernel>
+static int with_head_size(int D, Kernel kernel) {
+    switch (D) {
+        case 16: kernel(std::integral_constant<int, 16>{}); return 0;
+        case 32: kernel(std::integral_constant<int, 32>{}); return 0;
+        case 64: kernel(std::integral_constant<int, 64>{}); return 0;
+        case 128: kernel(std::integral_constant<int, 128>{}); return 0;
+        default: return 1;
+    }
+}
+
+// Each entry point returns `with_head_size`'s status. `cos` and `sin` are RoPE's [T, D] tables, or both null.
 extern "C" int causal_attention_forward(float *q, float *k, float *v, float *o, float *lse, int B, int H, int H_kv,
                                         int T, int D, const long *strides, float scale, const float *cos,
                                         const float *sin, int threads) {
     Tensor t[4];
     tensors({q, k, v, o}, strides, t);
     Rope rope = {cos, sin};
-    switch (D) {
-        case 16: forward<16>(t, lse, B, H, H_kv, T, scale, rope, threads); return 0;
-        case 32: forward<32>(t, lse, B, H, H_kv, T, scale, rope, threads); return 0;
-        case 64: forward<64>(t, lse, B, H, H_kv, T, scale, rope, threads); return 0;
-        case 128: forward<128>(t, lse, B, H, H_kv, T, scale, rope, threads); return 0;
-        default: return 1;
-    }
+    return with_head_size(D, [&](auto d) {
+        forward<decltype(d)::value>(t, lse, B, H, H_kv, T, scale, rope, threads);
+    });
 }
 
 extern "C" int causal_attention_backward(float *q, float *k, float *v, float *o, float *g, float *lse, float *dq,
@@ -363,11 +372,7 @@ extern "C" int causal_attention_backward(float *q, float *k, float *v, float *o,
     Tensor t[8];
     tensors({q, k, v, o, g, dq, dk, dv}, strides, t);
     Rope rope = {cos, sin};
-    switch (D) {
-        case 16: backward<16>(t, lse, B, H, H_kv, T, scale, rope, threads); return 0;
-        case 32: backward<32>(t, lse, B, H, H_kv, T, scale, rope, threads); return 0;
-        case 64: backward<64>(t, lse, B, H, H_kv, T, scale, rope, threads); return 0;
-        case 128: backward<128>(t, lse, B, H, H_kv, T, scale, rope, threads); return 0;
-        default: return 1;
-    }
+    return with_head_size(D, [&](auto d) {
+        backward<decltype(d)::value>(t, lse, B, H, H_kv, T, scale, rope, threads);
+    });
 }
