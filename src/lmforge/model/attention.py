@@ -228,6 +228,9 @@ class Attention(nn.Module):
         linears = self._plain_qkv() if self.q_norm is None else None
         if linears is None:
             q, k, v = self._token_major_heads(x)
+            heads = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            if takes_fast_path(*heads):
+                return self._output(causal_attention(*heads, self.scale, rope))
         else:
             bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
             qkv = F.linear(x, torch.cat([m.weight for m in linears]), bias)
@@ -235,13 +238,10 @@ class Attention(nn.Module):
             if takes_fast_path(*cpu_attention.unpack_heads(qkv, self.n_head, self.n_kv)):
                 return self._output(packed_causal_attention(qkv, self.n_head, self.n_kv, self.scale, rope))
             q, k, v = qkv.split([self.n_head, self.n_kv, self.n_kv], dim=2)
-        heads = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if takes_fast_path(*heads):
-            return self._output(causal_attention(*heads, self.scale, rope))
         # nothing wants a gradient (a frozen model), or a wrapped projection wrote another dtype: as elsewhere
         if rope is not None:
             q, k = rotate_token_major(q, *rope), rotate_token_major(k, *rope)
-        return self.attend(q.transpose(1, 2), k.transpose(1, 2), heads[2], causal=True)
+        return self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
 
     def _rotates_adjacent_pairs(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> bool:
         """Whether `_rotated_training_qkv` takes `rotate_adjacent_pairs`: fp32 plain q and k projections on a CPU or GPU
