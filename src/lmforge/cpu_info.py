@@ -1,5 +1,5 @@
 """The CPU as the OS describes it in /proc/cpuinfo: its model name and feature flags (for the report card, the
-benchmarks' machine line, the demo's precision rule and the CPU attention kernel's build cache)."""
+benchmarks' machine line, the demo's precision rule and the C++ kernels' build cache)."""
 
 from __future__ import annotations
 

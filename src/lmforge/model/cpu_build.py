@@ -10,6 +10,7 @@ its caller takes its PyTorch path.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -32,11 +33,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmforge"
 
 
+@functools.cache
+def _toolchain(compiler: str) -> str:
+    """What a kernel's build depends on besides its source: the compiler's version, the flags and the CPU that
+    -march=native compiles for (asked once per process, whichever kernel builds first)."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    return "\0".join([version, " ".join(FLAGS), cpu_model(), *sorted(cpu_flags())])
+
+
 def _compiled(source: Path, compiler: str) -> Path:
     """The shared library of `source` for this machine, compiled unless already in the cache."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    machine = [cpu_model(), *sorted(cpu_flags())]  # what -march=native compiles for
-    key = hashlib.sha256("\0".join([source.read_text(), version, " ".join(FLAGS), *machine]).encode())
+    key = hashlib.sha256("\0".join([source.read_text(), _toolchain(compiler)]).encode())
     target = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
