@@ -17,12 +17,11 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from lmforge.model import cpu_attention  # noqa: E402
-from lmforge.model.layers import apply_rope, rope_tables  # noqa: E402
+from lmforge.model.layers import rope_tables  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -43,13 +42,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-         rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    if rope is not None:
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if cpu_attention.kernel() is None:
@@ -65,9 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     grad = torch.randn(q.shape, generator=gen).to(dtype)
     rope = rope_tables(args.seq, args.head_dim, 10000.0) if args.rope else None
     contenders = {"lmforge kernel": lambda q, k, v: cpu_attention.causal_attention(q, k, v, rope=rope),
-                  "SDPA": lambda q, k, v: sdpa(q, k, v, rope)}
+                  "SDPA": lambda q, k, v: cpu_attention.reference_attention(q, k, v, None, rope)}
     exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    reference = sdpa(*exact, rope)
+    reference = cpu_attention.reference_attention(*exact, None, rope)
     reference = (reference, *torch.autograd.grad(reference, exact, grad.double()))
 
     def error(fn) -> float:

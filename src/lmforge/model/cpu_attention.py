@@ -147,12 +147,12 @@ def packed_causal_attention(qkv: Tensor, n_head: int, n_kv: int, scale: float | 
     return _PackedAttention.apply(qkv, n_head, n_kv, qkv.shape[-1] ** -0.5 if scale is None else scale, rope)
 
 
-def reference_attention(q: Tensor, k: Tensor, v: Tensor, scale: float,
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None,
                         rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """What `causal_attention` computes, in PyTorch ops: RoPE as `layers.apply_rope` does it, then causal SDPA."""
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def kernel_problem(lib: ctypes.CDLL) -> str | None:
